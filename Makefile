@@ -1,0 +1,30 @@
+# Every target sets itself up: a virtualenv in ./venv with requirements.txt.
+PYTHON ?= python3
+VENV ?= venv
+PY := $(VENV)/bin/python
+
+.PHONY: all setup test demo bench run clean
+
+all: test
+
+$(VENV)/.installed: requirements.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(VENV)/bin/nosetests -v tests
+
+# The main job on one machine: embedded Redis, dev certs, CC, WS, cores.
+demo: setup
+	$(PY) -m siegetank.demo
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) data *.egg-info

@@ -1,0 +1,170 @@
+"""The command center's registry of workservers: registration with
+`cc_pass`, periodic health probes, and every CC -> WS request.
+
+A WS is online while its probes and requests succeed; `max_ws_fails`
+consecutive failures take it offline (no assignments, no new streams) until
+a probe or a re-registration succeeds. An explicit `/ws/disconnect` keeps it
+offline until it registers again.
+"""
+import asyncio
+import hmac
+import logging
+import re
+
+from server import peer
+from server.cc import keys
+from server.web import APIError, APIHandler
+
+log = logging.getLogger('siegetank.cc.ws')
+
+WS_NAME = re.compile(r'^[A-Za-z0-9._-]{1,64}$')
+
+# Count a failure and take the WS offline at the threshold, atomically.
+_FAIL = """
+local fails = redis.call('HINCRBY', KEYS[1], 'fails', 1)
+if fails >= tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'online', '0') end
+return fails
+"""
+
+
+async def register(redis, name, url, http_port):
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(keys.ws(name), mapping={'url': url, 'http_port': http_port,
+                                      'online': 1, 'fails': 0,
+                                      'disconnected': 0})
+    pipe.sadd(keys.WORKSERVERS, name)
+    await pipe.execute()
+
+
+async def disconnect(redis, name):
+    """Returns False for an unknown WS."""
+    if not await redis.sismember(keys.WORKSERVERS, name):
+        return False
+    await redis.hset(keys.ws(name), mapping={'online': 0, 'disconnected': 1})
+    return True
+
+
+async def status(redis):
+    """{name: {url, http_port, online}} for every known WS."""
+    names = sorted(await redis.smembers(keys.WORKSERVERS))
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(keys.ws(name))
+    result = {}
+    for name, h in zip(names, await pipe.execute()):
+        if h:
+            result[name] = {'url': h['url'], 'http_port': int(h['http_port']),
+                            'online': h.get('online') == '1'}
+    return result
+
+
+async def online(redis):
+    """Names of the WS that may get work now."""
+    return [n for n, s in (await status(redis)).items() if s['online']]
+
+
+async def record_failure(redis, name, max_fails):
+    return await redis.eval(_FAIL, 1, keys.ws(name), max_fails)
+
+
+async def record_success(redis, name):
+    """A WS that answers is online again, unless it said goodbye."""
+    h = keys.ws(name)
+    pipe = redis.pipeline(transaction=True)
+    pipe.hget(h, 'disconnected')
+    pipe.hset(h, 'fails', 0)
+    disconnected, _ = await pipe.execute()
+    if disconnected != '1':
+        await redis.hset(h, 'online', 1)
+
+
+async def base_url(redis, name):
+    h = await redis.hmget(keys.ws(name), 'url', 'http_port')
+    if h[0] is None:
+        return None
+    return 'https://%s:%s' % (h[0], h[1])
+
+
+async def request(app, name, method, path, body=None, timeout=None,
+                  raw=False):
+    """A CC -> WS call carrying `cc_pass`; unreachable or 5xx (other than
+    503 'nothing free') counts toward `max_ws_fails`. Raises PeerError."""
+    url = await base_url(app.redis, name)
+    if url is None:
+        raise peer.PeerError('unknown workserver %s' % name)
+    try:
+        reply = await peer.call(app.client_ssl, method, url + path, body,
+                                auth=app.config['cc_pass'],
+                                timeout=timeout or app.config['ws_timeout_in_s'],
+                                raw=raw)
+    except peer.PeerError:
+        await record_failure(app.redis, name, app.config['max_ws_fails'])
+        raise
+    if reply.code >= 500 and reply.code != 503:
+        await record_failure(app.redis, name, app.config['max_ws_fails'])
+    return reply
+
+
+async def probe_all(app):
+    """GET / on every WS at once; each result moves its fail count."""
+    names = await app.redis.smembers(keys.WORKSERVERS)
+
+    async def probe(name):
+        try:
+            reply = await request(app, name, 'GET', '/',
+                                  timeout=min(app.config['ws_timeout_in_s'],
+                                              5.0))
+            if reply.code == 200:
+                await record_success(app.redis, name)
+        except peer.PeerError as e:
+            log.info('probe of %s failed: %s', name, e)
+
+    await asyncio.gather(*(probe(n) for n in names))
+
+
+class WSHandler(APIHandler):
+    """Endpoints a WS calls with the CC's `cc_pass`."""
+
+    def prepare(self):
+        super().prepare()
+        token = self.token() or ''
+        if not hmac.compare_digest(token.encode(),
+                                   self.config['cc_pass'].encode()):
+            raise APIError(401, 'missing or wrong cc_pass')
+
+    def ws_name(self):
+        return self.field('name', str, check=WS_NAME.match)
+
+
+class RegisterHandler(WSHandler):
+    async def put(self):
+        name = self.ws_name()
+        url = self.field('url', str, check=lambda u: 0 < len(u) < 256
+                         and '/' not in u)
+        port = self.field('http_port', (int, str),
+                          check=lambda p: 0 < int(p) < 65536
+                          if str(p).isdigit() else False)
+        await register(self.redis, name, url, int(port))
+        log.info('workserver %s registered at %s:%s', name, url, port)
+        self.write_json({})
+
+
+class DisconnectHandler(WSHandler):
+    async def put(self):
+        name = self.ws_name()
+        if not await disconnect(self.redis, name):
+            raise APIError(404, 'unknown workserver %s' % name)
+        log.info('workserver %s disconnected', name)
+        self.write_json({})
+
+
+class StatusHandler(APIHandler):
+    async def get(self):
+        self.write_json(await status(self.redis))
+
+
+default_handlers = [
+    (r'/ws/register', RegisterHandler),
+    (r'/ws/disconnect', DisconnectHandler),
+    (r'/ws/status', StatusHandler),
+]

@@ -1,0 +1,173 @@
+"""Load and validate a server's .conf file (a Python file) plus CLI overrides.
+
+A bad configuration must stop the server at start with one line naming the
+key and the file, never half-start it: every key is declared here with its
+type, and unknown keys are refused so a typo cannot silently fall back to a
+default.
+"""
+import argparse
+import ast
+import os
+import runpy
+
+REQUIRED = object()
+
+
+class ConfigError(Exception):
+    """One clear line saying which key of which file is wrong."""
+
+
+def _redis_options(value, where):
+    allowed = {'port': int, 'requirepass': str, 'appendfilename': str,
+               'logfile': str, 'binary': str, 'bind': str}
+    if not isinstance(value, dict):
+        raise ConfigError('%s: redis_options must be a dict' % where)
+    for k, v in value.items():
+        if k not in allowed:
+            raise ConfigError('%s: unknown key redis_options[%r]' % (where, k))
+        if not isinstance(v, allowed[k]) or isinstance(v, bool):
+            raise ConfigError('%s: redis_options[%r] must be %s'
+                              % (where, k, allowed[k].__name__))
+    return value
+
+
+def _external_options(value, where):
+    if not isinstance(value, dict) or set(value) != {'external_url',
+                                                     'external_http_port'}:
+        raise ConfigError("%s: external_options must be a dict with exactly "
+                          "'external_url' and 'external_http_port'" % where)
+    try:
+        port = int(value['external_http_port'])
+    except (TypeError, ValueError):
+        raise ConfigError("%s: external_options['external_http_port'] must be"
+                          " a port number" % where)
+    return {'external_url': str(value['external_url']),
+            'external_http_port': port}
+
+
+def _command_centers(value, where):
+    if not isinstance(value, dict):
+        raise ConfigError('%s: command_centers must be a dict' % where)
+    for name, cc in value.items():
+        if (not isinstance(cc, dict) or set(cc) != {'url', 'pass'}
+                or not all(isinstance(v, str) for v in cc.values())):
+            raise ConfigError("%s: command_centers[%r] must be {'url': "
+                              "'host:port', 'pass': str}" % (where, name))
+    return value
+
+
+# key: (type or checker, default). Paths are resolved against the conf folder.
+COMMON = {
+    'name': (str, REQUIRED),
+    'internal_http_port': (int, REQUIRED),
+    'ssl_certfile': ('path', REQUIRED),
+    'ssl_key': ('path', REQUIRED),
+    'ssl_ca_certs': ('path', REQUIRED),
+    'redis_options': (_redis_options, None),
+    'redis_url': (str, None),
+    'data_folder': ('path', 'data'),
+    'num_processes': (int, 1),
+    'max_body_size': (int, 256 * 1024 * 1024),
+    # Hosts the dev certificate is issued for when it has to be generated.
+    'dev_cert_hosts': (list, ['localhost', '127.0.0.1']),
+    'log_level': (str, 'info'),
+}
+
+CC = dict(COMMON, **{
+    'cc_pass': (str, REQUIRED),
+    'max_ws_fails': (int, 3),
+    'allow_loopback_bootstrap': (bool, True),
+    'ws_probe_interval_in_ms': (int, 5000),
+    'ws_timeout_in_s': (float, 10.0),
+    'signed_url_lifetime_in_s': (int, 3600),
+})
+
+WS = dict(COMMON, **{
+    'external_options': (_external_options, REQUIRED),
+    'command_centers': (_command_centers, REQUIRED),
+    'heartbeat_increment': (int, 900),
+    'pulse_frequency_in_ms': (int, 1000),
+    'max_stream_fails': (int, 10),
+    'min_free_disk_in_mb': (int, 512),
+    'register_retry_max_in_s': (float, 60.0),
+})
+
+SCHEMAS = {'cc': CC, 'ws': WS}
+
+
+def _check(key, value, kind, where, folder):
+    if callable(kind) and not isinstance(kind, type):
+        return kind(value, where)
+    if kind == 'path':
+        if not isinstance(value, str):
+            raise ConfigError('%s: %s must be a path (str)' % (where, key))
+        return os.path.normpath(os.path.join(folder, value))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError('%s: %s must be %s, got %r'
+                          % (where, key, kind.__name__, value))
+    return value
+
+
+def _parse_override(text, where):
+    if not text.startswith('--') or '=' not in text:
+        raise ConfigError('%s: override %r must look like --key=value'
+                          % (where, text))
+    key, raw = text[2:].split('=', 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word is a string
+    return key.replace('-', '_'), value
+
+
+def load(path, kind, overrides=()):
+    """Return the validated settings of `path` for `kind` ('cc' or 'ws')."""
+    schema = SCHEMAS[kind]
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError('%s: no such config file' % path)
+    try:
+        raw = runpy.run_path(path)
+    except Exception as e:
+        raise ConfigError('%s: cannot be read: %s: %s'
+                          % (path, type(e).__name__, e))
+    raw = {k: v for k, v in raw.items()
+           if not k.startswith('_') and not callable(v)
+           and type(v).__name__ != 'module'}
+    for item in overrides:
+        key, value = _parse_override(item, path)
+        raw[key] = value
+    folder = os.path.dirname(path)
+    settings = {'config_file': path, 'kind': kind}
+    for key in raw:
+        if key not in schema:
+            raise ConfigError('%s: unknown key %s' % (path, key))
+    for key, (typ, default) in schema.items():
+        if key in raw and raw[key] is None and default is None:
+            settings[key] = None
+        elif key in raw:
+            settings[key] = _check(key, raw[key], typ, path, folder)
+        elif default is REQUIRED:
+            raise ConfigError('%s: missing required key %s' % (path, key))
+        elif typ == 'path' and default is not None:
+            settings[key] = os.path.join(folder, default)
+        else:
+            settings[key] = default
+    if settings['redis_options'] is None and settings['redis_url'] is None:
+        raise ConfigError('%s: set redis_options (embedded Redis) or '
+                          'redis_url (existing Redis)' % path)
+    if settings['num_processes'] < 1:
+        raise ConfigError('%s: num_processes must be >= 1' % path)
+    return settings
+
+
+def parse_args(kind, argv=None):
+    """Parse `--config PATH` and `--key=value` overrides; return settings."""
+    parser = argparse.ArgumentParser(
+        description='Siegetank %s' % ('command center' if kind == 'cc'
+                                      else 'workserver'))
+    parser.add_argument('--config', required=True, help='path to the .conf')
+    args, rest = parser.parse_known_args(argv)
+    return load(args.config, kind, rest)

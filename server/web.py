@@ -1,0 +1,229 @@
+"""What every handler of both servers shares: JSON bodies parsed once, every
+error as `{"error": ...}` with the status codes of API.md, credentials read
+from `Authorization`, and a request log that never shows a token.
+
+Handlers stay thin: they read fields with `field()`, call model code, and
+`raise APIError(code, message)` on anything wrong; `write_error` turns that
+into JSON. Nothing a client sends may end in a 500 or an HTML page.
+"""
+import base64
+import binascii
+import gzip
+import hashlib
+import json
+import logging
+import re
+import time
+import zlib
+
+import tornado.web
+from tornado.web import HTTPError
+
+from server import tls
+
+access_log = logging.getLogger('siegetank.access')
+app_log = logging.getLogger('siegetank')
+
+REQUIRED = object()
+
+
+class APIError(HTTPError):
+    """A refusal with a message for the client. The message goes to the JSON
+    body, never into the status line (it may quote client input)."""
+
+    def __init__(self, status, message):
+        super().__init__(status)
+        self.message = message
+FILE_NAME = re.compile(r'^[A-Za-z0-9._-]{1,128}$')
+
+
+def check_file_name(name):
+    if not isinstance(name, str) or not FILE_NAME.match(name) \
+            or name in ('.', '..') or '..' in name:
+        raise APIError(400, 'bad file name %r: plain names of '
+                        '[A-Za-z0-9._-], at most 128 characters' % (name,))
+    return name
+
+
+def decode_file(name, value):
+    """The bytes a JSON file string stands for: `.b64` is base64, `.gz.b64`
+    base64 of gzip. Returns (name without those suffixes, bytes)."""
+    check_file_name(name)
+    if not isinstance(value, str):
+        raise APIError(400, 'file %s must be a string' % name)
+    if not name.endswith('.b64'):
+        return name, value.encode('utf-8')
+    name = name[:-4]
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, 'file %s.b64 is not valid base64' % name)
+    if name.endswith('.gz'):
+        name = name[:-3]
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error):
+            raise APIError(400, 'file %s.gz.b64 is not valid gzip'
+                            % name)
+    if not name:
+        raise APIError(400, 'bad file name: nothing before .b64')
+    return name, data
+
+
+def check_files(files, what='files', allow_empty=False):
+    """A `{name: str}` dict with valid names (values are not decoded)."""
+    if not isinstance(files, dict) or (not files and not allow_empty):
+        raise APIError(400, '%s must be a non-empty object of '
+                        '{name: string}' % what)
+    for name, value in files.items():
+        check_file_name(name)
+        if not isinstance(value, str):
+            raise APIError(400, '%s[%s] must be a string'
+                            % (what, name))
+    return files
+
+
+class App(tornado.web.Application):
+    """A Tornado app with the server's settings and its Redis client.
+    `on_start`/`on_stop` run in worker 0 only: periodic jobs and
+    registrations happen once across processes."""
+
+    def __init__(self, handlers, settings, redis, task_id=0):
+        self.config = settings
+        self.redis = redis
+        self.task_id = task_id
+        self.client_ssl = tls.client_context(settings['ssl_ca_certs'])
+        super().__init__(handlers, default_handler_class=NotFoundHandler,
+                         log_function=log_request, compress_response=False,
+                         serve_traceback=False)
+
+    async def on_start(self):
+        """Start background jobs (worker 0)."""
+
+    async def on_stop(self):
+        """Stop background jobs, say goodbye to peers (worker 0)."""
+
+
+def log_request(handler):
+    """Level by status; the path without its query (signed URLs carry a
+    signature there) and never a header, so no credential reaches the log."""
+    status = handler.get_status()
+    if status < 400:
+        level = logging.DEBUG
+    elif status < 500:
+        level = logging.WARNING
+    else:
+        level = logging.ERROR
+    if access_log.isEnabledFor(level):
+        req = handler.request
+        access_log.log(level, '%d %s %s %.1fms %s', status, req.method,
+                       req.path, 1000.0 * req.request_time(),
+                       getattr(handler, '_error_message', ''))
+
+
+class APIHandler(tornado.web.RequestHandler):
+    """Base of every JSON endpoint."""
+
+    _body = None
+
+    @property
+    def redis(self):
+        return self.application.redis
+
+    @property
+    def config(self):
+        return self.application.config
+
+    def set_default_headers(self):
+        self.set_header('Content-Type', 'application/json; charset=UTF-8')
+        self.clear_header('Server')
+
+    def check_xsrf_cookie(self):
+        pass
+
+    def prepare(self):
+        md5 = self.request.headers.get('Content-MD5')
+        if md5 is not None and self.request.body is not None:
+            if hashlib.md5(self.request.body).hexdigest() != md5.strip().lower():
+                raise APIError(400, 'Content-MD5 does not match body')
+
+    @property
+    def body(self):
+        """The request body as a JSON object, parsed once; empty means {}."""
+        if self._body is None:
+            raw = self.request.body
+            if not raw or not raw.strip():
+                self._body = {}
+            else:
+                try:
+                    self._body = json.loads(raw)
+                except (ValueError, UnicodeDecodeError):
+                    raise APIError(400, 'body is not valid JSON')
+                if not isinstance(self._body, dict):
+                    raise APIError(400, 'body must be a JSON object')
+        return self._body
+
+    def field(self, name, kind, default=REQUIRED, check=None):
+        """A body field of type `kind` (a type or tuple); 400 if missing or
+        mistyped, or if `check(value)` is false."""
+        if name not in self.body:
+            if default is REQUIRED:
+                raise APIError(400, 'missing field %s' % name)
+            return default
+        value = self.body[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds \
+                or not isinstance(value, kinds):
+            raise APIError(400, 'field %s must be %s' % (
+                name, ' or '.join(k.__name__ for k in kinds)))
+        if check is not None and not check(value):
+            raise APIError(400, 'field %s has an invalid value' % name)
+        return value
+
+    def token(self):
+        """The credential in `Authorization` (bare, or `Bearer <token>`)."""
+        value = self.request.headers.get('Authorization', '').strip()
+        if value[:7].lower() == 'bearer ':
+            value = value[7:].strip()
+        return value or None
+
+    def write_json(self, obj, status=200):
+        self.set_status(status)
+        self.finish(json.dumps(obj))
+
+    def write_error(self, status_code, **kwargs):
+        exc = kwargs.get('exc_info', (None, None, None))[1]
+        if isinstance(exc, APIError):
+            reason = exc.message
+        elif isinstance(exc, HTTPError) or exc is None:
+            reason = self._reason
+        else:
+            reason = 'internal server error'
+        self._error_message = reason
+        self.set_header('Content-Type', 'application/json; charset=UTF-8')
+        self.finish(json.dumps({'error': reason}))
+
+    def log_exception(self, typ, value, tb):
+        if isinstance(value, HTTPError):
+            return  # an expected refusal; log_request reports it
+        app_log.error('uncaught exception in %s %s', self.request.method,
+                      self.request.path, exc_info=(typ, value, tb))
+
+
+class NotFoundHandler(APIHandler):
+    def prepare(self):
+        raise APIError(404, 'no such endpoint: %s %s'
+                        % (self.request.method, self.request.path))
+
+
+class HealthHandler(APIHandler):
+    """GET /: 200 while this server and its Redis answer, else 503."""
+
+    async def get(self):
+        try:
+            await self.redis.ping()
+        except Exception:
+            raise APIError(503, 'redis is not reachable')
+        self.write_json({'name': self.config['name'],
+                         'kind': self.config['kind'],
+                         'time': time.time()})

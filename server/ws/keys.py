@@ -1,0 +1,1 @@
+"""Every Redis key of the workserver, built in one place."""

@@ -1,0 +1,1 @@
+"""Siegetank client side: the manager client and CLI, and the cores."""

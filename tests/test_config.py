@@ -1,0 +1,98 @@
+"""Configuration: a bad key stops start-up with one line naming it."""
+import os
+import subprocess
+import sys
+import unittest
+
+from server import config
+from tests import ROOT, tmpdir, write_conf
+
+
+def conf_file(text):
+    path = os.path.join(tmpdir('conf'), 'x.conf')
+    with open(path, 'w') as f:
+        f.write(text)
+    return path
+
+
+class TestConfig(unittest.TestCase):
+
+    def test_shipped_configs_are_valid(self):
+        cc = config.load(os.path.join(ROOT, 'cc.conf'), 'cc')
+        ws = config.load(os.path.join(ROOT, 'ws.conf'), 'ws')
+        self.assertEqual(cc['name'], 'mengsk')
+        self.assertIn('mengsk', ws['command_centers'])
+        self.assertEqual(ws['external_options']['external_http_port'], 8960)
+
+    def test_relative_paths_resolve_against_conf_folder(self):
+        path = write_conf('cc', ssl_certfile='certs/x.pem',
+                          data_folder='here')
+        s = config.load(path, 'cc')
+        folder = os.path.dirname(path)
+        self.assertEqual(s['ssl_certfile'], os.path.join(folder, 'certs/x.pem'))
+        self.assertEqual(s['data_folder'], os.path.join(folder, 'here'))
+
+    def assertConfigError(self, path, kind, *words, overrides=()):
+        with self.assertRaises(config.ConfigError) as cm:
+            config.load(path, kind, overrides)
+        msg = str(cm.exception)
+        self.assertNotIn('\n', msg)
+        self.assertIn(path, msg)
+        for w in words:
+            self.assertIn(w, msg)
+
+    def test_unknown_key(self):
+        self.assertConfigError(write_conf('cc', max_ws_fail=3), 'cc',
+                               'unknown key max_ws_fail')
+
+    def test_missing_key(self):
+        path = write_conf('ws')
+        with open(path) as f:
+            lines = [l for l in f if not l.startswith('command_centers')]
+        with open(path, 'w') as f:
+            f.writelines(lines)
+        self.assertConfigError(path, 'ws', 'missing required key '
+                               'command_centers')
+
+    def test_wrong_type(self):
+        self.assertConfigError(write_conf('cc', internal_http_port='80x'),
+                               'cc', 'internal_http_port', 'int')
+        self.assertConfigError(write_conf('cc', allow_loopback_bootstrap=1),
+                               'cc', 'allow_loopback_bootstrap', 'bool')
+        self.assertConfigError(write_conf('ws', command_centers={'a': 'b'}),
+                               'ws', 'command_centers')
+        self.assertConfigError(
+            write_conf('ws', redis_options={'port': 1, 'colour': 'red'}),
+            'ws', "redis_options['colour']")
+
+    def test_no_redis(self):
+        self.assertConfigError(write_conf('cc', redis_options=None), 'cc',
+                               'redis_url')
+
+    def test_bad_python(self):
+        self.assertConfigError(conf_file('name = (\n'), 'cc', 'cannot be read')
+
+    def test_overrides(self):
+        path = write_conf('cc')
+        s = config.load(path, 'cc', ['--max_ws_fails=7', '--name=hub',
+                                     '--allow-loopback-bootstrap=False'])
+        self.assertEqual((s['max_ws_fails'], s['name'],
+                          s['allow_loopback_bootstrap']), (7, 'hub', False))
+        self.assertConfigError(path, 'cc', 'max_ws_fails',
+                               overrides=['--max_ws_fails=many'])
+        self.assertConfigError(path, 'cc', 'unknown key bogus',
+                               overrides=['--bogus=1'])
+        self.assertConfigError(path, 'cc', '--key=value',
+                               overrides=['max_ws_fails'])
+
+    def test_server_refuses_to_start_with_one_line(self):
+        path = write_conf('ws', heartbeat_increment='soon')
+        p = subprocess.run([sys.executable, os.path.join(ROOT, 'ws.py'),
+                            '--config', path], capture_output=True,
+                           text=True, timeout=60)
+        self.assertEqual(p.returncode, 2)
+        self.assertEqual(p.stdout, '')
+        lines = p.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, p.stderr)
+        self.assertIn('heartbeat_increment', lines[0])
+        self.assertIn(path, lines[0])
