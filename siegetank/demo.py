@@ -40,6 +40,7 @@ def main():
     try:
         procs.append(start('cc'))
         session = requests.Session()
+        session.trust_env = False  # REQUESTS_CA_BUNDLE would override verify
         ca = os.path.join(ROOT, 'certs', 'ca.pem')
         wait_for(lambda: os.path.exists(ca), 'dev certificates')
         session.verify = ca

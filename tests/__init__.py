@@ -170,6 +170,7 @@ class ServerProcess:
         self.log_path = os.path.join(self.folder, 'server.log')
         self.process = None
         self.session = requests.Session()
+        self.session.trust_env = False  # else REQUESTS_CA_BUNDLE wins
         self.session.verify = certs()['ca']
 
     def start(self, timeout=30, extra_args=()):
