@@ -16,8 +16,9 @@ $(VENV)/.installed: requirements.txt setup.py
 
 setup: $(VENV)/.installed
 
+NOSEARGS ?=
 test: setup
-	$(VENV)/bin/nosetests -v tests
+	$(VENV)/bin/nosetests -v $(NOSEARGS) tests
 
 # The main job on one machine: embedded Redis, dev certs, CC, WS, cores.
 demo: setup
