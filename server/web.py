@@ -17,6 +17,7 @@ import time
 import zlib
 
 import tornado.web
+from tornado import httputil
 from tornado.web import HTTPError
 
 from server import tls
@@ -97,11 +98,68 @@ class App(tornado.web.Application):
                          log_function=log_request, compress_response=False,
                          serve_traceback=False)
 
+    def start_request(self, server_conn, request_conn):
+        return _BodyLimit(self, super().start_request(server_conn,
+                                                      request_conn),
+                          request_conn)
+
     async def on_start(self):
         """Start background jobs (worker 0)."""
 
     async def on_stop(self):
         """Stop background jobs, say goodbye to peers (worker 0)."""
+
+
+class _BodyLimit(httputil.HTTPMessageDelegate):
+    """Answers a declared Content-Length over `max_body_size` with a JSON
+    413 (Tornado alone sends a bare 400 and hangs up). The body is read and
+    dropped first, so the client, still sending, gets the reply instead of
+    a reset; a body over DRAIN_MAX is not read: reply and hang up."""
+
+    DRAIN_MAX = 1 << 30
+
+    def __init__(self, app, delegate, connection):
+        self.limit = app.config['max_body_size']
+        self.delegate = delegate
+        self.connection = connection
+        self.refused = None
+
+    def headers_received(self, start_line, headers):
+        length = headers.get('Content-Length', '')
+        if not (length.isdigit() and int(length) > self.limit):
+            return self.delegate.headers_received(start_line, headers)
+        self.refused = (start_line, int(length))
+        # Let Tornado take (and drop) the body rather than refuse it itself.
+        self.connection.set_max_body_size(int(length))
+        if int(length) > self.DRAIN_MAX:
+            self._reply()
+
+    def _reply(self):
+        start_line, length = self.refused
+        body = json.dumps({'error': 'body of %d bytes is over the limit of '
+                           '%d bytes' % (length, self.limit)}).encode()
+        self.connection.write_headers(
+            httputil.ResponseStartLine('HTTP/1.1', 413, 'Payload Too Large'),
+            httputil.HTTPHeaders({
+                'Content-Type': 'application/json; charset=UTF-8',
+                'Content-Length': str(len(body))}), body)
+        self.connection.finish()
+        access_log.warning('413 %s %s', start_line.method,
+                           start_line.path.split('?')[0])
+
+    def data_received(self, chunk):
+        if self.refused is None:
+            return self.delegate.data_received(chunk)
+
+    def finish(self):
+        if self.refused is None:
+            self.delegate.finish()
+        else:
+            self._reply()
+
+    def on_connection_close(self):
+        if self.refused is None:
+            self.delegate.on_connection_close()
 
 
 def log_request(handler):
