@@ -10,6 +10,7 @@ import base64
 import binascii
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -64,7 +65,13 @@ class CoreHandler(APIHandler):
         async with streams.stream_lock(self.application, sid):
             if await self.stream() != sid:
                 raise APIError(401, 'core token is no longer live')
-            yield sid
+            try:
+                yield sid
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise APIError(503, 'workserver disk is full; nothing '
+                                   'was stored, retry later')
+                raise
 
 
 class StartHandler(CoreHandler):
