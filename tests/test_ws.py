@@ -677,6 +677,9 @@ class TestBadInput(WSTestCase):
                                            'donor_id': 7}),
             ('/streams/info/not-a-stream-id', 'GET', None),
             ('/streams/start/bad%20id', 'PUT', {}),
+            ('/streams/start/' + sid, 'PUT', '{'),
+            ('/streams/stop/' + sid, 'PUT', '[]'),
+            ('/targets/delete/' + tid, 'PUT', 'nope'),
             ('/targets/streams/a..b', 'GET', None),
             ('/targets/delete/a.b', 'PUT', {}),
         ]
@@ -726,11 +729,11 @@ class TestBadInput(WSTestCase):
                 code, reply = self.fetch_json(path, 'PUT', body, token=token)
                 self.assertEqual(code, 400, (path, body, reply))
                 self.assertIn('error', reply)
-        code, reply = self.fetch_json('/core/heartbeat', 'POST', 'x{',
-                                      token=token)
-        self.assertEqual(code, 200)  # heartbeat reads no field
-        before[0][self.app.keys.heartbeats] = self.redis_dump()[
-            self.app.keys.heartbeats]
+        for path, method in [('/core/heartbeat', 'POST'),
+                             ('/core/stop', 'PUT')]:
+            code, reply = self.fetch_json(path, method, 'x{', token=token)
+            self.assertEqual(code, 400)
+            self.assertIn('JSON', reply['error'])
         self.assertEqual(self.snapshot(), before)
         self.checkpoint(token, b's')
         self.assertEqual(self.download(sid)[1], b'one')

@@ -54,6 +54,11 @@ async def live_stream(app, token, extend=False):
 
 class CoreHandler(APIHandler):
 
+    def prepare(self):
+        super().prepare()
+        if self.request.method in ('PUT', 'POST'):
+            self.body  # a malformed body is a 400 even where no field is read
+
     async def stream(self, extend=False):
         return await live_stream(self.application, self.token(), extend)
 
