@@ -278,6 +278,18 @@ class TestActivation(WSTestCase):
         self.assertEqual(self.activate(tid)[1], sid)
         self.assertEqual(self.download(sid)[1], b'')
 
+    def test_start_of_an_active_stream_keeps_its_core(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.assertEqual(self.cc('/streams/start/' + sid, 'PUT'), (200, {}))
+        self.assertTrue(self.info(sid)['active'])
+        self.frame(token, b'still mine')
+        self.checkpoint(token, b's')
+        self.assertEqual(self.cc('/streams/activate', 'POST',
+                                 {'target_id': tid})[0], 503)
+        self.fetch_json('/core/stop', 'PUT', {}, token=token)
+        self.assertEqual(self.activate(tid)[1], sid)
+
     def test_reactivation_kills_older_token(self):
         tid, sid = self.new_stream()
         old, _ = self.activate(tid)
