@@ -92,11 +92,12 @@ class RedisTestCase(tornado.testing.AsyncTestCase):
         cls.redis_server.stop()
 
     def setUp(self):
-        super().setUp()
         sync = store.connect_sync(self.redis_server.url)
         sync.flushall()
         sync.close()
+        # Before the loop (and an app using it) exists; binds on first use.
         self.redis = store.connect(self.redis_server.url)
+        super().setUp()
 
     def tearDown(self):
         self.io_loop.run_sync(self.redis.aclose)
@@ -113,10 +114,11 @@ class AppTestCase(RedisTestCase, tornado.testing.AsyncHTTPSTestCase):
     conf = {}
 
     def setUp(self):
-        RedisTestCase.setUp(self)
+        # Settings first: RedisTestCase.setUp goes on (MRO) to
+        # AsyncHTTPSTestCase.setUp, which builds the app.
         self.settings = settings(self.kind, redis_url=self.redis_server.url,
                                  redis_options=None, **self.conf)
-        tornado.testing.AsyncHTTPSTestCase.setUp(self)
+        RedisTestCase.setUp(self)
 
     def get_app(self):
         self.app = self.app_class(self.settings, self.redis, 0)
@@ -150,9 +152,6 @@ class AppTestCase(RedisTestCase, tornado.testing.AsyncHTTPSTestCase):
             data = r.body
         return r.code, data
 
-    def tearDown(self):
-        tornado.testing.AsyncHTTPSTestCase.tearDown(self)
-        RedisTestCase.tearDown(self)
 
 
 class ServerProcess:
