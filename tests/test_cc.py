@@ -713,3 +713,46 @@ class TestStreamsAndAssign(CCTestCase):
         self.assertEqual(b.targets, {})
         self.assertEqual(self.sync(lambda: self.redis.smembers(
             keys.ws_pending_deletes('b'))), set())
+
+    def test_reregistration_finishes_pending_deletion(self):
+        a = self.fake_ws('a')
+        tid = self.post_target(self.joe)
+        self.post_stream(tid)
+        a.stop()
+        c, _ = self.fetch_json('/targets/delete/' + tid, 'PUT',
+                               token=self.joe)
+        self.assertEqual(c, 200)
+        self.assertEqual(len(a.streams), 1)
+        a.start()
+        c, _ = self.fetch_json('/ws/register', 'PUT', a.register_body(),
+                               token=CC_PASS)
+        self.assertEqual(c, 200)
+        self.sync(lambda: self.app.flushing['a'])
+        self.assertEqual((a.streams, a.targets), ({}, {}))
+        self.assertEqual(self.sync(lambda: self.redis.smembers(
+            keys.ws_pending_deletes('a'))), set())
+
+    def test_deleted_while_placing_is_undone(self):
+        """A target deleted between reservation and record: the stream the
+        WS just made is removed again and the caller gets 404."""
+        a = self.fake_ws('a')
+        tid = self.post_target(self.joe)
+        from server.cc import streams, targets
+        real_post = streams._post_to
+
+        async def post_then_delete(app, ws, target, files):
+            sid = await real_post(app, ws, target, files)
+            await targets.delete(app, target['target_id'])
+            return sid
+        streams._post_to = post_then_delete
+        try:
+            c, body = self.fetch_json('/streams', 'POST', {
+                'target_id': tid, 'files': {'state.xml': 'x'}},
+                token=self.joe)
+        finally:
+            streams._post_to = real_post
+        self.assertError(c, 404, body)
+        self.assertEqual((a.streams, a.targets), ({}, {}))
+        self.assertEqual(self.sync(lambda: self.redis.keys('*' + tid + '*')),
+                         [])
+        self.assertEqual(self.sync(lambda: self.redis.keys('stream:*')), [])
