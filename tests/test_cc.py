@@ -428,6 +428,10 @@ class TestTargets(CCTestCase):
                 self.assertEqual(r.code, expected, (path, token, r.body))
                 if expected >= 400:
                     self.assertIn('error', json.loads(r.body))
+        # creating a target needs a manager token (a donor's is none)
+        donor = self.add_donor()
+        for token in (None, 'junk', donor):
+            self.post_target(token, code=401)
         # the down WS is reported, not fatal
         c, body = self.fetch_json('/targets/streams/' + tid, token=self.joe)
         self.assertEqual(list(body), ['dead'])
