@@ -95,7 +95,7 @@ class RedisTestCase(tornado.testing.AsyncTestCase):
         sync = store.connect_sync(self.redis_server.url)
         sync.flushall()
         sync.close()
-        # Before the loop (and an app using it) exists; binds on first use.
+        # Connects lazily, on the loop of whoever awaits it first.
         self.redis = store.connect(self.redis_server.url)
         super().setUp()
 
@@ -114,11 +114,9 @@ class AppTestCase(RedisTestCase, tornado.testing.AsyncHTTPSTestCase):
     conf = {}
 
     def setUp(self):
-        # Settings first: RedisTestCase.setUp goes on (MRO) to
-        # AsyncHTTPSTestCase.setUp, which builds the app.
         self.settings = settings(self.kind, redis_url=self.redis_server.url,
                                  redis_options=None, **self.conf)
-        RedisTestCase.setUp(self)
+        super().setUp()  # RedisTestCase, then AsyncHTTPSTestCase (get_app)
 
     def get_app(self):
         self.app = self.app_class(self.settings, self.redis, 0)
