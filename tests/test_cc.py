@@ -433,9 +433,11 @@ class TestTargets(CCTestCase):
         for token in (None, 'junk', donor):
             self.post_target(token, code=401)
         # the down WS is reported, not fatal
-        c, body = self.fetch_json('/targets/streams/' + tid, token=self.joe)
-        self.assertEqual(list(body), ['dead'])
-        self.assertIn('error', body['dead'])
+        r = self.fetch('/targets/streams/' + tid,
+                       headers={'Authorization': self.joe})
+        self.assertEqual(r.code, 200)
+        self.assertEqual(json.loads(r.body), {'dead': {}})
+        self.assertEqual(r.headers['X-Unreachable-Workservers'], 'dead')
         # delete last: owner, then admin on another target
         for token, expected in ((None, 401), (self.bob, 403),
                                 (self.joe, 200)):
