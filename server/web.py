@@ -121,6 +121,11 @@ def log_request(handler):
                        getattr(handler, '_error_message', ''))
 
 
+def _no_constant(name):
+    """NaN and Infinity are not JSON; they could not be sent back either."""
+    raise ValueError('%s is not JSON' % name)
+
+
 def _has_lone_surrogate(obj):
     """JSON may escape half a UTF-16 pair (\\ud800); such a string cannot
     be encoded to UTF-8 (for Redis, disk, or a peer), so it is bad input."""
@@ -176,7 +181,7 @@ class APIHandler(tornado.web.RequestHandler):
                 self._body = {}
             else:
                 try:
-                    self._body = json.loads(raw)
+                    self._body = json.loads(raw, parse_constant=_no_constant)
                 except (ValueError, UnicodeDecodeError, RecursionError):
                     raise APIError(400, 'body is not valid JSON')
                 if not isinstance(self._body, dict):

@@ -207,6 +207,13 @@ class TestAccounts(CCTestCase):
         for path, body in bad:
             c, reply = self.fetch_json(path, 'POST', body)
             self.assertError(c, 400, reply)
+        for raw in (b'{"email": "a\\ud800@b", "password": "p", '
+                    b'"role": "admin"}',
+                    b'{"email": "a@b", "password": "p", "role": "admin", '
+                    b'"weight": NaN}',
+                    b'{"a": Infinity}', b'[' * 100000 + b']' * 100000):
+            c, reply = self.fetch_json('/managers', 'POST', raw)
+            self.assertError(c, 400, reply)
         c, reply = self.fetch_json('/managers', 'POST', b'{}',
                                    headers={'Content-MD5': 'ab' * 16})
         self.assertError(c, 400, reply)
