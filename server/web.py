@@ -179,6 +179,31 @@ def log_request(handler):
                        getattr(handler, '_error_message', ''))
 
 
+def _no_constant(name):
+    """NaN and Infinity are not JSON; they could not be sent back either."""
+    raise ValueError('%s is not JSON' % name)
+
+
+def _has_lone_surrogate(obj):
+    """JSON may escape half a UTF-16 pair (\\ud800); such a string cannot
+    be encoded to UTF-8 (for Redis, disk, or a peer), so it is bad input."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, str):
+            if not o.isascii():
+                try:
+                    o.encode('utf-8')
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(o, dict):
+            stack.extend(o)
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    return False
+
+
 class APIHandler(tornado.web.RequestHandler):
     """Base of every JSON endpoint."""
 
@@ -214,11 +239,14 @@ class APIHandler(tornado.web.RequestHandler):
                 self._body = {}
             else:
                 try:
-                    self._body = json.loads(raw)
-                except (ValueError, UnicodeDecodeError):
+                    self._body = json.loads(raw, parse_constant=_no_constant)
+                except (ValueError, UnicodeDecodeError, RecursionError):
                     raise APIError(400, 'body is not valid JSON')
                 if not isinstance(self._body, dict):
                     raise APIError(400, 'body must be a JSON object')
+                if _has_lone_surrogate(self._body):
+                    raise APIError(400, 'body has a string that is not '
+                                   'valid Unicode (a lone surrogate escape)')
         return self._body
 
     def field(self, name, kind, default=REQUIRED, check=None):
