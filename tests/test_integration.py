@@ -204,6 +204,16 @@ class TestIntegration(unittest.TestCase):
                             token=joe)
         self.assertEqual(r.content, INTEGRATOR.encode())
 
+    def test_target_without_files(self):
+        joe = self.manager()
+        tid = self.target(joe, files={})
+        sid = self.stream(joe, tid)
+        r = self.assign(target_id=tid)
+        self.assertEqual(r.status_code, 200, r.text)
+        start = self.core_start(r.json())
+        self.assertEqual(start['stream_id'], sid)
+        self.assertEqual(start['target_files'], {})
+
     def test_concurrent_assigns_distinct(self):
         joe = self.manager()
         tid = self.target(joe)

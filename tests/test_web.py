@@ -4,7 +4,7 @@ import hashlib
 import json
 import logging
 
-from server.web import APIError, APIHandler, App, HealthHandler, decode_file
+from server.web import APIHandler, App, HealthHandler, decode_file
 from tests import AppTestCase
 
 

@@ -18,7 +18,7 @@ import math
 import re
 import secrets
 
-import redis.exceptions
+from redis.exceptions import WatchError
 
 from server.cc import keys
 from server.web import APIError, APIHandler
@@ -83,7 +83,7 @@ async def _create(redis, account_key, unique_keys, fields, token_key, name):
                 pipe.set(token_key, name)
                 await pipe.execute()
                 return True
-            except redis.exceptions.WatchError:
+            except WatchError:
                 continue
 
 
@@ -101,7 +101,7 @@ async def _rotate(redis, account_key, token_key_of, name, new_hash):
                 pipe.set(token_key_of(new_hash), name)
                 await pipe.execute()
                 return
-            except redis.exceptions.WatchError:
+            except WatchError:
                 continue
 
 

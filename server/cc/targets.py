@@ -18,7 +18,7 @@ import shutil
 import time
 import uuid
 
-import redis.exceptions
+from redis.exceptions import WatchError
 
 from server import peer
 from server.cc import keys, workservers
@@ -208,7 +208,7 @@ async def _forget(redis, target_id):
                     pipe.sadd(keys.ws_pending_deletes(name), target_id)
                 await pipe.execute()
                 return owner, sorted(ws)
-            except redis.exceptions.WatchError:
+            except WatchError:
                 continue
 
 

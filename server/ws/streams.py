@@ -396,9 +396,9 @@ def check_target_id(target_id):
     return target_id
 
 
-def check_encoded(files, what):
+def check_encoded(files, what, allow_empty=False):
     """400 unless every `.b64` / `.gz.b64` file decodes."""
-    check_files(files, what)
+    check_files(files, what, allow_empty)
     for name, value in files.items():
         decode_file(name, value)
     return files
@@ -411,7 +411,8 @@ class CreateStreamHandler(CCHandler):
                                      'stream_files')
         target_files = self.field('target_files', dict, None)
         if target_files is not None:
-            check_encoded(target_files, 'target_files')
+            # A target may have no files of its own (API.md: files?).
+            check_encoded(target_files, 'target_files', allow_empty=True)
         sid = await create_stream(self.application, tid, stream_files,
                                   target_files)
         self.write_json({'stream_id': sid})
