@@ -6,8 +6,9 @@ import os
 import time
 import unittest
 
+from server import tls
 from server.cc.accounts import is_loopback
-from tests import ServerProcess
+from tests import ServerProcess, tmpdir
 
 CC_PASS = 'test-cc-pass'
 
@@ -128,6 +129,25 @@ class TestRegistry(unittest.TestCase):
             self.assertEqual(r.status_code, 400, body)
             self.assertIn('error', r.json())
         self.assertEqual(self.status(cc), before)
+
+    def test_cc_verifies_the_ws_certificate(self):
+        """A WS whose certificate our CA did not sign can register (it
+        verifies the CC fine) but the CC's probes refuse its TLS: it goes
+        offline and gets no work."""
+        folder = tmpdir('foreign')
+        foreign_ca = os.path.join(folder, 'ca.pem')
+        cert, key = (os.path.join(folder, n) for n in ('ws.pem', 'ws.key'))
+        tls.ensure_dev_certs(cert, key, foreign_ca)
+        cc = self.cc()
+        ws = ServerProcess('ws', command_centers={cc.name: {
+            'url': '127.0.0.1:%d' % cc.port, 'pass': CC_PASS}},
+            ssl_certfile=cert, ssl_key=key)
+        ws.session.verify = foreign_ca
+        self.servers.append(ws)
+        ws.start()
+        wait_for(lambda: ws.name in self.status(cc), 'registration')
+        wait_for(lambda: self.online(cc, ws.name, False), 'WS offline')
+        self.assertIn('CERTIFICATE_VERIFY_FAILED', cc.read_log())
 
     def test_sigterm_leaves_nothing(self):
         cc = self.cc()
