@@ -224,7 +224,8 @@ class AccountHandler(APIHandler):
         return self.field('email', str, check=EMAIL.match).lower()
 
 
-def _weight(w):
+def valid_weight(w):
+    """Weights (of managers and targets) are finite, positive, bounded."""
     try:
         return math.isfinite(w) and 0 < w <= 1e6
     except OverflowError:
@@ -237,7 +238,7 @@ class ManagersHandler(AccountHandler):
         email = self.email()
         password = self.password()
         role = self.field('role', str, check=lambda r: r in ROLES)
-        weight = self.field('weight', (int, float), 1, check=_weight)
+        weight = self.field('weight', (int, float), 1, check=valid_weight)
         token = await create_manager(self.redis, email, password, role,
                                      weight)
         if token is None:

@@ -11,7 +11,6 @@ Redis) until a probe or a re-registration shows it is back.
 import asyncio
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ from redis.exceptions import WatchError
 
 from server import peer
 from server.cc import keys, workservers
-from server.cc.accounts import AccountHandler
+from server.cc.accounts import AccountHandler, valid_weight
 from server.web import APIError, check_file_name, check_files, decode_file
 
 log = logging.getLogger('siegetank.cc.targets')
@@ -100,13 +99,6 @@ async def validate_files(files, what='files', allow_empty=False):
     """Names, types and encodings (base64, gzip) checked off the loop."""
     check_files(files, what, allow_empty=allow_empty)
     await asyncio.get_running_loop().run_in_executor(None, _decode_all, files)
-
-
-def valid_weight(w):
-    try:
-        return math.isfinite(w) and 0 < w <= 1e6
-    except OverflowError:
-        return False
 
 
 def valid_versions(v):
