@@ -2,6 +2,8 @@
 embedded Redis per test class (flushed per test), in-process apps over real
 HTTPS, and real cc.py / ws.py processes on free loopback ports."""
 import atexit
+import base64
+import gzip
 import os
 import shutil
 import signal
@@ -42,6 +44,36 @@ def certs():
 
 def free_port():
     return store.free_port()
+
+
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
+def gzb64(data):
+    return b64(gzip.compress(data))
+
+
+def wait_for(check, what='a condition', timeout=60):
+    """Poll `check()` until it returns a true value (returned); fail after
+    a generous `timeout` so a broken server cannot hang the run."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError('timed out waiting for ' + what)
+        time.sleep(0.05)
+
+
+def alive(pid):
+    """True while `pid` runs (a zombie counts as gone)."""
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, TypeError):
+        return False
 
 
 def write_conf(kind, folder=None, **values):

@@ -7,25 +7,18 @@ concurrent assignment, an offline WS, and deleting a target while a WS is
 down. Each test uses its own engine version so assignments of one test
 never see another test's targets.
 """
-import base64
 import concurrent.futures
-import gzip
 import unittest
 import uuid
 
 import requests
 
 from server.cc import keys
-from tests import ServerProcess, certs
-from tests.test_registry import wait_for
+from tests import ServerProcess, b64, certs, gzb64, wait_for
 
 CC_PASS = 'test-cc-pass'
-SYSTEM = base64.b64encode(gzip.compress(b'<System/>')).decode()
-INTEGRATOR = base64.b64encode(b'<Integrator/>').decode()
-
-
-def b64(data):
-    return base64.b64encode(data).decode()
+SYSTEM = gzb64(b'<System/>')
+INTEGRATOR = b64(b'<Integrator/>')
 
 
 class TestIntegration(unittest.TestCase):

@@ -3,40 +3,13 @@ with cc_pass, probes taking a dead WS offline and a restarted one online,
 a restarted CC remembering its WS, and clean shutdowns leaving nothing
 behind."""
 import os
-import time
 import unittest
 
 from server import tls
 from server.cc.accounts import is_loopback
-from tests import ServerProcess, tmpdir
+from tests import ServerProcess, alive, tmpdir, wait_for
 
 CC_PASS = 'test-cc-pass'
-
-
-def wait_for(check, what, timeout=60):
-    """Poll `check()` until it returns a true value (returned); fail after
-    a generous `timeout` so a broken server cannot hang the run."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError('timed out waiting for ' + what)
-        time.sleep(0.1)
-
-
-def alive(pid):
-    return pid is not None and os.path.exists('/proc/%d' % pid) and \
-        'Z' not in _state(pid)
-
-
-def _state(pid):
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0]
-    except OSError:
-        return 'Z'
 
 
 def group_members(pgid):

@@ -2,30 +2,12 @@
 with AOF on, stopped on shutdown, nothing left behind."""
 import os
 import signal
-import time
 import unittest
 
 import redis
 
 from server import store
-from tests import ServerProcess, free_port, tmpdir
-
-
-def alive(pid):
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().split(')')[-1].split()[0] != 'Z'
-    except OSError:
-        return False
-
-
-def wait_until(check, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
+from tests import ServerProcess, alive, free_port, tmpdir, wait_for
 
 
 def children_of(pid):
@@ -84,7 +66,7 @@ class TestEmbeddedRedis(unittest.TestCase):
         # Pretend the owner died without stopping it: a new owner takes over.
         second = store.RedisServer(folder, port).start()
         try:
-            self.assertTrue(wait_until(lambda: first.process.poll()
+            self.assertTrue(wait_for(lambda: first.process.poll()
                                        is not None))
             self.assertTrue(redis.Redis(port=port).ping())
         finally:
@@ -110,7 +92,7 @@ class TestServerProcessTree(unittest.TestCase):
         self.assertIn(redis_pid, workers)
         self.assertEqual(server.stop(), 0, server.read_log())
         for pid in workers:
-            self.assertTrue(wait_until(lambda: not alive(pid)),
+            self.assertTrue(wait_for(lambda: not alive(pid)),
                             'pid %d left behind' % pid)
 
     def test_single_process_sigterm(self):
@@ -127,7 +109,7 @@ class TestServerProcessTree(unittest.TestCase):
             self.assertEqual(server.request('GET', '/').status_code, 200)
         # A worker that dies is replaced.
         os.kill(workers[0], signal.SIGKILL)
-        self.assertTrue(wait_until(lambda: len(
+        self.assertTrue(wait_for(lambda: len(
             [p for p in children_of(server.process.pid)
              if p != server.redis_pid() and alive(p)]) == 2
             and workers[0] not in children_of(server.process.pid)))
@@ -138,5 +120,5 @@ class TestServerProcessTree(unittest.TestCase):
         server = ServerProcess('cc').start()
         redis_pid = server.redis_pid()
         server.kill(with_redis=False)
-        self.assertTrue(wait_until(lambda: not alive(redis_pid)),
+        self.assertTrue(wait_for(lambda: not alive(redis_pid)),
                         'redis-server outlived its killed owner')
