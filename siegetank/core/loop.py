@@ -196,6 +196,7 @@ class Activation:
         self.heartbeats = 0
         self.lost = False
         self.unsent = False
+        self.buffered = 0       # frames sent since the last checkpoint
         self.done = False
 
 
@@ -357,6 +358,7 @@ class Core:
                 act.unsent = True  # the state is ahead of the sent frames
                 break
             act.frames += n
+            act.buffered += n
             self.stats['frames'] += n
             if time.monotonic() - last_checkpoint >= self.checkpoint_every:
                 self._checkpoint(act, run)
@@ -366,10 +368,12 @@ class Core:
                             % act.stream_id)
 
     def _checkpoint(self, act, run, finishing=False):
-        body = {'files': wire.encode_files(run.checkpoint())}
+        body = {'files': wire.encode_files(run.checkpoint()),
+                'frames': act.buffered}
         if self._retry('checkpoint', lambda: self._call(
                 'PUT', act.base + '/core/checkpoint', act.token, body),
                 finishing) is not None:
+            act.buffered = 0
             self.stats['checkpoints'] += 1
 
     def _finish(self, act, run):
