@@ -16,15 +16,23 @@ $(VENV)/.installed: requirements.txt setup.py
 
 setup: $(VENV)/.installed
 
+NOSEARGS ?=
 test: setup
-	$(VENV)/bin/nosetests -v tests
+	$(VENV)/bin/nosetests -v $(NOSEARGS) tests
 
 # The main job on one machine: embedded Redis, dev certs, CC, WS, cores.
 demo: setup
 	$(PY) -m siegetank.demo
 
-bench: setup
-	$(PY) -m bench
+$(VENV)/.bench: $(VENV)/.installed requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-bench.txt
+	touch $@
+
+# Benchmarks against a bare Tornado ceiling (several minutes); results and
+# a plot land in bench/results/. `make bench BENCHARGS=--quick` smoke-runs it.
+BENCHARGS ?=
+bench: $(VENV)/.bench
+	$(PY) -m bench $(BENCHARGS)
 
 clean:
 	rm -rf $(VENV) data *.egg-info

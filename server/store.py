@@ -132,8 +132,11 @@ class RedisServer:
                                                         self.logfile))
                 try:
                     # A loading AOF answers PING with an error; wait for it.
-                    client.ping()
-                    if client.info('persistence').get('loading', 0) == 0:
+                    # Make sure it is ours, not another server on the port.
+                    info = client.info()
+                    if info.get('process_id') != self.process.pid:
+                        raise redis.ConnectionError('another redis on port')
+                    if info.get('loading', 0) == 0:
                         return self
                 except (redis.ConnectionError, redis.BusyLoadingError,
                         redis.TimeoutError):

@@ -92,11 +92,12 @@ class RedisTestCase(tornado.testing.AsyncTestCase):
         cls.redis_server.stop()
 
     def setUp(self):
-        super().setUp()
         sync = store.connect_sync(self.redis_server.url)
         sync.flushall()
         sync.close()
+        # Connects lazily, on the loop of whoever awaits it first.
         self.redis = store.connect(self.redis_server.url)
+        super().setUp()
 
     def tearDown(self):
         self.io_loop.run_sync(self.redis.aclose)
@@ -113,10 +114,9 @@ class AppTestCase(RedisTestCase, tornado.testing.AsyncHTTPSTestCase):
     conf = {}
 
     def setUp(self):
-        RedisTestCase.setUp(self)
         self.settings = settings(self.kind, redis_url=self.redis_server.url,
                                  redis_options=None, **self.conf)
-        tornado.testing.AsyncHTTPSTestCase.setUp(self)
+        super().setUp()  # RedisTestCase, then AsyncHTTPSTestCase (get_app)
 
     def get_app(self):
         self.app = self.app_class(self.settings, self.redis, 0)
@@ -150,9 +150,6 @@ class AppTestCase(RedisTestCase, tornado.testing.AsyncHTTPSTestCase):
             data = r.body
         return r.code, data
 
-    def tearDown(self):
-        tornado.testing.AsyncHTTPSTestCase.tearDown(self)
-        RedisTestCase.tearDown(self)
 
 
 class ServerProcess:

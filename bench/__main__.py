@@ -1,0 +1,198 @@
+"""`make bench`: measure the WS and CC against a bare Tornado ceiling measured
+in the same run and process mode, and report a table, a JSON file and a
+PNG plot under bench/results/.
+
+    python -m bench [--quick] [--processes N] [--out DIR]
+
+--quick is a smoke run of every workload (seconds, tiny sizes); its figures
+mean nothing."""
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+
+from bench import report, servers, workloads
+
+TARGETS = {  # ratio or absolute floor the issue asks for
+    'frames_10k': 0.7, 'frames_100k': 0.6, 'p99_ms_c32_10k': 20.0,
+    'activations': 0.6, 'assignments_per_s': 1000.0,
+    'redis_bytes_per_stream': 1024.0, 'download_mb_per_s': 300.0,
+}
+
+
+def median_spread(runs, key):
+    values = [r[key] for r in runs if r.get(key) is not None]
+    if not values:
+        return None, None, None
+    return statistics.median(values), min(values), max(values)
+
+
+def repeat(fn, reps):
+    return [fn() for _ in range(reps)]
+
+
+def bench_frames(args, results):
+    sizes = [10_000, 100_000]
+    levels = [1, 8] if args.quick else [1, 8, 32, 128]
+    ceiling = servers.Ceiling(args.processes)
+    ws = servers.start_ws(num_processes=args.processes,
+                          command_centers=workloads.WS_CCS,
+                          heartbeat_increment=3600)
+    try:
+        for size in sizes:
+            for c in levels:
+                ours = repeat(lambda: workloads.frames_ws(
+                    ws, size, c, args.duration), args.reps)
+                ceil = repeat(lambda: workloads.frames_ceiling(
+                    ceiling, size, c, args.duration), args.reps)
+                row = summarize('frames', {'size': size, 'cores': c}, ours,
+                                ceil)
+                row['mismatches'] = sum(r['mismatches'] for r in ours)
+                row['frames_committed'] = sum(r['frames_committed']
+                                              for r in ours)
+                results['frames'].append(row)
+                report.print_row(row)
+    finally:
+        ws.stop()
+        ceiling.stop()
+
+
+def summarize(kind, params, ours, ceil):
+    row = dict(params, workload=kind)
+    for name, runs in (('ours', ours), ('ceiling', ceil)):
+        for key in ('rate', 'p99_ms', 'cpu_ms_per_request'):
+            med, lo, hi = median_spread(runs, key)
+            row['%s_%s' % (name, key)] = med
+            row['%s_%s_spread' % (name, key)] = [lo, hi]
+        row['%s_errors' % name] = sum(r['errors'] for r in runs)
+    row['ratio'] = row['ours_rate'] / row['ceiling_rate'] \
+        if row['ceiling_rate'] else None
+    return row
+
+
+def bench_activations(args, results):
+    n = 300 if args.quick else 5000
+    ceiling = servers.Ceiling(args.processes)
+    ws = servers.start_ws(num_processes=args.processes,
+                          command_centers=workloads.WS_CCS)
+    try:
+        ours, ceil, creates = [], [], []
+        for _ in range(args.reps):
+            target, _, rate = asyncio.run(workloads.create_streams(ws.port, n))
+            creates.append(rate)
+            ours.append(workloads.activations(
+                ws.port, servers.server_pids(ws), n, 32, args.duration,
+                target))
+            ceil.append(workloads.activations(
+                ceiling.port, ceiling.pids(), n, 32, args.duration))
+        row = summarize('activations', {'cores': 32}, ours, ceil)
+        row['stream_create_rate'] = statistics.median(creates)
+        results['activations'] = row
+        report.print_row(row)
+    finally:
+        ws.stop()
+        ceiling.stop()
+
+
+def bench_assignments(args, results):
+    n = 300 if args.quick else 5000
+    cc = servers.start_cc(num_processes=2)
+    ws = servers.start_ws(command_centers={
+        cc.name: {'url': '127.0.0.1:%d' % cc.port, 'pass': 'test-cc-pass'}})
+    try:
+        body = workloads.prepare_cc_target(cc, ws, n)
+        runs = repeat(lambda: workloads.assignments(
+            cc.port, servers.server_pids(cc) + servers.server_pids(ws), 32,
+            args.duration, body), args.reps)
+        med, lo, hi = median_spread(runs, 'rate')
+        row = {'workload': 'assignments', 'cc_processes': 2, 'clients': 32,
+               'rate': med, 'rate_spread': [lo, hi],
+               'p99_ms': median_spread(runs, 'p99_ms')[0],
+               'errors': sum(r['errors'] for r in runs)}
+        results['assignments'] = row
+        report.print_row(row)
+    finally:
+        ws.stop()
+        cc.stop()
+
+
+def bench_downloads(args, results):
+    mb = 20 if args.quick else 400
+    ws = servers.start_ws(command_centers=workloads.WS_CCS)
+    try:
+        sid, size = workloads.commit_large_stream(ws, mb)
+        runs = repeat(lambda: workloads.download(ws, sid, size), args.reps)
+        med, lo, hi = median_spread(runs, 'mb_per_s')
+        row = {'workload': 'download', 'megabytes': size / 1e6,
+               'mb_per_s': med, 'mb_per_s_spread': [lo, hi],
+               'rss_growth_mb': max(r['rss_growth_mb'] for r in runs),
+               'ok': all(r['ok'] for r in runs)}
+        results['download'] = row
+        report.print_row(row)
+    finally:
+        ws.stop()
+
+
+def bench_scale(args, results):
+    n = 2000 if args.quick else 100_000
+    ws = servers.start_ws(command_centers=workloads.WS_CCS)
+    try:
+        row = dict(workloads.scale(ws, n), workload='scale')
+        results['scale'] = row
+        report.print_row(row)
+    finally:
+        ws.stop()
+    expiring = 500 if args.quick else 10_000
+    ws = servers.start_ws(command_centers=workloads.WS_CCS,
+                          heartbeat_increment=3 if args.quick else 8,
+                          pulse_frequency_in_ms=1000)
+    try:
+        row = dict(workloads.sweep(ws, expiring, 32, 10_000,
+                                   4 if args.quick else 20,
+                                   3 if args.quick else 8), workload='sweep')
+        results['sweep'] = row
+        report.print_row(row)
+    finally:
+        ws.stop()
+
+
+WORKLOADS = {'frames': bench_frames, 'activations': bench_activations,
+             'assignments': bench_assignments, 'downloads': bench_downloads,
+             'scale': bench_scale}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--quick', action='store_true')
+    p.add_argument('--processes', type=int, default=1)
+    p.add_argument('--reps', type=int)
+    p.add_argument('--duration', type=float)
+    p.add_argument('--only', choices=sorted(WORKLOADS), action='append')
+    p.add_argument('--out', default=os.path.join(servers.ROOT, 'bench',
+                                                 'results'))
+    args = p.parse_args(argv)
+    args.reps = args.reps or (1 if args.quick else 3)
+    args.duration = args.duration or (0.5 if args.quick else 3.0)
+    results = {'started': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+               'processes': args.processes, 'reps': args.reps,
+               'duration_s': args.duration, 'quick': args.quick,
+               'cpus': os.cpu_count(), 'frames': []}
+    for name in args.only or list(WORKLOADS):
+        WORKLOADS[name](args, results)
+    results['verdict'] = report.verdict(results, TARGETS)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=2)
+    report.table(results)
+    if results['frames']:
+        report.plot(results, os.path.join(args.out, 'frames.png'))
+    errors = report.error_count(results)
+    print('results in %s; %d errors/mismatches' % (args.out, errors))
+    return 1 if errors else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

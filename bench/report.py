@@ -1,0 +1,141 @@
+"""Terminal table, verdict against the issue's targets, and the PNG plot."""
+
+
+def _f(v, fmt='%.1f'):
+    return '-' if v is None else fmt % v
+
+
+def print_row(row):
+    print('  ' + ', '.join('%s=%s' % (k, _f(v, '%.3g') if isinstance(v, float)
+                                      else v) for k, v in row.items()
+                           if not k.endswith('_spread')), flush=True)
+
+
+def table(results):
+    print('\nframe PUTs (req/s, median of %d x %.0fs; %d process(es))'
+          % (results['reps'], results['duration_s'], results['processes']))
+    print('%7s %5s %9s %9s %6s %8s %8s %9s %9s' % (
+        'size', 'cores', 'ours/s', 'ceil/s', 'ratio', 'p99 ours', 'p99 ceil',
+        'cpu ms/r', 'ceil ms/r'))
+    for r in results['frames']:
+        print('%7d %5d %9s %9s %6s %8s %8s %9s %9s' % (
+            r['size'], r['cores'], _f(r['ours_rate'], '%.0f'),
+            _f(r['ceiling_rate'], '%.0f'), _f(r['ratio'], '%.2f'),
+            _f(r['ours_p99_ms']), _f(r['ceiling_p99_ms']),
+            _f(r['ours_cpu_ms_per_request'], '%.2f'),
+            _f(r['ceiling_cpu_ms_per_request'], '%.2f')))
+    a = results.get('activations')
+    if a:
+        print('\nactivations: %s/s vs ceiling %s/s (ratio %s); stream '
+              'creation %s/s' % (_f(a['ours_rate'], '%.0f'),
+                                 _f(a['ceiling_rate'], '%.0f'),
+                                 _f(a['ratio'], '%.2f'),
+                                 _f(a['stream_create_rate'], '%.0f')))
+    s = results.get('assignments')
+    if s:
+        print('CC assignments (2 processes): %s/s, p99 %s ms'
+              % (_f(s['rate'], '%.0f'), _f(s['p99_ms'])))
+    d = results.get('download')
+    if d:
+        print('download of %.0f MB: %s MB/s, server RSS growth %s MB'
+              % (d['megabytes'], _f(d['mb_per_s'], '%.0f'),
+                 _f(d['rss_growth_mb'])))
+    sc = results.get('scale')
+    if sc:
+        print('%d streams: created at %s/s, Redis %s bytes per idle stream'
+              % (sc['streams'], _f(sc['create_rate'], '%.0f'),
+                 _f(sc['redis_bytes_per_stream'], '%.0f')))
+    sw = results.get('sweep')
+    if sw:
+        print('%d streams expiring in one sweep: request p99 %s ms overall, '
+              '%s ms in the worst second; %d left active'
+              % (sw['expiring'], _f(sw['p99_ms']),
+                 _f(sw['worst_window_p99_ms']), sw['left_active_after']))
+    print('\nverdict:')
+    for name, (value, target, ok) in results['verdict'].items():
+        print('  %-26s %10s  target %-8s %s' % (
+            name, _f(value, '%.3g'), target, 'ok' if ok else 'NOT MET'))
+
+
+def verdict(results, targets):
+    out = {}
+    frames = {(r['size'], r['cores']): r for r in results['frames']}
+    for size, key in ((10_000, 'frames_10k'), (100_000, 'frames_100k')):
+        ratios = [r['ratio'] for (s, c), r in frames.items()
+                  if s == size and c >= 8 and r['ratio'] is not None]
+        if ratios:
+            out[key + '_min_ratio_c8plus'] = (min(ratios), targets[key],
+                                              min(ratios) >= targets[key])
+    c32 = frames.get((10_000, 32))
+    if c32:
+        out['p99_ms_c32_10k'] = (c32['ours_p99_ms'],
+                                 targets['p99_ms_c32_10k'],
+                                 c32['ours_p99_ms'] <=
+                                 targets['p99_ms_c32_10k'])
+    if results.get('activations'):
+        v = results['activations']['ratio']
+        out['activations_ratio'] = (v, targets['activations'],
+                                    v is not None and v >= targets['activations'])
+    if results.get('assignments'):
+        v = results['assignments']['rate']
+        out['assignments_per_s'] = (v, targets['assignments_per_s'],
+                                    v is not None and
+                                    v >= targets['assignments_per_s'])
+    if results.get('scale'):
+        v = results['scale']['redis_bytes_per_stream']
+        out['redis_bytes_per_stream'] = (v, targets['redis_bytes_per_stream'],
+                                         v <= targets['redis_bytes_per_stream'])
+    if results.get('download'):
+        v = results['download']['mb_per_s']
+        out['download_mb_per_s'] = (v, targets['download_mb_per_s'],
+                                    v >= targets['download_mb_per_s'])
+    return out
+
+
+def error_count(results):
+    n = 0
+    for r in results['frames']:
+        n += r['ours_errors'] + r['ceiling_errors'] + r['mismatches']
+    for key in ('activations',):
+        if results.get(key):
+            n += results[key]['ours_errors'] + results[key]['ceiling_errors']
+    for key in ('assignments', 'sweep'):
+        if results.get(key):
+            n += results[key]['errors']
+    if results.get('sweep'):
+        n += results['sweep']['mismatches']
+    if results.get('download') and not results['download']['ok']:
+        n += 1
+    return n
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for size, style in ((10_000, '-'), (100_000, '--')):
+        rows = sorted((r for r in results['frames'] if r['size'] == size),
+                      key=lambda r: r['cores'])
+        if not rows:
+            continue
+        cores = [r['cores'] for r in rows]
+        label = '%d KB' % (size // 1000)
+        ax1.plot(cores, [r['ours_rate'] for r in rows], 'o' + style,
+                 color='C0', label='WS ' + label)
+        ax1.plot(cores, [r['ceiling_rate'] for r in rows], 's' + style,
+                 color='C1', label='ceiling ' + label)
+        ax2.plot(cores, [r['ours_p99_ms'] for r in rows], 'o' + style,
+                 color='C0', label='WS ' + label)
+        ax2.plot(cores, [r['ceiling_p99_ms'] for r in rows], 's' + style,
+                 color='C1', label='ceiling ' + label)
+    for ax, title, unit in ((ax1, 'throughput', 'requests/s'),
+                            (ax2, 'p99 latency', 'ms')):
+        ax.set_xscale('log', base=2)
+        ax.set_xlabel('concurrent cores')
+        ax.set_ylabel(unit)
+        ax.set_title('frame PUTs: %s' % title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,97 @@
+"""Servers a benchmark run starts and measures: our CC/WS as real processes
+(with embedded Redis) and the bare Tornado ceiling, plus their CPU and
+memory as the OS sees them."""
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+
+import psutil
+import requests
+
+from tests import ServerProcess, certs, free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def client_ssl():
+    return ssl.create_default_context(cafile=certs()['ca'])
+
+
+class Ceiling:
+    """The bare handler server in its own process group."""
+
+    def __init__(self, processes=1):
+        self.port = free_port()
+        c = certs()
+        self.process = subprocess.Popen(
+            [sys.executable, '-m', 'bench.ceiling', '--port', str(self.port),
+             '--cert', c['cert'], '--key', c['key'],
+             '--processes', str(processes)],
+            cwd=ROOT, start_new_session=True)
+        session = requests.Session()
+        session.trust_env = False
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if session.get('https://127.0.0.1:%d/' % self.port,
+                               verify=c['ca'], timeout=1).ok:
+                    break
+            except requests.RequestException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def pids(self):
+        return tree_pids(self.process.pid)
+
+    def stop(self):
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(30)
+
+
+def tree_pids(pid):
+    """A process and all its descendants (workers, embedded Redis)."""
+    try:
+        p = psutil.Process(pid)
+        return [pid] + [c.pid for c in p.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cpu_seconds(pids):
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def rss_bytes(pids):
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def start_ws(**conf):
+    conf.setdefault('command_centers', {})
+    conf.setdefault('log_level', 'warning')
+    return ServerProcess('ws', **conf).start()
+
+
+def start_cc(**conf):
+    conf.setdefault('log_level', 'warning')
+    return ServerProcess('cc', **conf).start()
+
+
+def server_pids(server):
+    return tree_pids(server.process.pid)

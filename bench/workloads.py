@@ -1,0 +1,353 @@
+"""The benchmark workloads. Each drives real servers over HTTPS with
+keep-alive connections and returns plain dicts of figures; `__main__`
+repeats them, compares them with the ceiling and reports."""
+import asyncio
+import base64
+import gzip
+import json
+import os
+import threading
+import time
+import uuid
+
+from bench import servers
+from bench.httpload import Connection, run_cores
+
+CC_PASS = 'bench-pass'
+WS_CCS = {'bench': {'url': '127.0.0.1:9', 'pass': CC_PASS}}
+
+SYSTEM = base64.b64encode(gzip.compress(b'<System/>' * 100)).decode()
+STATE = base64.b64encode(gzip.compress(os.urandom(2000))).decode()
+
+
+def _frame_bodies(size):
+    """Two distinct frame bodies: consecutive frames must differ, or the WS
+    takes the second for a retry of the first."""
+    return [json.dumps({'files': {'frames.xtc.b64': base64.b64encode(
+        os.urandom(size)).decode()}, 'frames': 1}).encode() for _ in range(2)]
+
+
+CHECKPOINT = json.dumps({'files': {'state.xml.gz.b64': STATE},
+                         'frames': 10}).encode()
+
+
+def conn(port):
+    return Connection('127.0.0.1', port, servers.client_ssl())
+
+
+async def create_streams(port, n, clients=16, target_id=None):
+    """n streams of one new target on a WS; returns (target_id, ids, rate)."""
+    target_id = target_id or str(uuid.uuid4())
+    auth = {'Authorization': CC_PASS}
+    first = conn(port)
+    status, body = await first.request('POST', '/streams', {
+        'target_id': target_id, 'stream_files': {'state.xml.gz.b64': STATE},
+        'target_files': {'system.xml.gz.b64': SYSTEM,
+                         'integrator.xml.gz.b64': SYSTEM}}, auth)
+    assert status == 200, (status, body)
+    ids = [json.loads(body)['stream_id']]
+    left = [n - 1]
+
+    async def worker():
+        c = conn(port)
+        while left[0] > 0:
+            left[0] -= 1
+            s, b = await c.request('POST', '/streams', {
+                'target_id': target_id,
+                'stream_files': {'state.xml.gz.b64': STATE}}, auth)
+            assert s == 200, (s, b)
+            ids.append(json.loads(b)['stream_id'])
+        await c.close()
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    await first.close()
+    return target_id, ids, (n - 1) / (time.perf_counter() - t)
+
+
+async def activate(port, target_id, n):
+    c = conn(port)
+    tokens = []
+    for _ in range(n):
+        s, b = await c.request('POST', '/streams/activate',
+                               {'target_id': target_id},
+                               {'Authorization': CC_PASS})
+        assert s == 200, (s, b)
+        d = json.loads(b)
+        tokens.append((d['token'], d['stream_id']))
+    await c.close()
+    return tokens
+
+
+def frame_core(port, bodies, tokens, acked, heartbeat_every=50):
+    """A core: frames, a checkpoint every 10, a heartbeat every
+    `heartbeat_every`; `acked[i]` counts committed (acknowledged) frames."""
+    async def core(i, deadline, rec):
+        c = conn(port)
+        auth = {'Authorization': tokens[i][0]} if tokens else {}
+        n = 0
+        pending = 0
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            s, _ = await c.request('PUT', '/core/frame', bodies[n % 2], auth)
+            rec.add(t, s)
+            n += 1
+            pending += 1
+            if n % 10 == 0:
+                t = time.perf_counter()
+                s, _ = await c.request('PUT', '/core/checkpoint', CHECKPOINT,
+                                       auth)
+                rec.add(t, s)
+                if s == 200:
+                    acked[i] += pending
+                    pending = 0
+            if n % heartbeat_every == 0:
+                t = time.perf_counter()
+                s, _ = await c.request('POST', '/core/heartbeat', b'{}', auth)
+                rec.add(t, s)
+        if pending:  # commit the tail so every acknowledged frame counts
+            s, _ = await c.request('PUT', '/core/checkpoint', CHECKPOINT, auth)
+            if s == 200:
+                acked[i] += pending
+        await c.close()
+    return core
+
+
+async def verify_frames(port, tokens, acked, size):
+    """What each core had acknowledged = what the WS reports = what the
+    download holds. Returns the number of mismatches."""
+    c = conn(port)
+    bad = 0
+    for (token, sid), frames in zip(tokens, acked):
+        s, b = await c.request('GET', '/streams/info/%s' % sid, b'',
+                               {'Authorization': CC_PASS})
+        info = json.loads(b)
+        s2, n = await c.request('GET', '/streams/%s/frames.xtc' % sid, b'',
+                                {'Authorization': CC_PASS}, sink=True)
+        if s != 200 or info['frames'] != frames or s2 != 200 \
+                or n != frames * size:
+            bad += 1
+    await c.close()
+    return bad
+
+
+def measure(pids, coro):
+    """Run `coro` returning (recorder, elapsed); add server CPU per request."""
+    cpu0 = servers.cpu_seconds(pids)
+    rec, elapsed = asyncio.run(coro)
+    cpu = servers.cpu_seconds(pids) - cpu0
+    out = rec.summary(elapsed)
+    out['cpu_ms_per_request'] = 1000 * cpu / max(1, out['requests'])
+    return out, rec, elapsed
+
+
+def frames_ws(ws, size, cores, duration):
+    bodies = _frame_bodies(size)
+    target, ids, _ = asyncio.run(create_streams(ws.port, cores))
+    tokens = asyncio.run(activate(ws.port, target, cores))
+    acked = [0] * cores
+    out, _, _ = measure(servers.server_pids(ws), run_cores(
+        cores, frame_core(ws.port, bodies, tokens, acked), duration))
+    out['mismatches'] = asyncio.run(verify_frames(ws.port, tokens, acked,
+                                                  size))
+    out['frames_committed'] = sum(acked)
+    return out
+
+
+def frames_ceiling(ceiling, size, cores, duration):
+    bodies = _frame_bodies(size)
+    acked = [0] * cores
+    out, _, _ = measure(ceiling.pids(), run_cores(
+        cores, frame_core(ceiling.port, bodies, None, acked), duration))
+    return out
+
+
+def _activation_client(port, target_id, path='/streams/activate'):
+    async def client(i, deadline, rec):
+        c = conn(port)
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            s, _ = await c.request('POST', path, {'target_id': target_id},
+                                   {'Authorization': CC_PASS})
+            rec.add(t, s)
+            if s == 503:  # the pool ran dry: stop, it is not an error here
+                rec.errors.pop()
+                break
+        await c.close()
+    return client
+
+
+def activations(port, pids, streams, clients, duration, target_id=None):
+    out, _, _ = measure(pids, run_cores(
+        clients, _activation_client(port, target_id or 'x'), duration))
+    return out
+
+
+def assignments(cc_url_port, pids, clients, duration, body):
+    async def client(i, deadline, rec):
+        c = conn(cc_url_port)
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            s, _ = await c.request('POST', '/core/assign', body)
+            rec.add(t, s)
+            if s == 503:  # every stream handed out: the pool ran dry
+                rec.errors.pop()
+                break
+        await c.close()
+    out, _, _ = measure(pids, run_cores(clients, client, duration))
+    return out
+
+
+def commit_large_stream(ws, megabytes, frame_mb=1):
+    """One stream with `megabytes` MB committed, for the download run."""
+    target, ids, _ = asyncio.run(create_streams(ws.port, 1))
+    [(token, sid)] = asyncio.run(activate(ws.port, target, 1))
+    chunk = os.urandom(frame_mb << 20)
+    bodies = [json.dumps({'files': {'frames.xtc.b64': base64.b64encode(
+        chunk[:-1] + bytes([k])).decode()}}).encode() for k in range(2)]
+
+    async def fill():
+        c = conn(ws.port)
+        auth = {'Authorization': token}
+        for n in range(megabytes // frame_mb):
+            s, _ = await c.request('PUT', '/core/frame', bodies[n % 2], auth)
+            assert s == 200
+            if n % 20 == 19:
+                s, _ = await c.request('PUT', '/core/checkpoint', CHECKPOINT,
+                                       auth)
+                assert s == 200
+        s, _ = await c.request('PUT', '/core/checkpoint', CHECKPOINT, auth)
+        await c.close()
+    asyncio.run(fill())
+    return sid, (megabytes // frame_mb) * (frame_mb << 20)
+
+
+def download(ws, sid, expected):
+    """Download rate (MB/s) and the server's peak RSS growth meanwhile."""
+    pids = servers.server_pids(ws)
+    base = servers.rss_bytes(pids)
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], servers.rss_bytes(pids))
+            time.sleep(0.02)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+
+    async def get():
+        c = conn(ws.port)
+        t = time.perf_counter()
+        s, n = await c.request('GET', '/streams/%s/frames.xtc' % sid, b'',
+                               {'Authorization': CC_PASS}, sink=True)
+        elapsed = time.perf_counter() - t
+        await c.close()
+        return s, n, elapsed
+    try:
+        s, n, elapsed = asyncio.run(get())
+    finally:
+        done.set()
+        sampler.join()
+    return {'status': s, 'bytes': n, 'ok': s == 200 and n == expected,
+            'mb_per_s': n / elapsed / 1e6,
+            'rss_growth_mb': (peak[0] - base) / 1e6}
+
+
+def scale(ws, streams, clients=32):
+    """Create rate and Redis memory per idle stream."""
+    r = ws.redis()
+    before = r.info('memory')['used_memory']
+    _, ids, rate = asyncio.run(create_streams(ws.port, streams, clients))
+    after = r.info('memory')['used_memory']
+    r.close()
+    return {'streams': len(ids), 'create_rate': rate,
+            'redis_bytes_per_stream': (after - before) / len(ids)}
+
+
+def sweep(ws, expiring, cores, size, duration, increment):
+    """`expiring` streams activated at once and left to expire while
+    `cores` keep sending frames: worst 1 s window p99 vs the overall."""
+    bodies = _frame_bodies(size)
+    busy_target, _, _ = asyncio.run(create_streams(ws.port, cores))
+    tokens = asyncio.run(activate(ws.port, busy_target, cores))
+    idle_target, _, _ = asyncio.run(create_streams(ws.port, expiring, 32))
+
+    async def activate_all():
+        per = expiring // 16
+
+        async def w():
+            c = conn(ws.port)
+            for _ in range(per):
+                s, _ = await c.request('POST', '/streams/activate',
+                                       {'target_id': idle_target},
+                                       {'Authorization': CC_PASS})
+                assert s == 200
+            await c.close()
+        await asyncio.gather(*(w() for _ in range(16)))
+    t0 = time.perf_counter()
+    asyncio.run(activate_all())
+    activated_in = time.perf_counter() - t0
+    acked = [0] * cores
+    rec, elapsed = asyncio.run(run_cores(cores, frame_core(
+        ws.port, bodies, tokens, acked, heartbeat_every=10), duration))
+    start = rec.stamps[0] - rec.latencies[0] if rec.stamps else 0
+    windows = []
+    t = start
+    while t < start + elapsed:
+        w = rec.summary(1.0, since=t, until=t + 1.0)
+        if w['requests']:
+            windows.append(w['p99_ms'])
+        t += 1.0
+
+    async def still_active():
+        c = conn(ws.port)
+        s, b = await c.request('GET', '/active_streams', b'',
+                               {'Authorization': CC_PASS})
+        await c.close()
+        return len(json.loads(b).get(idle_target, {}))
+    overall = rec.summary(elapsed)
+    return {'expiring': expiring, 'activated_in_s': activated_in,
+            'left_active_after': asyncio.run(still_active()),
+            'p99_ms': overall['p99_ms'], 'worst_window_p99_ms': max(windows),
+            'errors': overall['errors'],
+            'mismatches': asyncio.run(verify_frames(ws.port, tokens, acked,
+                                                    size))}
+
+
+def prepare_cc_target(cc, ws, streams):
+    """An admin, a public target and `streams` streams placed through the
+    CC; returns the /core/assign body that matches the target."""
+    deadline = time.monotonic() + 30
+    while not cc.request('GET', '/ws/status').json().get(
+            ws.name, {}).get('online'):
+        assert time.monotonic() < deadline, 'WS never registered'
+        time.sleep(0.05)
+    r = cc.request('POST', '/managers', {'email': 'bench@example.org',
+                                         'password': 'bench-password',
+                                         'role': 'admin'})
+    assert r.status_code == 200, r.text
+    token = r.json()['token']
+    r = cc.request('POST', '/targets', {
+        'description': 'bench', 'engine': 'openmm', 'engine_versions': ['8'],
+        'stage': 'public', 'files': {'system.xml.gz.b64': SYSTEM,
+                                     'integrator.xml.gz.b64': SYSTEM}},
+        token=token)
+    assert r.status_code == 200, r.text
+    target_id = r.json()['target_id']
+    left = [streams]
+
+    async def worker():
+        c = conn(cc.port)
+        while left[0] > 0:
+            left[0] -= 1
+            s, b = await c.request('POST', '/streams', {
+                'target_id': target_id,
+                'files': {'state.xml.gz.b64': STATE}},
+                {'Authorization': token})
+            assert s == 200, (s, b)
+        await c.close()
+
+    async def fill():
+        await asyncio.gather(*(worker() for _ in range(16)))
+    asyncio.run(fill())
+    return {'engine': 'openmm', 'engine_version': '8'}

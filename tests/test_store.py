@@ -1,0 +1,142 @@
+"""The embedded Redis a server owns, and the server process tree: started
+with AOF on, stopped on shutdown, nothing left behind."""
+import os
+import signal
+import time
+import unittest
+
+import redis
+
+from server import store
+from tests import ServerProcess, free_port, tmpdir
+
+
+def alive(pid):
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().split(')')[-1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+def wait_until(check, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def children_of(pid):
+    """Direct children of `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open('/proc/%s/stat' % entry) as f:
+                    fields = f.read().split(')')[-1].split()
+                if int(fields[1]) == pid:
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+class TestEmbeddedRedis(unittest.TestCase):
+
+    def test_lifecycle_with_aof(self):
+        folder = tmpdir('redis')
+        server = store.RedisServer(folder, free_port(), requirepass='s3cret',
+                                   appendfilename='x.aof')
+        server.start()
+        try:
+            client = redis.Redis.from_url(server.url)
+            self.assertEqual(client.config_get('appendonly')['appendonly'],
+                             'yes')
+            self.assertEqual(client.config_get('appendfsync')['appendfsync'],
+                             'everysec')
+            client.set('k', 'v')
+            with self.assertRaises(redis.AuthenticationError):
+                redis.Redis(port=server.port).set('a', 'b')
+            client.close()
+        finally:
+            server.stop()
+        self.assertFalse(alive(server.process.pid))
+        self.assertTrue(os.path.exists(os.path.join(folder, 'x.aof')))
+        # The data survives a restart (AOF replayed).
+        again = store.RedisServer(folder, free_port(), requirepass='s3cret',
+                                  appendfilename='x.aof').start()
+        try:
+            self.assertEqual(redis.Redis.from_url(again.url).get('k'), b'v')
+        finally:
+            again.stop()
+
+    def test_binary_lookup(self):
+        self.assertEqual(store.find_redis_binary('/x/redis-server'),
+                         '/x/redis-server')
+        self.assertTrue(os.access(store.find_redis_binary(), os.X_OK))
+
+    def test_stale_server_of_a_killed_owner_is_replaced(self):
+        folder = tmpdir('redis')
+        port = free_port()
+        first = store.RedisServer(folder, port).start()
+        # Pretend the owner died without stopping it: a new owner takes over.
+        second = store.RedisServer(folder, port).start()
+        try:
+            self.assertTrue(wait_until(lambda: first.process.poll()
+                                       is not None))
+            self.assertTrue(redis.Redis(port=port).ping())
+        finally:
+            second.stop()
+
+    def test_start_failure_is_reported(self):
+        busy = store.RedisServer(tmpdir('redis'), free_port()).start()
+        try:
+            clash = store.RedisServer(tmpdir('redis'), busy.port)
+            with self.assertRaises(RuntimeError):
+                clash.start(timeout=10)
+        finally:
+            busy.stop()
+
+
+class TestServerProcessTree(unittest.TestCase):
+    """SIGTERM stops workers, then Redis, exit 0; nothing is orphaned."""
+
+    def check_clean_stop(self, server):
+        redis_pid = server.redis_pid()
+        self.assertTrue(redis_pid and alive(redis_pid))
+        workers = children_of(server.process.pid)
+        self.assertIn(redis_pid, workers)
+        self.assertEqual(server.stop(), 0, server.read_log())
+        for pid in workers:
+            self.assertTrue(wait_until(lambda: not alive(pid)),
+                            'pid %d left behind' % pid)
+
+    def test_single_process_sigterm(self):
+        server = ServerProcess('cc').start()
+        self.check_clean_stop(server)
+
+    def test_multi_process_sigterm(self):
+        server = ServerProcess('ws', command_centers={}, num_processes=2)
+        server.start()
+        workers = [p for p in children_of(server.process.pid)
+                   if p != server.redis_pid()]
+        self.assertEqual(len(workers), 2)
+        for _ in range(10):
+            self.assertEqual(server.request('GET', '/').status_code, 200)
+        # A worker that dies is replaced.
+        os.kill(workers[0], signal.SIGKILL)
+        self.assertTrue(wait_until(lambda: len(
+            [p for p in children_of(server.process.pid)
+             if p != server.redis_pid() and alive(p)]) == 2
+            and workers[0] not in children_of(server.process.pid)))
+        self.assertEqual(server.request('GET', '/').status_code, 200)
+        self.check_clean_stop(server)
+
+    def test_killed_owner_takes_its_redis_along(self):
+        server = ServerProcess('cc').start()
+        redis_pid = server.redis_pid()
+        server.kill(with_redis=False)
+        self.assertTrue(wait_until(lambda: not alive(redis_pid)),
+                        'redis-server outlived its killed owner')
