@@ -122,6 +122,9 @@ def main(kind, make_app, argv=None):
     embedded = store.start_embedded(settings)
     redis_url = store.redis_url(settings, embedded)
     try:
+        prepare = getattr(make_app, 'prepare', None)
+        if prepare is not None:  # e.g. the WS rebuilds its index from disk
+            prepare(settings, redis_url)
         def start_child(i):
             _worker(settings, make_app, sockets, ssl_ctx, redis_url, i)
         if settings['num_processes'] == 1:

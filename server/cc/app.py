@@ -1,18 +1,33 @@
-"""The command center application: routes of every resource module and the
-periodic WS probe."""
+"""The command center application: routes of every resource module, the
+periodic WS probe, and catching a WS up on what it missed while down."""
+import asyncio
+
 from tornado.ioloop import PeriodicCallback
 
 from server import runner
-from server.cc import workservers
+from server.cc import accounts, assign, streams, targets, workservers
 from server.web import App, HealthHandler
 
 
 class CommandCenter(App):
     def __init__(self, settings, redis, task_id=0):
         handlers = [(r'/', HealthHandler)]
+        handlers += accounts.default_handlers
+        handlers += targets.default_handlers
+        handlers += streams.default_handlers
+        handlers += assign.default_handlers
         handlers += workservers.default_handlers
         super().__init__(handlers, settings, redis, task_id)
         self.probe = None
+        self.flushing = {}
+
+    def ws_back(self, name):
+        """A WS answered a probe or registered: retry the target deletions
+        it missed (one retry at a time per WS)."""
+        task = self.flushing.get(name)
+        if task is None or task.done():
+            self.flushing[name] = asyncio.ensure_future(
+                targets.flush_pending(self, name))
 
     async def on_start(self):
         self.probe = PeriodicCallback(lambda: workservers.probe_all(self),
@@ -22,6 +37,8 @@ class CommandCenter(App):
     async def on_stop(self):
         if self.probe is not None:
             self.probe.stop()
+        for task in self.flushing.values():
+            task.cancel()
 
 
 def main(argv=None):

@@ -106,7 +106,8 @@ async def request(app, name, method, path, body=None, timeout=None,
 
 
 async def probe_all(app):
-    """GET / on every WS at once; each result moves its fail count."""
+    """GET / on every WS at once; each result moves its fail count, and a
+    WS that answers gets `app.ws_back(name)` to catch up."""
     names = await app.redis.smembers(keys.WORKSERVERS)
 
     async def probe(name):
@@ -116,6 +117,7 @@ async def probe_all(app):
                                               5.0))
             if reply.code == 200:
                 await record_success(app.redis, name)
+                app.ws_back(name)
         except peer.PeerError as e:
             log.info('probe of %s failed: %s', name, e)
 
@@ -145,6 +147,7 @@ class RegisterHandler(WSHandler):
                           check=lambda p: 0 < int(p) < 65536
                           if str(p).isdigit() else False)
         await register(self.redis, name, url, int(port))
+        self.application.ws_back(name)
         log.info('workserver %s registered at %s:%s', name, url, port)
         self.write_json({})
 

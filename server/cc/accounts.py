@@ -1,0 +1,287 @@
+"""Accounts: managers (role admin or manager) and donors.
+
+Passwords are kept only as salted scrypt hashes, computed in a thread so the
+loop never stalls on them. Tokens are random; Redis holds only sha256(token)
+-> account, so a copy of the database does not hand out credentials.
+Authenticating again issues a new token and the old one stops working in the
+same transaction.
+
+Creating an account needs an admin token, or no token at all from a loopback
+peer while `allow_loopback_bootstrap` is on (how the first admin is made).
+"""
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import logging
+import math
+import re
+import secrets
+
+import redis.exceptions
+
+from server.cc import keys
+from server.web import APIError, APIHandler
+
+log = logging.getLogger('siegetank.cc.accounts')
+
+ROLES = ('admin', 'manager')
+SCRYPT = {'n': 2 ** 14, 'r': 8, 'p': 1}
+EMAIL = re.compile(r'^[^@\s/]{1,128}@[^@\s/]{1,128}$')
+USERNAME = re.compile(r'^[A-Za-z0-9._@+-]{1,64}$')
+MAX_PASSWORD = 1024
+
+
+def _scrypt(password, salt, n, r, p):
+    return hashlib.scrypt(password.encode('utf-8'), salt=salt, n=n, r=r, p=p,
+                          maxmem=64 * 1024 * 1024, dklen=32)
+
+
+async def hash_password(password):
+    """'scrypt$n$r$p$salt$hash' (hex), computed off the loop."""
+    salt = secrets.token_bytes(16)
+    digest = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: _scrypt(password, salt, **SCRYPT))
+    return 'scrypt$%d$%d$%d$%s$%s' % (SCRYPT['n'], SCRYPT['r'], SCRYPT['p'],
+                                      salt.hex(), digest.hex())
+
+
+async def check_password(password, stored):
+    try:
+        _, n, r, p, salt, digest = stored.split('$')
+        n, r, p, salt = int(n), int(r), int(p), bytes.fromhex(salt)
+    except (AttributeError, ValueError):
+        return False
+    got = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: _scrypt(password, salt, n, r, p))
+    return hmac.compare_digest(got.hex(), digest)
+
+
+def token_hash(token):
+    return hashlib.sha256(token.encode('utf-8')).hexdigest()
+
+
+def new_token():
+    token = secrets.token_urlsafe(32)
+    return token, token_hash(token)
+
+
+async def _create(redis, account_key, unique_keys, fields, token_key, name):
+    """Create the account hash unless it or one of `unique_keys` exists;
+    returns False on a duplicate. `token_key` -> `name` is the login."""
+    async with redis.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                await pipe.watch(account_key, *unique_keys)
+                for key in (account_key,) + tuple(unique_keys):
+                    if await pipe.exists(key):
+                        return False
+                pipe.multi()
+                pipe.hset(account_key, mapping=fields)
+                for key, value in unique_keys.items():
+                    pipe.set(key, value)
+                pipe.set(token_key, name)
+                await pipe.execute()
+                return True
+            except redis.exceptions.WatchError:
+                continue
+
+
+async def _rotate(redis, account_key, token_key_of, name, new_hash):
+    """Point a fresh token at the account and drop the old one, atomically."""
+    async with redis.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                await pipe.watch(account_key)
+                old = await pipe.hget(account_key, 'token')
+                pipe.multi()
+                if old:
+                    pipe.delete(token_key_of(old))
+                pipe.hset(account_key, 'token', new_hash)
+                pipe.set(token_key_of(new_hash), name)
+                await pipe.execute()
+                return
+            except redis.exceptions.WatchError:
+                continue
+
+
+class Manager:
+    def __init__(self, email, role, weight=1.0):
+        self.email = email
+        self.role = role
+        self.weight = weight
+
+    @property
+    def is_admin(self):
+        return self.role == 'admin'
+
+
+async def create_manager(redis, email, password, role, weight):
+    """Returns the new token, or None if the email is taken."""
+    token, th = new_token()
+    fields = {'email': email, 'role': role, 'weight': repr(float(weight)),
+              'password': await hash_password(password), 'token': th}
+    ok = await _create(redis, keys.manager(email), {}, fields,
+                       keys.manager_token(th), email)
+    return token if ok else None
+
+
+async def auth_manager(redis, email, password):
+    """A new token for the right password, else None."""
+    stored = await redis.hget(keys.manager(email), 'password')
+    if stored is None or not await check_password(password, stored):
+        return None
+    token, th = new_token()
+    await _rotate(redis, keys.manager(email), keys.manager_token, email, th)
+    return token
+
+
+async def manager_of(redis, token):
+    """The Manager a token belongs to, or None."""
+    if not token:
+        return None
+    email = await redis.get(keys.manager_token(token_hash(token)))
+    if email is None:
+        return None
+    h = await redis.hmget(keys.manager(email), 'role', 'weight')
+    if h[0] is None:
+        return None
+    return Manager(email, h[0], float(h[1] or 1))
+
+
+async def create_donor(redis, username, email, password):
+    """Returns the new token, or None if the username or email is taken."""
+    token, th = new_token()
+    fields = {'username': username, 'email': email,
+              'password': await hash_password(password), 'token': th}
+    ok = await _create(redis, keys.donor(username),
+                       {keys.donor_email(email): username}, fields,
+                       keys.donor_token(th), username)
+    return token if ok else None
+
+
+async def auth_donor(redis, username, password):
+    stored = await redis.hget(keys.donor(username), 'password')
+    if stored is None or not await check_password(password, stored):
+        return None
+    token, th = new_token()
+    await _rotate(redis, keys.donor(username), keys.donor_token, username, th)
+    return token
+
+
+async def donor_of(redis, token):
+    """The donor username a token belongs to, or None."""
+    if not token:
+        return None
+    return await redis.get(keys.donor_token(token_hash(token)))
+
+
+def is_loopback(address):
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class AccountHandler(APIHandler):
+    """Base of every handler that knows managers."""
+
+    async def manager(self):
+        """The caller's Manager, None without a token; 401 for an unknown
+        token."""
+        token = self.token()
+        if token is None:
+            return None
+        m = await manager_of(self.redis, token)
+        if m is None:
+            raise APIError(401, 'unknown or expired manager token')
+        return m
+
+    async def require_manager(self):
+        m = await self.manager()
+        if m is None:
+            raise APIError(401, 'a manager token is required')
+        return m
+
+    async def require_creator(self):
+        """Who may create accounts: an admin from anywhere, anyone from
+        loopback while bootstrap is allowed."""
+        m = await self.manager()
+        if m is not None:
+            if not m.is_admin:
+                raise APIError(403, 'only an admin may create accounts')
+            return
+        if self.config['allow_loopback_bootstrap'] \
+                and is_loopback(self.request.remote_ip):
+            return
+        raise APIError(401, 'an admin token is required')
+
+    def password(self):
+        return self.field('password', str,
+                          check=lambda p: 0 < len(p) <= MAX_PASSWORD)
+
+    def email(self):
+        return self.field('email', str, check=EMAIL.match).lower()
+
+
+def _weight(w):
+    try:
+        return math.isfinite(w) and 0 < w <= 1e6
+    except OverflowError:
+        return False
+
+
+class ManagersHandler(AccountHandler):
+    async def post(self):
+        await self.require_creator()
+        email = self.email()
+        password = self.password()
+        role = self.field('role', str, check=lambda r: r in ROLES)
+        weight = self.field('weight', (int, float), 1, check=_weight)
+        token = await create_manager(self.redis, email, password, role,
+                                     weight)
+        if token is None:
+            raise APIError(409, 'manager %s already exists' % email)
+        log.info('created %s %s', role, email)
+        self.write_json({'token': token})
+
+
+class ManagerAuthHandler(AccountHandler):
+    async def post(self):
+        email = self.email()
+        password = self.password()
+        token = await auth_manager(self.redis, email, password)
+        if token is None:
+            raise APIError(401, 'wrong email or password')
+        self.write_json({'token': token})
+
+
+class DonorsHandler(AccountHandler):
+    async def post(self):
+        await self.require_creator()
+        username = self.field('username', str, check=USERNAME.match)
+        email = self.email()
+        password = self.password()
+        token = await create_donor(self.redis, username, email, password)
+        if token is None:
+            raise APIError(409, 'donor username or email already exists')
+        log.info('created donor %s', username)
+        self.write_json({'token': token})
+
+
+class DonorAuthHandler(AccountHandler):
+    async def post(self):
+        username = self.field('username', str, check=USERNAME.match)
+        password = self.password()
+        token = await auth_donor(self.redis, username, password)
+        if token is None:
+            raise APIError(401, 'wrong username or password')
+        self.write_json({'token': token})
+
+
+default_handlers = [
+    (r'/managers', ManagersHandler),
+    (r'/managers/auth', ManagerAuthHandler),
+    (r'/donors', DonorsHandler),
+    (r'/donors/auth', DonorAuthHandler),
+]

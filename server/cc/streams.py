@@ -1,0 +1,249 @@
+"""Streams as the CC sees them: placement on a workserver, and the
+manager's commands routed to the WS named after the `:` of the stream id.
+
+The CC keeps, per stream, only its target and WS, and per target how many
+streams each WS holds. Placement reserves a slot on the least-loaded online
+allowed WS in one Lua step, so concurrent posts still spread evenly, and
+sends the target's files along the first time that WS gets the target.
+Stream bytes never pass through the CC: downloads are redirected to the WS
+with a signed, expiring URL.
+"""
+import logging
+import random
+import re
+
+from server import peer, signing
+from server.cc import keys, targets, workservers
+from server.cc.targets import TargetHandler, check_target_id
+from server.web import APIError, check_file_name
+
+log = logging.getLogger('siegetank.cc.streams')
+
+STREAM_ID = re.compile(r'^[0-9a-fA-F-]{32,36}:([A-Za-z0-9._-]{1,64})$')
+
+# Reserve one stream slot on the candidate (ARGV, in random order) holding
+# fewest streams of the target; nil if the target is gone.
+_RESERVE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local best, low
+for i = 1, #ARGV do
+  local c = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
+  if low == nil or c < low then best, low = ARGV[i], c end
+end
+redis.call('HINCRBY', KEYS[2], best, 1)
+return best
+"""
+
+# Give a reservation back (placement failed).
+_UNRESERVE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[2], ARGV[1], -1) <= 0 then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+# A placed stream becomes known, and its WS known to hold the target's
+# files, unless the target was deleted meanwhile (then 0).
+_RECORD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], 'target_id', ARGV[2], 'ws', ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[3])
+return 1
+"""
+
+# Forget a deleted stream; the WS drops a target with its last stream, so
+# then it no longer holds the target's files either.
+_FORGET = """
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+redis.call('SREM', KEYS[2], ARGV[1])
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  if redis.call('HINCRBY', KEYS[3], ARGV[2], -1) <= 0 then
+    redis.call('HDEL', KEYS[3], ARGV[2])
+    redis.call('SREM', KEYS[4], ARGV[2])
+  end
+end
+return 1
+"""
+
+
+def ws_of(stream_id):
+    """The WS a stream id routes to; 400 if the id is malformed."""
+    m = STREAM_ID.match(stream_id)
+    if not m:
+        raise APIError(400, 'malformed stream id %r' % stream_id)
+    return m.group(1)
+
+
+class PlacementFailed(Exception):
+    """This WS could not take the stream; another may."""
+
+
+async def _post_to(app, ws, target, files):
+    """POST the stream to `ws`, with the target files if it may lack
+    them; returns the stream id. 4xx verdicts on the input are final."""
+    tid = target['target_id']
+    has_files = await app.redis.sismember(keys.target_ws_files(tid), ws)
+    body = {'target_id': tid, 'stream_files': files}
+    for attempt in range(2):
+        if not has_files or attempt:
+            body['target_files'] = await targets.read_files(
+                app.config, tid, target['files'])
+        try:
+            reply = await workservers.request(app, ws, 'POST', '/streams',
+                                              body)
+        except peer.PeerError as e:
+            raise PlacementFailed(str(e))
+        if reply.code == 400 and 'target_files' not in body:
+            continue  # the WS lost the target since: send the files again
+        break
+    if reply.code == 200:
+        sid = reply.body.get('stream_id') if isinstance(reply.body, dict) \
+            else None
+        if not isinstance(sid, str) or not STREAM_ID.match(sid) \
+                or ws_of(sid) != ws:
+            raise PlacementFailed('%s returned a bad stream id %r' % (ws, sid))
+        return sid
+    if reply.code in (400, 409, 413):
+        raise APIError(reply.code, 'workserver %s: %s' % (ws, reply.error))
+    raise PlacementFailed('%s answered %d %s' % (ws, reply.code, reply.error))
+
+
+async def place(app, target, files):
+    """Put a new stream of `target` on the least-loaded online allowed WS,
+    trying the next one when a WS fails. Returns the stream id."""
+    redis, tid = app.redis, target['target_id']
+    failed = set()
+    while True:
+        online = await workservers.online(redis)
+        allowed = set(target['allowed_ws'] or online)
+        candidates = [w for w in online if w in allowed and w not in failed]
+        if not candidates:
+            raise APIError(503, 'no online workserver can take a stream of '
+                           'target %s' % tid)
+        random.shuffle(candidates)
+        ws = await redis.eval(_RESERVE, 2, keys.target(tid),
+                              keys.target_ws(tid), *candidates)
+        if ws is None:
+            raise APIError(404, 'no such target %s' % tid)
+        try:
+            sid = await _post_to(app, ws, target, files)
+        except PlacementFailed as e:
+            log.warning('placing a stream of %s on %s failed: %s', tid, ws, e)
+            await redis.eval(_UNRESERVE, 2, keys.target(tid),
+                             keys.target_ws(tid), ws)
+            failed.add(ws)
+            continue
+        except APIError:
+            await redis.eval(_UNRESERVE, 2, keys.target(tid),
+                             keys.target_ws(tid), ws)
+            raise
+        recorded = await redis.eval(
+            _RECORD, 4, keys.target(tid), keys.stream(sid),
+            keys.target_streams(tid), keys.target_ws_files(tid), sid, tid, ws)
+        if not recorded:
+            # Deleted while we placed: undo on that WS (pending if down).
+            await redis.sadd(keys.ws_pending_deletes(ws), tid)
+            await targets.delete_on_ws(app, ws, tid)
+            raise APIError(404, 'target %s was deleted' % tid)
+        return sid
+
+
+async def forget(redis, stream_id, record):
+    tid, ws = record['target_id'], record['ws']
+    await redis.eval(_FORGET, 5, keys.stream(stream_id),
+                     keys.target_streams(tid), keys.target_ws(tid),
+                     keys.target_ws_files(tid), keys.target(tid),
+                     stream_id, ws)
+
+
+class StreamHandler(TargetHandler):
+    async def stream(self, stream_id):
+        """The CC's record of a stream the caller may act on (401, 400,
+        404, 403 in that order)."""
+        manager = await self.require_manager()
+        ws_of(stream_id)
+        record = await self.redis.hgetall(keys.stream(stream_id))
+        if not record:
+            raise APIError(404, 'no such stream %s' % stream_id)
+        await self.target(record['target_id'], manager)
+        return record
+
+    async def relay(self, method, stream_id, path):
+        """Send the command to the stream's WS; its verdict on the stream
+        (400, 404, 409) is passed on, anything else is a 503."""
+        ws = ws_of(stream_id)
+        try:
+            reply = await workservers.request(self.application, ws, method,
+                                              path)
+        except peer.PeerError:
+            raise APIError(503, 'workserver %s unreachable' % ws)
+        if reply.code == 200 and isinstance(reply.body, dict):
+            return reply
+        if reply.code in (400, 404, 409):
+            raise APIError(reply.code, 'workserver %s: %s'
+                           % (ws, reply.error))
+        raise APIError(503, 'workserver %s answered %d %s'
+                       % (ws, reply.code, reply.error))
+
+
+class PostStreamHandler(StreamHandler):
+    async def post(self):
+        manager = await self.require_manager()
+        target_id = check_target_id(self.field('target_id', str))
+        files = self.field('files', dict)
+        target = await self.target(target_id, manager)
+        await targets.validate_files(files)
+        stream_id = await place(self.application, target, files)
+        log.info('stream %s of target %s placed', stream_id, target_id)
+        self.write_json({'stream_id': stream_id})
+
+
+class CommandHandler(StreamHandler):
+    async def put(self, action, stream_id):
+        record = await self.stream(stream_id)
+        try:
+            await self.relay('PUT', stream_id, '/streams/%s/%s'
+                             % (action, stream_id))
+        except APIError as e:
+            if action == 'delete' and e.status_code == 404:
+                await forget(self.redis, stream_id, record)
+            raise
+        if action == 'delete':
+            await forget(self.redis, stream_id, record)
+        self.write_json({})
+
+
+class InfoHandler(StreamHandler):
+    async def get(self, stream_id):
+        await self.stream(stream_id)
+        reply = await self.relay('GET', stream_id,
+                                 '/streams/info/%s' % stream_id)
+        self.write_json(reply.body)
+
+
+class DownloadHandler(StreamHandler):
+    """307 to the WS with a signed URL valid `signed_url_lifetime_in_s`:
+    the bytes go straight from the WS, and `Range` survives the redirect."""
+
+    async def get(self, stream_id, filename):
+        await self.stream(stream_id)
+        check_file_name(filename)
+        ws = ws_of(stream_id)
+        base = await workservers.base_url(self.redis, ws)
+        if base is None:
+            raise APIError(503, 'workserver %s is unknown' % ws)
+        query = signing.query(self.config['cc_pass'], stream_id, filename,
+                              self.config['signed_url_lifetime_in_s'])
+        self.set_header('Location', '%s/streams/%s/%s?%s'
+                        % (base, stream_id, filename, query))
+        self.write_json({}, status=307)
+
+
+default_handlers = [
+    (r'/streams', PostStreamHandler),
+    (r'/streams/(start|stop|delete)/([^/]+)', CommandHandler),
+    (r'/streams/info/([^/]+)', InfoHandler),
+    (r'/streams/([^/]+)/([^/]+)', DownloadHandler),
+]

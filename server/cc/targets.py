@@ -1,0 +1,419 @@
+"""Targets: what a manager simulates (files, options, engine versions) and
+who gets it (stage, allowed workservers, weight).
+
+A target is a Redis hash plus index sets (every target, by owner, by stage);
+its files live on disk under data_folder/targets/<target_id>/, written to a
+temporary folder first and renamed, so a target never points at half its
+files. Deleting a target removes it here at once and on every WS that holds
+it; a WS that does not answer keeps the deletion pending (per WS set in
+Redis) until a probe or a re-registration shows it is back.
+"""
+import asyncio
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+import uuid
+
+import redis.exceptions
+
+from server import peer
+from server.cc import keys, workservers
+from server.cc.accounts import AccountHandler
+from server.web import APIError, check_file_name, check_files, decode_file
+
+log = logging.getLogger('siegetank.cc.targets')
+
+STAGES = ('private', 'beta', 'public')
+TARGET_ID = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}'
+                       r'-[0-9a-f]{12}$')
+ENGINE = re.compile(r'^[A-Za-z0-9._-]{1,64}$')
+JSON_FIELDS = ('engine_versions', 'allowed_ws', 'options', 'files')
+UPDATABLE = ('stage', 'allowed_ws', 'engine_versions', 'description',
+             'options', 'weight')
+
+# Change only the given fields, and the stage index with the stage, unless
+# the target was deleted meanwhile.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if #KEYS > 1 then
+  for i = 2, #KEYS - 1 do redis.call('SREM', KEYS[i], ARGV[1]) end
+  redis.call('SADD', KEYS[#KEYS], ARGV[1])
+end
+return 1
+"""
+
+
+def check_target_id(target_id):
+    if not TARGET_ID.match(target_id):
+        raise APIError(400, 'malformed target id %r' % target_id)
+    return target_id
+
+
+def files_dir(config, target_id):
+    return os.path.join(config['data_folder'], 'targets', target_id)
+
+
+def _write_files(folder, files):
+    """Write every file into a temporary folder, fsync, then rename."""
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = folder + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, value in files.items():
+        with open(os.path.join(tmp, name), 'wb') as f:
+            f.write(value.encode('utf-8'))
+            f.flush()
+            os.fsync(f.fileno())
+    os.rename(tmp, folder)
+
+
+def _read_files(folder, names):
+    result = {}
+    for name in names:
+        with open(os.path.join(folder, name), 'rb') as f:
+            result[name] = f.read().decode('utf-8')
+    return result
+
+
+async def read_files(config, target_id, names):
+    """{name: str} as the manager sent them, to forward to a WS."""
+    return await asyncio.get_running_loop().run_in_executor(
+        None, _read_files, files_dir(config, target_id), names)
+
+
+def _decode_all(files):
+    seen = set()
+    for name, value in files.items():
+        plain, _ = decode_file(name, value)
+        if plain in seen:
+            raise APIError(400, 'two files would both be named %s' % plain)
+        seen.add(plain)
+
+
+async def validate_files(files, what='files', allow_empty=False):
+    """Names, types and encodings (base64, gzip) checked off the loop."""
+    check_files(files, what, allow_empty=allow_empty)
+    await asyncio.get_running_loop().run_in_executor(None, _decode_all, files)
+
+
+def valid_weight(w):
+    try:
+        return math.isfinite(w) and 0 < w <= 1e6
+    except OverflowError:
+        return False
+
+
+def valid_versions(v):
+    return 0 < len(v) <= 64 and all(isinstance(x, str) and 0 < len(x) <= 64
+                                    for x in v)
+
+
+async def check_allowed_ws(redis, names):
+    if not all(isinstance(n, str) for n in names):
+        raise APIError(400, 'allowed_ws must be a list of workserver names')
+    known = await redis.smembers(keys.WORKSERVERS)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise APIError(400, 'unknown workserver(s): %s' % ', '.join(unknown))
+    return sorted(set(names))
+
+
+async def load(redis, target_id):
+    """The target as a dict (JSON fields decoded), or None."""
+    h = await redis.hgetall(keys.target(target_id))
+    if not h:
+        return None
+    for f in JSON_FIELDS:
+        h[f] = json.loads(h[f])
+    h['weight'] = float(h['weight'])
+    h['creation_date'] = float(h['creation_date'])
+    h['target_id'] = target_id
+    return h
+
+
+async def stream_counts(redis, target_id):
+    """{ws: number of the target's streams there} (only positive)."""
+    counts = await redis.hgetall(keys.target_ws(target_id))
+    return {ws: int(c) for ws, c in counts.items() if int(c) > 0}
+
+
+async def create(redis, config, owner, fields, files):
+    target_id = str(uuid.uuid4())
+    await asyncio.get_running_loop().run_in_executor(
+        None, _write_files, files_dir(config, target_id), files)
+    record = {'owner': owner, 'creation_date': repr(time.time()),
+              'description': fields['description'], 'stage': fields['stage'],
+              'engine': fields['engine'], 'weight': repr(fields['weight']),
+              'engine_versions': json.dumps(fields['engine_versions']),
+              'allowed_ws': json.dumps(fields['allowed_ws']),
+              'options': json.dumps(fields['options']),
+              'files': json.dumps(sorted(files))}
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(keys.target(target_id), mapping=record)
+    pipe.sadd(keys.TARGETS, target_id)
+    pipe.sadd(keys.owner_targets(owner), target_id)
+    pipe.sadd(keys.stage_targets(fields['stage']), target_id)
+    await pipe.execute()
+    return target_id
+
+
+async def update(redis, target_id, changes):
+    """Apply `changes` (already validated); False if the target is gone."""
+    argv = [target_id]
+    for name, value in changes.items():
+        if name in JSON_FIELDS:
+            value = json.dumps(value)
+        elif name == 'weight':
+            value = repr(float(value))
+        argv += [name, value]
+    ks = [keys.target(target_id)]
+    if 'stage' in changes:
+        ks += [keys.stage_targets(s) for s in STAGES]
+        ks.append(keys.stage_targets(changes['stage']))
+    return bool(await redis.eval(_UPDATE, len(ks), *ks, *argv))
+
+
+async def _forget(redis, target_id):
+    """Remove the target's records atomically; returns (owner, ws names
+    that hold anything of it) or None if it was already gone. Each of those
+    WS gets a pending deletion, cleared once it confirms."""
+    watched = (keys.target(target_id), keys.target_ws(target_id),
+               keys.target_ws_files(target_id), keys.target_streams(target_id))
+    async with redis.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                await pipe.watch(*watched)
+                owner = await pipe.hget(keys.target(target_id), 'owner')
+                if owner is None:
+                    return None
+                ws = set(await pipe.hkeys(keys.target_ws(target_id)))
+                ws |= set(await pipe.smembers(
+                    keys.target_ws_files(target_id)))
+                sids = await pipe.smembers(keys.target_streams(target_id))
+                pipe.multi()
+                pipe.delete(*watched)
+                for sid in sids:
+                    pipe.delete(keys.stream(sid))
+                pipe.srem(keys.TARGETS, target_id)
+                pipe.srem(keys.owner_targets(owner), target_id)
+                for s in STAGES:
+                    pipe.srem(keys.stage_targets(s), target_id)
+                for name in ws:
+                    pipe.sadd(keys.ws_pending_deletes(name), target_id)
+                await pipe.execute()
+                return owner, sorted(ws)
+            except redis.exceptions.WatchError:
+                continue
+
+
+async def delete_on_ws(app, ws_name, target_id):
+    """PUT /targets/delete on one WS; clears the pending deletion when the
+    WS confirms. Returns True on success."""
+    try:
+        reply = await workservers.request(app, ws_name, 'PUT',
+                                          '/targets/delete/%s' % target_id)
+    except peer.PeerError as e:
+        log.info('deleting target %s on %s postponed: %s', target_id,
+                 ws_name, e)
+        return False
+    if reply.code != 200:
+        log.warning('deleting target %s on %s postponed: %d %s', target_id,
+                    ws_name, reply.code, reply.error)
+        return False
+    await app.redis.srem(keys.ws_pending_deletes(ws_name), target_id)
+    return True
+
+
+async def delete(app, target_id):
+    """Forget the target, remove its files, and delete it on every WS at
+    once; a WS that fails keeps its deletion pending. False if unknown."""
+    forgotten = await _forget(app.redis, target_id)
+    if forgotten is None:
+        return False
+    _, ws_names = forgotten
+    await asyncio.get_running_loop().run_in_executor(
+        None, shutil.rmtree, files_dir(app.config, target_id), True)
+    await asyncio.gather(*(delete_on_ws(app, ws, target_id)
+                           for ws in ws_names))
+    return True
+
+
+async def flush_pending(app, ws_name):
+    """Retry the deletions a WS missed while it was down."""
+    pending = await app.redis.smembers(keys.ws_pending_deletes(ws_name))
+    if pending:
+        results = await asyncio.gather(*(delete_on_ws(app, ws_name, t)
+                                         for t in sorted(pending)))
+        log.info('%s: %d of %d pending target deletions done', ws_name,
+                 sum(results), len(results))
+
+
+class TargetHandler(AccountHandler):
+    """Target lookup with the ownership rule of every manager action."""
+
+    async def target(self, target_id, manager=None):
+        """The target if it exists (404) and `manager` owns it or is admin
+        (403); `manager` None means any caller may see it."""
+        check_target_id(target_id)
+        target = await load(self.redis, target_id)
+        if target is None:
+            raise APIError(404, 'no such target %s' % target_id)
+        if manager is not None and not manager.is_admin \
+                and target['owner'] != manager.email:
+            raise APIError(403, 'target %s belongs to another manager'
+                           % target_id)
+        return target
+
+    async def owned_target(self, target_id):
+        manager = await self.require_manager()
+        return await self.target(target_id, manager)
+
+
+class TargetsHandler(TargetHandler):
+    async def get(self):
+        manager = await self.manager()
+        if manager is not None:
+            ids = await self.redis.smembers(keys.owner_targets(manager.email))
+        else:
+            ids = await self.redis.sunion(keys.stage_targets('public'),
+                                          keys.stage_targets('beta'))
+        self.write_json({'targets': sorted(ids)})
+
+    async def post(self):
+        manager = await self.require_manager()
+        fields = {
+            'description': self.field('description', str, ''),
+            'engine': self.field('engine', str, check=ENGINE.match),
+            'engine_versions': self.field('engine_versions', list,
+                                          check=valid_versions),
+            'options': self.field('options', dict, {}),
+            'stage': self.field('stage', str, 'private',
+                                check=lambda s: s in STAGES),
+            'weight': float(self.field('weight', (int, float), 1,
+                                       check=valid_weight)),
+            'allowed_ws': await check_allowed_ws(
+                self.redis, self.field('allowed_ws', list, [])),
+        }
+        files = self.field('files', dict, {})
+        await validate_files(files, allow_empty=True)
+        target_id = await create(self.redis, self.config, manager.email,
+                                 fields, files)
+        log.info('%s created target %s', manager.email, target_id)
+        self.write_json({'target_id': target_id})
+
+
+class InfoHandler(TargetHandler):
+    async def get(self, target_id):
+        target = await self.target(target_id)
+        if target['stage'] == 'private':
+            manager = await self.manager()
+            if manager is None:
+                raise APIError(401, 'target %s is private' % target_id)
+            await self.target(target_id, manager)
+        counts = await stream_counts(self.redis, target_id)
+        self.write_json({
+            'description': target['description'], 'owner': target['owner'],
+            'creation_date': target['creation_date'],
+            'stage': target['stage'], 'allowed_ws': target['allowed_ws'],
+            'striated_ws': sorted(counts), 'engine': target['engine'],
+            'engine_versions': target['engine_versions'],
+            'files': target['files'], 'options': target['options'],
+            'weight': target['weight']})
+
+
+class UpdateHandler(TargetHandler):
+    async def put(self, target_id):
+        await self.owned_target(target_id)
+        unknown = sorted(set(self.body) - set(UPDATABLE))
+        if unknown:
+            raise APIError(400, 'field(s) %s cannot be updated'
+                           % ', '.join(unknown))
+        if not self.body:
+            raise APIError(400, 'nothing to update: give any of %s'
+                           % ', '.join(UPDATABLE))
+        checks = {
+            'stage': (str, lambda s: s in STAGES),
+            'engine_versions': (list, valid_versions),
+            'description': (str, None),
+            'options': (dict, None),
+            'weight': ((int, float), valid_weight),
+            'allowed_ws': (list, None),
+        }
+        changes = {}
+        for name in self.body:
+            kind, check = checks[name]
+            changes[name] = self.field(name, kind, check=check)
+        if 'allowed_ws' in changes:
+            changes['allowed_ws'] = await check_allowed_ws(
+                self.redis, changes['allowed_ws'])
+        if not await update(self.redis, target_id, changes):
+            raise APIError(404, 'no such target %s' % target_id)
+        self.write_json({})
+
+
+class DeleteHandler(TargetHandler):
+    async def put(self, target_id):
+        await self.owned_target(target_id)
+        if not await delete(self.application, target_id):
+            raise APIError(404, 'no such target %s' % target_id)
+        log.info('deleted target %s', target_id)
+        self.write_json({})
+
+
+class FileHandler(TargetHandler):
+    async def get(self, target_id, filename):
+        target = await self.owned_target(target_id)
+        check_file_name(filename)
+        if filename not in target['files']:
+            raise APIError(404, 'target %s has no file %s'
+                           % (target_id, filename))
+        try:
+            data = await read_files(self.config, target_id, [filename])
+        except FileNotFoundError:
+            raise APIError(404, 'target %s has no file %s'
+                           % (target_id, filename))
+        self.set_header('Content-Type', 'application/octet-stream')
+        self.finish(data[filename].encode('utf-8'))
+
+
+class StreamsHandler(TargetHandler):
+    """Every stream of a target, asked of each WS holding some at once; a
+    WS that does not answer is reported as {"error": ...} in its place."""
+
+    async def get(self, target_id):
+        await self.owned_target(target_id)
+        names = sorted(await stream_counts(self.redis, target_id))
+        replies = await asyncio.gather(*(
+            self._ask(name, target_id) for name in names))
+        self.write_json(dict(zip(names, replies)))
+
+    async def _ask(self, ws_name, target_id):
+        try:
+            reply = await workservers.request(
+                self.application, ws_name, 'GET',
+                '/targets/streams/%s' % target_id)
+        except peer.PeerError as e:
+            log.info('streams of %s on %s: %s', target_id, ws_name, e)
+            return {'error': 'workserver %s unreachable' % ws_name}
+        if reply.code == 404:
+            return {}
+        if reply.code != 200 or not isinstance(reply.body, dict):
+            return {'error': 'workserver %s answered %d %s'
+                    % (ws_name, reply.code, reply.error)}
+        return reply.body
+
+
+default_handlers = [
+    (r'/targets', TargetsHandler),
+    (r'/targets/info/([^/]+)', InfoHandler),
+    (r'/targets/update/([^/]+)', UpdateHandler),
+    (r'/targets/delete/([^/]+)', DeleteHandler),
+    (r'/targets/streams/([^/]+)', StreamsHandler),
+    (r'/targets/([^/]+)/([^/]+)', FileHandler),
+]

@@ -1,0 +1,411 @@
+"""The workserver's disk: the truth for targets, streams and committed
+frames. Redis is an index rebuilt from here on every start (recovery.py).
+
+Layout under `data_folder`:
+
+    targets/<tid>/meta.json, files/<name>      target files as sent (JSON str)
+    streams/<sid>/stream.json, seed/<name>     target_id, creation_date,
+                                               status, error_count; seed files
+    streams/<sid>/buffer/<name>                uncommitted frames (decoded)
+    streams/<sid>/chunks/<seq>-<n>/frames/<name>, state/<name>, meta.json
+                                               one committed checkpoint
+    streams/<sid>/errors.log                   messages of error stops
+
+Every directory that must appear whole (a target, a stream, a chunk) is
+built under a temporary name, its files and itself fsynced, then renamed
+into place and its parent fsynced: the rename is the commit. After a crash
+a chunk is there entirely or not at all; temporary directories, buffers and
+the trash are garbage and are removed on start. Committed frames = sum of
+the chunks' n; the restart point = the newest chunk's state files; a
+download = that file of every chunk in seq order.
+
+Everything here blocks; handlers call it through `run()` (a thread).
+"""
+import asyncio
+import functools
+import json
+import os
+import re
+import shutil
+import uuid
+
+CHUNK = re.compile(r'^(\d{10})-(\d+)$')
+READ_SIZE = 1 << 20
+
+
+async def run(func, *args, **kwargs):
+    """Blocking disk work off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(func, *args, **kwargs))
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path, data, sync=True):
+    if isinstance(data, str):
+        data = data.encode('utf-8')
+    with open(path, 'wb') as f:
+        f.write(data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_atomic(path, data):
+    """Replace `path` by `data` as one step that survives a crash."""
+    tmp = '%s.tmp-%s' % (path, uuid.uuid4().hex)
+    try:
+        write_file(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(path))
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _read_text(path):
+    with open(path, 'rb') as f:
+        return f.read().decode('utf-8')
+
+
+def _read_files(folder):
+    """{name: str} of the files in `folder` (as the JSON strings sent)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return {}
+    return {n: _read_text(os.path.join(folder, n)) for n in names}
+
+
+class Storage:
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+        self.targets = os.path.join(self.root, 'targets')
+        self.streams = os.path.join(self.root, 'streams')
+        self.trash = os.path.join(self.root, 'trash')
+
+    def ensure(self):
+        for folder in (self.targets, self.streams, self.trash):
+            os.makedirs(folder, exist_ok=True)
+
+    def free_mb(self):
+        os.makedirs(self.root, exist_ok=True)
+        return shutil.disk_usage(self.root).free / (1024.0 * 1024.0)
+
+    # paths
+
+    def target_dir(self, target_id):
+        return os.path.join(self.targets, target_id)
+
+    def stream_dir(self, stream_id):
+        return os.path.join(self.streams, stream_id)
+
+    def buffer_dir(self, stream_id):
+        return os.path.join(self.stream_dir(stream_id), 'buffer')
+
+    def chunks_dir(self, stream_id):
+        return os.path.join(self.stream_dir(stream_id), 'chunks')
+
+    def _publish(self, tmp, final):
+        """fsync the built directory `tmp` and rename it to `final`."""
+        for folder, dirs, _ in os.walk(tmp, topdown=False):
+            fsync_dir(folder)
+        os.rename(tmp, final)
+        fsync_dir(os.path.dirname(final))
+
+    def _build(self, parent, final, fill):
+        """Build a directory under a temporary name in `parent` with
+        `fill(tmp)`, then publish it as `final` in one step."""
+        tmp = os.path.join(parent, '.tmp-%s' % uuid.uuid4().hex)
+        os.makedirs(tmp)
+        try:
+            fill(tmp)
+            self._publish(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # targets
+
+    def target_meta(self, target_id):
+        """{stream_files: [names]} or None for an unknown target."""
+        try:
+            return json.loads(_read_text(os.path.join(
+                self.target_dir(target_id), 'meta.json')))
+        except FileNotFoundError:
+            return None
+
+    def create_target(self, target_id, target_files, stream_names):
+        self.ensure()
+
+        def fill(tmp):
+            os.mkdir(os.path.join(tmp, 'files'))
+            for name, value in target_files.items():
+                write_file(os.path.join(tmp, 'files', name), value)
+            write_file(os.path.join(tmp, 'meta.json'), json.dumps(
+                {'stream_files': sorted(stream_names)}))
+        self._build(self.targets, self.target_dir(target_id), fill)
+
+    def target_files(self, target_id):
+        return _read_files(os.path.join(self.target_dir(target_id), 'files'))
+
+    def remove_target(self, target_id):
+        self._remove(self.target_dir(target_id))
+
+    # streams
+
+    def create_stream(self, stream_id, meta, seed_files):
+        self.ensure()
+
+        def fill(tmp):
+            os.mkdir(os.path.join(tmp, 'seed'))
+            os.mkdir(os.path.join(tmp, 'chunks'))
+            for name, value in seed_files.items():
+                write_file(os.path.join(tmp, 'seed', name), value)
+            write_file(os.path.join(tmp, 'stream.json'), json.dumps(meta))
+        self._build(self.streams, self.stream_dir(stream_id), fill)
+
+    def stream_meta(self, stream_id):
+        """{target_id, creation_date, status, error_count} or None."""
+        try:
+            return json.loads(_read_text(os.path.join(
+                self.stream_dir(stream_id), 'stream.json')))
+        except FileNotFoundError:
+            return None
+
+    def update_stream_meta(self, stream_id, **changes):
+        """Rewrite stream.json atomically; False if the stream is gone."""
+        meta = self.stream_meta(stream_id)
+        if meta is None:
+            return False
+        meta.update(changes)
+        write_atomic(os.path.join(self.stream_dir(stream_id), 'stream.json'),
+                     json.dumps(meta))
+        return True
+
+    def remove_stream(self, stream_id):
+        self._remove(self.stream_dir(stream_id))
+
+    def _remove(self, path):
+        """Move to the trash in one step (the disk no longer holds it, even
+        if we crash now), then delete. The trash is emptied on start."""
+        self.ensure()
+        doomed = os.path.join(self.trash, uuid.uuid4().hex)
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return False
+        fsync_dir(os.path.dirname(path))
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
+
+    def append_error(self, stream_id, text):
+        path = os.path.join(self.stream_dir(stream_id), 'errors.log')
+        with open(path, 'a', encoding='utf-8') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_errors(self, stream_id):
+        try:
+            return _read_text(os.path.join(self.stream_dir(stream_id),
+                                           'errors.log'))
+        except FileNotFoundError:
+            return ''
+
+    # frames and checkpoints
+
+    def append_frames(self, stream_id, files):
+        """Append decoded `files` {name: bytes} to the buffer. All or
+        nothing: on any failure the buffer is cut back to where it was.
+        Returns the previous sizes (for `truncate_buffer`)."""
+        folder = self.buffer_dir(stream_id)
+        if not os.path.isdir(self.stream_dir(stream_id)):
+            raise FileNotFoundError(self.stream_dir(stream_id))
+        os.makedirs(folder, exist_ok=True)
+        sizes = {}
+        for name in files:
+            try:
+                sizes[name] = os.path.getsize(os.path.join(folder, name))
+            except FileNotFoundError:
+                sizes[name] = None
+        try:
+            for name, data in files.items():
+                with open(os.path.join(folder, name), 'ab') as f:
+                    f.write(data)
+        except BaseException:
+            self.truncate_buffer(stream_id, sizes)
+            raise
+        return sizes
+
+    def truncate_buffer(self, stream_id, sizes):
+        folder = self.buffer_dir(stream_id)
+        for name, size in sizes.items():
+            path = os.path.join(folder, name)
+            if size is None:
+                _unlink(path)
+            else:
+                try:
+                    os.truncate(path, size)
+                except FileNotFoundError:
+                    pass
+
+    def buffer_files(self, stream_id):
+        try:
+            return sorted(os.listdir(self.buffer_dir(stream_id)))
+        except FileNotFoundError:
+            return []
+
+    def discard_buffer(self, stream_id):
+        shutil.rmtree(self.buffer_dir(stream_id), ignore_errors=True)
+
+    def chunks(self, stream_id):
+        """[(seq, nframes, path)] of the committed chunks, in order."""
+        folder = self.chunks_dir(stream_id)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in names:
+            m = CHUNK.match(name)
+            if m:
+                found.append((int(m.group(1)), int(m.group(2)),
+                              os.path.join(folder, name)))
+        return sorted(found)
+
+    def committed_frames(self, stream_id):
+        return sum(n for _, n, _ in self.chunks(stream_id))
+
+    def commit(self, stream_id, nframes, state_files, meta):
+        """Make the buffer (holding `nframes` frames) and `state_files`
+        {name: str} the stream's newest chunk, crash-safely. The caller holds
+        the stream's lock. Returns the chunk's seq."""
+        chunks = self.chunks(stream_id)
+        seq = chunks[-1][0] + 1 if chunks else 1
+        folder = self.chunks_dir(stream_id)
+        buffer = self.buffer_dir(stream_id)
+        final = os.path.join(folder, '%010d-%d' % (seq, nframes))
+        tmp = os.path.join(folder, '.tmp-%s' % uuid.uuid4().hex)
+        os.makedirs(os.path.join(tmp, 'frames'))
+        os.mkdir(os.path.join(tmp, 'state'))
+        moved = []
+        try:
+            for name in sorted(os.listdir(buffer)):
+                src = os.path.join(buffer, name)
+                dst = os.path.join(tmp, 'frames', name)
+                os.rename(src, dst)
+                moved.append((src, dst))
+                with open(dst, 'rb') as f:
+                    os.fsync(f.fileno())
+            for name, value in state_files.items():
+                write_file(os.path.join(tmp, 'state', name), value)
+            write_file(os.path.join(tmp, 'meta.json'), json.dumps(meta))
+            self._publish(tmp, final)
+        except BaseException:
+            for src, dst in moved:  # give the buffer back for a retry
+                try:
+                    os.rename(dst, src)
+                except OSError:
+                    pass
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return seq
+
+    def stream_files(self, stream_id):
+        """The seed files with the newest checkpoint's files in place of
+        those of the same name (and any extra checkpoint files)."""
+        files = _read_files(os.path.join(self.stream_dir(stream_id), 'seed'))
+        chunks = self.chunks(stream_id)
+        if chunks:
+            files.update(_read_files(os.path.join(chunks[-1][2], 'state')))
+        return files
+
+    def download_parts(self, stream_id, filename):
+        """[(path, size)] of `filename` in every committed chunk, in order;
+        None if chunks exist but none has that file."""
+        chunks = self.chunks(stream_id)
+        parts = []
+        for _, _, path in chunks:
+            p = os.path.join(path, 'frames', filename)
+            try:
+                parts.append((p, os.path.getsize(p)))
+            except FileNotFoundError:
+                pass
+        if chunks and not parts:
+            return None
+        return parts
+
+    # recovery
+
+    def clean_garbage(self):
+        """Remove what no committed state refers to: the trash, temporary
+        directories, buffers of streams that were active. Only at start,
+        before anything serves."""
+        self.ensure()
+        shutil.rmtree(self.trash, ignore_errors=True)
+        os.makedirs(self.trash)
+        for parent in (self.targets, self.streams):
+            for name in os.listdir(parent):
+                if name.startswith('.tmp-'):
+                    shutil.rmtree(os.path.join(parent, name),
+                                  ignore_errors=True)
+        for sid in self.stream_ids():
+            self.discard_buffer(sid)
+            folder = self.stream_dir(sid)
+            for name in os.listdir(folder):
+                if '.tmp-' in name:  # an interrupted stream.json rewrite
+                    _unlink(os.path.join(folder, name))
+            chunks = self.chunks_dir(sid)
+            if os.path.isdir(chunks):
+                for name in os.listdir(chunks):
+                    if name.startswith('.tmp-'):
+                        shutil.rmtree(os.path.join(chunks, name),
+                                      ignore_errors=True)
+
+    def target_ids(self):
+        try:
+            return sorted(n for n in os.listdir(self.targets)
+                          if not n.startswith('.'))
+        except FileNotFoundError:
+            return []
+
+    def stream_ids(self):
+        try:
+            return sorted(n for n in os.listdir(self.streams)
+                          if not n.startswith('.'))
+        except FileNotFoundError:
+            return []
+
+
+def plan_range(parts, start, end):
+    """[(path, offset, length)] covering bytes [start, end] (inclusive) of
+    the concatenation of `parts` [(path, size)]."""
+    plan = []
+    offset = 0
+    for path, size in parts:
+        lo = max(start - offset, 0)
+        hi = min(end - offset, size - 1)
+        if lo <= hi:
+            plan.append((path, lo, hi - lo + 1))
+        offset += size
+    return plan
+
+
+def read_at(path, offset, length):
+    with open(path, 'rb') as f:
+        f.seek(offset)
+        return f.read(length)

@@ -1,0 +1,715 @@
+"""The command center in-process, over real HTTPS with a real Redis:
+accounts, targets, ownership on every manager endpoint, bad input, and
+stream placement / assignment against stand-in workservers (the real WS
+is driven by tests/test_integration.py)."""
+import base64
+import gzip
+import json
+import os
+
+from server.cc import accounts, keys, workservers
+from server.cc.app import CommandCenter
+from tests import AppTestCase
+from tests.fake_ws import FakeWS
+
+CC_PASS = 'test-cc-pass'
+B64 = base64.b64encode(b'<System/>').decode()
+GZB64 = base64.b64encode(gzip.compress(b'<Integrator/>')).decode()
+
+
+class CCTestCase(AppTestCase):
+    kind = 'cc'
+    app_class = CommandCenter
+
+    def setUp(self):
+        super().setUp()
+        self.fakes = []
+
+    def tearDown(self):
+        for ws in self.fakes:
+            ws.stop()
+        super().tearDown()
+
+    def sync(self, coro_fn):
+        return self.io_loop.run_sync(coro_fn)
+
+    # helpers
+
+    def add_manager(self, email='joe@x.org', role='manager', token=None,
+                    code=200, password='riesling'):
+        c, body = self.fetch_json('/managers', 'POST', {
+            'email': email, 'password': password, 'role': role},
+            token=token)
+        self.assertEqual(c, code, body)
+        return body.get('token')
+
+    def add_donor(self, username='jesse', email='jv@x.org', code=200,
+                  token=None):
+        c, body = self.fetch_json('/donors', 'POST', {
+            'username': username, 'email': email, 'password': 'pw'},
+            token=token)
+        self.assertEqual(c, code, body)
+        return body.get('token')
+
+    def post_target(self, token, code=200, **fields):
+        body = {'description': 'top secret', 'engine': 'openmm',
+                'engine_versions': ['6.0'],
+                'files': {'system.xml.b64': B64,
+                          'integrator.xml.gz.b64': GZB64},
+                'options': {'steps_per_frame': 50000}}
+        body.update(fields)
+        c, reply = self.fetch_json('/targets', 'POST', body, token=token)
+        self.assertEqual(c, code, reply)
+        return reply.get('target_id')
+
+    def info(self, target_id, token=None):
+        c, body = self.fetch_json('/targets/info/' + target_id, token=token)
+        self.assertEqual(c, 200, body)
+        return body
+
+    def fake_ws(self, name):
+        ws = FakeWS(name, self.settings).start()
+        self.fakes.append(ws)
+        c, body = self.fetch_json('/ws/register', 'PUT', ws.register_body(),
+                                  token=CC_PASS)
+        self.assertEqual(c, 200, body)
+        return ws
+
+    def register_dead_ws(self, name):
+        """A WS that is registered but never answers (closed port)."""
+        c, _ = self.fetch_json('/ws/register', 'PUT', {
+            'name': name, 'url': '127.0.0.1', 'http_port': 1},
+            token=CC_PASS)
+        self.assertEqual(c, 200)
+
+    def assertError(self, code, expected, body):
+        self.assertEqual(code, expected, body)
+        self.assertIsInstance(body, dict)
+        self.assertIsInstance(body.get('error'), str)
+
+
+class TestAccounts(CCTestCase):
+
+    def test_add_manager_auth_and_rotation(self):
+        token = self.add_manager()
+        self.add_manager(code=409)
+        self.add_manager(email='JOE@x.org', code=409)
+        c, _ = self.fetch_json('/targets', token=token)
+        self.assertEqual(c, 200)
+        c, body = self.fetch_json('/managers/auth', 'POST', {
+            'email': 'joe@x.org', 'password': 'riesling'})
+        self.assertEqual(c, 200)
+        new = body['token']
+        self.assertNotEqual(new, token)
+        self.assertEqual(self.fetch_json('/targets', token=token)[0], 401)
+        self.assertEqual(self.fetch_json('/targets', token=new)[0], 200)
+        self.assertEqual(self.fetch_json('/targets', token='Bearer ' + new)[0],
+                         200)
+        c, body = self.fetch_json('/managers/auth', 'POST', {
+            'email': 'joe@x.org', 'password': 'wrong'})
+        self.assertError(c, 401, body)
+        c, body = self.fetch_json('/managers/auth', 'POST', {
+            'email': 'nobody@x.org', 'password': 'riesling'})
+        self.assertError(c, 401, body)
+        self.assertEqual(self.fetch_json('/targets', token=new)[0], 200)
+
+    def test_secrets_not_stored(self):
+        token = self.add_manager()
+        donor = self.add_donor()
+
+        async def dump():
+            out = []
+            for key in await self.redis.keys('*'):
+                t = await self.redis.type(key)
+                if t == 'hash':
+                    out.append(json.dumps(await self.redis.hgetall(key)))
+                elif t == 'string':
+                    out.append(await self.redis.get(key))
+                out.append(key)
+            return '\n'.join(out)
+        everything = self.sync(dump)
+        for secret in (token, donor, 'riesling'):
+            self.assertNotIn(secret, everything)
+        stored = self.sync(lambda: self.redis.hget(keys.manager('joe@x.org'),
+                                                  'password'))
+        self.assertTrue(stored.startswith('scrypt$16384$8$1$'))
+        self.assertTrue(self.sync(lambda: accounts.check_password(
+            'riesling', stored)))
+        self.assertFalse(self.sync(lambda: accounts.check_password(
+            'Riesling', stored)))
+
+    def test_who_may_create_accounts(self):
+        admin = self.add_manager('root@x.org', role='admin')
+        manager = self.add_manager('m@x.org', token=admin)
+        self.add_manager('a2@x.org', role='admin', token=admin)
+        c, body = self.fetch_json('/managers', 'POST', {
+            'email': 'z@x.org', 'password': 'p', 'role': 'manager'},
+            token=manager)
+        self.assertError(c, 403, body)
+        c, body = self.fetch_json('/managers', 'POST', {
+            'email': 'z@x.org', 'password': 'p', 'role': 'manager'},
+            token='not-a-token')
+        self.assertError(c, 401, body)
+        self.add_donor(token=admin)
+        c, body = self.fetch_json('/donors', 'POST', {
+            'username': 'u2', 'email': 'u2@x.org', 'password': 'p'},
+            token=manager)
+        self.assertError(c, 403, body)
+
+    def test_donors(self):
+        token = self.add_donor()
+        self.add_donor(email='other@x.org', code=409)
+        self.add_donor(username='other', code=409)
+        c, body = self.fetch_json('/donors/auth', 'POST', {
+            'username': 'jesse', 'password': 'pw'})
+        self.assertEqual(c, 200)
+        self.assertNotEqual(body['token'], token)
+        self.assertIsNone(self.sync(lambda: accounts.donor_of(self.redis,
+                                                             token)))
+        self.assertEqual(self.sync(lambda: accounts.donor_of(
+            self.redis, body['token'])), 'jesse')
+        c, body = self.fetch_json('/donors/auth', 'POST', {
+            'username': 'jesse', 'password': 'nope'})
+        self.assertError(c, 401, body)
+        # a donor token is no manager token
+        c, body = self.fetch_json('/targets', token=token)
+        self.assertError(c, 401, body)
+
+    def test_bad_account_input(self):
+        bad = [
+            ('/managers', '{not json'),
+            ('/managers', '[1, 2]'),
+            ('/managers', {}),
+            ('/managers', {'email': 'a@b', 'password': 'p'}),
+            ('/managers', {'email': 'a@b', 'password': 'p', 'role': 'god'}),
+            ('/managers', {'email': 'nope', 'password': 'p',
+                           'role': 'manager'}),
+            ('/managers', {'email': 5, 'password': 'p', 'role': 'manager'}),
+            ('/managers', {'email': 'a@b', 'password': '',
+                           'role': 'manager'}),
+            ('/managers', {'email': 'a@b', 'password': ['p'],
+                           'role': 'manager'}),
+            ('/managers', {'email': 'a@b', 'password': 'p',
+                           'role': 'manager', 'weight': -1}),
+            ('/managers', {'email': 'a@b', 'password': 'p',
+                           'role': 'manager', 'weight': 10 ** 400}),
+            ('/managers', {'email': 'a@b', 'password': 'p',
+                           'role': 'manager', 'weight': True}),
+            ('/managers', {'email': 'a@b', 'password': 'x' * 2000,
+                           'role': 'manager'}),
+            ('/managers/auth', {'email': 'a@b'}),
+            ('/managers/auth', {'email': None, 'password': 'p'}),
+            ('/donors', {'username': 'a b', 'email': 'a@b',
+                         'password': 'p'}),
+            ('/donors', {'username': 'ab', 'password': 'p'}),
+            ('/donors/auth', {'username': {}, 'password': 'p'}),
+        ]
+        for path, body in bad:
+            c, reply = self.fetch_json(path, 'POST', body)
+            self.assertError(c, 400, reply)
+        c, reply = self.fetch_json('/managers', 'POST', b'{}',
+                                   headers={'Content-MD5': 'ab' * 16})
+        self.assertError(c, 400, reply)
+        self.assertEqual(self.sync(lambda: self.redis.dbsize()), 0)
+
+
+class TestNoBootstrap(CCTestCase):
+    conf = {'allow_loopback_bootstrap': False}
+
+    def test_loopback_bootstrap_off(self):
+        c, body = self.fetch_json('/managers', 'POST', {
+            'email': 'a@x.org', 'password': 'p', 'role': 'admin'})
+        self.assertError(c, 401, body)
+        c, body = self.fetch_json('/donors', 'POST', {
+            'username': 'd', 'email': 'd@x.org', 'password': 'p'})
+        self.assertError(c, 401, body)
+        admin = self.sync(lambda: accounts.create_manager(
+            self.redis, 'root@x.org', 'pw', 'admin', 1))
+        self.add_manager('m@x.org', token=admin)
+        self.add_donor(token=admin)
+
+    def test_loopback_detection(self):
+        self.assertTrue(accounts.is_loopback('127.0.0.1'))
+        self.assertTrue(accounts.is_loopback('::1'))
+        self.assertFalse(accounts.is_loopback('10.1.2.3'))
+        self.assertFalse(accounts.is_loopback('not an ip'))
+
+
+class TestTargets(CCTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.joe = self.add_manager('joe@x.org')
+        self.bob = self.add_manager('bob@x.org')
+        self.admin = self.add_manager('root@x.org', role='admin')
+
+    def test_post_and_info(self):
+        tid = self.post_target(self.joe)
+        info = self.info(tid, self.joe)
+        self.assertEqual(info['owner'], 'joe@x.org')
+        self.assertEqual(info['stage'], 'private')
+        self.assertEqual(info['engine'], 'openmm')
+        self.assertEqual(info['engine_versions'], ['6.0'])
+        self.assertEqual(info['options'], {'steps_per_frame': 50000})
+        self.assertEqual(info['files'], ['integrator.xml.gz.b64',
+                                         'system.xml.b64'])
+        self.assertEqual(info['weight'], 1.0)
+        self.assertEqual(info['allowed_ws'], [])
+        self.assertEqual(info['striated_ws'], [])
+        self.assertIsInstance(info['creation_date'], float)
+        folder = os.path.join(self.settings['data_folder'], 'targets', tid)
+        self.assertEqual(sorted(os.listdir(folder)), info['files'])
+        # the file as it was sent
+        r = self.fetch('/targets/%s/system.xml.b64' % tid,
+                       headers={'Authorization': self.joe})
+        self.assertEqual((r.code, r.body), (200, B64.encode()))
+
+    def test_list_targets(self):
+        t1 = self.post_target(self.joe)
+        self.assertEqual(self.fetch_json('/targets', token=self.joe)[1],
+                         {'targets': [t1]})
+        self.assertEqual(self.fetch_json('/targets', token=self.bob)[1],
+                         {'targets': []})
+        self.assertEqual(self.fetch_json('/targets')[1], {'targets': []})
+        t2 = self.post_target(self.bob, stage='public')
+        t3 = self.post_target(self.bob, stage='beta')
+        self.assertEqual(self.fetch_json('/targets')[1],
+                         {'targets': sorted([t2, t3])})
+        self.assertEqual(self.fetch_json('/targets', token=self.bob)[1],
+                         {'targets': sorted([t2, t3])})
+        self.assertEqual(self.fetch_json('/targets', token='junk')[0], 401)
+        # public info needs no token, private does
+        self.info(t2)
+        c, body = self.fetch_json('/targets/info/' + t1)
+        self.assertError(c, 401, body)
+        self.info(t1, self.admin)
+
+    def test_update(self):
+        self.register_dead_ws('firebat')
+        tid = self.post_target(self.joe)
+        before = self.info(tid, self.joe)
+        c, body = self.fetch_json('/targets/update/' + tid, 'PUT', {
+            'stage': 'public', 'engine_versions': ['6.0', '6.1']},
+            token=self.joe)
+        self.assertEqual(c, 200, body)
+        after = self.info(tid)
+        self.assertEqual(after['stage'], 'public')
+        self.assertEqual(after['engine_versions'], ['6.0', '6.1'])
+        for same in ('options', 'description', 'weight', 'allowed_ws',
+                     'files', 'owner', 'creation_date'):
+            self.assertEqual(after[same], before[same], same)
+        self.assertEqual(self.fetch_json('/targets')[1], {'targets': [tid]})
+        c, _ = self.fetch_json('/targets/update/' + tid, 'PUT', {
+            'options': {'a': 1}, 'weight': 3, 'allowed_ws': ['firebat'],
+            'description': 'new', 'stage': 'private'}, token=self.admin)
+        self.assertEqual(c, 200)
+        after = self.info(tid, self.joe)
+        self.assertEqual((after['options'], after['weight'],
+                          after['allowed_ws'], after['description'],
+                          after['stage']),
+                         ({'a': 1}, 3.0, ['firebat'], 'new', 'private'))
+        self.assertEqual(self.fetch_json('/targets')[1], {'targets': []})
+
+    def test_bad_target_input(self):
+        self.register_dead_ws('firebat')
+        tid = self.post_target(self.joe)
+        before = self.info(tid, self.joe)
+        for body in ({'stage': 'gold'}, {'stage': 5},
+                     {'allowed_ws': ['nowhere']}, {'allowed_ws': 'firebat'},
+                     {'allowed_ws': [1]}, {'engine_versions': []},
+                     {'engine_versions': [6]}, {'engine_versions': '6.0'},
+                     {'options': []}, {'weight': 0}, {'weight': 'x'},
+                     {'weight': float('nan')}, {'description': None},
+                     {'owner': 'bob@x.org'}, {'files': {}}, {},
+                     {'stage': 'public', 'allowed_ws': ['nowhere']}):
+            c, reply = self.fetch_json('/targets/update/' + tid, 'PUT', body,
+                                       token=self.joe)
+            self.assertError(c, 400, reply)
+        self.assertEqual(self.info(tid, self.joe), before)
+        c, reply = self.fetch_json('/targets/update/bad_id', 'PUT',
+                                   {'stage': 'beta'}, token=self.joe)
+        self.assertError(c, 400, reply)
+        c, reply = self.fetch_json(
+            '/targets/update/00000000-0000-4000-8000-000000000000', 'PUT',
+            {'stage': 'beta'}, token=self.joe)
+        self.assertError(c, 404, reply)
+        n = len(self.fetch_json('/targets', token=self.joe)[1]['targets'])
+        for body in ({}, {'engine': 'openmm'},
+                     {'engine': 'openmm', 'engine_versions': []},
+                     {'engine_versions': ['1'], 'engine': 'a/b'},
+                     {'engine': 'openmm', 'engine_versions': ['1'],
+                      'files': {'../x': 'a'}},
+                     {'engine': 'openmm', 'engine_versions': ['1'],
+                      'files': {'x.b64': 'not base64!'}},
+                     {'engine': 'openmm', 'engine_versions': ['1'],
+                      'files': {'x.gz.b64': B64}},
+                     {'engine': 'openmm', 'engine_versions': ['1'],
+                      'files': {'x': 1}},
+                     {'engine': 'openmm', 'engine_versions': ['1'],
+                      'files': {'x': 'a', 'x.b64': B64}},
+                     {'engine': 'openmm', 'engine_versions': ['1'],
+                      'files': []},
+                     {'engine': 'openmm', 'engine_versions': ['1'],
+                      'stage': 'gold'},
+                     {'engine': 'openmm', 'engine_versions': ['1'],
+                      'allowed_ws': ['nowhere']},
+                     {'engine': 'openmm', 'engine_versions': ['1'],
+                      'options': 'fast'},
+                     {'engine': 'openmm', 'engine_versions': ['1'],
+                      'weight': -2}):
+            c, reply = self.fetch_json('/targets', 'POST', body,
+                                       token=self.joe)
+            self.assertError(c, 400, reply)
+        self.assertEqual(
+            len(self.fetch_json('/targets', token=self.joe)[1]['targets']), n)
+        self.assertEqual(os.listdir(os.path.join(
+            self.settings['data_folder'], 'targets')), [tid])
+        for path in ('/targets/info/x', '/targets/streams/x',
+                     '/targets/%s/..' % tid, '/targets/%s/nofile' % tid,
+                     '/streams/info/nocolon', '/streams/info/abc:def'):
+            c, reply = self.fetch_json(path, token=self.joe)
+            self.assertIn(c, (400, 404), path)
+            self.assertError(c, c, reply)
+        c, reply = self.fetch_json('/nowhere')
+        self.assertError(c, 404, reply)
+
+    def test_delete(self):
+        tid = self.post_target(self.joe, stage='public')
+        c, _ = self.fetch_json('/targets/delete/' + tid, 'PUT',
+                               token=self.joe)
+        self.assertEqual(c, 200)
+        self.assertEqual(self.fetch_json('/targets/info/' + tid)[0], 404)
+        self.assertEqual(self.fetch_json('/targets')[1], {'targets': []})
+        self.assertEqual(self.fetch_json('/targets', token=self.joe)[1],
+                         {'targets': []})
+        self.assertFalse(os.path.exists(os.path.join(
+            self.settings['data_folder'], 'targets', tid)))
+        c, reply = self.fetch_json('/targets/delete/' + tid, 'PUT',
+                                   token=self.joe)
+        self.assertError(c, 404, reply)
+        left = self.sync(lambda: self.redis.keys('*' + tid + '*'))
+        self.assertEqual(left, [])
+
+    def test_ownership_matrix(self):
+        """Every manager endpoint: no token 401, another manager 403, the
+        owner and an admin get through (the dead WS then answers 503)."""
+        self.register_dead_ws('dead')
+        tid = self.post_target(self.joe)
+        sid = '00000000-0000-4000-8000-000000000001:dead'
+
+        async def fake_stream():
+            await self.redis.hset(keys.stream(sid),
+                                  mapping={'target_id': tid, 'ws': 'dead'})
+            await self.redis.sadd(keys.target_streams(tid), sid)
+            await self.redis.hset(keys.target_ws(tid), 'dead', 1)
+        self.sync(fake_stream)
+        endpoints = [
+            ('GET', '/targets/info/' + tid, None, 200),
+            ('PUT', '/targets/update/' + tid, {'weight': 2}, 200),
+            ('GET', '/targets/%s/system.xml.b64' % tid, None, 200),
+            ('GET', '/targets/streams/' + tid, None, 200),
+            ('POST', '/streams', {'target_id': tid,
+                                  'files': {'state.xml': 'x'}}, 503),
+            ('PUT', '/streams/start/' + sid, None, 503),
+            ('PUT', '/streams/stop/' + sid, None, 503),
+            ('PUT', '/streams/delete/' + sid, None, 503),
+            ('GET', '/streams/info/' + sid, None, 503),
+            ('GET', '/streams/%s/frames.xtc' % sid, None, 307),
+        ]
+        for method, path, body, allowed in endpoints:
+            for token, expected in ((None, 401), ('junk', 401),
+                                    (self.bob, 403), (self.joe, allowed),
+                                    (self.admin, allowed)):
+                headers = {'Authorization': token} if token else {}
+                r = self.fetch(path, method=method, headers=headers,
+                               body=json.dumps(body) if body is not None
+                               else (b'{}' if method != 'GET' else None),
+                               follow_redirects=False)
+                self.assertEqual(r.code, expected, (path, token, r.body))
+                if expected >= 400:
+                    self.assertIn('error', json.loads(r.body))
+        # the down WS is reported, not fatal
+        c, body = self.fetch_json('/targets/streams/' + tid, token=self.joe)
+        self.assertEqual(list(body), ['dead'])
+        self.assertIn('error', body['dead'])
+        # delete last: owner, then admin on another target
+        for token, expected in ((None, 401), (self.bob, 403),
+                                (self.joe, 200)):
+            c, _ = self.fetch_json('/targets/delete/' + tid, 'PUT',
+                                   token=token)
+            self.assertEqual(c, expected)
+        tid2 = self.post_target(self.joe)
+        c, _ = self.fetch_json('/targets/delete/' + tid2, 'PUT',
+                               token=self.admin)
+        self.assertEqual(c, 200)
+
+    def test_download_redirect_is_signed(self):
+        ws = self.fake_ws('firebat')
+        tid = self.post_target(self.joe)
+        c, body = self.fetch_json('/streams', 'POST', {
+            'target_id': tid, 'files': {'state.xml': 's'}}, token=self.joe)
+        self.assertEqual(c, 200, body)
+        sid = body['stream_id']
+        r = self.fetch('/streams/%s/frames.xtc' % sid,
+                       headers={'Authorization': self.joe},
+                       follow_redirects=False)
+        self.assertEqual(r.code, 307)
+        loc = r.headers['Location']
+        prefix = 'https://127.0.0.1:%d/streams/%s/frames.xtc?' % (ws.port,
+                                                                  sid)
+        self.assertTrue(loc.startswith(prefix), loc)
+        from urllib.parse import parse_qs
+        from server import signing
+        q = parse_qs(loc[len(prefix):])
+        self.assertTrue(signing.valid([CC_PASS], sid, 'frames.xtc',
+                                      q['expires'][0], q['signature'][0]))
+        r = self.fetch('/streams/%s/..' % sid,
+                       headers={'Authorization': self.joe},
+                       follow_redirects=False)
+        self.assertEqual(r.code, 400)
+
+
+class TestStreamsAndAssign(CCTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.joe = self.add_manager('joe@x.org')
+        self.donor = self.add_donor()
+
+    def post_stream(self, tid, code=200, token=None):
+        c, body = self.fetch_json('/streams', 'POST', {
+            'target_id': tid, 'files': {'state.xml': 'seed'}},
+            token=token or self.joe)
+        self.assertEqual(c, code, body)
+        return body.get('stream_id')
+
+    def assign(self, code=200, **fields):
+        body = {'engine': 'openmm', 'engine_version': '6.0'}
+        body.update(fields)
+        c, reply = self.fetch_json('/core/assign', 'POST', body)
+        self.assertEqual(c, code, reply)
+        return reply
+
+    def test_placement_even_and_files_once(self):
+        a, b, c = self.fake_ws('a'), self.fake_ws('b'), self.fake_ws('c')
+        tid = self.post_target(self.joe)
+        sids = [self.post_stream(tid) for _ in range(9)]
+        self.assertEqual(len(set(sids)), 9)
+        for ws in (a, b, c):
+            self.assertEqual(len(ws.streams), 3)
+            posts = [body for m, p, body in ws.calls
+                     if (m, p) == ('POST', '/streams')]
+            self.assertEqual(len(posts), 3)
+            self.assertEqual(posts[0]['target_files'],
+                             {'system.xml.b64': B64,
+                              'integrator.xml.gz.b64': GZB64})
+            self.assertEqual(posts[0]['stream_files'], {'state.xml': 'seed'})
+            self.assertTrue(all('target_files' not in p for p in posts[1:]))
+        self.assertEqual(self.info(tid, self.joe)['striated_ws'],
+                         ['a', 'b', 'c'])
+        c_, listing = self.fetch_json('/targets/streams/' + tid,
+                                      token=self.joe)
+        self.assertEqual(c_, 200)
+        self.assertEqual({s for ws in listing.values() for s in ws},
+                         set(sids))
+        # allowed_ws narrows placement
+        c_, _ = self.fetch_json('/targets/update/' + tid, 'PUT',
+                                {'allowed_ws': ['b']}, token=self.joe)
+        self.post_stream(tid)
+        self.assertEqual((len(a.streams), len(b.streams), len(c.streams)),
+                         (3, 4, 3))
+
+    def test_ws_that_lost_target_gets_files_again(self):
+        ws = self.fake_ws('a')
+        tid = self.post_target(self.joe)
+        self.post_stream(tid)
+        ws.targets.clear()
+        self.post_stream(tid)
+        self.assertEqual(len(ws.streams), 2)
+        self.assertIn(tid, ws.targets)
+
+    def test_stream_commands_routed(self):
+        a, b = self.fake_ws('a'), self.fake_ws('b')
+        tid = self.post_target(self.joe)
+        s1, s2 = self.post_stream(tid), self.post_stream(tid)
+        for sid in (s1, s2):
+            ws = a if sid.endswith(':a') else b
+            for action in ('stop', 'start'):
+                c, _ = self.fetch_json('/streams/%s/%s' % (action, sid),
+                                       'PUT', token=self.joe)
+                self.assertEqual(c, 200)
+                self.assertEqual(ws.calls[-1][:2],
+                                 ('PUT', '/streams/%s/%s' % (action, sid)))
+            c, body = self.fetch_json('/streams/info/' + sid, token=self.joe)
+            self.assertEqual((c, body['target_id']), (200, tid))
+        c, _ = self.fetch_json('/streams/delete/' + s1, 'PUT', token=self.joe)
+        self.assertEqual(c, 200)
+        c, body = self.fetch_json('/streams/info/' + s1, token=self.joe)
+        self.assertError(c, 404, body)
+        self.assertEqual(len(self.info(tid, self.joe)['striated_ws']), 1)
+        # the emptied WS gets the target files again with its next stream
+        for _ in range(2):
+            self.post_stream(tid)
+        self.assertEqual(len(a.streams) + len(b.streams), 3)
+        self.assertIn(tid, a.targets)
+        self.assertIn(tid, b.targets)
+
+    def test_no_ws_online(self):
+        tid = self.post_target(self.joe)
+        c, body = self.fetch_json('/streams', 'POST', {
+            'target_id': tid, 'files': {'state.xml': 'x'}}, token=self.joe)
+        self.assertError(c, 503, body)
+        self.register_dead_ws('dead')
+        c, body = self.fetch_json('/streams', 'POST', {
+            'target_id': tid, 'files': {'state.xml': 'x'}}, token=self.joe)
+        self.assertError(c, 503, body)
+        self.assertEqual(self.info(tid, self.joe)['striated_ws'], [])
+
+    def test_placement_skips_failing_ws(self):
+        self.register_dead_ws('dead')
+        ws = self.fake_ws('alive')
+        tid = self.post_target(self.joe)
+        for _ in range(3):
+            self.post_stream(tid)
+        self.assertEqual(len(ws.streams), 3)
+
+    def test_bad_stream_input(self):
+        self.fake_ws('a')
+        tid = self.post_target(self.joe)
+        for body in ({}, {'target_id': tid}, {'target_id': 'x', 'files': {
+                'a': 'b'}}, {'target_id': tid, 'files': {}},
+                {'target_id': tid, 'files': {'a/b': 'x'}},
+                {'target_id': tid, 'files': {'a.b64': '!!'}},
+                {'target_id': tid, 'files': 'a'}, {'target_id': [tid],
+                                                   'files': {'a': 'b'}}):
+            c, reply = self.fetch_json('/streams', 'POST', body,
+                                       token=self.joe)
+            self.assertError(c, 400, reply)
+        c, reply = self.fetch_json('/streams', 'POST', {
+            'target_id': '00000000-0000-4000-8000-000000000000',
+            'files': {'a': 'b'}}, token=self.joe)
+        self.assertError(c, 404, reply)
+        for path in ('/streams/start/x', '/streams/stop/1:2'):
+            c, reply = self.fetch_json(path, 'PUT', token=self.joe)
+            self.assertError(c, 400, reply)
+        c, reply = self.fetch_json(
+            '/streams/start/00000000-0000-4000-8000-000000000000:a', 'PUT',
+            token=self.joe)
+        self.assertError(c, 404, reply)
+
+    def test_assign(self):
+        a = self.fake_ws('a')
+        tid = self.post_target(self.joe, options={'steps_per_frame': 7})
+        sid = self.post_stream(tid)
+        # private: never handed out
+        self.assertIn('error', self.assign(503))
+        self.assertIn('error', self.assign(403, target_id=tid))
+        self.assertIn('error', self.assign(503, stage='beta'))
+        self.fetch_json('/targets/update/' + tid, 'PUT', {'stage': 'beta'},
+                        token=self.joe)
+        self.assign(503)
+        reply = self.assign(stage='beta', donor_token=self.donor)
+        url = 'https://127.0.0.1:%d/core/start' % a.port
+        self.assertEqual(reply, {'token': 'tok-' + sid, 'uri': url,
+                                 'url': url,
+                                 'options': {'steps_per_frame': 7}})
+        self.assertEqual(a.streams[sid]['donor'], 'jesse')
+        self.assertIn('error', self.assign(503, stage='beta'))
+        c, _ = self.fetch_json('/targets/update/' + tid, 'PUT',
+                               {'stage': 'public'}, token=self.joe)
+        s2 = self.post_stream(tid)
+        self.assign(503, engine_version='5.0')
+        self.assign(503, engine='other')
+        reply = self.assign(target_id=tid)
+        self.assertEqual(reply['token'], 'tok-' + s2)
+        self.assertIsNone(a.streams[s2]['donor'])
+        self.assertIn('error', self.assign(503))
+        self.assertIn('error', self.assign(
+            404, target_id='00000000-0000-4000-8000-000000000000'))
+
+    def test_assign_bad_input(self):
+        for body in ({}, {'engine': 'openmm'}, {'engine_version': '6'},
+                     {'engine': 1, 'engine_version': '6'},
+                     {'engine': 'openmm', 'engine_version': 6},
+                     {'engine': 'openmm', 'engine_version': '6',
+                      'stage': 'private'},
+                     {'engine': 'openmm', 'engine_version': '6',
+                      'target_id': 'nope'},
+                     {'engine': 'openmm', 'engine_version': '6',
+                      'target_id': 5},
+                     {'engine': 'openmm', 'engine_version': '6',
+                      'donor_token': 5},
+                     {'engine': 'openmm', 'engine_version': '6',
+                      'core_version': 5}):
+            c, reply = self.fetch_json('/core/assign', 'POST', body)
+            self.assertError(c, 400, reply)
+        c, reply = self.fetch_json('/core/assign', 'POST', {
+            'engine': 'openmm', 'engine_version': '6',
+            'donor_token': 'unknown'})
+        self.assertError(c, 401, reply)
+        c, reply = self.fetch_json('/core/assign', 'POST', b'{')
+        self.assertError(c, 400, reply)
+
+    def test_assign_skips_offline_and_failing_ws(self):
+        a, b = self.fake_ws('a'), self.fake_ws('b')
+        tid = self.post_target(self.joe, stage='public')
+        sids = {self.post_stream(tid) for _ in range(4)}
+        b.stop()
+        # b is still marked online: its failure is skipped, a serves
+        got = {self.assign()['token'] for _ in range(2)}
+        self.assertEqual(got, {'tok-' + s for s in sids if s.endswith(':a')})
+        self.assign(503)
+        # b offline after max_ws_fails: not even asked
+        self.sync(lambda: workservers.probe_all(self.app))
+        self.sync(lambda: workservers.probe_all(self.app))
+        self.sync(lambda: workservers.probe_all(self.app))
+        self.assertFalse(self.fetch_json('/ws/status')[1]['b']['online'])
+        calls = len(b.calls)
+        self.assign(503)
+        self.assertEqual(len(b.calls), calls)
+        b.start()
+        self.sync(lambda: workservers.probe_all(self.app))
+        self.assertTrue(self.fetch_json('/ws/status')[1]['b']['online'])
+        got = {self.assign()['token'] for _ in range(2)}
+        self.assertEqual(got, {'tok-' + s for s in sids if s.endswith(':b')})
+
+    def test_weighted_choice(self):
+        """Weight 0.001 vs 1000: the heavy target is chosen first."""
+        self.fake_ws('a')
+        light = self.post_target(self.joe, stage='public', weight=0.001)
+        heavy = self.post_target(self.joe, stage='public', weight=1000)
+        for tid in (light, heavy):
+            for _ in range(3):
+                self.post_stream(tid)
+        firsts = [self.assign()['token'] for _ in range(3)]
+        ws = self.fakes[0]
+        owners = [ws.streams[t[4:]]['target_id'] for t in firsts]
+        # each draw picks heavy unless u**(1/1000) < v**(1000): practically
+        # never; the last three go to light once heavy is exhausted
+        self.assertEqual(owners.count(heavy), 3)
+        rest = [self.assign()['token'] for _ in range(3)]
+        self.assertEqual({ws.streams[t[4:]]['target_id'] for t in rest},
+                         {light})
+
+    def test_delete_target_with_ws_down(self):
+        a, b = self.fake_ws('a'), self.fake_ws('b')
+        tid = self.post_target(self.joe)
+        for _ in range(4):
+            self.post_stream(tid)
+        b.stop()
+        c, body = self.fetch_json('/targets/delete/' + tid, 'PUT',
+                                  token=self.joe)
+        self.assertEqual(c, 200, body)
+        self.assertEqual(a.streams, {})
+        self.assertEqual(len(b.streams), 2)
+        self.assertEqual(self.sync(lambda: self.redis.smembers(
+            keys.ws_pending_deletes('b'))), {tid})
+        self.sync(lambda: workservers.probe_all(self.app))  # still down
+        self.assertEqual(len(b.streams), 2)
+        b.start()
+        self.sync(lambda: workservers.probe_all(self.app))
+        self.sync(lambda: self.app.flushing['b'])
+        self.assertEqual(b.streams, {})
+        self.assertEqual(b.targets, {})
+        self.assertEqual(self.sync(lambda: self.redis.smembers(
+            keys.ws_pending_deletes('b'))), set())
