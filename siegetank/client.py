@@ -20,6 +20,7 @@ anchor.
 import os
 import sys
 import time
+import zlib
 
 import requests
 
@@ -326,9 +327,15 @@ class Target:
                 for sid, info in sorted(self.stream_info().items())]
 
     def download(self, filename, path=None):
-        """A target file's bytes; written to `path` when given."""
+        """A target file's bytes (decoded from its `.b64`/`.gz.b64`
+        transport form); written to `path` when given."""
         data = self.client.request(
             'GET', '/targets/%s/%s' % (self._id, filename)).content
+        if filename.endswith('.b64'):
+            try:
+                data = wire.decode(filename, data)
+            except (ValueError, OSError, zlib.error):
+                pass  # served decoded already
         if path:
             with open(path, 'wb') as f:
                 f.write(data)
