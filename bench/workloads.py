@@ -78,14 +78,16 @@ async def activate(port, target_id, n):
     return tokens
 
 
-def frame_core(port, bodies, tokens, acked, heartbeat_every=50):
+def frame_core(port, bodies, tokens, acked, heartbeat_every_s=1.0):
     """A core: frames, a checkpoint every 10, a heartbeat every
-    `heartbeat_every`; `acked[i]` counts committed (acknowledged) frames."""
+    `heartbeat_every_s` seconds; `acked[i]` counts committed (acknowledged)
+    frames."""
     async def core(i, deadline, rec):
         c = conn(port)
         auth = {'Authorization': tokens[i][0]} if tokens else {}
         n = 0
         pending = 0
+        beat = time.perf_counter() + heartbeat_every_s
         while time.perf_counter() < deadline:
             t = time.perf_counter()
             s, _ = await c.request('PUT', '/core/frame', bodies[n % 2], auth)
@@ -100,7 +102,8 @@ def frame_core(port, bodies, tokens, acked, heartbeat_every=50):
                 if s == 200:
                     acked[i] += pending
                     pending = 0
-            if n % heartbeat_every == 0:
+            if time.perf_counter() >= beat:
+                beat += heartbeat_every_s
                 t = time.perf_counter()
                 s, _ = await c.request('POST', '/core/heartbeat', b'{}', auth)
                 rec.add(t, s)
@@ -289,7 +292,8 @@ def sweep(ws, expiring, cores, size, duration, increment):
     activated_in = time.perf_counter() - t0
     acked = [0] * cores
     rec, elapsed = asyncio.run(run_cores(cores, frame_core(
-        ws.port, bodies, tokens, acked, heartbeat_every=10), duration))
+        ws.port, bodies, tokens, acked, heartbeat_every_s=increment / 4),
+        duration))
     start = rec.stamps[0] - rec.latencies[0] if rec.stamps else 0
     windows = []
     t = start

@@ -17,6 +17,7 @@ import time
 import zlib
 
 import tornado.web
+from tornado import httputil
 from tornado.web import HTTPError
 
 from server import tls
@@ -97,11 +98,68 @@ class App(tornado.web.Application):
                          log_function=log_request, compress_response=False,
                          serve_traceback=False)
 
+    def start_request(self, server_conn, request_conn):
+        return _BodyLimit(self, super().start_request(server_conn,
+                                                      request_conn),
+                          request_conn)
+
     async def on_start(self):
         """Start background jobs (worker 0)."""
 
     async def on_stop(self):
         """Stop background jobs, say goodbye to peers (worker 0)."""
+
+
+class _BodyLimit(httputil.HTTPMessageDelegate):
+    """Answers a declared Content-Length over `max_body_size` with a JSON
+    413 (Tornado alone sends a bare 400 and hangs up). The body is read and
+    dropped first, so the client, still sending, gets the reply instead of
+    a reset; a body over DRAIN_MAX is not read: reply and hang up."""
+
+    DRAIN_MAX = 1 << 30
+
+    def __init__(self, app, delegate, connection):
+        self.limit = app.config['max_body_size']
+        self.delegate = delegate
+        self.connection = connection
+        self.refused = None
+
+    def headers_received(self, start_line, headers):
+        length = headers.get('Content-Length', '')
+        if not (length.isdigit() and int(length) > self.limit):
+            return self.delegate.headers_received(start_line, headers)
+        self.refused = (start_line, int(length))
+        # Let Tornado take (and drop) the body rather than refuse it itself.
+        self.connection.set_max_body_size(int(length))
+        if int(length) > self.DRAIN_MAX:
+            self._reply()
+
+    def _reply(self):
+        start_line, length = self.refused
+        body = json.dumps({'error': 'body of %d bytes is over the limit of '
+                           '%d bytes' % (length, self.limit)}).encode()
+        self.connection.write_headers(
+            httputil.ResponseStartLine('HTTP/1.1', 413, 'Payload Too Large'),
+            httputil.HTTPHeaders({
+                'Content-Type': 'application/json; charset=UTF-8',
+                'Content-Length': str(len(body))}), body)
+        self.connection.finish()
+        access_log.warning('413 %s %s', start_line.method,
+                           start_line.path.split('?')[0])
+
+    def data_received(self, chunk):
+        if self.refused is None:
+            return self.delegate.data_received(chunk)
+
+    def finish(self):
+        if self.refused is None:
+            self.delegate.finish()
+        else:
+            self._reply()
+
+    def on_connection_close(self):
+        if self.refused is None:
+            self.delegate.on_connection_close()
 
 
 def log_request(handler):
@@ -119,6 +177,31 @@ def log_request(handler):
         access_log.log(level, '%d %s %s %.1fms %s', status, req.method,
                        req.path, 1000.0 * req.request_time(),
                        getattr(handler, '_error_message', ''))
+
+
+def _no_constant(name):
+    """NaN and Infinity are not JSON; they could not be sent back either."""
+    raise ValueError('%s is not JSON' % name)
+
+
+def _has_lone_surrogate(obj):
+    """JSON may escape half a UTF-16 pair (\\ud800); such a string cannot
+    be encoded to UTF-8 (for Redis, disk, or a peer), so it is bad input."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, str):
+            if not o.isascii():
+                try:
+                    o.encode('utf-8')
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(o, dict):
+            stack.extend(o)
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    return False
 
 
 class APIHandler(tornado.web.RequestHandler):
@@ -156,11 +239,14 @@ class APIHandler(tornado.web.RequestHandler):
                 self._body = {}
             else:
                 try:
-                    self._body = json.loads(raw)
-                except (ValueError, UnicodeDecodeError):
+                    self._body = json.loads(raw, parse_constant=_no_constant)
+                except (ValueError, UnicodeDecodeError, RecursionError):
                     raise APIError(400, 'body is not valid JSON')
                 if not isinstance(self._body, dict):
                     raise APIError(400, 'body must be a JSON object')
+                if _has_lone_surrogate(self._body):
+                    raise APIError(400, 'body has a string that is not '
+                                   'valid Unicode (a lone surrogate escape)')
         return self._body
 
     def field(self, name, kind, default=REQUIRED, check=None):

@@ -207,6 +207,13 @@ class TestAccounts(CCTestCase):
         for path, body in bad:
             c, reply = self.fetch_json(path, 'POST', body)
             self.assertError(c, 400, reply)
+        for raw in (b'{"email": "a\\ud800@b", "password": "p", '
+                    b'"role": "admin"}',
+                    b'{"email": "a@b", "password": "p", "role": "admin", '
+                    b'"weight": NaN}',
+                    b'{"a": Infinity}', b'[' * 100000 + b']' * 100000):
+            c, reply = self.fetch_json('/managers', 'POST', raw)
+            self.assertError(c, 400, reply)
         c, reply = self.fetch_json('/managers', 'POST', b'{}',
                                    headers={'Content-MD5': 'ab' * 16})
         self.assertError(c, 400, reply)
@@ -428,10 +435,16 @@ class TestTargets(CCTestCase):
                 self.assertEqual(r.code, expected, (path, token, r.body))
                 if expected >= 400:
                     self.assertIn('error', json.loads(r.body))
+        # creating a target needs a manager token (a donor's is none)
+        donor = self.add_donor()
+        for token in (None, 'junk', donor):
+            self.post_target(token, code=401)
         # the down WS is reported, not fatal
-        c, body = self.fetch_json('/targets/streams/' + tid, token=self.joe)
-        self.assertEqual(list(body), ['dead'])
-        self.assertIn('error', body['dead'])
+        r = self.fetch('/targets/streams/' + tid,
+                       headers={'Authorization': self.joe})
+        self.assertEqual(r.code, 200)
+        self.assertEqual(json.loads(r.body), {'dead': {}})
+        self.assertEqual(r.headers['X-Unreachable-Workservers'], 'dead')
         # delete last: owner, then admin on another target
         for token, expected in ((None, 401), (self.bob, 403),
                                 (self.joe, 200)):
@@ -713,3 +726,46 @@ class TestStreamsAndAssign(CCTestCase):
         self.assertEqual(b.targets, {})
         self.assertEqual(self.sync(lambda: self.redis.smembers(
             keys.ws_pending_deletes('b'))), set())
+
+    def test_reregistration_finishes_pending_deletion(self):
+        a = self.fake_ws('a')
+        tid = self.post_target(self.joe)
+        self.post_stream(tid)
+        a.stop()
+        c, _ = self.fetch_json('/targets/delete/' + tid, 'PUT',
+                               token=self.joe)
+        self.assertEqual(c, 200)
+        self.assertEqual(len(a.streams), 1)
+        a.start()
+        c, _ = self.fetch_json('/ws/register', 'PUT', a.register_body(),
+                               token=CC_PASS)
+        self.assertEqual(c, 200)
+        self.sync(lambda: self.app.flushing['a'])
+        self.assertEqual((a.streams, a.targets), ({}, {}))
+        self.assertEqual(self.sync(lambda: self.redis.smembers(
+            keys.ws_pending_deletes('a'))), set())
+
+    def test_deleted_while_placing_is_undone(self):
+        """A target deleted between reservation and record: the stream the
+        WS just made is removed again and the caller gets 404."""
+        a = self.fake_ws('a')
+        tid = self.post_target(self.joe)
+        from server.cc import streams, targets
+        real_post = streams._post_to
+
+        async def post_then_delete(app, ws, target, files):
+            sid = await real_post(app, ws, target, files)
+            await targets.delete(app, target['target_id'])
+            return sid
+        streams._post_to = post_then_delete
+        try:
+            c, body = self.fetch_json('/streams', 'POST', {
+                'target_id': tid, 'files': {'state.xml': 'x'}},
+                token=self.joe)
+        finally:
+            streams._post_to = real_post
+        self.assertError(c, 404, body)
+        self.assertEqual((a.streams, a.targets), ({}, {}))
+        self.assertEqual(self.sync(lambda: self.redis.keys('*' + tid + '*')),
+                         [])
+        self.assertEqual(self.sync(lambda: self.redis.keys('stream:*')), [])

@@ -2,11 +2,14 @@
 with cc_pass, probes taking a dead WS offline and a restarted one online,
 a restarted CC remembering its WS, and clean shutdowns leaving nothing
 behind."""
+import ipaddress
 import os
+import socket
 import time
 import unittest
 
-from tests import ServerProcess
+from server import tls
+from tests import ServerProcess, certs, tmpdir
 
 CC_PASS = 'test-cc-pass'
 
@@ -151,3 +154,75 @@ class TestRegistry(unittest.TestCase):
         self.assertEqual(cc.stop(), 0)
         self.assertFalse(alive(pid))
         self.assertEqual(group_members(cc.process.pid), [])
+
+
+def outside_address():
+    """A non-loopback IPv4 address of this host, or None."""
+    found = []
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(('198.51.100.1', 9))  # UDP connect sends no packet
+        found.append(s.getsockname()[0])
+    except OSError:
+        pass
+    finally:
+        s.close()
+    try:
+        found += [i[4][0] for i in socket.getaddrinfo(
+            socket.gethostname(), None, socket.AF_INET)]
+    except OSError:
+        pass
+    for address in found:
+        if not ipaddress.ip_address(address).is_loopback:
+            return address
+    return None
+
+
+class TestBootstrapFromOutside(unittest.TestCase):
+    """Account creation without a token only from loopback: a CC process
+    (listening on every interface) reached at this host's outside
+    address sees a non-loopback peer."""
+
+    def test_no_token_from_outside_is_401_admin_token_works(self):
+        address = outside_address()
+        self.assertIsNotNone(address, 'this test needs a non-loopback '
+                             'interface')
+        c = certs()
+        folder = tmpdir('outside-cert')
+        cert, key = os.path.join(folder, 'cc.pem'), os.path.join(folder,
+                                                                   'cc.key')
+        tls.make_server_cert(cert, key, c['ca'],
+                             os.path.splitext(c['ca'])[0] + '.key',
+                             ['localhost', '127.0.0.1', address])
+        cc = ServerProcess('cc', ssl_certfile=cert, ssl_key=key)
+        try:
+            cc.start()
+            outside = 'https://%s:%d' % (address, cc.port)
+            body = {'email': 'x@y.org', 'password': 'p', 'role': 'admin'}
+            r = cc.session.post(outside + '/managers', json=body, timeout=30)
+            self.assertEqual(r.status_code, 401, r.text)
+            r = cc.session.post(outside + '/donors', json={
+                'username': 'd', 'email': 'd@y.org', 'password': 'p'},
+                timeout=30)
+            self.assertEqual(r.status_code, 401, r.text)
+            admin = cc.request('POST', '/managers', body).json()['token']
+            r = cc.session.post(outside + '/managers', json={
+                'email': 'm@y.org', 'password': 'p', 'role': 'manager'},
+                headers={'Authorization': admin}, timeout=30)
+            self.assertEqual(r.status_code, 200, r.text)
+            manager = r.json()['token']
+            r = cc.session.post(outside + '/donors', json={
+                'username': 'd', 'email': 'd@y.org', 'password': 'p'},
+                headers={'Authorization': manager}, timeout=30)
+            self.assertEqual(r.status_code, 403, r.text)
+            r = cc.session.post(outside + '/managers', json={
+                'email': 'n@y.org', 'password': 'p', 'role': 'manager'},
+                headers={'Authorization': manager,
+                         'X-Forwarded-For': '127.0.0.1'}, timeout=30)
+            self.assertEqual(r.status_code, 403, r.text)
+            r = cc.session.post(outside + '/donors', json={
+                'username': 'd', 'email': 'd@y.org', 'password': 'p'},
+                headers={'X-Forwarded-For': '127.0.0.1'}, timeout=30)
+            self.assertEqual(r.status_code, 401, r.text)
+        finally:
+            cc.kill()

@@ -36,6 +36,18 @@ class TestApp(App):
 class TestBaseHandler(AppTestCase):
     kind = 'cc'
     app_class = TestApp
+    conf = {'max_body_size': 1000}
+
+    def get_httpserver_options(self):
+        return dict(super().get_httpserver_options(), max_body_size=1000)
+
+    def test_body_over_limit_is_413_json(self):
+        for size in (2000, 3 << 20):  # the client is still sending
+            code, body = self.fetch_json('/echo', 'PUT', {'n': 1, 'tags': [
+                'x' * size]})
+            self.assertEqual(code, 413)
+            self.assertIn('over the limit of 1000', body['error'])
+        self.assertEqual(self.fetch_json('/echo', 'PUT', {'n': 1})[0], 200)
 
     def test_health(self):
         code, body = self.fetch_json('/')

@@ -13,7 +13,7 @@
    share a stream). A WS that fails or has nothing free is skipped.
 4. First success wins: `{token, uri, url, options}`. Nothing anywhere: 503.
 """
-import asyncio
+import json
 import logging
 import random
 
@@ -34,25 +34,32 @@ def weighted_order(weights):
 
 
 async def candidates(redis, engine, version, stages, target_id=None):
-    """[(target dict, {online ws: stream count})] that could serve."""
+    """[(target_id, weight, options, {online ws: stream count})] of the
+    targets that could serve, read in one round trip."""
     if target_id is not None:
         ids = [target_id]
     else:
         ids = sorted(await redis.sunion(*[keys.stage_targets(s)
                                           for s in stages]))
     online = set(await workservers.online(redis))
-    loaded = await asyncio.gather(*(targets.load(redis, t) for t in ids))
-    counts = await asyncio.gather(*(targets.stream_counts(redis, t)
-                                    for t in ids))
+    pipe = redis.pipeline(transaction=False)
+    for tid in ids:
+        pipe.hmget(keys.target(tid), 'engine', 'engine_versions', 'stage',
+                   'weight', 'options')
+        pipe.hgetall(keys.target_ws(tid))
+    replies = await pipe.execute()
     result = []
-    for target, ws_counts in zip(loaded, counts):
-        if target is None or target['engine'] != engine \
-                or version not in target['engine_versions'] \
-                or target['stage'] not in stages:
+    for i, tid in enumerate(ids):
+        (t_engine, versions, stage, weight, options), counts = \
+            replies[2 * i], replies[2 * i + 1]
+        if t_engine != engine or stage not in stages \
+                or version not in json.loads(versions):
             continue
-        ws_counts = {w: c for w, c in ws_counts.items() if w in online}
+        ws_counts = {w: int(c) for w, c in counts.items()
+                     if w in online and int(c) > 0}
         if ws_counts:
-            result.append((target, ws_counts))
+            result.append((tid, float(weight), json.loads(options),
+                           ws_counts))
     return result
 
 
@@ -78,21 +85,19 @@ async def activate(app, ws, target_id, donor):
 
 async def assign(app, engine, version, stages, donor, target_id=None):
     """The assignment reply, or None when nothing is free."""
-    found = await candidates(app.redis, engine, version, stages, target_id)
-    by_id = {t['target_id']: (t, c) for t, c in found}
-    for tid in weighted_order({tid: t['weight']
-                               for tid, (t, _) in by_id.items()}):
-        target, ws_counts = by_id[tid]
+    found = {tid: (weight, options, ws_counts) for tid, weight, options,
+             ws_counts in await candidates(app.redis, engine, version,
+                                           stages, target_id)}
+    for tid in weighted_order({tid: c[0] for tid, c in found.items()}):
+        _, options, ws_counts = found[tid]
         for ws in weighted_order(ws_counts):
-            token = await activate(app, ws, tid, donor)
-            if token is None:
-                continue
             base = await workservers.base_url(app.redis, ws)
-            if base is None:
+            token = await activate(app, ws, tid, donor) if base else None
+            if token is None:
                 continue
             url = base + '/core/start'
             return {'token': token, 'uri': url, 'url': url,
-                    'options': target['options']}
+                    'options': options}
     return None
 
 

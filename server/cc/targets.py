@@ -383,29 +383,36 @@ class FileHandler(TargetHandler):
 
 
 class StreamsHandler(TargetHandler):
-    """Every stream of a target, asked of each WS holding some at once; a
-    WS that does not answer is reported as {"error": ...} in its place."""
+    """Every stream of a target, asked of each WS holding some at once.
+    The reply keeps the 2014 shape `{ws: {stream_id: info}}` that clients
+    iterate; a WS that does not answer is `{}` there and is named in the
+    `X-Unreachable-Workservers` header (comma separated), not an error."""
 
     async def get(self, target_id):
         await self.owned_target(target_id)
         names = sorted(await stream_counts(self.redis, target_id))
         replies = await asyncio.gather(*(
             self._ask(name, target_id) for name in names))
-        self.write_json(dict(zip(names, replies)))
+        down = [n for n, r in zip(names, replies) if r is None]
+        if down:
+            self.set_header('X-Unreachable-Workservers', ','.join(down))
+        self.write_json({n: r or {} for n, r in zip(names, replies)})
 
     async def _ask(self, ws_name, target_id):
+        """The WS's listing, {} if it holds none, None if it failed."""
         try:
             reply = await workservers.request(
                 self.application, ws_name, 'GET',
                 '/targets/streams/%s' % target_id)
         except peer.PeerError as e:
-            log.info('streams of %s on %s: %s', target_id, ws_name, e)
-            return {'error': 'workserver %s unreachable' % ws_name}
+            log.warning('streams of %s on %s: %s', target_id, ws_name, e)
+            return None
         if reply.code == 404:
             return {}
         if reply.code != 200 or not isinstance(reply.body, dict):
-            return {'error': 'workserver %s answered %d %s'
-                    % (ws_name, reply.code, reply.error)}
+            log.warning('streams of %s on %s: %d %s', target_id, ws_name,
+                        reply.code, reply.error)
+            return None
         return reply.body
 
 

@@ -10,6 +10,7 @@ import base64
 import binascii
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -53,6 +54,11 @@ async def live_stream(app, token, extend=False):
 
 class CoreHandler(APIHandler):
 
+    def prepare(self):
+        super().prepare()
+        if self.request.method in ('PUT', 'POST'):
+            self.body  # a malformed body is a 400 even where no field is read
+
     async def stream(self, extend=False):
         return await live_stream(self.application, self.token(), extend)
 
@@ -64,7 +70,13 @@ class CoreHandler(APIHandler):
         async with streams.stream_lock(self.application, sid):
             if await self.stream() != sid:
                 raise APIError(401, 'core token is no longer live')
-            yield sid
+            try:
+                yield sid
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise APIError(503, 'workserver disk is full; nothing '
+                                   'was stored, retry later')
+                raise
 
 
 class StartHandler(CoreHandler):

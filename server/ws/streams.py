@@ -19,8 +19,8 @@ import time
 import uuid
 
 from server import signing
-from server.web import APIError, APIHandler, check_files, decode_file, \
-    check_file_name
+from server.web import (APIError, APIHandler, check_file_name, check_files,
+                        decode_file)
 from server.ws.storage import plan_range, read_at, run
 
 ID = re.compile(r'^[A-Za-z0-9_-]{1,64}$')
@@ -370,6 +370,8 @@ class CCHandler(APIHandler):
         super().prepare()
         if not self.is_cc():
             raise APIError(401, 'missing or wrong cc_pass')
+        if self.request.method in ('PUT', 'POST'):
+            self.body  # a malformed body is a 400 even where no field is read
 
     def is_cc(self):
         token = (self.token() or '').encode('utf-8')

@@ -1,0 +1,837 @@
+"""Workserver endpoints in-process over real HTTPS with a real Redis: the
+2014 scenarios (post stream, activate, start, frames, checkpoint, download,
+stop, delete) plus retries, expiry, error stops, both core generations,
+downloads with Range and signed URLs, the disk guard, bad inputs, and the
+rebuild of Redis from disk."""
+import base64
+import gzip
+import hashlib
+import json
+import os
+import time
+import uuid
+
+from server import signing, store
+from server.ws import core, recovery
+from server.ws.app import WorkServer
+from tests import AppTestCase
+
+PASS = 'test-cc-pass'
+OTHER_PASS = 'second-cc-pass'
+CONF = {'command_centers': {'cc': {'url': '127.0.0.1:9', 'pass': PASS},
+                            'cc2': {'url': '127.0.0.1:9',
+                                    'pass': OTHER_PASS}},
+        'max_stream_fails': 3}
+
+
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
+def gzb64(data):
+    return b64(gzip.compress(data))
+
+
+def target_files():
+    return {'system.xml.gz.b64': gzb64(b'<System/>'),
+            'integrator.xml.gz.b64': gzb64(b'<Integrator/>')}
+
+
+class WSTestCase(AppTestCase):
+    kind = 'ws'
+    app_class = WorkServer
+    conf = CONF
+
+    def cc(self, path, method='GET', body=None, token=PASS, **kw):
+        return self.fetch_json(path, method, body, token=token, **kw)
+
+    def new_stream(self, tid=None, state=b'state0', with_target=True):
+        tid = tid or str(uuid.uuid4())
+        body = {'target_id': tid,
+                'stream_files': {'state.xml.gz.b64': gzb64(state)}}
+        if with_target:
+            body['target_files'] = target_files()
+        code, reply = self.cc('/streams', 'POST', body)
+        self.assertEqual(code, 200, reply)
+        return tid, reply['stream_id']
+
+    def activate(self, tid, donor=None):
+        body = {'target_id': tid}
+        if donor:
+            body['donor_id'] = donor
+        code, reply = self.cc('/streams/activate', 'POST', body)
+        self.assertEqual(code, 200, reply)
+        return reply['token'], reply['stream_id']
+
+    def frame(self, token, data, n=None, name='frames.xtc.b64', code=200):
+        body = {'files': {name: b64(data) if name.endswith('.b64')
+                          else data.decode()}}
+        if n is not None:
+            body['frames'] = n
+        got, reply = self.fetch_json('/core/frame', 'PUT', body, token=token)
+        self.assertEqual(got, code, reply)
+        return reply
+
+    def checkpoint(self, token, state, frames=None, extra=None, code=200):
+        body = {'files': {'state.xml.gz.b64': gzb64(state)}}
+        body['files'].update(extra or {})
+        if frames is not None:
+            body['frames'] = frames
+        got, reply = self.fetch_json('/core/checkpoint', 'PUT', body,
+                                     token=token)
+        self.assertEqual(got, code, reply)
+        return reply
+
+    def download(self, sid, name='frames.xtc', headers=None, token=PASS,
+                 query=''):
+        headers = dict(headers or {})
+        if token is not None:
+            headers['Authorization'] = token
+        r = self.fetch('/streams/%s/%s%s' % (sid, name, query),
+                       headers=headers)
+        return r.code, r.body, r.headers
+
+    def info(self, sid):
+        code, reply = self.cc('/streams/info/' + sid)
+        self.assertEqual(code, 200, reply)
+        return reply
+
+    def core_start(self, token):
+        r = self.fetch('/core/start', headers={'Authorization': token})
+        self.assertEqual(r.code, 200, r.body)
+        self.assertEqual(r.headers['Content-MD5'],
+                         hashlib.md5(r.body).hexdigest())
+        return json.loads(r.body)
+
+    def run_sync(self, func, *args):
+        return self.io_loop.run_sync(lambda: func(*args))
+
+    def redis_dump(self):
+        async def dump():
+            out = {}
+            async for k in self.redis.scan_iter('*'):
+                t = await self.redis.type(k)
+                if t == 'hash':
+                    out[k] = await self.redis.hgetall(k)
+                elif t == 'set':
+                    out[k] = sorted(await self.redis.smembers(k))
+                elif t == 'zset':
+                    out[k] = await self.redis.zrange(k, 0, -1,
+                                                     withscores=True)
+                else:
+                    out[k] = await self.redis.get(k)
+            return out
+        return self.io_loop.run_sync(dump)
+
+    def disk_dump(self):
+        root = self.settings['data_folder']
+        out = {}
+        for folder, dirs, files in os.walk(root):
+            for d in dirs:
+                out[os.path.relpath(os.path.join(folder, d), root)] = None
+            for f in files:
+                path = os.path.join(folder, f)
+                with open(path, 'rb') as fh:
+                    out[os.path.relpath(path, root)] = fh.read()
+        return out
+
+    def snapshot(self):
+        return self.redis_dump(), self.disk_dump()
+
+
+class TestStreams(WSTestCase):
+
+    def test_post_stream_stores_files_and_queues(self):
+        tid, sid = self.new_stream()
+        self.assertTrue(sid.endswith(':' + self.settings['name']))
+        uuid.UUID(sid.split(':')[0])
+        folder = self.settings['data_folder']
+        with open(os.path.join(folder, 'streams', sid, 'seed',
+                               'state.xml.gz.b64')) as f:
+            self.assertEqual(gzip.decompress(base64.b64decode(f.read())),
+                             b'state0')
+        with open(os.path.join(folder, 'targets', tid, 'files',
+                               'system.xml.gz.b64')) as f:
+            self.assertEqual(f.read(), target_files()['system.xml.gz.b64'])
+        keys = self.app.keys
+        queue = self.run_sync(self.redis.zrange, keys.queue(tid), 0, -1)
+        self.assertEqual(queue, [sid])
+        info = self.info(sid)
+        self.assertEqual(info['target_id'], tid)
+        self.assertEqual((info['status'], info['frames'],
+                          info['error_count'], info['active']),
+                         ('OK', 0, 0, False))
+        self.assertLessEqual(info['creation_date'], time.time())
+        # A second stream of a known target needs no target files.
+        _, sid2 = self.new_stream(tid, with_target=False)
+        code, reply = self.cc('/targets/streams/' + tid)
+        self.assertEqual(code, 200)
+        self.assertEqual(set(reply), {sid, sid2})
+        self.assertEqual(reply[sid], {'status': 'OK', 'frames': 0,
+                                      'error_count': 0, 'active': False})
+
+    def test_target_files_required_first_time_and_names_consistent(self):
+        tid = str(uuid.uuid4())
+        before = self.snapshot()
+        code, reply = self.cc('/streams', 'POST', {
+            'target_id': tid, 'stream_files': {'state.xml': 'x'}})
+        self.assertEqual(code, 400)
+        self.assertIn('target_files', reply['error'])
+        self.assertEqual(self.snapshot(), before)
+        self.new_stream(tid)
+        before = self.snapshot()
+        code, reply = self.cc('/streams', 'POST', {
+            'target_id': tid, 'stream_files': {'other.xml': 'x'}})
+        self.assertEqual(code, 409)
+        self.assertEqual(self.snapshot(), before)
+
+    def test_cc_endpoints_need_cc_pass(self):
+        tid, sid = self.new_stream()
+        calls = [('/streams', 'POST', {'target_id': tid, 'stream_files':
+                                       {'state.xml.gz.b64': gzb64(b'x')}}),
+                 ('/streams/activate', 'POST', {'target_id': tid}),
+                 ('/streams/start/' + sid, 'PUT', {}),
+                 ('/streams/stop/' + sid, 'PUT', {}),
+                 ('/streams/delete/' + sid, 'PUT', {}),
+                 ('/streams/info/' + sid, 'GET', None),
+                 ('/targets/streams/' + tid, 'GET', None),
+                 ('/targets/delete/' + tid, 'PUT', {}),
+                 ('/active_streams', 'GET', None)]
+        before = self.snapshot()
+        for path, method, body in calls:
+            for token in (None, '', 'wrong', 'Bearer wrong', PASS + 'x'):
+                code, reply = self.cc(path, method, body, token=token)
+                self.assertEqual(code, 401, (path, token, reply))
+                self.assertIn('error', reply)
+        code = self.download(sid, token='nope')[0]
+        self.assertEqual(code, 401)
+        self.assertEqual(self.snapshot(), before)
+        # Every configured CC's pass works, bare or as a Bearer token.
+        self.assertEqual(self.cc('/streams/info/' + sid,
+                                 token='Bearer ' + PASS)[0], 200)
+        self.assertEqual(self.cc('/streams/info/' + sid,
+                                 token=OTHER_PASS)[0], 200)
+
+    def test_unknown_stream_and_target(self):
+        sid = '%s:%s' % (uuid.uuid4(), self.settings['name'])
+        for path, method in [('/streams/info/', 'GET'),
+                             ('/streams/start/', 'PUT'),
+                             ('/streams/stop/', 'PUT'),
+                             ('/streams/delete/', 'PUT')]:
+            code, reply = self.cc(path + sid, method)
+            self.assertEqual(code, 404, path)
+            self.assertIn('error', reply)
+        self.assertEqual(self.download(sid)[0], 404)
+        tid = str(uuid.uuid4())
+        self.assertEqual(self.cc('/targets/streams/' + tid)[0], 404)
+        self.assertEqual(self.cc('/targets/delete/' + tid, 'PUT'), (200, {}))
+        code, reply = self.cc('/streams/activate', 'POST', {'target_id': tid})
+        self.assertEqual(code, 503)
+        self.assertIn('error', reply)
+
+
+class TestActivation(WSTestCase):
+
+    def test_activate_pops_highest_priority_and_503_when_empty(self):
+        tid, s1 = self.new_stream()
+        _, s2 = self.new_stream(tid, with_target=False)
+        token, first = self.activate(tid)
+        self.frame(token, b'a')
+        self.checkpoint(token, b'b')
+        self.fetch_json('/core/stop', 'PUT', {}, token=token)
+        # The stream with committed frames comes first now.
+        self.assertEqual(self.activate(tid)[1], first)
+        self.assertEqual(self.activate(tid)[1], s2 if first == s1 else s1)
+        code, reply = self.cc('/streams/activate', 'POST', {'target_id': tid})
+        self.assertEqual(code, 503)
+        self.assertIn('no stream', reply['error'])
+
+    def test_active_streams(self):
+        tid, sid = self.new_stream()
+        self.assertEqual(self.cc('/active_streams'), (200, {}))
+        token, _ = self.activate(tid, donor='donor7')
+        self.frame(token, b'x', n=2)
+        code, reply = self.cc('/active_streams')
+        self.assertEqual(code, 200)
+        entry = reply[tid][sid]
+        self.assertEqual(entry['donor'], 'donor7')
+        self.assertEqual((entry['total_frames'], entry['buffer_frames']),
+                         (0, 2))
+        self.assertLessEqual(entry['start_time'], time.time())
+        self.assertTrue(self.info(sid)['active'])
+
+    def test_stop_and_start_by_cc(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'lost')
+        self.assertEqual(self.cc('/streams/stop/' + sid, 'PUT'), (200, {}))
+        info = self.info(sid)
+        self.assertEqual((info['status'], info['active']), ('STOPPED', False))
+        # The token is dead and the buffer gone; nothing to activate.
+        self.assertEqual(self.fetch_json('/core/frame', 'PUT', {
+            'files': {'a': 'b'}}, token=token)[0], 401)
+        self.assertFalse(os.path.exists(self.app.storage.buffer_dir(sid)))
+        self.assertEqual(self.cc('/streams/activate', 'POST',
+                                 {'target_id': tid})[0], 503)
+        self.assertEqual(self.cc('/streams/start/' + sid, 'PUT'), (200, {}))
+        self.assertEqual(self.info(sid)['status'], 'OK')
+        self.assertEqual(self.activate(tid)[1], sid)
+        self.assertEqual(self.download(sid)[1], b'')
+
+    def test_start_of_an_active_stream_keeps_its_core(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.assertEqual(self.cc('/streams/start/' + sid, 'PUT'), (200, {}))
+        self.assertTrue(self.info(sid)['active'])
+        self.frame(token, b'still mine')
+        self.checkpoint(token, b's')
+        self.assertEqual(self.cc('/streams/activate', 'POST',
+                                 {'target_id': tid})[0], 503)
+        self.fetch_json('/core/stop', 'PUT', {}, token=token)
+        self.assertEqual(self.activate(tid)[1], sid)
+
+    def test_reactivation_kills_older_token(self):
+        tid, sid = self.new_stream()
+        old, _ = self.activate(tid)
+        self.cc('/streams/stop/' + sid, 'PUT')
+        self.cc('/streams/start/' + sid, 'PUT')
+        new, _ = self.activate(tid)
+        self.assertEqual(self.fetch_json('/core/heartbeat', 'POST', {},
+                                         token=old)[0], 401)
+        self.assertEqual(self.fetch_json('/core/heartbeat', 'POST', {},
+                                         token=new), (200, {}))
+
+    def test_disk_guard(self):
+        tid, sid = self.new_stream()
+        self.app.config['min_free_disk_in_mb'] = 1 << 40
+        before = self.snapshot()
+        for path, body in [('/streams', {
+                'target_id': tid, 'stream_files': {
+                    'state.xml.gz.b64': gzb64(b'x')}}),
+                ('/streams/activate', {'target_id': tid})]:
+            code, reply = self.cc(path, 'POST', body)
+            self.assertEqual(code, 503)
+            self.assertIn('disk', reply['error'])
+        self.assertEqual(self.snapshot(), before)
+        self.app.config['min_free_disk_in_mb'] = 1
+        self.activate(tid)
+
+
+class TestCore(WSTestCase):
+
+    def test_frames_checkpoint_download(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        start = self.core_start(token)
+        self.assertEqual(start['stream_id'], sid)
+        self.assertEqual(start['target_id'], tid)
+        self.assertEqual(start['target_files'], target_files())
+        self.assertEqual(start['stream_files'],
+                         {'state.xml.gz.b64': gzb64(b'state0')})
+        self.assertEqual(start['files'], dict(target_files(),
+                                              **start['stream_files']))
+        # Nothing committed yet: an empty download.
+        self.assertEqual(self.download(sid)[:2], (200, b''))
+        self.frame(token, b'f1')
+        self.frame(token, b'f2f3', n=2)
+        self.assertEqual(self.download(sid)[:2], (200, b''))  # uncommitted
+        self.checkpoint(token, b'state3')
+        self.assertEqual(self.info(sid)['frames'], 3)
+        code, body, headers = self.download(sid)
+        self.assertEqual((code, body), (200, b'f1f2f3'))
+        self.assertEqual(headers['Content-Type'], 'application/octet-stream')
+        self.frame(token, b'f4')
+        self.checkpoint(token, b'state4')
+        self.assertEqual(self.download(sid)[1], b'f1f2f3f4')
+        self.assertEqual(self.info(sid)['frames'], 4)
+        # The restart point is the newest checkpoint.
+        state = self.core_start(token)['stream_files']['state.xml.gz.b64']
+        self.assertEqual(gzip.decompress(base64.b64decode(state)), b'state4')
+        # A file never sent once frames were committed is unknown.
+        self.assertEqual(self.download(sid, 'other.dat')[0], 404)
+        # The chunks on disk.
+        chunks = self.app.storage.chunks(sid)
+        self.assertEqual([(s, n) for s, n, _ in chunks], [(1, 3), (2, 1)])
+
+    def test_gz_frames_are_gunzipped(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.fetch_json('/core/frame', 'PUT', {'files': {
+            'log.txt.gz.b64': gzb64(b'hello '), 'plain.txt': 'text'}},
+            token=token)
+        self.frame(token, b'world', name='log.txt.b64')
+        self.checkpoint(token, b's')
+        self.assertEqual(self.download(sid, 'log.txt')[1], b'hello world')
+        self.assertEqual(self.download(sid, 'plain.txt')[1], b'text')
+
+    def test_retries_are_idempotent(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'f1')
+        self.frame(token, b'f1')  # the same body again: a retry
+        self.assertEqual(self.cc('/active_streams')[1][tid][sid]
+                         ['buffer_frames'], 1)
+        self.frame(token, b'f2')
+        self.checkpoint(token, b's2')
+        before = self.snapshot()
+        self.checkpoint(token, b's2')  # retry: empty buffer, a no-op
+        self.checkpoint(token, b'other')
+        self.assertEqual(self.snapshot(), before)
+        self.assertEqual(self.download(sid)[1], b'f1f2')
+        self.assertEqual(self.info(sid)['frames'], 2)
+
+    def test_frame_counts_are_variadic(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'abc', n=3)
+        self.frame(token, b'defgh', n=5)
+        self.checkpoint(token, b's')
+        self.assertEqual(self.info(sid)['frames'], 8)
+        self.assertEqual(self.download(sid)[1], b'abcdefgh')
+        self.assertEqual(self.app.storage.chunks(sid)[0][:2], (1, 8))
+
+    def test_core_2014(self):
+        """Reads target_files/stream_files, sends speed, no frames on
+        checkpoints, no Content-MD5."""
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        r = self.fetch('/core/start', headers={'Authorization': token})
+        start = json.loads(r.body)
+        self.assertIn('system.xml.gz.b64', start['target_files'])
+        self.assertIn('state.xml.gz.b64', start['stream_files'])
+        for i in range(3):
+            code, _ = self.fetch_json('/core/frame', 'PUT', {
+                'files': {'frames.xtc.b64': b64(b'<%d>' % i)}}, token=token)
+            self.assertEqual(code, 200)
+            self.assertEqual(self.fetch_json('/core/heartbeat', 'POST',
+                                             {'speed': 0}, token=token),
+                             (200, {}))
+        self.assertEqual(self.fetch_json('/core/checkpoint', 'PUT', {
+            'files': {'state.xml.gz.b64': gzb64(b'S')}, 'speed': 0},
+            token=token), (200, {}))
+        self.assertEqual(self.fetch_json('/core/stop', 'PUT', {},
+                                         token=token), (200, {}))
+        self.assertEqual(self.download(sid)[1], b'<0><1><2>')
+        info = self.info(sid)
+        self.assertEqual((info['frames'], info['active'], info['status']),
+                         (3, False, 'OK'))
+
+    def test_later_core(self):
+        """Reads `files`, sends Content-MD5, `frames` on checkpoints and an
+        extra partial_steps.gz.b64 checkpoint file."""
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+
+        def send(path, method, body):
+            raw = json.dumps(body)
+            return self.fetch_json(path, method, raw, token=token, headers={
+                'Content-MD5': hashlib.md5(raw.encode()).hexdigest()})
+
+        files = self.core_start(token)['files']
+        self.assertIn('state.xml.gz.b64', files)
+        self.assertIn('integrator.xml.gz.b64', files)
+        self.assertEqual(send('/core/frame', 'PUT', {
+            'files': {'frames.xtc.b64': b64(b'xy')}, 'frames': 2}), (200, {}))
+        self.assertEqual(send('/core/checkpoint', 'PUT', {
+            'files': {'state.xml.gz.b64': gzb64(b'S2'),
+                      'partial_steps.gz.b64': gzb64(b'17')},
+            'frames': 2.5}), (200, {}))
+        files = self.core_start(token)['files']
+        self.assertEqual(gzip.decompress(base64.b64decode(
+            files['partial_steps.gz.b64'])), b'17')
+        self.assertEqual(gzip.decompress(base64.b64decode(
+            files['state.xml.gz.b64'])), b'S2')
+        meta = os.path.join(self.app.storage.chunks(sid)[0][2], 'meta.json')
+        with open(meta) as f:
+            self.assertEqual(json.load(f)['reported_frames'], 2.5)
+        # A wrong Content-MD5 is refused and changes nothing.
+        before = self.snapshot()
+        code, reply = self.fetch_json('/core/frame', 'PUT', json.dumps({
+            'files': {'frames.xtc.b64': b64(b'zz')}}), token=token,
+            headers={'Content-MD5': hashlib.md5(b'other').hexdigest()})
+        self.assertEqual(code, 400)
+        self.assertIn('Content-MD5', reply['error'])
+        self.assertEqual(self.snapshot(), before)
+
+    def test_stop_with_error_counts_and_stops_stream(self):
+        tid, sid = self.new_stream()
+        for i in range(2):
+            token, _ = self.activate(tid)
+            self.frame(token, b'lost')
+            self.assertEqual(self.fetch_json('/core/stop', 'PUT', {
+                'error': b64(b'NaN at step %d' % i)}, token=token), (200, {}))
+            info = self.info(sid)
+            self.assertEqual((info['error_count'], info['status'],
+                              info['active']), (i + 1, 'OK', False))
+        log = self.app.storage.read_errors(sid)
+        self.assertIn('NaN at step 0', log)
+        self.assertIn('NaN at step 1', log)
+        # A successful checkpoint resets the consecutive count.
+        token, _ = self.activate(tid)
+        self.frame(token, b'ok')
+        self.checkpoint(token, b's')
+        self.assertEqual(self.info(sid)['error_count'], 0)
+        self.assertEqual(self.app.storage.stream_meta(sid)['error_count'], 0)
+        self.fetch_json('/core/stop', 'PUT', {}, token=token)
+        for i in range(3):  # max_stream_fails = 3
+            token, _ = self.activate(tid)
+            self.fetch_json('/core/stop', 'PUT', {'error': b64(b'bad')},
+                            token=token)
+        info = self.info(sid)
+        self.assertEqual((info['status'], info['error_count']),
+                         ('STOPPED', 3))
+        self.assertEqual(self.app.storage.stream_meta(sid)['status'],
+                         'STOPPED')
+        self.assertEqual(self.cc('/streams/activate', 'POST',
+                                 {'target_id': tid})[0], 503)
+        self.cc('/streams/start/' + sid, 'PUT')
+        info = self.info(sid)
+        self.assertEqual((info['status'], info['error_count']), ('OK', 0))
+        self.assertEqual(self.download(sid)[1], b'ok')
+
+    def test_heartbeat_expiry_requeues_and_kills_token(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'committed')
+        self.checkpoint(token, b's')
+        self.frame(token, b'buffered')
+        hb = self.app.keys.heartbeats
+        before = self.run_sync(self.redis.zscore, hb, sid)
+        self.assertEqual(self.fetch_json('/core/heartbeat', 'POST', {},
+                                         token=token), (200, {}))
+        self.assertGreaterEqual(self.run_sync(self.redis.zscore, hb, sid),
+                                before)
+        self.run_sync(core.sweep, self.app)  # not expired: nothing happens
+        self.assertTrue(self.info(sid)['active'])
+        # The core goes silent past its expiry.
+        self.run_sync(self.redis.zadd, hb, {sid: time.time() - 1})
+        self.assertEqual(self.fetch_json('/core/heartbeat', 'POST', {},
+                                         token=token)[0], 401)
+        self.run_sync(core.sweep, self.app)
+        info = self.info(sid)
+        self.assertEqual((info['active'], info['status'], info['frames']),
+                         (False, 'OK', 1))
+        self.assertIsNone(self.run_sync(self.redis.zscore, hb, sid))
+        for path, method in [('/core/start', 'GET'), ('/core/frame', 'PUT'),
+                             ('/core/checkpoint', 'PUT'),
+                             ('/core/heartbeat', 'POST'),
+                             ('/core/stop', 'PUT')]:
+            body = None if method == 'GET' else json.dumps(
+                {'files': {'a.b64': b64(b'x')}})
+            code, _ = self.fetch_json(path, method, body, token=token)
+            self.assertEqual(code, 401, path)
+        self.assertEqual(self.cc('/active_streams'), (200, {}))
+        token2, got = self.activate(tid)
+        self.assertEqual(got, sid)
+        self.frame(token2, b'next')
+        self.checkpoint(token2, b's2')
+        self.assertEqual(self.download(sid)[1], b'committednext')
+
+    def test_core_endpoints_need_a_live_token(self):
+        tid, sid = self.new_stream()
+        for token in (None, 'nonsense', ''):
+            r = self.fetch('/core/start', headers={'Authorization': token}
+                           if token is not None else {})
+            self.assertEqual(r.code, 401)
+            self.assertIn(b'error', r.body)
+
+
+class TestDownload(WSTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.tid, self.sid = self.new_stream()
+        token, _ = self.activate(self.tid)
+        self.data = bytes(range(256)) * 10
+        for i in range(0, len(self.data), 700):  # chunks of varying sizes
+            self.frame(token, self.data[i:i + 700])
+            self.checkpoint(token, b's%d' % i)
+        self.assertGreater(len(self.app.storage.chunks(self.sid)), 2)
+
+    def test_full_and_ranges(self):
+        data, n = self.data, len(self.data)
+        code, body, headers = self.download(self.sid)
+        self.assertEqual((code, body), (200, data))
+        self.assertEqual(headers['Accept-Ranges'], 'bytes')
+        for rng, lo, hi in [('bytes=0-0', 0, 0), ('bytes=10-', 10, n - 1),
+                            ('bytes=650-1450', 650, 1450),
+                            ('bytes=-5', n - 5, n - 1),
+                            ('bytes=100-999999', 100, n - 1),
+                            ('bytes=-999999', 0, n - 1)]:
+            code, body, headers = self.download(self.sid,
+                                                headers={'Range': rng})
+            self.assertEqual(code, 206, rng)
+            self.assertEqual(body, data[lo:hi + 1], rng)
+            self.assertEqual(headers['Content-Range'],
+                             'bytes %d-%d/%d' % (lo, hi, n))
+        for rng in ('bytes=%d-' % n, 'bytes=-0'):
+            code, body, headers = self.download(self.sid,
+                                                headers={'Range': rng})
+            self.assertEqual(code, 416, rng)
+            self.assertEqual(headers['Content-Range'], 'bytes */%d' % n)
+            self.assertIn('error', json.loads(body))
+        code, body, _ = self.download(self.sid, headers={'Range': 'junk'})
+        self.assertEqual((code, body), (200, data))
+
+    def test_signed_urls(self):
+        name = 'frames.xtc'
+        for secret in (PASS, OTHER_PASS):
+            q = '?' + signing.query(secret, self.sid, name, 60)
+            code, body, _ = self.download(self.sid, token=None, query=q)
+            self.assertEqual((code, body), (200, self.data))
+        bad = [signing.query('not-a-cc', self.sid, name, 60),
+               signing.query(PASS, self.sid, 'other.xtc', 60),
+               'expires=%d&signature=%s' % (
+                   int(time.time()) - 5,
+                   signing.signature(PASS, self.sid, name,
+                                     int(time.time()) - 5)),
+               'expires=x&signature=y', '']
+        for q in bad:
+            code, body, _ = self.download(self.sid, token=None,
+                                          query='?' + q)
+            self.assertEqual(code, 401, q)
+            self.assertIn('error', json.loads(body))
+
+
+class TestDelete(WSTestCase):
+
+    def ws_keys(self):
+        return sorted(k for k in self.redis_dump()
+                      if k.startswith(self.app.keys.prefix))
+
+    def test_delete_stream_and_target_leave_nothing(self):
+        tid, s1 = self.new_stream()
+        _, s2 = self.new_stream(tid, with_target=False)
+        token, active = self.activate(tid)
+        self.frame(token, b'x')
+        self.checkpoint(token, b'y')
+        self.frame(token, b'buffered')
+        other_tid, other = self.new_stream()
+        keep_redis = {k: v for k, v in self.redis_dump().items()
+                      if other in k or other_tid in k}
+        self.assertEqual(self.cc('/streams/delete/' + active, 'PUT'),
+                         (200, {}))
+        self.assertEqual(self.fetch_json('/core/frame', 'PUT', {
+            'files': {'a': 'b'}}, token=token)[0], 401)
+        dump = json.dumps(self.redis_dump())
+        self.assertNotIn(active, dump)
+        self.assertFalse(any(active in p for p in self.disk_dump()))
+        self.assertEqual(self.cc('/streams/info/' + active)[0], 404)
+        # The last stream takes the target with it.
+        rest = s2 if active == s1 else s1
+        self.assertEqual(self.cc('/streams/delete/' + rest, 'PUT'), (200, {}))
+        dump = json.dumps(self.redis_dump())
+        self.assertNotIn(tid, dump)
+        self.assertFalse(any(tid in p or rest in p
+                             for p in self.disk_dump()))
+        # Only the other target's stream is left, untouched.
+        self.assertEqual({k: v for k, v in self.redis_dump().items()
+                          if other in k or other_tid in k}, keep_redis)
+        self.assertEqual(self.cc('/targets/delete/' + other_tid, 'PUT'),
+                         (200, {}))
+        self.assertEqual(self.ws_keys(), [])
+        leftovers = [p for p, v in self.disk_dump().items() if v is not None]
+        self.assertEqual(leftovers, [])
+        self.assertEqual(self.cc('/targets/delete/' + other_tid, 'PUT'),
+                         (200, {}))
+
+    def test_delete_target_with_active_streams(self):
+        tid, s1 = self.new_stream()
+        for _ in range(3):
+            self.new_stream(tid, with_target=False)
+        token, _ = self.activate(tid)
+        self.frame(token, b'x')
+        self.checkpoint(token, b'y')
+        self.assertEqual(self.cc('/targets/delete/' + tid, 'PUT'), (200, {}))
+        self.assertEqual(self.ws_keys(), [])
+        self.assertEqual([p for p, v in self.disk_dump().items()
+                          if v is not None], [])
+        self.assertEqual(self.fetch_json('/core/heartbeat', 'POST', {},
+                                         token=token)[0], 401)
+        self.assertEqual(self.cc('/targets/streams/' + tid)[0], 404)
+
+
+class TestBadInput(WSTestCase):
+
+    def test_bad_cc_requests_change_nothing(self):
+        tid, sid = self.new_stream()
+        ok_files = {'state.xml.gz.b64': gzb64(b'x')}
+        cases = [
+            ('/streams', 'POST', 'not json'),
+            ('/streams', 'POST', '[1, 2]'),
+            ('/streams', 'POST', {}),
+            ('/streams', 'POST', {'target_id': tid}),
+            ('/streams', 'POST', {'target_id': 5, 'stream_files': ok_files}),
+            ('/streams', 'POST', {'target_id': '../x',
+                                  'stream_files': ok_files,
+                                  'target_files': target_files()}),
+            ('/streams', 'POST', {'target_id': tid, 'stream_files': {}}),
+            ('/streams', 'POST', {'target_id': tid, 'stream_files': []}),
+            ('/streams', 'POST', {'target_id': tid,
+                                  'stream_files': {'../state.xml': 'x'}}),
+            ('/streams', 'POST', {'target_id': tid,
+                                  'stream_files': {'a' * 129: 'x'}}),
+            ('/streams', 'POST', {'target_id': tid,
+                                  'stream_files': {'state.xml.gz.b64': 5}}),
+            ('/streams', 'POST', {'target_id': tid, 'stream_files':
+                                  {'state.xml.gz.b64': '!!notb64'}}),
+            ('/streams', 'POST', {'target_id': tid, 'stream_files':
+                                  {'state.xml.gz.b64': b64(b'not gzip')}}),
+            ('/streams', 'POST', {'target_id': str(uuid.uuid4()),
+                                  'stream_files': ok_files,
+                                  'target_files': {'sys.b64': '%%'}}),
+            ('/streams', 'POST', {'target_id': str(uuid.uuid4()),
+                                  'stream_files': ok_files,
+                                  'target_files': 'x'}),
+            ('/streams/activate', 'POST', {}),
+            ('/streams/activate', 'POST', {'target_id': ['x']}),
+            ('/streams/activate', 'POST', {'target_id': tid,
+                                           'donor_id': 7}),
+            ('/streams/info/not-a-stream-id', 'GET', None),
+            ('/streams/start/bad%20id', 'PUT', {}),
+            ('/streams/start/' + sid, 'PUT', '{'),
+            ('/streams/stop/' + sid, 'PUT', '[]'),
+            ('/targets/delete/' + tid, 'PUT', 'nope'),
+            ('/targets/streams/a..b', 'GET', None),
+            ('/targets/delete/a.b', 'PUT', {}),
+        ]
+        before = self.snapshot()
+        for path, method, body in cases:
+            code, reply = self.cc(path, method, body)
+            self.assertEqual(code, 400, (path, body, reply))
+            self.assertIn('error', reply or {}, (path, body))
+        code, _, _ = self.download(sid, name='..')
+        self.assertIn(code, (400, 404))
+        self.assertEqual(self.download(sid, name='a%20b')[0], 400)
+        self.assertEqual(self.snapshot(), before)
+
+    def test_bad_core_requests_change_nothing(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'one')
+        frame_cases = [
+            'not json', '"str"', {}, {'files': {}}, {'files': []},
+            {'files': {'frames.xtc.b64': '%%%'}},
+            {'files': {'frames.xtc.gz.b64': b64(b'not gzip')}},
+            {'files': {'frames.xtc.b64': b64(b'ok'), 'x.b64': '???'}},
+            {'files': {'../frames.xtc': 'x'}},
+            {'files': {'a/b': 'x'}},
+            {'files': {'.b64': b64(b'x')}},
+            {'files': {'frames.xtc.b64': 5}},
+            {'files': {'f.b64': b64(b'x'), 'f': 'y'}},
+            {'files': {'f': 'y'}, 'frames': 0},
+            {'files': {'f': 'y'}, 'frames': -1},
+            {'files': {'f': 'y'}, 'frames': 1.5},
+            {'files': {'f': 'y'}, 'frames': '2'},
+            {'files': {'f': 'y'}, 'frames': True},
+        ]
+        checkpoint_cases = [
+            'nope', {}, {'files': {}}, {'files': {'s.gz.b64': 'xx!'}},
+            {'files': {'s.gz.b64': b64(b'plain')}},
+            {'files': {'../s': 'x'}},
+            {'files': {'s': 'x'}, 'frames': -1},
+            {'files': {'s': 'x'}, 'frames': 'many'},
+        ]
+        stop_cases = ['bad', {'error': 5}, {'error': '!!!not base64'}]
+        before = self.snapshot()
+        for path, cases in [('/core/frame', frame_cases),
+                            ('/core/checkpoint', checkpoint_cases),
+                            ('/core/stop', stop_cases)]:
+            for body in cases:
+                code, reply = self.fetch_json(path, 'PUT', body, token=token)
+                self.assertEqual(code, 400, (path, body, reply))
+                self.assertIn('error', reply)
+        for path, method in [('/core/heartbeat', 'POST'),
+                             ('/core/stop', 'PUT')]:
+            code, reply = self.fetch_json(path, method, 'x{', token=token)
+            self.assertEqual(code, 400)
+            self.assertIn('JSON', reply['error'])
+        self.assertEqual(self.snapshot(), before)
+        self.checkpoint(token, b's')
+        self.assertEqual(self.download(sid)[1], b'one')
+
+
+class TestRecovery(WSTestCase):
+
+    def sync_redis(self):
+        return store.connect_sync(self.redis_server.url)
+
+    def rebuild(self):
+        r = self.sync_redis()
+        try:
+            return recovery.rebuild(self.app.storage, self.app.keys, r)
+        finally:
+            r.close()
+
+    def test_rebuild_from_disk_alone(self):
+        tid, s1 = self.new_stream()
+        _, s2 = self.new_stream(tid, with_target=False)
+        t2, s3 = self.new_stream()
+        token, a = self.activate(tid)
+        self.frame(token, b'abc', n=3)
+        self.checkpoint(token, b'c1')
+        self.frame(token, b'buffered')  # lost on restart
+        for _ in range(3):  # max_stream_fails: s3 ends STOPPED
+            tk, _ = self.activate(t2)
+            self.fetch_json('/core/stop', 'PUT', {'error': b64(b'x')},
+                            token=tk)
+        infos = {s: self.info(s) for s in (s1, s2, s3)}
+        infos[a]['active'] = False
+        # Garbage a crash may leave behind.
+        storage = self.app.storage
+        os.makedirs(os.path.join(storage.chunks_dir(a), '.tmp-dead', 'frames'))
+        os.makedirs(os.path.join(storage.streams, '.tmp-half'))
+        os.makedirs(os.path.join(storage.trash, 'x'))
+        os.makedirs(os.path.join(storage.targets, str(uuid.uuid4()), 'files'))
+        for wipe in (False, True):
+            if wipe:
+                r = self.sync_redis()
+                r.flushall()
+                r.close()
+            self.assertEqual(self.rebuild(), (2, 3, 3))
+            for s in (s1, s2, s3):
+                self.assertEqual(self.info(s), infos[s], (wipe, s))
+            self.assertEqual(self.download(a)[1], b'abc')
+            self.assertFalse(os.path.exists(storage.buffer_dir(a)))
+            self.assertEqual(self.cc('/active_streams'), (200, {}))
+            self.assertEqual(self.fetch_json('/core/heartbeat', 'POST', {},
+                                             token=token)[0], 401)
+            self.assertEqual(self.cc('/streams/activate', 'POST',
+                                     {'target_id': t2})[0], 503)
+            self.assertEqual(sorted(os.listdir(storage.trash)), [])
+            self.assertEqual(storage.target_ids(), sorted([tid, t2]))
+        # The stream with frames is handed out first, then the other.
+        token, got = self.activate(tid)
+        self.assertEqual(got, a)
+        self.frame(token, b'd')
+        self.checkpoint(token, b'c2')
+        self.assertEqual(self.download(a)[1], b'abcd')
+        self.assertEqual(self.activate(tid)[1], s2 if a == s1 else s1)
+
+    def test_failed_commit_keeps_buffer_and_state(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'one')
+        self.checkpoint(token, b's1')
+        self.frame(token, b'two')
+        storage = self.app.storage
+        publish = storage._publish
+
+        def broken(tmp, final):
+            raise OSError(28, 'No space left on device')
+        storage._publish = broken
+        try:
+            code, reply = self.fetch_json('/core/checkpoint', 'PUT', {
+                'files': {'state.xml.gz.b64': gzb64(b's2')}}, token=token)
+            self.assertEqual(code, 503)
+            self.assertIn('disk is full', reply['error'])
+        finally:
+            storage._publish = publish
+        self.assertEqual(self.download(sid)[1], b'one')
+        self.assertEqual(len(storage.chunks(sid)), 1)
+        self.assertEqual(storage.buffer_files(sid), ['frames.xtc'])
+        self.assertEqual([n for n in os.listdir(storage.chunks_dir(sid))
+                          if n.startswith('.tmp')], [])
+        self.checkpoint(token, b's2')  # the core retries
+        self.assertEqual(self.download(sid)[1], b'onetwo')
+        self.assertEqual(self.info(sid)['frames'], 2)
