@@ -4,7 +4,6 @@ thousands of cores can run in one process."""
 import json
 import os
 
-from siegetank import files as wire
 
 NAME = 'synthetic'
 VERSION = '1'
