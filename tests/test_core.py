@@ -264,7 +264,20 @@ class TestCoreLoop(unittest.TestCase):
         beats = self.script.seen('heartbeat')
         self.assertEqual({b[1] for b in beats}, {'token-1'})
         paths = [c[0] for c in self.script.calls if c[0] != 'heartbeat']
-        self.assertEqual(paths[-2:], ['checkpoint', 'stop'])
+        self.assertEqual(paths[-1], 'stop')
+
+    def test_checkpoint_period(self):
+        """checkpoint_every=0: a checkpoint after every frame, and none
+        left to send at the end."""
+        self.server.start()
+        self.core(checkpoint_every=0).run()
+        paths = [c[0] for c in self.script.calls if c[0] != 'heartbeat']
+        self.assertEqual(paths, ['assign', 'start'] +
+                         ['frame', 'checkpoint'] * 3 + ['stop'])
+        frames = [json.loads(wire.decode_files(c[2]['files'])[
+            synthetic.STATE_FILE])['frame']
+            for c in self.script.seen('checkpoint')]
+        self.assertEqual(frames, [1, 2, 3])
 
 
 class TestCoreProcess(unittest.TestCase):

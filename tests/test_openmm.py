@@ -34,6 +34,21 @@ class TestOpenMMEndToEnd(unittest.TestCase):
     def tearDownClass(cls):
         cls.cluster.stop()
 
+    def test_streams_differ_only_by_velocities(self):
+        import openmm
+        from openmm import unit
+        states = [openmm.XmlSerializer.deserialize(seed[
+            'state.xml.gz.b64'].decode())
+            for seed in build_target.stream_seeds(self.built)]
+        self.assertEqual(len(states), 2)
+        pos = [s.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+               for s in states]
+        vel = [s.getVelocities(asNumpy=True).value_in_unit(
+            unit.nanometer / unit.picosecond) for s in states]
+        self.assertTrue(np.array_equal(pos[0], pos[1]))
+        self.assertFalse(np.allclose(vel[0], vel[1]))
+        self.assertEqual(self.summary['atoms'], len(pos[0]))
+
     def test_frames_through_cc_and_ws(self):
         import mdtraj
         import openmm

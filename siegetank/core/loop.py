@@ -377,11 +377,12 @@ class Core:
             self.stats['checkpoints'] += 1
 
     def _finish(self, act, run):
-        """Checkpoint what was made, then give the stream back. If the WS
+        """Checkpoint the frames sent since the last checkpoint (if any),
+        then give the stream back. If the WS
         cannot be reached now, the stream comes back when its token
         expires; the uncommitted frames are lost either way."""
         try:
-            if not act.unsent:
+            if act.buffered and not act.unsent:
                 self._checkpoint(act, run, finishing=True)
             self._retry('stop', lambda: self._call(
                 'PUT', act.base + '/core/stop', act.token, {}),
