@@ -212,7 +212,12 @@ def cmd_targets_download(args):
 
 
 def cmd_streams_list(args):
-    info = client(args).load_target(args.target).stream_info()
+    target = client(args).load_target(args.target)
+    info = target.stream_info()
+    if target.unreachable:
+        print('siegetank: warning: workservers not answering, their streams '
+              'are missing: %s' % ', '.join(target.unreachable),
+              file=sys.stderr)
     out(args, info, table(
         [(sid, s.get('status'), s.get('frames'), s.get('error_count'),
           'yes' if s.get('active') else 'no')

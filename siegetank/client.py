@@ -250,6 +250,7 @@ class Target:
         self.client = client
         self._id = target_id
         self._info = None
+        self.unreachable = []
 
     def __repr__(self):
         return '<target %s>' % self._id
@@ -312,10 +313,19 @@ class Target:
 
     def stream_info(self):
         """{stream_id: {status, frames, error_count, active, ws}} over every
-        workserver holding the target's streams."""
+        workserver holding the target's streams. Workservers that did not
+        answer are listed in `self.unreachable` (their streams are
+        missing)."""
+        reply = self.client.request('GET', '/targets/streams/' + self._id)
+        header = reply.headers.get('X-Unreachable-Workservers', '')
+        self.unreachable = [w for w in header.split(',') if w]
+        try:
+            gathered = reply.json()
+        except ValueError:
+            raise SiegetankError('GET /targets/streams: the reply is not '
+                                 'JSON')
         out = {}
-        for ws, streams in self.client.get(
-                '/targets/streams/' + self._id).items():
+        for ws, streams in gathered.items():
             for sid, info in streams.items():
                 out[sid] = dict(info, ws=ws)
         return out

@@ -268,3 +268,20 @@ class TestTLS(ClientTestCase):
 class TestSyntheticSeeds(unittest.TestCase):
     def test_seed_is_a_state_file(self):
         self.assertEqual(list(synthetic.seed_files()), [synthetic.STATE_FILE])
+
+
+class TestUnreachableWorkserver(unittest.TestCase):
+    def test_streams_of_a_down_ws_are_flagged(self):
+        cluster = Cluster(n_ws=2).start()
+        try:
+            target, ids = cluster.synthetic_target(streams=2)
+            self.assertEqual(len(target.stream_info()), 2)
+            self.assertEqual(target.unreachable, [])
+            down = cluster.ws[1]
+            down.stop()
+            info = target.stream_info()
+            self.assertEqual(target.unreachable, [down.name])
+            self.assertEqual([s for s in ids if s not in info],
+                             [s for s in ids if s.endswith(':' + down.name)])
+        finally:
+            cluster.stop()
