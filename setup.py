@@ -7,6 +7,7 @@ setup(
                 '(command center, workservers, client and cores)',
     packages=find_packages(include=['server', 'server.*', 'siegetank',
                                     'siegetank.*']),
+    package_data={'siegetank': ['data/*.pdb']},
     python_requires='>=3.9',
     install_requires=['tornado>=6.4', 'redis>=5.0', 'requests>=2.31',
                       'cryptography>=42'],

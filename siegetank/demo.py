@@ -1,66 +1,388 @@
-"""`make demo`: the whole system on one machine with the shipped configs
-(embedded Redis, generated dev certificates): start the CC and a WS, show
-the WS registered and online over verified HTTPS, then shut everything down
-leaving no process behind."""
+"""`make demo`: the whole system on one machine with real molecular
+dynamics flowing through it.
+
+1. writes confs for one CC and two WS under data/demo/ (the shipped cc.conf
+   and ws.conf as the base; free ports, a fresh dev CA and certificates,
+   embedded Redis) and starts them;
+2. creates an admin (loopback bootstrap) and a donor, builds alanine
+   dipeptide in water with OpenMM and makes it a public target with 4
+   streams (different random velocities);
+3. runs 3 OpenMM cores with a live display of committed frames per stream,
+   SIGKILLs one (a replacement takes the fourth stream) and shows the dead
+   core's stream expire and go back in the queue, then stops the cores
+   (each checkpoints first);
+4. downloads every stream's trajectory through the CC (redirected to its
+   WS), checks each with mdtraj (frames = the WS's committed frames, time
+   strictly increasing) and prints a summary;
+5. shuts everything down and checks that no process is left.
+"""
 import os
+import re
+import runpy
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import requests
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, 'data', 'demo')
+CORE_SECONDS = 60          # how long the cores run in total
+KILL_AT = 20               # seconds into the run: one core is SIGKILLed
+HEARTBEAT_INCREMENT = 10   # WS: a silent core's stream expires after this
+STEPS_PER_FRAME = 50       # 0.1 ps per frame with 2 fs steps
+STREAMS = 4
+CORES = 3
+
+T0 = time.monotonic()
 
 
-def start(kind):
-    log = open(os.path.join(ROOT, 'data', kind + '.log'), 'ab')
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, kind + '.py'),
-                             '--config', os.path.join(ROOT, kind + '.conf')],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+def say(text):
+    print('[%5.1fs] %s' % (time.monotonic() - T0, text), flush=True)
+
+
+def base_conf(kind):
+    """The shipped conf's values (paths are replaced by the demo)."""
+    raw = runpy.run_path(os.path.join(ROOT, kind + '.conf'))
+    return {k: v for k, v in raw.items() if not k.startswith('_')
+            and not callable(v) and type(v).__name__ != 'module'}
+
+
+def write_conf(path, kind, values):
+    with open(path, 'w') as f:
+        f.write('# Written by siegetank.demo from the shipped %s.conf\n'
+                % kind)
+        for k, v in values.items():
+            f.write('%s = %r\n' % (k, v))
+
+
+class Procs:
+    """Every process the demo starts, each in its own process group, so
+    nothing outlives the demo."""
+
+    def __init__(self):
+        self.all = []
+
+    def start(self, name, argv):
+        log = open(os.path.join(RUN, name + '.log'), 'ab')
+        p = subprocess.Popen(argv, cwd=ROOT, stdout=log,
+                             stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+        p.demo_name, p.demo_log = name, log
+        self.all.append(p)
+        return p
+
+    def stop(self, p, sig=signal.SIGTERM, timeout=60):
+        if p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        p.demo_log.close()
+        return p.returncode
+
+    def stop_all(self):
+        for p in reversed(self.all):
+            if p.poll() is None:
+                self.stop(p, timeout=30)
 
 
 def wait_for(check, what, timeout=60):
+    """Poll `check` until it returns something true (a server still
+    starting raises: keep polling)."""
+    import requests
+    from siegetank.client import SiegetankError
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             result = check()
             if result:
                 return result
-        except requests.RequestException:
+        except (requests.RequestException, SiegetankError, OSError,
+                ValueError):
             pass
         time.sleep(0.1)
     raise SystemExit('demo: timed out waiting for %s' % what)
 
 
-def main():
-    os.makedirs(os.path.join(ROOT, 'data'), exist_ok=True)
-    procs = []
+def pid_alive(pid):
     try:
-        procs.append(start('cc'))
-        session = requests.Session()
-        session.trust_env = False  # REQUESTS_CA_BUNDLE would override verify
-        ca = os.path.join(ROOT, 'certs', 'ca.pem')
-        wait_for(lambda: os.path.exists(ca), 'dev certificates')
-        session.verify = ca
-        cc = 'https://127.0.0.1:8980'
-        wait_for(lambda: session.get(cc + '/', timeout=2).ok, 'the CC')
-        print('command center up at %s' % cc)
-        procs.append(start('ws'))
-        status = wait_for(lambda: {n: s for n, s in session.get(
-            cc + '/ws/status', timeout=2).json().items() if s['online']},
-            'the WS to register')
-        for name, s in status.items():
-            print('workserver %s online at %s:%s' % (name, s['url'],
-                                                       s['http_port']))
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return True
+
+
+def setup_servers(procs):
+    from server import store, tls
+    certs = os.path.join(RUN, 'certs')
+    ca = os.path.join(certs, 'ca.pem')
+    for who in ('cc', 'ws'):
+        tls.ensure_dev_certs(os.path.join(certs, who + '.pem'),
+                             os.path.join(certs, who + '.key'), ca)
+    cc_pass = os.urandom(16).hex()
+    cc = base_conf('cc')
+    cc.update(internal_http_port=store.free_port(),
+              redis_options={'port': store.free_port()},
+              data_folder=os.path.join(RUN, 'cc'),
+              ssl_certfile=os.path.join(certs, 'cc.pem'),
+              ssl_key=os.path.join(certs, 'cc.key'), ssl_ca_certs=ca,
+              cc_pass=cc_pass, ws_probe_interval_in_ms=1000,
+              num_processes=1)
+    write_conf(os.path.join(RUN, 'cc.conf'), 'cc', cc)
+    address = '127.0.0.1:%d' % cc['internal_http_port']
+    ws_confs = []
+    for name in ('firebat', 'marauder'):
+        ws = base_conf('ws')
+        port = store.free_port()
+        ws.update(name=name, internal_http_port=port,
+                  external_options={'external_url': '127.0.0.1',
+                                    'external_http_port': port},
+                  redis_options={'port': store.free_port(),
+                                 'appendfilename': name + '.aof'},
+                  data_folder=os.path.join(RUN, 'ws-' + name),
+                  ssl_certfile=os.path.join(certs, 'ws.pem'),
+                  ssl_key=os.path.join(certs, 'ws.key'), ssl_ca_certs=ca,
+                  command_centers={cc['name']: {'url': address,
+                                                'pass': cc_pass}},
+                  heartbeat_increment=HEARTBEAT_INCREMENT,
+                  pulse_frequency_in_ms=500, min_free_disk_in_mb=64,
+                  num_processes=1)
+        write_conf(os.path.join(RUN, 'ws-%s.conf' % name), 'ws', ws)
+        ws_confs.append(ws)
+
+    from siegetank.client import Client
+    anon = Client(address, ca=ca)
+    procs.start('cc', [sys.executable, 'cc.py', '--config',
+                       os.path.join(RUN, 'cc.conf')])
+    wait_for(lambda: anon.session.get('https://%s/' % address, verify=ca,
+                                      timeout=2).ok, 'the command center')
+    say('command center %s up at https://%s (embedded Redis on port %d, '
+        'dev CA %s)' % (cc['name'], address, cc['redis_options']['port'],
+                        os.path.relpath(ca, ROOT)))
+    for ws in ws_confs:
+        procs.start('ws-' + ws['name'],
+                    [sys.executable, 'ws.py', '--config',
+                     os.path.join(RUN, 'ws-%s.conf' % ws['name'])])
+    status = wait_for(lambda: (lambda s: s if len(s) == len(ws_confs) and
+                               all(w['online'] for w in s.values())
+                               else None)(anon.workserver_status()),
+                      'both workservers to register')
+    say('workservers online: %s' % ', '.join(
+        '%s at %s:%s' % (n, s['url'], s['http_port'])
+        for n, s in sorted(status.items())))
+    return address, ca, [cc] + ws_confs
+
+
+def start_core(procs, n, address, ca, donor):
+    return procs.start('core%d' % n, [
+        sys.executable, '-m', 'siegetank.core', '--cc', address, '--ca', ca,
+        '--engine', 'openmm', '--platform', 'CPU', '--threads', '1',
+        '--donor-token', donor, '--checkpoint-every', '5',
+        '--heartbeat-every', '2'])
+
+
+def stream_of(core):
+    """The stream a core process last said it works on (from its log)."""
+    with open(os.path.join(RUN, core.demo_name + '.log')) as f:
+        found = re.findall(r'working on stream (\S+)', f.read())
+    return found[-1] if found else None
+
+
+def show(target, labels):
+    info = target.stream_info()
+    cells = []
+    for sid, label in labels.items():
+        s = info.get(sid, {})
+        cells.append('%s %4d%s' % (label, s.get('frames', 0),
+                                   '*' if s.get('active') else ' '))
+    say('  ' + ' | '.join(cells))
+    return info
+
+
+def run_cores(procs, target, labels, address, ca, donor):
+    """3 cores on 4 streams; one core is SIGKILLed and a replacement takes
+    the stream nobody had, while the dead core's stream waits for its
+    heartbeat to expire and goes back in the queue."""
+    say('starting %d OpenMM cores (CPU platform, 1 thread each); committed '
+        'frames per stream, * = a core is on it:' % CORES)
+    cores = [start_core(procs, i + 1, address, ca, donor)
+             for i in range(CORES)]
+    started = time.monotonic()
+    killed = victim = expired = None
+    while time.monotonic() - started < CORE_SECONDS:
+        time.sleep(3)
+        info = show(target, labels)
+        for c in cores:
+            if c.poll() is not None and c is not killed:
+                raise SystemExit('demo: %s exited with %s, see %s.log' % (
+                    c.demo_name, c.returncode, c.demo_name))
+        if killed is None and time.monotonic() - started >= KILL_AT:
+            killed = cores[-1]
+            victim = stream_of(killed)
+            os.killpg(killed.pid, signal.SIGKILL)
+            killed.wait()
+            killed_at = time.monotonic()
+            say('SIGKILLed %s while on stream %s (%d committed frames): no '
+                'checkpoint, no /core/stop; the WS keeps %s active until it '
+                'misses heartbeats for %d s' % (
+                    killed.demo_name, labels.get(victim, victim),
+                    info.get(victim, {}).get('frames', 0),
+                    labels.get(victim, victim), HEARTBEAT_INCREMENT))
+            spare = start_core(procs, CORES + 1, address, ca, donor)
+            cores.append(spare)
+            wait_for(lambda: stream_of(spare), 'the new core to start')
+            say('started %s as a replacement: it got stream %s, the only '
+                'one free' % (spare.demo_name,
+                              labels.get(stream_of(spare))))
+        elif killed is not None and expired is None and victim in info \
+                and not info[victim]['active']:
+            expired = time.monotonic()
+            say('stream %s expired %.0f s after the kill: deactivated, its '
+                'uncommitted frames dropped, back in the queue with its %d '
+                'committed frames and last checkpoint for the next core' % (
+                    labels[victim], expired - killed_at,
+                    info[victim]['frames']))
+    if expired is None:
+        raise SystemExit('demo: the killed core\'s stream did not expire')
+    say('stopping the cores with SIGTERM: each checkpoints, then calls '
+        '/core/stop')
+    for c in cores:
+        if c is not killed:
+            code = procs.stop(c)
+            if code != 0:
+                raise SystemExit('demo: %s exited with %s' % (c.demo_name,
+                                                              code))
+    show(target, labels)
+
+
+def verify(client, target, labels, built, summary):
+    import mdtraj
+    import numpy as np
+    folder = os.path.join(RUN, 'trajectories')
+    os.makedirs(folder)
+    info = target.stream_info()
+    top = os.path.join(built, 'topology.pdb')
+    rows, problems = [], []
+    for sid, label in labels.items():
+        path = os.path.join(folder, '%s.xtc' % label)
+        size = client.stream(sid).download('frames.xtc', path)
+        committed = info[sid]['frames']
+        if committed == 0:
+            read, t_end, increasing = 0, 0.0, None
+            if size:
+                problems.append('%s: bytes without frames' % label)
+        else:
+            traj = mdtraj.load(path, top=top)
+            read = traj.n_frames
+            t_end = float(traj.time[-1])
+            increasing = bool(np.all(np.diff(traj.time) > 0))
+            if not increasing:
+                problems.append('%s: time not strictly increasing' % label)
+            if abs(t_end - read * summary['ps_per_frame']) > 1e-3:
+                problems.append('%s: time has gaps' % label)
+        if read != committed:
+            problems.append('%s: mdtraj read %d frames, the WS committed %d'
+                            % (label, read, committed))
+        rows.append((label, sid.split(':')[0][:8], sid.split(':')[1],
+                     committed, read, '%.1f' % t_end, size,
+                     {None: '-', True: 'yes', False: 'NO'}[increasing],
+                     'never assigned' if committed == 0 else
+                     ('ok' if read == committed else 'MISMATCH')))
+    headers = ('stream', 'id', 'ws', 'WS frames', 'mdtraj frames',
+               'sim ps', 'bytes', 't increasing', 'check')
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    fmt = '  '.join('%%-%ds' % w for w in widths)
+    print(fmt % headers)
+    print('  '.join('-' * w for w in widths))
+    for r in rows:
+        print(fmt % r)
+    return rows, problems
+
+
+def check_nothing_left(procs, confs):
+    left = [p.demo_name for p in procs.all if p.poll() is None]
+    for p in procs.all:
+        try:
+            os.killpg(p.pid, 0)     # anything left in its process group?
+            left.append('process group of %s' % p.demo_name)
+        except ProcessLookupError:
+            pass
+    for conf in confs:
+        pidfile = os.path.join(conf['data_folder'], 'redis', 'redis.pid')
+        try:
+            with open(pidfile) as f:
+                pid = int(f.read())
+        except (OSError, ValueError):
+            continue
+        if pid_alive(pid):
+            left.append('redis of %s (pid %d)' % (conf['name'], pid))
+    return left
+
+
+def main():
+    from siegetank import build_target
+    from siegetank.client import Client, SiegetankError
+    shutil.rmtree(RUN, ignore_errors=True)
+    os.makedirs(RUN)
+    say('run folder %s' % os.path.relpath(RUN, ROOT))
+    procs = Procs()
+    confs = []
+    try:
+        address, ca, confs = setup_servers(procs)
+        admin = Client(address, ca=ca)
+        admin.token = admin.create_manager('admin@demo.local',
+                                           os.urandom(8).hex(), 'admin')
+        donor = admin.create_donor('demo-donor', os.urandom(8).hex(),
+                                   'donor@demo.local')
+        say('admin admin@demo.local created (loopback bootstrap, no token); '
+            'donor demo-donor created by the admin')
+        built = os.path.join(RUN, 'target')
+        summary = build_target.build(built, streams=STREAMS,
+                                     steps_per_frame=STEPS_PER_FRAME)
+        say('built with OpenMM %s: alanine dipeptide in %d TIP3P waters '
+            '(%d atoms, PME), %g ps per frame, %d streams with different '
+            'random velocities' % (build_target.engine_version(),
+                                   summary['waters'], summary['atoms'],
+                                   summary['ps_per_frame'], STREAMS))
+        target, sids = build_target.upload(admin, built, stage='public')
+        labels = {sid: 'S%d' % (i + 1) for i, sid in enumerate(sids)}
+        say('public target %s, streams: %s' % (target.id, ', '.join(
+            '%s=%s@%s' % (labels[s], s[:8], s.split(':')[1]) for s in sids)))
+        run_cores(procs, target, labels, address, ca, donor)
+        say('downloading every stream\'s frames.xtc through the CC '
+            '(307 to a signed WS URL) and reading it with mdtraj:')
+        rows, problems = verify(admin, target, labels, built, summary)
+        frames = sum(r[3] for r in rows)
+        say('%d frames (%.1f ps of MD) committed and verified by mdtraj '
+            'across %d streams' % (frames, frames * summary['ps_per_frame'],
+                                   sum(1 for r in rows if r[3])))
+        if problems or frames == 0:
+            for p in problems or ['no frames were produced']:
+                print('demo: FAILED: %s' % p)
+            return 1
+    except SiegetankError as e:
+        print('demo: FAILED: %s' % e)
+        return 1
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-            p.wait(60)
-        print('all servers stopped (exit codes %s)'
-              % [p.returncode for p in procs])
-    return 0
+        for p in procs.all:
+            if p.demo_name.startswith('core') and p.poll() is None:
+                procs.stop(p)
+        procs.stop_all()
+        left = check_nothing_left(procs, confs)
+        say('servers stopped; %s' % ('processes left: %s' % ', '.join(left)
+                                     if left else 'no process left behind'))
+    say('demo finished in %.0f s (logs and data in %s)' % (
+        time.monotonic() - T0, os.path.relpath(RUN, ROOT)))
+    return 1 if left else 0
 
 
 if __name__ == '__main__':

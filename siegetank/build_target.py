@@ -1,0 +1,152 @@
+"""Build a real OpenMM target with OpenMM itself: alanine dipeptide (shipped
+in siegetank/data, nothing downloaded) solvated in a TIP3P water box with
+the bundled amber14 force field, minimized once, then N stream seeds that
+differ only by their random initial velocities.
+
+    python -m siegetank.build_target OUT_DIR --streams 4
+
+writes OUT_DIR/system.xml, integrator.xml, topology.pdb (for trajectory
+readers) and streams/<i>/state.xml. `upload()` turns such a folder into a
+target with its streams through the manager client.
+"""
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STRUCTURE = os.path.join(HERE, 'data', 'alanine-dipeptide.pdb')
+TEMPERATURE = 300.0       # kelvin
+STEP_FS = 2.0             # femtoseconds, with H-bond constraints
+
+
+def build(out, streams=4, padding_nm=1.0, steps_per_frame=100, seed=1,
+          structure=STRUCTURE):
+    """Write the target files and `streams` seeds under `out`; returns a
+    summary dict (also written to out/target.json)."""
+    import openmm
+    from openmm import app, unit
+
+    pdb = app.PDBFile(structure)
+    ff = app.ForceField('amber14-all.xml', 'amber14/tip3p.xml')
+    model = app.Modeller(pdb.topology, pdb.positions)
+    model.addSolvent(ff, model='tip3p', padding=padding_nm * unit.nanometer,
+                     neutralize=False)
+    system = ff.createSystem(model.topology, nonbondedMethod=app.PME,
+                             nonbondedCutoff=0.9 * unit.nanometer,
+                             constraints=app.HBonds)
+    integrator = openmm.LangevinMiddleIntegrator(
+        TEMPERATURE * unit.kelvin, 1.0 / unit.picosecond,
+        STEP_FS * unit.femtoseconds)
+    integrator.setRandomNumberSeed(seed)
+    platform = openmm.Platform.getPlatformByName('Reference') \
+        if 'CPU' not in _platforms(openmm) \
+        else openmm.Platform.getPlatformByName('CPU')
+    context = openmm.Context(system, integrator, platform)
+    context.setPositions(model.positions)
+    openmm.LocalEnergyMinimizer.minimize(context, 10.0, 500)
+
+    os.makedirs(out, exist_ok=True)
+    _write(os.path.join(out, 'system.xml'),
+           openmm.XmlSerializer.serialize(system))
+    _write(os.path.join(out, 'integrator.xml'),
+           openmm.XmlSerializer.serialize(integrator))
+    minimized = context.getState(getPositions=True)
+    with open(os.path.join(out, 'topology.pdb'), 'w') as f:
+        app.PDBFile.writeFile(model.topology, minimized.getPositions(), f)
+    for i in range(streams):
+        context.setVelocitiesToTemperature(TEMPERATURE * unit.kelvin,
+                                           seed * 1000 + i + 1)
+        context.setTime(0.0)
+        state = context.getState(getPositions=True, getVelocities=True,
+                                 getParameters=True, enforcePeriodicBox=True)
+        folder = os.path.join(out, 'streams', str(i))
+        os.makedirs(folder, exist_ok=True)
+        _write(os.path.join(folder, 'state.xml'),
+               openmm.XmlSerializer.serialize(state))
+    summary = {'atoms': model.topology.getNumAtoms(),
+               'waters': sum(1 for r in model.topology.residues()
+                             if r.name == 'HOH'),
+               'streams': streams,
+               'options': {'steps_per_frame': steps_per_frame},
+               'engine_versions': [engine_version()],
+               'ps_per_frame': steps_per_frame * STEP_FS / 1000.0}
+    _write(os.path.join(out, 'target.json'), json.dumps(summary, indent=1))
+    return summary
+
+
+def engine_version():
+    """The engine version a core of this machine announces: OpenMM's
+    major.minor (e.g. '8.6')."""
+    import openmm
+    return '.'.join(openmm.__version__.split('.')[:2])
+
+
+def _platforms(openmm):
+    return [openmm.Platform.getPlatform(i).getName()
+            for i in range(openmm.Platform.getNumPlatforms())]
+
+
+def _write(path, text):
+    with open(path, 'w') as f:
+        f.write(text)
+
+
+def target_files(out):
+    """{wire name: bytes} of the target files of a built folder."""
+    files = {}
+    for name in ('system.xml', 'integrator.xml'):
+        with open(os.path.join(out, name), 'rb') as f:
+            files[name + '.gz.b64'] = f.read()
+    return files
+
+
+def stream_seeds(out):
+    """[{wire name: bytes}] of the stream seeds of a built folder, in order."""
+    folder = os.path.join(out, 'streams')
+    seeds = []
+    for i in sorted(os.listdir(folder), key=int):
+        with open(os.path.join(folder, i, 'state.xml'), 'rb') as f:
+            seeds.append({'state.xml.gz.b64': f.read()})
+    return seeds
+
+
+def upload(client, out, description='alanine dipeptide in water',
+           stage='private', allowed_ws=None, weight=1):
+    """Create a target from a built folder and add its streams; returns
+    (Target, [stream ids])."""
+    with open(os.path.join(out, 'target.json')) as f:
+        summary = json.load(f)
+    target = client.add_target(options=summary['options'], engine='openmm',
+                               engine_versions=summary['engine_versions'],
+                               description=description, stage=stage,
+                               files=target_files(out),
+                               allowed_ws=allowed_ws, weight=weight)
+    ids = [target.add_stream(seed) for seed in stream_seeds(out)]
+    return target, ids
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog='python -m siegetank.build_target',
+        description='Build an OpenMM target (alanine dipeptide in water) and '
+                    'N stream seeds with different random velocities.')
+    parser.add_argument('out', help='folder to write into')
+    parser.add_argument('--streams', type=int, default=4)
+    parser.add_argument('--padding', type=float, default=1.0,
+                        help='water padding around the solute, nm')
+    parser.add_argument('--steps-per-frame', type=int, default=100)
+    parser.add_argument('--seed', type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.streams < 1 or args.steps_per_frame < 1:
+        parser.error('--streams and --steps-per-frame must be >= 1')
+    summary = build(args.out, args.streams, args.padding,
+                    args.steps_per_frame, args.seed)
+    print('%s: %d atoms (%d waters), %d streams, %g ps per frame' % (
+        args.out, summary['atoms'], summary['waters'], summary['streams'],
+        summary['ps_per_frame']))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""`siegetank`: the manager's command line over siegetank.client.
+
+    siegetank --cc cc.example.org:443 --ca ca.pem login --email me@lab.org
+    siegetank targets create system.xml integrator.xml \\
+        --engine-version 8.6 --steps-per-frame 50000 --stage public
+    siegetank streams add TARGET_ID state0.xml state1.xml
+    siegetank streams download STREAM_ID -o traj.xtc
+
+`login` keeps the CC address, CA bundle and token in a user config file
+(mode 0600): $SIEGETANK_CONFIG, else $XDG_CONFIG_HOME/siegetank/config.json,
+else ~/.config/siegetank/config.json. Errors are one line on stderr with the
+server's message; the exit code is 1 (2 for bad usage).
+"""
+import argparse
+import getpass
+import json
+import os
+import sys
+
+from siegetank import files as wire
+from siegetank.client import Client, SiegetankError
+
+
+class UsageError(Exception):
+    pass
+
+
+def config_path():
+    if os.environ.get('SIEGETANK_CONFIG'):
+        return os.environ['SIEGETANK_CONFIG']
+    base = os.environ.get('XDG_CONFIG_HOME') or os.path.join(
+        os.path.expanduser('~'), '.config')
+    return os.path.join(base, 'siegetank', 'config.json')
+
+
+def load_config():
+    try:
+        with open(config_path()) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise UsageError('cannot read %s: %s' % (config_path(), e))
+
+
+def save_config(conf):
+    """Write the config readable by the user only (it holds a token)."""
+    path = config_path()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp'
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, 'w') as f:
+        os.fchmod(f.fileno(), 0o600)
+        json.dump(conf, f, indent=1)
+    os.replace(tmp, path)
+
+
+def client(args, need_token=True):
+    conf = load_config()
+    cc = args.cc or conf.get('cc')
+    if not cc:
+        raise UsageError('no command center: pass --cc HOST:PORT or run '
+                         '`siegetank --cc HOST:PORT login` first')
+    ca = args.ca or (conf.get('ca') if cc == conf.get('cc') else None)
+    token = conf.get('token') if cc == conf.get('cc') else None
+    if need_token and not token:
+        raise UsageError('not logged in to %s: run `siegetank login` first'
+                         % cc)
+    return Client(cc, token=token, ca=ca)
+
+
+def out(args, data, text=None):
+    if args.json or text is None:
+        print(json.dumps(data, indent=1, sort_keys=True))
+    else:
+        print(text)
+
+
+def table(rows, headers):
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    fmt = '  '.join('%%-%ds' % w for w in widths)
+    return '\n'.join([fmt % tuple(headers)] + [fmt % tuple(r) for r in rows])
+
+
+def parse_json(text, what):
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise UsageError('%s is not valid JSON: %s' % (what, e))
+    if not isinstance(value, dict):
+        raise UsageError('%s must be a JSON object' % what)
+    return value
+
+
+def read_files(paths):
+    try:
+        return wire.read_for_upload(paths)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e))
+
+
+# -- commands -----------------------------------------------------------------
+def cmd_login(args):
+    conf = load_config()
+    cc = args.cc or conf.get('cc')
+    if not cc:
+        raise UsageError('pass --cc HOST:PORT to log in')
+    ca = args.ca or (conf.get('ca') if cc == conf.get('cc') else None)
+    c = Client(cc, ca=ca)
+    if args.token:
+        c.token = args.token
+        c.verify_token()
+    else:
+        if not args.email:
+            raise UsageError('pass --email (or --token)')
+        password = args.password or os.environ.get('SIEGETANK_PASSWORD') \
+            or getpass.getpass('password for %s: ' % args.email)
+        c.generate_token(args.email, password)
+    save_config({'cc': cc, 'ca': os.path.abspath(ca) if ca else None,
+                 'token': c.token, 'email': args.email})
+    print('logged in to %s (token saved in %s)' % (cc, config_path()))
+
+
+def cmd_logout(args):
+    conf = load_config()
+    conf.pop('token', None)
+    save_config(conf)
+    print('logged out')
+
+
+def cmd_account(args):
+    c = client(args, need_token=False)
+    if args.kind == 'manager':
+        token = c.create_manager(args.email, args.password, args.role,
+                                 args.weight)
+    else:
+        token = c.create_donor(args.username, args.password, args.email)
+    out(args, {'token': token}, token)
+
+
+def cmd_ws_status(args):
+    status = client(args, need_token=False).workserver_status()
+    out(args, status, table(
+        [(n, '%s:%s' % (s.get('url'), s.get('http_port')),
+          'online' if s.get('online') else 'offline')
+         for n, s in sorted(status.items())], ('workserver', 'address',
+                                               'status')))
+
+
+def cmd_targets_list(args):
+    c = client(args, need_token=False)
+    ids = c.target_ids()
+    if args.json:
+        return out(args, ids)
+    rows = []
+    for tid in ids:
+        info = c.load_target(tid).info()
+        rows.append((tid, info.get('stage'), info.get('engine'),
+                     ','.join(info.get('engine_versions') or []),
+                     info.get('description', '')))
+    print(table(rows, ('target', 'stage', 'engine', 'versions',
+                       'description')))
+
+
+def cmd_targets_info(args):
+    info = client(args, need_token=False).load_target(args.target).info()
+    out(args, info, '\n'.join('%-16s %s' % (k, json.dumps(v) if isinstance(
+        v, (dict, list)) else v) for k, v in sorted(info.items())))
+
+
+def cmd_targets_create(args):
+    options = parse_json(args.options, '--options') if args.options else {}
+    if args.steps_per_frame is not None:
+        options['steps_per_frame'] = args.steps_per_frame
+    t = client(args).add_target(
+        options=options, engine=args.engine,
+        engine_versions=args.engine_version, description=args.description,
+        stage=args.stage, files=read_files(args.files),
+        allowed_ws=args.allowed_ws, weight=args.weight)
+    out(args, {'target_id': t.id}, t.id)
+
+
+def cmd_targets_update(args):
+    fields = {}
+    for key in ('stage', 'description', 'weight', 'allowed_ws'):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    if args.engine_version is not None:
+        fields['engine_versions'] = args.engine_version
+    if args.options is not None:
+        fields['options'] = parse_json(args.options, '--options')
+    if not fields:
+        raise UsageError('nothing to update: give at least one field')
+    client(args).load_target(args.target).update(**fields)
+    print('updated %s' % args.target)
+
+
+def cmd_targets_delete(args):
+    c = client(args)
+    for tid in args.targets:
+        c.load_target(tid).delete()
+        print('deleted %s' % tid)
+
+
+def cmd_targets_download(args):
+    path = args.output or args.filename
+    data = client(args).load_target(args.target).download(args.filename,
+                                                          path)
+    print('%s: %d bytes' % (path, len(data)))
+
+
+def cmd_streams_list(args):
+    target = client(args).load_target(args.target)
+    info = target.stream_info()
+    if target.unreachable:
+        print('siegetank: warning: workservers not answering, their streams '
+              'are missing: %s' % ', '.join(target.unreachable),
+              file=sys.stderr)
+    out(args, info, table(
+        [(sid, s.get('status'), s.get('frames'), s.get('error_count'),
+          'yes' if s.get('active') else 'no')
+         for sid, s in sorted(info.items())],
+        ('stream', 'status', 'frames', 'errors', 'active')))
+
+
+def cmd_streams_add(args):
+    c = client(args)
+    target = c.load_target(args.target)
+    ids = []
+    for path in args.files:
+        files = read_files([path])
+        if args.name:
+            files = {args.name: next(iter(files.values()))}
+        ids.append(target.add_stream(files))
+        if not args.json:
+            print(ids[-1])
+    if args.json:
+        out(args, ids)
+
+
+def cmd_streams_info(args):
+    info = client(args).stream(args.stream).info()
+    out(args, info, '\n'.join('%-14s %s' % kv for kv in sorted(info.items())))
+
+
+def _each_stream(action, verb):
+    def run(args):
+        c = client(args)
+        for sid in args.streams:
+            getattr(c.stream(sid), action)()
+            print('%s %s' % (verb, sid))
+    return run
+
+
+def cmd_streams_download(args):
+    path = args.output or args.filename
+    size = client(args).stream(args.stream).download(
+        args.filename, path, resume=not args.no_resume,
+        progress=not args.quiet)
+    print('%s: %d bytes' % (path, size))
+
+
+# -- parser -------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(prog='siegetank', description=__doc__.split(
+        '\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--cc', help='command center host:port (saved by login)')
+    p.add_argument('--ca', help='CA bundle to verify the servers against '
+                   '(saved by login; default: the system store)')
+    p.add_argument('--json', action='store_true', help='print raw JSON')
+    sub = p.add_subparsers(dest='command', metavar='COMMAND')
+    sub.required = True
+
+    s = sub.add_parser('login', help='log in and save the token')
+    s.add_argument('--email')
+    s.add_argument('--password', help='(default: $SIEGETANK_PASSWORD or a '
+                   'prompt)')
+    s.add_argument('--token', help='use an existing token instead')
+    s.set_defaults(func=cmd_login)
+    sub.add_parser('logout', help='forget the saved token').set_defaults(
+        func=cmd_logout)
+
+    acc = sub.add_parser('account', help='create accounts').add_subparsers(
+        dest='kind', metavar='KIND')
+    acc.required = True
+    s = acc.add_parser('manager', help='create a manager or admin (needs an '
+                       'admin login, or the CC host for the first admin)')
+    s.add_argument('--email', required=True)
+    s.add_argument('--password', required=True)
+    s.add_argument('--role', choices=('manager', 'admin'), default='manager')
+    s.add_argument('--weight', type=float)
+    s.set_defaults(func=cmd_account)
+    s = acc.add_parser('donor', help='create a donor')
+    s.add_argument('--username', required=True)
+    s.add_argument('--password', required=True)
+    s.add_argument('--email', required=True)
+    s.set_defaults(func=cmd_account)
+
+    ws = sub.add_parser('ws', help='workservers').add_subparsers(
+        dest='ws_command', metavar='ACTION')
+    ws.required = True
+    ws.add_parser('status', help='workservers and whether they are '
+                  'online').set_defaults(func=cmd_ws_status)
+
+    tg = sub.add_parser('targets', help='targets').add_subparsers(
+        dest='targets_command', metavar='ACTION')
+    tg.required = True
+    tg.add_parser('list', help='your targets (public ones when logged '
+                  'out)').set_defaults(func=cmd_targets_list)
+    s = tg.add_parser('info', help='a target\'s details')
+    s.add_argument('target')
+    s.set_defaults(func=cmd_targets_info)
+    s = tg.add_parser('create', help='create a target from files (each sent '
+                      'as NAME.gz.b64, e.g. system.xml, integrator.xml)')
+    s.add_argument('files', nargs='*', metavar='FILE')
+    s.add_argument('--engine', default='openmm')
+    s.add_argument('--engine-version', action='append', required=True,
+                   help='repeat for several')
+    s.add_argument('--options', help='JSON object of engine options')
+    s.add_argument('--steps-per-frame', type=int)
+    s.add_argument('--stage', choices=('private', 'beta', 'public'),
+                   default='private')
+    s.add_argument('--description', default='')
+    s.add_argument('--allowed-ws', nargs='+', metavar='WS')
+    s.add_argument('--weight', type=float)
+    s.set_defaults(func=cmd_targets_create)
+    s = tg.add_parser('update', help='change fields of a target')
+    s.add_argument('target')
+    s.add_argument('--stage', choices=('private', 'beta', 'public'))
+    s.add_argument('--description')
+    s.add_argument('--options', help='JSON object (replaces the options)')
+    s.add_argument('--engine-version', action='append')
+    s.add_argument('--allowed-ws', nargs='+', metavar='WS')
+    s.add_argument('--weight', type=float)
+    s.set_defaults(func=cmd_targets_update)
+    s = tg.add_parser('delete', help='delete targets and all their streams')
+    s.add_argument('targets', nargs='+', metavar='TARGET')
+    s.set_defaults(func=cmd_targets_delete)
+    s = tg.add_parser('download', help='download a target file')
+    s.add_argument('target')
+    s.add_argument('filename')
+    s.add_argument('-o', '--output')
+    s.set_defaults(func=cmd_targets_download)
+
+    st = sub.add_parser('streams', help='streams').add_subparsers(
+        dest='streams_command', metavar='ACTION')
+    st.required = True
+    s = st.add_parser('list', help='a target\'s streams')
+    s.add_argument('target')
+    s.set_defaults(func=cmd_streams_list)
+    s = st.add_parser('add', help='add one stream per FILE (e.g. a '
+                      'state.xml, sent as state.xml.gz.b64)')
+    s.add_argument('target')
+    s.add_argument('files', nargs='+', metavar='FILE')
+    s.add_argument('--name', help='send each file under this wire name')
+    s.set_defaults(func=cmd_streams_add)
+    s = st.add_parser('info', help='a stream\'s status and frames')
+    s.add_argument('stream')
+    s.set_defaults(func=cmd_streams_info)
+    for action, verb, text in (('start', 'started', 'start streams'),
+                               ('stop', 'stopped', 'stop streams'),
+                               ('delete', 'deleted', 'delete streams')):
+        s = st.add_parser(action, help=text)
+        s.add_argument('streams', nargs='+', metavar='STREAM')
+        s.set_defaults(func=_each_stream(action, verb))
+    s = st.add_parser('download', help='download a stream\'s committed '
+                      'frames (resumes a partial file)')
+    s.add_argument('stream')
+    s.add_argument('filename', nargs='?', default='frames.xtc')
+    s.add_argument('-o', '--output')
+    s.add_argument('--no-resume', action='store_true',
+                   help='download everything again')
+    s.add_argument('-q', '--quiet', action='store_true',
+                   help='no progress bar')
+    s.set_defaults(func=cmd_streams_download)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UsageError as e:
+        print('siegetank: %s' % e, file=sys.stderr)
+        return 2
+    except SiegetankError as e:
+        print('siegetank: %s' % e, file=sys.stderr)
+        return 1
+    except OSError as e:
+        print('siegetank: %s' % e, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print('siegetank: interrupted', file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,508 @@
+"""Manager client of a Siegetank command center, over `requests`.
+
+    import siegetank
+    c = siegetank.Client('cc.example.org:443', ca='ca.pem')
+    c.generate_token('me@example.org', 'secret')
+    t = c.add_target(options={'steps_per_frame': 50000}, engine='openmm',
+                     engine_versions=['8.6'], files={...}, stage='public')
+    sid = t.add_stream({'state.xml.gz.b64': open('state.xml', 'rb').read()})
+    c.stream(sid).download('frames.xtc', 'traj.xtc')   # resumable
+
+The 2014 module-level API (`login`, `generate_token`, `add_target`,
+`load_target`, `get_targets`, `workserver_status`, ...) keeps working on top
+of a default Client (see the end of this file).
+
+TLS is always verified: against the CA bundle given (`ca=`), else the
+system's store. `verify=` is passed on every request and the session ignores
+the environment, so REQUESTS_CA_BUNDLE cannot silently swap the trust
+anchor.
+"""
+import os
+import sys
+import time
+import zlib
+
+import requests
+
+from siegetank import files as wire
+
+DEFAULT_TIMEOUT = 60
+
+
+class SiegetankError(Exception):
+    """A request that did not succeed: `status` (None when the server could
+    not be reached) and the server's `message`."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _base_url(cc):
+    cc = cc.rstrip('/')
+    return cc if cc.startswith('https://') else 'https://' + cc
+
+
+class Progress:
+    """A one-line progress bar on stderr: redrawn in place on a terminal,
+    one final line otherwise."""
+
+    def __init__(self, label, total=None, done=0, stream=None):
+        self.label = label
+        self.total = total
+        self.done = done
+        self.start_done = done
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, 'isatty', lambda: False)()
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def update(self, n):
+        self.done += n
+        now = time.monotonic()
+        if self.tty and now - self.last > 0.1:
+            self.last = now
+            self._draw('\r')
+
+    def _draw(self, start, end=''):
+        rate = (self.done - self.start_done) / max(
+            1e-6, time.monotonic() - self.started)
+        if self.total:
+            frac = min(1.0, self.done / self.total)
+            bar = '#' * int(frac * 30)
+            text = '%s [%-30s] %5.1f%% %s/%s %s/s' % (
+                self.label, bar, 100 * frac, _size(self.done),
+                _size(self.total), _size(rate))
+        else:
+            text = '%s %s %s/s' % (self.label, _size(self.done), _size(rate))
+        self.stream.write(start + text + end)
+        self.stream.flush()
+
+    def close(self):
+        self._draw('\r' if self.tty else '', '\n')
+
+
+def _size(n):
+    for unit in ('B', 'KB', 'MB', 'GB'):
+        if n < 1024 or unit == 'GB':
+            return ('%d %s' if unit == 'B' else '%.1f %s') % (n, unit)
+        n /= 1024.0
+
+
+class Client:
+    """A session with one command center. `cc` is 'host:port' (or an
+    https:// URL); `ca` the CA bundle to verify it (and the workservers it
+    redirects downloads to) against; `token` a manager token."""
+
+    def __init__(self, cc, token=None, ca=None, timeout=DEFAULT_TIMEOUT):
+        self.cc = cc
+        self.url = _base_url(cc)
+        self.token = token
+        if ca is not None and not os.path.isfile(ca):
+            raise SiegetankError('CA bundle %s does not exist' % ca)
+        self.verify = os.path.abspath(ca) if ca else True
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.trust_env = False  # REQUESTS_CA_BUNDLE must not win
+
+    # -- plumbing ---------------------------------------------------------
+    def request(self, method, path, body=None, auth=True, stream=False,
+                headers=None, ok=(200,)):
+        """The reply of one request; SiegetankError unless its status is in
+        `ok`."""
+        headers = dict(headers or {})
+        if auth and self.token:
+            headers['Authorization'] = self.token
+        if body is None and method in ('PUT', 'POST'):
+            body = {}
+        try:
+            reply = self.session.request(
+                method, self.url + path, json=body, headers=headers,
+                verify=self.verify, timeout=self.timeout, stream=stream)
+        except requests.exceptions.SSLError as e:
+            raise SiegetankError('TLS verification of %s failed (%s): give '
+                                 'the right CA bundle' % (self.cc, _why(e)))
+        except requests.RequestException as e:
+            raise SiegetankError('cannot reach %s: %s' % (self.cc, _why(e)))
+        if reply.status_code not in ok:
+            message = _error_of(reply)
+            reply.close()
+            raise SiegetankError('%s %s: %s' % (method, path, message),
+                                 reply.status_code)
+        return reply
+
+    def json(self, method, path, body=None, auth=True):
+        reply = self.request(method, path, body, auth)
+        try:
+            return reply.json() if reply.content else {}
+        except ValueError:
+            raise SiegetankError('%s %s: the reply is not JSON' % (method,
+                                                                   path))
+
+    def get(self, path):
+        return self.json('GET', path)
+
+    def put(self, path, body=None):
+        return self.json('PUT', path, body)
+
+    def post(self, path, body=None):
+        return self.json('POST', path, body)
+
+    # -- accounts ---------------------------------------------------------
+    def create_manager(self, email, password, role='manager', weight=None):
+        """Create a manager (or admin) account; returns its token. Needs an
+        admin token, or no token from the CC's own host (bootstrap)."""
+        body = {'email': email, 'password': password, 'role': role}
+        if weight is not None:
+            body['weight'] = weight
+        return self.post('/managers', body)['token']
+
+    def create_donor(self, username, password, email):
+        """Create a donor account; returns its token."""
+        return self.post('/donors', {'username': username,
+                                     'password': password,
+                                     'email': email})['token']
+
+    def generate_token(self, email, password):
+        """Log in as a manager: a new token (the old one stops working),
+        kept on this client and returned."""
+        self.token = self.json('POST', '/managers/auth',
+                               {'email': email, 'password': password},
+                               auth=False)['token']
+        return self.token
+
+    def donor_token(self, username, password):
+        return self.json('POST', '/donors/auth', {'username': username,
+                                                  'password': password},
+                         auth=False)['token']
+
+    # -- command center ---------------------------------------------------
+    def workserver_status(self):
+        """{ws_name: {url, http_port, online}}"""
+        return self.json('GET', '/ws/status', auth=False)
+
+    def get_targets(self):
+        """Your targets (all public/beta ones without a token), as Target
+        objects."""
+        return [Target(self, t) for t in self.target_ids()]
+
+    def target_ids(self):
+        return self.get('/targets')['targets']
+
+    def add_target(self, options, engine='openmm', engine_versions=(),
+                   description='', stage='private', files=None,
+                   allowed_ws=None, weight=None):
+        """Create a target; `files` maps wire names (e.g.
+        'system.xml.gz.b64') to raw bytes, encoded here. Returns a Target."""
+        if isinstance(engine_versions, str):
+            engine_versions = [engine_versions]
+        body = {'description': description, 'engine': engine,
+                'engine_versions': list(engine_versions),
+                'options': options or {}, 'stage': stage}
+        if files:
+            body['files'] = wire.encode_files(files)
+        if allowed_ws:
+            body['allowed_ws'] = list(allowed_ws)
+        if weight is not None:
+            body['weight'] = weight
+        return Target(self, self.post('/targets', body)['target_id'])
+
+    def load_target(self, target_id):
+        return Target(self, target_id)
+
+    def stream(self, stream_id):
+        return Stream(self, stream_id)
+
+    load_stream = stream
+
+    def verify_token(self):
+        """Raise SiegetankError unless the token is accepted."""
+        self.get('/targets')
+
+
+def _why(error):
+    """The useful tail of a requests/urllib3 exception message."""
+    text = str(error.args[0] if error.args else error)
+    if 'Caused by' in text:
+        text = text.split('Caused by', 1)[1].split(': ')[-1]
+    return text.strip('"\'() ')[:200]
+
+
+def _error_of(reply):
+    try:
+        return '%d %s' % (reply.status_code, reply.json()['error'])
+    except (ValueError, KeyError, TypeError):
+        text = (reply.text or '').strip().splitlines()
+        return '%d %s' % (reply.status_code,
+                          text[0][:200] if text else reply.reason)
+
+
+class Target:
+    """A target on the CC. Info fields load lazily and are cached; call
+    `reload_info()` to refresh."""
+
+    FIELDS = ('description', 'owner', 'creation_date', 'stage', 'allowed_ws',
+              'striated_ws', 'engine', 'engine_versions', 'files', 'options',
+              'weight')
+
+    def __init__(self, client, target_id):
+        self.client = client
+        self._id = target_id
+        self._info = None
+        self.unreachable = []
+
+    def __repr__(self):
+        return '<target %s>' % self._id
+
+    def __eq__(self, other):
+        return isinstance(other, Target) and other._id == self._id
+
+    def __hash__(self):
+        return hash(self._id)
+
+    @property
+    def id(self):
+        return self._id
+
+    def reload_info(self):
+        self._info = self.client.get('/targets/info/' + self._id)
+        return self._info
+
+    def info(self):
+        """Fresh info dict."""
+        return self.reload_info()
+
+    def _field(self, name):
+        if self._info is None:
+            self.reload_info()
+        return self._info.get(name)
+
+    description = property(lambda self: self._field('description'))
+    owner = property(lambda self: self._field('owner'))
+    creation_date = property(lambda self: self._field('creation_date'))
+    stage = property(lambda self: self._field('stage'))
+    allowed_ws = property(lambda self: self._field('allowed_ws'))
+    striated_ws = property(lambda self: self._field('striated_ws'))
+    engine = property(lambda self: self._field('engine'))
+    engine_versions = property(lambda self: self._field('engine_versions'))
+    files = property(lambda self: self._field('files'))
+    options = property(lambda self: self._field('options'))
+    weight = property(lambda self: self._field('weight'))
+
+    def update(self, **fields):
+        """Change any of stage, allowed_ws, engine_versions, description,
+        options, weight."""
+        self.client.put('/targets/update/' + self._id, fields)
+        self._info = None
+
+    def delete(self):
+        """Delete the target, its files and all its streams."""
+        self.client.put('/targets/delete/' + self._id)
+
+    def add_stream(self, files):
+        """Add a stream from {wire name: raw bytes}; returns its id."""
+        if not isinstance(files, dict):
+            raise TypeError('files must be a dict of name -> bytes')
+        return self.client.post('/streams', {
+            'target_id': self._id,
+            'files': wire.encode_files(files)})['stream_id']
+
+    def delete_stream(self, stream_id):
+        self.client.put('/streams/delete/' + stream_id)
+
+    def stream_info(self):
+        """{stream_id: {status, frames, error_count, active, ws}} over every
+        workserver holding the target's streams. Workservers that did not
+        answer are listed in `self.unreachable` (their streams are
+        missing)."""
+        reply = self.client.request('GET', '/targets/streams/' + self._id)
+        header = reply.headers.get('X-Unreachable-Workservers', '')
+        self.unreachable = [w for w in header.split(',') if w]
+        try:
+            gathered = reply.json()
+        except ValueError:
+            raise SiegetankError('GET /targets/streams: the reply is not '
+                                 'JSON')
+        out = {}
+        for ws, streams in gathered.items():
+            for sid, info in streams.items():
+                out[sid] = dict(info, ws=ws)
+        return out
+
+    @property
+    def streams(self):
+        """The target's streams (Stream objects, info preloaded)."""
+        return [Stream(self.client, sid, info)
+                for sid, info in sorted(self.stream_info().items())]
+
+    def download(self, filename, path=None):
+        """A target file's bytes (decoded from its `.b64`/`.gz.b64`
+        transport form); written to `path` when given."""
+        data = self.client.request(
+            'GET', '/targets/%s/%s' % (self._id, filename)).content
+        if filename.endswith('.b64'):
+            try:
+                data = wire.decode(filename, data)
+            except (ValueError, OSError, zlib.error):
+                pass  # served decoded already
+        if path:
+            with open(path, 'wb') as f:
+                f.write(data)
+        return data
+
+
+class Stream:
+    """A stream (one trajectory). Info (status, frames, error_count, active)
+    loads lazily; `reload_info()` refreshes it."""
+
+    def __init__(self, client, stream_id, info=None):
+        self.client = client
+        self._id = stream_id
+        self._info = dict(info) if info else None
+
+    def __repr__(self):
+        return '<stream %s>' % self._id
+
+    @property
+    def id(self):
+        return self._id
+
+    @property
+    def ws_name(self):
+        return self._id.split(':', 1)[1] if ':' in self._id else None
+
+    def reload_info(self):
+        self._info = self.client.get('/streams/info/' + self._id)
+        return self._info
+
+    def info(self):
+        return self.reload_info()
+
+    def _field(self, name):
+        if self._info is None or name not in self._info:
+            self.reload_info()
+        return self._info.get(name)
+
+    frames = property(lambda self: self._field('frames'))
+    status = property(lambda self: self._field('status'))
+    error_count = property(lambda self: self._field('error_count'))
+    active = property(lambda self: self._field('active'))
+    target_id = property(lambda self: self._field('target_id'))
+    creation_date = property(lambda self: self._field('creation_date'))
+
+    def start(self):
+        self.client.put('/streams/start/' + self._id)
+        self._info = None
+
+    def stop(self):
+        self.client.put('/streams/stop/' + self._id)
+        self._info = None
+
+    def delete(self):
+        self.client.put('/streams/delete/' + self._id)
+
+    def download(self, filename='frames.xtc', path=None, resume=True,
+                 progress=False, chunk_size=1 << 16):
+        """Download the committed frames of `filename` to `path` (default:
+        the file name) in constant memory. With `resume` and an existing
+        `path`, only the bytes after its size are fetched (Range), so calling
+        again later appends just the new frames. `progress`: True for a bar
+        on stderr, or a callable(bytes_done, bytes_total). Returns the size
+        of `path`."""
+        path = path or filename
+        have = os.path.getsize(path) if resume and os.path.exists(path) \
+            else 0
+        headers = {'Range': 'bytes=%d-' % have} if have else {}
+        reply = self.client.request(
+            'GET', '/streams/%s/%s' % (self._id, filename), stream=True,
+            headers=headers, ok=(200, 206, 416))
+        try:
+            if reply.status_code == 416:      # nothing after what we have
+                total = reply.headers.get('Content-Range', '').rpartition(
+                    '/')[2]
+                if total.isdigit() and int(total) < have:
+                    raise SiegetankError(
+                        '%s is larger (%d bytes) than %s on the server (%s '
+                        'bytes): not a partial download of it' % (
+                            path, have, filename, total))
+                return have
+            if reply.status_code == 200:      # whole file: start over
+                have = 0
+            length = reply.headers.get('Content-Length')
+            total = have + int(length) if length is not None else None
+            bar = None
+            if progress is True:
+                bar = Progress(self._id[:8] + ' ' + filename, total, have)
+            with open(path, 'ab' if have else 'wb') as f:
+                done = have
+                for chunk in reply.iter_content(chunk_size):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if bar:
+                        bar.update(len(chunk))
+                    elif callable(progress):
+                        progress(done, total)
+            if bar:
+                bar.close()
+        except requests.RequestException as e:
+            raise SiegetankError('download of %s interrupted (%s); run it '
+                                 'again to resume' % (filename, _why(e)))
+        finally:
+            reply.close()
+        return os.path.getsize(path)
+
+
+# -- the 2014 module-level API, on a default client -------------------------
+_default = None
+
+
+def _client(cc_uri=None):
+    if cc_uri is not None and (_default is None or _default.cc != cc_uri):
+        return Client(cc_uri, ca=_default.verify if _default and isinstance(
+            _default.verify, str) else None)
+    if _default is None:
+        raise SiegetankError('You are not logged in to a cc!')
+    return _default
+
+
+def login(cc, token, ca=None):
+    """Use `token` with the CC at `cc` for the module-level calls; the token
+    is checked."""
+    global _default
+    client = Client(cc, token, ca)
+    client.verify_token()
+    _default = client
+    return client
+
+
+def generate_token(cc, email, password, ca=None):
+    """Log in with email/password; returns the new token."""
+    global _default
+    client = Client(cc, ca=ca)
+    token = client.generate_token(email, password)
+    _default = client
+    return token
+
+
+def add_target(options, engine, engine_versions, cc_uri=None, description='',
+               stage='private', files=None, allowed_ws=None, weight=None):
+    return _client(cc_uri).add_target(options, engine, engine_versions,
+                                      description, stage, files, allowed_ws,
+                                      weight)
+
+
+def load_target(target_id, cc_uri=None):
+    return Target(_client(cc_uri), target_id)
+
+
+def load_stream(stream_id, cc_uri=None):
+    return Stream(_client(cc_uri), stream_id)
+
+
+def get_targets(cc_uri=None):
+    return _client(cc_uri).get_targets()
+
+
+def workserver_status(cc_uri=None):
+    return _client(cc_uri).workserver_status()

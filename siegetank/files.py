@@ -1,0 +1,67 @@
+"""How files travel inside JSON (API.md): a name ending in `.b64` carries
+base64, `.gz.b64` base64 of gzip, anything else the text itself. Shared by
+the manager client, the CLI and the cores so both ends agree."""
+import base64
+import gzip
+import os
+
+
+def encode(name, data):
+    """The JSON string for file `name` holding `data` (bytes or str)."""
+    if isinstance(data, str):
+        data = data.encode()
+    if name.endswith('.gz.b64'):
+        data = gzip.compress(data, mtime=0)
+    if name.endswith('.b64'):
+        return base64.b64encode(data).decode('ascii')
+    return data.decode()
+
+
+def decode(name, text):
+    """The bytes of file `name` from its JSON string."""
+    data = text.encode() if isinstance(text, str) else text
+    if name.endswith('.b64'):
+        data = base64.b64decode(data, validate=True)
+        if name.endswith('.gz.b64'):
+            data = gzip.decompress(data)
+    return data
+
+
+def encode_files(files):
+    """{name: bytes} -> {name: JSON string}."""
+    return {name: encode(name, data) for name, data in files.items()}
+
+
+def decode_files(files):
+    return {name: decode(name, text) for name, text in files.items()}
+
+
+def plain_name(name):
+    """`frames.xtc.gz.b64` -> `frames.xtc`: the name a file is stored and
+    downloaded under once its transport suffixes are stripped."""
+    for suffix in ('.b64', '.gz'):
+        if name.endswith(suffix):
+            name = name[:-len(suffix)]
+    return name
+
+
+def wire_name(path):
+    """Name a local file is sent under: compressed (`.gz.b64`) unless the
+    file is already transport-encoded (ends in `.b64`)."""
+    name = os.path.basename(path)
+    return name if name.endswith('.b64') else name + '.gz.b64'
+
+
+def read_for_upload(paths):
+    """{wire name: bytes} for local files; a `.b64` file is sent verbatim."""
+    out = {}
+    for path in paths:
+        name = wire_name(path)
+        with open(path, 'rb') as f:
+            data = f.read()
+        if name.endswith('.b64') and os.path.basename(path) == name:
+            data = decode(name, data.decode().strip())
+        if name in out:
+            raise ValueError('two files named %s' % name)
+        out[name] = data
+    return out
