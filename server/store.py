@@ -176,10 +176,15 @@ def redis_url(settings, embedded=None):
     return settings['redis_url'] or embedded.url
 
 
-def connect(url):
+def connect(url, max_connections=64):
     """An asyncio Redis client for the handlers of one process. Created after
-    the fork: connections must never be shared across processes."""
-    return redis.asyncio.from_url(url, decode_responses=True)
+    the fork: connections must never be shared across processes. Requests
+    beyond `max_connections` in flight wait for a connection (a burst of
+    cores must queue, not fail)."""
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url, decode_responses=True, max_connections=max_connections,
+        timeout=30)
+    return redis.asyncio.Redis(connection_pool=pool)
 
 
 def connect_sync(url):

@@ -54,6 +54,23 @@ class TestEmbeddedRedis(unittest.TestCase):
         finally:
             again.stop()
 
+    def test_a_burst_waits_for_a_connection(self):
+        """More requests in flight than connections queue, not fail."""
+        import asyncio
+        server = store.RedisServer(tmpdir('redis'), free_port()).start()
+
+        async def burst():
+            client = store.connect(server.url, max_connections=4)
+            try:
+                return await asyncio.gather(*(
+                    client.blpop('nothing', timeout=0.1) for _ in range(40)))
+            finally:
+                await client.aclose()
+        try:
+            self.assertEqual(asyncio.run(burst()), [None] * 40)
+        finally:
+            server.stop()
+
     def test_binary_lookup(self):
         self.assertEqual(store.find_redis_binary('/x/redis-server'),
                          '/x/redis-server')
