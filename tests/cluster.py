@@ -1,24 +1,12 @@
 """A real CC with real workservers (cc.py / ws.py processes, embedded Redis,
 test certs) for the client, CLI and OpenMM end-to-end tests, plus helpers
 to run cores against it."""
-import time
-
 from siegetank.client import Client
 from siegetank.core import Core, make_engine
 from siegetank.core import synthetic
-from tests import ServerProcess, certs
+from tests import ServerProcess, certs, wait_for
 
 CC_PASS = 'test-cc-pass'
-
-
-def wait_for(check, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError('timed out waiting for %s' % what)
 
 
 class Cluster:
