@@ -1,7 +1,7 @@
 """The command center in-process, over real HTTPS with a real Redis:
 accounts, targets, ownership on every manager endpoint, bad input, and
-stream placement / assignment against stand-in workservers (the real WS
-is driven by tests/test_integration.py)."""
+stream placement / assignment against real workservers in the same loop
+(tests/inprocess_ws.py); tests check what the CC's calls did to them."""
 import base64
 import gzip
 import json
@@ -10,11 +10,12 @@ import os
 from server.cc import accounts, keys, workservers
 from server.cc.app import CommandCenter
 from tests import AppTestCase
-from tests.fake_ws import FakeWS
+from tests.inprocess_ws import InProcessWS
 
 CC_PASS = 'test-cc-pass'
 B64 = base64.b64encode(b'<System/>').decode()
 GZB64 = base64.b64encode(gzip.compress(b'<Integrator/>')).decode()
+TARGET_FILES = {'system.xml.b64': B64, 'integrator.xml.gz.b64': GZB64}
 
 
 class CCTestCase(AppTestCase):
@@ -23,10 +24,10 @@ class CCTestCase(AppTestCase):
 
     def setUp(self):
         super().setUp()
-        self.fakes = []
+        self.workservers = []
 
     def tearDown(self):
-        for ws in self.fakes:
+        for ws in self.workservers:
             ws.stop()
         super().tearDown()
 
@@ -67,13 +68,21 @@ class CCTestCase(AppTestCase):
         self.assertEqual(c, 200, body)
         return body
 
-    def fake_ws(self, name):
-        ws = FakeWS(name, self.settings).start()
-        self.fakes.append(ws)
+    def add_ws(self, name):
+        """A real WS, started and registered with this CC."""
+        ws = InProcessWS(name, self.redis_server.url, self.io_loop,
+                         self.settings['name'], self.get_http_port())
+        self.workservers.append(ws.start())
         c, body = self.fetch_json('/ws/register', 'PUT', ws.register_body(),
                                   token=CC_PASS)
         self.assertEqual(c, 200, body)
         return ws
+
+    def ws_json(self, ws, path):
+        """GET `path` on the WS itself, as a CC: (code, dict)."""
+        r = self.fetch('https://127.0.0.1:%d%s' % (ws.port, path),
+                       headers={'Authorization': CC_PASS})
+        return r.code, json.loads(r.body)
 
     def register_dead_ws(self, name):
         """A WS that is registered but never answers (closed port)."""
@@ -457,7 +466,7 @@ class TestTargets(CCTestCase):
         self.assertEqual(c, 200)
 
     def test_download_redirect_is_signed(self):
-        ws = self.fake_ws('firebat')
+        ws = self.add_ws('firebat')
         tid = self.post_target(self.joe)
         c, body = self.fetch_json('/streams', 'POST', {
             'target_id': tid, 'files': {'state.xml': 's'}}, token=self.joe)
@@ -476,6 +485,12 @@ class TestTargets(CCTestCase):
         q = parse_qs(loc[len(prefix):])
         self.assertTrue(signing.valid([CC_PASS], sid, 'frames.xtc',
                                       q['expires'][0], q['signature'][0]))
+        # the WS takes the signed URL (nothing committed yet: empty file),
+        # and refuses it once tampered with
+        r = self.fetch(loc)
+        self.assertEqual((r.code, r.body), (200, b''))
+        r = self.fetch(loc.replace('frames.xtc', 'log.txt'))
+        self.assertEqual(r.code, 401)
         r = self.fetch('/streams/%s/..' % sid,
                        headers={'Authorization': self.joe},
                        follow_redirects=False)
@@ -504,19 +519,24 @@ class TestStreamsAndAssign(CCTestCase):
         return reply
 
     def test_placement_even_and_files_once(self):
-        a, b, c = self.fake_ws('a'), self.fake_ws('b'), self.fake_ws('c')
+        a, b, c = self.add_ws('a'), self.add_ws('b'), self.add_ws('c')
         tid = self.post_target(self.joe)
         sids = [self.post_stream(tid) for _ in range(9)]
         self.assertEqual(len(set(sids)), 9)
         for ws in (a, b, c):
-            self.assertEqual(len(ws.streams), 3)
+            streams = ws.streams()
+            self.assertEqual(len(streams), 3)
+            self.assertEqual({h['target_id'] for h in streams.values()},
+                             {tid})
+            for sid in streams:
+                self.assertEqual(ws.storage.stream_files(sid),
+                                 {'state.xml': 'seed'})
+            self.assertEqual(ws.targets(), {tid: TARGET_FILES})
+            # the files went along only with the first stream
             posts = [body for m, p, body in ws.calls
                      if (m, p) == ('POST', '/streams')]
             self.assertEqual(len(posts), 3)
-            self.assertEqual(posts[0]['target_files'],
-                             {'system.xml.b64': B64,
-                              'integrator.xml.gz.b64': GZB64})
-            self.assertEqual(posts[0]['stream_files'], {'state.xml': 'seed'})
+            self.assertIn('target_files', posts[0])
             self.assertTrue(all('target_files' not in p for p in posts[1:]))
         self.assertEqual(self.info(tid, self.joe)['striated_ws'],
                          ['a', 'b', 'c'])
@@ -529,43 +549,49 @@ class TestStreamsAndAssign(CCTestCase):
         c_, _ = self.fetch_json('/targets/update/' + tid, 'PUT',
                                 {'allowed_ws': ['b']}, token=self.joe)
         self.post_stream(tid)
-        self.assertEqual((len(a.streams), len(b.streams), len(c.streams)),
-                         (3, 4, 3))
+        self.assertEqual((len(a.streams()), len(b.streams()),
+                          len(c.streams())), (3, 4, 3))
 
     def test_ws_that_lost_target_gets_files_again(self):
-        ws = self.fake_ws('a')
+        ws = self.add_ws('a')
         tid = self.post_target(self.joe)
         self.post_stream(tid)
-        ws.targets.clear()
+        ws.storage.remove_target(tid)  # its folder is gone from the disk
+        self.assertEqual(ws.targets(), {})
         self.post_stream(tid)
-        self.assertEqual(len(ws.streams), 2)
-        self.assertIn(tid, ws.targets)
+        self.assertEqual(len(ws.streams()), 2)
+        self.assertEqual(ws.targets(), {tid: TARGET_FILES})
 
     def test_stream_commands_routed(self):
-        a, b = self.fake_ws('a'), self.fake_ws('b')
+        a, b = self.add_ws('a'), self.add_ws('b')
         tid = self.post_target(self.joe)
         s1, s2 = self.post_stream(tid), self.post_stream(tid)
         for sid in (s1, s2):
-            ws = a if sid.endswith(':a') else b
-            for action in ('stop', 'start'):
+            ws, other = (a, b) if sid.endswith(':a') else (b, a)
+            self.assertIn(sid, ws.streams())
+            self.assertNotIn(sid, other.streams())
+            for action, status in (('stop', 'STOPPED'), ('start', 'OK')):
                 c, _ = self.fetch_json('/streams/%s/%s' % (action, sid),
                                        'PUT', token=self.joe)
                 self.assertEqual(c, 200)
-                self.assertEqual(ws.calls[-1][:2],
-                                 ('PUT', '/streams/%s/%s' % (action, sid)))
+                self.assertEqual(ws.streams()[sid]['status'], status)
+                self.assertEqual(ws.storage.stream_meta(sid)['status'],
+                                 status)
             c, body = self.fetch_json('/streams/info/' + sid, token=self.joe)
             self.assertEqual((c, body['target_id']), (200, tid))
         c, _ = self.fetch_json('/streams/delete/' + s1, 'PUT', token=self.joe)
         self.assertEqual(c, 200)
         c, body = self.fetch_json('/streams/info/' + s1, token=self.joe)
         self.assertError(c, 404, body)
+        emptied = a if s1.endswith(':a') else b
+        self.assertEqual((emptied.streams(), emptied.targets()), ({}, {}))
         self.assertEqual(len(self.info(tid, self.joe)['striated_ws']), 1)
         # the emptied WS gets the target files again with its next stream
         for _ in range(2):
             self.post_stream(tid)
-        self.assertEqual(len(a.streams) + len(b.streams), 3)
-        self.assertIn(tid, a.targets)
-        self.assertIn(tid, b.targets)
+        self.assertEqual(len(a.streams()) + len(b.streams()), 3)
+        self.assertEqual(a.targets(), {tid: TARGET_FILES})
+        self.assertEqual(b.targets(), {tid: TARGET_FILES})
 
     def test_no_ws_online(self):
         tid = self.post_target(self.joe)
@@ -580,14 +606,14 @@ class TestStreamsAndAssign(CCTestCase):
 
     def test_placement_skips_failing_ws(self):
         self.register_dead_ws('dead')
-        ws = self.fake_ws('alive')
+        ws = self.add_ws('alive')
         tid = self.post_target(self.joe)
         for _ in range(3):
             self.post_stream(tid)
-        self.assertEqual(len(ws.streams), 3)
+        self.assertEqual(len(ws.streams()), 3)
 
     def test_bad_stream_input(self):
-        self.fake_ws('a')
+        self.add_ws('a')
         tid = self.post_target(self.joe)
         for body in ({}, {'target_id': tid}, {'target_id': 'x', 'files': {
                 'a': 'b'}}, {'target_id': tid, 'files': {}},
@@ -611,7 +637,7 @@ class TestStreamsAndAssign(CCTestCase):
         self.assertError(c, 404, reply)
 
     def test_assign(self):
-        a = self.fake_ws('a')
+        a = self.add_ws('a')
         tid = self.post_target(self.joe, options={'steps_per_frame': 7})
         sid = self.post_stream(tid)
         # private: never handed out
@@ -623,10 +649,13 @@ class TestStreamsAndAssign(CCTestCase):
         self.assign(503)
         reply = self.assign(stage='beta', donor_token=self.donor)
         url = 'https://127.0.0.1:%d/core/start' % a.port
-        self.assertEqual(reply, {'token': 'tok-' + sid, 'uri': url,
-                                 'url': url,
+        token = reply.pop('token')
+        self.assertEqual(reply, {'uri': url, 'url': url,
                                  'options': {'steps_per_frame': 7}})
-        self.assertEqual(a.streams[sid]['donor'], 'jesse')
+        self.assertEqual(a.stream_of(token), sid)
+        c, active = self.ws_json(a, '/active_streams')
+        self.assertEqual(c, 200, active)
+        self.assertEqual(active[tid][sid]['donor'], 'jesse')
         self.assertIn('error', self.assign(503, stage='beta'))
         c, _ = self.fetch_json('/targets/update/' + tid, 'PUT',
                                {'stage': 'public'}, token=self.joe)
@@ -634,8 +663,10 @@ class TestStreamsAndAssign(CCTestCase):
         self.assign(503, engine_version='5.0')
         self.assign(503, engine='other')
         reply = self.assign(target_id=tid)
-        self.assertEqual(reply['token'], 'tok-' + s2)
-        self.assertIsNone(a.streams[s2]['donor'])
+        self.assertEqual(a.stream_of(reply['token']), s2)
+        c, active = self.ws_json(a, '/active_streams')
+        self.assertEqual(c, 200, active)
+        self.assertIsNone(active[tid][s2]['donor'])
         self.assertIn('error', self.assign(503))
         self.assertIn('error', self.assign(
             404, target_id='00000000-0000-4000-8000-000000000000'))
@@ -664,48 +695,52 @@ class TestStreamsAndAssign(CCTestCase):
         self.assertError(c, 400, reply)
 
     def test_assign_skips_offline_and_failing_ws(self):
-        a, b = self.fake_ws('a'), self.fake_ws('b')
+        a, b = self.add_ws('a'), self.add_ws('b')
         tid = self.post_target(self.joe, stage='public')
         sids = {self.post_stream(tid) for _ in range(4)}
         b.stop()
         # b is still marked online: its failure is skipped, a serves
-        got = {self.assign()['token'] for _ in range(2)}
-        self.assertEqual(got, {'tok-' + s for s in sids if s.endswith(':a')})
+        got = {a.stream_of(self.assign()['token']) for _ in range(2)}
+        self.assertEqual(got, {s for s in sids if s.endswith(':a')})
         self.assign(503)
         # b offline after max_ws_fails: not even asked
         self.sync(lambda: workservers.probe_all(self.app))
         self.sync(lambda: workservers.probe_all(self.app))
         self.sync(lambda: workservers.probe_all(self.app))
         self.assertFalse(self.fetch_json('/ws/status')[1]['b']['online'])
-        calls = len(b.calls)
+        # asking the down b would count one more failure of it
+        fails = self.sync(lambda: self.redis.hget(keys.ws('b'), 'fails'))
         self.assign(503)
-        self.assertEqual(len(b.calls), calls)
+        self.assertEqual(self.sync(lambda: self.redis.hget(keys.ws('b'),
+                                                           'fails')), fails)
         b.start()
         self.sync(lambda: workservers.probe_all(self.app))
         self.assertTrue(self.fetch_json('/ws/status')[1]['b']['online'])
-        got = {self.assign()['token'] for _ in range(2)}
-        self.assertEqual(got, {'tok-' + s for s in sids if s.endswith(':b')})
+        got = {b.stream_of(self.assign()['token']) for _ in range(2)}
+        self.assertEqual(got, {s for s in sids if s.endswith(':b')})
 
     def test_weighted_choice(self):
         """Weight 0.001 vs 1000: the heavy target is chosen first."""
-        self.fake_ws('a')
+        self.add_ws('a')
         light = self.post_target(self.joe, stage='public', weight=0.001)
         heavy = self.post_target(self.joe, stage='public', weight=1000)
         for tid in (light, heavy):
             for _ in range(3):
                 self.post_stream(tid)
         firsts = [self.assign()['token'] for _ in range(3)]
-        ws = self.fakes[0]
-        owners = [ws.streams[t[4:]]['target_id'] for t in firsts]
+        ws = self.workservers[0]
+        streams = ws.streams()
+        owners = [streams[ws.stream_of(t)]['target_id'] for t in firsts]
         # each draw picks heavy unless u**(1/1000) < v**(1000): practically
         # never; the last three go to light once heavy is exhausted
         self.assertEqual(owners.count(heavy), 3)
         rest = [self.assign()['token'] for _ in range(3)]
-        self.assertEqual({ws.streams[t[4:]]['target_id'] for t in rest},
+        self.assertEqual({streams[ws.stream_of(t)]['target_id']
+                          for t in rest},
                          {light})
 
     def test_delete_target_with_ws_down(self):
-        a, b = self.fake_ws('a'), self.fake_ws('b')
+        a, b = self.add_ws('a'), self.add_ws('b')
         tid = self.post_target(self.joe)
         for _ in range(4):
             self.post_stream(tid)
@@ -713,42 +748,42 @@ class TestStreamsAndAssign(CCTestCase):
         c, body = self.fetch_json('/targets/delete/' + tid, 'PUT',
                                   token=self.joe)
         self.assertEqual(c, 200, body)
-        self.assertEqual(a.streams, {})
-        self.assertEqual(len(b.streams), 2)
+        self.assertEqual((a.streams(), a.targets()), ({}, {}))
+        self.assertEqual(len(b.streams()), 2)
         self.assertEqual(self.sync(lambda: self.redis.smembers(
             keys.ws_pending_deletes('b'))), {tid})
         self.sync(lambda: workservers.probe_all(self.app))  # still down
-        self.assertEqual(len(b.streams), 2)
+        self.assertEqual(len(b.streams()), 2)
         b.start()
         self.sync(lambda: workservers.probe_all(self.app))
         self.sync(lambda: self.app.flushing['b'])
-        self.assertEqual(b.streams, {})
-        self.assertEqual(b.targets, {})
+        self.assertEqual(b.streams(), {})
+        self.assertEqual(b.targets(), {})
         self.assertEqual(self.sync(lambda: self.redis.smembers(
             keys.ws_pending_deletes('b'))), set())
 
     def test_reregistration_finishes_pending_deletion(self):
-        a = self.fake_ws('a')
+        a = self.add_ws('a')
         tid = self.post_target(self.joe)
         self.post_stream(tid)
         a.stop()
         c, _ = self.fetch_json('/targets/delete/' + tid, 'PUT',
                                token=self.joe)
         self.assertEqual(c, 200)
-        self.assertEqual(len(a.streams), 1)
+        self.assertEqual(len(a.streams()), 1)
         a.start()
         c, _ = self.fetch_json('/ws/register', 'PUT', a.register_body(),
                                token=CC_PASS)
         self.assertEqual(c, 200)
         self.sync(lambda: self.app.flushing['a'])
-        self.assertEqual((a.streams, a.targets), ({}, {}))
+        self.assertEqual((a.streams(), a.targets()), ({}, {}))
         self.assertEqual(self.sync(lambda: self.redis.smembers(
             keys.ws_pending_deletes('a'))), set())
 
     def test_deleted_while_placing_is_undone(self):
         """A target deleted between reservation and record: the stream the
         WS just made is removed again and the caller gets 404."""
-        a = self.fake_ws('a')
+        a = self.add_ws('a')
         tid = self.post_target(self.joe)
         from server.cc import streams, targets
         real_post = streams._post_to
@@ -765,7 +800,7 @@ class TestStreamsAndAssign(CCTestCase):
         finally:
             streams._post_to = real_post
         self.assertError(c, 404, body)
-        self.assertEqual((a.streams, a.targets), ({}, {}))
+        self.assertEqual((a.streams(), a.targets()), ({}, {}))
         self.assertEqual(self.sync(lambda: self.redis.keys('*' + tid + '*')),
                          [])
         self.assertEqual(self.sync(lambda: self.redis.keys('stream:*')), [])
