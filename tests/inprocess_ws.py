@@ -81,7 +81,8 @@ class InProcessWS:
 
         async def down():
             await server.close_all_connections()
-            await redis.aclose()
+            # The pool was passed in, so aclose() alone would leave it open.
+            await redis.aclose(close_connection_pool=True)
         server.stop()
         self.io_loop.run_sync(down)
 
