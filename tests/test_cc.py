@@ -561,6 +561,11 @@ class TestStreamsAndAssign(CCTestCase):
         self.post_stream(tid)
         self.assertEqual(len(ws.streams()), 2)
         self.assertEqual(ws.targets(), {tid: TARGET_FILES})
+        # the WS refused the post without files, the CC sent them again
+        posts = [body for m, p, body in ws.calls
+                 if (m, p) == ('POST', '/streams')]
+        self.assertEqual(['target_files' in p for p in posts],
+                         [True, False, True])
 
     def test_stream_commands_routed(self):
         a, b = self.add_ws('a'), self.add_ws('b')
