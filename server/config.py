@@ -8,6 +8,7 @@ default.
 import argparse
 import ast
 import os
+import re
 import runpy
 
 REQUIRED = object()
@@ -158,6 +159,9 @@ def load(path, kind, overrides=()):
     if settings['redis_options'] is None and settings['redis_url'] is None:
         raise ConfigError('%s: set redis_options (embedded Redis) or '
                           'redis_url (existing Redis)' % path)
+    if not re.match(r'^[A-Za-z0-9._-]{1,64}$', settings['name']):
+        raise ConfigError('%s: name must be 1-64 of [A-Za-z0-9._-] (it ends '
+                          'stream ids)' % path)
     if settings['num_processes'] < 1:
         raise ConfigError('%s: num_processes must be >= 1' % path)
     return settings

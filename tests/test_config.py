@@ -65,6 +65,10 @@ class TestConfig(unittest.TestCase):
             write_conf('ws', redis_options={'port': 1, 'colour': 'red'}),
             'ws', "redis_options['colour']")
 
+    def test_bad_name(self):
+        for name in ('a b', 'ws*', 'x' * 65, '', 'a:b'):
+            self.assertConfigError(write_conf('ws', name=name), 'ws', 'name')
+
     def test_no_redis(self):
         self.assertConfigError(write_conf('cc', redis_options=None), 'cc',
                                'redis_url')
