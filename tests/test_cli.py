@@ -93,7 +93,7 @@ class TestLogin(CLITestCase):
 
     def test_login_with_token_and_bad_ca(self):
         self.ok('--cc', self.cluster.address, '--ca', self.cluster.ca,
-                'login', '--token', self.cluster.admin.token)
+                'login', '--token=' + self.cluster.admin.token)
         code, _, err = self.run_cli('--ca', os.path.join(self.folder, 'x'),
                                     'ws', 'status')
         self.assertEqual(code, 1)
@@ -127,7 +127,7 @@ class TestCommands(CLITestCase):
 
     def test_accounts(self):
         self.ok('--cc', self.cluster.address, '--ca', self.cluster.ca,
-                'login', '--token', self.cluster.admin.token)
+                'login', '--token=' + self.cluster.admin.token)
         token = self.ok('account', 'donor', '--username', 'clidonor',
                         '--password', 'pw', '--email', 'cd@test.org').strip()
         self.assertTrue(token)

@@ -62,7 +62,7 @@ def token_hash(token):
 
 
 def new_token():
-    token = secrets.token_urlsafe(32)
+    token = secrets.token_hex(32)  # 256 bits; safe as a CLI argument
     return token, token_hash(token)
 
 
