@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 
+import redis.asyncio
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
@@ -20,6 +21,19 @@ log = logging.getLogger('siegetank')
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+# Redis connections of one worker. Each request holds one only for a round
+# trip, so a few dozen serve hundreds of cores; past that requests wait
+# their turn (redis-py's default pool would fail them instead).
+REDIS_CONNECTIONS = 64
+REDIS_WAIT_S = 30
+
+
+def connect_redis(url):
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url, decode_responses=True, max_connections=REDIS_CONNECTIONS,
+        timeout=REDIS_WAIT_S)
+    return redis.asyncio.Redis(connection_pool=pool)
+
 
 def setup_logging(level):
     logging.basicConfig(
@@ -28,7 +42,7 @@ def setup_logging(level):
 
 
 async def _serve(settings, make_app, sockets, ssl_ctx, redis_url, task_id):
-    redis = store.connect(redis_url)
+    redis = connect_redis(redis_url)
     app = make_app(settings, redis, task_id)
     server = HTTPServer(app, ssl_options=ssl_ctx,
                         max_body_size=settings['max_body_size'],
@@ -51,6 +65,7 @@ async def _serve(settings, make_app, sockets, ssl_ctx, redis_url, task_id):
     except asyncio.TimeoutError:
         pass
     await redis.aclose()
+    await redis.connection_pool.disconnect()
 
 
 def _worker(settings, make_app, sockets, ssl_ctx, redis_url, task_id):

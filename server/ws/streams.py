@@ -18,6 +18,8 @@ import secrets
 import time
 import uuid
 
+from redis.exceptions import NoScriptError
+
 from server import signing
 from server.web import (APIError, APIHandler, check_file_name, check_files,
                         decode_file)
@@ -35,12 +37,36 @@ class Busy(APIError):
         super().__init__(503, '%s is busy with another request, retry' % what)
 
 
-_RELEASE = """
+class Lua:
+    """A Lua script run by its SHA1 (EVALSHA: the body is not sent and
+    hashed on every call), loaded again if Redis lost its script cache."""
+
+    def __init__(self, source):
+        self.source = source
+        self.sha = hashlib.sha1(source.encode('utf-8')).hexdigest()
+
+    async def __call__(self, redis, keys, args=()):
+        try:
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await redis.eval(self.source, len(keys), *keys, *args)
+
+
+RELEASE = Lua("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-"""
+""")
+
+
+async def wait_turn(deadline, delay, what):
+    """Sleep before another try at a busy lock; Busy past the deadline.
+    Returns the next delay."""
+    if time.monotonic() >= deadline:
+        raise Busy(what)
+    await asyncio.sleep(delay)
+    return min(delay * 2, 0.05)
 
 
 @contextlib.asynccontextmanager
@@ -51,14 +77,11 @@ async def locked(redis, key, what, wait=LOCK_WAIT_S):
     deadline = time.monotonic() + wait
     delay = 0.002
     while not await redis.set(key, holder, nx=True, px=LOCK_TTL_MS):
-        if time.monotonic() >= deadline:
-            raise Busy(what)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        delay = await wait_turn(deadline, delay, what)
     try:
         yield
     finally:
-        await redis.eval(_RELEASE, 1, key, holder)
+        await RELEASE(redis, [key], [holder])
 
 
 def token_hash(token):
@@ -82,9 +105,7 @@ def index_stream(pipe, keys, stream_id, meta, frames):
     pipe.hset(keys.stream(stream_id), mapping={
         'target_id': tid, 'status': meta['status'], 'frames': frames,
         'error_count': meta.get('error_count', 0),
-        'creation_date': repr(float(meta['creation_date'])),
-        'active': 0, 'token': '', 'donor': '', 'start_time': '',
-        'buffer_frames': 0, 'last_md5': ''})
+        'creation_date': repr(float(meta['creation_date'])), 'active': 0})
     pipe.sadd(keys.target_streams(tid), stream_id)
     pipe.sadd(keys.targets, tid)
     if meta['status'] == 'OK':
@@ -118,7 +139,7 @@ async def create_stream(app, target_id, stream_files, target_files):
 
 
 # Pop the best OK inactive stream of a target and give it a fresh token.
-_ACTIVATE = """
+_ACTIVATE = Lua("""
 while true do
   local popped = redis.call('ZPOPMAX', KEYS[1])
   if #popped == 0 then return false end
@@ -127,14 +148,14 @@ while true do
   local s = redis.call('HMGET', key, 'status', 'active')
   if s[1] == 'OK' and s[2] == '0' then
     redis.call('HSET', key, 'active', '1', 'token', ARGV[3], 'donor', ARGV[5],
-               'start_time', ARGV[6], 'buffer_frames', '0', 'last_md5', '')
+               'start_time', ARGV[6], 'buffer_frames', '0', 'digest', '')
     redis.call('SET', ARGV[2] .. ARGV[3], sid)
     redis.call('ZADD', KEYS[2], ARGV[4], sid)
     redis.call('SADD', KEYS[3], sid)
     return sid
   end
 end
-"""
+""")
 
 
 async def activate(app, target_id, donor_id):
@@ -143,11 +164,11 @@ async def activate(app, target_id, donor_id):
     keys = app.keys
     token = secrets.token_urlsafe(32)
     now = time.time()
-    sid = await app.redis.eval(
-        _ACTIVATE, 3, keys.queue(target_id), keys.heartbeats, keys.active,
+    sid = await _ACTIVATE(app.redis, [
+        keys.queue(target_id), keys.heartbeats, keys.active], [
         keys.stream_prefix, keys.token_prefix, token_hash(token),
         repr(now + app.config['heartbeat_increment']), donor_id or '',
-        repr(now))
+        repr(now)])
     if not sid:
         raise APIError(503, 'no stream of target %s is free on this '
                        'workserver' % target_id)
@@ -158,7 +179,7 @@ async def activate(app, target_id, donor_id):
 # ARGV: sid, token prefix, mode, max_fails, now. Modes: expire (only if
 # still active and expired), stop (core stop), error (core stop with an
 # error: count it, STOPPED at max_fails), halt (CC stop: STOPPED).
-_DEACTIVATE = """
+_DEACTIVATE = Lua("""
 local s = redis.call('HMGET', KEYS[1], 'active', 'token', 'status', 'frames',
                      'error_count')
 if not s[3] then return false end
@@ -173,8 +194,9 @@ local was_active = 0
 if s[1] == '1' then
   was_active = 1
   if s[2] and s[2] ~= '' then redis.call('DEL', ARGV[2] .. s[2]) end
-  redis.call('HSET', KEYS[1], 'active', '0', 'token', '', 'donor', '',
-             'start_time', '', 'buffer_frames', '0', 'last_md5', '')
+  redis.call('HSET', KEYS[1], 'active', '0')
+  redis.call('HDEL', KEYS[1], 'token', 'donor', 'start_time', 'buffer_frames',
+             'digest')
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
@@ -193,7 +215,7 @@ else
   redis.call('ZREM', KEYS[4], ARGV[1])
 end
 return {was_active, status, errors}
-"""
+""")
 
 
 async def deactivate(app, stream_id, target_id, mode):
@@ -202,10 +224,11 @@ async def deactivate(app, stream_id, target_id, mode):
     records status/error changes on disk. Returns was_active, or None if
     nothing was done (unknown stream, or mode expire and not expired)."""
     keys = app.keys
-    result = await app.redis.eval(
-        _DEACTIVATE, 4, keys.stream(stream_id), keys.heartbeats, keys.active,
-        keys.queue(target_id), stream_id, keys.token_prefix, mode,
-        app.config['max_stream_fails'], repr(time.time()))
+    result = await _DEACTIVATE(app.redis, [
+        keys.stream(stream_id), keys.heartbeats, keys.active,
+        keys.queue(target_id)], [
+        stream_id, keys.token_prefix, mode, app.config['max_stream_fails'],
+        repr(time.time())])
     if not result:
         return None
     was_active, status, errors = int(result[0]), result[1], int(result[2])
@@ -217,13 +240,13 @@ async def deactivate(app, stream_id, target_id, mode):
     return bool(was_active)
 
 
-_START = """
+_START = Lua("""
 local s = redis.call('HMGET', KEYS[1], 'active', 'frames', 'status')
 if not s[3] then return false end
 redis.call('HSET', KEYS[1], 'status', 'OK', 'error_count', '0')
 if s[1] ~= '1' then redis.call('ZADD', KEYS[2], s[2], ARGV[1]) end
 return 1
-"""
+""")
 
 
 async def target_of(app, stream_id):
@@ -241,8 +264,8 @@ def stream_lock(app, stream_id):
 async def start_stream(app, stream_id):
     tid = await target_of(app, stream_id)
     async with stream_lock(app, stream_id):
-        if not await app.redis.eval(_START, 2, app.keys.stream(stream_id),
-                                    app.keys.queue(tid), stream_id):
+        if not await _START(app.redis, [app.keys.stream(stream_id),
+                                        app.keys.queue(tid)], [stream_id]):
             raise APIError(404, 'unknown stream %s' % stream_id)
         await run(app.storage.update_stream_meta, stream_id, status='OK',
                   error_count=0)
@@ -257,7 +280,7 @@ async def stop_stream(app, stream_id):
 
 # Drop one stream from the index; the target too when it was the last.
 # KEYS: stream, target streams, queue, heartbeats, active, targets.
-_DELETE = """
+_DELETE = Lua("""
 local tok = redis.call('HGET', KEYS[1], 'token')
 if tok and tok ~= '' then redis.call('DEL', ARGV[2] .. tok) end
 redis.call('DEL', KEYS[1])
@@ -271,7 +294,7 @@ if left == 0 then
   redis.call('SREM', KEYS[6], ARGV[3])
 end
 return left
-"""
+""")
 
 
 async def _drop_stream(app, stream_id, target_id):
@@ -281,10 +304,10 @@ async def _drop_stream(app, stream_id, target_id):
     keys = app.keys
     async with stream_lock(app, stream_id):
         await run(app.storage.remove_stream, stream_id)
-        return await app.redis.eval(
-            _DELETE, 6, keys.stream(stream_id), keys.target_streams(target_id),
-            keys.queue(target_id), keys.heartbeats, keys.active, keys.targets,
-            stream_id, keys.token_prefix, target_id)
+        return await _DELETE(app.redis, [
+            keys.stream(stream_id), keys.target_streams(target_id),
+            keys.queue(target_id), keys.heartbeats, keys.active,
+            keys.targets], [stream_id, keys.token_prefix, target_id])
 
 
 async def delete_stream(app, stream_id):
