@@ -12,6 +12,8 @@ import signal
 import sys
 
 import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
@@ -21,18 +23,21 @@ log = logging.getLogger('siegetank')
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-# Redis connections of one worker. Each request holds one only for a round
-# trip, so a few dozen serve hundreds of cores; past that requests wait
-# their turn (redis-py's default pool would fail them instead).
-REDIS_CONNECTIONS = 64
-REDIS_WAIT_S = 30
+# Redis connections of one worker: one per request in flight at most (a
+# request holds one only for a round trip); redis-py's default of 100
+# failed requests past 100 concurrent cores.
+REDIS_CONNECTIONS = 4096
 
 
 def connect_redis(url):
-    pool = redis.asyncio.BlockingConnectionPool.from_url(
+    """The handlers' Redis client. No client-side retry: a command whose
+    reply was lost may have run, and running a script such as a frame's
+    count twice would be wrong; the request fails and the core retries it
+    whole (frames and checkpoints are idempotent). No socket timeout: it
+    costs an asyncio task per command, and Redis is on a local socket."""
+    return redis.asyncio.from_url(
         url, decode_responses=True, max_connections=REDIS_CONNECTIONS,
-        timeout=REDIS_WAIT_S)
-    return redis.asyncio.Redis(connection_pool=pool)
+        socket_timeout=None, retry=Retry(NoBackoff(), 0))
 
 
 def setup_logging(level):
@@ -65,7 +70,6 @@ async def _serve(settings, make_app, sockets, ssl_ctx, redis_url, task_id):
     except asyncio.TimeoutError:
         pass
     await redis.aclose()
-    await redis.connection_pool.disconnect()
 
 
 def _worker(settings, make_app, sockets, ssl_ctx, redis_url, task_id):

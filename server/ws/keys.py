@@ -70,6 +70,11 @@ class Keys:
         return self.stream_lock_prefix + stream_id
 
     def target_lock(self, target_id):
-        """string: holder of the target's lock (stream creation vs. deletion
-        of the target's last stream)."""
+        """string: holder of the target's exclusive lock (creation of the
+        target, deletion of it or of its last stream)."""
         return self.prefix + 'lock:target:%s' % target_id
+
+    def target_users(self, target_id):
+        """zset: holders of a shared hold on the target (creations of
+        streams of a target that exists) -> expiry (ms)."""
+        return self.prefix + 'lock:target-users:%s' % target_id

@@ -22,6 +22,7 @@ download = that file of every chunk in seq order.
 Everything here blocks; handlers call it through `run()` (a thread).
 """
 import asyncio
+import concurrent.futures
 import functools
 import json
 import os
@@ -33,10 +34,22 @@ CHUNK = re.compile(r'^(\d{10})-(\d+)$')
 READ_SIZE = 1 << 20
 
 
+# Threads for blocking disk work. Mostly they wait on fsync, and the
+# filesystem's journal commits the fsyncs that wait together at once: more
+# threads in flight is more work per commit (stream creation with the
+# default 6 threads: 170/s; with 32: 300/s, 16 clients).
+DISK_THREADS = 32
+_executor = None
+
+
 async def run(func, *args, **kwargs):
     """Blocking disk work off the event loop."""
+    global _executor
+    if _executor is None:  # made lazily: after the fork, in the worker
+        _executor = concurrent.futures.ThreadPoolExecutor(
+            DISK_THREADS, thread_name_prefix='disk')
     return await asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(func, *args, **kwargs))
+        _executor, functools.partial(func, *args, **kwargs))
 
 
 def fsync_dir(path):

@@ -4,10 +4,11 @@ disk of storage.py) and the endpoints the command center calls.
 Concurrency: several worker processes serve the same streams. Every
 check-then-set on Redis is one Lua script or a MULTI; everything that also
 touches a stream's disk (frames, checkpoints, deactivation, start/stop,
-deletion) runs under that stream's Redis lock, and stream creation/deletion
-under the target's lock (target before stream, never the other way), so a
-buffer is never committed and discarded at once and a stale core can never
-write after its token died.
+deletion) runs under that stream's Redis lock; stream creations share a
+hold on their target, and the target's creation and deletions lock it
+(target before stream, never the other way), so a buffer is never
+committed and discarded at once, a stale core can never write after its
+token died, and no stream is made in a target being deleted.
 """
 import asyncio
 import contextlib
@@ -112,29 +113,100 @@ def index_stream(pipe, keys, stream_id, meta, frames):
         pipe.zadd(keys.queue(tid), {stream_id: frames})
 
 
+# A shared hold on a target: refused (0) while its exclusive lock is held.
+_SHARE = Lua("""
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+""")
+
+
+@contextlib.asynccontextmanager
+async def target_shared(app, target_id):
+    """Many requests at once may hold a target this way (stream creations),
+    none while it is locked (deletions, see target_locked)."""
+    keys = app.keys
+    users = keys.target_users(target_id)
+    holder = secrets.token_hex(12)
+    deadline = time.monotonic() + LOCK_WAIT_S
+    delay = 0.002
+    while True:
+        now = int(time.time() * 1000)
+        if await _SHARE(app.redis, [keys.target_lock(target_id), users], [
+                holder, now + LOCK_TTL_MS, now, LOCK_TTL_MS]):
+            break
+        delay = await wait_turn(deadline, delay, 'target %s' % target_id)
+    try:
+        yield
+    finally:
+        await app.redis.zrem(users, holder)
+
+
+@contextlib.asynccontextmanager
+async def target_locked(app, target_id):
+    """The target's exclusive lock, once the shared holds taken before it
+    are given back (no new one is granted meanwhile)."""
+    keys = app.keys
+    what = 'target %s' % target_id
+    async with locked(app.redis, keys.target_lock(target_id), what):
+        deadline = time.monotonic() + LOCK_WAIT_S
+        delay = 0.002
+        while await app.redis.zcount(keys.target_users(target_id),
+                                     int(time.time() * 1000), '+inf'):
+            delay = await wait_turn(deadline, delay, what)
+        yield
+
+
+def _new_stream(storage, target_id, stream_id, meta, stream_files):
+    """Make the stream on disk if its target exists with the same stream
+    file names; returns the target's meta (None: no such target)."""
+    target = storage.target_meta(target_id)
+    if target is not None and target['stream_files'] == sorted(stream_files):
+        storage.create_stream(stream_id, meta, stream_files)
+    return target
+
+
 async def create_stream(app, target_id, stream_files, target_files):
+    """A stream of a known target needs only a shared hold on it (creations
+    run in parallel); the first stream of a target creates the target
+    under its exclusive lock."""
     check_disk(app)
-    keys, storage = app.keys, app.storage
     names = sorted(stream_files)
-    async with locked(app.redis, keys.target_lock(target_id),
-                      'target %s' % target_id):
-        meta = await run(storage.target_meta, target_id)
-        if meta is None:
+    stream_id = '%s:%s' % (uuid.uuid4(), app.config['name'])
+    meta = {'target_id': target_id, 'creation_date': time.time(),
+            'status': 'OK', 'error_count': 0}
+    async with target_shared(app, target_id):
+        target = await run(_new_stream, app.storage, target_id, stream_id,
+                           meta, stream_files)
+        if target is not None:
+            return await _indexed(app, target, names, stream_id, meta)
+    async with target_locked(app, target_id):
+        target = await run(_new_stream, app.storage, target_id, stream_id,
+                           meta, stream_files)
+        if target is None:
             if target_files is None:
                 raise APIError(400, 'target %s is new on this workserver: '
                                'target_files are required' % target_id)
-            await run(storage.create_target, target_id, target_files, names)
-        elif meta['stream_files'] != names:
-            raise APIError(409, 'stream_files %s differ from the files of '
-                           'the target\'s other streams %s'
-                           % (names, meta['stream_files']))
-        stream_id = '%s:%s' % (uuid.uuid4(), app.config['name'])
-        meta = {'target_id': target_id, 'creation_date': time.time(),
-                'status': 'OK', 'error_count': 0}
-        await run(storage.create_stream, stream_id, meta, stream_files)
-        pipe = app.redis.pipeline(transaction=True)
-        index_stream(pipe, keys, stream_id, meta, 0)
-        await pipe.execute()
+            await run(app.storage.create_target, target_id, target_files,
+                      names)
+            await run(app.storage.create_stream, stream_id, meta,
+                      stream_files)
+            target = {'stream_files': names}
+        return await _indexed(app, target, names, stream_id, meta)
+
+
+async def _indexed(app, target, names, stream_id, meta):
+    """Index the stream just made on disk (409 if it was not made: its
+    file names differ from those of the target's other streams)."""
+    if target['stream_files'] != names:
+        raise APIError(409, 'stream_files %s differ from the files of '
+                       'the target\'s other streams %s'
+                       % (names, target['stream_files']))
+    pipe = app.redis.pipeline(transaction=True)
+    index_stream(pipe, app.keys, stream_id, meta, 0)
+    await pipe.execute()
     return stream_id
 
 
@@ -312,8 +384,7 @@ async def _drop_stream(app, stream_id, target_id):
 
 async def delete_stream(app, stream_id):
     tid = await target_of(app, stream_id)
-    async with locked(app.redis, app.keys.target_lock(tid),
-                      'target %s' % tid):
+    async with target_locked(app, tid):
         if not await app.redis.exists(app.keys.stream(stream_id)):
             raise APIError(404, 'unknown stream %s' % stream_id)
         if await _drop_stream(app, stream_id, tid) == 0:
@@ -323,8 +394,7 @@ async def delete_stream(app, stream_id):
 async def delete_target(app, target_id):
     """Every stream of the target, then the target; fine if unknown."""
     keys = app.keys
-    async with locked(app.redis, keys.target_lock(target_id),
-                      'target %s' % target_id):
+    async with target_locked(app, target_id):
         for sid in sorted(await app.redis.smembers(
                 keys.target_streams(target_id))):
             await _drop_stream(app, sid, target_id)
