@@ -69,6 +69,9 @@ async def _serve(settings, make_app, sockets, ssl_ctx, redis_url, task_id):
         await asyncio.wait_for(server.close_all_connections(), 5)
     except asyncio.TimeoutError:
         pass
+    close = getattr(app, 'close', None)
+    if close is not None:
+        await close()
     await redis.aclose()
 
 

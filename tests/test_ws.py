@@ -42,6 +42,10 @@ class WSTestCase(AppTestCase):
     app_class = WorkServer
     conf = CONF
 
+    def tearDown(self):
+        self.io_loop.run_sync(self.app.close)
+        super().tearDown()
+
     def cc(self, path, method='GET', body=None, token=PASS, **kw):
         return self.fetch_json(path, method, body, token=token, **kw)
 

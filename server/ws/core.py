@@ -19,12 +19,13 @@ import time
 
 from server.web import APIError, APIHandler, check_files, decode_file
 from server.ws import streams
+from server.ws.lua import Lua
 from server.ws.storage import run
 
 log = logging.getLogger('siegetank.ws.core')
 
 # The stream of a live token; with ARGV[4] also pushes its expiry.
-_TOKEN = streams.Lua("""
+_TOKEN = Lua("""
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
 local s = redis.call('HMGET', ARGV[1] .. sid, 'active', 'token')
@@ -39,7 +40,7 @@ return sid
 # live token, its lock taken, and what the request needs from its hash.
 # Returns false (token not live), {sid, 0} (lock busy) or {sid, 1,
 # digest, buffer_frames, error_count}.
-_BEGIN = streams.Lua("""
+_BEGIN = Lua("""
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
 local s = redis.call('HMGET', ARGV[1] .. sid, 'active', 'token', 'digest',
@@ -54,7 +55,7 @@ return {sid, 1, s[3] or '', s[4] or '0', s[5] or '0'}
 """)
 
 # A frame is in the buffer: count it, remember its md5, free the stream.
-_FRAME_DONE = streams.Lua("""
+_FRAME_DONE = Lua("""
 redis.call('HINCRBY', KEYS[1], 'buffer_frames', ARGV[2])
 redis.call('HSET', KEYS[1], 'digest', ARGV[3])
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
@@ -62,7 +63,7 @@ return 1
 """)
 
 # The buffer is a chunk now: record the committed count, free the stream.
-_COMMIT_DONE = streams.Lua("""
+_COMMIT_DONE = Lua("""
 redis.call('HSET', KEYS[1], 'frames', ARGV[2], 'buffer_frames', '0',
            'digest', '', 'error_count', '0')
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
@@ -84,7 +85,7 @@ async def live_stream(app, token, extend=False):
     args = [keys.stream_prefix, th, repr(now)]
     if extend:
         args.append(repr(now + app.config['heartbeat_increment']))
-    sid = await _TOKEN(app.redis, [keys.token(th), keys.heartbeats], args)
+    sid = await _TOKEN(app, [keys.token(th), keys.heartbeats], args)
     if not sid:
         raise APIError(401, 'unknown or expired core token')
     return sid
@@ -105,14 +106,14 @@ class Held:
         self.released = False
 
     async def done(self, script, *args):
-        await script(self.app.redis, [self.key, self.lock],
+        await script(self.app, [self.key, self.lock],
                      [self.holder] + list(args))
         self.released = True
 
     async def release(self):
         if not self.released:
             self.released = True
-            await streams.RELEASE(self.app.redis, [self.lock], [self.holder])
+            await streams.RELEASE(self.app, [self.lock], [self.holder])
 
 
 class CoreHandler(APIHandler):
@@ -138,7 +139,7 @@ class CoreHandler(APIHandler):
         deadline = time.monotonic() + streams.LOCK_WAIT_S
         delay = 0.002
         while True:
-            got = await _BEGIN(app.redis, [keys.token(th), keys.heartbeats], [
+            got = await _BEGIN(app, [keys.token(th), keys.heartbeats], [
                 keys.stream_prefix, th, repr(time.time()),
                 keys.stream_lock_prefix, holder, streams.LOCK_TTL_MS])
             if not got:

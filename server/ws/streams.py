@@ -19,11 +19,10 @@ import secrets
 import time
 import uuid
 
-from redis.exceptions import NoScriptError
-
 from server import signing
 from server.web import (APIError, APIHandler, check_file_name, check_files,
                         decode_file)
+from server.ws.lua import Lua
 from server.ws.storage import plan_range, read_at, run
 
 ID = re.compile(r'^[A-Za-z0-9_-]{1,64}$')
@@ -36,21 +35,6 @@ LOCK_WAIT_S = 30.0     # a request waits this long for a busy stream
 class Busy(APIError):
     def __init__(self, what):
         super().__init__(503, '%s is busy with another request, retry' % what)
-
-
-class Lua:
-    """A Lua script run by its SHA1 (EVALSHA: the body is not sent and
-    hashed on every call), loaded again if Redis lost its script cache."""
-
-    def __init__(self, source):
-        self.source = source
-        self.sha = hashlib.sha1(source.encode('utf-8')).hexdigest()
-
-    async def __call__(self, redis, keys, args=()):
-        try:
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await redis.eval(self.source, len(keys), *keys, *args)
 
 
 RELEASE = Lua("""
@@ -134,7 +118,7 @@ async def target_shared(app, target_id):
     delay = 0.002
     while True:
         now = int(time.time() * 1000)
-        if await _SHARE(app.redis, [keys.target_lock(target_id), users], [
+        if await _SHARE(app, [keys.target_lock(target_id), users], [
                 holder, now + LOCK_TTL_MS, now, LOCK_TTL_MS]):
             break
         delay = await wait_turn(deadline, delay, 'target %s' % target_id)
@@ -236,7 +220,7 @@ async def activate(app, target_id, donor_id):
     keys = app.keys
     token = secrets.token_urlsafe(32)
     now = time.time()
-    sid = await _ACTIVATE(app.redis, [
+    sid = await _ACTIVATE(app, [
         keys.queue(target_id), keys.heartbeats, keys.active], [
         keys.stream_prefix, keys.token_prefix, token_hash(token),
         repr(now + app.config['heartbeat_increment']), donor_id or '',
@@ -296,7 +280,7 @@ async def deactivate(app, stream_id, target_id, mode):
     records status/error changes on disk. Returns was_active, or None if
     nothing was done (unknown stream, or mode expire and not expired)."""
     keys = app.keys
-    result = await _DEACTIVATE(app.redis, [
+    result = await _DEACTIVATE(app, [
         keys.stream(stream_id), keys.heartbeats, keys.active,
         keys.queue(target_id)], [
         stream_id, keys.token_prefix, mode, app.config['max_stream_fails'],
@@ -336,7 +320,7 @@ def stream_lock(app, stream_id):
 async def start_stream(app, stream_id):
     tid = await target_of(app, stream_id)
     async with stream_lock(app, stream_id):
-        if not await _START(app.redis, [app.keys.stream(stream_id),
+        if not await _START(app, [app.keys.stream(stream_id),
                                         app.keys.queue(tid)], [stream_id]):
             raise APIError(404, 'unknown stream %s' % stream_id)
         await run(app.storage.update_stream_meta, stream_id, status='OK',
@@ -376,7 +360,7 @@ async def _drop_stream(app, stream_id, target_id):
     keys = app.keys
     async with stream_lock(app, stream_id):
         await run(app.storage.remove_stream, stream_id)
-        return await _DELETE(app.redis, [
+        return await _DELETE(app, [
             keys.stream(stream_id), keys.target_streams(target_id),
             keys.queue(target_id), keys.heartbeats, keys.active,
             keys.targets], [stream_id, keys.token_prefix, target_id])
