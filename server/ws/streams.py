@@ -544,7 +544,6 @@ class ActiveStreamsHandler(CCHandler):
 
 
 RANGE = re.compile(r'^bytes=(\d*)-(\d*)$')
-DOWNLOAD_READ = 2 << 20  # bytes read from disk at a time for a download
 
 
 def parse_range(header, total):
@@ -610,25 +609,16 @@ class DownloadHandler(CCHandler):
                             % (start, end, total))
         self.set_header('Content-Type', 'application/octet-stream')
         self.set_header('Content-Length', str(end - start + 1))
-        pieces = [(path, offset + done, min(DOWNLOAD_READ, length - done))
-                  for path, offset, length in plan_range(parts, start, end)
-                  for done in range(0, length, DOWNLOAD_READ)]
-        # The next piece is read while this one goes out: the disk and the
-        # socket both stay busy; two pieces in memory at most.
-        ahead = None
-        try:
-            for i, piece in enumerate(pieces):
-                data = await (ahead or run(read_at, *piece))
-                ahead = None
-                if i + 1 < len(pieces):
-                    ahead = asyncio.ensure_future(run(read_at, *pieces[i + 1]))
+        for path, offset, length in plan_range(parts, start, end):
+            while length > 0:
+                data = await run(read_at, path, offset,
+                                 min(length, 1 << 20))
                 if not data:
                     break
+                offset += len(data)
+                length -= len(data)
                 self.write(data)
                 await self.flush()
-        finally:
-            if ahead is not None:
-                ahead.cancel()
         self.finish()
 
 
