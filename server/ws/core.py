@@ -39,19 +39,19 @@ return sid
 # One round trip for the start of a frame or checkpoint: the stream of a
 # live token, its lock taken, and what the request needs from its hash.
 # Returns false (token not live), {sid, 0} (lock busy) or {sid, 1,
-# digest, buffer_frames, error_count}.
+# digest, buffer_frames, error_count, frames}.
 _BEGIN = Lua("""
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
 local s = redis.call('HMGET', ARGV[1] .. sid, 'active', 'token', 'digest',
-                     'buffer_frames', 'error_count')
+                     'buffer_frames', 'error_count', 'frames')
 if s[1] ~= '1' or s[2] ~= ARGV[2] then return false end
 local exp = redis.call('ZSCORE', KEYS[2], sid)
 if not exp or tonumber(exp) < tonumber(ARGV[3]) then return false end
 if not redis.call('SET', ARGV[4] .. sid, ARGV[5], 'NX', 'PX', ARGV[6]) then
   return {sid, 0}
 end
-return {sid, 1, s[3] or '', s[4] or '0', s[5] or '0'}
+return {sid, 1, s[3] or '', s[4] or '0', s[5] or '0', s[6] or '0'}
 """)
 
 # A frame is in the buffer: count it, remember its md5, free the stream.
@@ -103,6 +103,7 @@ class Held:
         self.digest = fields[0]
         self.buffer_frames = int(fields[1])
         self.error_count = int(fields[2])
+        self.frames = int(fields[3])
         self.released = False
 
     async def done(self, script, *args):
@@ -242,21 +243,25 @@ class CheckpointHandler(CoreHandler):
             meta = {'frames': n, 'reported_frames': reported,
                     'time': time.time()}
             total = await run(commit, app.storage, held.sid, n, files, meta,
-                              held.error_count != 0)
+                              held.frames, held.error_count != 0)
             await held.done(_COMMIT_DONE, total)
         self.write_json({})
 
 
-def commit(storage, sid, n, files, meta, reset_errors):
-    """Commit and return the stream's committed frames. A buffer already
-    gone (committed by a request whose reply was lost before Redis heard
-    of it) is not committed twice. A successful checkpoint resets the
-    error count (errors are consecutive)."""
+def commit(storage, sid, n, files, meta, frames, reset_errors):
+    """Commit and return the stream's committed frames (`frames` before
+    this commit, as Redis had them under the lock). A buffer already gone
+    (committed by a request whose reply was lost before Redis heard of it)
+    is not committed twice, and the disk tells the count. A successful
+    checkpoint resets the error count (errors are consecutive)."""
     if storage.buffer_files(sid):
         storage.commit(sid, n, files, meta)
+        total = frames + n
+    else:
+        total = storage.committed_frames(sid)
     if reset_errors:
         storage.update_stream_meta(sid, error_count=0)
-    return storage.committed_frames(sid)
+    return total
 
 
 class HeartbeatHandler(CoreHandler):
