@@ -5,6 +5,7 @@ order, as a real core does. The same client drives our servers and the bare
 ceiling, so its own cost cancels out of the ratios."""
 import asyncio
 import json
+import socket
 import time
 
 
@@ -131,3 +132,42 @@ async def run_cores(n, core, duration):
     deadline = start + duration
     await asyncio.gather(*(core(i, deadline, rec) for i in range(n)))
     return rec, time.perf_counter() - start
+
+
+def sink_get(host, port, ssl_ctx, path, headers=None, bufsize=4 << 20):
+    """One GET on a blocking TLS socket, its body read into one reused
+    buffer and counted. For downloads: asyncio's TLS reader tops out near
+    250 MB/s here and would measure the client, not the server. Returns
+    (status, body bytes)."""
+    raw = socket.create_connection((host, port))
+    sock = ssl_ctx.wrap_socket(raw, server_hostname='localhost')
+    try:
+        lines = ['GET %s HTTP/1.1' % path, 'Host: %s' % host,
+                 'Connection: close']
+        lines += ['%s: %s' % kv for kv in (headers or {}).items()]
+        sock.sendall(('\r\n'.join(lines) + '\r\n\r\n').encode())
+        buf = bytearray(bufsize)
+        view = memoryview(buf)
+        head = b''
+        while b'\r\n\r\n' not in head:
+            n = sock.recv_into(view)
+            if not n:
+                raise HTTPError('connection closed in the headers')
+            head += bytes(view[:n])
+        head, body = head.split(b'\r\n\r\n', 1)
+        status_line, *header_lines = head.decode('latin-1').split('\r\n')
+        status = int(status_line.split(' ', 2)[1])
+        hdrs = dict((k.strip().lower(), v.strip()) for k, v in
+                    (line.split(':', 1) for line in header_lines
+                     if ':' in line))
+        left = int(hdrs.get('content-length', 0)) - len(body)
+        got = len(body)
+        while left > 0:
+            n = sock.recv_into(view, min(left, bufsize))
+            if not n:
+                raise HTTPError('connection closed mid-body')
+            left -= n
+            got += n
+        return status, got
+    finally:
+        sock.close()

@@ -11,7 +11,7 @@ import time
 import uuid
 
 from bench import servers
-from bench.httpload import Connection, run_cores
+from bench.httpload import Connection, run_cores, sink_get
 
 CC_PASS = 'bench-pass'
 WS_CCS = {'bench': {'url': '127.0.0.1:9', 'pass': CC_PASS}}
@@ -238,21 +238,20 @@ def download(ws, sid, expected):
     sampler = threading.Thread(target=sample)
     sampler.start()
 
-    async def get():
-        c = conn(ws.port)
-        t = time.perf_counter()
-        s, n = await c.request('GET', '/streams/%s/frames.xtc' % sid, b'',
-                               {'Authorization': CC_PASS}, sink=True)
-        elapsed = time.perf_counter() - t
-        await c.close()
-        return s, n, elapsed
     try:
-        s, n, elapsed = asyncio.run(get())
+        t = time.perf_counter()
+        cpu = time.process_time()
+        s, n = sink_get('127.0.0.1', ws.port, servers.client_ssl(),
+                        '/streams/%s/frames.xtc' % sid,
+                        {'Authorization': CC_PASS})
+        elapsed = time.perf_counter() - t
+        cpu = time.process_time() - cpu
     finally:
         done.set()
         sampler.join()
     return {'status': s, 'bytes': n, 'ok': s == 200 and n == expected,
             'mb_per_s': n / elapsed / 1e6,
+            'client_cpu_share': cpu / elapsed,
             'rss_growth_mb': (peak[0] - base) / 1e6}
 
 

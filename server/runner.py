@@ -20,7 +20,6 @@ log = logging.getLogger('siegetank')
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-
 def setup_logging(level):
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -50,6 +49,9 @@ async def _serve(settings, make_app, sockets, ssl_ctx, redis_url, task_id):
         await asyncio.wait_for(server.close_all_connections(), 5)
     except asyncio.TimeoutError:
         pass
+    close = getattr(app, 'close', None)
+    if close is not None:
+        await close()
     await redis.aclose()
 
 

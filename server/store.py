@@ -18,6 +18,8 @@ import time
 
 import redis
 import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger('siegetank.store')
 
@@ -176,15 +178,20 @@ def redis_url(settings, embedded=None):
     return settings['redis_url'] or embedded.url
 
 
-def connect(url, max_connections=64):
-    """An asyncio Redis client for the handlers of one process. Created after
-    the fork: connections must never be shared across processes. Requests
-    beyond `max_connections` in flight wait for a connection (a burst of
-    cores must queue, not fail)."""
+def connect(url, max_connections=256):
+    """An asyncio Redis client for the handlers of one process, owning its
+    pool. Created after the fork: connections are never shared across
+    processes. Requests beyond `max_connections` in flight wait for a
+    connection (a burst of cores queues, it does not fail). No client-side
+    retry: a command whose reply was lost may have run, and running a
+    script such as a frame's count twice would be wrong; the request fails
+    and the core retries it whole (frames and checkpoints are idempotent).
+    No socket timeout: it costs an asyncio task per command, and Redis is
+    local."""
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         url, decode_responses=True, max_connections=max_connections,
-        timeout=30)
-    return redis.asyncio.Redis(connection_pool=pool)
+        timeout=30, socket_timeout=None, retry=Retry(NoBackoff(), 0))
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 def connect_sync(url):

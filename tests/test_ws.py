@@ -3,6 +3,7 @@
 stop, delete) plus retries, expiry, error stops, both core generations,
 downloads with Range and signed URLs, the disk guard, bad inputs, and the
 rebuild of Redis from disk."""
+import asyncio
 import base64
 import gzip
 import hashlib
@@ -11,10 +12,13 @@ import os
 import time
 import uuid
 
+from redis.exceptions import ConnectionError, ResponseError
+
 from server import signing, store
 from server.ws import core, recovery
 from server.ws.app import WorkServer
-from tests import AppTestCase
+from server.ws.lua import Lua, Multiplexed
+from tests import AppTestCase, RedisTestCase
 
 PASS = 'test-cc-pass'
 OTHER_PASS = 'second-cc-pass'
@@ -29,7 +33,7 @@ def b64(data):
 
 
 def gzb64(data):
-    return b64(gzip.compress(data))
+    return b64(gzip.compress(data, mtime=0))  # same bytes in every second
 
 
 def target_files():
@@ -41,6 +45,10 @@ class WSTestCase(AppTestCase):
     kind = 'ws'
     app_class = WorkServer
     conf = CONF
+
+    def tearDown(self):
+        self.io_loop.run_sync(self.app.close)
+        super().tearDown()
 
     def cc(self, path, method='GET', body=None, token=PASS, **kw):
         return self.fetch_json(path, method, body, token=token, **kw)
@@ -835,3 +843,43 @@ class TestRecovery(WSTestCase):
         self.checkpoint(token, b's2')  # the core retries
         self.assertEqual(self.download(sid)[1], b'onetwo')
         self.assertEqual(self.info(sid)['frames'], 2)
+
+
+class TestMultiplexedRedis(RedisTestCase):
+    """The hot-path connection (server/ws/lua.py): replies matched to their
+    commands under concurrency, errors, lost script cache, lost
+    connection."""
+
+    ECHO = Lua("return {KEYS[1], tonumber(ARGV[1]) * 2}")
+
+    def setUp(self):
+        super().setUp()
+        self.mux = Multiplexed.like(self.redis)
+
+    def tearDown(self):
+        self.mux.close()
+        super().tearDown()
+
+    def test_concurrent_calls_get_their_own_replies(self):
+        async def go():
+            return await asyncio.gather(*(
+                self.ECHO(self.mux, ['k%d' % i], [i]) for i in range(300)))
+        replies = self.io_loop.run_sync(go)
+        self.assertEqual(replies, [['k%d' % i, 2 * i] for i in range(300)])
+
+    def test_errors_and_lost_script_cache_and_connection(self):
+        async def go():
+            with self.assertRaises(ResponseError):
+                await Lua("return redis.call('NOPE')")(self.mux, [])
+            self.assertEqual(await self.ECHO(self.mux, ['a'], [1]), ['a', 2])
+            await self.redis.script_flush()  # NOSCRIPT: loaded again
+            self.assertEqual(await self.ECHO(self.mux, ['b'], [2]), ['b', 4])
+            await self.redis.client_kill_filter(skipme=True,
+                                                _type='normal')
+            # The next command after the loss connects again.
+            for _ in range(50):
+                try:
+                    return await self.ECHO(self.mux, ['c'], [3])
+                except ConnectionError:
+                    await asyncio.sleep(0.01)
+        self.assertEqual(self.io_loop.run_sync(go), ['c', 6])

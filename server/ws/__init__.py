@@ -12,9 +12,9 @@ Where API.md is silent, the WS does this:
 - Activation pops the stream with the most committed frames (ties: the
   greatest stream id); an unknown target is a 503 like an empty queue.
 - Frames: decoded files go to the stream's buffer; two files that decode to
-  the same name are a 400. A body identical (md5) to the last accepted one
-  is a retry and a no-op 200, so a core must not send the very same frame
-  body twice in a row on purpose.
+  the same name are a 400. A body identical (its Content-MD5, else its
+  SHA-1) to the last accepted one is a retry and a no-op 200, so a core
+  must not send the very same frame body twice in a row on purpose.
 - Checkpoints: `frames` (later cores) is recorded in the chunk's meta.json
   as reported_frames; the committed count is the sum of the `frames` of the
   PUT /core/frame calls since the last checkpoint, whatever the core says.

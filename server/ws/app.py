@@ -7,6 +7,7 @@ from tornado.ioloop import PeriodicCallback
 from server import runner
 from server.ws import core, recovery, registration, streams
 from server.ws.keys import Keys
+from server.ws.lua import Multiplexed
 from server.ws.storage import Storage
 from server.web import App, HealthHandler
 
@@ -18,6 +19,7 @@ class WorkServer(App):
         handlers += core.default_handlers
         super().__init__(handlers, settings, redis, task_id)
         self.keys = Keys(settings['name'])
+        self.lua = Multiplexed.like(redis)  # hot-path scripts (see lua.py)
         self.storage = Storage(settings['data_folder'])
         self.storage.ensure()
         self.tasks = []
@@ -35,6 +37,10 @@ class WorkServer(App):
         self.pulse = PeriodicCallback(lambda: core.sweep_safely(self),
                                       self.config['pulse_frequency_in_ms'])
         self.pulse.start()
+
+    async def close(self):
+        """Every worker, after serving."""
+        self.lua.close()
 
     async def on_stop(self):
         if self.pulse is not None:

@@ -14,16 +14,18 @@ import errno
 import hashlib
 import json
 import logging
+import secrets
 import time
 
 from server.web import APIError, APIHandler, check_files, decode_file
 from server.ws import streams
+from server.ws.lua import Lua
 from server.ws.storage import run
 
 log = logging.getLogger('siegetank.ws.core')
 
-# The stream of a live token; with ARGV[3] also pushes its expiry.
-_TOKEN = """
+# The stream of a live token; with ARGV[4] also pushes its expiry.
+_TOKEN = Lua("""
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
 local s = redis.call('HMGET', ARGV[1] .. sid, 'active', 'token')
@@ -32,7 +34,45 @@ local exp = redis.call('ZSCORE', KEYS[2], sid)
 if not exp or tonumber(exp) < tonumber(ARGV[3]) then return false end
 if ARGV[4] then redis.call('ZADD', KEYS[2], ARGV[4], sid) end
 return sid
-"""
+""")
+
+# One round trip for the start of a frame or checkpoint: the stream of a
+# live token, its lock taken, and what the request needs from its hash.
+# Returns false (token not live), {sid, 0} (lock busy) or {sid, 1,
+# digest, buffer_frames, error_count, frames}.
+_BEGIN = Lua("""
+local sid = redis.call('GET', KEYS[1])
+if not sid then return false end
+local s = redis.call('HMGET', ARGV[1] .. sid, 'active', 'token', 'digest',
+                     'buffer_frames', 'error_count', 'frames')
+if s[1] ~= '1' or s[2] ~= ARGV[2] then return false end
+local exp = redis.call('ZSCORE', KEYS[2], sid)
+if not exp or tonumber(exp) < tonumber(ARGV[3]) then return false end
+if not redis.call('SET', ARGV[4] .. sid, ARGV[5], 'NX', 'PX', ARGV[6]) then
+  return {sid, 0}
+end
+return {sid, 1, s[3] or '', s[4] or '0', s[5] or '0', s[6] or '0'}
+""")
+
+# A frame is in the buffer: count it, remember its md5, free the stream.
+_FRAME_DONE = Lua("""
+redis.call('HINCRBY', KEYS[1], 'buffer_frames', ARGV[2])
+redis.call('HSET', KEYS[1], 'digest', ARGV[3])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+""")
+
+# The buffer is a chunk now: record the committed count, free the stream.
+_COMMIT_DONE = Lua("""
+redis.call('HSET', KEYS[1], 'frames', ARGV[2], 'buffer_frames', '0',
+           'digest', '', 'error_count', '0')
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+""")
+
+# Frames up to this size are appended on the event loop (a page-cache
+# write, no fsync, cheaper than a thread hop); larger ones in a thread.
+INLINE_APPEND_MAX = 1 << 20
 
 
 async def live_stream(app, token, extend=False):
@@ -45,11 +85,36 @@ async def live_stream(app, token, extend=False):
     args = [keys.stream_prefix, th, repr(now)]
     if extend:
         args.append(repr(now + app.config['heartbeat_increment']))
-    sid = await app.redis.eval(_TOKEN, 2, keys.token(th), keys.heartbeats,
-                               *args)
+    sid = await _TOKEN(app, [keys.token(th), keys.heartbeats], args)
     if not sid:
         raise APIError(401, 'unknown or expired core token')
     return sid
+
+
+class Held:
+    """A stream whose lock this request holds, with the hash fields read
+    when it was taken. `done` records the request's changes and frees the
+    lock in the same round trip; otherwise the lock is freed on exit."""
+
+    def __init__(self, app, sid, holder, fields):
+        self.app, self.sid, self.holder = app, sid, holder
+        self.key = app.keys.stream(sid)
+        self.lock = app.keys.stream_lock(sid)
+        self.digest = fields[0]
+        self.buffer_frames = int(fields[1])
+        self.error_count = int(fields[2])
+        self.frames = int(fields[3])
+        self.released = False
+
+    async def done(self, script, *args):
+        await script(self.app, [self.key, self.lock],
+                     [self.holder] + list(args))
+        self.released = True
+
+    async def release(self):
+        if not self.released:
+            self.released = True
+            await streams.RELEASE(self.app, [self.lock], [self.holder])
 
 
 class CoreHandler(APIHandler):
@@ -62,21 +127,42 @@ class CoreHandler(APIHandler):
     async def stream(self, extend=False):
         return await live_stream(self.application, self.token(), extend)
 
+    async def hold(self):
+        """The token's stream with its lock held, checked and taken in one
+        step (a token that dies while we wait is seen on the next try)."""
+        app = self.application
+        token = self.token()
+        if not token:
+            raise APIError(401, 'missing core token')
+        keys = app.keys
+        th = streams.token_hash(token)
+        holder = secrets.token_hex(12)
+        deadline = time.monotonic() + streams.LOCK_WAIT_S
+        delay = 0.002
+        while True:
+            got = await _BEGIN(app, [keys.token(th), keys.heartbeats], [
+                keys.stream_prefix, th, repr(time.time()),
+                keys.stream_lock_prefix, holder, streams.LOCK_TTL_MS])
+            if not got:
+                raise APIError(401, 'unknown or expired core token')
+            if got[1] == 1:
+                return Held(app, got[0], holder, got[2:])
+            delay = await streams.wait_turn(deadline, delay,
+                                            'stream %s' % got[0])
+
     @contextlib.asynccontextmanager
     async def locked_stream(self):
-        """The token's stream, its lock held and the token checked again
-        under the lock (it may have died while we waited)."""
-        sid = await self.stream()
-        async with streams.stream_lock(self.application, sid):
-            if await self.stream() != sid:
-                raise APIError(401, 'core token is no longer live')
-            try:
-                yield sid
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise APIError(503, 'workserver disk is full; nothing '
-                                   'was stored, retry later')
-                raise
+        """The token's stream (a Held), its lock held for the block."""
+        held = await self.hold()
+        try:
+            yield held
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise APIError(503, 'workserver disk is full; nothing '
+                               'was stored, retry later')
+            raise
+        finally:
+            await held.release()
 
 
 class StartHandler(CoreHandler):
@@ -107,25 +193,33 @@ def decoded_frames(files):
     return out
 
 
+def body_digest(handler):
+    """What tells a retry from a new frame: the Content-MD5 already checked
+    (later cores send it), else the body's SHA-1 (a third cheaper than MD5
+    here). A core sends a retry the way it sent the original."""
+    if handler.body_md5 is not None:
+        return handler.body_md5
+    return hashlib.sha1(handler.request.body).hexdigest()
+
+
 class FrameHandler(CoreHandler):
     async def put(self):
         app = self.application
         files = decoded_frames(self.field('files', dict))
         n = self.field('frames', int, 1, check=lambda v: v >= 1)
-        md5 = hashlib.md5(self.request.body).hexdigest()
-        async with self.locked_stream() as sid:
-            key = app.keys.stream(sid)
-            if await app.redis.hget(key, 'last_md5') == md5:
+        md5 = body_digest(self)
+        async with self.locked_stream() as held:
+            if held.digest == md5:
                 self.write_json({})  # a retry of the accepted frame
                 return
-            sizes = await run(app.storage.append_frames, sid, files)
+            if sum(len(data) for data in files.values()) <= INLINE_APPEND_MAX:
+                sizes = app.storage.append_frames(held.sid, files)
+            else:
+                sizes = await run(app.storage.append_frames, held.sid, files)
             try:
-                pipe = app.redis.pipeline(transaction=True)
-                pipe.hincrby(key, 'buffer_frames', n)
-                pipe.hset(key, 'last_md5', md5)
-                await pipe.execute()
+                await held.done(_FRAME_DONE, n, md5)
             except BaseException:
-                await run(app.storage.truncate_buffer, sid, sizes)
+                app.storage.truncate_buffer(held.sid, sizes)
                 raise
         self.write_json({})
 
@@ -141,32 +235,33 @@ class CheckpointHandler(CoreHandler):
             decode_file(name, value)
         reported = self.field('frames', (int, float), None,
                               check=lambda v: v >= 0)
-        async with self.locked_stream() as sid:
-            key = app.keys.stream(sid)
-            n = int(await app.redis.hget(key, 'buffer_frames') or 0)
+        async with self.locked_stream() as held:
+            n = held.buffer_frames
             if n == 0:
                 self.write_json({})  # nothing buffered: a retry, a no-op
                 return
             meta = {'frames': n, 'reported_frames': reported,
                     'time': time.time()}
-            total = await run(commit, app.storage, sid, n, files, meta)
-            pipe = app.redis.pipeline(transaction=True)
-            pipe.hget(key, 'error_count')
-            pipe.hset(key, mapping={'frames': total, 'buffer_frames': 0,
-                                    'last_md5': '', 'error_count': 0})
-            errors = (await pipe.execute())[0]
-            if errors not in (None, '0'):
-                await run(app.storage.update_stream_meta, sid, error_count=0)
+            total = await run(commit, app.storage, held.sid, n, files, meta,
+                              held.frames, held.error_count != 0)
+            await held.done(_COMMIT_DONE, total)
         self.write_json({})
 
 
-def commit(storage, sid, n, files, meta):
-    """Commit and return the stream's committed frames. A buffer already
-    gone (committed by a request whose reply was lost before Redis heard
-    of it) is not committed twice."""
+def commit(storage, sid, n, files, meta, frames, reset_errors):
+    """Commit and return the stream's committed frames (`frames` before
+    this commit, as Redis had them under the lock). A buffer already gone
+    (committed by a request whose reply was lost before Redis heard of it)
+    is not committed twice, and the disk tells the count. A successful
+    checkpoint resets the error count (errors are consecutive)."""
     if storage.buffer_files(sid):
         storage.commit(sid, n, files, meta)
-    return storage.committed_frames(sid)
+        total = frames + n
+    else:
+        total = storage.committed_frames(sid)
+    if reset_errors:
+        storage.update_stream_meta(sid, error_count=0)
+    return total
 
 
 class HeartbeatHandler(CoreHandler):
@@ -185,7 +280,8 @@ class StopHandler(CoreHandler):
                     'utf-8', errors='replace')
             except (binascii.Error, ValueError):
                 raise APIError(400, 'error must be base64')
-        async with self.locked_stream() as sid:
+        async with self.locked_stream() as held:
+            sid = held.sid
             tid = await streams.target_of(app, sid)
             if error is not None:
                 stamp = datetime.datetime.now(datetime.timezone.utc)

@@ -36,9 +36,10 @@ class Keys:
 
     def stream(self, stream_id):
         """hash: target_id, status (OK/STOPPED), frames (committed),
-        error_count (consecutive error stops), creation_date, active (0/1),
-        token (hash of the live token or ''), donor, start_time,
-        buffer_frames, last_md5 (of the last accepted frame body)."""
+        error_count (consecutive error stops), creation_date, active (0/1);
+        while active only (an idle stream keeps its hash small): token
+        (hash of the live token), donor, start_time, buffer_frames, digest
+        (of the last accepted frame body, see core.body_digest)."""
         return self.stream_prefix + stream_id
 
     @property
@@ -59,12 +60,21 @@ class Keys:
         """set: ids of active streams (for /active_streams)."""
         return self.prefix + 'active'
 
+    @property
+    def stream_lock_prefix(self):
+        return self.prefix + 'lock:stream:'
+
     def stream_lock(self, stream_id):
         """string: holder of the stream's lock (frames, checkpoints and
         deactivations of one stream run one at a time)."""
-        return self.prefix + 'lock:stream:%s' % stream_id
+        return self.stream_lock_prefix + stream_id
 
     def target_lock(self, target_id):
-        """string: holder of the target's lock (stream creation vs. deletion
-        of the target's last stream)."""
+        """string: holder of the target's exclusive lock (creation of the
+        target, deletion of it or of its last stream)."""
         return self.prefix + 'lock:target:%s' % target_id
+
+    def target_users(self, target_id):
+        """zset: holders of a shared hold on the target (creations of
+        streams of a target that exists) -> expiry (ms)."""
+        return self.prefix + 'lock:target-users:%s' % target_id

@@ -22,6 +22,7 @@ download = that file of every chunk in seq order.
 Everything here blocks; handlers call it through `run()` (a thread).
 """
 import asyncio
+import concurrent.futures
 import functools
 import json
 import os
@@ -33,10 +34,22 @@ CHUNK = re.compile(r'^(\d{10})-(\d+)$')
 READ_SIZE = 1 << 20
 
 
+# Threads for blocking disk work. Mostly they wait on fsync, and the
+# filesystem's journal commits the fsyncs that wait together at once: more
+# threads in flight is more work per commit (stream creation with the
+# default 6 threads: 170/s; with 32: 300/s, 16 clients).
+DISK_THREADS = 32
+_executor = None
+
+
 async def run(func, *args, **kwargs):
     """Blocking disk work off the event loop."""
+    global _executor
+    if _executor is None:  # made lazily: after the fork, in the worker
+        _executor = concurrent.futures.ThreadPoolExecutor(
+            DISK_THREADS, thread_name_prefix='disk')
     return await asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(func, *args, **kwargs))
+        _executor, functools.partial(func, *args, **kwargs))
 
 
 def fsync_dir(path):
@@ -229,27 +242,39 @@ class Storage:
     # frames and checkpoints
 
     def append_frames(self, stream_id, files):
-        """Append decoded `files` {name: bytes} to the buffer. All or
-        nothing: on any failure the buffer is cut back to where it was.
-        Returns the previous sizes (for `truncate_buffer`)."""
+        """Append decoded `files` {name: bytes} to the buffer (page cache
+        only: the commit fsyncs). All or nothing: on any failure the buffer
+        is cut back to where it was. Returns the previous sizes (None: the
+        file was new) for `truncate_buffer`."""
         folder = self.buffer_dir(stream_id)
-        if not os.path.isdir(self.stream_dir(stream_id)):
-            raise FileNotFoundError(self.stream_dir(stream_id))
-        os.makedirs(folder, exist_ok=True)
         sizes = {}
-        for name in files:
-            try:
-                sizes[name] = os.path.getsize(os.path.join(folder, name))
-            except FileNotFoundError:
-                sizes[name] = None
         try:
             for name, data in files.items():
-                with open(os.path.join(folder, name), 'ab') as f:
-                    f.write(data)
+                path = os.path.join(folder, name)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+                except FileNotFoundError:
+                    fd = self._new_buffer_file(stream_id, path)
+                    sizes[name] = None
+                try:
+                    if name not in sizes:
+                        sizes[name] = os.fstat(fd).st_size
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
         except BaseException:
             self.truncate_buffer(stream_id, sizes)
             raise
         return sizes
+
+    def _new_buffer_file(self, stream_id, path):
+        if not os.path.isdir(self.stream_dir(stream_id)):
+            raise FileNotFoundError(self.stream_dir(stream_id))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                       os.O_EXCL, 0o644)
 
     def truncate_buffer(self, stream_id, sizes):
         folder = self.buffer_dir(stream_id)

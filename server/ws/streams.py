@@ -4,10 +4,11 @@ disk of storage.py) and the endpoints the command center calls.
 Concurrency: several worker processes serve the same streams. Every
 check-then-set on Redis is one Lua script or a MULTI; everything that also
 touches a stream's disk (frames, checkpoints, deactivation, start/stop,
-deletion) runs under that stream's Redis lock, and stream creation/deletion
-under the target's lock (target before stream, never the other way), so a
-buffer is never committed and discarded at once and a stale core can never
-write after its token died.
+deletion) runs under that stream's Redis lock; stream creations share a
+hold on their target, and the target's creation and deletions lock it
+(target before stream, never the other way), so a buffer is never
+committed and discarded at once, a stale core can never write after its
+token died, and no stream is made in a target being deleted.
 """
 import asyncio
 import contextlib
@@ -21,6 +22,7 @@ import uuid
 from server import signing
 from server.web import (APIError, APIHandler, check_file_name, check_files,
                         decode_file)
+from server.ws.lua import Lua
 from server.ws.storage import plan_range, read_at, run
 
 ID = re.compile(r'^[A-Za-z0-9_-]{1,64}$')
@@ -35,12 +37,21 @@ class Busy(APIError):
         super().__init__(503, '%s is busy with another request, retry' % what)
 
 
-_RELEASE = """
+RELEASE = Lua("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-"""
+""")
+
+
+async def wait_turn(deadline, delay, what):
+    """Sleep before another try at a busy lock; Busy past the deadline.
+    Returns the next delay."""
+    if time.monotonic() >= deadline:
+        raise Busy(what)
+    await asyncio.sleep(delay)
+    return min(delay * 2, 0.05)
 
 
 @contextlib.asynccontextmanager
@@ -51,14 +62,11 @@ async def locked(redis, key, what, wait=LOCK_WAIT_S):
     deadline = time.monotonic() + wait
     delay = 0.002
     while not await redis.set(key, holder, nx=True, px=LOCK_TTL_MS):
-        if time.monotonic() >= deadline:
-            raise Busy(what)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        delay = await wait_turn(deadline, delay, what)
     try:
         yield
     finally:
-        await redis.eval(_RELEASE, 1, key, holder)
+        await RELEASE(redis, [key], [holder])
 
 
 def token_hash(token):
@@ -82,43 +90,112 @@ def index_stream(pipe, keys, stream_id, meta, frames):
     pipe.hset(keys.stream(stream_id), mapping={
         'target_id': tid, 'status': meta['status'], 'frames': frames,
         'error_count': meta.get('error_count', 0),
-        'creation_date': repr(float(meta['creation_date'])),
-        'active': 0, 'token': '', 'donor': '', 'start_time': '',
-        'buffer_frames': 0, 'last_md5': ''})
+        'creation_date': repr(float(meta['creation_date'])), 'active': 0})
     pipe.sadd(keys.target_streams(tid), stream_id)
     pipe.sadd(keys.targets, tid)
     if meta['status'] == 'OK':
         pipe.zadd(keys.queue(tid), {stream_id: frames})
 
 
+# A shared hold on a target: refused (0) while its exclusive lock is held.
+_SHARE = Lua("""
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+""")
+
+
+@contextlib.asynccontextmanager
+async def target_shared(app, target_id):
+    """Many requests at once may hold a target this way (stream creations),
+    none while it is locked (deletions, see target_locked)."""
+    keys = app.keys
+    users = keys.target_users(target_id)
+    holder = secrets.token_hex(12)
+    deadline = time.monotonic() + LOCK_WAIT_S
+    delay = 0.002
+    while True:
+        now = int(time.time() * 1000)
+        if await _SHARE(app, [keys.target_lock(target_id), users], [
+                holder, now + LOCK_TTL_MS, now, LOCK_TTL_MS]):
+            break
+        delay = await wait_turn(deadline, delay, 'target %s' % target_id)
+    try:
+        yield
+    finally:
+        await app.redis.zrem(users, holder)
+
+
+@contextlib.asynccontextmanager
+async def target_locked(app, target_id):
+    """The target's exclusive lock, once the shared holds taken before it
+    are given back (no new one is granted meanwhile)."""
+    keys = app.keys
+    what = 'target %s' % target_id
+    async with locked(app.redis, keys.target_lock(target_id), what):
+        deadline = time.monotonic() + LOCK_WAIT_S
+        delay = 0.002
+        while await app.redis.zcount(keys.target_users(target_id),
+                                     int(time.time() * 1000), '+inf'):
+            delay = await wait_turn(deadline, delay, what)
+        yield
+
+
+def _new_stream(storage, target_id, stream_id, meta, stream_files):
+    """Make the stream on disk if its target exists with the same stream
+    file names; returns the target's meta (None: no such target)."""
+    target = storage.target_meta(target_id)
+    if target is not None and target['stream_files'] == sorted(stream_files):
+        storage.create_stream(stream_id, meta, stream_files)
+    return target
+
+
 async def create_stream(app, target_id, stream_files, target_files):
+    """A stream of a known target needs only a shared hold on it (creations
+    run in parallel); the first stream of a target creates the target
+    under its exclusive lock."""
     check_disk(app)
-    keys, storage = app.keys, app.storage
     names = sorted(stream_files)
-    async with locked(app.redis, keys.target_lock(target_id),
-                      'target %s' % target_id):
-        meta = await run(storage.target_meta, target_id)
-        if meta is None:
+    stream_id = '%s:%s' % (uuid.uuid4(), app.config['name'])
+    meta = {'target_id': target_id, 'creation_date': time.time(),
+            'status': 'OK', 'error_count': 0}
+    async with target_shared(app, target_id):
+        target = await run(_new_stream, app.storage, target_id, stream_id,
+                           meta, stream_files)
+        if target is not None:
+            return await _indexed(app, target, names, stream_id, meta)
+    async with target_locked(app, target_id):
+        target = await run(_new_stream, app.storage, target_id, stream_id,
+                           meta, stream_files)
+        if target is None:
             if target_files is None:
                 raise APIError(400, 'target %s is new on this workserver: '
                                'target_files are required' % target_id)
-            await run(storage.create_target, target_id, target_files, names)
-        elif meta['stream_files'] != names:
-            raise APIError(409, 'stream_files %s differ from the files of '
-                           'the target\'s other streams %s'
-                           % (names, meta['stream_files']))
-        stream_id = '%s:%s' % (uuid.uuid4(), app.config['name'])
-        meta = {'target_id': target_id, 'creation_date': time.time(),
-                'status': 'OK', 'error_count': 0}
-        await run(storage.create_stream, stream_id, meta, stream_files)
-        pipe = app.redis.pipeline(transaction=True)
-        index_stream(pipe, keys, stream_id, meta, 0)
-        await pipe.execute()
+            await run(app.storage.create_target, target_id, target_files,
+                      names)
+            await run(app.storage.create_stream, stream_id, meta,
+                      stream_files)
+            target = {'stream_files': names}
+        return await _indexed(app, target, names, stream_id, meta)
+
+
+async def _indexed(app, target, names, stream_id, meta):
+    """Index the stream just made on disk (409 if it was not made: its
+    file names differ from those of the target's other streams)."""
+    if target['stream_files'] != names:
+        raise APIError(409, 'stream_files %s differ from the files of '
+                       'the target\'s other streams %s'
+                       % (names, target['stream_files']))
+    pipe = app.redis.pipeline(transaction=True)
+    index_stream(pipe, app.keys, stream_id, meta, 0)
+    await pipe.execute()
     return stream_id
 
 
 # Pop the best OK inactive stream of a target and give it a fresh token.
-_ACTIVATE = """
+_ACTIVATE = Lua("""
 while true do
   local popped = redis.call('ZPOPMAX', KEYS[1])
   if #popped == 0 then return false end
@@ -127,14 +204,14 @@ while true do
   local s = redis.call('HMGET', key, 'status', 'active')
   if s[1] == 'OK' and s[2] == '0' then
     redis.call('HSET', key, 'active', '1', 'token', ARGV[3], 'donor', ARGV[5],
-               'start_time', ARGV[6], 'buffer_frames', '0', 'last_md5', '')
+               'start_time', ARGV[6], 'buffer_frames', '0', 'digest', '')
     redis.call('SET', ARGV[2] .. ARGV[3], sid)
     redis.call('ZADD', KEYS[2], ARGV[4], sid)
     redis.call('SADD', KEYS[3], sid)
     return sid
   end
 end
-"""
+""")
 
 
 async def activate(app, target_id, donor_id):
@@ -143,11 +220,11 @@ async def activate(app, target_id, donor_id):
     keys = app.keys
     token = secrets.token_urlsafe(32)
     now = time.time()
-    sid = await app.redis.eval(
-        _ACTIVATE, 3, keys.queue(target_id), keys.heartbeats, keys.active,
+    sid = await _ACTIVATE(app, [
+        keys.queue(target_id), keys.heartbeats, keys.active], [
         keys.stream_prefix, keys.token_prefix, token_hash(token),
         repr(now + app.config['heartbeat_increment']), donor_id or '',
-        repr(now))
+        repr(now)])
     if not sid:
         raise APIError(503, 'no stream of target %s is free on this '
                        'workserver' % target_id)
@@ -158,7 +235,7 @@ async def activate(app, target_id, donor_id):
 # ARGV: sid, token prefix, mode, max_fails, now. Modes: expire (only if
 # still active and expired), stop (core stop), error (core stop with an
 # error: count it, STOPPED at max_fails), halt (CC stop: STOPPED).
-_DEACTIVATE = """
+_DEACTIVATE = Lua("""
 local s = redis.call('HMGET', KEYS[1], 'active', 'token', 'status', 'frames',
                      'error_count')
 if not s[3] then return false end
@@ -173,8 +250,9 @@ local was_active = 0
 if s[1] == '1' then
   was_active = 1
   if s[2] and s[2] ~= '' then redis.call('DEL', ARGV[2] .. s[2]) end
-  redis.call('HSET', KEYS[1], 'active', '0', 'token', '', 'donor', '',
-             'start_time', '', 'buffer_frames', '0', 'last_md5', '')
+  redis.call('HSET', KEYS[1], 'active', '0')
+  redis.call('HDEL', KEYS[1], 'token', 'donor', 'start_time', 'buffer_frames',
+             'digest')
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
@@ -193,7 +271,7 @@ else
   redis.call('ZREM', KEYS[4], ARGV[1])
 end
 return {was_active, status, errors}
-"""
+""")
 
 
 async def deactivate(app, stream_id, target_id, mode):
@@ -202,10 +280,11 @@ async def deactivate(app, stream_id, target_id, mode):
     records status/error changes on disk. Returns was_active, or None if
     nothing was done (unknown stream, or mode expire and not expired)."""
     keys = app.keys
-    result = await app.redis.eval(
-        _DEACTIVATE, 4, keys.stream(stream_id), keys.heartbeats, keys.active,
-        keys.queue(target_id), stream_id, keys.token_prefix, mode,
-        app.config['max_stream_fails'], repr(time.time()))
+    result = await _DEACTIVATE(app, [
+        keys.stream(stream_id), keys.heartbeats, keys.active,
+        keys.queue(target_id)], [
+        stream_id, keys.token_prefix, mode, app.config['max_stream_fails'],
+        repr(time.time())])
     if not result:
         return None
     was_active, status, errors = int(result[0]), result[1], int(result[2])
@@ -217,13 +296,13 @@ async def deactivate(app, stream_id, target_id, mode):
     return bool(was_active)
 
 
-_START = """
+_START = Lua("""
 local s = redis.call('HMGET', KEYS[1], 'active', 'frames', 'status')
 if not s[3] then return false end
 redis.call('HSET', KEYS[1], 'status', 'OK', 'error_count', '0')
 if s[1] ~= '1' then redis.call('ZADD', KEYS[2], s[2], ARGV[1]) end
 return 1
-"""
+""")
 
 
 async def target_of(app, stream_id):
@@ -241,8 +320,8 @@ def stream_lock(app, stream_id):
 async def start_stream(app, stream_id):
     tid = await target_of(app, stream_id)
     async with stream_lock(app, stream_id):
-        if not await app.redis.eval(_START, 2, app.keys.stream(stream_id),
-                                    app.keys.queue(tid), stream_id):
+        if not await _START(app, [app.keys.stream(stream_id),
+                                        app.keys.queue(tid)], [stream_id]):
             raise APIError(404, 'unknown stream %s' % stream_id)
         await run(app.storage.update_stream_meta, stream_id, status='OK',
                   error_count=0)
@@ -257,7 +336,7 @@ async def stop_stream(app, stream_id):
 
 # Drop one stream from the index; the target too when it was the last.
 # KEYS: stream, target streams, queue, heartbeats, active, targets.
-_DELETE = """
+_DELETE = Lua("""
 local tok = redis.call('HGET', KEYS[1], 'token')
 if tok and tok ~= '' then redis.call('DEL', ARGV[2] .. tok) end
 redis.call('DEL', KEYS[1])
@@ -271,7 +350,7 @@ if left == 0 then
   redis.call('SREM', KEYS[6], ARGV[3])
 end
 return left
-"""
+""")
 
 
 async def _drop_stream(app, stream_id, target_id):
@@ -281,16 +360,15 @@ async def _drop_stream(app, stream_id, target_id):
     keys = app.keys
     async with stream_lock(app, stream_id):
         await run(app.storage.remove_stream, stream_id)
-        return await app.redis.eval(
-            _DELETE, 6, keys.stream(stream_id), keys.target_streams(target_id),
-            keys.queue(target_id), keys.heartbeats, keys.active, keys.targets,
-            stream_id, keys.token_prefix, target_id)
+        return await _DELETE(app, [
+            keys.stream(stream_id), keys.target_streams(target_id),
+            keys.queue(target_id), keys.heartbeats, keys.active,
+            keys.targets], [stream_id, keys.token_prefix, target_id])
 
 
 async def delete_stream(app, stream_id):
     tid = await target_of(app, stream_id)
-    async with locked(app.redis, app.keys.target_lock(tid),
-                      'target %s' % tid):
+    async with target_locked(app, tid):
         if not await app.redis.exists(app.keys.stream(stream_id)):
             raise APIError(404, 'unknown stream %s' % stream_id)
         if await _drop_stream(app, stream_id, tid) == 0:
@@ -300,8 +378,7 @@ async def delete_stream(app, stream_id):
 async def delete_target(app, target_id):
     """Every stream of the target, then the target; fine if unknown."""
     keys = app.keys
-    async with locked(app.redis, keys.target_lock(target_id),
-                      'target %s' % target_id):
+    async with target_locked(app, target_id):
         for sid in sorted(await app.redis.smembers(
                 keys.target_streams(target_id))):
             await _drop_stream(app, sid, target_id)
