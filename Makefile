@@ -24,14 +24,10 @@ test: setup
 demo: setup
 	$(PY) -m siegetank.demo
 
-$(VENV)/.bench: $(VENV)/.installed requirements-bench.txt
-	$(PY) -m pip install -q -r requirements-bench.txt
-	touch $@
-
 # Benchmarks against a bare Tornado ceiling (several minutes); results and
 # a plot land in bench/results/. `make bench BENCHARGS=--quick` smoke-runs it.
 BENCHARGS ?=
-bench: $(VENV)/.bench
+bench: setup
 	$(PY) -m bench $(BENCHARGS)
 
 clean:

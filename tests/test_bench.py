@@ -1,0 +1,30 @@
+"""A smoke run of the benchmark code (seconds): every frame a core had
+acknowledged is what the WS reports and what it serves, with zero errors,
+through the same code `make bench` runs. Its figures are not checked:
+timings belong to `make bench`, never to the tests."""
+import json
+import os
+import subprocess
+import sys
+import unittest
+
+from tests import ROOT, tmpdir
+
+
+class TestBenchSmoke(unittest.TestCase):
+
+    def test_quick_frames_and_activations(self):
+        out = tmpdir('bench')
+        p = subprocess.run(
+            [sys.executable, '-m', 'bench', '--quick', '--only', 'frames',
+             '--only', 'activations', '--duration', '0.3', '--out', out],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        with open(os.path.join(out, 'results.json')) as f:
+            results = json.load(f)
+        self.assertEqual(len(results['frames']), 4)
+        for row in results['frames']:
+            self.assertEqual((row['ours_errors'], row['mismatches']), (0, 0))
+            self.assertGreater(row['frames_committed'], 0)
+        self.assertEqual(results['activations']['ours_errors'], 0)
+        self.assertTrue(os.path.exists(os.path.join(out, 'frames.png')))
