@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= venv
 PY := $(VENV)/bin/python
 
-.PHONY: all setup test demo bench run clean
+.PHONY: all setup test demo bench clean
 
 all: test
 
