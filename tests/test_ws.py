@@ -18,7 +18,7 @@ from server import signing, store
 from server.ws import core, recovery
 from server.ws.app import WorkServer
 from server.ws.lua import Lua, Multiplexed
-from tests import AppTestCase, RedisTestCase
+from tests import AppTestCase, RedisTestCase, b64, gzb64
 
 PASS = 'test-cc-pass'
 OTHER_PASS = 'second-cc-pass'
@@ -26,14 +26,6 @@ CONF = {'command_centers': {'cc': {'url': '127.0.0.1:9', 'pass': PASS},
                             'cc2': {'url': '127.0.0.1:9',
                                     'pass': OTHER_PASS}},
         'max_stream_fails': 3}
-
-
-def b64(data):
-    return base64.b64encode(data).decode()
-
-
-def gzb64(data):
-    return b64(gzip.compress(data, mtime=0))  # same bytes in every second
 
 
 def target_files():

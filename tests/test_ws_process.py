@@ -16,19 +16,11 @@ import uuid
 
 import requests
 
-from tests import ServerProcess, certs
+from tests import ServerProcess, b64, certs, gzb64
 
 PASS = 'test-cc-pass'
 CCS = {'cc': {'url': '127.0.0.1:9', 'pass': PASS}}
 KILL_POINTS = 20
-
-
-def b64(data):
-    return base64.b64encode(data).decode()
-
-
-def gzb64(data):
-    return b64(gzip.compress(data))
 
 
 def unb64gz(text):
