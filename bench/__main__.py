@@ -103,7 +103,7 @@ def bench_assignments(args, results):
     ws = servers.start_ws(command_centers={
         cc.name: {'url': '127.0.0.1:%d' % cc.port, 'pass': 'test-cc-pass'}})
     try:
-        body = workloads.prepare_cc_target(cc, ws, n)
+        body, placed = workloads.prepare_cc_target(cc, ws, n)
         runs = repeat(lambda: workloads.assignments(
             cc.port, servers.server_pids(cc) + servers.server_pids(ws), 32,
             args.duration, body), args.reps)
@@ -111,6 +111,10 @@ def bench_assignments(args, results):
         row = {'workload': 'assignments', 'cc_processes': 2, 'clients': 32,
                'rate': med, 'rate_spread': [lo, hi],
                'p99_ms': median_spread(runs, 'p99_ms')[0],
+               'cpu_ms_per_request': median_spread(
+                   runs, 'cpu_ms_per_request')[0],
+               'requests': sum(r['requests'] for r in runs),
+               'placement_rate': placed,
                'errors': sum(r['errors'] for r in runs)}
         results['assignments'] = row
         report.print_row(row)
