@@ -793,8 +793,8 @@ class TestStreamsAndAssign(CCTestCase):
         from server.cc import streams, targets
         real_post = streams._post_to
 
-        async def post_then_delete(app, ws, target, files):
-            sid = await real_post(app, ws, target, files)
+        async def post_then_delete(app, ws, base, has_files, target, files):
+            sid = await real_post(app, ws, base, has_files, target, files)
             await targets.delete(app, target['target_id'])
             return sid
         streams._post_to = post_then_delete
