@@ -676,6 +676,21 @@ class TestStreamsAndAssign(CCTestCase):
         self.assertIn('error', self.assign(
             404, target_id='00000000-0000-4000-8000-000000000000'))
 
+    def test_assign_returns_options_as_stored(self):
+        """Options go back as the target stored them (the CC sends the
+        stored JSON text as is): nesting, unicode, empty."""
+        self.add_ws('a')
+        options = {'nested': [1, {'b': '\u00e9\u2603'}], 'x': None,
+                   'f': 0.5, 'quote': 'a "b" \\ c'}
+        for opts in (options, {}):
+            tid = self.post_target(self.joe, stage='public', options=opts,
+                                   engine_versions=['opt'])
+            self.post_stream(tid)
+            reply = self.assign(engine_version='opt')
+            self.assertEqual(reply['options'], opts)
+            self.assertEqual(sorted(reply), ['options', 'token', 'uri',
+                                             'url'])
+
     def test_assign_bad_input(self):
         for body in ({}, {'engine': 'openmm'}, {'engine_version': '6'},
                      {'engine': 1, 'engine_version': '6'},

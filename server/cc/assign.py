@@ -39,11 +39,15 @@ def weighted_order(weights):
 
 # Every candidate in one round trip. KEYS: the stage index sets to draw
 # from. ARGV: engine, engine_version, the key templates of a target, its
-# per-WS counts and a WS, then a named target id or ''. Returns, per target
-# whose engine and versions match and with streams on an online WS:
+# per-WS counts and a WS, a named target id or '', the key of the donor's
+# token or ''. Returns {donor, candidates}: donor is '' when not asked, nil
+# for an unknown token, else the username; each candidate is a target whose
+# engine and versions match, with streams on an online WS:
 # {target_id, weight, options, ws, count, url, port, ws, count, ...}.
 _CANDIDATES = """
 local engine, version = ARGV[1], ARGV[2]
+local donor = ''
+if ARGV[7] ~= '' then donor = redis.call('GET', ARGV[7]) end
 local ids
 if ARGV[6] ~= '' then
   ids = {}
@@ -90,28 +94,34 @@ for _, tid in ipairs(ids) do
     if #entry > 3 then result[#result + 1] = entry end
   end
 end
-return result
+return {donor, result}
 """
 _CANDIDATES_SHA = hashlib.sha1(_CANDIDATES.encode()).hexdigest()
 
 
-async def candidates(redis, engine, version, stages, target_id=None):
-    """[(target_id, weight, options, {online ws: (stream count, base
-    url)})] of the targets that could serve, read in one Lua call."""
+async def candidates(redis, engine, version, stages, target_id=None,
+                     donor_token=None):
+    """(donor, [(target_id, weight, options, {online ws: (stream count,
+    base url)})]) of the targets that could serve, read in one Lua call;
+    donor is the username of `donor_token`, None if unknown or not given.
+    """
     argv = [keys.stage_targets(s) for s in stages]
     argv += [engine, version, keys.TARGET_TEMPLATE, keys.TARGET_WS_TEMPLATE,
-             keys.WS_TEMPLATE, target_id or '']
+             keys.WS_TEMPLATE, target_id or '',
+             keys.donor_token(accounts.token_hash(donor_token))
+             if donor_token else '']
     try:
-        rows = await redis.evalsha(_CANDIDATES_SHA, len(stages), *argv)
+        donor, rows = await redis.evalsha(_CANDIDATES_SHA, len(stages),
+                                          *argv)
     except NoScriptError:  # first call since this Redis started
-        rows = await redis.eval(_CANDIDATES, len(stages), *argv)
+        donor, rows = await redis.eval(_CANDIDATES, len(stages), *argv)
     result = []
     for row in rows:
         ws = {row[i]: (int(row[i + 1]), 'https://%s:%s' % (row[i + 2],
                                                            row[i + 3]))
               for i in range(3, len(row), 4)}
         result.append((row[0], float(row[1]), row[2], ws))
-    return result
+    return donor or None, result
 
 
 async def activate(app, ws, base, target_id, donor):
@@ -135,12 +145,16 @@ async def activate(app, ws, base, target_id, donor):
     return None
 
 
-async def assign(app, engine, version, stages, donor, target_id=None):
-    """The assignment reply, or None when nothing is free. Options go back
-    as the JSON text the target stored, not decoded and encoded again."""
-    found = {tid: (weight, options, ws) for tid, weight, options, ws
-             in await candidates(app.redis, engine, version, stages,
-                                 target_id)}
+async def assign(app, engine, version, stages, donor_token, target_id=None):
+    """(token, url, options) of an activated stream, or None when nothing
+    is free. Options stay the JSON text the target stored (no decoding and
+    encoding again). 401 for an unknown donor token."""
+    donor, found = await candidates(app.redis, engine, version, stages,
+                                    target_id, donor_token)
+    if donor_token and donor is None:
+        raise APIError(401, 'unknown donor token')
+    found = {tid: (weight, options, ws)
+             for tid, weight, options, ws in found}
     for tid in weighted_order({tid: c[0] for tid, c in found.items()}):
         _, options, ws = found[tid]
         for name in weighted_order({n: c for n, (c, _) in ws.items()}):
@@ -171,13 +185,8 @@ class AssignHandler(APIHandler):
                 raise APIError(403, 'target %s is private' % target_id)
             # Naming a beta target is asking for beta.
             stages = ('public', 'beta')
-        donor = None
-        if donor_token:
-            donor = await accounts.donor_of(self.redis, donor_token)
-            if donor is None:
-                raise APIError(401, 'unknown donor token')
         found = await assign(self.application, engine, version, stages,
-                             donor, target_id)
+                             donor_token, target_id)
         if found is None:
             raise APIError(503, 'no stream available for %s %s'
                            % (engine, version))
