@@ -9,7 +9,8 @@ import os
 
 from server.cc import accounts, keys, workservers
 from server.cc.app import CommandCenter
-from tests import AppTestCase
+from server.cc.scripts import Script
+from tests import AppTestCase, RedisTestCase
 from tests.inprocess_ws import InProcessWS
 
 CC_PASS = 'test-cc-pass'
@@ -95,6 +96,21 @@ class CCTestCase(AppTestCase):
         self.assertEqual(code, expected, body)
         self.assertIsInstance(body, dict)
         self.assertIsInstance(body.get('error'), str)
+
+
+class TestScripts(RedisTestCase):
+
+    def test_script_survives_a_script_flush(self):
+        """Called by SHA; a Redis that lost its script cache (restart,
+        SCRIPT FLUSH) gets the text again."""
+        script = Script("return {KEYS[1], ARGV[1]}")
+
+        async def run():
+            first = await script(self.redis, ['k'], ['a'])
+            await self.redis.script_flush()
+            return first, await script(self.redis, ['k'], ['b'])
+        self.assertEqual(self.io_loop.run_sync(run), (['k', 'a'],
+                                                      ['k', 'b']))
 
 
 class TestAccounts(CCTestCase):

@@ -14,15 +14,13 @@
    share a stream). A WS that fails or has nothing free is skipped.
 4. First success wins: `{token, uri, url, options}`. Nothing anywhere: 503.
 """
-import hashlib
 import json
 import logging
 import random
 
-from redis.exceptions import NoScriptError
-
 from server import peer
 from server.cc import accounts, keys, targets, workservers
+from server.cc.scripts import Script
 from server.web import APIError, APIHandler
 
 log = logging.getLogger('siegetank.cc.assign')
@@ -44,7 +42,7 @@ def weighted_order(weights):
 # for an unknown token, else the username; each candidate is a target whose
 # engine and versions match, with streams on an online WS:
 # {target_id, weight, options, ws, count, url, port, ws, count, ...}.
-_CANDIDATES = """
+_CANDIDATES = Script("""
 local engine, version = ARGV[1], ARGV[2]
 local donor = ''
 if ARGV[7] ~= '' then donor = redis.call('GET', ARGV[7]) end
@@ -95,26 +93,19 @@ for _, tid in ipairs(ids) do
   end
 end
 return {donor, result}
-"""
-_CANDIDATES_SHA = hashlib.sha1(_CANDIDATES.encode()).hexdigest()
-
-
+""")
 async def candidates(redis, engine, version, stages, target_id=None,
                      donor_token=None):
     """(donor, [(target_id, weight, options, {online ws: (stream count,
     base url)})]) of the targets that could serve, read in one Lua call;
     donor is the username of `donor_token`, None if unknown or not given.
     """
-    argv = [keys.stage_targets(s) for s in stages]
-    argv += [engine, version, keys.TARGET_TEMPLATE, keys.TARGET_WS_TEMPLATE,
-             keys.WS_TEMPLATE, target_id or '',
-             keys.donor_token(accounts.token_hash(donor_token))
-             if donor_token else '']
-    try:
-        donor, rows = await redis.evalsha(_CANDIDATES_SHA, len(stages),
-                                          *argv)
-    except NoScriptError:  # first call since this Redis started
-        donor, rows = await redis.eval(_CANDIDATES, len(stages), *argv)
+    donor, rows = await _CANDIDATES(
+        redis, [keys.stage_targets(s) for s in stages],
+        [engine, version, keys.TARGET_TEMPLATE, keys.TARGET_WS_TEMPLATE,
+         keys.WS_TEMPLATE, target_id or '',
+         keys.donor_token(accounts.token_hash(donor_token))
+         if donor_token else ''])
     result = []
     for row in rows:
         ws = {row[i]: (int(row[i + 1]), 'https://%s:%s' % (row[i + 2],

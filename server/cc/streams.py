@@ -14,6 +14,7 @@ import re
 
 from server import peer, signing
 from server.cc import keys, targets, workservers
+from server.cc.scripts import Script
 from server.cc.targets import TargetHandler, check_target_id
 from server.web import APIError, check_file_name
 
@@ -27,7 +28,7 @@ STREAM_ID = re.compile(r'^[0-9a-fA-F-]{32,36}:([A-Za-z0-9._-]{1,64})$')
 # go to the first name from there), k, k names to leave out, then the
 # allowed names (none: any). Returns nil if the target is gone, {} if no
 # WS can take it, else {ws, url, http_port, 1 if it has the files}.
-_RESERVE = """
+_RESERVE = Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local k = tonumber(ARGV[3])
 local skip, allowed, any = {}, {}, true
@@ -53,7 +54,7 @@ end
 if best == nil then return {} end
 redis.call('HINCRBY', KEYS[2], best, 1)
 return {best, url, port, redis.call('SISMEMBER', KEYS[3], best)}
-"""
+""")
 
 # Give a reservation back (placement failed).
 _UNRESERVE = """
@@ -66,13 +67,13 @@ return 1
 
 # A placed stream becomes known, and its WS known to hold the target's
 # files, unless the target was deleted meanwhile (then 0).
-_RECORD = """
+_RECORD = Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], 'target_id', ARGV[2], 'ws', ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[3])
 return 1
-"""
+""")
 
 # Forget a deleted stream; the WS drops a target with its last stream, so
 # then it no longer holds the target's files either.
@@ -136,11 +137,11 @@ async def place(app, target, files):
     redis, tid = app.redis, target['target_id']
     failed = []
     while True:
-        reserved = await redis.eval(
-            _RESERVE, 4, keys.target(tid), keys.target_ws(tid),
-            keys.target_ws_files(tid), keys.WORKSERVERS, keys.WS_TEMPLATE,
-            random.randrange(1 << 30), len(failed), *failed,
-            *(target['allowed_ws'] or ()))
+        reserved = await _RESERVE(
+            redis, [keys.target(tid), keys.target_ws(tid),
+                    keys.target_ws_files(tid), keys.WORKSERVERS],
+            [keys.WS_TEMPLATE, random.randrange(1 << 30), len(failed),
+             *failed, *(target['allowed_ws'] or ())])
         if reserved is None:
             raise APIError(404, 'no such target %s' % tid)
         if not reserved:
@@ -160,9 +161,10 @@ async def place(app, target, files):
             await redis.eval(_UNRESERVE, 2, keys.target(tid),
                              keys.target_ws(tid), ws)
             raise
-        recorded = await redis.eval(
-            _RECORD, 4, keys.target(tid), keys.stream(sid),
-            keys.target_streams(tid), keys.target_ws_files(tid), sid, tid, ws)
+        recorded = await _RECORD(
+            redis, [keys.target(tid), keys.stream(sid),
+                    keys.target_streams(tid), keys.target_ws_files(tid)],
+            [sid, tid, ws])
         if not recorded:
             # Deleted while we placed: undo on that WS (pending if down).
             await redis.sadd(keys.ws_pending_deletes(ws), tid)
