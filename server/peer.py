@@ -174,6 +174,14 @@ def close_idle():
         p.close()
 
 
+if hasattr(asyncio, 'timeout'):  # Python 3.11+: no extra task per call
+    async def _bounded(coro, timeout):
+        async with asyncio.timeout(timeout):
+            return await coro
+else:
+    _bounded = asyncio.wait_for
+
+
 def _describe(e):
     """What went wrong, rather than Tornado's bare 'Stream is closed'."""
     real = getattr(e, 'real_error', None)
@@ -239,7 +247,7 @@ async def call(ssl_ctx, method, url, body=None, auth=None, timeout=10.0,
              ssl_ctx if parts.scheme == 'https' else None)
     start_line = httputil.RequestStartLine(method, path, 'HTTP/1.1')
     try:
-        response = await asyncio.wait_for(
+        response = await _bounded(
             _fetch(p, start_line, headers, data, timeout), timeout)
     except PeerError as e:
         raise PeerError('%s %s: %s' % (method, url, e))
