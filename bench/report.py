@@ -34,9 +34,12 @@ def table(results):
     s = results.get('assignments')
     if s:
         print('CC assignments (2 processes): %s/s, p99 %s ms, server CPU %s '
-              'ms per assignment; streams placed via the CC at %s/s'
+              'ms per assignment (CC %s + WS %s, each with its Redis); '
+              'streams placed via the CC at %s/s'
               % (_f(s['rate'], '%.0f'), _f(s['p99_ms']),
                  _f(s.get('cpu_ms_per_request'), '%.2f'),
+                 _f(s.get('cc_cpu_ms_per_request'), '%.2f'),
+                 _f(s.get('ws_cpu_ms_per_request'), '%.2f'),
                  _f(s.get('placement_rate'), '%.0f')))
     d = results.get('download')
     if d:

@@ -12,8 +12,12 @@ A pooled connection may have been closed by the peer meanwhile (a restart,
 its idle timeout): one that shows anything to read while idle (EOF, a TLS
 close alert) is dropped when taken, idle connections expire after
 `IDLE_TTL`, and a request whose reused connection turns out closed before
-any reply arrived is sent once more on a new connection (the peer never
-saw it). Timeouts and refusals are not retried.
+any reply arrived is sent once more on a new connection: the peer closed
+that connection while it was idle, before reading the request (a peer
+that dies while handling a request could in principle get it twice; both
+CC -> WS writes that matter, activate and place, then leave at worst a
+stream unused until its heartbeat expires). Nothing else is retried: not
+a timeout, not a refusal, not a failure on a new connection.
 """
 import asyncio
 import json
