@@ -103,14 +103,33 @@ def bench_assignments(args, results):
     ws = servers.start_ws(command_centers={
         cc.name: {'url': '127.0.0.1:%d' % cc.port, 'pass': 'test-cc-pass'}})
     try:
-        body = workloads.prepare_cc_target(cc, ws, n)
-        runs = repeat(lambda: workloads.assignments(
-            cc.port, servers.server_pids(cc) + servers.server_pids(ws), 32,
-            args.duration, body), args.reps)
+        body, placed = workloads.prepare_cc_target(cc, ws, n)
+        cc_pids, ws_pids = servers.server_pids(cc), servers.server_pids(ws)
+        split = {'cc': 0.0, 'ws': 0.0}
+
+        def run():
+            before = [servers.cpu_seconds(p) for p in (cc_pids, ws_pids)]
+            out = workloads.assignments(cc.port, cc_pids + ws_pids, 32,
+                                        args.duration, body)
+            after = [servers.cpu_seconds(p) for p in (cc_pids, ws_pids)]
+            for k, b, a in zip(('cc', 'ws'), before, after):
+                split[k] += 1000 * (a - b)
+            return out
+        runs = repeat(run, args.reps)
         med, lo, hi = median_spread(runs, 'rate')
         row = {'workload': 'assignments', 'cc_processes': 2, 'clients': 32,
                'rate': med, 'rate_spread': [lo, hi],
                'p99_ms': median_spread(runs, 'p99_ms')[0],
+               'cpu_ms_per_request': median_spread(
+                   runs, 'cpu_ms_per_request')[0],
+               'requests': sum(r['requests'] for r in runs),
+               # CPU ms per assignment in the CC's processes and in the
+               # WS's (each with its Redis), summed over the runs
+               'cc_cpu_ms_per_request': split['cc'] / max(1, sum(
+                   r['requests'] for r in runs)),
+               'ws_cpu_ms_per_request': split['ws'] / max(1, sum(
+                   r['requests'] for r in runs)),
+               'placement_rate': placed,
                'errors': sum(r['errors'] for r in runs)}
         results['assignments'] = row
         report.print_row(row)

@@ -33,8 +33,14 @@ def table(results):
                                  _f(a['stream_create_rate'], '%.0f')))
     s = results.get('assignments')
     if s:
-        print('CC assignments (2 processes): %s/s, p99 %s ms'
-              % (_f(s['rate'], '%.0f'), _f(s['p99_ms'])))
+        print('CC assignments (2 processes): %s/s, p99 %s ms, server CPU %s '
+              'ms per assignment (CC %s + WS %s, each with its Redis); '
+              'streams placed via the CC at %s/s'
+              % (_f(s['rate'], '%.0f'), _f(s['p99_ms']),
+                 _f(s.get('cpu_ms_per_request'), '%.2f'),
+                 _f(s.get('cc_cpu_ms_per_request'), '%.2f'),
+                 _f(s.get('ws_cpu_ms_per_request'), '%.2f'),
+                 _f(s.get('placement_rate'), '%.0f')))
     d = results.get('download')
     if d:
         print('download of %.0f MB: %s MB/s, server RSS growth %s MB'

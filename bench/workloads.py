@@ -319,7 +319,8 @@ def sweep(ws, expiring, cores, size, duration, increment):
 
 def prepare_cc_target(cc, ws, streams):
     """An admin, a public target and `streams` streams placed through the
-    CC; returns the /core/assign body that matches the target."""
+    CC; returns the /core/assign body that matches the target and the
+    placement rate (streams/s)."""
     deadline = time.monotonic() + 30
     while not cc.request('GET', '/ws/status').json().get(
             ws.name, {}).get('online'):
@@ -351,6 +352,8 @@ def prepare_cc_target(cc, ws, streams):
         await c.close()
 
     async def fill():
+        t = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(16)))
-    asyncio.run(fill())
-    return {'engine': 'openmm', 'engine_version': '8'}
+        return time.perf_counter() - t
+    elapsed = asyncio.run(fill())
+    return {'engine': 'openmm', 'engine_version': '8'}, streams / elapsed

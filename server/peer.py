@@ -1,8 +1,41 @@
 """HTTPS calls from one server to another (CC <-> WS): non-blocking, bounded
-in time, the peer's certificate verified against our CA bundle."""
-import json
+in time, the peer's certificate verified against our CA bundle, over
+keep-alive connections.
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+Tornado's AsyncHTTPClient opens a new TLS connection per request, so every
+assignment cost a full handshake on both sides. Here each process keeps the
+idle connections it opened, per event loop and per (host, port, SSL
+context), and reuses them. Pools are made lazily on first use, so a forked
+worker never shares a socket with its parent.
+
+A pooled connection may have been closed by the peer meanwhile (a restart,
+its idle timeout): one that shows anything to read while idle (EOF, a TLS
+close alert) is dropped when taken, idle connections expire after
+`IDLE_TTL`, and a request whose reused connection turns out closed before
+any reply arrived is sent once more on a new connection: the peer closed
+that connection while it was idle, before reading the request (a peer
+that dies while handling a request could in principle get it twice; both
+CC -> WS writes that matter, activate and place, then leave at worst a
+stream unused until its heartbeat expires). Nothing else is retried: not
+a timeout, not a refusal, not a failure on a new connection.
+"""
+import asyncio
+import json
+import select
+import time
+from urllib.parse import urlsplit
+
+from tornado import httputil
+from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+from tornado.iostream import StreamClosedError
+from tornado.tcpclient import TCPClient
+
+IDLE_MAX = 64      # idle connections kept per peer and process
+IDLE_TTL = 60.0    # seconds; well under the peers' idle timeout (300 s)
+MAX_BODY = 256 * 1024 * 1024
+
+_PARAMS = HTTP1ConnectionParameters(no_keep_alive=False, decompress=True,
+                                    max_body_size=MAX_BODY)
 
 
 class PeerError(Exception):
@@ -24,11 +57,187 @@ class PeerReply:
         return ''
 
 
+class _Response(httputil.HTTPMessageDelegate):
+    """Collects one response; `started` tells whether the peer answered."""
+
+    def __init__(self):
+        self.start_line = None
+        self.headers = None
+        self.chunks = []
+        self.complete = False
+
+    def headers_received(self, start_line, headers):
+        self.start_line = start_line
+        self.headers = headers
+
+    def data_received(self, chunk):
+        self.chunks.append(chunk)
+
+    def finish(self):
+        self.complete = True
+
+    def on_connection_close(self):
+        pass
+
+    def reusable(self):
+        """The peer framed the body and did not ask to close."""
+        h, code = self.headers, self.start_line.code
+        return (self.start_line.version == 'HTTP/1.1'
+                and h.get('Connection', '').lower() != 'close'
+                and ('Content-Length' in h
+                     or h.get('Transfer-Encoding', '').lower() == 'chunked'
+                     or code in (204, 304)))
+
+
+def _readable(stream):
+    """An idle connection has nothing to read; anything (EOF, a TLS alert)
+    means the peer closed it."""
+    try:
+        poller = select.poll()
+        poller.register(stream.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
+class _Pool:
+    """Idle keep-alive connections to one peer, most recent last."""
+
+    def __init__(self, host, port, ssl_ctx):
+        self.host, self.port, self.ssl_ctx = host, port, ssl_ctx
+        self.idle = []
+        self.opened = 0  # connections ever opened (tests and benchmarks)
+
+    def take(self):
+        """A live idle connection, or None."""
+        now = time.monotonic()
+        while self.idle:
+            stream, since = self.idle.pop()
+            if stream.closed() or now - since > IDLE_TTL \
+                    or _readable(stream):
+                stream.close()
+                continue
+            return stream
+        return None
+
+    async def connect(self, timeout):
+        # TCPClient checks the certificate against `host` (name or IP).
+        stream = await TCPClient().connect(
+            self.host, self.port, ssl_options=self.ssl_ctx, timeout=timeout,
+            max_buffer_size=MAX_BODY)
+        stream.set_nodelay(True)
+        self.opened += 1
+        return stream
+
+    def give_back(self, stream):
+        if stream.closed():
+            return
+        if len(self.idle) >= IDLE_MAX:
+            stream.close()
+            return
+        self.idle.append((stream, time.monotonic()))
+
+    def close(self):
+        for stream, _ in self.idle:
+            stream.close()
+        self.idle = []
+
+
+_pools = {}  # event loop -> {(host, port, ssl context): _Pool}
+
+
+def _drop(loop):
+    """Forget the pools of a loop that is gone (tests run one per test);
+    its sockets are closed directly, the loop cannot do it any more."""
+    for pool in _pools.pop(loop).values():
+        for stream, _ in pool.idle:
+            try:
+                stream.socket.close()
+            except (OSError, AttributeError):
+                pass
+
+
+def pool(host, port, ssl_ctx):
+    """This loop's pool for a peer, made on first use."""
+    loop = asyncio.get_running_loop()
+    pools = _pools.get(loop)
+    if pools is None:
+        for other in [l for l in _pools if l.is_closed()]:
+            _drop(other)
+        pools = _pools[loop] = {}
+    key = (host, port, ssl_ctx)
+    p = pools.get(key)
+    if p is None:
+        p = pools[key] = _Pool(host, port, ssl_ctx)
+    return p
+
+
+def close_idle():
+    """Close every idle connection of the running loop (on shutdown)."""
+    for p in _pools.pop(asyncio.get_running_loop(), {}).values():
+        p.close()
+
+
+if hasattr(asyncio, 'timeout'):  # Python 3.11+: no extra task per call
+    async def _bounded(coro, timeout):
+        async with asyncio.timeout(timeout):
+            return await coro
+else:
+    _bounded = asyncio.wait_for
+
+
+def _describe(e):
+    """What went wrong, rather than Tornado's bare 'Stream is closed'."""
+    real = getattr(e, 'real_error', None)
+    return str(real or e) or type(e).__name__
+
+
+async def _exchange(stream, start_line, headers, data, response):
+    conn = HTTP1Connection(stream, True, _PARAMS)
+    conn.write_headers(start_line, headers, data)
+    conn.finish()
+    await conn.read_response(response)
+    if not response.complete:
+        raise StreamClosedError()
+
+
+async def _fetch(p, start_line, headers, data, timeout):
+    """The response, over a pooled or a new connection; a reused
+    connection found closed before any reply is replaced once."""
+    stream = p.take()
+    reused = stream is not None
+    while True:
+        if stream is None:
+            stream = await p.connect(timeout)
+        response = _Response()
+        try:
+            await _exchange(stream, start_line, headers, data, response)
+        except (StreamClosedError, ConnectionError) as e:
+            stream.close()
+            if reused and response.start_line is None:
+                stream, reused = None, False
+                continue
+            raise PeerError('connection closed: %s' % _describe(e))
+        except BaseException:  # cancelled by the timeout, bad framing
+            stream.close()
+            raise
+        if response.reusable() and not stream.closed():
+            p.give_back(stream)
+        else:
+            stream.close()
+        return response
+
+
 async def call(ssl_ctx, method, url, body=None, auth=None, timeout=10.0,
                raw=False):
     """`method` `url` with a JSON body; returns a PeerReply (any HTTP status).
-    Raises PeerError when the peer is unreachable or times out."""
-    headers = {'Content-Type': 'application/json'}
+    Raises PeerError when the peer is unreachable or does not answer within
+    `timeout` seconds (connecting included)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == 'https' else 80)
+    path = (parts.path or '/') + ('?' + parts.query if parts.query else '')
+    headers = httputil.HTTPHeaders({'Host': parts.netloc,
+                                    'Content-Type': 'application/json'})
     if auth is not None:
         headers['Authorization'] = auth
     data = None
@@ -36,23 +245,27 @@ async def call(ssl_ctx, method, url, body=None, auth=None, timeout=10.0,
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
     elif method in ('PUT', 'POST'):
         data = b'{}'
-    request = HTTPRequest(url, method=method, headers=headers, body=data,
-                          ssl_options=ssl_ctx, connect_timeout=timeout,
-                          request_timeout=timeout, follow_redirects=False,
-                          decompress_response=True)
+    if data is not None:
+        headers['Content-Length'] = str(len(data))
+    p = pool(parts.hostname, port,
+             ssl_ctx if parts.scheme == 'https' else None)
+    start_line = httputil.RequestStartLine(method, path, 'HTTP/1.1')
     try:
-        response = await AsyncHTTPClient().fetch(request, raise_error=False)
-    except HTTPClientError as e:  # pragma: no cover - raise_error=False
-        response = e.response
-    except Exception as e:  # connection refused, TLS failure, DNS
+        response = await _bounded(
+            _fetch(p, start_line, headers, data, timeout), timeout)
+    except PeerError as e:
         raise PeerError('%s %s: %s' % (method, url, e))
-    if response.code == 599:
-        raise PeerError('%s %s: %s' % (method, url, response.error))
+    except asyncio.TimeoutError:
+        raise PeerError('%s %s: no answer in %gs' % (method, url, timeout))
+    except Exception as e:  # refused, TLS failure, DNS, malformed reply
+        raise PeerError('%s %s: %s' % (method, url, _describe(e)))
+    content = b''.join(response.chunks)
+    code = response.start_line.code
     if raw:
-        return PeerReply(response.code, response.body, response.headers)
+        return PeerReply(code, content, response.headers)
     try:
-        parsed = json.loads(response.body) if response.body else {}
+        parsed = json.loads(content) if content else {}
     except ValueError:
         raise PeerError('%s %s: reply is not JSON (HTTP %d)'
-                        % (method, url, response.code))
-    return PeerReply(response.code, parsed, response.headers)
+                        % (method, url, code))
+    return PeerReply(code, parsed, response.headers)

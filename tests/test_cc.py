@@ -9,7 +9,8 @@ import os
 
 from server.cc import accounts, keys, workservers
 from server.cc.app import CommandCenter
-from tests import AppTestCase
+from server.cc.scripts import Script
+from tests import AppTestCase, RedisTestCase
 from tests.inprocess_ws import InProcessWS
 
 CC_PASS = 'test-cc-pass'
@@ -95,6 +96,21 @@ class CCTestCase(AppTestCase):
         self.assertEqual(code, expected, body)
         self.assertIsInstance(body, dict)
         self.assertIsInstance(body.get('error'), str)
+
+
+class TestScripts(RedisTestCase):
+
+    def test_script_survives_a_script_flush(self):
+        """Called by SHA; a Redis that lost its script cache (restart,
+        SCRIPT FLUSH) gets the text again."""
+        script = Script("return {KEYS[1], ARGV[1]}")
+
+        async def run():
+            first = await script(self.redis, ['k'], ['a'])
+            await self.redis.script_flush()
+            return first, await script(self.redis, ['k'], ['b'])
+        self.assertEqual(self.io_loop.run_sync(run), (['k', 'a'],
+                                                      ['k', 'b']))
 
 
 class TestAccounts(CCTestCase):
@@ -676,6 +692,21 @@ class TestStreamsAndAssign(CCTestCase):
         self.assertIn('error', self.assign(
             404, target_id='00000000-0000-4000-8000-000000000000'))
 
+    def test_assign_returns_options_as_stored(self):
+        """Options go back as the target stored them (the CC sends the
+        stored JSON text as is): nesting, unicode, empty."""
+        self.add_ws('a')
+        options = {'nested': [1, {'b': '\u00e9\u2603'}], 'x': None,
+                   'f': 0.5, 'quote': 'a "b" \\ c'}
+        for opts in (options, {}):
+            tid = self.post_target(self.joe, stage='public', options=opts,
+                                   engine_versions=['opt'])
+            self.post_stream(tid)
+            reply = self.assign(engine_version='opt')
+            self.assertEqual(reply['options'], opts)
+            self.assertEqual(sorted(reply), ['options', 'token', 'uri',
+                                             'url'])
+
     def test_assign_bad_input(self):
         for body in ({}, {'engine': 'openmm'}, {'engine_version': '6'},
                      {'engine': 1, 'engine_version': '6'},
@@ -793,8 +824,8 @@ class TestStreamsAndAssign(CCTestCase):
         from server.cc import streams, targets
         real_post = streams._post_to
 
-        async def post_then_delete(app, ws, target, files):
-            sid = await real_post(app, ws, target, files)
+        async def post_then_delete(app, ws, base, has_files, target, files):
+            sid = await real_post(app, ws, base, has_files, target, files)
             await targets.delete(app, target['target_id'])
             return sid
         streams._post_to = post_then_delete

@@ -21,6 +21,7 @@ import secrets
 from redis.exceptions import WatchError
 
 from server.cc import keys
+from server.cc.scripts import Script
 from server.web import APIError, APIHandler
 
 log = logging.getLogger('siegetank.cc.accounts')
@@ -136,17 +137,27 @@ async def auth_manager(redis, email, password):
     return token
 
 
+# The manager of a token hash in one step. KEYS: the token key. ARGV: the
+# manager key template. Returns {email, role, weight} or nil.
+_MANAGER_OF = Script("""
+local email = redis.call('GET', KEYS[1])
+if not email then return false end
+local h = redis.call('HMGET', string.format(ARGV[1], email), 'role', 'weight')
+if not h[1] then return false end
+return {email, h[1], h[2] or '1'}
+""")
+
+
 async def manager_of(redis, token):
     """The Manager a token belongs to, or None."""
     if not token:
         return None
-    email = await redis.get(keys.manager_token(token_hash(token)))
-    if email is None:
+    found = await _MANAGER_OF(redis, [keys.manager_token(token_hash(token))],
+                              [keys.MANAGER_TEMPLATE])
+    if found is None:
         return None
-    h = await redis.hmget(keys.manager(email), 'role', 'weight')
-    if h[0] is None:
-        return None
-    return Manager(email, h[0], float(h[1] or 1))
+    email, role, weight = found
+    return Manager(email, role, float(weight))
 
 
 async def create_donor(redis, username, email, password):

@@ -3,7 +3,8 @@
 1. Candidates: targets of the `public` stage index (plus `beta` when the
    core asks for it), or just `target_id` when given; `private` never.
    Keep those whose engine matches and whose engine_versions contain the
-   core's engine_version, and that have streams on an online WS.
+   core's engine_version, and that have streams on an online WS: one Lua
+   call reads all of it, the WS addresses included.
 2. Order the candidates by weighted random sampling without replacement
    (key u ** (1 / weight), largest first), so each is tried first with
    probability proportional to its weight.
@@ -19,6 +20,7 @@ import random
 
 from server import peer
 from server.cc import accounts, keys, targets, workservers
+from server.cc.scripts import Script
 from server.web import APIError, APIHandler
 
 log = logging.getLogger('siegetank.cc.assign')
@@ -33,44 +35,95 @@ def weighted_order(weights):
     return [item for _, item in keyed]
 
 
-async def candidates(redis, engine, version, stages, target_id=None):
-    """[(target_id, weight, options, {online ws: stream count})] of the
-    targets that could serve, read in one round trip."""
-    if target_id is not None:
-        ids = [target_id]
-    else:
-        ids = sorted(await redis.sunion(*[keys.stage_targets(s)
-                                          for s in stages]))
-    online = set(await workservers.online(redis))
-    pipe = redis.pipeline(transaction=False)
-    for tid in ids:
-        pipe.hmget(keys.target(tid), 'engine', 'engine_versions', 'stage',
-                   'weight', 'options')
-        pipe.hgetall(keys.target_ws(tid))
-    replies = await pipe.execute()
+# Every candidate in one round trip. KEYS: the stage index sets to draw
+# from. ARGV: engine, engine_version, the key templates of a target, its
+# per-WS counts and a WS, a named target id or '', the key of the donor's
+# token or ''. Returns {donor, candidates}: donor is '' when not asked, nil
+# for an unknown token, else the username; each candidate is a target whose
+# engine and versions match, with streams on an online WS:
+# {target_id, weight, options, ws, count, url, port, ws, count, ...}.
+_CANDIDATES = Script("""
+local engine, version = ARGV[1], ARGV[2]
+local donor = ''
+if ARGV[7] ~= '' then donor = redis.call('GET', ARGV[7]) end
+local ids
+if ARGV[6] ~= '' then
+  ids = {}
+  for i = 1, #KEYS do
+    if redis.call('SISMEMBER', KEYS[i], ARGV[6]) == 1 then
+      ids = {ARGV[6]}
+      break
+    end
+  end
+else
+  ids = redis.call('SUNION', unpack(KEYS))
+end
+local ws_info = {}
+local result = {}
+for _, tid in ipairs(ids) do
+  local t = redis.call('HMGET', string.format(ARGV[3], tid), 'engine',
+                       'engine_versions', 'weight', 'options')
+  local matches = false
+  if t[1] == engine and t[2] then
+    for _, v in ipairs(cjson.decode(t[2])) do
+      if v == version then matches = true break end
+    end
+  end
+  if matches then
+    local entry = {tid, t[3], t[4]}
+    local counts = redis.call('HGETALL', string.format(ARGV[4], tid))
+    for i = 1, #counts, 2 do
+      local name, n = counts[i], tonumber(counts[i + 1])
+      if n and n > 0 then
+        local w = ws_info[name]
+        if w == nil then
+          w = redis.call('HMGET', string.format(ARGV[5], name), 'online',
+                         'url', 'http_port')
+          ws_info[name] = w
+        end
+        if w[1] == '1' then
+          entry[#entry + 1] = name
+          entry[#entry + 1] = n
+          entry[#entry + 1] = w[2]
+          entry[#entry + 1] = w[3]
+        end
+      end
+    end
+    if #entry > 3 then result[#result + 1] = entry end
+  end
+end
+return {donor, result}
+""")
+async def candidates(redis, engine, version, stages, target_id=None,
+                     donor_token=None):
+    """(donor, [(target_id, weight, options, {online ws: (stream count,
+    base url)})]) of the targets that could serve, read in one Lua call;
+    donor is the username of `donor_token`, None if unknown or not given.
+    """
+    donor, rows = await _CANDIDATES(
+        redis, [keys.stage_targets(s) for s in stages],
+        [engine, version, keys.TARGET_TEMPLATE, keys.TARGET_WS_TEMPLATE,
+         keys.WS_TEMPLATE, target_id or '',
+         keys.donor_token(accounts.token_hash(donor_token))
+         if donor_token else ''])
     result = []
-    for i, tid in enumerate(ids):
-        (t_engine, versions, stage, weight, options), counts = \
-            replies[2 * i], replies[2 * i + 1]
-        if t_engine != engine or stage not in stages \
-                or version not in json.loads(versions):
-            continue
-        ws_counts = {w: int(c) for w, c in counts.items()
-                     if w in online and int(c) > 0}
-        if ws_counts:
-            result.append((tid, float(weight), json.loads(options),
-                           ws_counts))
-    return result
+    for row in rows:
+        ws = {row[i]: (int(row[i + 1]), 'https://%s:%s' % (row[i + 2],
+                                                           row[i + 3]))
+              for i in range(3, len(row), 4)}
+        result.append((row[0], float(row[1]), row[2], ws))
+    return donor or None, result
 
 
-async def activate(app, ws, target_id, donor):
-    """A token from `ws` for a free stream of the target, or None."""
+async def activate(app, ws, base, target_id, donor):
+    """A token from `ws` (at `base`) for a free stream of the target, or
+    None."""
     body = {'target_id': target_id}
     if donor is not None:
         body['donor_id'] = donor
     try:
         reply = await workservers.request(app, ws, 'POST', '/streams/activate',
-                                          body)
+                                          body, base=base)
     except peer.PeerError as e:
         log.info('activate on %s failed: %s', ws, e)
         return None
@@ -83,21 +136,23 @@ async def activate(app, ws, target_id, donor):
     return None
 
 
-async def assign(app, engine, version, stages, donor, target_id=None):
-    """The assignment reply, or None when nothing is free."""
-    found = {tid: (weight, options, ws_counts) for tid, weight, options,
-             ws_counts in await candidates(app.redis, engine, version,
-                                           stages, target_id)}
+async def assign(app, engine, version, stages, donor_token, target_id=None):
+    """(token, url, options) of an activated stream, or None when nothing
+    is free. Options stay the JSON text the target stored (no decoding and
+    encoding again). 401 for an unknown donor token."""
+    donor, found = await candidates(app.redis, engine, version, stages,
+                                    target_id, donor_token)
+    if donor_token and donor is None:
+        raise APIError(401, 'unknown donor token')
+    found = {tid: (weight, options, ws)
+             for tid, weight, options, ws in found}
     for tid in weighted_order({tid: c[0] for tid, c in found.items()}):
-        _, options, ws_counts = found[tid]
-        for ws in weighted_order(ws_counts):
-            base = await workservers.base_url(app.redis, ws)
-            token = await activate(app, ws, tid, donor) if base else None
-            if token is None:
-                continue
-            url = base + '/core/start'
-            return {'token': token, 'uri': url, 'url': url,
-                    'options': options}
+        _, options, ws = found[tid]
+        for name in weighted_order({n: c for n, (c, _) in ws.items()}):
+            base = ws[name][1]
+            token = await activate(app, name, base, tid, donor)
+            if token is not None:
+                return token, base + '/core/start', options
     return None
 
 
@@ -121,17 +176,15 @@ class AssignHandler(APIHandler):
                 raise APIError(403, 'target %s is private' % target_id)
             # Naming a beta target is asking for beta.
             stages = ('public', 'beta')
-        donor = None
-        if donor_token:
-            donor = await accounts.donor_of(self.redis, donor_token)
-            if donor is None:
-                raise APIError(401, 'unknown donor token')
-        reply = await assign(self.application, engine, version, stages,
-                             donor, target_id)
-        if reply is None:
+        found = await assign(self.application, engine, version, stages,
+                             donor_token, target_id)
+        if found is None:
             raise APIError(503, 'no stream available for %s %s'
                            % (engine, version))
-        self.write_json(reply)
+        token, url, options = found
+        head = json.dumps({'token': token, 'uri': url, 'url': url})
+        self.set_status(200)
+        self.finish('%s, "options": %s}' % (head[:-1], options))
 
 
 default_handlers = [

@@ -89,3 +89,11 @@ def target_streams(target_id):
 def stream(stream_id):
     """hash: target_id, ws."""
     return 'stream:%s' % stream_id
+
+
+# Templates for Lua scripts that walk from one key to others ('%s' is the
+# target id or ws name), so that the names stay defined above.
+MANAGER_TEMPLATE = manager('%s')
+TARGET_TEMPLATE = target('%s')
+TARGET_WS_TEMPLATE = target_ws('%s')
+WS_TEMPLATE = ws('%s')

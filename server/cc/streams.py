@@ -14,6 +14,7 @@ import re
 
 from server import peer, signing
 from server.cc import keys, targets, workservers
+from server.cc.scripts import Script
 from server.cc.targets import TargetHandler, check_target_id
 from server.web import APIError, check_file_name
 
@@ -21,18 +22,39 @@ log = logging.getLogger('siegetank.cc.streams')
 
 STREAM_ID = re.compile(r'^[0-9a-fA-F-]{32,36}:([A-Za-z0-9._-]{1,64})$')
 
-# Reserve one stream slot on the candidate (ARGV, in random order) holding
-# fewest streams of the target; nil if the target is gone.
-_RESERVE = """
+# Reserve one stream slot on the online WS holding fewest streams of the
+# target, in one step. KEYS: the target, its per-WS counts, the WS holding
+# its files, every WS. ARGV: the WS key template, a random offset (ties
+# go to the first name from there), k, k names to leave out, then the
+# allowed names (none: any). Returns nil if the target is gone, {} if no
+# WS can take it, else {ws, url, http_port, 1 if it has the files}.
+_RESERVE = Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local best, low
-for i = 1, #ARGV do
-  local c = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
-  if low == nil or c < low then best, low = ARGV[i], c end
+local k = tonumber(ARGV[3])
+local skip, allowed, any = {}, {}, true
+for i = 4, 3 + k do skip[ARGV[i]] = true end
+for i = 4 + k, #ARGV do allowed[ARGV[i]] = true any = false end
+local names = redis.call('SMEMBERS', KEYS[4])
+table.sort(names)
+local n = #names
+local best, low, url, port
+for i = 0, n - 1 do
+  local name = names[(i + tonumber(ARGV[2])) % n + 1]
+  if not skip[name] and (any or allowed[name]) then
+    local w = redis.call('HMGET', string.format(ARGV[1], name), 'online',
+                         'url', 'http_port')
+    if w[1] == '1' then
+      local c = tonumber(redis.call('HGET', KEYS[2], name) or '0')
+      if low == nil or c < low then
+        best, low, url, port = name, c, w[2], w[3]
+      end
+    end
+  end
 end
+if best == nil then return {} end
 redis.call('HINCRBY', KEYS[2], best, 1)
-return best
-"""
+return {best, url, port, redis.call('SISMEMBER', KEYS[3], best)}
+""")
 
 # Give a reservation back (placement failed).
 _UNRESERVE = """
@@ -45,13 +67,13 @@ return 1
 
 # A placed stream becomes known, and its WS known to hold the target's
 # files, unless the target was deleted meanwhile (then 0).
-_RECORD = """
+_RECORD = Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], 'target_id', ARGV[2], 'ws', ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[3])
 return 1
-"""
+""")
 
 # Forget a deleted stream; the WS drops a target with its last stream, so
 # then it no longer holds the target's files either.
@@ -80,11 +102,10 @@ class PlacementFailed(Exception):
     """This WS could not take the stream; another may."""
 
 
-async def _post_to(app, ws, target, files):
+async def _post_to(app, ws, base, has_files, target, files):
     """POST the stream to `ws`, with the target files if it may lack
     them; returns the stream id. 4xx verdicts on the input are final."""
     tid = target['target_id']
-    has_files = await app.redis.sismember(keys.target_ws_files(tid), ws)
     body = {'target_id': tid, 'stream_files': files}
     for attempt in range(2):
         if not has_files or attempt:
@@ -92,7 +113,7 @@ async def _post_to(app, ws, target, files):
                 app.config, tid, target['files'])
         try:
             reply = await workservers.request(app, ws, 'POST', '/streams',
-                                              body)
+                                              body, base=base)
         except peer.PeerError as e:
             raise PlacementFailed(str(e))
         if reply.code == 400 and 'target_files' not in body:
@@ -114,34 +135,36 @@ async def place(app, target, files):
     """Put a new stream of `target` on the least-loaded online allowed WS,
     trying the next one when a WS fails. Returns the stream id."""
     redis, tid = app.redis, target['target_id']
-    failed = set()
+    failed = []
     while True:
-        online = await workservers.online(redis)
-        allowed = set(target['allowed_ws'] or online)
-        candidates = [w for w in online if w in allowed and w not in failed]
-        if not candidates:
+        reserved = await _RESERVE(
+            redis, [keys.target(tid), keys.target_ws(tid),
+                    keys.target_ws_files(tid), keys.WORKSERVERS],
+            [keys.WS_TEMPLATE, random.randrange(1 << 30), len(failed),
+             *failed, *(target['allowed_ws'] or ())])
+        if reserved is None:
+            raise APIError(404, 'no such target %s' % tid)
+        if not reserved:
             raise APIError(503, 'no online workserver can take a stream of '
                            'target %s' % tid)
-        random.shuffle(candidates)
-        ws = await redis.eval(_RESERVE, 2, keys.target(tid),
-                              keys.target_ws(tid), *candidates)
-        if ws is None:
-            raise APIError(404, 'no such target %s' % tid)
+        ws, url, port, has_files = reserved
         try:
-            sid = await _post_to(app, ws, target, files)
+            sid = await _post_to(app, ws, 'https://%s:%s' % (url, port),
+                                 has_files == 1, target, files)
         except PlacementFailed as e:
             log.warning('placing a stream of %s on %s failed: %s', tid, ws, e)
             await redis.eval(_UNRESERVE, 2, keys.target(tid),
                              keys.target_ws(tid), ws)
-            failed.add(ws)
+            failed.append(ws)
             continue
         except APIError:
             await redis.eval(_UNRESERVE, 2, keys.target(tid),
                              keys.target_ws(tid), ws)
             raise
-        recorded = await redis.eval(
-            _RECORD, 4, keys.target(tid), keys.stream(sid),
-            keys.target_streams(tid), keys.target_ws_files(tid), sid, tid, ws)
+        recorded = await _RECORD(
+            redis, [keys.target(tid), keys.stream(sid),
+                    keys.target_streams(tid), keys.target_ws_files(tid)],
+            [sid, tid, ws])
         if not recorded:
             # Deleted while we placed: undo on that WS (pending if down).
             await redis.sadd(keys.ws_pending_deletes(ws), tid)

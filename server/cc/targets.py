@@ -95,10 +95,18 @@ def _decode_all(files):
         seen.add(plain)
 
 
+INLINE_DECODE_MAX = 64 * 1024  # bytes of file text decoded on the loop
+
+
 async def validate_files(files, what='files', allow_empty=False):
-    """Names, types and encodings (base64, gzip) checked off the loop."""
+    """Names, types and encodings (base64, gzip) checked; off the loop
+    unless small (a stream's state: the thread hop costs more)."""
     check_files(files, what, allow_empty=allow_empty)
-    await asyncio.get_running_loop().run_in_executor(None, _decode_all, files)
+    if sum(len(v) for v in files.values()) <= INLINE_DECODE_MAX:
+        _decode_all(files)
+    else:
+        await asyncio.get_running_loop().run_in_executor(None, _decode_all,
+                                                         files)
 
 
 def valid_versions(v):

@@ -86,10 +86,11 @@ async def base_url(redis, name):
 
 
 async def request(app, name, method, path, body=None, timeout=None,
-                  raw=False):
+                  raw=False, base=None):
     """A CC -> WS call carrying `cc_pass`; unreachable or 5xx (other than
-    503 'nothing free') counts toward `max_ws_fails`. Raises PeerError."""
-    url = await base_url(app.redis, name)
+    503 'nothing free') counts toward `max_ws_fails`. Raises PeerError.
+    `base` is the WS's base URL when the caller has just read it."""
+    url = base or await base_url(app.redis, name)
     if url is None:
         raise peer.PeerError('unknown workserver %s' % name)
     try:
