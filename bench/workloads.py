@@ -271,7 +271,6 @@ def sweep(ws, expiring, cores, size, duration, increment):
     `cores` keep sending frames: worst 1 s window p99 vs the overall."""
     bodies = _frame_bodies(size)
     busy_target, _, _ = asyncio.run(create_streams(ws.port, cores))
-    tokens = asyncio.run(activate(ws.port, busy_target, cores))
     idle_target, _, _ = asyncio.run(create_streams(ws.port, expiring, 32))
 
     async def activate_all():
@@ -289,10 +288,32 @@ def sweep(ws, expiring, cores, size, duration, increment):
     t0 = time.perf_counter()
     asyncio.run(activate_all())
     activated_in = time.perf_counter() - t0
+    # The busy cores start last, so that their tokens are fresh.
+    tokens = asyncio.run(activate(ws.port, busy_target, cores))
     acked = [0] * cores
-    rec, elapsed = asyncio.run(run_cores(cores, frame_core(
-        ws.port, bodies, tokens, acked, heartbeat_every_s=increment / 4),
-        duration))
+    expiry = t0 + activated_in + increment  # the last of them expires
+    drained = []
+
+    async def watch():
+        """When the sweeps have requeued every expired stream."""
+        c = conn(ws.port)
+        while time.perf_counter() < t0 + activated_in + increment + 120:
+            s, b = await c.request('GET', '/active_streams', b'',
+                                   {'Authorization': CC_PASS})
+            if not json.loads(b).get(idle_target):
+                drained.append(time.perf_counter() - expiry)
+                break
+            await asyncio.sleep(0.2)
+        await c.close()
+
+    async def run():
+        watcher = asyncio.ensure_future(watch())
+        result = await run_cores(cores, frame_core(
+            ws.port, bodies, tokens, acked, heartbeat_every_s=increment / 4),
+            duration)
+        await watcher
+        return result
+    rec, elapsed = asyncio.run(run())
     start = rec.stamps[0] - rec.latencies[0] if rec.stamps else 0
     windows = []
     t = start
@@ -302,17 +323,12 @@ def sweep(ws, expiring, cores, size, duration, increment):
             windows.append(w['p99_ms'])
         t += 1.0
 
-    async def still_active():
-        c = conn(ws.port)
-        s, b = await c.request('GET', '/active_streams', b'',
-                               {'Authorization': CC_PASS})
-        await c.close()
-        return len(json.loads(b).get(idle_target, {}))
     overall = rec.summary(elapsed)
     return {'expiring': expiring, 'activated_in_s': activated_in,
-            'left_active_after': asyncio.run(still_active()),
+            'drained_s_after_expiry': drained[0] if drained else None,
             'p99_ms': overall['p99_ms'], 'worst_window_p99_ms': max(windows),
             'errors': overall['errors'],
+            'error_statuses': sorted(set(rec.errors)),
             'mismatches': asyncio.run(verify_frames(ws.port, tokens, acked,
                                                     size))}
 

@@ -9,7 +9,7 @@ import os
 
 from server.cc import accounts, keys, workservers
 from server.cc.app import CommandCenter
-from server.cc.scripts import Script
+from server.scripts import Script
 from tests import AppTestCase, RedisTestCase
 from tests.inprocess_ws import InProcessWS
 

@@ -17,7 +17,8 @@ from redis.exceptions import ConnectionError, ResponseError
 from server import signing, store
 from server.ws import core, recovery
 from server.ws.app import WorkServer
-from server.ws.lua import Lua, Multiplexed
+from server.scripts import Script
+from server.ws.lua import Multiplexed
 from tests import AppTestCase, RedisTestCase, b64, gzb64
 
 PASS = 'test-cc-pass'
@@ -842,7 +843,7 @@ class TestMultiplexedRedis(RedisTestCase):
     commands under concurrency, errors, lost script cache, lost
     connection."""
 
-    ECHO = Lua("return {KEYS[1], tonumber(ARGV[1]) * 2}")
+    ECHO = Script("return {KEYS[1], tonumber(ARGV[1]) * 2}")
 
     def setUp(self):
         super().setUp()
@@ -862,7 +863,7 @@ class TestMultiplexedRedis(RedisTestCase):
     def test_errors_and_lost_script_cache_and_connection(self):
         async def go():
             with self.assertRaises(ResponseError):
-                await Lua("return redis.call('NOPE')")(self.mux, [])
+                await Script("return redis.call('NOPE')")(self.mux, [])
             self.assertEqual(await self.ECHO(self.mux, ['a'], [1]), ['a', 2])
             await self.redis.script_flush()  # NOSCRIPT: loaded again
             self.assertEqual(await self.ECHO(self.mux, ['b'], [2]), ['b', 4])

@@ -21,7 +21,7 @@ import secrets
 from redis.exceptions import WatchError
 
 from server.cc import keys
-from server.cc.scripts import Script
+from server.scripts import Script
 from server.web import APIError, APIHandler
 
 log = logging.getLogger('siegetank.cc.accounts')

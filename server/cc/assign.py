@@ -20,7 +20,7 @@ import random
 
 from server import peer
 from server.cc import accounts, keys, targets, workservers
-from server.cc.scripts import Script
+from server.scripts import Script
 from server.web import APIError, APIHandler
 
 log = logging.getLogger('siegetank.cc.assign')

@@ -14,7 +14,7 @@ import re
 
 from server import peer, signing
 from server.cc import keys, targets, workservers
-from server.cc.scripts import Script
+from server.scripts import Script
 from server.cc.targets import TargetHandler, check_target_id
 from server.web import APIError, check_file_name
 

@@ -6,6 +6,7 @@ Both core generations are served: the 2014 cores read `target_files` and
 cores read `files`, send Content-MD5 and `frames` on checkpoints. Unknown
 extra fields are ignored.
 """
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -19,13 +20,13 @@ import time
 
 from server.web import APIError, APIHandler, check_files, decode_file
 from server.ws import streams
-from server.ws.lua import Lua
+from server.scripts import Script
 from server.ws.storage import run
 
 log = logging.getLogger('siegetank.ws.core')
 
 # The stream of a live token; with ARGV[4] also pushes its expiry.
-_TOKEN = Lua("""
+_TOKEN = Script("""
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
 local s = redis.call('HMGET', ARGV[1] .. sid, 'active', 'token')
@@ -40,7 +41,7 @@ return sid
 # live token, its lock taken, and what the request needs from its hash.
 # Returns false (token not live), {sid, 0} (lock busy) or {sid, 1,
 # digest, buffer_frames, error_count, frames}.
-_BEGIN = Lua("""
+_BEGIN = Script("""
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
 local s = redis.call('HMGET', ARGV[1] .. sid, 'active', 'token', 'digest',
@@ -55,7 +56,7 @@ return {sid, 1, s[3] or '', s[4] or '0', s[5] or '0', s[6] or '0'}
 """)
 
 # A frame is in the buffer: count it, remember its md5, free the stream.
-_FRAME_DONE = Lua("""
+_FRAME_DONE = Script("""
 redis.call('HINCRBY', KEYS[1], 'buffer_frames', ARGV[2])
 redis.call('HSET', KEYS[1], 'digest', ARGV[3])
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
@@ -63,7 +64,7 @@ return 1
 """)
 
 # The buffer is a chunk now: record the committed count, free the stream.
-_COMMIT_DONE = Lua("""
+_COMMIT_DONE = Script("""
 redis.call('HSET', KEYS[1], 'frames', ARGV[2], 'buffer_frames', '0',
            'digest', '', 'error_count', '0')
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
@@ -292,24 +293,38 @@ class StopHandler(CoreHandler):
         self.write_json({})
 
 
+SWEEP_BATCH = 64
+
+
 async def sweep(app):
-    """Deactivate every stream whose core missed its heartbeat. A stream
-    busy right now (its lock held) is left for the next pulse."""
+    """Deactivate every stream whose core missed its heartbeat, a batch at
+    a time (each under its own lock, so a burst of thousands of dead cores
+    is requeued in seconds). A stream busy right now (its lock held) is
+    left for the next pulse."""
     keys = app.keys
     expired = await app.redis.zrangebyscore(keys.heartbeats, '-inf',
                                             repr(time.time()))
-    for sid in expired:
+
+    async def expire(sid):
         tid = await app.redis.hget(keys.stream(sid), 'target_id')
         if tid is None:
             await app.redis.zrem(keys.heartbeats, sid)
-            continue
+            return False
         try:
             async with streams.locked(app.redis, keys.stream_lock(sid),
                                       'stream %s' % sid, wait=0):
-                if await streams.deactivate(app, sid, tid, 'expire'):
-                    log.info('stream %s expired: core went silent', sid)
+                return await streams.deactivate(app, sid, tid, 'expire')
         except streams.Busy:
-            pass
+            return False
+
+    done = 0
+    for i in range(0, len(expired), SWEEP_BATCH):
+        batch = expired[i:i + SWEEP_BATCH]
+        done += sum(bool(r) for r in await asyncio.gather(
+            *(expire(sid) for sid in batch)))
+    if done:
+        log.info('%d streams expired (their cores went silent): requeued',
+                 done)
 
 
 async def sweep_safely(app):

@@ -13,25 +13,8 @@ Redis lost its script cache. Everything else uses the app's redis-py client.
 """
 import asyncio
 import collections
-import hashlib
 
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError
-
-
-class Lua:
-    """A Lua script, called with the app (its multiplexed connection) or a
-    redis-py client (start-up code, tests)."""
-
-    def __init__(self, source):
-        self.source = source
-        self.sha = hashlib.sha1(source.encode('utf-8')).hexdigest()
-
-    async def __call__(self, client, keys, args=()):
-        client = getattr(client, 'lua', client)
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await client.eval(self.source, len(keys), *keys, *args)
 
 
 def encode(args):

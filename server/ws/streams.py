@@ -22,7 +22,7 @@ import uuid
 from server import signing
 from server.web import (APIError, APIHandler, check_file_name, check_files,
                         decode_file)
-from server.ws.lua import Lua
+from server.scripts import Script
 from server.ws.storage import plan_range, read_at, run
 
 ID = re.compile(r'^[A-Za-z0-9_-]{1,64}$')
@@ -37,7 +37,7 @@ class Busy(APIError):
         super().__init__(503, '%s is busy with another request, retry' % what)
 
 
-RELEASE = Lua("""
+RELEASE = Script("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
@@ -98,7 +98,7 @@ def index_stream(pipe, keys, stream_id, meta, frames):
 
 
 # A shared hold on a target: refused (0) while its exclusive lock is held.
-_SHARE = Lua("""
+_SHARE = Script("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
@@ -195,7 +195,7 @@ async def _indexed(app, target, names, stream_id, meta):
 
 
 # Pop the best OK inactive stream of a target and give it a fresh token.
-_ACTIVATE = Lua("""
+_ACTIVATE = Script("""
 while true do
   local popped = redis.call('ZPOPMAX', KEYS[1])
   if #popped == 0 then return false end
@@ -235,7 +235,7 @@ async def activate(app, target_id, donor_id):
 # ARGV: sid, token prefix, mode, max_fails, now. Modes: expire (only if
 # still active and expired), stop (core stop), error (core stop with an
 # error: count it, STOPPED at max_fails), halt (CC stop: STOPPED).
-_DEACTIVATE = Lua("""
+_DEACTIVATE = Script("""
 local s = redis.call('HMGET', KEYS[1], 'active', 'token', 'status', 'frames',
                      'error_count')
 if not s[3] then return false end
@@ -296,7 +296,7 @@ async def deactivate(app, stream_id, target_id, mode):
     return bool(was_active)
 
 
-_START = Lua("""
+_START = Script("""
 local s = redis.call('HMGET', KEYS[1], 'active', 'frames', 'status')
 if not s[3] then return false end
 redis.call('HSET', KEYS[1], 'status', 'OK', 'error_count', '0')
@@ -336,7 +336,7 @@ async def stop_stream(app, stream_id):
 
 # Drop one stream from the index; the target too when it was the last.
 # KEYS: stream, target streams, queue, heartbeats, active, targets.
-_DELETE = Lua("""
+_DELETE = Script("""
 local tok = redis.call('HGET', KEYS[1], 'token')
 if tok and tok ~= '' then redis.call('DEL', ARGV[2] .. tok) end
 redis.call('DEL', KEYS[1])
