@@ -164,6 +164,9 @@ def bench_scale(args, results):
         report.print_row(row)
     finally:
         ws.stop()
+
+
+def bench_sweep(args, results):
     expiring = 500 if args.quick else 10_000
     ws = servers.start_ws(command_centers=workloads.WS_CCS,
                           heartbeat_increment=3 if args.quick else 8,
@@ -180,7 +183,7 @@ def bench_scale(args, results):
 
 WORKLOADS = {'frames': bench_frames, 'activations': bench_activations,
              'assignments': bench_assignments, 'downloads': bench_downloads,
-             'scale': bench_scale}
+             'scale': bench_scale, 'sweep': bench_sweep}
 
 
 def main(argv=None):

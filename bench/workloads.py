@@ -12,6 +12,7 @@ import uuid
 
 from bench import servers
 from bench.httpload import Connection, run_cores, sink_get
+from server.ws.keys import Keys
 
 CC_PASS = 'bench-pass'
 WS_CCS = {'bench': {'url': '127.0.0.1:9', 'pass': CC_PASS}}
@@ -295,16 +296,17 @@ def sweep(ws, expiring, cores, size, duration, increment):
     drained = []
 
     async def watch():
-        """When the sweeps have requeued every expired stream."""
-        c = conn(ws.port)
-        while time.perf_counter() < t0 + activated_in + increment + 120:
-            s, b = await c.request('GET', '/active_streams', b'',
-                                   {'Authorization': CC_PASS})
-            if not json.loads(b).get(idle_target):
+        """When the sweeps have requeued every expired stream: only the
+        busy cores' streams are left active (read from the WS's Redis, so
+        that watching costs the WS nothing)."""
+        r = ws.redis()
+        active = Keys(ws.name).active
+        while time.perf_counter() < expiry + 120:
+            if await asyncio.to_thread(r.scard, active) <= cores:
                 drained.append(time.perf_counter() - expiry)
                 break
             await asyncio.sleep(0.2)
-        await c.close()
+        r.close()
 
     async def run():
         watcher = asyncio.ensure_future(watch())
