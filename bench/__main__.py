@@ -98,7 +98,8 @@ def bench_activations(args, results):
 
 
 def bench_assignments(args, results):
-    n = 300 if args.quick else 5000
+    # Every assignment takes a stream for good: enough for every repetition.
+    n = (300 if args.quick else 4000) * args.reps
     cc = servers.start_cc(num_processes=2)
     ws = servers.start_ws(command_centers={
         cc.name: {'url': '127.0.0.1:%d' % cc.port, 'pass': 'test-cc-pass'}})
