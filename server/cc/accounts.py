@@ -127,14 +127,20 @@ async def create_manager(redis, email, password, role, weight):
     return token if ok else None
 
 
-async def auth_manager(redis, email, password):
-    """A new token for the right password, else None."""
-    stored = await redis.hget(keys.manager(email), 'password')
+async def _authenticate(redis, account_key, token_key_of, name, password):
+    """A new token (the old one dropped) for the right password, else
+    None; managers and donors alike."""
+    stored = await redis.hget(account_key, 'password')
     if stored is None or not await check_password(password, stored):
         return None
     token, th = new_token()
-    await _rotate(redis, keys.manager(email), keys.manager_token, email, th)
+    await _rotate(redis, account_key, token_key_of, name, th)
     return token
+
+
+async def auth_manager(redis, email, password):
+    return await _authenticate(redis, keys.manager(email),
+                               keys.manager_token, email, password)
 
 
 # The manager of a token hash in one step. KEYS: the token key. ARGV: the
@@ -172,12 +178,8 @@ async def create_donor(redis, username, email, password):
 
 
 async def auth_donor(redis, username, password):
-    stored = await redis.hget(keys.donor(username), 'password')
-    if stored is None or not await check_password(password, stored):
-        return None
-    token, th = new_token()
-    await _rotate(redis, keys.donor(username), keys.donor_token, username, th)
-    return token
+    return await _authenticate(redis, keys.donor(username), keys.donor_token,
+                               username, password)
 
 
 async def donor_of(redis, token):
