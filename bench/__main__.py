@@ -34,30 +34,26 @@ def repeat(fn, reps):
     return [fn() for _ in range(reps)]
 
 
-def bench_frames(args, results):
+def bench_frames(args, results, keep):
     sizes = [10_000, 100_000]
     levels = [1, 8] if args.quick else [1, 8, 32, 128]
-    ceiling = servers.Ceiling(args.processes)
-    ws = servers.start_ws(num_processes=args.processes,
-                          command_centers=workloads.WS_CCS,
-                          heartbeat_increment=3600)
-    try:
-        for size in sizes:
-            for c in levels:
-                ours = repeat(lambda: workloads.frames_ws(
-                    ws, size, c, args.duration), args.reps)
-                ceil = repeat(lambda: workloads.frames_ceiling(
-                    ceiling, size, c, args.duration), args.reps)
-                row = summarize('frames', {'size': size, 'cores': c}, ours,
-                                ceil)
-                row['mismatches'] = sum(r['mismatches'] for r in ours)
-                row['frames_committed'] = sum(r['frames_committed']
-                                              for r in ours)
-                results['frames'].append(row)
-                report.print_row(row)
-    finally:
-        ws.stop()
-        ceiling.stop()
+    ceiling = keep(servers.Ceiling(args.processes))
+    ws = keep(servers.start_ws(num_processes=args.processes,
+                               command_centers=workloads.WS_CCS,
+                               heartbeat_increment=3600))
+    for size in sizes:
+        for c in levels:
+            ours = repeat(lambda: workloads.frames_ws(
+                ws, size, c, args.duration), args.reps)
+            ceil = repeat(lambda: workloads.frames_ceiling(
+                ceiling, size, c, args.duration), args.reps)
+            row = summarize('frames', {'size': size, 'cores': c}, ours,
+                            ceil)
+            row['mismatches'] = sum(r['mismatches'] for r in ours)
+            row['frames_committed'] = sum(r['frames_committed']
+                                          for r in ours)
+            results['frames'].append(row)
+            report.print_row(row)
 
 
 def summarize(kind, params, ours, ceil):
@@ -73,113 +69,96 @@ def summarize(kind, params, ours, ceil):
     return row
 
 
-def bench_activations(args, results):
+def bench_activations(args, results, keep):
     n = 300 if args.quick else 5000
-    ceiling = servers.Ceiling(args.processes)
-    ws = servers.start_ws(num_processes=args.processes,
-                          command_centers=workloads.WS_CCS)
-    try:
-        ours, ceil, creates = [], [], []
-        for _ in range(args.reps):
-            target, _, rate = asyncio.run(workloads.create_streams(ws.port, n))
-            creates.append(rate)
-            ours.append(workloads.activations(
-                ws.port, servers.server_pids(ws), n, 32, args.duration,
-                target))
-            ceil.append(workloads.activations(
-                ceiling.port, ceiling.pids(), n, 32, args.duration))
-        row = summarize('activations', {'cores': 32}, ours, ceil)
-        row['stream_create_rate'] = statistics.median(creates)
-        results['activations'] = row
-        report.print_row(row)
-    finally:
-        ws.stop()
-        ceiling.stop()
+    ceiling = keep(servers.Ceiling(args.processes))
+    ws = keep(servers.start_ws(num_processes=args.processes,
+                               command_centers=workloads.WS_CCS))
+    ours, ceil, creates = [], [], []
+    for _ in range(args.reps):
+        target, _, rate = asyncio.run(workloads.create_streams(ws.port, n))
+        creates.append(rate)
+        ours.append(workloads.activations(
+            ws.port, servers.server_pids(ws), n, 32, args.duration,
+            target))
+        ceil.append(workloads.activations(
+            ceiling.port, ceiling.pids(), n, 32, args.duration))
+    row = summarize('activations', {'cores': 32}, ours, ceil)
+    row['stream_create_rate'] = statistics.median(creates)
+    results['activations'] = row
+    report.print_row(row)
 
 
-def bench_assignments(args, results):
+def bench_assignments(args, results, keep):
     # Every assignment takes a stream for good: enough for every repetition.
     n = (300 if args.quick else 4000) * args.reps
-    cc = servers.start_cc(num_processes=2)
-    ws = servers.start_ws(command_centers={
-        cc.name: {'url': '127.0.0.1:%d' % cc.port, 'pass': 'test-cc-pass'}})
-    try:
-        body, placed = workloads.prepare_cc_target(cc, ws, n)
-        cc_pids, ws_pids = servers.server_pids(cc), servers.server_pids(ws)
-        split = {'cc': 0.0, 'ws': 0.0}
+    cc = keep(servers.start_cc(num_processes=2))
+    ws = keep(servers.start_ws(command_centers={cc.name: {
+        'url': '127.0.0.1:%d' % cc.port, 'pass': 'test-cc-pass'}}))
+    body, placed = workloads.prepare_cc_target(cc, ws, n)
+    cc_pids, ws_pids = servers.server_pids(cc), servers.server_pids(ws)
+    split = {'cc': 0.0, 'ws': 0.0}
 
-        def run():
-            before = [servers.cpu_seconds(p) for p in (cc_pids, ws_pids)]
-            out = workloads.assignments(cc.port, cc_pids + ws_pids, 32,
-                                        args.duration, body)
-            after = [servers.cpu_seconds(p) for p in (cc_pids, ws_pids)]
-            for k, b, a in zip(('cc', 'ws'), before, after):
-                split[k] += 1000 * (a - b)
-            return out
-        runs = repeat(run, args.reps)
-        med, lo, hi = median_spread(runs, 'rate')
-        row = {'workload': 'assignments', 'cc_processes': 2, 'clients': 32,
-               'rate': med, 'rate_spread': [lo, hi],
-               'p99_ms': median_spread(runs, 'p99_ms')[0],
-               'cpu_ms_per_request': median_spread(
-                   runs, 'cpu_ms_per_request')[0],
-               'requests': sum(r['requests'] for r in runs),
-               # CPU ms per assignment in the CC's processes and in the
-               # WS's (each with its Redis), summed over the runs
-               'cc_cpu_ms_per_request': split['cc'] / max(1, sum(
-                   r['requests'] for r in runs)),
-               'ws_cpu_ms_per_request': split['ws'] / max(1, sum(
-                   r['requests'] for r in runs)),
-               'placement_rate': placed,
-               'errors': sum(r['errors'] for r in runs)}
-        results['assignments'] = row
-        report.print_row(row)
-    finally:
-        ws.stop()
-        cc.stop()
+    def run():
+        before = [servers.cpu_seconds(p) for p in (cc_pids, ws_pids)]
+        out = workloads.assignments(cc.port, cc_pids + ws_pids, 32,
+                                    args.duration, body)
+        after = [servers.cpu_seconds(p) for p in (cc_pids, ws_pids)]
+        for k, b, a in zip(('cc', 'ws'), before, after):
+            split[k] += 1000 * (a - b)
+        return out
+    runs = repeat(run, args.reps)
+    med, lo, hi = median_spread(runs, 'rate')
+    row = {'workload': 'assignments', 'cc_processes': 2, 'clients': 32,
+           'rate': med, 'rate_spread': [lo, hi],
+           'p99_ms': median_spread(runs, 'p99_ms')[0],
+           'cpu_ms_per_request': median_spread(
+               runs, 'cpu_ms_per_request')[0],
+           'requests': sum(r['requests'] for r in runs),
+           # CPU ms per assignment in the CC's processes and in the
+           # WS's (each with its Redis), summed over the runs
+           'cc_cpu_ms_per_request': split['cc'] / max(1, sum(
+               r['requests'] for r in runs)),
+           'ws_cpu_ms_per_request': split['ws'] / max(1, sum(
+               r['requests'] for r in runs)),
+           'placement_rate': placed,
+           'errors': sum(r['errors'] for r in runs)}
+    results['assignments'] = row
+    report.print_row(row)
 
 
-def bench_downloads(args, results):
+def bench_downloads(args, results, keep):
     mb = 20 if args.quick else 400
-    ws = servers.start_ws(command_centers=workloads.WS_CCS)
-    try:
-        sid, size = workloads.commit_large_stream(ws, mb)
-        runs = repeat(lambda: workloads.download(ws, sid, size), args.reps)
-        med, lo, hi = median_spread(runs, 'mb_per_s')
-        row = {'workload': 'download', 'megabytes': size / 1e6,
-               'mb_per_s': med, 'mb_per_s_spread': [lo, hi],
-               'rss_growth_mb': max(r['rss_growth_mb'] for r in runs),
-               'ok': all(r['ok'] for r in runs)}
-        results['download'] = row
-        report.print_row(row)
-    finally:
-        ws.stop()
+    ws = keep(servers.start_ws(command_centers=workloads.WS_CCS))
+    sid, size = workloads.commit_large_stream(ws, mb)
+    runs = repeat(lambda: workloads.download(ws, sid, size), args.reps)
+    med, lo, hi = median_spread(runs, 'mb_per_s')
+    row = {'workload': 'download', 'megabytes': size / 1e6,
+           'mb_per_s': med, 'mb_per_s_spread': [lo, hi],
+           'rss_growth_mb': max(r['rss_growth_mb'] for r in runs),
+           'ok': all(r['ok'] for r in runs)}
+    results['download'] = row
+    report.print_row(row)
 
 
-def bench_scale(args, results):
+def bench_scale(args, results, keep):
     n = 2000 if args.quick else 100_000
-    ws = servers.start_ws(command_centers=workloads.WS_CCS)
-    try:
-        row = dict(workloads.scale(ws, n), workload='scale')
-        results['scale'] = row
-        report.print_row(row)
-    finally:
-        ws.stop()
+    ws = keep(servers.start_ws(command_centers=workloads.WS_CCS))
+    row = dict(workloads.scale(ws, n), workload='scale')
+    results['scale'] = row
+    report.print_row(row)
 
 
-def bench_sweep(args, results):
+def bench_sweep(args, results, keep):
     expiring = 500 if args.quick else 10_000
-    ws = servers.start_ws(command_centers=workloads.WS_CCS,
-                          heartbeat_increment=3 if args.quick else 8,
-                          pulse_frequency_in_ms=1000)
-    try:
-        row = dict(workloads.sweep(ws, expiring, 32, 10_000,
-                                   4 if args.quick else 20,
-                                   3 if args.quick else 8), workload='sweep')
-        results['sweep'] = row
-        report.print_row(row)
-    finally:
-        ws.stop()
+    ws = keep(servers.start_ws(command_centers=workloads.WS_CCS,
+                               heartbeat_increment=3 if args.quick else 8,
+                               pulse_frequency_in_ms=1000))
+    row = dict(workloads.sweep(ws, expiring, 32, 10_000,
+                               4 if args.quick else 20,
+                               3 if args.quick else 8), workload='sweep')
+    results['sweep'] = row
+    report.print_row(row)
 
 
 WORKLOADS = {'frames': bench_frames, 'activations': bench_activations,
@@ -204,7 +183,8 @@ def main(argv=None):
                'duration_s': args.duration, 'quick': args.quick,
                'cpus': os.cpu_count(), 'frames': []}
     for name in args.only or list(WORKLOADS):
-        WORKLOADS[name](args, results)
+        with servers.stopping() as keep:
+            WORKLOADS[name](args, results, keep)
     results['verdict'] = report.verdict(results, TARGETS)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'results.json'), 'w') as f:

@@ -1,6 +1,7 @@
 """Servers a benchmark run starts and measures: our CC/WS as real processes
 (with embedded Redis) and the bare Tornado ceiling, plus their CPU and
 memory as the OS sees them."""
+import contextlib
 import os
 import signal
 import ssl
@@ -50,6 +51,17 @@ class Ceiling:
     def stop(self):
         os.killpg(self.process.pid, signal.SIGTERM)
         self.process.wait(30)
+
+
+@contextlib.contextmanager
+def stopping():
+    """`keep(server)` registers a started server; all are stopped on the
+    way out, the last started first, whatever happened."""
+    with contextlib.ExitStack() as stack:
+        def keep(server):
+            stack.callback(server.stop)
+            return server
+        yield keep
 
 
 def tree_pids(pid):
