@@ -22,7 +22,7 @@ test: setup
 
 # The main job on one machine: embedded Redis, dev certs, CC, WS, cores.
 demo: setup
-	$(PY) -m siegetank.demo
+	$(PY) -m server.demo
 
 # Benchmarks against a bare Tornado ceiling (several minutes); results and
 # a plot land in bench/results/. `make bench BENCHARGS=--quick` smoke-runs it.

@@ -15,6 +15,7 @@ import sys
 import time
 
 from bench import report, servers, workloads
+from server.testing import command_centers
 
 TARGETS = {  # ratio or absolute floor the issue asks for
     'frames_10k': 0.7, 'frames_100k': 0.6, 'p99_ms_c32_10k': 20.0,
@@ -93,8 +94,7 @@ def bench_assignments(args, results, keep):
     # Every assignment takes a stream for good: enough for every repetition.
     n = (300 if args.quick else 4000) * args.reps
     cc = keep(servers.start_cc(num_processes=2))
-    ws = keep(servers.start_ws(command_centers={cc.name: {
-        'url': '127.0.0.1:%d' % cc.port, 'pass': 'test-cc-pass'}}))
+    ws = keep(servers.start_ws(command_centers=command_centers(cc)))
     body, placed = workloads.prepare_cc_target(cc, ws, n)
     cc_pids, ws_pids = servers.server_pids(cc), servers.server_pids(ws)
     split = {'cc': 0.0, 'ws': 0.0}

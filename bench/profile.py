@@ -19,6 +19,7 @@ import time
 import psutil
 
 from bench import servers, workloads
+from server.testing import command_centers
 
 
 def cpu_by_process(pids):
@@ -67,8 +68,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     cc = servers.start_cc(num_processes=2)
-    ws = servers.start_ws(command_centers={
-        cc.name: {'url': '127.0.0.1:%d' % cc.port, 'pass': 'test-cc-pass'}})
+    ws = servers.start_ws(command_centers=command_centers(cc))
     try:
         pids = servers.server_pids(cc) + servers.server_pids(ws)
         pythons = [pid for pid in pids if pid != cc.process.pid

@@ -12,9 +12,7 @@ import time
 import psutil
 import requests
 
-from tests import ServerProcess, certs, free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from server.testing import ROOT, ServerProcess, certs, free_port
 
 
 def client_ssl():

@@ -123,6 +123,15 @@ def _parse_override(text, where):
     return key.replace('-', '_'), value
 
 
+def read_values(path):
+    """The settings a .conf file assigns, unchecked (no private names,
+    functions or modules)."""
+    raw = runpy.run_path(path)
+    return {k: v for k, v in raw.items()
+            if not k.startswith('_') and not callable(v)
+            and type(v).__name__ != 'module'}
+
+
 def load(path, kind, overrides=()):
     """Return the validated settings of `path` for `kind` ('cc' or 'ws')."""
     schema = SCHEMAS[kind]
@@ -130,13 +139,10 @@ def load(path, kind, overrides=()):
     if not os.path.isfile(path):
         raise ConfigError('%s: no such config file' % path)
     try:
-        raw = runpy.run_path(path)
+        raw = read_values(path)
     except Exception as e:
         raise ConfigError('%s: cannot be read: %s: %s'
                           % (path, type(e).__name__, e))
-    raw = {k: v for k, v in raw.items()
-           if not k.startswith('_') and not callable(v)
-           and type(v).__name__ != 'module'}
     for item in overrides:
         key, value = _parse_override(item, path)
         raw[key] = value
@@ -165,6 +171,16 @@ def load(path, kind, overrides=()):
     if settings['num_processes'] < 1:
         raise ConfigError('%s: num_processes must be >= 1' % path)
     return settings
+
+
+def write(path, values, header=None):
+    """Write `values` as a .conf file that `load` reads back (a comment
+    line `header` first)."""
+    with open(path, 'w') as f:
+        if header:
+            f.write('# %s\n' % header)
+        for k, v in values.items():
+            f.write('%s = %r\n' % (k, v))
 
 
 def parse_args(kind, argv=None):

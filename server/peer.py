@@ -162,7 +162,7 @@ def pool(host, port, ssl_ctx):
     loop = asyncio.get_running_loop()
     pools = _pools.get(loop)
     if pools is None:
-        for other in [l for l in _pools if l.is_closed()]:
+        for other in [lp for lp in _pools if lp.is_closed()]:
             _drop(other)
         pools = _pools[loop] = {}
     key = (host, port, ssl_ctx)

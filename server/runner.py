@@ -20,15 +20,16 @@ log = logging.getLogger('siegetank')
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+
 def setup_logging(level):
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format='%(asctime)s %(levelname).1s %(process)d %(name)s: %(message)s')
 
 
-async def _serve(settings, make_app, sockets, ssl_ctx, redis_url, task_id):
+async def _serve(settings, app_class, sockets, ssl_ctx, redis_url, task_id):
     redis = store.connect(redis_url)
-    app = make_app(settings, redis, task_id)
+    app = app_class(settings, redis, task_id)
     server = HTTPServer(app, ssl_options=ssl_ctx,
                         max_body_size=settings['max_body_size'],
                         idle_connection_timeout=300)
@@ -49,14 +50,12 @@ async def _serve(settings, make_app, sockets, ssl_ctx, redis_url, task_id):
         await asyncio.wait_for(server.close_all_connections(), 5)
     except asyncio.TimeoutError:
         pass
-    close = getattr(app, 'close', None)
-    if close is not None:
-        await close()
+    await app.close()
     await redis.aclose()
 
 
-def _worker(settings, make_app, sockets, ssl_ctx, redis_url, task_id):
-    asyncio.run(_serve(settings, make_app, sockets, ssl_ctx, redis_url,
+def _worker(settings, app_class, sockets, ssl_ctx, redis_url, task_id):
+    asyncio.run(_serve(settings, app_class, sockets, ssl_ctx, redis_url,
                        task_id))
 
 
@@ -108,7 +107,7 @@ def _supervise(n, start_child):
             spawn(i)
 
 
-def main(kind, make_app, argv=None):
+def main(kind, app_class, argv=None):
     try:
         settings = config.parse_args(kind, argv)
     except config.ConfigError as e:
@@ -124,11 +123,10 @@ def main(kind, make_app, argv=None):
     embedded = store.start_embedded(settings)
     redis_url = store.redis_url(settings, embedded)
     try:
-        prepare = getattr(make_app, 'prepare', None)
-        if prepare is not None:  # e.g. the WS rebuilds its index from disk
-            prepare(settings, redis_url)
+        app_class.prepare(settings, redis_url)  # e.g. the WS's recovery
+
         def start_child(i):
-            _worker(settings, make_app, sockets, ssl_ctx, redis_url, i)
+            _worker(settings, app_class, sockets, ssl_ctx, redis_url, i)
         if settings['num_processes'] == 1:
             start_child(0)
         else:

@@ -16,10 +16,12 @@ import subprocess
 import sys
 import time
 
-import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+import redis
+from server.processes import alive
 
 log = logging.getLogger('siegetank.store')
 
@@ -99,7 +101,7 @@ class RedisServer:
         log.warning('stopping stale redis-server pid %d', pid)
         os.kill(pid, signal.SIGTERM)
         for _ in range(200):
-            if not os.path.exists('/proc/%d' % pid):
+            if not alive(pid):
                 return
             time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)

@@ -16,18 +16,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from server.disk import atomic_write
+
 
 def _key():
     return ec.generate_private_key(ec.SECP256R1())
-
-
-def _write(path, data, private=False):
-    tmp = path + '.tmp'
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                 0o600 if private else 0o644)
-    with os.fdopen(fd, 'wb') as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _pem_key(key):
@@ -58,8 +51,9 @@ def make_ca(cert_path, key_path):
         .add_extension(x509.KeyUsage(False, False, False, False, False, True,
                                      True, False, False), True) \
         .sign(key, hashes.SHA256())
-    _write(key_path, _pem_key(key), private=True)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write(key_path, _pem_key(key), mode=0o600)
+    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM),
+                 mode=0o644)
 
 
 def make_server_cert(cert_path, key_path, ca_cert_path, ca_key_path, hosts):
@@ -84,8 +78,9 @@ def make_server_cert(cert_path, key_path, ca_cert_path, ca_key_path, hosts):
                                               ExtendedKeyUsageOID.CLIENT_AUTH]),
                        False) \
         .sign(ca_key, hashes.SHA256())
-    _write(key_path, _pem_key(key), private=True)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write(key_path, _pem_key(key), mode=0o600)
+    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM),
+                 mode=0o644)
 
 
 def ensure_dev_certs(certfile, keyfile, ca_certs, hosts=('localhost',

@@ -20,7 +20,8 @@ import tornado.web
 from tornado import httputil
 from tornado.web import HTTPError
 
-from server import tls
+from server import tls, tokens
+
 
 def _no_constant(name):
     """NaN and Infinity are not JSON; they could not be sent back either."""
@@ -54,6 +55,8 @@ class APIError(HTTPError):
     def __init__(self, status, message):
         super().__init__(status)
         self.message = message
+
+
 FILE_NAME = re.compile(r'^[A-Za-z0-9._-]{1,128}$')
 
 
@@ -88,6 +91,37 @@ def decode_file(name, value):
     if not name:
         raise APIError(400, 'bad file name: nothing before .b64')
     return name, data
+
+
+def decode_files(files):
+    """{name without transport suffixes: bytes} of a checked `{name: str}`
+    dict; 400 if two files decode to the same name."""
+    out = {}
+    for name, value in files.items():
+        plain, data = decode_file(name, value)
+        if plain in out:
+            raise APIError(400, 'two files decode to the name %s' % plain)
+        out[plain] = data
+    return out
+
+
+def check_encoded(files, what='files', allow_empty=False):
+    """check_files, and 400 unless every `.b64` / `.gz.b64` file decodes."""
+    check_files(files, what, allow_empty)
+    for name, value in files.items():
+        decode_file(name, value)
+    return files
+
+
+# Target ids are made by the CC (uuid4); both servers take only those.
+TARGET_ID = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}'
+                       r'-[0-9a-f]{12}$')
+
+
+def check_target_id(target_id):
+    if not isinstance(target_id, str) or not TARGET_ID.match(target_id):
+        raise APIError(400, 'malformed target id %r' % (target_id,))
+    return target_id
 
 
 def check_files(files, what='files', allow_empty=False):
@@ -127,6 +161,13 @@ class App(tornado.web.Application):
 
     async def on_stop(self):
         """Stop background jobs, say goodbye to peers (worker 0)."""
+
+    async def close(self):
+        """Release what the app holds (every worker, after serving)."""
+
+    @classmethod
+    def prepare(cls, settings, redis_url):
+        """Once, in the master, before any worker is forked."""
 
 
 class _BodyLimit(httputil.HTTPMessageDelegate):
@@ -290,6 +331,11 @@ class APIHandler(tornado.web.RequestHandler):
             value = value[7:].strip()
         return value or None
 
+    def read_body_now(self):
+        """A malformed body is a 400 even where no field is read."""
+        if self.request.method in ('PUT', 'POST'):
+            self.body
+
     def write_json(self, obj, status=200):
         self.set_status(status)
         self.finish(b'{}' if not obj and type(obj) is dict
@@ -312,6 +358,24 @@ class APIHandler(tornado.web.RequestHandler):
             return  # an expected refusal; log_request reports it
         app_log.error('uncaught exception in %s %s', self.request.method,
                       self.request.path, exc_info=(typ, value, tb))
+
+
+class PeerHandler(APIHandler):
+    """Base of the endpoints one server calls on the other with a shared
+    pass (`Authorization: <cc_pass>`), compared in constant time."""
+
+    def peer_passes(self):
+        """The passes a caller may present."""
+        raise NotImplementedError
+
+    def is_peer(self):
+        return tokens.matches_any(self.token(), self.peer_passes())
+
+    def prepare(self):
+        super().prepare()
+        if not self.is_peer():
+            raise APIError(401, 'missing or wrong cc_pass')
+        self.read_body_now()
 
 
 class NotFoundHandler(APIHandler):

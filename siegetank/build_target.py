@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from siegetank.core import openmm_engine
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 STRUCTURE = os.path.join(HERE, 'data', 'alanine-dipeptide.pdb')
 TEMPERATURE = 300.0       # kelvin
@@ -39,9 +41,8 @@ def build(out, streams=4, padding_nm=1.0, steps_per_frame=100, seed=1,
         TEMPERATURE * unit.kelvin, 1.0 / unit.picosecond,
         STEP_FS * unit.femtoseconds)
     integrator.setRandomNumberSeed(seed)
-    platform = openmm.Platform.getPlatformByName('Reference') \
-        if 'CPU' not in _platforms(openmm) \
-        else openmm.Platform.getPlatformByName('CPU')
+    platform = openmm.Platform.getPlatformByName(
+        'CPU' if 'CPU' in openmm_engine.platforms() else 'Reference')
     context = openmm.Context(system, integrator, platform)
     context.setPositions(model.positions)
     openmm.LocalEnergyMinimizer.minimize(context, 10.0, 500)
@@ -78,13 +79,7 @@ def build(out, streams=4, padding_nm=1.0, steps_per_frame=100, seed=1,
 def engine_version():
     """The engine version a core of this machine announces: OpenMM's
     major.minor (e.g. '8.6')."""
-    import openmm
-    return '.'.join(openmm.__version__.split('.')[:2])
-
-
-def _platforms(openmm):
-    return [openmm.Platform.getPlatform(i).getName()
-            for i in range(openmm.Platform.getNumPlatforms())]
+    return openmm_engine.version()
 
 
 def _write(path, text):

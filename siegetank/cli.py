@@ -17,6 +17,7 @@ import json
 import os
 import sys
 
+from server.disk import atomic_write
 from siegetank import files as wire
 from siegetank.client import Client, SiegetankError
 
@@ -47,12 +48,7 @@ def save_config(conf):
     """Write the config readable by the user only (it holds a token)."""
     path = config_path()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, 'w') as f:
-        os.fchmod(f.fileno(), 0o600)
-        json.dump(conf, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(conf, indent=1), mode=0o600)
 
 
 def client(args, need_token=True):
@@ -76,12 +72,17 @@ def out(args, data, text=None):
         print(text)
 
 
-def table(rows, headers):
+def table(rows, headers, rule=False):
+    """Rows under headers in left-aligned columns (a line of dashes under
+    the headers with `rule`)."""
     rows = [[str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     fmt = '  '.join('%%-%ds' % w for w in widths)
-    return '\n'.join([fmt % tuple(headers)] + [fmt % tuple(r) for r in rows])
+    lines = [fmt % tuple(headers)]
+    if rule:
+        lines.append('  '.join('-' * w for w in widths))
+    return '\n'.join(lines + [fmt % tuple(r) for r in rows])
 
 
 def parse_json(text, what):

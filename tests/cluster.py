@@ -1,12 +1,9 @@
 """A real CC with real workservers (cc.py / ws.py processes, embedded Redis,
 test certs) for the client, CLI and OpenMM end-to-end tests, plus helpers
 to run cores against it."""
+from server.testing import ServerProcess, certs, command_centers, wait_for
 from siegetank.client import Client
-from siegetank.core import Core, make_engine
-from siegetank.core import synthetic
-from tests import ServerProcess, certs, wait_for
-
-CC_PASS = 'test-cc-pass'
+from siegetank.core import Core, make_engine, synthetic
 
 
 class Cluster:
@@ -23,9 +20,9 @@ class Cluster:
         try:
             self.cc.start()
             for _ in range(self.n_ws):
-                ws = ServerProcess('ws', command_centers={self.cc.name: {
-                    'url': '127.0.0.1:%d' % self.cc.port, 'pass': CC_PASS}},
-                    **self.ws_values)
+                ws = ServerProcess('ws',
+                                   command_centers=command_centers(self.cc),
+                                   **self.ws_values)
                 self.ws.append(ws.start())
             self.address = '127.0.0.1:%d' % self.cc.port
             self.ca = certs()['ca']

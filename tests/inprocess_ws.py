@@ -20,11 +20,11 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from server import store, tls
+from server.testing import CC_PASS, settings
+from server.tokens import token_hash
 from server.ws.app import WorkServer
 from server.ws.keys import Keys
 from server.ws.storage import Storage
-from server.ws.streams import token_hash
-from tests import settings
 
 
 class RecordingWorkServer(WorkServer):
@@ -47,7 +47,7 @@ class RecordingWorkServer(WorkServer):
 
 class InProcessWS:
     def __init__(self, name, redis_url, io_loop, cc_name, cc_port,
-                 cc_pass='test-cc-pass'):
+                 cc_pass=CC_PASS):
         self.name = name
         self.redis_url = redis_url
         self.io_loop = io_loop
@@ -103,8 +103,9 @@ class InProcessWS:
         r = self._sync()
         try:
             found = {}
-            for key in r.scan_iter(match=self.keys.stream_prefix + '*'):
-                found[key[len(self.keys.stream_prefix):]] = r.hgetall(key)
+            prefix = self.keys.stream('')
+            for key in r.scan_iter(match=self.keys.stream('*')):
+                found[key[len(prefix):]] = r.hgetall(key)
         finally:
             r.close()
         on_disk = set(self.storage.stream_ids())

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import unittest
 
-from tests import ROOT, tmpdir
+from server.testing import ROOT, tmpdir
 
 
 class TestBenchSmoke(unittest.TestCase):

@@ -9,11 +9,10 @@ import os
 
 from server.cc import accounts, keys, workservers
 from server.cc.app import CommandCenter
-from server.scripts import Script
-from tests import AppTestCase, RedisTestCase
+from server.lua import Script
+from server.testing import CC_PASS, AppTestCase, RedisTestCase
 from tests.inprocess_ws import InProcessWS
 
-CC_PASS = 'test-cc-pass'
 B64 = base64.b64encode(b'<System/>').decode()
 GZB64 = base64.b64encode(gzip.compress(b'<Integrator/>')).decode()
 TARGET_FILES = {'system.xml.b64': B64, 'integrator.xml.gz.b64': GZB64}
@@ -189,10 +188,10 @@ class TestAccounts(CCTestCase):
             'username': 'jesse', 'password': 'pw'})
         self.assertEqual(c, 200)
         self.assertNotEqual(body['token'], token)
-        self.assertIsNone(self.sync(lambda: accounts.donor_of(self.redis,
+        self.assertIsNone(self.sync(lambda: accounts.donor_of(self.app,
                                                              token)))
         self.assertEqual(self.sync(lambda: accounts.donor_of(
-            self.redis, body['token'])), 'jesse')
+            self.app, body['token'])), 'jesse')
         c, body = self.fetch_json('/donors/auth', 'POST', {
             'username': 'jesse', 'password': 'nope'})
         self.assertError(c, 401, body)
@@ -256,7 +255,7 @@ class TestNoBootstrap(CCTestCase):
             'username': 'd', 'email': 'd@x.org', 'password': 'p'})
         self.assertError(c, 401, body)
         admin = self.sync(lambda: accounts.create_manager(
-            self.redis, 'root@x.org', 'pw', 'admin', 1))
+            self.app, 'root@x.org', 'pw', 'admin', 1))
         self.add_manager('m@x.org', token=admin)
         self.add_donor(token=admin)
 
@@ -497,6 +496,7 @@ class TestTargets(CCTestCase):
                                                                   sid)
         self.assertTrue(loc.startswith(prefix), loc)
         from urllib.parse import parse_qs
+
         from server import signing
         q = parse_qs(loc[len(prefix):])
         self.assertTrue(signing.valid([CC_PASS], sid, 'frames.xtc',

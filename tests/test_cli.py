@@ -11,9 +11,9 @@ import sys
 import unittest
 import uuid
 
+from server.testing import ROOT, tmpdir
 from siegetank import cli
 from siegetank.core import synthetic
-from tests import ROOT, tmpdir
 from tests.cluster import Cluster
 
 

@@ -8,10 +8,10 @@ import unittest
 import uuid
 
 import siegetank
+from server.testing import certs, tmpdir
 from siegetank import client as client_module
 from siegetank.client import Client, SiegetankError
 from siegetank.core import synthetic
-from tests import certs, tmpdir
 from tests.cluster import Cluster
 
 

@@ -5,7 +5,7 @@ import sys
 import unittest
 
 from server import config
-from tests import ROOT, tmpdir, write_conf
+from server.testing import ROOT, tmpdir, write_conf
 
 
 def conf_file(text):
@@ -48,7 +48,7 @@ class TestConfig(unittest.TestCase):
     def test_missing_key(self):
         path = write_conf('ws')
         with open(path) as f:
-            lines = [l for l in f if not l.startswith('command_centers')]
+            lines = [ln for ln in f if not ln.startswith('command_centers')]
         with open(path, 'w') as f:
             f.writelines(lines)
         self.assertConfigError(path, 'ws', 'missing required key '

@@ -11,17 +11,15 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import unittest
 
 import tornado.httpserver
 import tornado.web
 
-from siegetank import files as wire
-from siegetank.core import Backoff, Core, Fatal, make_engine
-from siegetank.core import synthetic
 from server import tls
-from tests import ROOT, certs, free_port
+from server.testing import ROOT, certs, free_port, wait_for
+from siegetank import files as wire
+from siegetank.core import Backoff, Core, Fatal, make_engine, synthetic
 
 
 class Script:
@@ -150,15 +148,6 @@ class FailingEngine:
         raise RuntimeError('the engine exploded')
 
 
-def wait_until(check, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    raise AssertionError('condition not met in %ss' % timeout)
-
-
 class TestBackoff(unittest.TestCase):
     def test_grows_from_one_second_to_five_minutes_with_jitter(self):
         b = Backoff()
@@ -257,7 +246,8 @@ class TestCoreLoop(unittest.TestCase):
         thread = threading.Thread(target=core.run)
         thread.start()
         try:
-            wait_until(lambda: len(self.script.seen('heartbeat')) >= 3)
+            wait_for(lambda: len(self.script.seen('heartbeat')) >= 3,
+                     'three heartbeats')
         finally:
             stop.set()
             thread.join()
@@ -295,8 +285,8 @@ class TestCoreProcess(unittest.TestCase):
                 cwd=ROOT, env=env, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE)
             try:
-                wait_until(lambda: len({c[1] for c in script.seen('frame')})
-                           == 2)
+                wait_for(lambda: len({c[1] for c in script.seen('frame')})
+                         == 2, 'frames of two streams')
                 self.assertEqual(script.seen('checkpoint'), [])
                 p.send_signal(signal.SIGTERM)
                 _, err = p.communicate(timeout=60)

@@ -14,9 +14,17 @@ import uuid
 import requests
 
 from server.cc import keys
-from tests import ServerProcess, b64, certs, gzb64, wait_for
+from server.testing import (
+    CC_PASS,
+    ServerProcess,
+    b64,
+    certs,
+    command_centers,
+    gzb64,
+    online,
+    wait_for,
+)
 
-CC_PASS = 'test-cc-pass'
 SYSTEM = gzb64(b'<System/>')
 INTEGRATOR = b64(b'<Integrator/>')
 
@@ -26,8 +34,7 @@ class TestIntegration(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.cc = ServerProcess('cc').start()
-        centers = {cls.cc.name: {'url': '127.0.0.1:%d' % cls.cc.port,
-                                 'pass': CC_PASS}}
+        centers = command_centers(cls.cc)
         cls.ws1 = ServerProcess('ws', command_centers=centers)
         cls.ws2 = ServerProcess('ws', command_centers=centers)
         cls.ws1.start()
@@ -48,14 +55,10 @@ class TestIntegration(unittest.TestCase):
         for ws in (self.ws1, self.ws2):
             if ws.process.poll() is not None:
                 ws.start()
-            wait_for(lambda: self.online(ws), 'WS %s online' % ws.name)
+            wait_for(lambda: online(self.cc, ws.name), 'WS %s online' % ws.name)
         self.version = uuid.uuid4().hex[:8]
 
     # helpers
-
-    def online(self, ws, value=True):
-        s = self.cc.request('GET', '/ws/status').json().get(ws.name)
-        return s is not None and s['online'] is value
 
     def manager(self):
         email = '%s@x.org' % uuid.uuid4().hex[:8]
@@ -227,7 +230,7 @@ class TestIntegration(unittest.TestCase):
         tid = self.target(joe)
         sids = [self.stream(joe, tid) for _ in range(4)]
         self.ws2.kill()
-        wait_for(lambda: self.online(self.ws2, False), 'WS2 offline')
+        wait_for(lambda: online(self.cc, self.ws2.name, False), 'WS2 offline')
         got = set()
         for _ in range(2):
             r = self.assign()
@@ -250,7 +253,7 @@ class TestIntegration(unittest.TestCase):
         self.assertEqual(listing[self.ws2.name], {})
         self.assertEqual(len(listing[self.ws1.name]), 3)
         self.ws2.start()
-        wait_for(lambda: self.online(self.ws2), 'WS2 back')
+        wait_for(lambda: online(self.cc, self.ws2.name), 'WS2 back')
         got = set()
         for _ in range(3):
             r = self.assign()

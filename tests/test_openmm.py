@@ -11,10 +11,10 @@ import unittest
 
 import numpy as np
 
+from server.testing import ROOT, tmpdir
 from siegetank import build_target
 from siegetank import files as wire
 from siegetank.core import loop
-from tests import ROOT, tmpdir
 from tests.cluster import Cluster
 
 FRAMES = 4

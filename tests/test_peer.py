@@ -11,7 +11,7 @@ from tornado.testing import AsyncTestCase, gen_test
 from tornado.web import Application, RequestHandler
 
 from server import peer, tls
-from tests import certs, tmpdir
+from server.testing import certs, tmpdir
 
 
 class Echo(RequestHandler):

@@ -7,9 +7,15 @@ import unittest
 
 from server import tls
 from server.cc.accounts import is_loopback
-from tests import ServerProcess, alive, tmpdir, wait_for
-
-CC_PASS = 'test-cc-pass'
+from server.processes import alive
+from server.testing import (
+    CC_PASS,
+    ServerProcess,
+    command_centers,
+    online,
+    tmpdir,
+    wait_for,
+)
 
 
 def group_members(pgid):
@@ -43,8 +49,8 @@ class TestRegistry(unittest.TestCase):
         return s.start()
 
     def ws(self, cc, cc_pass=CC_PASS, **values):
-        s = ServerProcess('ws', command_centers={cc.name: {
-            'url': '127.0.0.1:%d' % cc.port, 'pass': cc_pass}}, **values)
+        s = ServerProcess('ws', command_centers=command_centers(cc, cc_pass),
+                          **values)
         self.servers.append(s)
         return s.start()
 
@@ -53,28 +59,24 @@ class TestRegistry(unittest.TestCase):
         self.assertEqual(r.status_code, 200)
         return r.json()
 
-    def online(self, cc, name, value=True):
-        s = self.status(cc).get(name)
-        return s is not None and s['online'] is value
-
     def test_register_probe_restart(self):
         cc = self.cc()
         ws = self.ws(cc)
-        wait_for(lambda: self.online(cc, ws.name), 'registration')
+        wait_for(lambda: online(cc, ws.name), 'registration')
         self.assertEqual(self.status(cc)[ws.name],
                          {'url': '127.0.0.1', 'http_port': ws.port,
                           'online': True})
         # killed: probes take it offline
         ws.kill()
-        wait_for(lambda: self.online(cc, ws.name, False), 'WS offline')
+        wait_for(lambda: online(cc, ws.name, False), 'WS offline')
         # back: online again (probe or re-registration)
         ws.start()
-        wait_for(lambda: self.online(cc, ws.name), 'WS online again')
+        wait_for(lambda: online(cc, ws.name), 'WS online again')
         # a restarted CC still knows its WS before the WS says anything
         cc.stop()
         cc.start()
         self.assertIn(ws.name, self.status(cc))
-        wait_for(lambda: self.online(cc, ws.name), 'WS online after CC '
+        wait_for(lambda: online(cc, ws.name), 'WS online after CC '
                  'restart')
 
     def test_wrong_pass_refused(self):
@@ -112,25 +114,24 @@ class TestRegistry(unittest.TestCase):
         cert, key = (os.path.join(folder, n) for n in ('ws.pem', 'ws.key'))
         tls.ensure_dev_certs(cert, key, foreign_ca)
         cc = self.cc()
-        ws = ServerProcess('ws', command_centers={cc.name: {
-            'url': '127.0.0.1:%d' % cc.port, 'pass': CC_PASS}},
-            ssl_certfile=cert, ssl_key=key)
+        ws = ServerProcess('ws', command_centers=command_centers(cc),
+                           ssl_certfile=cert, ssl_key=key)
         ws.session.verify = foreign_ca
         self.servers.append(ws)
         ws.start()
         wait_for(lambda: ws.name in self.status(cc), 'registration')
-        wait_for(lambda: self.online(cc, ws.name, False), 'WS offline')
+        wait_for(lambda: online(cc, ws.name, False), 'WS offline')
         self.assertIn('CERTIFICATE_VERIFY_FAILED', cc.read_log())
 
     def test_sigterm_leaves_nothing(self):
         cc = self.cc()
         ws = self.ws(cc)
-        wait_for(lambda: self.online(cc, ws.name), 'registration')
+        wait_for(lambda: online(cc, ws.name), 'registration')
         ws_redis, cc_redis = ws.redis_pid(), cc.redis_pid()
         self.assertTrue(alive(ws_redis) and alive(cc_redis))
         # a clean WS shutdown says goodbye: offline at once
         self.assertEqual(ws.stop(), 0)
-        self.assertFalse(self.online(cc, ws.name))
+        self.assertFalse(online(cc, ws.name))
         self.assertFalse(alive(ws_redis))
         self.assertEqual(group_members(ws.process.pid), [])
         self.assertEqual(cc.stop(), 0)
@@ -140,7 +141,7 @@ class TestRegistry(unittest.TestCase):
     def test_multi_process_cc_stops_cleanly(self):
         cc = self.cc(num_processes=2)
         ws = self.ws(cc)
-        wait_for(lambda: self.online(cc, ws.name), 'registration')
+        wait_for(lambda: online(cc, ws.name), 'registration')
         pid = cc.redis_pid()
         self.assertEqual(cc.stop(), 0)
         self.assertFalse(alive(pid))

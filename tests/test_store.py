@@ -5,9 +5,9 @@ import signal
 import unittest
 
 import redis
-
 from server import store
-from tests import ServerProcess, alive, free_port, tmpdir, wait_for
+from server.processes import alive
+from server.testing import ServerProcess, free_port, tmpdir, wait_for
 
 
 def children_of(pid):

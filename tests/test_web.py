@@ -4,8 +4,8 @@ import hashlib
 import json
 import logging
 
+from server.testing import AppTestCase
 from server.web import APIHandler, App, HealthHandler, decode_file
-from tests import AppTestCase
 
 
 class Echo(APIHandler):

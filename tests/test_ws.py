@@ -15,17 +15,19 @@ import uuid
 from redis.exceptions import ConnectionError, ResponseError
 
 from server import signing, store
+from server.disk import publish_dir
+from server.lua import Script
+from server.testing import CC_PASS as PASS
+from server.testing import AppTestCase, RedisTestCase, b64, command_centers, gzb64
 from server.ws import core, recovery
+from server.ws import storage as storage_module
 from server.ws.app import WorkServer
-from server.scripts import Script
-from server.ws.lua import Multiplexed
-from tests import AppTestCase, RedisTestCase, b64, gzb64
+from server.ws.fastredis import Multiplexed
 
-PASS = 'test-cc-pass'
 OTHER_PASS = 'second-cc-pass'
-CONF = {'command_centers': {'cc': {'url': '127.0.0.1:9', 'pass': PASS},
-                            'cc2': {'url': '127.0.0.1:9',
-                                    'pass': OTHER_PASS}},
+CONF = {'command_centers': dict(command_centers(),
+                                cc2={'url': '127.0.0.1:9',
+                                     'pass': OTHER_PASS}),
         'max_stream_fails': 3}
 
 
@@ -816,18 +818,17 @@ class TestRecovery(WSTestCase):
         self.checkpoint(token, b's1')
         self.frame(token, b'two')
         storage = self.app.storage
-        publish = storage._publish
 
         def broken(tmp, final):
             raise OSError(28, 'No space left on device')
-        storage._publish = broken
+        storage_module.publish_dir = broken
         try:
             code, reply = self.fetch_json('/core/checkpoint', 'PUT', {
                 'files': {'state.xml.gz.b64': gzb64(b's2')}}, token=token)
             self.assertEqual(code, 503)
             self.assertIn('disk is full', reply['error'])
         finally:
-            storage._publish = publish
+            storage_module.publish_dir = publish_dir
         self.assertEqual(self.download(sid)[1], b'one')
         self.assertEqual(len(storage.chunks(sid)), 1)
         self.assertEqual(storage.buffer_files(sid), ['frames.xtc'])

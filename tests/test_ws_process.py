@@ -16,10 +16,10 @@ import uuid
 
 import requests
 
-from tests import ServerProcess, b64, certs, gzb64
+from server.testing import CC_PASS as PASS
+from server.testing import ServerProcess, b64, certs, command_centers, gzb64
 
-PASS = 'test-cc-pass'
-CCS = {'cc': {'url': '127.0.0.1:9', 'pass': PASS}}
+CCS = command_centers()
 KILL_POINTS = 20
 
 

@@ -9,7 +9,6 @@ same transaction.
 Creating an account needs an admin token, or no token at all from a loopback
 peer while `allow_loopback_bootstrap` is on (how the first admin is made).
 """
-import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -20,8 +19,10 @@ import secrets
 
 from redis.exceptions import WatchError
 
+from server import threads
 from server.cc import keys
-from server.scripts import Script
+from server.lua import Script
+from server.tokens import new_token, token_hash
 from server.web import APIError, APIHandler
 
 log = logging.getLogger('siegetank.cc.accounts')
@@ -41,8 +42,7 @@ def _scrypt(password, salt, n, r, p):
 async def hash_password(password):
     """'scrypt$n$r$p$salt$hash' (hex), computed off the loop."""
     salt = secrets.token_bytes(16)
-    digest = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: _scrypt(password, salt, **SCRYPT))
+    digest = await threads.cpu(_scrypt, password, salt, **SCRYPT)
     return 'scrypt$%d$%d$%d$%s$%s' % (SCRYPT['n'], SCRYPT['r'], SCRYPT['p'],
                                       salt.hex(), digest.hex())
 
@@ -53,18 +53,8 @@ async def check_password(password, stored):
         n, r, p, salt = int(n), int(r), int(p), bytes.fromhex(salt)
     except (AttributeError, ValueError):
         return False
-    got = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: _scrypt(password, salt, n, r, p))
+    got = await threads.cpu(_scrypt, password, salt, n, r, p)
     return hmac.compare_digest(got.hex(), digest)
-
-
-def token_hash(token):
-    return hashlib.sha256(token.encode('utf-8')).hexdigest()
-
-
-def new_token():
-    token = secrets.token_hex(32)  # 256 bits; safe as a CLI argument
-    return token, token_hash(token)
 
 
 async def _create(redis, account_key, unique_keys, fields, token_key, name):
@@ -117,12 +107,12 @@ class Manager:
         return self.role == 'admin'
 
 
-async def create_manager(redis, email, password, role, weight):
+async def create_manager(app, email, password, role, weight):
     """Returns the new token, or None if the email is taken."""
     token, th = new_token()
     fields = {'email': email, 'role': role, 'weight': repr(float(weight)),
               'password': await hash_password(password), 'token': th}
-    ok = await _create(redis, keys.manager(email), {}, fields,
+    ok = await _create(app.redis, keys.manager(email), {}, fields,
                        keys.manager_token(th), email)
     return token if ok else None
 
@@ -138,8 +128,8 @@ async def _authenticate(redis, account_key, token_key_of, name, password):
     return token
 
 
-async def auth_manager(redis, email, password):
-    return await _authenticate(redis, keys.manager(email),
+async def auth_manager(app, email, password):
+    return await _authenticate(app.redis, keys.manager(email),
                                keys.manager_token, email, password)
 
 
@@ -154,11 +144,11 @@ return {email, h[1], h[2] or '1'}
 """)
 
 
-async def manager_of(redis, token):
+async def manager_of(app, token):
     """The Manager a token belongs to, or None."""
     if not token:
         return None
-    found = await _MANAGER_OF(redis, [keys.manager_token(token_hash(token))],
+    found = await _MANAGER_OF(app.redis, [keys.manager_token(token_hash(token))],
                               [keys.MANAGER_TEMPLATE])
     if found is None:
         return None
@@ -166,27 +156,27 @@ async def manager_of(redis, token):
     return Manager(email, role, float(weight))
 
 
-async def create_donor(redis, username, email, password):
+async def create_donor(app, username, email, password):
     """Returns the new token, or None if the username or email is taken."""
     token, th = new_token()
     fields = {'username': username, 'email': email,
               'password': await hash_password(password), 'token': th}
-    ok = await _create(redis, keys.donor(username),
+    ok = await _create(app.redis, keys.donor(username),
                        {keys.donor_email(email): username}, fields,
                        keys.donor_token(th), username)
     return token if ok else None
 
 
-async def auth_donor(redis, username, password):
-    return await _authenticate(redis, keys.donor(username), keys.donor_token,
-                               username, password)
+async def auth_donor(app, username, password):
+    return await _authenticate(app.redis, keys.donor(username),
+                               keys.donor_token, username, password)
 
 
-async def donor_of(redis, token):
+async def donor_of(app, token):
     """The donor username a token belongs to, or None."""
     if not token:
         return None
-    return await redis.get(keys.donor_token(token_hash(token)))
+    return await app.redis.get(keys.donor_token(token_hash(token)))
 
 
 def is_loopback(address):
@@ -205,7 +195,7 @@ class AccountHandler(APIHandler):
         token = self.token()
         if token is None:
             return None
-        m = await manager_of(self.redis, token)
+        m = await manager_of(self.application, token)
         if m is None:
             raise APIError(401, 'unknown or expired manager token')
         return m
@@ -252,8 +242,8 @@ class ManagersHandler(AccountHandler):
         password = self.password()
         role = self.field('role', str, check=lambda r: r in ROLES)
         weight = self.field('weight', (int, float), 1, check=valid_weight)
-        token = await create_manager(self.redis, email, password, role,
-                                     weight)
+        token = await create_manager(self.application, email, password,
+                                     role, weight)
         if token is None:
             raise APIError(409, 'manager %s already exists' % email)
         log.info('created %s %s', role, email)
@@ -264,7 +254,7 @@ class ManagerAuthHandler(AccountHandler):
     async def post(self):
         email = self.email()
         password = self.password()
-        token = await auth_manager(self.redis, email, password)
+        token = await auth_manager(self.application, email, password)
         if token is None:
             raise APIError(401, 'wrong email or password')
         self.write_json({'token': token})
@@ -276,7 +266,8 @@ class DonorsHandler(AccountHandler):
         username = self.field('username', str, check=USERNAME.match)
         email = self.email()
         password = self.password()
-        token = await create_donor(self.redis, username, email, password)
+        token = await create_donor(self.application, username, email,
+                                   password)
         if token is None:
             raise APIError(409, 'donor username or email already exists')
         log.info('created donor %s', username)
@@ -287,7 +278,7 @@ class DonorAuthHandler(AccountHandler):
     async def post(self):
         username = self.field('username', str, check=USERNAME.match)
         password = self.password()
-        token = await auth_donor(self.redis, username, password)
+        token = await auth_donor(self.application, username, password)
         if token is None:
             raise APIError(401, 'wrong username or password')
         self.write_json({'token': token})

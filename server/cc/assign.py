@@ -19,9 +19,10 @@ import logging
 import random
 
 from server import peer
-from server.cc import accounts, keys, targets, workservers
-from server.scripts import Script
-from server.web import APIError, APIHandler
+from server.cc import keys, targets, workservers
+from server.lua import Script
+from server.tokens import token_hash
+from server.web import APIError, APIHandler, check_target_id
 
 log = logging.getLogger('siegetank.cc.assign')
 
@@ -94,17 +95,19 @@ for _, tid in ipairs(ids) do
 end
 return {donor, result}
 """)
-async def candidates(redis, engine, version, stages, target_id=None,
+
+
+async def candidates(app, engine, version, stages, target_id=None,
                      donor_token=None):
     """(donor, [(target_id, weight, options, {online ws: (stream count,
     base url)})]) of the targets that could serve, read in one Lua call;
     donor is the username of `donor_token`, None if unknown or not given.
     """
     donor, rows = await _CANDIDATES(
-        redis, [keys.stage_targets(s) for s in stages],
+        app.redis, [keys.stage_targets(s) for s in stages],
         [engine, version, keys.TARGET_TEMPLATE, keys.TARGET_WS_TEMPLATE,
          keys.WS_TEMPLATE, target_id or '',
-         keys.donor_token(accounts.token_hash(donor_token))
+         keys.donor_token(token_hash(donor_token))
          if donor_token else ''])
     result = []
     for row in rows:
@@ -140,7 +143,7 @@ async def assign(app, engine, version, stages, donor_token, target_id=None):
     """(token, url, options) of an activated stream, or None when nothing
     is free. Options stay the JSON text the target stored (no decoding and
     encoding again). 401 for an unknown donor token."""
-    donor, found = await candidates(app.redis, engine, version, stages,
+    donor, found = await candidates(app, engine, version, stages,
                                     target_id, donor_token)
     if donor_token and donor is None:
         raise APIError(401, 'unknown donor token')
@@ -168,8 +171,8 @@ class AssignHandler(APIHandler):
         target_id = self.field('target_id', (str, type(None)), None)
         stages = ('public', 'beta') if stage == 'beta' else ('public',)
         if target_id is not None:
-            targets.check_target_id(target_id)
-            target = await targets.load(self.redis, target_id)
+            check_target_id(target_id)
+            target = await targets.load(self.application, target_id)
             if target is None:
                 raise APIError(404, 'no such target %s' % target_id)
             if target['stage'] == 'private':

@@ -14,9 +14,9 @@ import re
 
 from server import peer, signing
 from server.cc import keys, targets, workservers
-from server.scripts import Script
-from server.cc.targets import TargetHandler, check_target_id
-from server.web import APIError, check_file_name
+from server.cc.targets import TargetHandler
+from server.lua import Script
+from server.web import APIError, check_file_name, check_target_id
 
 log = logging.getLogger('siegetank.cc.streams')
 
@@ -57,13 +57,13 @@ return {best, url, port, redis.call('SISMEMBER', KEYS[3], best)}
 """)
 
 # Give a reservation back (placement failed).
-_UNRESERVE = """
+_UNRESERVE = Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HINCRBY', KEYS[2], ARGV[1], -1) <= 0 then
   redis.call('HDEL', KEYS[2], ARGV[1])
 end
 return 1
-"""
+""")
 
 # A placed stream becomes known, and its WS known to hold the target's
 # files, unless the target was deleted meanwhile (then 0).
@@ -77,7 +77,7 @@ return 1
 
 # Forget a deleted stream; the WS drops a target with its last stream, so
 # then it no longer holds the target's files either.
-_FORGET = """
+_FORGET = Script("""
 if redis.call('DEL', KEYS[1]) == 0 then return 0 end
 redis.call('SREM', KEYS[2], ARGV[1])
 if redis.call('EXISTS', KEYS[5]) == 1 then
@@ -87,7 +87,7 @@ if redis.call('EXISTS', KEYS[5]) == 1 then
   end
 end
 return 1
-"""
+""")
 
 
 def ws_of(stream_id):
@@ -110,7 +110,7 @@ async def _post_to(app, ws, base, has_files, target, files):
     for attempt in range(2):
         if not has_files or attempt:
             body['target_files'] = await targets.read_files(
-                app.config, tid, target['files'])
+                app, tid, target['files'])
         try:
             reply = await workservers.request(app, ws, 'POST', '/streams',
                                               body, base=base)
@@ -153,13 +153,13 @@ async def place(app, target, files):
                                  has_files == 1, target, files)
         except PlacementFailed as e:
             log.warning('placing a stream of %s on %s failed: %s', tid, ws, e)
-            await redis.eval(_UNRESERVE, 2, keys.target(tid),
-                             keys.target_ws(tid), ws)
+            await _UNRESERVE(redis, [keys.target(tid), keys.target_ws(tid)],
+                             [ws])
             failed.append(ws)
             continue
         except APIError:
-            await redis.eval(_UNRESERVE, 2, keys.target(tid),
-                             keys.target_ws(tid), ws)
+            await _UNRESERVE(redis, [keys.target(tid), keys.target_ws(tid)],
+                             [ws])
             raise
         recorded = await _RECORD(
             redis, [keys.target(tid), keys.stream(sid),
@@ -173,12 +173,11 @@ async def place(app, target, files):
         return sid
 
 
-async def forget(redis, stream_id, record):
+async def forget(app, stream_id, record):
     tid, ws = record['target_id'], record['ws']
-    await redis.eval(_FORGET, 5, keys.stream(stream_id),
-                     keys.target_streams(tid), keys.target_ws(tid),
-                     keys.target_ws_files(tid), keys.target(tid),
-                     stream_id, ws)
+    await _FORGET(app.redis, [keys.stream(stream_id), keys.target_streams(tid),
+                          keys.target_ws(tid), keys.target_ws_files(tid),
+                          keys.target(tid)], [stream_id, ws])
 
 
 class StreamHandler(TargetHandler):
@@ -223,7 +222,7 @@ class PostStreamHandler(StreamHandler):
         self.write_json({'stream_id': stream_id})
 
 
-class CommandHandler(StreamHandler):
+class StreamCommandHandler(StreamHandler):
     async def put(self, action, stream_id):
         record = await self.stream(stream_id)
         try:
@@ -231,14 +230,14 @@ class CommandHandler(StreamHandler):
                              % (action, stream_id))
         except APIError as e:
             if action == 'delete' and e.status_code == 404:
-                await forget(self.redis, stream_id, record)
+                await forget(self.application, stream_id, record)
             raise
         if action == 'delete':
-            await forget(self.redis, stream_id, record)
+            await forget(self.application, stream_id, record)
         self.write_json({})
 
 
-class InfoHandler(StreamHandler):
+class StreamInfoHandler(StreamHandler):
     async def get(self, stream_id):
         await self.stream(stream_id)
         reply = await self.relay('GET', stream_id,
@@ -246,7 +245,7 @@ class InfoHandler(StreamHandler):
         self.write_json(reply.body)
 
 
-class DownloadHandler(StreamHandler):
+class StreamDownloadHandler(StreamHandler):
     """307 to the WS with a signed URL valid `signed_url_lifetime_in_s`:
     the bytes go straight from the WS, and `Range` survives the redirect."""
 
@@ -254,7 +253,7 @@ class DownloadHandler(StreamHandler):
         await self.stream(stream_id)
         check_file_name(filename)
         ws = ws_of(stream_id)
-        base = await workservers.base_url(self.redis, ws)
+        base = await workservers.base_url(self.application, ws)
         if base is None:
             raise APIError(503, 'workserver %s is unknown' % ws)
         query = signing.query(self.config['cc_pass'], stream_id, filename,
@@ -266,7 +265,7 @@ class DownloadHandler(StreamHandler):
 
 default_handlers = [
     (r'/streams', PostStreamHandler),
-    (r'/streams/(start|stop|delete)/([^/]+)', CommandHandler),
-    (r'/streams/info/([^/]+)', InfoHandler),
-    (r'/streams/([^/]+)/([^/]+)', DownloadHandler),
+    (r'/streams/(start|stop|delete)/([^/]+)', StreamCommandHandler),
+    (r'/streams/info/([^/]+)', StreamInfoHandler),
+    (r'/streams/([^/]+)/([^/]+)', StreamDownloadHandler),
 ]

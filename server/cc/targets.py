@@ -19,16 +19,21 @@ import uuid
 
 from redis.exceptions import WatchError
 
-from server import peer
+from server import disk, peer, threads
 from server.cc import keys, workservers
 from server.cc.accounts import AccountHandler, valid_weight
-from server.web import APIError, check_file_name, check_files, decode_file
+from server.lua import Script
+from server.web import (
+    APIError,
+    check_file_name,
+    check_files,
+    check_target_id,
+    decode_files,
+)
 
 log = logging.getLogger('siegetank.cc.targets')
 
 STAGES = ('private', 'beta', 'public')
-TARGET_ID = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}'
-                       r'-[0-9a-f]{12}$')
 ENGINE = re.compile(r'^[A-Za-z0-9._-]{1,64}$')
 JSON_FIELDS = ('engine_versions', 'allowed_ws', 'options', 'files')
 UPDATABLE = ('stage', 'allowed_ws', 'engine_versions', 'description',
@@ -36,7 +41,7 @@ UPDATABLE = ('stage', 'allowed_ws', 'engine_versions', 'description',
 
 # Change only the given fields, and the stage index with the stage, unless
 # the target was deleted meanwhile.
-_UPDATE = """
+_UPDATE = Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if #KEYS > 1 then
@@ -44,32 +49,22 @@ if #KEYS > 1 then
   redis.call('SADD', KEYS[#KEYS], ARGV[1])
 end
 return 1
-"""
+""")
 
 
-def check_target_id(target_id):
-    if not TARGET_ID.match(target_id):
-        raise APIError(400, 'malformed target id %r' % target_id)
-    return target_id
-
-
-def files_dir(config, target_id):
-    return os.path.join(config['data_folder'], 'targets', target_id)
+def files_dir(app, target_id):
+    return os.path.join(app.config['data_folder'], 'targets', target_id)
 
 
 def _write_files(folder, files):
-    """Write every file into a temporary folder, fsync, then rename."""
+    """The target's folder with every file, in place in one step."""
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    tmp = folder + '.tmp'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name, value in files.items():
-        with open(os.path.join(tmp, name), 'wb') as f:
-            f.write(value.encode('utf-8'))
-            f.flush()
-            os.fsync(f.fileno())
-    os.rename(tmp, folder)
+
+    def fill(tmp):
+        for name, value in files.items():
+            disk.write_file(os.path.join(tmp, name), value)
+    disk.build_dir(parent, folder, fill)
 
 
 def _read_files(folder, names):
@@ -80,19 +75,9 @@ def _read_files(folder, names):
     return result
 
 
-async def read_files(config, target_id, names):
+async def read_files(app, target_id, names):
     """{name: str} as the manager sent them, to forward to a WS."""
-    return await asyncio.get_running_loop().run_in_executor(
-        None, _read_files, files_dir(config, target_id), names)
-
-
-def _decode_all(files):
-    seen = set()
-    for name, value in files.items():
-        plain, _ = decode_file(name, value)
-        if plain in seen:
-            raise APIError(400, 'two files would both be named %s' % plain)
-        seen.add(plain)
+    return await threads.disk(_read_files, files_dir(app, target_id), names)
 
 
 INLINE_DECODE_MAX = 64 * 1024  # bytes of file text decoded on the loop
@@ -103,10 +88,9 @@ async def validate_files(files, what='files', allow_empty=False):
     unless small (a stream's state: the thread hop costs more)."""
     check_files(files, what, allow_empty=allow_empty)
     if sum(len(v) for v in files.values()) <= INLINE_DECODE_MAX:
-        _decode_all(files)
+        decode_files(files)
     else:
-        await asyncio.get_running_loop().run_in_executor(None, _decode_all,
-                                                         files)
+        await threads.cpu(decode_files, files)
 
 
 def valid_versions(v):
@@ -114,19 +98,19 @@ def valid_versions(v):
                                     for x in v)
 
 
-async def check_allowed_ws(redis, names):
+async def check_allowed_ws(app, names):
     if not all(isinstance(n, str) for n in names):
         raise APIError(400, 'allowed_ws must be a list of workserver names')
-    known = await redis.smembers(keys.WORKSERVERS)
+    known = await app.redis.smembers(keys.WORKSERVERS)
     unknown = sorted(set(names) - set(known))
     if unknown:
         raise APIError(400, 'unknown workserver(s): %s' % ', '.join(unknown))
     return sorted(set(names))
 
 
-async def load(redis, target_id):
+async def load(app, target_id):
     """The target as a dict (JSON fields decoded), or None."""
-    h = await redis.hgetall(keys.target(target_id))
+    h = await app.redis.hgetall(keys.target(target_id))
     if not h:
         return None
     for f in JSON_FIELDS:
@@ -137,16 +121,15 @@ async def load(redis, target_id):
     return h
 
 
-async def stream_counts(redis, target_id):
+async def stream_counts(app, target_id):
     """{ws: number of the target's streams there} (only positive)."""
-    counts = await redis.hgetall(keys.target_ws(target_id))
+    counts = await app.redis.hgetall(keys.target_ws(target_id))
     return {ws: int(c) for ws, c in counts.items() if int(c) > 0}
 
 
-async def create(redis, config, owner, fields, files):
+async def create(app, owner, fields, files):
     target_id = str(uuid.uuid4())
-    await asyncio.get_running_loop().run_in_executor(
-        None, _write_files, files_dir(config, target_id), files)
+    await threads.disk(_write_files, files_dir(app, target_id), files)
     record = {'owner': owner, 'creation_date': repr(time.time()),
               'description': fields['description'], 'stage': fields['stage'],
               'engine': fields['engine'], 'weight': repr(fields['weight']),
@@ -154,7 +137,7 @@ async def create(redis, config, owner, fields, files):
               'allowed_ws': json.dumps(fields['allowed_ws']),
               'options': json.dumps(fields['options']),
               'files': json.dumps(sorted(files))}
-    pipe = redis.pipeline(transaction=True)
+    pipe = app.redis.pipeline(transaction=True)
     pipe.hset(keys.target(target_id), mapping=record)
     pipe.sadd(keys.TARGETS, target_id)
     pipe.sadd(keys.owner_targets(owner), target_id)
@@ -163,7 +146,7 @@ async def create(redis, config, owner, fields, files):
     return target_id
 
 
-async def update(redis, target_id, changes):
+async def update(app, target_id, changes):
     """Apply `changes` (already validated); False if the target is gone."""
     argv = [target_id]
     for name, value in changes.items():
@@ -176,7 +159,7 @@ async def update(redis, target_id, changes):
     if 'stage' in changes:
         ks += [keys.stage_targets(s) for s in STAGES]
         ks.append(keys.stage_targets(changes['stage']))
-    return bool(await redis.eval(_UPDATE, len(ks), *ks, *argv))
+    return bool(await _UPDATE(app.redis, ks, argv))
 
 
 async def _forget(redis, target_id):
@@ -237,8 +220,7 @@ async def delete(app, target_id):
     if forgotten is None:
         return False
     _, ws_names = forgotten
-    await asyncio.get_running_loop().run_in_executor(
-        None, shutil.rmtree, files_dir(app.config, target_id), True)
+    await threads.disk(shutil.rmtree, files_dir(app, target_id), True)
     await asyncio.gather(*(delete_on_ws(app, ws, target_id)
                            for ws in ws_names))
     return True
@@ -261,7 +243,7 @@ class TargetHandler(AccountHandler):
         """The target if it exists (404) and `manager` owns it or is admin
         (403); `manager` None means any caller may see it."""
         check_target_id(target_id)
-        target = await load(self.redis, target_id)
+        target = await load(self.application, target_id)
         if target is None:
             raise APIError(404, 'no such target %s' % target_id)
         if manager is not None and not manager.is_admin \
@@ -298,17 +280,17 @@ class TargetsHandler(TargetHandler):
             'weight': float(self.field('weight', (int, float), 1,
                                        check=valid_weight)),
             'allowed_ws': await check_allowed_ws(
-                self.redis, self.field('allowed_ws', list, [])),
+                self.application, self.field('allowed_ws', list, [])),
         }
         files = self.field('files', dict, {})
         await validate_files(files, allow_empty=True)
-        target_id = await create(self.redis, self.config, manager.email,
-                                 fields, files)
+        target_id = await create(self.application, manager.email, fields,
+                                 files)
         log.info('%s created target %s', manager.email, target_id)
         self.write_json({'target_id': target_id})
 
 
-class InfoHandler(TargetHandler):
+class TargetInfoHandler(TargetHandler):
     async def get(self, target_id):
         target = await self.target(target_id)
         if target['stage'] == 'private':
@@ -316,7 +298,7 @@ class InfoHandler(TargetHandler):
             if manager is None:
                 raise APIError(401, 'target %s is private' % target_id)
             await self.target(target_id, manager)
-        counts = await stream_counts(self.redis, target_id)
+        counts = await stream_counts(self.application, target_id)
         self.write_json({
             'description': target['description'], 'owner': target['owner'],
             'creation_date': target['creation_date'],
@@ -327,7 +309,7 @@ class InfoHandler(TargetHandler):
             'weight': target['weight']})
 
 
-class UpdateHandler(TargetHandler):
+class TargetUpdateHandler(TargetHandler):
     async def put(self, target_id):
         await self.owned_target(target_id)
         unknown = sorted(set(self.body) - set(UPDATABLE))
@@ -351,13 +333,13 @@ class UpdateHandler(TargetHandler):
             changes[name] = self.field(name, kind, check=check)
         if 'allowed_ws' in changes:
             changes['allowed_ws'] = await check_allowed_ws(
-                self.redis, changes['allowed_ws'])
-        if not await update(self.redis, target_id, changes):
+                self.application, changes['allowed_ws'])
+        if not await update(self.application, target_id, changes):
             raise APIError(404, 'no such target %s' % target_id)
         self.write_json({})
 
 
-class DeleteHandler(TargetHandler):
+class TargetDeleteHandler(TargetHandler):
     async def put(self, target_id):
         await self.owned_target(target_id)
         if not await delete(self.application, target_id):
@@ -366,7 +348,7 @@ class DeleteHandler(TargetHandler):
         self.write_json({})
 
 
-class FileHandler(TargetHandler):
+class TargetFileHandler(TargetHandler):
     async def get(self, target_id, filename):
         target = await self.owned_target(target_id)
         check_file_name(filename)
@@ -374,7 +356,7 @@ class FileHandler(TargetHandler):
             raise APIError(404, 'target %s has no file %s'
                            % (target_id, filename))
         try:
-            data = await read_files(self.config, target_id, [filename])
+            data = await read_files(self.application, target_id, [filename])
         except FileNotFoundError:
             raise APIError(404, 'target %s has no file %s'
                            % (target_id, filename))
@@ -382,7 +364,7 @@ class FileHandler(TargetHandler):
         self.finish(data[filename].encode('utf-8'))
 
 
-class StreamsHandler(TargetHandler):
+class TargetStreamsHandler(TargetHandler):
     """Every stream of a target, asked of each WS holding some at once.
     The reply keeps the 2014 shape `{ws: {stream_id: info}}` that clients
     iterate; a WS that does not answer is `{}` there and is named in the
@@ -390,7 +372,7 @@ class StreamsHandler(TargetHandler):
 
     async def get(self, target_id):
         await self.owned_target(target_id)
-        names = sorted(await stream_counts(self.redis, target_id))
+        names = sorted(await stream_counts(self.application, target_id))
         replies = await asyncio.gather(*(
             self._ask(name, target_id) for name in names))
         down = [n for n, r in zip(names, replies) if r is None]
@@ -418,9 +400,9 @@ class StreamsHandler(TargetHandler):
 
 default_handlers = [
     (r'/targets', TargetsHandler),
-    (r'/targets/info/([^/]+)', InfoHandler),
-    (r'/targets/update/([^/]+)', UpdateHandler),
-    (r'/targets/delete/([^/]+)', DeleteHandler),
-    (r'/targets/streams/([^/]+)', StreamsHandler),
-    (r'/targets/([^/]+)/([^/]+)', FileHandler),
+    (r'/targets/info/([^/]+)', TargetInfoHandler),
+    (r'/targets/update/([^/]+)', TargetUpdateHandler),
+    (r'/targets/delete/([^/]+)', TargetDeleteHandler),
+    (r'/targets/streams/([^/]+)', TargetStreamsHandler),
+    (r'/targets/([^/]+)/([^/]+)', TargetFileHandler),
 ]

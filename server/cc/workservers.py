@@ -7,28 +7,37 @@ a probe or a re-registration succeeds. An explicit `/ws/disconnect` keeps it
 offline until it registers again.
 """
 import asyncio
-import hmac
 import logging
 import re
 
 from server import peer
 from server.cc import keys
-from server.web import APIError, APIHandler
+from server.lua import Script
+from server.web import APIError, APIHandler, PeerHandler
 
 log = logging.getLogger('siegetank.cc.ws')
 
 WS_NAME = re.compile(r'^[A-Za-z0-9._-]{1,64}$')
 
 # Count a failure and take the WS offline at the threshold, atomically.
-_FAIL = """
+_FAIL = Script("""
 local fails = redis.call('HINCRBY', KEYS[1], 'fails', 1)
 if fails >= tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'online', '0') end
 return fails
-"""
+""")
+
+# A WS that answers is online again (fails reset), unless it said goodbye.
+_SUCCESS = Script("""
+redis.call('HSET', KEYS[1], 'fails', 0)
+if redis.call('HGET', KEYS[1], 'disconnected') ~= '1' then
+  redis.call('HSET', KEYS[1], 'online', 1)
+end
+return 1
+""")
 
 
-async def register(redis, name, url, http_port):
-    pipe = redis.pipeline(transaction=True)
+async def register(app, name, url, http_port):
+    pipe = app.redis.pipeline(transaction=True)
     pipe.hset(keys.ws(name), mapping={'url': url, 'http_port': http_port,
                                       'online': 1, 'fails': 0,
                                       'disconnected': 0})
@@ -36,18 +45,18 @@ async def register(redis, name, url, http_port):
     await pipe.execute()
 
 
-async def disconnect(redis, name):
+async def disconnect(app, name):
     """Returns False for an unknown WS."""
-    if not await redis.sismember(keys.WORKSERVERS, name):
+    if not await app.redis.sismember(keys.WORKSERVERS, name):
         return False
-    await redis.hset(keys.ws(name), mapping={'online': 0, 'disconnected': 1})
+    await app.redis.hset(keys.ws(name), mapping={'online': 0, 'disconnected': 1})
     return True
 
 
-async def status(redis):
+async def status(app):
     """{name: {url, http_port, online}} for every known WS."""
-    names = sorted(await redis.smembers(keys.WORKSERVERS))
-    pipe = redis.pipeline(transaction=False)
+    names = sorted(await app.redis.smembers(keys.WORKSERVERS))
+    pipe = app.redis.pipeline(transaction=False)
     for name in names:
         pipe.hgetall(keys.ws(name))
     result = {}
@@ -58,28 +67,19 @@ async def status(redis):
     return result
 
 
-async def online(redis):
-    """Names of the WS that may get work now."""
-    return [n for n, s in (await status(redis)).items() if s['online']]
+async def record_failure(app, name):
+    """Count a failure; `max_ws_fails` in a row take the WS offline."""
+    return await _FAIL(app.redis, [keys.ws(name)],
+                       [app.config['max_ws_fails']])
 
 
-async def record_failure(redis, name, max_fails):
-    return await redis.eval(_FAIL, 1, keys.ws(name), max_fails)
-
-
-async def record_success(redis, name):
+async def record_success(app, name):
     """A WS that answers is online again, unless it said goodbye."""
-    h = keys.ws(name)
-    pipe = redis.pipeline(transaction=True)
-    pipe.hget(h, 'disconnected')
-    pipe.hset(h, 'fails', 0)
-    disconnected, _ = await pipe.execute()
-    if disconnected != '1':
-        await redis.hset(h, 'online', 1)
+    await _SUCCESS(app.redis, [keys.ws(name)])
 
 
-async def base_url(redis, name):
-    h = await redis.hmget(keys.ws(name), 'url', 'http_port')
+async def base_url(app, name):
+    h = await app.redis.hmget(keys.ws(name), 'url', 'http_port')
     if h[0] is None:
         return None
     return 'https://%s:%s' % (h[0], h[1])
@@ -90,7 +90,7 @@ async def request(app, name, method, path, body=None, timeout=None,
     """A CC -> WS call carrying `cc_pass`; unreachable or 5xx (other than
     503 'nothing free') counts toward `max_ws_fails`. Raises PeerError.
     `base` is the WS's base URL when the caller has just read it."""
-    url = base or await base_url(app.redis, name)
+    url = base or await base_url(app, name)
     if url is None:
         raise peer.PeerError('unknown workserver %s' % name)
     try:
@@ -99,10 +99,10 @@ async def request(app, name, method, path, body=None, timeout=None,
                                 timeout=timeout or app.config['ws_timeout_in_s'],
                                 raw=raw)
     except peer.PeerError:
-        await record_failure(app.redis, name, app.config['max_ws_fails'])
+        await record_failure(app, name)
         raise
     if reply.code >= 500 and reply.code != 503:
-        await record_failure(app.redis, name, app.config['max_ws_fails'])
+        await record_failure(app, name)
     return reply
 
 
@@ -117,7 +117,7 @@ async def probe_all(app):
                                   timeout=min(app.config['ws_timeout_in_s'],
                                               5.0))
             if reply.code == 200:
-                await record_success(app.redis, name)
+                await record_success(app, name)
                 app.ws_back(name)
         except peer.PeerError as e:
             log.info('probe of %s failed: %s', name, e)
@@ -125,21 +125,17 @@ async def probe_all(app):
     await asyncio.gather(*(probe(n) for n in names))
 
 
-class WSHandler(APIHandler):
+class WSHandler(PeerHandler):
     """Endpoints a WS calls with the CC's `cc_pass`."""
 
-    def prepare(self):
-        super().prepare()
-        token = self.token() or ''
-        if not hmac.compare_digest(token.encode(),
-                                   self.config['cc_pass'].encode()):
-            raise APIError(401, 'missing or wrong cc_pass')
+    def peer_passes(self):
+        return [self.config['cc_pass']]
 
     def ws_name(self):
         return self.field('name', str, check=WS_NAME.match)
 
 
-class RegisterHandler(WSHandler):
+class WSRegisterHandler(WSHandler):
     async def put(self):
         name = self.ws_name()
         url = self.field('url', str, check=lambda u: 0 < len(u) < 256
@@ -147,28 +143,28 @@ class RegisterHandler(WSHandler):
         port = self.field('http_port', (int, str),
                           check=lambda p: 0 < int(p) < 65536
                           if str(p).isdigit() else False)
-        await register(self.redis, name, url, int(port))
+        await register(self.application, name, url, int(port))
         self.application.ws_back(name)
         log.info('workserver %s registered at %s:%s', name, url, port)
         self.write_json({})
 
 
-class DisconnectHandler(WSHandler):
+class WSDisconnectHandler(WSHandler):
     async def put(self):
         name = self.ws_name()
-        if not await disconnect(self.redis, name):
+        if not await disconnect(self.application, name):
             raise APIError(404, 'unknown workserver %s' % name)
         log.info('workserver %s disconnected', name)
         self.write_json({})
 
 
-class StatusHandler(APIHandler):
+class WSStatusHandler(APIHandler):
     async def get(self):
-        self.write_json(await status(self.redis))
+        self.write_json(await status(self.application))
 
 
 default_handlers = [
-    (r'/ws/register', RegisterHandler),
-    (r'/ws/disconnect', DisconnectHandler),
-    (r'/ws/status', StatusHandler),
+    (r'/ws/register', WSRegisterHandler),
+    (r'/ws/disconnect', WSDisconnectHandler),
+    (r'/ws/status', WSStatusHandler),
 ]

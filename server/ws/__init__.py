@@ -1,9 +1,12 @@
 """The workserver: stores targets and streams, hands a core its stream,
 takes its frames and checkpoints, notices when a core dies.
 
-Modules: keys (every Redis key), storage (the disk, the truth), streams
-(model + CC endpoints), core (core endpoints + heartbeat sweep), recovery
-(rebuild of the Redis index from disk on start), app (routes, jobs).
+Modules: keys (every Redis key), storage (the disk, the truth), locks
+(stream and target locks in Redis), streams (the model), cc_api (the
+endpoints the CC calls), download (Range downloads), core (core endpoints
++ heartbeat sweep), recovery (rebuild of the Redis index from disk on
+start), registration (with the CCs), fastredis (the hot-path Redis
+connection), app (routes, jobs).
 
 Where API.md is silent, the WS does this:
 - POST /streams stores every file exactly as the JSON string sent; a

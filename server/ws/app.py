@@ -5,21 +5,23 @@ import asyncio
 from tornado.ioloop import PeriodicCallback
 
 from server import runner
-from server.ws import core, recovery, registration, streams
-from server.ws.keys import Keys
-from server.ws.lua import Multiplexed
-from server.ws.storage import Storage
 from server.web import App, HealthHandler
+from server.ws import cc_api, core, download, recovery, registration
+from server.ws.fastredis import Multiplexed
+from server.ws.keys import Keys
+from server.ws.storage import Storage
 
 
 class WorkServer(App):
     def __init__(self, settings, redis, task_id=0):
         handlers = [(r'/', HealthHandler)]
-        handlers += streams.default_handlers
+        handlers += cc_api.default_handlers
+        handlers += download.default_handlers  # after /streams/<command>/..
         handlers += core.default_handlers
         super().__init__(handlers, settings, redis, task_id)
         self.keys = Keys(settings['name'])
-        self.lua = Multiplexed.like(redis)  # hot-path scripts (see lua.py)
+        # Hot-path scripts run over this (see fastredis.py).
+        self.fastredis = Multiplexed.like(redis)
         self.storage = Storage(settings['data_folder'])
         self.storage.ensure()
         self.tasks = []
@@ -27,7 +29,7 @@ class WorkServer(App):
 
     @classmethod
     def prepare(cls, settings, redis_url):
-        """Once, in the master, before any worker serves."""
+        """Rebuild the Redis index from the disk (recovery.py)."""
         recovery.prepare(settings, redis_url)
 
     async def on_start(self):
@@ -39,8 +41,7 @@ class WorkServer(App):
         self.pulse.start()
 
     async def close(self):
-        """Every worker, after serving."""
-        self.lua.close()
+        self.fastredis.close()
 
     async def on_stop(self):
         if self.pulse is not None:

@@ -15,21 +15,21 @@ import errno
 import hashlib
 import json
 import logging
-import secrets
 import time
 
-from server.web import APIError, APIHandler, check_files, decode_file
-from server.ws import streams
-from server.scripts import Script
-from server.ws.storage import run
+from server import threads
+from server.lua import Script
+from server.tokens import token_hash
+from server.web import APIError, APIHandler, check_encoded, check_files, decode_files
+from server.ws import locks, streams
 
 log = logging.getLogger('siegetank.ws.core')
 
 # The stream of a live token; with ARGV[4] also pushes its expiry.
-_TOKEN = Script("""
+_LIVE_STREAM = Script("""
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
-local s = redis.call('HMGET', ARGV[1] .. sid, 'active', 'token')
+local s = redis.call('HMGET', string.format(ARGV[1], sid), 'active', 'token')
 if s[1] ~= '1' or s[2] ~= ARGV[2] then return false end
 local exp = redis.call('ZSCORE', KEYS[2], sid)
 if not exp or tonumber(exp) < tonumber(ARGV[3]) then return false end
@@ -41,15 +41,16 @@ return sid
 # live token, its lock taken, and what the request needs from its hash.
 # Returns false (token not live), {sid, 0} (lock busy) or {sid, 1,
 # digest, buffer_frames, error_count, frames}.
-_BEGIN = Script("""
+_HOLD_LIVE_STREAM = Script("""
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
-local s = redis.call('HMGET', ARGV[1] .. sid, 'active', 'token', 'digest',
-                     'buffer_frames', 'error_count', 'frames')
+local s = redis.call('HMGET', string.format(ARGV[1], sid), 'active', 'token',
+                     'digest', 'buffer_frames', 'error_count', 'frames')
 if s[1] ~= '1' or s[2] ~= ARGV[2] then return false end
 local exp = redis.call('ZSCORE', KEYS[2], sid)
 if not exp or tonumber(exp) < tonumber(ARGV[3]) then return false end
-if not redis.call('SET', ARGV[4] .. sid, ARGV[5], 'NX', 'PX', ARGV[6]) then
+if not redis.call('SET', string.format(ARGV[4], sid), ARGV[5], 'NX', 'PX',
+                  ARGV[6]) then
   return {sid, 0}
 end
 return {sid, 1, s[3] or '', s[4] or '0', s[5] or '0', s[6] or '0'}
@@ -81,12 +82,13 @@ async def live_stream(app, token, extend=False):
     if not token:
         raise APIError(401, 'missing core token')
     keys = app.keys
-    th = streams.token_hash(token)
+    hashed = token_hash(token)
     now = time.time()
-    args = [keys.stream_prefix, th, repr(now)]
+    args = [keys.stream_template, hashed, repr(now)]
     if extend:
         args.append(repr(now + app.config['heartbeat_increment']))
-    sid = await _TOKEN(app, [keys.token(th), keys.heartbeats], args)
+    sid = await _LIVE_STREAM(app.fastredis, [keys.token(hashed),
+                                             keys.heartbeats], args)
     if not sid:
         raise APIError(401, 'unknown or expired core token')
     return sid
@@ -108,22 +110,23 @@ class Held:
         self.released = False
 
     async def done(self, script, *args):
-        await script(self.app, [self.key, self.lock],
+        await script(self.app.fastredis, [self.key, self.lock],
                      [self.holder] + list(args))
         self.released = True
 
     async def release(self):
         if not self.released:
             self.released = True
-            await streams.RELEASE(self.app, [self.lock], [self.holder])
+            await locks.RELEASE(self.app.fastredis, [self.lock],
+                                [self.holder])
 
 
 class CoreHandler(APIHandler):
+    """Endpoints for cores: `Authorization: <stream token>`."""
 
     def prepare(self):
         super().prepare()
-        if self.request.method in ('PUT', 'POST'):
-            self.body  # a malformed body is a 400 even where no field is read
+        self.read_body_now()
 
     async def stream(self, extend=False):
         return await live_stream(self.application, self.token(), extend)
@@ -136,20 +139,21 @@ class CoreHandler(APIHandler):
         if not token:
             raise APIError(401, 'missing core token')
         keys = app.keys
-        th = streams.token_hash(token)
-        holder = secrets.token_hex(12)
-        deadline = time.monotonic() + streams.LOCK_WAIT_S
+        hashed = token_hash(token)
+        holder = locks.new_holder()
+        deadline = time.monotonic() + locks.LOCK_WAIT_S
         delay = 0.002
         while True:
-            got = await _BEGIN(app, [keys.token(th), keys.heartbeats], [
-                keys.stream_prefix, th, repr(time.time()),
-                keys.stream_lock_prefix, holder, streams.LOCK_TTL_MS])
+            got = await _HOLD_LIVE_STREAM(app.fastredis, [
+                keys.token(hashed), keys.heartbeats], [
+                keys.stream_template, hashed, repr(time.time()),
+                keys.stream_lock_template, holder, locks.LOCK_TTL_MS])
             if not got:
                 raise APIError(401, 'unknown or expired core token')
             if got[1] == 1:
                 return Held(app, got[0], holder, got[2:])
-            delay = await streams.wait_turn(deadline, delay,
-                                            'stream %s' % got[0])
+            delay = await locks.wait_turn(deadline, delay,
+                                          'stream %s' % got[0])
 
     @contextlib.asynccontextmanager
     async def locked_stream(self):
@@ -166,13 +170,13 @@ class CoreHandler(APIHandler):
             await held.release()
 
 
-class StartHandler(CoreHandler):
+class CoreStartHandler(CoreHandler):
     async def get(self):
         app = self.application
         sid = await self.stream()
         tid = await streams.target_of(app, sid)
-        target_files = await run(app.storage.target_files, tid)
-        stream_files = await run(app.storage.stream_files, sid)
+        target_files = await threads.disk(app.storage.target_files, tid)
+        stream_files = await threads.disk(app.storage.stream_files, sid)
         files = dict(target_files)
         files.update(stream_files)
         body = json.dumps({'stream_id': sid, 'target_id': tid,
@@ -181,17 +185,6 @@ class StartHandler(CoreHandler):
                            'options': {}}).encode('utf-8')
         self.set_header('Content-MD5', hashlib.md5(body).hexdigest())
         self.finish(body)
-
-
-def decoded_frames(files):
-    """{stripped name: bytes}; 400 on anything undecodable or ambiguous."""
-    out = {}
-    for name, value in check_files(files).items():
-        stripped, data = decode_file(name, value)
-        if stripped in out:
-            raise APIError(400, 'two files decode to the name %s' % stripped)
-        out[stripped] = data
-    return out
 
 
 def body_digest(handler):
@@ -206,7 +199,7 @@ def body_digest(handler):
 class FrameHandler(CoreHandler):
     async def put(self):
         app = self.application
-        files = decoded_frames(self.field('files', dict))
+        files = decode_files(check_files(self.field('files', dict)))
         n = self.field('frames', int, 1, check=lambda v: v >= 1)
         md5 = body_digest(self)
         async with self.locked_stream() as held:
@@ -216,7 +209,8 @@ class FrameHandler(CoreHandler):
             if sum(len(data) for data in files.values()) <= INLINE_APPEND_MAX:
                 sizes = app.storage.append_frames(held.sid, files)
             else:
-                sizes = await run(app.storage.append_frames, held.sid, files)
+                sizes = await threads.disk(app.storage.append_frames,
+                                           held.sid, files)
             try:
                 await held.done(_FRAME_DONE, n, md5)
             except BaseException:
@@ -231,9 +225,7 @@ class CheckpointHandler(CoreHandler):
         their own count of frames since the last checkpoint) is recorded in
         the chunk's meta.json; the buffer's count is what counts."""
         app = self.application
-        files = check_files(self.field('files', dict))
-        for name, value in files.items():
-            decode_file(name, value)
+        files = check_encoded(self.field('files', dict))
         reported = self.field('frames', (int, float), None,
                               check=lambda v: v >= 0)
         async with self.locked_stream() as held:
@@ -243,8 +235,9 @@ class CheckpointHandler(CoreHandler):
                 return
             meta = {'frames': n, 'reported_frames': reported,
                     'time': time.time()}
-            total = await run(commit, app.storage, held.sid, n, files, meta,
-                              held.frames, held.error_count != 0)
+            total = await threads.disk(commit, app.storage, held.sid, n,
+                                       files, meta, held.frames,
+                                       held.error_count != 0)
             await held.done(_COMMIT_DONE, total)
         self.write_json({})
 
@@ -271,7 +264,7 @@ class HeartbeatHandler(CoreHandler):
         self.write_json({})
 
 
-class StopHandler(CoreHandler):
+class CoreStopHandler(CoreHandler):
     async def put(self):
         app = self.application
         error = self.field('error', str, None)
@@ -286,8 +279,10 @@ class StopHandler(CoreHandler):
             tid = await streams.target_of(app, sid)
             if error is not None:
                 stamp = datetime.datetime.now(datetime.timezone.utc)
-                await run(app.storage.append_error, sid, '--- %s\n%s\n' % (
-                    stamp.isoformat(timespec='seconds'), error.rstrip('\n')))
+                await threads.disk(app.storage.append_error, sid,
+                                   '--- %s\n%s\n' % (
+                                       stamp.isoformat(timespec='seconds'),
+                                       error.rstrip('\n')))
             await streams.deactivate(app, sid, tid,
                                      'stop' if error is None else 'error')
         self.write_json({})
@@ -311,10 +306,9 @@ async def sweep(app):
             await app.redis.zrem(keys.heartbeats, sid)
             return False
         try:
-            async with streams.locked(app.redis, keys.stream_lock(sid),
-                                      'stream %s' % sid, wait=0):
+            async with locks.stream_locked(app, sid, wait=0):
                 return await streams.deactivate(app, sid, tid, 'expire')
-        except streams.Busy:
+        except locks.Busy:
             return False
 
     done = 0
@@ -335,9 +329,9 @@ async def sweep_safely(app):
 
 
 default_handlers = [
-    (r'/core/start', StartHandler),
+    (r'/core/start', CoreStartHandler),
     (r'/core/frame', FrameHandler),
     (r'/core/checkpoint', CheckpointHandler),
     (r'/core/heartbeat', HeartbeatHandler),
-    (r'/core/stop', StopHandler),
+    (r'/core/stop', CoreStopHandler),
 ]

@@ -19,79 +19,25 @@ the trash are garbage and are removed on start. Committed frames = sum of
 the chunks' n; the restart point = the newest chunk's state files; a
 download = that file of every chunk in seq order.
 
-Everything here blocks; handlers call it through `run()` (a thread).
+Everything here blocks; handlers call it in a thread (`threads.disk`).
 """
-import asyncio
-import concurrent.futures
-import functools
 import json
 import os
 import re
 import shutil
 import uuid
 
+from server.disk import (
+    atomic_write,
+    build_dir,
+    fsync_dir,
+    publish_dir,
+    read_text,
+    unlink,
+    write_file,
+)
+
 CHUNK = re.compile(r'^(\d{10})-(\d+)$')
-READ_SIZE = 1 << 20
-
-
-# Threads for blocking disk work. Mostly they wait on fsync, and the
-# filesystem's journal commits the fsyncs that wait together at once: more
-# threads in flight is more work per commit (stream creation with the
-# default 6 threads: 170/s; with 32: 300/s, 16 clients).
-DISK_THREADS = 32
-_executor = None
-
-
-async def run(func, *args, **kwargs):
-    """Blocking disk work off the event loop."""
-    global _executor
-    if _executor is None:  # made lazily: after the fork, in the worker
-        _executor = concurrent.futures.ThreadPoolExecutor(
-            DISK_THREADS, thread_name_prefix='disk')
-    return await asyncio.get_running_loop().run_in_executor(
-        _executor, functools.partial(func, *args, **kwargs))
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file(path, data, sync=True):
-    if isinstance(data, str):
-        data = data.encode('utf-8')
-    with open(path, 'wb') as f:
-        f.write(data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def write_atomic(path, data):
-    """Replace `path` by `data` as one step that survives a crash."""
-    tmp = '%s.tmp-%s' % (path, uuid.uuid4().hex)
-    try:
-        write_file(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    fsync_dir(os.path.dirname(path))
-
-
-def _unlink(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _read_text(path):
-    with open(path, 'rb') as f:
-        return f.read().decode('utf-8')
 
 
 def _read_files(folder):
@@ -100,7 +46,7 @@ def _read_files(folder):
         names = sorted(os.listdir(folder))
     except FileNotFoundError:
         return {}
-    return {n: _read_text(os.path.join(folder, n)) for n in names}
+    return {n: read_text(os.path.join(folder, n)) for n in names}
 
 
 class Storage:
@@ -132,31 +78,12 @@ class Storage:
     def chunks_dir(self, stream_id):
         return os.path.join(self.stream_dir(stream_id), 'chunks')
 
-    def _publish(self, tmp, final):
-        """fsync the built directory `tmp` and rename it to `final`."""
-        for folder, dirs, _ in os.walk(tmp, topdown=False):
-            fsync_dir(folder)
-        os.rename(tmp, final)
-        fsync_dir(os.path.dirname(final))
-
-    def _build(self, parent, final, fill):
-        """Build a directory under a temporary name in `parent` with
-        `fill(tmp)`, then publish it as `final` in one step."""
-        tmp = os.path.join(parent, '.tmp-%s' % uuid.uuid4().hex)
-        os.makedirs(tmp)
-        try:
-            fill(tmp)
-            self._publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
     # targets
 
     def target_meta(self, target_id):
         """{stream_files: [names]} or None for an unknown target."""
         try:
-            return json.loads(_read_text(os.path.join(
+            return json.loads(read_text(os.path.join(
                 self.target_dir(target_id), 'meta.json')))
         except FileNotFoundError:
             return None
@@ -170,7 +97,7 @@ class Storage:
                 write_file(os.path.join(tmp, 'files', name), value)
             write_file(os.path.join(tmp, 'meta.json'), json.dumps(
                 {'stream_files': sorted(stream_names)}))
-        self._build(self.targets, self.target_dir(target_id), fill)
+        build_dir(self.targets, self.target_dir(target_id), fill)
 
     def target_files(self, target_id):
         return _read_files(os.path.join(self.target_dir(target_id), 'files'))
@@ -189,12 +116,12 @@ class Storage:
             for name, value in seed_files.items():
                 write_file(os.path.join(tmp, 'seed', name), value)
             write_file(os.path.join(tmp, 'stream.json'), json.dumps(meta))
-        self._build(self.streams, self.stream_dir(stream_id), fill)
+        build_dir(self.streams, self.stream_dir(stream_id), fill)
 
     def stream_meta(self, stream_id):
         """{target_id, creation_date, status, error_count} or None."""
         try:
-            return json.loads(_read_text(os.path.join(
+            return json.loads(read_text(os.path.join(
                 self.stream_dir(stream_id), 'stream.json')))
         except FileNotFoundError:
             return None
@@ -205,7 +132,7 @@ class Storage:
         if meta is None:
             return False
         meta.update(changes)
-        write_atomic(os.path.join(self.stream_dir(stream_id), 'stream.json'),
+        atomic_write(os.path.join(self.stream_dir(stream_id), 'stream.json'),
                      json.dumps(meta))
         return True
 
@@ -234,7 +161,7 @@ class Storage:
 
     def read_errors(self, stream_id):
         try:
-            return _read_text(os.path.join(self.stream_dir(stream_id),
+            return read_text(os.path.join(self.stream_dir(stream_id),
                                            'errors.log'))
         except FileNotFoundError:
             return ''
@@ -281,7 +208,7 @@ class Storage:
         for name, size in sizes.items():
             path = os.path.join(folder, name)
             if size is None:
-                _unlink(path)
+                unlink(path)
             else:
                 try:
                     os.truncate(path, size)
@@ -339,7 +266,7 @@ class Storage:
             for name, value in state_files.items():
                 write_file(os.path.join(tmp, 'state', name), value)
             write_file(os.path.join(tmp, 'meta.json'), json.dumps(meta))
-            self._publish(tmp, final)
+            publish_dir(tmp, final)
         except BaseException:
             for src, dst in moved:  # give the buffer back for a retry
                 try:
@@ -393,7 +320,7 @@ class Storage:
             folder = self.stream_dir(sid)
             for name in os.listdir(folder):
                 if '.tmp-' in name:  # an interrupted stream.json rewrite
-                    _unlink(os.path.join(folder, name))
+                    unlink(os.path.join(folder, name))
             chunks = self.chunks_dir(sid)
             if os.path.isdir(chunks):
                 for name in os.listdir(chunks):
@@ -415,22 +342,3 @@ class Storage:
         except FileNotFoundError:
             return []
 
-
-def plan_range(parts, start, end):
-    """[(path, offset, length)] covering bytes [start, end] (inclusive) of
-    the concatenation of `parts` [(path, size)]."""
-    plan = []
-    offset = 0
-    for path, size in parts:
-        lo = max(start - offset, 0)
-        hi = min(end - offset, size - 1)
-        if lo <= hi:
-            plan.append((path, lo, hi - lo + 1))
-        offset += size
-    return plan
-
-
-def read_at(path, offset, length):
-    with open(path, 'rb') as f:
-        f.seek(offset)
-        return f.read(length)

@@ -22,11 +22,16 @@ def version():
     return '.'.join(openmm.__version__.split('.')[:2])
 
 
+def platforms():
+    """Names of the OpenMM platforms present on this machine."""
+    import openmm
+    return [openmm.Platform.getPlatform(i).getName()
+            for i in range(openmm.Platform.getNumPlatforms())]
+
+
 def pick_platform(name=None):
     """The named platform, else the fastest present (CUDA, OpenCL, CPU)."""
-    import openmm
-    present = [openmm.Platform.getPlatform(i).getName()
-               for i in range(openmm.Platform.getNumPlatforms())]
+    present = platforms()
     if name:
         if name not in present:
             raise ValueError('OpenMM platform %s not available (have %s)'

@@ -4,7 +4,6 @@ thousands of cores can run in one process."""
 import json
 import os
 
-
 NAME = 'synthetic'
 VERSION = '1'
 FRAME_FILE = 'frames.dat.b64'

@@ -1,5 +1,6 @@
-"""Lua scripts on the hot paths (frames, checkpoints, heartbeats,
-activations), run over one multiplexed Redis connection per process.
+"""A minimal Redis protocol (RESP2) client for the WS's hot paths: the Lua
+scripts of frames, checkpoints, heartbeats and activations run over one
+multiplexed Redis connection per process (`app.fastredis`).
 
 Why not redis-py for these: it spends about 150 us of CPU per command here
 (pool checkout, retry and timeout wrappers, connection bookkeeping), twice

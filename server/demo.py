@@ -18,14 +18,20 @@ dynamics flowing through it.
 """
 import os
 import re
-import runpy
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import requests
+
+from server import config
+from server.processes import alive
+from server.testing import ROOT, TimedOut, wait_for
+from siegetank.cli import table
+from siegetank.client import SiegetankError
+
 RUN = os.path.join(ROOT, 'data', 'demo')
 CORE_SECONDS = 60          # how long the cores run in total
 KILL_AT = 20               # seconds into the run: one core is SIGKILLed
@@ -43,17 +49,12 @@ def say(text):
 
 def base_conf(kind):
     """The shipped conf's values (paths are replaced by the demo)."""
-    raw = runpy.run_path(os.path.join(ROOT, kind + '.conf'))
-    return {k: v for k, v in raw.items() if not k.startswith('_')
-            and not callable(v) and type(v).__name__ != 'module'}
+    return config.read_values(os.path.join(ROOT, kind + '.conf'))
 
 
 def write_conf(path, kind, values):
-    with open(path, 'w') as f:
-        f.write('# Written by siegetank.demo from the shipped %s.conf\n'
-                % kind)
-        for k, v in values.items():
-            f.write('%s = %r\n' % (k, v))
+    config.write(path, values, 'Written by server.demo from the shipped '
+                 '%s.conf' % kind)
 
 
 class Procs:
@@ -89,36 +90,8 @@ class Procs:
                 self.stop(p, timeout=30)
 
 
-def wait_for(check, what, timeout=60):
-    """Poll `check` until it returns something true (a server still
-    starting raises: keep polling)."""
-    import requests
-    from siegetank.client import SiegetankError
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except (requests.RequestException, SiegetankError, OSError,
-                ValueError):
-            pass
-        time.sleep(0.1)
-    raise SystemExit('demo: timed out waiting for %s' % what)
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except OSError:
-        return True
+# A server still starting refuses or answers oddly: keep polling.
+STARTING = (requests.RequestException, SiegetankError, OSError, ValueError)
 
 
 def setup_servers(procs):
@@ -164,7 +137,8 @@ def setup_servers(procs):
     procs.start('cc', [sys.executable, 'cc.py', '--config',
                        os.path.join(RUN, 'cc.conf')])
     wait_for(lambda: anon.session.get('https://%s/' % address, verify=ca,
-                                      timeout=2).ok, 'the command center')
+                                      timeout=2).ok, 'the command center',
+             errors=STARTING, interval=0.1)
     say('command center %s up at https://%s (embedded Redis on port %d, '
         'dev CA %s)' % (cc['name'], address, cc['redis_options']['port'],
                         os.path.relpath(ca, ROOT)))
@@ -175,7 +149,8 @@ def setup_servers(procs):
     status = wait_for(lambda: (lambda s: s if len(s) == len(ws_confs) and
                                all(w['online'] for w in s.values())
                                else None)(anon.workserver_status()),
-                      'both workservers to register')
+                      'both workservers to register', errors=STARTING,
+                      interval=0.1)
     say('workservers online: %s' % ', '.join(
         '%s at %s:%s' % (n, s['url'], s['http_port'])
         for n, s in sorted(status.items())))
@@ -239,7 +214,8 @@ def run_cores(procs, target, labels, address, ca, donor):
                     labels.get(victim, victim), HEARTBEAT_INCREMENT))
             spare = start_core(procs, CORES + 1, address, ca, donor)
             cores.append(spare)
-            wait_for(lambda: stream_of(spare), 'the new core to start')
+            wait_for(lambda: stream_of(spare), 'the new core to start',
+                     errors=STARTING, interval=0.1)
             say('started %s as a replacement: it got stream %s, the only '
                 'one free' % (spare.demo_name,
                               labels.get(stream_of(spare))))
@@ -299,12 +275,7 @@ def verify(client, target, labels, built, summary):
                      ('ok' if read == committed else 'MISMATCH')))
     headers = ('stream', 'id', 'ws', 'WS frames', 'mdtraj frames',
                'sim ps', 'bytes', 't increasing', 'check')
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    fmt = '  '.join('%%-%ds' % w for w in widths)
-    print(fmt % headers)
-    print('  '.join('-' * w for w in widths))
-    for r in rows:
-        print(fmt % r)
+    print(table(rows, headers, rule=True))
     return rows, problems
 
 
@@ -323,14 +294,14 @@ def check_nothing_left(procs, confs):
                 pid = int(f.read())
         except (OSError, ValueError):
             continue
-        if pid_alive(pid):
+        if alive(pid):
             left.append('redis of %s (pid %d)' % (conf['name'], pid))
     return left
 
 
 def main():
     from siegetank import build_target
-    from siegetank.client import Client, SiegetankError
+    from siegetank.client import Client
     shutil.rmtree(RUN, ignore_errors=True)
     os.makedirs(RUN)
     say('run folder %s' % os.path.relpath(RUN, ROOT))
@@ -369,7 +340,7 @@ def main():
             for p in problems or ['no frames were produced']:
                 print('demo: FAILED: %s' % p)
             return 1
-    except SiegetankError as e:
+    except (SiegetankError, TimedOut) as e:
         print('demo: FAILED: %s' % e)
         return 1
     finally:

@@ -1,0 +1,77 @@
+"""Crash-safe writes, the one way every part of the project puts a file or
+a directory in place: written under a temporary name, fsynced, renamed, and
+the parent directory fsynced, so after a crash the old or the new version
+is there, never a part. Standard library only, so the CLI uses it too."""
+import os
+import shutil
+import uuid
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path, data, sync=True, mode=0o666):
+    """Create `path` with `data` (str is UTF-8), fsynced unless `sync` is
+    false; `mode` before the umask."""
+    if isinstance(data, str):
+        data = data.encode('utf-8')
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, 'wb') as f:
+        f.write(data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def unlink(path):
+    """Remove a file if it is there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def atomic_write(path, data, mode=0o666):
+    """Replace `path` by `data` as one step that survives a crash. A mode
+    stricter than the default is set exactly (a file holding a secret)."""
+    tmp = '%s.tmp-%s' % (path, uuid.uuid4().hex)
+    try:
+        write_file(tmp, data, mode=mode)
+        if mode != 0o666:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def publish_dir(tmp, final):
+    """fsync the built directory `tmp` and rename it to `final`."""
+    for folder, dirs, _ in os.walk(tmp, topdown=False):
+        fsync_dir(folder)
+    os.rename(tmp, final)
+    fsync_dir(os.path.dirname(final))
+
+
+def build_dir(parent, final, fill):
+    """Build a directory under a temporary name in `parent` with
+    `fill(tmp)`, then publish it as `final` in one step."""
+    tmp = os.path.join(parent, '.tmp-%s' % uuid.uuid4().hex)
+    os.makedirs(tmp)
+    try:
+        fill(tmp)
+        publish_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_text(path):
+    with open(path, 'rb') as f:
+        return f.read().decode('utf-8')

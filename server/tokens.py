@@ -1,0 +1,25 @@
+"""Credentials as both servers keep and check them: a token is stored only
+as its SHA-256, and shared passes are compared in constant time."""
+import hashlib
+import hmac
+import secrets
+
+
+def token_hash(token):
+    return hashlib.sha256(token.encode('utf-8')).hexdigest()
+
+
+def new_token():
+    """(token, its hash): 256 random bits, hex (safe as a CLI argument)."""
+    token = secrets.token_hex(32)
+    return token, token_hash(token)
+
+
+def matches_any(token, passes):
+    """True if `token` is one of `passes`; the time taken does not tell
+    which, nor how much of one matched."""
+    given = (token or '').encode('utf-8')
+    found = False
+    for p in passes:  # no early exit
+        found |= hmac.compare_digest(given, p.encode('utf-8'))
+    return found and bool(given)

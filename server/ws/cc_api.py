@@ -1,0 +1,111 @@
+"""The endpoints the command center calls on a workserver, with its
+`cc_pass`: stream creation and activation, stream and target commands, and
+the listings. Thin: the model is streams.py."""
+import re
+
+from server.web import TARGET_ID, APIError, PeerHandler, check_encoded, check_target_id
+from server.ws import streams
+
+STREAM_ID = re.compile(r'^[A-Za-z0-9_-]{1,64}:[A-Za-z0-9._-]{1,64}$')
+
+
+def cc_passes(config):
+    """The passes of every configured command center."""
+    return [cc['pass'] for cc in config['command_centers'].values()]
+
+
+class CCHandler(PeerHandler):
+    """Endpoints for the command centers: `Authorization: <cc_pass>`."""
+
+    def peer_passes(self):
+        return cc_passes(self.config)
+
+    def target_id(self):
+        return self.field('target_id', str, check=TARGET_ID.match)
+
+
+def check_stream_id(stream_id):
+    if not STREAM_ID.match(stream_id):
+        raise APIError(400, 'bad stream id %r' % stream_id)
+    return stream_id
+
+
+class CreateStreamHandler(CCHandler):
+    async def post(self):
+        tid = self.target_id()
+        stream_files = check_encoded(self.field('stream_files', dict),
+                                     'stream_files')
+        target_files = self.field('target_files', dict, None)
+        if target_files is not None:
+            # A target may have no files of its own (docs/api.md: files?).
+            check_encoded(target_files, 'target_files', allow_empty=True)
+        sid = await streams.create_stream(self.application, tid,
+                                          stream_files, target_files)
+        self.write_json({'stream_id': sid})
+
+
+class ActivateHandler(CCHandler):
+    async def post(self):
+        tid = self.target_id()
+        donor = self.field('donor_id', (str, type(None)), None)
+        token, sid = await streams.activate(self.application, tid, donor)
+        self.write_json({'token': token, 'stream_id': sid})
+
+
+class StartStreamHandler(CCHandler):
+    async def put(self, stream_id):
+        await streams.start_stream(self.application,
+                                   check_stream_id(stream_id))
+        self.write_json({})
+
+
+class StopStreamHandler(CCHandler):
+    async def put(self, stream_id):
+        await streams.stop_stream(self.application,
+                                  check_stream_id(stream_id))
+        self.write_json({})
+
+
+class DeleteStreamHandler(CCHandler):
+    async def put(self, stream_id):
+        await streams.delete_stream(self.application,
+                                    check_stream_id(stream_id))
+        self.write_json({})
+
+
+class StreamInfoHandler(CCHandler):
+    async def get(self, stream_id):
+        self.write_json(await streams.stream_info(
+            self.application, check_stream_id(stream_id)))
+
+
+class TargetStreamsHandler(CCHandler):
+    async def get(self, target_id):
+        self.write_json(await streams.target_streams(
+            self.application, check_target_id(target_id)))
+
+
+class DeleteTargetHandler(CCHandler):
+    async def put(self, target_id):
+        await streams.delete_target(self.application,
+                                    check_target_id(target_id))
+        self.write_json({})
+
+
+class ActiveStreamsHandler(CCHandler):
+    async def get(self):
+        self.write_json(await streams.active_streams(self.application))
+
+
+PART = r'([^/]+)'  # one path segment
+default_handlers = [
+    (r'/streams', CreateStreamHandler),
+    (r'/streams/activate', ActivateHandler),
+    (r'/streams/start/' + PART, StartStreamHandler),
+    (r'/streams/stop/' + PART, StopStreamHandler),
+    (r'/streams/delete/' + PART, DeleteStreamHandler),
+    (r'/streams/info/' + PART, StreamInfoHandler),
+    (r'/targets/streams/' + PART, TargetStreamsHandler),
+    (r'/targets/delete/' + PART, DeleteTargetHandler),
+    (r'/active_streams', ActiveStreamsHandler),
+]

@@ -1,0 +1,112 @@
+"""GET /streams/<stream_id>/<file>: a file's committed frames, streamed
+from disk a chunk at a time, with one HTTP Range per request. The CC's
+pass, or a URL the CC signed (server/signing.py), may download."""
+import re
+
+from server import signing, threads, tokens
+from server.web import APIError, APIHandler, check_file_name
+from server.ws.cc_api import cc_passes, check_stream_id
+from server.ws.streams import target_of
+
+RANGE = re.compile(r'^bytes=(\d*)-(\d*)$')
+READ_SIZE = 1 << 20
+
+
+def parse_range(header, total):
+    """(start, end) inclusive, None for the whole file, or 'unsatisfiable'.
+    One range only; a malformed header is ignored (RFC 9110)."""
+    if not header:
+        return None
+    m = RANGE.match(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    if not m.group(1):  # the last n bytes
+        n = int(m.group(2))
+        if n == 0 or total == 0:
+            return 'unsatisfiable'
+        return max(total - n, 0), total - 1
+    start = int(m.group(1))
+    end = int(m.group(2)) if m.group(2) else total - 1
+    if start >= total:
+        return 'unsatisfiable'
+    if end < start:
+        return None
+    return start, min(end, total - 1)
+
+
+def plan_range(parts, start, end):
+    """[(path, offset, length)] covering bytes [start, end] (inclusive) of
+    the concatenation of `parts` [(path, size)]."""
+    plan = []
+    offset = 0
+    for path, size in parts:
+        lo = max(start - offset, 0)
+        hi = min(end - offset, size - 1)
+        if lo <= hi:
+            plan.append((path, lo, hi - lo + 1))
+        offset += size
+    return plan
+
+
+def read_at(path, offset, length):
+    with open(path, 'rb') as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+class DownloadHandler(APIHandler):
+    def check_caller(self, stream_id, filename):
+        """401 unless the caller has a cc_pass or a valid signed URL."""
+        passes = cc_passes(self.config)
+        if tokens.matches_any(self.token(), passes):
+            return
+        expires = self.get_query_argument('expires', None)
+        sig = self.get_query_argument('signature', None)
+        if expires is None and sig is None:
+            raise APIError(401, 'missing cc_pass or signed URL')
+        if not signing.valid(passes, stream_id, filename, expires, sig):
+            raise APIError(401, 'bad or expired download signature')
+
+    async def get(self, stream_id, filename):
+        check_stream_id(stream_id)
+        check_file_name(filename)
+        self.check_caller(stream_id, filename)
+        await target_of(self.application, stream_id)
+        parts = await threads.disk(self.application.storage.download_parts,
+                                   stream_id, filename)
+        if parts is None:
+            raise APIError(404, 'stream %s has no file %s'
+                           % (stream_id, filename))
+        total = sum(size for _, size in parts)
+        wanted = parse_range(self.request.headers.get('Range'), total)
+        self.set_header('Accept-Ranges', 'bytes')
+        if wanted == 'unsatisfiable':
+            self.set_header('Content-Range', 'bytes */%d' % total)
+            self.write_json({'error': 'range not satisfiable: the file has '
+                             '%d bytes' % total}, 416)
+            return
+        if wanted is None:
+            start, end = 0, total - 1
+        else:
+            start, end = wanted
+            self.set_status(206)
+            self.set_header('Content-Range', 'bytes %d-%d/%d'
+                            % (start, end, total))
+        self.set_header('Content-Type', 'application/octet-stream')
+        self.set_header('Content-Length', str(end - start + 1))
+        for path, offset, length in plan_range(parts, start, end):
+            while length > 0:
+                data = await threads.disk(read_at, path, offset,
+                                          min(length, READ_SIZE))
+                if not data:
+                    break
+                offset += len(data)
+                length -= len(data)
+                self.write(data)
+                await self.flush()
+        self.finish()
+
+
+default_handlers = [
+    (r'/streams/([^/]+)/([^/]+)', DownloadHandler),
+]
