@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= venv
 PY := $(VENV)/bin/python
 
-.PHONY: all setup test demo bench clean
+.PHONY: all setup test lint demo bench clean
 
 all: test
 
@@ -19,6 +19,10 @@ setup: $(VENV)/.installed
 NOSEARGS ?=
 test: setup
 	$(VENV)/bin/nosetests -v $(NOSEARGS) tests
+
+# pyflakes, pycodestyle and import order (configured in pyproject.toml).
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # The main job on one machine: embedded Redis, dev certs, CC, WS, cores.
 demo: setup

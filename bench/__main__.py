@@ -31,6 +31,11 @@ def median_spread(runs, key):
     return statistics.median(values), min(values), max(values)
 
 
+def record(results, name, row):
+    results[name] = row
+    report.print_row(row)
+
+
 def repeat(fn, reps):
     return [fn() for _ in range(reps)]
 
@@ -40,7 +45,6 @@ def bench_frames(args, results, keep):
     levels = [1, 8] if args.quick else [1, 8, 32, 128]
     ceiling = keep(servers.Ceiling(args.processes))
     ws = keep(servers.start_ws(num_processes=args.processes,
-                               command_centers=workloads.WS_CCS,
                                heartbeat_increment=3600))
     for size in sizes:
         for c in levels:
@@ -73,8 +77,7 @@ def summarize(kind, params, ours, ceil):
 def bench_activations(args, results, keep):
     n = 300 if args.quick else 5000
     ceiling = keep(servers.Ceiling(args.processes))
-    ws = keep(servers.start_ws(num_processes=args.processes,
-                               command_centers=workloads.WS_CCS))
+    ws = keep(servers.start_ws(num_processes=args.processes))
     ours, ceil, creates = [], [], []
     for _ in range(args.reps):
         target, _, rate = asyncio.run(workloads.create_streams(ws.port, n))
@@ -86,8 +89,7 @@ def bench_activations(args, results, keep):
             ceiling.port, ceiling.pids(), n, 32, args.duration))
     row = summarize('activations', {'cores': 32}, ours, ceil)
     row['stream_create_rate'] = statistics.median(creates)
-    results['activations'] = row
-    report.print_row(row)
+    record(results, 'activations', row)
 
 
 def bench_assignments(args, results, keep):
@@ -123,13 +125,12 @@ def bench_assignments(args, results, keep):
                r['requests'] for r in runs)),
            'placement_rate': placed,
            'errors': sum(r['errors'] for r in runs)}
-    results['assignments'] = row
-    report.print_row(row)
+    record(results, 'assignments', row)
 
 
 def bench_downloads(args, results, keep):
     mb = 20 if args.quick else 400
-    ws = keep(servers.start_ws(command_centers=workloads.WS_CCS))
+    ws = keep(servers.start_ws())
     sid, size = workloads.commit_large_stream(ws, mb)
     runs = repeat(lambda: workloads.download(ws, sid, size), args.reps)
     med, lo, hi = median_spread(runs, 'mb_per_s')
@@ -137,28 +138,24 @@ def bench_downloads(args, results, keep):
            'mb_per_s': med, 'mb_per_s_spread': [lo, hi],
            'rss_growth_mb': max(r['rss_growth_mb'] for r in runs),
            'ok': all(r['ok'] for r in runs)}
-    results['download'] = row
-    report.print_row(row)
+    record(results, 'download', row)
 
 
 def bench_scale(args, results, keep):
     n = 2000 if args.quick else 100_000
-    ws = keep(servers.start_ws(command_centers=workloads.WS_CCS))
+    ws = keep(servers.start_ws())
     row = dict(workloads.scale(ws, n), workload='scale')
-    results['scale'] = row
-    report.print_row(row)
+    record(results, 'scale', row)
 
 
 def bench_sweep(args, results, keep):
     expiring = 500 if args.quick else 10_000
-    ws = keep(servers.start_ws(command_centers=workloads.WS_CCS,
-                               heartbeat_increment=3 if args.quick else 8,
+    ws = keep(servers.start_ws(heartbeat_increment=3 if args.quick else 8,
                                pulse_frequency_in_ms=1000))
     row = dict(workloads.sweep(ws, expiring, 32, 10_000,
                                4 if args.quick else 20,
                                3 if args.quick else 8), workload='sweep')
-    results['sweep'] = row
-    report.print_row(row)
+    record(results, 'sweep', row)
 
 
 WORKLOADS = {'frames': bench_frames, 'activations': bench_activations,

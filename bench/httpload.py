@@ -113,7 +113,8 @@ class Recorder:
 
     def summary(self, elapsed, since=None, until=None):
         lat = [lt for lt, t in zip(self.latencies, self.stamps)
-               if (since is None or t >= since) and (until is None or t <= until)]
+               if (since is None or t >= since)
+               and (until is None or t <= until)]
         lat.sort()
 
         def pct(p):

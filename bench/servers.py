@@ -12,7 +12,13 @@ import time
 import psutil
 import requests
 
-from server.testing import ROOT, ServerProcess, certs, free_port
+from server.testing import (
+    ROOT,
+    ServerProcess,
+    certs,
+    command_centers,
+    free_port,
+)
 
 
 def client_ssl():
@@ -93,7 +99,8 @@ def rss_bytes(pids):
 
 
 def start_ws(**conf):
-    conf.setdefault('command_centers', {})
+    """A WS; measured alone unless `command_centers` names a CC."""
+    conf.setdefault('command_centers', command_centers())
     conf.setdefault('log_level', 'warning')
     return ServerProcess('ws', **conf).start()
 

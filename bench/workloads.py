@@ -12,10 +12,8 @@ import uuid
 
 from bench import servers
 from bench.httpload import Connection, run_cores, sink_get
-from server.testing import CC_PASS, command_centers
+from server.testing import CC_PASS
 from server.ws.keys import Keys
-
-WS_CCS = command_centers()  # a WS measured alone: its CC never answers
 
 SYSTEM = base64.b64encode(gzip.compress(b'<System/>' * 100)).decode()
 STATE = base64.b64encode(gzip.compress(os.urandom(2000))).decode()

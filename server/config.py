@@ -103,7 +103,8 @@ def _check(key, value, kind, where, folder):
         if not isinstance(value, str):
             raise ConfigError('%s: %s must be a path (str)' % (where, key))
         return os.path.normpath(os.path.join(folder, value))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    if kind is float and isinstance(value, int) \
+            and not isinstance(value, bool):
         value = float(value)
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError('%s: %s must be %s, got %r'

@@ -131,8 +131,9 @@ class RedisServer:
             while True:
                 if self.process.poll() is not None:
                     err = self.process.stderr.read().decode(errors='replace')
-                    raise RuntimeError('redis-server exited at start (port %d):'
-                                       ' %s; see %s' % (self.port, err.strip(),
+                    raise RuntimeError('redis-server exited at start (port '
+                                       '%d): %s; see %s' % (self.port,
+                                                            err.strip(),
                                                         self.logfile))
                 try:
                     # A loading AOF answers PING with an error; wait for it.
@@ -147,8 +148,8 @@ class RedisServer:
                     pass
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError('redis-server on port %d not ready after'
-                                       ' %ss' % (self.port, timeout))
+                    raise RuntimeError('redis-server on port %d not ready '
+                                       'after %ss' % (self.port, timeout))
                 time.sleep(0.02)
         finally:
             client.close()
@@ -164,6 +165,17 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
         self.process.stderr.close()
+
+
+class Key:
+    """A Redis key of a keys module: `key(*ids)` is the key,
+    `key.template` the key with '%s' for the ids (for Lua scripts)."""
+
+    def __init__(self, template):
+        self.template = template
+
+    def __call__(self, *ids):
+        return self.template % ids
 
 
 def start_embedded(settings):

@@ -73,7 +73,8 @@ def make_server_cert(cert_path, key_path, ca_cert_path, ca_key_path, hosts):
         .public_key(key.public_key()) \
         .serial_number(x509.random_serial_number()) \
         .add_extension(x509.SubjectAlternativeName(sans), False) \
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True) \
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                       True) \
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                               ExtendedKeyUsageOID.CLIENT_AUTH]),
                        False) \

@@ -1,6 +1,6 @@
 """What every handler of both servers shares: JSON bodies parsed once, every
-error as `{"error": ...}` with the status codes of API.md, credentials read
-from `Authorization`, and a request log that never shows a token.
+error as `{"error": ...}` with the status codes of docs/api.md, credentials
+read from `Authorization`, and a request log that never shows a token.
 
 Handlers stay thin: they read fields with `field()`, call model code, and
 `raise APIError(code, message)` on anything wrong; `write_error` turns that
@@ -113,15 +113,24 @@ def check_encoded(files, what='files', allow_empty=False):
     return files
 
 
-# Target ids are made by the CC (uuid4); both servers take only those.
-TARGET_ID = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}'
-                       r'-[0-9a-f]{12}$')
+# Ids as both servers take them: a target id is a uuid4 made by the CC, a
+# stream id `<uuid4>:<ws name>` made by its WS.
+_UUID4 = (r'[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}'
+          r'-[0-9a-f]{12}')
+TARGET_ID = re.compile(r'^%s$' % _UUID4)
+STREAM_ID = re.compile(r'^%s:[A-Za-z0-9._-]{1,64}$' % _UUID4)
 
 
 def check_target_id(target_id):
     if not isinstance(target_id, str) or not TARGET_ID.match(target_id):
         raise APIError(400, 'malformed target id %r' % (target_id,))
     return target_id
+
+
+def check_stream_id(stream_id):
+    if not isinstance(stream_id, str) or not STREAM_ID.match(stream_id):
+        raise APIError(400, 'malformed stream id %r' % (stream_id,))
+    return stream_id
 
 
 def check_files(files, what='files', allow_empty=False):

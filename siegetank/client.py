@@ -238,13 +238,45 @@ def _error_of(reply):
                           text[0][:200] if text else reply.reason)
 
 
-class Target:
+class Remote:
+    """What a target and a stream share: an id, and an info dict read from
+    the CC at `INFO_PATH` + id."""
+
+    INFO_PATH = None
+
+    @property
+    def id(self):
+        return self._id
+
+    def reload_info(self):
+        self._info = self.client.get(self.INFO_PATH + self._id)
+        return self._info
+
+    def info(self):
+        """Fresh info dict."""
+        return self.reload_info()
+
+
+def info_fields(*names):
+    """Class decorator: a read-only attribute per field of the object's
+    info (read through its `_field`)."""
+    def decorate(cls):
+        for name in names:
+            setattr(cls, name, property(
+                lambda self, name=name: self._field(name),
+                doc='`%s` of the info' % name))
+        return cls
+    return decorate
+
+
+@info_fields('description', 'owner', 'creation_date', 'stage', 'allowed_ws',
+             'striated_ws', 'engine', 'engine_versions', 'files', 'options',
+             'weight')
+class Target(Remote):
     """A target on the CC. Info fields load lazily and are cached; call
     `reload_info()` to refresh."""
 
-    FIELDS = ('description', 'owner', 'creation_date', 'stage', 'allowed_ws',
-              'striated_ws', 'engine', 'engine_versions', 'files', 'options',
-              'weight')
+    INFO_PATH = '/targets/info/'
 
     def __init__(self, client, target_id):
         self.client = client
@@ -261,34 +293,10 @@ class Target:
     def __hash__(self):
         return hash(self._id)
 
-    @property
-    def id(self):
-        return self._id
-
-    def reload_info(self):
-        self._info = self.client.get('/targets/info/' + self._id)
-        return self._info
-
-    def info(self):
-        """Fresh info dict."""
-        return self.reload_info()
-
     def _field(self, name):
         if self._info is None:
             self.reload_info()
         return self._info.get(name)
-
-    description = property(lambda self: self._field('description'))
-    owner = property(lambda self: self._field('owner'))
-    creation_date = property(lambda self: self._field('creation_date'))
-    stage = property(lambda self: self._field('stage'))
-    allowed_ws = property(lambda self: self._field('allowed_ws'))
-    striated_ws = property(lambda self: self._field('striated_ws'))
-    engine = property(lambda self: self._field('engine'))
-    engine_versions = property(lambda self: self._field('engine_versions'))
-    files = property(lambda self: self._field('files'))
-    options = property(lambda self: self._field('options'))
-    weight = property(lambda self: self._field('weight'))
 
     def update(self, **fields):
         """Change any of stage, allowed_ws, engine_versions, description,
@@ -352,9 +360,13 @@ class Target:
         return data
 
 
-class Stream:
+@info_fields('frames', 'status', 'error_count', 'active', 'target_id',
+             'creation_date')
+class Stream(Remote):
     """A stream (one trajectory). Info (status, frames, error_count, active)
     loads lazily; `reload_info()` refreshes it."""
+
+    INFO_PATH = '/streams/info/'
 
     def __init__(self, client, stream_id, info=None):
         self.client = client
@@ -365,31 +377,13 @@ class Stream:
         return '<stream %s>' % self._id
 
     @property
-    def id(self):
-        return self._id
-
-    @property
     def ws_name(self):
         return self._id.split(':', 1)[1] if ':' in self._id else None
-
-    def reload_info(self):
-        self._info = self.client.get('/streams/info/' + self._id)
-        return self._info
-
-    def info(self):
-        return self.reload_info()
 
     def _field(self, name):
         if self._info is None or name not in self._info:
             self.reload_info()
         return self._info.get(name)
-
-    frames = property(lambda self: self._field('frames'))
-    status = property(lambda self: self._field('status'))
-    error_count = property(lambda self: self._field('error_count'))
-    active = property(lambda self: self._field('active'))
-    target_id = property(lambda self: self._field('target_id'))
-    creation_date = property(lambda self: self._field('creation_date'))
 
     def start(self):
         self.client.put('/streams/start/' + self._id)

@@ -1,4 +1,4 @@
-"""How files travel inside JSON (API.md): a name ending in `.b64` carries
+"""How files travel inside JSON (docs/api.md): a name ending in `.b64` carries
 base64, `.gz.b64` base64 of gzip, anything else the text itself. Shared by
 the manager client, the CLI and the cores so both ends agree."""
 import base64

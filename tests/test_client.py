@@ -134,7 +134,8 @@ class TestTargetsAndStreams(ClientTestCase):
         self.assertEqual((info['stage'], info['weight'],
                           info['description']), ('beta', 3, 'changed'))
         self.assertEqual(info['owner'], 'o@test.org')
-        for call in (lambda: other.load_target(target.id).update(stage='public'),
+        for call in (lambda: other.load_target(target.id).update(
+                         stage='public'),
                      lambda: other.stream(sid).stop(),
                      lambda: other.load_target(target.id).delete()):
             with self.assertRaises(SiegetankError) as e:

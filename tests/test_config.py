@@ -29,7 +29,8 @@ class TestConfig(unittest.TestCase):
                           data_folder='here')
         s = config.load(path, 'cc')
         folder = os.path.dirname(path)
-        self.assertEqual(s['ssl_certfile'], os.path.join(folder, 'certs/x.pem'))
+        self.assertEqual(s['ssl_certfile'],
+                         os.path.join(folder, 'certs/x.pem'))
         self.assertEqual(s['data_folder'], os.path.join(folder, 'here'))
 
     def assertConfigError(self, path, kind, *words, overrides=()):

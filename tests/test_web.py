@@ -1,5 +1,5 @@
-"""The base handler: JSON bodies, JSON errors with API.md codes, credentials
-from Authorization, request logs without tokens."""
+"""The base handler: JSON bodies, JSON errors with docs/api.md codes,
+credentials from Authorization, request logs without tokens."""
 import hashlib
 import json
 import logging

@@ -17,8 +17,14 @@ from redis.exceptions import ConnectionError, ResponseError
 from server import signing, store
 from server.disk import publish_dir
 from server.lua import Script
-from server.testing import CC_PASS as PASS
-from server.testing import AppTestCase, RedisTestCase, b64, command_centers, gzb64
+from server.testing import (
+    CC_PASS,
+    AppTestCase,
+    RedisTestCase,
+    b64,
+    command_centers,
+    gzb64,
+)
 from server.ws import core, recovery
 from server.ws import storage as storage_module
 from server.ws.app import WorkServer
@@ -45,7 +51,7 @@ class WSTestCase(AppTestCase):
         self.io_loop.run_sync(self.app.close)
         super().tearDown()
 
-    def cc(self, path, method='GET', body=None, token=PASS, **kw):
+    def cc(self, path, method='GET', body=None, token=CC_PASS, **kw):
         return self.fetch_json(path, method, body, token=token, **kw)
 
     def new_stream(self, tid=None, state=b'state0', with_target=True):
@@ -85,7 +91,7 @@ class WSTestCase(AppTestCase):
         self.assertEqual(got, code, reply)
         return reply
 
-    def download(self, sid, name='frames.xtc', headers=None, token=PASS,
+    def download(self, sid, name='frames.xtc', headers=None, token=CC_PASS,
                  query=''):
         headers = dict(headers or {})
         if token is not None:
@@ -202,7 +208,7 @@ class TestStreams(WSTestCase):
                  ('/active_streams', 'GET', None)]
         before = self.snapshot()
         for path, method, body in calls:
-            for token in (None, '', 'wrong', 'Bearer wrong', PASS + 'x'):
+            for token in (None, '', 'wrong', 'Bearer wrong', CC_PASS + 'x'):
                 code, reply = self.cc(path, method, body, token=token)
                 self.assertEqual(code, 401, (path, token, reply))
                 self.assertIn('error', reply)
@@ -211,7 +217,7 @@ class TestStreams(WSTestCase):
         self.assertEqual(self.snapshot(), before)
         # Every configured CC's pass works, bare or as a Bearer token.
         self.assertEqual(self.cc('/streams/info/' + sid,
-                                 token='Bearer ' + PASS)[0], 200)
+                                 token='Bearer ' + CC_PASS)[0], 200)
         self.assertEqual(self.cc('/streams/info/' + sid,
                                  token=OTHER_PASS)[0], 200)
 
@@ -578,15 +584,15 @@ class TestDownload(WSTestCase):
 
     def test_signed_urls(self):
         name = 'frames.xtc'
-        for secret in (PASS, OTHER_PASS):
+        for secret in (CC_PASS, OTHER_PASS):
             q = '?' + signing.query(secret, self.sid, name, 60)
             code, body, _ = self.download(self.sid, token=None, query=q)
             self.assertEqual((code, body), (200, self.data))
         bad = [signing.query('not-a-cc', self.sid, name, 60),
-               signing.query(PASS, self.sid, 'other.xtc', 60),
+               signing.query(CC_PASS, self.sid, 'other.xtc', 60),
                'expires=%d&signature=%s' % (
                    int(time.time()) - 5,
-                   signing.signature(PASS, self.sid, name,
+                   signing.signature(CC_PASS, self.sid, name,
                                      int(time.time()) - 5)),
                'expires=x&signature=y', '']
         for q in bad:

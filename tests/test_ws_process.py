@@ -16,8 +16,14 @@ import uuid
 
 import requests
 
-from server.testing import CC_PASS as PASS
-from server.testing import ServerProcess, b64, certs, command_centers, gzb64
+from server.testing import (
+    CC_PASS,
+    ServerProcess,
+    b64,
+    certs,
+    command_centers,
+    gzb64,
+)
 
 CCS = command_centers()
 KILL_POINTS = 20
@@ -102,16 +108,16 @@ class TestCrashes(unittest.TestCase):
         seed = {'state.xml.gz.b64': gzb64(state_of(0))}
         r = ws.request('POST', '/streams', {
             'target_id': tid, 'stream_files': seed,
-            'target_files': {'system.xml': '<System/>'}}, token=PASS)
+            'target_files': {'system.xml': '<System/>'}}, token=CC_PASS)
         self.assertEqual(r.status_code, 200, r.text)
         sid = r.json()['stream_id']
         # A bystander stream with one commit that must never change.
         r = ws.request('POST', '/streams', {
             'target_id': other_tid, 'stream_files': seed,
-            'target_files': {'system.xml': '<Other/>'}}, token=PASS)
+            'target_files': {'system.xml': '<Other/>'}}, token=CC_PASS)
         other = r.json()['stream_id']
         token = ws.request('POST', '/streams/activate', {
-            'target_id': other_tid}, token=PASS).json()['token']
+            'target_id': other_tid}, token=CC_PASS).json()['token']
         ws.request('PUT', '/core/frame', {'files': {
             'frames.xtc.b64': b64(b'bystander')}}, token=token)
         ws.request('PUT', '/core/checkpoint', {'files': seed}, token=token)
@@ -122,7 +128,7 @@ class TestCrashes(unittest.TestCase):
             for point in range(KILL_POINTS):
                 committed = self.check(ws, sid, other, acked, sent)
                 r = ws.request('POST', '/streams/activate',
-                               {'target_id': tid}, token=PASS)
+                               {'target_id': tid}, token=CC_PASS)
                 self.assertEqual(r.status_code, 200, r.text)
                 token = r.json()['token']
                 start = ws.request('GET', '/core/start', token=token).json()
@@ -167,16 +173,16 @@ class TestCrashes(unittest.TestCase):
         """The stream holds exactly the frames of one checkpoint that is
         not older than the last acknowledged one, with that checkpoint's
         state; returns its frame count."""
-        info = ws.request('GET', '/streams/info/' + sid, token=PASS).json()
+        info = ws.request('GET', '/streams/info/' + sid, token=CC_PASS).json()
         k = info['frames']
         self.assertFalse(info['active'])
         self.assertGreaterEqual(k, acked)
         self.assertIn(k, sent)
-        r = ws.request('GET', '/streams/%s/frames.xtc' % sid, token=PASS)
+        r = ws.request('GET', '/streams/%s/frames.xtc' % sid, token=CC_PASS)
         self.assertEqual(r.status_code, 200)
         self.assertEqual(len(r.content), len(frames(0, k)))
         self.assertEqual(r.content, frames(0, k))
-        r = ws.request('GET', '/streams/%s/frames.xtc' % other, token=PASS)
+        r = ws.request('GET', '/streams/%s/frames.xtc' % other, token=CC_PASS)
         self.assertEqual(r.content, b'bystander')
         return k
 
@@ -191,7 +197,7 @@ class TestRestarts(unittest.TestCase):
         self.ws.kill()
 
     def req(self, *args, **kw):
-        kw.setdefault('token', PASS)
+        kw.setdefault('token', CC_PASS)
         r = self.ws.request(*args, **kw)
         return r.status_code, r.json() if r.headers.get(
             'Content-Type', '').startswith('application/json') else r.content
@@ -304,7 +310,7 @@ class TestConcurrentActivation(unittest.TestCase):
                 r = ws.request('POST', '/streams', {
                     'target_id': tid,
                     'stream_files': {'state.xml': 's%d' % i},
-                    'target_files': {'system.xml': 'sys'}}, token=PASS)
+                    'target_files': {'system.xml': 'sys'}}, token=CC_PASS)
                 self.assertEqual(r.status_code, 200, r.text)
                 streams.add(r.json()['stream_id'])
             local = threading.local()
@@ -316,7 +322,7 @@ class TestConcurrentActivation(unittest.TestCase):
                     local.session.verify = certs()['ca']
                 r = local.session.post(ws.url + '/streams/activate',
                                        json={'target_id': tid}, timeout=60,
-                                       headers={'Authorization': PASS})
+                                       headers={'Authorization': CC_PASS})
                 return r.status_code, r.json()
 
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -327,7 +333,7 @@ class TestConcurrentActivation(unittest.TestCase):
             self.assertEqual(len(won) + len(refused), 40, results)
             self.assertEqual(sorted(won), sorted(streams))
             self.assertTrue(all('error' in r for r in refused))
-            active = ws.request('GET', '/active_streams', token=PASS).json()
+            active = ws.request('GET', '/active_streams', token=CC_PASS).json()
             self.assertEqual(set(active[tid]), streams)
         finally:
             ws.stop()

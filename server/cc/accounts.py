@@ -148,8 +148,9 @@ async def manager_of(app, token):
     """The Manager a token belongs to, or None."""
     if not token:
         return None
-    found = await _MANAGER_OF(app.redis, [keys.manager_token(token_hash(token))],
-                              [keys.MANAGER_TEMPLATE])
+    found = await _MANAGER_OF(app.redis,
+                              [keys.manager_token(token_hash(token))],
+                              [keys.manager.template])
     if found is None:
         return None
     email, role, weight = found

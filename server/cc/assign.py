@@ -105,8 +105,8 @@ async def candidates(app, engine, version, stages, target_id=None,
     """
     donor, rows = await _CANDIDATES(
         app.redis, [keys.stage_targets(s) for s in stages],
-        [engine, version, keys.TARGET_TEMPLATE, keys.TARGET_WS_TEMPLATE,
-         keys.WS_TEMPLATE, target_id or '',
+        [engine, version, keys.target.template, keys.target_ws.template,
+         keys.ws.template, target_id or '',
          keys.donor_token(token_hash(donor_token))
          if donor_token else ''])
     result = []

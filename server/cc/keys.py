@@ -5,95 +5,53 @@ is never stored, only sha256(token) -> account. Targets are hashes plus
 index sets (all, by owner, by stage) so listing and assignment never scan
 everything. Stream bytes live on the workservers; the CC keeps only which
 target and WS each stream belongs to, and per-target per-WS counts.
+
+    workservers                set of ws names
+    ws:<name>                  hash: url, http_port, online ('1'/'0'),
+                               fails (consecutive), disconnected ('1'
+                               after a goodbye)
+    ws:<name>:pending_deletes  set of target ids deleted while the WS did
+                               not answer
+    manager:<email>            hash: email, role, weight, password
+                               (scrypt), token (sha256 hex)
+    manager_token:<sha256>     string: email of the manager of the token
+    donor:<username>           hash: username, email, password (scrypt),
+                               token (sha256 hex)
+    donor_email:<email>        string: username of the donor with this
+                               email (uniqueness)
+    donor_token:<sha256>       string: username of the donor of the token
+    targets                    set of every target id
+    target:<id>                hash: owner, description, creation_date,
+                               stage, engine, weight and JSON fields
+                               engine_versions, allowed_ws, options, files
+    manager:<email>:targets    set of the target ids a manager owns
+    targets:stage:<stage>      set of the target ids in a stage (private,
+                               beta, public)
+    target:<id>:ws             hash: ws name -> number of the target's
+                               streams on it (placed or being placed)
+    target:<id>:ws_files       set of the WS that hold the target's files
+    target:<id>:streams        set of the target's stream ids
+    stream:<id>                hash: target_id, ws
+
+`keys.ws(name)` is a key; `keys.ws.template` is the same key with '%s' in
+place of the name, for a Lua script that walks from one key to another
+(`string.format`), so that every name stays defined here.
 """
+from server.store import Key
 
-WORKSERVERS = 'workservers'              # set of ws names
-
-
-def ws(name):
-    """hash: url, http_port, online ('1'/'0'), fails (consecutive)."""
-    return 'ws:%s' % name
-
-
-def ws_pending_deletes(name):
-    """set of target ids deleted while this WS did not answer."""
-    return 'ws:%s:pending_deletes' % name
-
-
-# Accounts
-
-def manager(email):
-    """hash: email, role, weight, password (scrypt), token (sha256 hex)."""
-    return 'manager:%s' % email
-
-
-def manager_token(token_hash):
-    """string: email of the manager holding the token."""
-    return 'manager_token:%s' % token_hash
-
-
-def donor(username):
-    """hash: username, email, password (scrypt), token (sha256 hex)."""
-    return 'donor:%s' % username
-
-
-def donor_email(email):
-    """string: username of the donor with this email (uniqueness)."""
-    return 'donor_email:%s' % email
-
-
-def donor_token(token_hash):
-    """string: username of the donor holding the token."""
-    return 'donor_token:%s' % token_hash
-
-
-# Targets
-
-TARGETS = 'targets'                      # set of every target id
-
-
-def target(target_id):
-    """hash: owner, description, creation_date, stage, engine, weight and
-    JSON fields engine_versions, allowed_ws, options, files."""
-    return 'target:%s' % target_id
-
-
-def owner_targets(email):
-    """set of the target ids a manager owns."""
-    return 'manager:%s:targets' % email
-
-
-def stage_targets(stage):
-    """set of the target ids in a stage (private, beta, public)."""
-    return 'targets:stage:%s' % stage
-
-
-def target_ws(target_id):
-    """hash: ws name -> number of the target's streams on it (placed or
-    being placed)."""
-    return 'target:%s:ws' % target_id
-
-
-def target_ws_files(target_id):
-    """set of the WS that already hold the target's files."""
-    return 'target:%s:ws_files' % target_id
-
-
-def target_streams(target_id):
-    """set of the target's stream ids."""
-    return 'target:%s:streams' % target_id
-
-
-# Streams
-
-def stream(stream_id):
-    """hash: target_id, ws."""
-    return 'stream:%s' % stream_id
-
-
-# Templates for Lua scripts that walk from one key to others ('%s' is the
-# target id or ws name), so that the names stay defined above.
-MANAGER_TEMPLATE = manager('%s')
-TARGET_TEMPLATE = target('%s')
-TARGET_WS_TEMPLATE = target_ws('%s')
-WS_TEMPLATE = ws('%s')
+WORKSERVERS = 'workservers'
+TARGETS = 'targets'
+ws = Key('ws:%s')
+ws_pending_deletes = Key('ws:%s:pending_deletes')
+manager = Key('manager:%s')
+manager_token = Key('manager_token:%s')
+donor = Key('donor:%s')
+donor_email = Key('donor_email:%s')
+donor_token = Key('donor_token:%s')
+target = Key('target:%s')
+owner_targets = Key('manager:%s:targets')
+stage_targets = Key('targets:stage:%s')
+target_ws = Key('target:%s:ws')
+target_ws_files = Key('target:%s:ws_files')
+target_streams = Key('target:%s:streams')
+stream = Key('stream:%s')

@@ -10,17 +10,21 @@ with a signed, expiring URL.
 """
 import logging
 import random
-import re
 
 from server import peer, signing
 from server.cc import keys, targets, workservers
 from server.cc.targets import TargetHandler
 from server.lua import Script
-from server.web import APIError, check_file_name, check_target_id
+from server.web import (
+    STREAM_ID,
+    APIError,
+    check_file_name,
+    check_stream_id,
+    check_target_id,
+)
 
 log = logging.getLogger('siegetank.cc.streams')
 
-STREAM_ID = re.compile(r'^[0-9a-fA-F-]{32,36}:([A-Za-z0-9._-]{1,64})$')
 
 # Reserve one stream slot on the online WS holding fewest streams of the
 # target, in one step. KEYS: the target, its per-WS counts, the WS holding
@@ -92,10 +96,7 @@ return 1
 
 def ws_of(stream_id):
     """The WS a stream id routes to; 400 if the id is malformed."""
-    m = STREAM_ID.match(stream_id)
-    if not m:
-        raise APIError(400, 'malformed stream id %r' % stream_id)
-    return m.group(1)
+    return check_stream_id(stream_id).split(':', 1)[1]
 
 
 class PlacementFailed(Exception):
@@ -140,7 +141,7 @@ async def place(app, target, files):
         reserved = await _RESERVE(
             redis, [keys.target(tid), keys.target_ws(tid),
                     keys.target_ws_files(tid), keys.WORKSERVERS],
-            [keys.WS_TEMPLATE, random.randrange(1 << 30), len(failed),
+            [keys.ws.template, random.randrange(1 << 30), len(failed),
              *failed, *(target['allowed_ws'] or ())])
         if reserved is None:
             raise APIError(404, 'no such target %s' % tid)

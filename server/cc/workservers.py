@@ -22,7 +22,9 @@ WS_NAME = re.compile(r'^[A-Za-z0-9._-]{1,64}$')
 # Count a failure and take the WS offline at the threshold, atomically.
 _FAIL = Script("""
 local fails = redis.call('HINCRBY', KEYS[1], 'fails', 1)
-if fails >= tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'online', '0') end
+if fails >= tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'online', '0')
+end
 return fails
 """)
 
@@ -49,7 +51,8 @@ async def disconnect(app, name):
     """Returns False for an unknown WS."""
     if not await app.redis.sismember(keys.WORKSERVERS, name):
         return False
-    await app.redis.hset(keys.ws(name), mapping={'online': 0, 'disconnected': 1})
+    await app.redis.hset(keys.ws(name),
+                         mapping={'online': 0, 'disconnected': 1})
     return True
 
 
@@ -93,10 +96,10 @@ async def request(app, name, method, path, body=None, timeout=None,
     url = base or await base_url(app, name)
     if url is None:
         raise peer.PeerError('unknown workserver %s' % name)
+    timeout = timeout or app.config['ws_timeout_in_s']
     try:
         reply = await peer.call(app.client_ssl, method, url + path, body,
-                                auth=app.config['cc_pass'],
-                                timeout=timeout or app.config['ws_timeout_in_s'],
+                                auth=app.config['cc_pass'], timeout=timeout,
                                 raw=raw)
     except peer.PeerError:
         await record_failure(app, name)

@@ -1,12 +1,14 @@
 """The endpoints the command center calls on a workserver, with its
 `cc_pass`: stream creation and activation, stream and target commands, and
 the listings. Thin: the model is streams.py."""
-import re
-
-from server.web import TARGET_ID, APIError, PeerHandler, check_encoded, check_target_id
+from server.web import (
+    TARGET_ID,
+    PeerHandler,
+    check_encoded,
+    check_stream_id,
+    check_target_id,
+)
 from server.ws import streams
-
-STREAM_ID = re.compile(r'^[A-Za-z0-9_-]{1,64}:[A-Za-z0-9._-]{1,64}$')
 
 
 def cc_passes(config):
@@ -22,12 +24,6 @@ class CCHandler(PeerHandler):
 
     def target_id(self):
         return self.field('target_id', str, check=TARGET_ID.match)
-
-
-def check_stream_id(stream_id):
-    if not STREAM_ID.match(stream_id):
-        raise APIError(400, 'bad stream id %r' % stream_id)
-    return stream_id
 
 
 class CreateStreamHandler(CCHandler):
@@ -52,24 +48,13 @@ class ActivateHandler(CCHandler):
         self.write_json({'token': token, 'stream_id': sid})
 
 
-class StartStreamHandler(CCHandler):
-    async def put(self, stream_id):
-        await streams.start_stream(self.application,
-                                   check_stream_id(stream_id))
-        self.write_json({})
+class StreamCommandHandler(CCHandler):
+    COMMANDS = {'start': streams.start_stream, 'stop': streams.stop_stream,
+                'delete': streams.delete_stream}
 
-
-class StopStreamHandler(CCHandler):
-    async def put(self, stream_id):
-        await streams.stop_stream(self.application,
-                                  check_stream_id(stream_id))
-        self.write_json({})
-
-
-class DeleteStreamHandler(CCHandler):
-    async def put(self, stream_id):
-        await streams.delete_stream(self.application,
-                                    check_stream_id(stream_id))
+    async def put(self, command, stream_id):
+        await self.COMMANDS[command](self.application,
+                                     check_stream_id(stream_id))
         self.write_json({})
 
 
@@ -101,9 +86,7 @@ PART = r'([^/]+)'  # one path segment
 default_handlers = [
     (r'/streams', CreateStreamHandler),
     (r'/streams/activate', ActivateHandler),
-    (r'/streams/start/' + PART, StartStreamHandler),
-    (r'/streams/stop/' + PART, StopStreamHandler),
-    (r'/streams/delete/' + PART, DeleteStreamHandler),
+    (r'/streams/(start|stop|delete)/' + PART, StreamCommandHandler),
     (r'/streams/info/' + PART, StreamInfoHandler),
     (r'/targets/streams/' + PART, TargetStreamsHandler),
     (r'/targets/delete/' + PART, DeleteTargetHandler),

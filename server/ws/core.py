@@ -20,7 +20,13 @@ import time
 from server import threads
 from server.lua import Script
 from server.tokens import token_hash
-from server.web import APIError, APIHandler, check_encoded, check_files, decode_files
+from server.web import (
+    APIError,
+    APIHandler,
+    check_encoded,
+    check_files,
+    decode_files,
+)
 from server.ws import locks, streams
 
 log = logging.getLogger('siegetank.ws.core')
@@ -84,7 +90,7 @@ async def live_stream(app, token, extend=False):
     keys = app.keys
     hashed = token_hash(token)
     now = time.time()
-    args = [keys.stream_template, hashed, repr(now)]
+    args = [keys.stream.template, hashed, repr(now)]
     if extend:
         args.append(repr(now + app.config['heartbeat_increment']))
     sid = await _LIVE_STREAM(app.fastredis, [keys.token(hashed),
@@ -146,8 +152,8 @@ class CoreHandler(APIHandler):
         while True:
             got = await _HOLD_LIVE_STREAM(app.fastredis, [
                 keys.token(hashed), keys.heartbeats], [
-                keys.stream_template, hashed, repr(time.time()),
-                keys.stream_lock_template, holder, locks.LOCK_TTL_MS])
+                keys.stream.template, hashed, repr(time.time()),
+                keys.stream_lock.template, holder, locks.LOCK_TTL_MS])
             if not got:
                 raise APIError(401, 'unknown or expired core token')
             if got[1] == 1:

@@ -4,8 +4,8 @@ pass, or a URL the CC signed (server/signing.py), may download."""
 import re
 
 from server import signing, threads, tokens
-from server.web import APIError, APIHandler, check_file_name
-from server.ws.cc_api import cc_passes, check_stream_id
+from server.web import APIError, APIHandler, check_file_name, check_stream_id
+from server.ws.cc_api import cc_passes
 from server.ws.streams import target_of
 
 RANGE = re.compile(r'^bytes=(\d*)-(\d*)$')

@@ -49,6 +49,22 @@ def _read_files(folder):
     return {n: read_text(os.path.join(folder, n)) for n in names}
 
 
+def _names(folder):
+    """Sorted names in `folder` but the hidden (temporary) ones."""
+    try:
+        return sorted(n for n in os.listdir(folder) if not n.startswith('.'))
+    except FileNotFoundError:
+        return []
+
+
+def _read_json(path):
+    """The JSON in `path`, None if there is no such file."""
+    try:
+        return json.loads(read_text(path))
+    except FileNotFoundError:
+        return None
+
+
 class Storage:
     def __init__(self, root):
         self.root = os.path.abspath(root)
@@ -80,24 +96,30 @@ class Storage:
 
     # targets
 
-    def target_meta(self, target_id):
-        """{stream_files: [names]} or None for an unknown target."""
-        try:
-            return json.loads(read_text(os.path.join(
-                self.target_dir(target_id), 'meta.json')))
-        except FileNotFoundError:
-            return None
-
-    def create_target(self, target_id, target_files, stream_names):
+    def _create(self, parent, final, files_folder, files, meta_name, meta,
+                empty=()):
+        """Build `final` whole: `files` in `files_folder`, the folders
+        `empty`, and `meta` as the JSON file `meta_name` (build_dir)."""
         self.ensure()
 
         def fill(tmp):
-            os.mkdir(os.path.join(tmp, 'files'))
-            for name, value in target_files.items():
-                write_file(os.path.join(tmp, 'files', name), value)
-            write_file(os.path.join(tmp, 'meta.json'), json.dumps(
-                {'stream_files': sorted(stream_names)}))
-        build_dir(self.targets, self.target_dir(target_id), fill)
+            os.mkdir(os.path.join(tmp, files_folder))
+            for folder in empty:
+                os.mkdir(os.path.join(tmp, folder))
+            for name, value in files.items():
+                write_file(os.path.join(tmp, files_folder, name), value)
+            write_file(os.path.join(tmp, meta_name), json.dumps(meta))
+        build_dir(parent, final, fill)
+
+    def target_meta(self, target_id):
+        """{stream_files: [names]} or None for an unknown target."""
+        return _read_json(os.path.join(self.target_dir(target_id),
+                                       'meta.json'))
+
+    def create_target(self, target_id, target_files, stream_names):
+        self._create(self.targets, self.target_dir(target_id), 'files',
+                     target_files, 'meta.json',
+                     {'stream_files': sorted(stream_names)})
 
     def target_files(self, target_id):
         return _read_files(os.path.join(self.target_dir(target_id), 'files'))
@@ -108,23 +130,13 @@ class Storage:
     # streams
 
     def create_stream(self, stream_id, meta, seed_files):
-        self.ensure()
-
-        def fill(tmp):
-            os.mkdir(os.path.join(tmp, 'seed'))
-            os.mkdir(os.path.join(tmp, 'chunks'))
-            for name, value in seed_files.items():
-                write_file(os.path.join(tmp, 'seed', name), value)
-            write_file(os.path.join(tmp, 'stream.json'), json.dumps(meta))
-        build_dir(self.streams, self.stream_dir(stream_id), fill)
+        self._create(self.streams, self.stream_dir(stream_id), 'seed',
+                     seed_files, 'stream.json', meta, empty=('chunks',))
 
     def stream_meta(self, stream_id):
         """{target_id, creation_date, status, error_count} or None."""
-        try:
-            return json.loads(read_text(os.path.join(
-                self.stream_dir(stream_id), 'stream.json')))
-        except FileNotFoundError:
-            return None
+        return _read_json(os.path.join(self.stream_dir(stream_id),
+                                       'stream.json'))
 
     def update_stream_meta(self, stream_id, **changes):
         """Rewrite stream.json atomically; False if the stream is gone."""
@@ -329,16 +341,8 @@ class Storage:
                                       ignore_errors=True)
 
     def target_ids(self):
-        try:
-            return sorted(n for n in os.listdir(self.targets)
-                          if not n.startswith('.'))
-        except FileNotFoundError:
-            return []
+        return _names(self.targets)
 
     def stream_ids(self):
-        try:
-            return sorted(n for n in os.listdir(self.streams)
-                          if not n.startswith('.'))
-        except FileNotFoundError:
-            return []
+        return _names(self.streams)
 

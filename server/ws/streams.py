@@ -123,7 +123,7 @@ async def activate(app, target_id, donor_id):
     now = time.time()
     sid = await _ACTIVATE(app.fastredis, [
         keys.queue(target_id), keys.heartbeats, keys.active], [
-        keys.stream_template, keys.token_template, token_hash(token),
+        keys.stream.template, keys.token.template, token_hash(token),
         repr(now + app.config['heartbeat_increment']), donor_id or '',
         repr(now)])
     if not sid:
@@ -186,7 +186,7 @@ async def deactivate(app, stream_id, target_id, mode):
     result = await _DEACTIVATE(app.fastredis, [
         keys.stream(stream_id), keys.heartbeats, keys.active,
         keys.queue(target_id)], [
-        stream_id, keys.token_template, mode, app.config['max_stream_fails'],
+        stream_id, keys.token.template, mode, app.config['max_stream_fails'],
         repr(time.time())])
     if not result:
         return None
@@ -262,7 +262,7 @@ async def _drop_stream(app, stream_id, target_id):
         return await _DELETE(app.fastredis, [
             keys.stream(stream_id), keys.target_streams(target_id),
             keys.queue(target_id), keys.heartbeats, keys.active,
-            keys.targets], [stream_id, keys.token_template, target_id])
+            keys.targets], [stream_id, keys.token.template, target_id])
 
 
 async def delete_stream(app, stream_id):

@@ -1,4 +1,4 @@
-"""The core's protocol loop (API.md): assign on the CC, start on the WS,
+"""The core's protocol loop (docs/api.md): assign on the CC, start on the WS,
 then frames, periodic checkpoints and background heartbeats until told to
 stop; a checkpoint before `/core/stop` on SIGINT/SIGTERM; `/core/stop` with
 the error when the engine fails.
