@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= venv
 PY := $(VENV)/bin/python
 
-.PHONY: all setup test lint demo bench clean
+.PHONY: all setup test lint demo adaptive bench clean
 
 all: test
 
@@ -27,6 +27,11 @@ lint: setup
 # The main job on one machine: embedded Redis, dev certs, CC, WS, cores.
 demo: setup
 	$(PY) -m server.demo
+
+# The researcher's example: least-counts adaptive sampling against plain
+# MD with real OpenMM cores; a plot and an MSM land in data/adaptive/.
+adaptive: setup
+	$(PY) -m siegetank.adaptive_demo
 
 # Benchmarks against a bare Tornado ceiling (several minutes); results and
 # a plot land in bench/results/. `make bench BENCHARGS=--quick` smoke-runs it.

@@ -59,13 +59,14 @@ def write_conf(path, kind, values):
 
 class Procs:
     """Every process the demo starts, each in its own process group, so
-    nothing outlives the demo."""
+    nothing outlives the demo. Logs go to `folder`/<name>.log."""
 
-    def __init__(self):
+    def __init__(self, folder=RUN):
+        self.folder = folder
         self.all = []
 
     def start(self, name, argv):
-        log = open(os.path.join(RUN, name + '.log'), 'ab')
+        log = open(os.path.join(self.folder, name + '.log'), 'ab')
         p = subprocess.Popen(argv, cwd=ROOT, stdout=log,
                              stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, start_new_session=True)
@@ -94,9 +95,12 @@ class Procs:
 STARTING = (requests.RequestException, SiegetankError, OSError, ValueError)
 
 
-def setup_servers(procs):
+def setup_servers(procs, ws_names=('firebat', 'marauder')):
+    """Confs (under procs.folder), certificates, a CC and the named WS;
+    returns (cc address, CA, confs)."""
     from server import store, tls
-    certs = os.path.join(RUN, 'certs')
+    run = procs.folder
+    certs = os.path.join(run, 'certs')
     ca = os.path.join(certs, 'ca.pem')
     for who in ('cc', 'ws'):
         tls.ensure_dev_certs(os.path.join(certs, who + '.pem'),
@@ -105,15 +109,15 @@ def setup_servers(procs):
     cc = base_conf('cc')
     cc.update(internal_http_port=store.free_port(),
               redis_options={'port': store.free_port()},
-              data_folder=os.path.join(RUN, 'cc'),
+              data_folder=os.path.join(run, 'cc'),
               ssl_certfile=os.path.join(certs, 'cc.pem'),
               ssl_key=os.path.join(certs, 'cc.key'), ssl_ca_certs=ca,
               cc_pass=cc_pass, ws_probe_interval_in_ms=1000,
               num_processes=1)
-    write_conf(os.path.join(RUN, 'cc.conf'), 'cc', cc)
+    write_conf(os.path.join(run, 'cc.conf'), 'cc', cc)
     address = '127.0.0.1:%d' % cc['internal_http_port']
     ws_confs = []
-    for name in ('firebat', 'marauder'):
+    for name in ws_names:
         ws = base_conf('ws')
         port = store.free_port()
         ws.update(name=name, internal_http_port=port,
@@ -121,7 +125,7 @@ def setup_servers(procs):
                                     'external_http_port': port},
                   redis_options={'port': store.free_port(),
                                  'appendfilename': name + '.aof'},
-                  data_folder=os.path.join(RUN, 'ws-' + name),
+                  data_folder=os.path.join(run, 'ws-' + name),
                   ssl_certfile=os.path.join(certs, 'ws.pem'),
                   ssl_key=os.path.join(certs, 'ws.key'), ssl_ca_certs=ca,
                   command_centers={cc['name']: {'url': address,
@@ -129,13 +133,13 @@ def setup_servers(procs):
                   heartbeat_increment=HEARTBEAT_INCREMENT,
                   pulse_frequency_in_ms=500, min_free_disk_in_mb=64,
                   num_processes=1)
-        write_conf(os.path.join(RUN, 'ws-%s.conf' % name), 'ws', ws)
+        write_conf(os.path.join(run, 'ws-%s.conf' % name), 'ws', ws)
         ws_confs.append(ws)
 
     from siegetank.client import Client
     anon = Client(address, ca=ca)
     procs.start('cc', [sys.executable, 'cc.py', '--config',
-                       os.path.join(RUN, 'cc.conf')])
+                       os.path.join(run, 'cc.conf')])
     wait_for(lambda: anon.session.get('https://%s/' % address, verify=ca,
                                       timeout=2).ok, 'the command center',
              errors=STARTING, interval=0.1)
@@ -145,7 +149,7 @@ def setup_servers(procs):
     for ws in ws_confs:
         procs.start('ws-' + ws['name'],
                     [sys.executable, 'ws.py', '--config',
-                     os.path.join(RUN, 'ws-%s.conf' % ws['name'])])
+                     os.path.join(run, 'ws-%s.conf' % ws['name'])])
     status = wait_for(lambda: (lambda s: s if len(s) == len(ws_confs) and
                                all(w['online'] for w in s.values())
                                else None)(anon.workserver_status()),

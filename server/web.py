@@ -146,6 +146,26 @@ def check_files(files, what='files', allow_empty=False):
     return files
 
 
+TAGS_MAX_BYTES = 4096
+
+
+def check_tags(tags):
+    """Stream tags (API.md): a `{str: str}` object, names non-empty, at most
+    TAGS_MAX_BYTES in all (its compact JSON in UTF-8); 400 otherwise."""
+    if not isinstance(tags, dict):
+        raise APIError(400, 'tags must be an object of {name: string}')
+    for name, value in tags.items():
+        if not name or not isinstance(value, str):
+            raise APIError(400, 'tag %r must have a non-empty name and a '
+                           'string value' % (name,))
+    size = len(json.dumps(tags, separators=(',', ':'),
+                          ensure_ascii=False).encode('utf-8'))
+    if size > TAGS_MAX_BYTES:
+        raise APIError(400, 'tags take %d bytes, over the limit of %d'
+                       % (size, TAGS_MAX_BYTES))
+    return tags
+
+
 class App(tornado.web.Application):
     """A Tornado app with the server's settings and its Redis client.
     `on_start`/`on_stop` run in worker 0 only: periodic jobs and

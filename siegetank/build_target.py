@@ -1,13 +1,16 @@
 """Build a real OpenMM target with OpenMM itself: alanine dipeptide (shipped
-in siegetank/data, nothing downloaded) solvated in a TIP3P water box with
-the bundled amber14 force field, minimized once, then N stream seeds that
+in siegetank/data, nothing downloaded) with the bundled amber14 force
+field, solvated in a TIP3P water box (PME), or in implicit solvent (OBC2)
+or vacuum (no cutoff, no box), minimized once, then N stream seeds that
 differ only by their random initial velocities.
 
-    python -m siegetank.build_target OUT_DIR --streams 4
+    python -m siegetank.build_target OUT_DIR --streams 4 [--solvent obc2]
 
 writes OUT_DIR/system.xml, integrator.xml, topology.pdb (for trajectory
 readers) and streams/<i>/state.xml. `upload()` turns such a folder into a
-target with its streams through the manager client.
+target with its streams through the manager client; topology.pdb goes up as
+a target file too, which is where `Target.sync` finds the topology that
+mdtraj needs to read the frames.
 """
 import argparse
 import json
@@ -20,23 +23,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STRUCTURE = os.path.join(HERE, 'data', 'alanine-dipeptide.pdb')
 TEMPERATURE = 300.0       # kelvin
 STEP_FS = 2.0             # femtoseconds, with H-bond constraints
+SOLVENTS = ('tip3p', 'obc2', 'vacuum')
 
 
 def build(out, streams=4, padding_nm=1.0, steps_per_frame=100, seed=1,
-          structure=STRUCTURE):
+          structure=STRUCTURE, solvent='tip3p'):
     """Write the target files and `streams` seeds under `out`; returns a
-    summary dict (also written to out/target.json)."""
+    summary dict (also written to out/target.json). `solvent`: 'tip3p'
+    (explicit water, PME), 'obc2' (implicit) or 'vacuum'."""
     import openmm
     from openmm import app, unit
 
+    if solvent not in SOLVENTS:
+        raise ValueError('solvent must be one of %s' % ', '.join(SOLVENTS))
     pdb = app.PDBFile(structure)
-    ff = app.ForceField('amber14-all.xml', 'amber14/tip3p.xml')
     model = app.Modeller(pdb.topology, pdb.positions)
-    model.addSolvent(ff, model='tip3p', padding=padding_nm * unit.nanometer,
-                     neutralize=False)
-    system = ff.createSystem(model.topology, nonbondedMethod=app.PME,
-                             nonbondedCutoff=0.9 * unit.nanometer,
-                             constraints=app.HBonds)
+    if solvent == 'tip3p':
+        ff = app.ForceField('amber14-all.xml', 'amber14/tip3p.xml')
+        model.addSolvent(ff, model='tip3p',
+                         padding=padding_nm * unit.nanometer,
+                         neutralize=False)
+        system = ff.createSystem(model.topology, nonbondedMethod=app.PME,
+                                 nonbondedCutoff=0.9 * unit.nanometer,
+                                 constraints=app.HBonds)
+    else:
+        ff = app.ForceField('amber14-all.xml', *(
+            ['implicit/obc2.xml'] if solvent == 'obc2' else []))
+        system = ff.createSystem(model.topology, nonbondedMethod=app.NoCutoff,
+                                 constraints=app.HBonds)
     integrator = openmm.LangevinMiddleIntegrator(
         TEMPERATURE * unit.kelvin, 1.0 / unit.picosecond,
         STEP_FS * unit.femtoseconds)
@@ -68,7 +82,7 @@ def build(out, streams=4, padding_nm=1.0, steps_per_frame=100, seed=1,
     summary = {'atoms': model.topology.getNumAtoms(),
                'waters': sum(1 for r in model.topology.residues()
                              if r.name == 'HOH'),
-               'streams': streams,
+               'streams': streams, 'solvent': solvent,
                'options': {'steps_per_frame': steps_per_frame},
                'engine_versions': [engine_version()],
                'ps_per_frame': steps_per_frame * STEP_FS / 1000.0}
@@ -88,9 +102,10 @@ def _write(path, text):
 
 
 def target_files(out):
-    """{wire name: bytes} of the target files of a built folder."""
+    """{wire name: bytes} of the target files of a built folder (the
+    engine's two, and the topology for readers of the frames)."""
     files = {}
-    for name in ('system.xml', 'integrator.xml'):
+    for name in ('system.xml', 'integrator.xml', 'topology.pdb'):
         with open(os.path.join(out, name), 'rb') as f:
             files[name + '.gz.b64'] = f.read()
     return files
@@ -132,11 +147,12 @@ def main(argv=None):
                         help='water padding around the solute, nm')
     parser.add_argument('--steps-per-frame', type=int, default=100)
     parser.add_argument('--seed', type=int, default=1)
+    parser.add_argument('--solvent', choices=SOLVENTS, default='tip3p')
     args = parser.parse_args(argv)
     if args.streams < 1 or args.steps_per_frame < 1:
         parser.error('--streams and --steps-per-frame must be >= 1')
     summary = build(args.out, args.streams, args.padding,
-                    args.steps_per_frame, args.seed)
+                    args.steps_per_frame, args.seed, solvent=args.solvent)
     print('%s: %d atoms (%d waters), %d streams, %g ps per frame' % (
         args.out, summary['atoms'], summary['waters'], summary['streams'],
         summary['ps_per_frame']))

@@ -5,6 +5,7 @@
         --engine-version 8.6 --steps-per-frame 50000 --stage public
     siegetank streams add TARGET_ID state0.xml state1.xml
     siegetank streams download STREAM_ID -o traj.xtc
+    siegetank sync TARGET_ID ala/          # only what grew, resumable
 
 `login` keeps the CC address, CA bundle and token in a user config file
 (mode 0600): $SIEGETANK_CONFIG, else $XDG_CONFIG_HOME/siegetank/config.json,
@@ -19,7 +20,7 @@ import sys
 
 from server.disk import atomic_write
 from siegetank import files as wire
-from siegetank.client import Client, SiegetankError
+from siegetank.client import Client, Progress, SiegetankError
 
 
 class UsageError(Exception):
@@ -221,20 +222,35 @@ def cmd_streams_list(args):
               file=sys.stderr)
     out(args, info, table(
         [(sid, s.get('status'), s.get('frames'), s.get('error_count'),
-          'yes' if s.get('active') else 'no')
+          'yes' if s.get('active') else 'no', format_tags(s.get('tags')))
          for sid, s in sorted(info.items())],
-        ('stream', 'status', 'frames', 'errors', 'active')))
+        ('stream', 'status', 'frames', 'errors', 'active', 'tags')))
+
+
+def format_tags(tags):
+    return ','.join('%s=%s' % kv for kv in sorted((tags or {}).items()))
+
+
+def parse_tags(pairs):
+    tags = {}
+    for pair in pairs or ():
+        name, eq, value = pair.partition('=')
+        if not eq or not name:
+            raise UsageError('--tag takes NAME=VALUE, not %r' % pair)
+        tags[name] = value
+    return tags
 
 
 def cmd_streams_add(args):
     c = client(args)
     target = c.load_target(args.target)
+    tags = parse_tags(args.tag)
     ids = []
     for path in args.files:
         files = read_files([path])
         if args.name:
             files = {args.name: next(iter(files.values()))}
-        ids.append(target.add_stream(files))
+        ids.append(target.add_stream(files, tags))
         if not args.json:
             print(ids[-1])
     if args.json:
@@ -243,6 +259,8 @@ def cmd_streams_add(args):
 
 def cmd_streams_info(args):
     info = client(args).stream(args.stream).info()
+    if not args.json:
+        info['tags'] = format_tags(info.get('tags'))
     out(args, info, '\n'.join('%-14s %s' % kv for kv in sorted(info.items())))
 
 
@@ -261,6 +279,25 @@ def cmd_streams_download(args):
         args.filename, path, resume=not args.no_resume,
         progress=not args.quiet)
     print('%s: %d bytes' % (path, size))
+
+
+def cmd_sync(args):
+    target = client(args).load_target(args.target)
+    bar = None if args.quiet else Progress('sync %s' % args.target[:8])
+
+    def on_stream(i, n, sid):
+        if bar:
+            bar.label = 'sync %s: stream %d/%d' % (args.target[:8], i + 1, n)
+    result = target.sync(args.folder, args.file or ('frames.xtc',),
+                         progress=bar.update if bar else None,
+                         on_stream=on_stream)
+    if bar:
+        bar.label = 'sync %s' % args.target[:8]
+        bar.close()
+    out(args, {'bytes': result['bytes'], 'grown': result['grown']},
+        '%s: %d of %d streams grew, %d bytes received' % (
+            args.folder, len(result['grown']), len(result['streams']),
+            result['bytes']))
 
 
 # -- parser -------------------------------------------------------------------
@@ -356,6 +393,8 @@ def build_parser():
     s.add_argument('target')
     s.add_argument('files', nargs='+', metavar='FILE')
     s.add_argument('--name', help='send each file under this wire name')
+    s.add_argument('--tag', action='append', metavar='NAME=VALUE',
+                   help='a provenance tag of each stream (repeatable)')
     s.set_defaults(func=cmd_streams_add)
     s = st.add_parser('info', help='a stream\'s status and frames')
     s.add_argument('stream')
@@ -376,6 +415,18 @@ def build_parser():
     s.add_argument('-q', '--quiet', action='store_true',
                    help='no progress bar')
     s.set_defaults(func=cmd_streams_download)
+
+    s = sub.add_parser('sync', help='bring a folder up to the committed '
+                       'frames of every stream of a target (only new bytes '
+                       'move; an interrupted sync resumes)')
+    s.add_argument('target')
+    s.add_argument('folder')
+    s.add_argument('--file', action='append', metavar='NAME',
+                   help='frame file of each stream (default frames.xtc; '
+                   'repeatable)')
+    s.add_argument('-q', '--quiet', action='store_true',
+                   help='no progress bar')
+    s.set_defaults(func=cmd_sync)
     return p
 
 

@@ -5,8 +5,10 @@
     c.generate_token('me@example.org', 'secret')
     t = c.add_target(options={'steps_per_frame': 50000}, engine='openmm',
                      engine_versions=['8.6'], files={...}, stage='public')
-    sid = t.add_stream({'state.xml.gz.b64': open('state.xml', 'rb').read()})
+    sid = t.add_stream({'state.xml.gz.b64': open('state.xml', 'rb').read()},
+                       tags={'parent': 'none'})
     c.stream(sid).download('frames.xtc', 'traj.xtc')   # resumable
+    t.sync('ala/')          # every stream, only what grew (siegetank.sync)
 
 The 2014 module-level API (`login`, `generate_token`, `add_target`,
 `load_target`, `get_targets`, `workserver_status`, ...) keeps working on top
@@ -25,6 +27,7 @@ import zlib
 import requests
 
 from siegetank import files as wire
+from siegetank import sync as syncing
 
 DEFAULT_TIMEOUT = 60
 
@@ -308,21 +311,31 @@ class Target(Remote):
         """Delete the target, its files and all its streams."""
         self.client.put('/targets/delete/' + self._id)
 
-    def add_stream(self, files):
-        """Add a stream from {wire name: raw bytes}; returns its id."""
+    def add_stream(self, files, tags=None):
+        """Add a stream from {wire name: raw bytes}, with optional `tags`
+        {str: str} (provenance, at most 4 KB); returns its id."""
         if not isinstance(files, dict):
             raise TypeError('files must be a dict of name -> bytes')
-        return self.client.post('/streams', {
-            'target_id': self._id,
-            'files': wire.encode_files(files)})['stream_id']
+        body = {'target_id': self._id, 'files': wire.encode_files(files)}
+        if tags:
+            body['tags'] = dict(tags)
+        return self.client.post('/streams', body)['stream_id']
 
     def delete_stream(self, stream_id):
         self.client.put('/streams/delete/' + stream_id)
 
+    def sync(self, folder, filenames=('frames.xtc',), progress=None,
+             on_stream=None):
+        """Bring `folder` up to the committed frames of every stream: one
+        listing call, then Range requests for the new bytes of the streams
+        that grew (see siegetank.sync). Returns {bytes, grown, streams}."""
+        return syncing.sync_target(self, folder, filenames, progress,
+                                   on_stream)
+
     def stream_info(self):
-        """{stream_id: {status, frames, error_count, active, ws}} over every
-        workserver holding the target's streams. Workservers that did not
-        answer are listed in `self.unreachable` (their streams are
+        """{stream_id: {status, frames, error_count, active, tags, ws}} over
+        every workserver holding the target's streams. Workservers that did
+        not answer are listed in `self.unreachable` (their streams are
         missing)."""
         reply = self.client.request('GET', '/targets/streams/' + self._id)
         header = reply.headers.get('X-Unreachable-Workservers', '')
@@ -361,7 +374,7 @@ class Target(Remote):
 
 
 @info_fields('frames', 'status', 'error_count', 'active', 'target_id',
-             'creation_date')
+             'creation_date', 'tags')
 class Stream(Remote):
     """A stream (one trajectory). Info (status, frames, error_count, active)
     loads lazily; `reload_info()` refreshes it."""
@@ -384,6 +397,12 @@ class Stream(Remote):
         if self._info is None or name not in self._info:
             self.reload_info()
         return self._info.get(name)
+
+    def sync(self, folder, filenames=('frames.xtc',), progress=None):
+        """Bring `folder` up to this stream's committed frames, fetching
+        only new bytes (see siegetank.sync); returns the bytes received."""
+        return syncing.sync_stream(self, folder, filenames,
+                                   progress=progress)
 
     def start(self):
         self.client.put('/streams/start/' + self._id)

@@ -20,6 +20,7 @@ from server.web import (
     APIError,
     check_file_name,
     check_stream_id,
+    check_tags,
     check_target_id,
 )
 
@@ -103,11 +104,13 @@ class PlacementFailed(Exception):
     """This WS could not take the stream; another may."""
 
 
-async def _post_to(app, ws, base, has_files, target, files):
+async def _post_to(app, ws, base, has_files, target, files, tags):
     """POST the stream to `ws`, with the target files if it may lack
     them; returns the stream id. 4xx verdicts on the input are final."""
     tid = target['target_id']
     body = {'target_id': tid, 'stream_files': files}
+    if tags:
+        body['tags'] = tags
     for attempt in range(2):
         if not has_files or attempt:
             body['target_files'] = await targets.read_files(
@@ -132,7 +135,7 @@ async def _post_to(app, ws, base, has_files, target, files):
     raise PlacementFailed('%s answered %d %s' % (ws, reply.code, reply.error))
 
 
-async def place(app, target, files):
+async def place(app, target, files, tags=None):
     """Put a new stream of `target` on the least-loaded online allowed WS,
     trying the next one when a WS fails. Returns the stream id."""
     redis, tid = app.redis, target['target_id']
@@ -151,7 +154,7 @@ async def place(app, target, files):
         ws, url, port, has_files = reserved
         try:
             sid = await _post_to(app, ws, 'https://%s:%s' % (url, port),
-                                 has_files == 1, target, files)
+                                 has_files == 1, target, files, tags)
         except PlacementFailed as e:
             log.warning('placing a stream of %s on %s failed: %s', tid, ws, e)
             await _UNRESERVE(redis, [keys.target(tid), keys.target_ws(tid)],
@@ -216,9 +219,10 @@ class PostStreamHandler(StreamHandler):
         manager = await self.require_manager()
         target_id = check_target_id(self.field('target_id', str))
         files = self.field('files', dict)
+        tags = check_tags(self.field('tags', dict, {}))
         target = await self.target(target_id, manager)
         await targets.validate_files(files)
-        stream_id = await place(self.application, target, files)
+        stream_id = await place(self.application, target, files, tags)
         log.info('stream %s of target %s placed', stream_id, target_id)
         self.write_json({'stream_id': stream_id})
 

@@ -6,6 +6,7 @@ from server.web import (
     PeerHandler,
     check_encoded,
     check_stream_id,
+    check_tags,
     check_target_id,
 )
 from server.ws import streams
@@ -35,8 +36,9 @@ class CreateStreamHandler(CCHandler):
         if target_files is not None:
             # A target may have no files of its own (docs/api.md: files?).
             check_encoded(target_files, 'target_files', allow_empty=True)
+        tags = check_tags(self.field('tags', dict, {}))
         sid = await streams.create_stream(self.application, tid,
-                                          stream_files, target_files)
+                                          stream_files, target_files, tags)
         self.write_json({'stream_id': sid})
 
 

@@ -9,6 +9,7 @@ target deletions take the target's locks (locks.py), so a buffer is never
 committed and discarded at once, a stale core can never write after its
 token died, and no stream is made in a target being deleted.
 """
+import json
 import secrets
 import time
 import uuid
@@ -34,10 +35,13 @@ def index_stream(pipe, keys, stream_id, meta, frames):
     """Queue the commands that put one stream into the Redis index (used
     on creation and by the rebuild from disk)."""
     tid = meta['target_id']
-    pipe.hset(keys.stream(stream_id), mapping={
+    fields = {
         'target_id': tid, 'status': meta['status'], 'frames': frames,
         'error_count': meta.get('error_count', 0),
-        'creation_date': repr(float(meta['creation_date'])), 'active': 0})
+        'creation_date': repr(float(meta['creation_date'])), 'active': 0}
+    if meta.get('tags'):  # none: no field (idle streams cost no more)
+        fields['tags'] = json.dumps(meta['tags'])
+    pipe.hset(keys.stream(stream_id), mapping=fields)
     pipe.sadd(keys.target_streams(tid), stream_id)
     pipe.sadd(keys.targets, tid)
     if meta['status'] == 'OK':
@@ -53,15 +57,19 @@ def _new_stream(storage, target_id, stream_id, meta, stream_files):
     return target
 
 
-async def create_stream(app, target_id, stream_files, target_files):
+async def create_stream(app, target_id, stream_files, target_files,
+                        tags=None):
     """A stream of a known target needs only a shared hold on it (creations
     run in parallel); the first stream of a target creates the target
-    under its exclusive lock."""
+    under its exclusive lock. `tags` live in stream.json, so they survive
+    a loss of Redis like the rest of the stream."""
     check_disk(app)
     names = sorted(stream_files)
     stream_id = '%s:%s' % (uuid.uuid4(), app.config['name'])
     meta = {'target_id': target_id, 'creation_date': time.time(),
             'status': 'OK', 'error_count': 0}
+    if tags:
+        meta['tags'] = tags
     async with target_shared(app, target_id):
         target = await threads.disk(_new_stream, app.storage, target_id,
                                     stream_id, meta, stream_files)
@@ -291,7 +299,8 @@ async def delete_target(app, target_id):
 def _public(h):
     return {'status': h['status'], 'frames': int(h['frames']),
             'error_count': int(h['error_count']),
-            'active': h['active'] == '1'}
+            'active': h['active'] == '1',
+            'tags': json.loads(h['tags']) if h.get('tags') else {}}
 
 
 async def stream_info(app, stream_id):
