@@ -202,11 +202,13 @@ class TestRestarts(unittest.TestCase):
         return r.status_code, r.json() if r.headers.get(
             'Content-Type', '').startswith('application/json') else r.content
 
-    def new_stream(self, tid, state=b's0'):
-        code, reply = self.req('POST', '/streams', {
-            'target_id': tid,
-            'stream_files': {'state.xml.gz.b64': gzb64(state)},
-            'target_files': {'system.xml': 'sys'}})
+    def new_stream(self, tid, state=b's0', tags=None):
+        body = {'target_id': tid,
+                'stream_files': {'state.xml.gz.b64': gzb64(state)},
+                'target_files': {'system.xml': 'sys'}}
+        if tags:
+            body['tags'] = tags
+        code, reply = self.req('POST', '/streams', body)
         self.assertEqual(code, 200, reply)
         return reply['stream_id']
 
@@ -227,7 +229,8 @@ class TestRestarts(unittest.TestCase):
 
     def test_redis_data_lost_rebuilds_from_disk(self):
         t1, t2 = str(uuid.uuid4()), str(uuid.uuid4())
-        a, b = self.new_stream(t1), self.new_stream(t1)
+        a, b = self.new_stream(t1, tags={'parent': 'x:y', 'frame': '7'}), \
+            self.new_stream(t1)
         c = self.new_stream(t2)
         first, _ = self.work(t1, b'alpha')
         self.work(t2, b'x', fail=True)
@@ -251,6 +254,9 @@ class TestRestarts(unittest.TestCase):
         after = {t: self.req('GET', '/targets/streams/' + t)[1]
                  for t in (t1, t2)}
         self.assertEqual(after, before)
+        self.assertEqual(after[t1][a]['tags'], {'parent': 'x:y',
+                                                'frame': '7'})
+        self.assertEqual(after[t1][b]['tags'], {})
         self.assertEqual(after[t2][c]['status'], 'STOPPED')
         self.assertEqual(after[t2][c]['error_count'], 2)
         self.assertEqual(self.req('GET', '/streams/%s/frames.xtc' % first),

@@ -1,12 +1,16 @@
 """GET /streams/<stream_id>/<file>: a file's committed frames, streamed
 from disk a chunk at a time, with one HTTP Range per request. The CC's
-pass, or a URL the CC signed (server/signing.py), may download."""
+pass, or a URL the CC signed (server/signing.py), may download. Each
+download logs the bytes it sent: what researchers' syncs cost."""
+import logging
 import re
 
 from server import signing, threads, tokens
 from server.web import APIError, APIHandler, check_file_name, check_stream_id
 from server.ws.cc_api import cc_passes
 from server.ws.streams import target_of
+
+log = logging.getLogger('siegetank.ws.download')
 
 RANGE = re.compile(r'^bytes=(\d*)-(\d*)$')
 READ_SIZE = 1 << 20
@@ -94,6 +98,7 @@ class DownloadHandler(APIHandler):
                             % (start, end, total))
         self.set_header('Content-Type', 'application/octet-stream')
         self.set_header('Content-Length', str(end - start + 1))
+        sent = 0
         for path, offset, length in plan_range(parts, start, end):
             while length > 0:
                 data = await threads.disk(read_at, path, offset,
@@ -102,9 +107,12 @@ class DownloadHandler(APIHandler):
                     break
                 offset += len(data)
                 length -= len(data)
+                sent += len(data)
                 self.write(data)
                 await self.flush()
         self.finish()
+        log.info('sent %d bytes of %s of stream %s (from byte %d of %d)',
+                 sent, filename, stream_id, start, total)
 
 
 default_handlers = [
