@@ -5,7 +5,8 @@ Layout under `data_folder`:
 
     targets/<tid>/meta.json, files/<name>      target files as sent (JSON str)
     streams/<sid>/stream.json, seed/<name>     target_id, creation_date,
-                                               status, error_count; seed files
+                                               status, error_count, tags
+                                               (if any); seed files
     streams/<sid>/buffer/<name>                uncommitted frames (decoded)
     streams/<sid>/chunks/<seq>-<n>/frames/<name>, state/<name>, meta.json
                                                one committed checkpoint
@@ -134,7 +135,8 @@ class Storage:
                      seed_files, 'stream.json', meta, empty=('chunks',))
 
     def stream_meta(self, stream_id):
-        """{target_id, creation_date, status, error_count} or None."""
+        """{target_id, creation_date, status, error_count, tags?} or
+        None."""
         return _read_json(os.path.join(self.stream_dir(stream_id),
                                        'stream.json'))
 
