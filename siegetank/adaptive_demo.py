@@ -33,6 +33,8 @@ from server import demo
 ROOT = demo.ROOT
 RUN = os.path.join(ROOT, 'data', 'adaptive')
 CORES = 2                  # per arm
+SOLVENT = 'obc2'           # see build_target.SOLVENTS
+DMIN = 0.3                 # regular-space clusters on sin/cos(phi, psi)
 STEPS_PER_FRAME = 500      # 1 ps per frame (2 fs steps)
 STREAMS = 4                # adaptive streams per round
 FRAMES_PER_STREAM = 25     # committed frames of each per round
@@ -178,7 +180,7 @@ def run(procs):
     admin.token = admin.create_manager('admin@adaptive.local',
                                        os.urandom(8).hex(), 'admin')
     built = os.path.join(RUN, 'target')
-    summary = build_target.build(built, streams=0, solvent='obc2',
+    summary = build_target.build(built, streams=0, solvent=SOLVENT,
                                  steps_per_frame=STEPS_PER_FRAME)
     ps = summary['ps_per_frame']
     say('built with OpenMM %s: alanine dipeptide, amber14 + OBC2 implicit '
@@ -199,7 +201,8 @@ def run(procs):
     sampler = adaptive.Sampler(
         targets['adaptive'], folders['adaptive'], adaptive.backbone_dihedrals,
         system, integrator, streams_per_round=STREAMS,
-        frames_per_stream=FRAMES_PER_STREAM, seed=11, log=say)
+        frames_per_stream=FRAMES_PER_STREAM, seed=11, log=say,
+        clusters=adaptive.LeastCounts(DMIN), poll=0.25)
     sampler.begin(initial)
     say('%d OpenMM cores (CPU, 1 thread) per arm; plain MD: %d streams from '
         'the minimized structure; adaptive: rounds of %d streams x %d frames;'
