@@ -10,8 +10,8 @@ import unittest
 
 import numpy as np
 
+from server.testing import ROOT, tmpdir
 from siegetank import adaptive, build_target
-from tests import ROOT, tmpdir, wait_for
 from tests.cluster import Cluster
 
 

@@ -13,10 +13,10 @@ import subprocess
 import sys
 import unittest
 
+from server.testing import ROOT, tmpdir
 from siegetank import cli
 from siegetank.client import SiegetankError
 from siegetank.core import make_engine, synthetic
-from tests import ROOT, tmpdir
 from tests.cluster import Cluster
 
 FRAME_BYTES = 32768
