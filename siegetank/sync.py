@@ -113,6 +113,8 @@ def fetch_file(stream, filename, path, progress=None):
             if have:  # the .part held everything: finish it
                 os.replace(part, '%s.done-%d' % (path, offset))
                 _append(path, '%s.done-%d' % (path, offset), offset)
+            elif os.path.exists(part):  # made empty just before a kill
+                os.unlink(part)
             return 0
         if reply.status_code == 200:
             if start:  # the server ignored Range: keep only the new tail
