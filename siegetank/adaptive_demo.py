@@ -155,6 +155,7 @@ def msm_timescales(folders, ps_per_frame, n=4):
     from deeptime.clustering import KMeans
     from deeptime.markov import TransitionCountEstimator
     from deeptime.markov.msm import MaximumLikelihoodMSM
+
     from siegetank import adaptive
     trajs = []
     for folder in folders:
@@ -171,9 +172,10 @@ def msm_timescales(folders, ps_per_frame, n=4):
 
 
 def run(procs):
+    import mdtraj
+
     from siegetank import adaptive, build_target
     from siegetank.client import Client
-    import mdtraj
     address, ca, confs = demo.setup_servers(procs, ws_names=('firebat',))
     procs.confs = confs
     admin = Client(address, ca=ca)
