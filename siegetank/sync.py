@@ -117,7 +117,7 @@ def fetch_file(stream, filename, path, progress=None):
                 os.unlink(part)
             return 0
         if reply.status_code == 200:
-            if start:  # the server ignored Range: keep only the new tail
+            if start:  # the server ignored Range: not a safe resume
                 raise SiegetankError('%s of stream %s was served whole to a '
                                      'Range request' % (filename, stream.id))
         elif not reply.headers.get('Content-Range', '').startswith(
