@@ -18,6 +18,25 @@ class ConfigError(Exception):
     """One clear line saying which key of which file is wrong."""
 
 
+# A DNS name or an IPv4 address: what may stand before ':port' in a URL.
+_HOST = re.compile(r'(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?'
+                   r'(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?')
+_PORT = re.compile(r'[0-9]{1,5}')
+
+
+def is_host(text):
+    return isinstance(text, str) and bool(_HOST.fullmatch(text))
+
+
+def port_number(value):
+    """The port an int or a string of ASCII digits stands for, or None."""
+    if isinstance(value, str) and _PORT.fullmatch(value):
+        value = int(value)
+    if type(value) is int and 0 < value < 65536:
+        return value
+    return None
+
+
 def _redis_options(value, where):
     allowed = {'port': int, 'requirepass': str, 'appendfilename': str,
                'logfile': str, 'binary': str, 'bind': str}
@@ -37,12 +56,15 @@ def _external_options(value, where):
                                                      'external_http_port'}:
         raise ConfigError("%s: external_options must be a dict with exactly "
                           "'external_url' and 'external_http_port'" % where)
-    try:
-        port = int(value['external_http_port'])
-    except (TypeError, ValueError):
+    port = port_number(value['external_http_port'])
+    if port is None:
         raise ConfigError("%s: external_options['external_http_port'] must be"
                           " a port number" % where)
-    return {'external_url': str(value['external_url']),
+    if not is_host(value['external_url']):
+        raise ConfigError("%s: external_options['external_url'] must be a "
+                          "host name or IPv4 address (no scheme, no port)"
+                          % where)
+    return {'external_url': value['external_url'],
             'external_http_port': port}
 
 
@@ -68,7 +90,20 @@ COMMON = {
     'redis_url': (str, None),
     'data_folder': ('path', 'data'),
     'num_processes': (int, 1),
-    'max_body_size': (int, 256 * 1024 * 1024),
+    # Bodies (413 above, refused before they are read): endpoints that
+    # carry target/stream files (WS POST /streams, CC POST /targets and
+    # /streams) take max_body_size, every other endpoint but the core's
+    # frames and checkpoints (WS keys) max_small_body_size.
+    'max_body_size': (int, 64 * 1024 * 1024),
+    'max_small_body_size': (int, 16 * 1024),
+    # What `.gz`/`.b64` files may decode to, per file and per request.
+    'max_decoded_file_size': (int, 128 * 1024 * 1024),
+    'max_decoded_request_size': (int, 256 * 1024 * 1024),
+    'max_files_per_request': (int, 64),
+    # Slow clients: a request's headers (or the wait for the next request
+    # on a kept-alive connection) and its body must arrive within these.
+    'header_timeout_in_s': (float, 60.0),
+    'body_timeout_in_s': (float, 300.0),
     # Hosts the dev certificate is issued for when it has to be generated.
     'dev_cert_hosts': (list, ['localhost', '127.0.0.1']),
     'log_level': (str, 'info'),
@@ -81,6 +116,8 @@ CC = dict(COMMON, **{
     'ws_probe_interval_in_ms': (int, 5000),
     'ws_timeout_in_s': (float, 10.0),
     'signed_url_lifetime_in_s': (int, 3600),
+    'max_files_per_target': (int, 64),
+    'max_streams_per_target': (int, 100000),
 })
 
 WS = dict(COMMON, **{
@@ -91,6 +128,11 @@ WS = dict(COMMON, **{
     'max_stream_fails': (int, 10),
     'min_free_disk_in_mb': (int, 512),
     'register_retry_max_in_s': (float, 60.0),
+    'max_frame_body_size': (int, 32 * 1024 * 1024),
+    'max_checkpoint_body_size': (int, 64 * 1024 * 1024),
+    'max_frames_per_request': (int, 100000),
+    'max_error_length': (int, 16 * 1024),
+    'max_errors_log_size': (int, 1024 * 1024),
 })
 
 SCHEMAS = {'cc': CC, 'ws': WS}
@@ -166,11 +208,15 @@ def load(path, kind, overrides=()):
     if settings['redis_options'] is None and settings['redis_url'] is None:
         raise ConfigError('%s: set redis_options (embedded Redis) or '
                           'redis_url (existing Redis)' % path)
-    if not re.match(r'^[A-Za-z0-9._-]{1,64}$', settings['name']):
+    if not re.fullmatch(r'[A-Za-z0-9._-]{1,64}', settings['name']):
         raise ConfigError('%s: name must be 1-64 of [A-Za-z0-9._-] (it ends '
                           'stream ids)' % path)
     if settings['num_processes'] < 1:
         raise ConfigError('%s: num_processes must be >= 1' % path)
+    for key, value in settings.items():  # limits and timeouts
+        if (key.startswith('max_') or key.endswith('_timeout_in_s')) \
+                and not value > 0:
+            raise ConfigError('%s: %s must be > 0' % (path, key))
     return settings
 
 

@@ -31,7 +31,7 @@ from tornado.iostream import StreamClosedError
 from tornado.tcpclient import TCPClient
 
 IDLE_MAX = 64      # idle connections kept per peer and process
-IDLE_TTL = 60.0    # seconds; well under the peers' idle timeout (300 s)
+IDLE_TTL = 30.0    # seconds; under the peers' idle timeout (60 s default)
 MAX_BODY = 256 * 1024 * 1024
 
 _PARAMS = HTTP1ConnectionParameters(no_keep_alive=False, decompress=True,
@@ -233,8 +233,13 @@ async def call(ssl_ctx, method, url, body=None, auth=None, timeout=10.0,
     """`method` `url` with a JSON body; returns a PeerReply (any HTTP status).
     Raises PeerError when the peer is unreachable or does not answer within
     `timeout` seconds (connecting included)."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == 'https' else 80)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == 'https' else 80)
+    except ValueError as e:  # a registration we could not have accepted
+        raise PeerError('%s %s: bad URL: %s' % (method, url, e))
+    if not parts.hostname:
+        raise PeerError('%s %s: bad URL: no host' % (method, url))
     path = (parts.path or '/') + ('?' + parts.query if parts.query else '')
     headers = httputil.HTTPHeaders({'Host': parts.netloc,
                                     'Content-Type': 'application/json'})

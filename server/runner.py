@@ -14,7 +14,7 @@ import sys
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from server import config, store, tls
+from server import config, store, tls, web
 
 log = logging.getLogger('siegetank')
 
@@ -31,8 +31,7 @@ async def _serve(settings, app_class, sockets, ssl_ctx, redis_url, task_id):
     redis = store.connect(redis_url)
     app = app_class(settings, redis, task_id)
     server = HTTPServer(app, ssl_options=ssl_ctx,
-                        max_body_size=settings['max_body_size'],
-                        idle_connection_timeout=300)
+                        **web.http_server_options(settings))
     server.add_sockets(sockets)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -23,7 +23,7 @@ def valid(secrets, stream_id, filename, expires, sig):
         expires = int(expires)
     except (TypeError, ValueError):
         return False
-    if expires < time.time() or not sig:
-        return False
+    if expires < time.time() or not sig or not sig.isascii():
+        return False  # compare_digest takes ASCII strings only
     return any(hmac.compare_digest(signature(s, stream_id, filename, expires),
                                    sig) for s in secrets)

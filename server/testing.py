@@ -3,6 +3,7 @@ test CA, conf files, an embedded Redis per test class (flushed per test),
 in-process apps over real HTTPS, real cc.py / ws.py processes on free
 loopback ports, and polling helpers. Tornado's own hooks
 (tornado.testing) underneath."""
+import asyncio
 import atexit
 import base64
 import gzip
@@ -10,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -17,6 +19,9 @@ import time
 
 import requests
 import tornado.testing
+from tornado import httputil
+from tornado.iostream import StreamClosedError
+from tornado.tcpclient import TCPClient
 
 from server import config, store, tls
 
@@ -57,6 +62,32 @@ def b64(data):
 
 def gzb64(data):
     return b64(gzip.compress(data, mtime=0))  # the same bytes every second
+
+
+async def raw_exchange(port, head, body=b'', timeout=30, host='127.0.0.1'):
+    """One request written as given over TLS (a `head` without the blank
+    line that ends it, then `body`, which may be partial or never sent),
+    for what `requests` cannot send: returns (status, headers, body) of
+    the reply, or raises if none comes within `timeout` s. A server that
+    hangs up while we still write is fine if it answered first."""
+    ctx = ssl.create_default_context(cafile=certs()['ca'])
+    stream = await TCPClient().connect(host, port, ssl_options=ctx)
+    try:
+        try:
+            await stream.write(head.encode('latin-1') + b'\r\n\r\n' + body)
+        except StreamClosedError:
+            pass
+        raw = await asyncio.wait_for(stream.read_until(b'\r\n\r\n'),
+                                     timeout)
+        lines = raw.decode('latin-1').split('\r\n')
+        status = int(lines[0].split()[1])
+        headers = httputil.HTTPHeaders.parse('\r\n'.join(lines[1:]))
+        length = int(headers.get('Content-Length', 0))
+        data = await asyncio.wait_for(stream.read_bytes(length), timeout) \
+            if length else b''
+        return status, headers, data
+    finally:
+        stream.close()
 
 
 class TimedOut(AssertionError):

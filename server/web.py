@@ -8,8 +8,9 @@ into JSON. Nothing a client sends may end in a 500 or an HTML page.
 """
 import base64
 import binascii
-import gzip
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import re
@@ -17,10 +18,9 @@ import time
 import zlib
 
 import tornado.web
-from tornado import httputil
 from tornado.web import HTTPError
 
-from server import tls, tokens
+from server import threads, tls, tokens
 
 
 def _no_constant(name):
@@ -57,87 +57,174 @@ class APIError(HTTPError):
         self.message = message
 
 
-FILE_NAME = re.compile(r'^[A-Za-z0-9._-]{1,128}$')
+FILE_NAME = re.compile(r'[A-Za-z0-9._-]{1,128}')
+
+
+class TooLarge(APIError):
+    """A body, a decoded file or a count over its configured limit: 413,
+    and nothing of the request is stored."""
+
+    def __init__(self, message):
+        super().__init__(413, message)
 
 
 def check_file_name(name):
-    if not isinstance(name, str) or not FILE_NAME.match(name) \
+    if not isinstance(name, str) or not FILE_NAME.fullmatch(name) \
             or name in ('.', '..') or '..' in name:
         raise APIError(400, 'bad file name %r: plain names of '
                         '[A-Za-z0-9._-], at most 128 characters' % (name,))
     return name
 
 
-def decode_file(name, value):
-    """The bytes a JSON file string stands for: `.b64` is base64, `.gz.b64`
-    base64 of gzip. Returns (name without those suffixes, bytes)."""
+class Offload(Exception):
+    """Too much to decode on the event loop: do it again in a thread."""
+
+
+class Budget:
+    """The decoded bytes a request may still produce: at most `per_file`
+    for one file and `total` for all of them. An inline budget stands for
+    the event loop: past it the decoding is redone in a thread with the
+    real budget (Offload), instead of a 413."""
+
+    def __init__(self, per_file, total, inline=False):
+        self.per_file, self.inline = per_file, inline
+        self.total = self.left = total
+
+    def check(self, name, size):
+        """`size` bytes of file `name` so far: still within both limits?"""
+        if size <= self.per_file and size <= self.left:
+            return
+        if self.inline:
+            raise Offload()
+        if size > self.per_file:
+            raise TooLarge('file %s decodes to over %d bytes (the limit '
+                           'per file)' % (name, self.per_file))
+        raise TooLarge('the files decode to over %d bytes (the limit per '
+                       'request), file %s reaching it' % (self.total, name))
+
+    def spend(self, name, size):
+        self.check(name, size)
+        self.left -= size
+
+
+INFLATE_STEP = 1 << 20   # bytes of output per step of a streamed gunzip
+
+
+def _inflate(name, data, budget):
+    """Yield the gunzipped bytes of `data` a step at a time, never past the
+    budget, so a small bomb cannot take memory. Concatenated members make
+    one file, as with gzip.decompress."""
+    size = 0
+    while True:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+        while not inflater.eof:
+            try:
+                part = inflater.decompress(data, INFLATE_STEP)
+            except zlib.error:
+                raise APIError(400, 'file %s.gz.b64 is not valid gzip' % name)
+            data = inflater.unconsumed_tail
+            if not part and not data:
+                raise APIError(400, 'file %s.gz.b64 is not valid gzip '
+                               '(truncated)' % name)
+            size += len(part)
+            budget.check(name, size)
+            yield part
+        data = inflater.unused_data
+        if not data:
+            break
+    budget.spend(name, size)
+
+
+def _whole(name, data, budget):
+    budget.spend(name, len(data))
+    yield data
+
+
+def decode_pieces(name, value, budget):
+    """What a JSON file string stands for: `.b64` is base64, `.gz.b64`
+    base64 of gzip. Returns (name without those suffixes, an iterator of
+    its decoded bytes, which raises 413 past the budget); the name and the
+    base64 are checked now (400)."""
     check_file_name(name)
     if not isinstance(value, str):
         raise APIError(400, 'file %s must be a string' % name)
     if not name.endswith('.b64'):
-        return name, value.encode('utf-8')
+        return name, _whole(name, value.encode('utf-8'), budget)
     name = name[:-4]
+    if not name or name == '.gz':
+        raise APIError(400, 'bad file name: nothing before .b64')
     try:
         data = b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise APIError(400, 'file %s.b64 is not valid base64' % name)
     if name.endswith('.gz'):
-        name = name[:-3]
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error):
-            raise APIError(400, 'file %s.gz.b64 is not valid gzip'
-                            % name)
-    if not name:
-        raise APIError(400, 'bad file name: nothing before .b64')
-    return name, data
+        return name[:-3], _inflate(name[:-3], data, budget)
+    return name, _whole(name, data, budget)
 
 
-def decode_files(files):
-    """{name without transport suffixes: bytes} of a checked `{name: str}`
-    dict; 400 if two files decode to the same name."""
+def gunzip(name, data, budget, keep=True):
+    """The gunzipped bytes of `data`, or None unless `keep` (then only
+    the size is checked)."""
+    return _collect(_inflate(name, data, budget), keep)
+
+
+def _collect(pieces, keep):
+    if keep:
+        return b''.join(pieces)
+    for _ in pieces:
+        pass
+    return None
+
+
+def decode_file(name, value, budget, keep=True):
+    """(name without the transport suffixes, the decoded bytes or None
+    unless `keep`): see decode_pieces."""
+    name, pieces = decode_pieces(name, value, budget)
+    return name, _collect(pieces, keep)
+
+
+def decoded_streams(files, budget):
+    """{decoded name: iterator of its bytes} of checked `files`, for
+    writing as they decode (see decode_pieces); 400 if two files decode to
+    the same name."""
     out = {}
     for name, value in files.items():
-        plain, data = decode_file(name, value)
+        plain, pieces = decode_pieces(name, value, budget)
         if plain in out:
             raise APIError(400, 'two files decode to the name %s' % plain)
-        out[plain] = data
+        out[plain] = pieces
     return out
-
-
-def check_encoded(files, what='files', allow_empty=False):
-    """check_files, and 400 unless every `.b64` / `.gz.b64` file decodes."""
-    check_files(files, what, allow_empty)
-    for name, value in files.items():
-        decode_file(name, value)
-    return files
 
 
 # Ids as both servers take them: a target id is a uuid4 made by the CC, a
 # stream id `<uuid4>:<ws name>` made by its WS.
 _UUID4 = (r'[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}'
           r'-[0-9a-f]{12}')
-TARGET_ID = re.compile(r'^%s$' % _UUID4)
-STREAM_ID = re.compile(r'^%s:[A-Za-z0-9._-]{1,64}$' % _UUID4)
+TARGET_ID = re.compile(_UUID4)
+STREAM_ID = re.compile(r'%s:[A-Za-z0-9._-]{1,64}' % _UUID4)
 
 
 def check_target_id(target_id):
-    if not isinstance(target_id, str) or not TARGET_ID.match(target_id):
+    if not isinstance(target_id, str) or not TARGET_ID.fullmatch(target_id):
         raise APIError(400, 'malformed target id %r' % (target_id,))
     return target_id
 
 
 def check_stream_id(stream_id):
-    if not isinstance(stream_id, str) or not STREAM_ID.match(stream_id):
+    if not isinstance(stream_id, str) or not STREAM_ID.fullmatch(stream_id):
         raise APIError(400, 'malformed stream id %r' % (stream_id,))
     return stream_id
 
 
-def check_files(files, what='files', allow_empty=False):
-    """A `{name: str}` dict with valid names (values are not decoded)."""
+def check_files(files, what='files', allow_empty=False, max_files=None):
+    """A `{name: str}` dict with valid names (values are not decoded) and
+    at most `max_files` entries (413 above)."""
     if not isinstance(files, dict) or (not files and not allow_empty):
         raise APIError(400, '%s must be a non-empty object of '
                         '{name: string}' % what)
+    if max_files is not None and len(files) > max_files:
+        raise TooLarge('%s has %d files: the limit is %d'
+                       % (what, len(files), max_files))
     for name, value in files.items():
         check_file_name(name)
         if not isinstance(value, str):
@@ -166,6 +253,44 @@ def check_tags(tags):
     return tags
 
 
+def _decode_all(groups, budget, keep):
+    return [{name: _collect(pieces, keep) for name, pieces in
+             decoded_streams(files, budget).items()} for files in groups]
+
+
+INLINE_DECODE_MAX = 256 * 1024  # bytes decoded on the event loop, at most
+
+
+async def bounded(config, encoded, work, pool=threads.cpu):
+    """`work(budget)` with a Budget of the configured decoded sizes
+    (`max_decoded_file_size`, `max_decoded_request_size`): on the event
+    loop while `encoded` (bytes of file text) and what it decodes to are
+    small (a thread hop costs more), else in `pool`. Work cut short on the
+    loop (Offload) is done again in the pool, so it must undo itself when
+    it raises."""
+    per_file = config['max_decoded_file_size']
+    total = config['max_decoded_request_size']
+    if encoded <= INLINE_DECODE_MAX:
+        try:
+            return work(Budget(min(per_file, INLINE_DECODE_MAX),
+                               min(total, INLINE_DECODE_MAX), inline=True))
+        except Offload:
+            pass
+    return await pool(work, Budget(per_file, total))
+
+
+def encoded_size(*groups):
+    return sum(len(v) for files in groups for v in files.values())
+
+
+async def decode_files(config, *groups, keep=True):
+    """[{decoded name: bytes (None unless `keep`)}] of each checked dict of
+    files in `groups`, all of them within the configured decoded sizes;
+    400 if two files of a group decode to the same name."""
+    return await bounded(config, encoded_size(*groups),
+                         lambda budget: _decode_all(groups, budget, keep))
+
+
 class App(tornado.web.Application):
     """A Tornado app with the server's settings and its Redis client.
     `on_start`/`on_stop` run in worker 0 only: periodic jobs and
@@ -179,11 +304,6 @@ class App(tornado.web.Application):
         super().__init__(handlers, default_handler_class=NotFoundHandler,
                          log_function=log_request, compress_response=False,
                          serve_traceback=False)
-
-    def start_request(self, server_conn, request_conn):
-        return _BodyLimit(self, super().start_request(server_conn,
-                                                      request_conn),
-                          request_conn)
 
     async def on_start(self):
         """Start background jobs (worker 0)."""
@@ -199,56 +319,21 @@ class App(tornado.web.Application):
         """Once, in the master, before any worker is forked."""
 
 
-class _BodyLimit(httputil.HTTPMessageDelegate):
-    """Answers a declared Content-Length over `max_body_size` with a JSON
-    413 (Tornado alone sends a bare 400 and hangs up). The body is read and
-    dropped first, so the client, still sending, gets the reply instead of
-    a reset; a body over DRAIN_MAX is not read: reply and hang up."""
+def http_server_options(settings):
+    """Tornado HTTPServer options of a server: slow clients are cut (the
+    headers of a request, or the wait for the next one, within
+    `header_timeout_in_s`; its body within `body_timeout_in_s`). Bodies are
+    bounded per endpoint by APIHandler, which refuses early with a JSON
+    413; the server-wide bound only has to be above every endpoint's."""
+    return {'idle_connection_timeout': settings['header_timeout_in_s'],
+            'body_timeout': settings['body_timeout_in_s'],
+            'max_body_size': max(settings[k] for k in BODY_LIMITS
+                                 if k in settings) + 1}
 
-    DRAIN_MAX = 1 << 30
 
-    def __init__(self, app, delegate, connection):
-        self.limit = app.config['max_body_size']
-        self.delegate = delegate
-        self.connection = connection
-        self.refused = None
-
-    def headers_received(self, start_line, headers):
-        length = headers.get('Content-Length', '')
-        if not (length.isdigit() and int(length) > self.limit):
-            return self.delegate.headers_received(start_line, headers)
-        self.refused = (start_line, int(length))
-        # Let Tornado take (and drop) the body rather than refuse it itself.
-        self.connection.set_max_body_size(int(length))
-        if int(length) > self.DRAIN_MAX:
-            self._reply()
-
-    def _reply(self):
-        start_line, length = self.refused
-        body = json.dumps({'error': 'body of %d bytes is over the limit of '
-                           '%d bytes' % (length, self.limit)}).encode()
-        self.connection.write_headers(
-            httputil.ResponseStartLine('HTTP/1.1', 413, 'Payload Too Large'),
-            httputil.HTTPHeaders({
-                'Content-Type': 'application/json; charset=UTF-8',
-                'Content-Length': str(len(body))}), body)
-        self.connection.finish()
-        access_log.warning('413 %s %s', start_line.method,
-                           start_line.path.split('?')[0])
-
-    def data_received(self, chunk):
-        if self.refused is None:
-            return self.delegate.data_received(chunk)
-
-    def finish(self):
-        if self.refused is None:
-            self.delegate.finish()
-        else:
-            self._reply()
-
-    def on_connection_close(self):
-        if self.refused is None:
-            self.delegate.on_connection_close()
+# The config keys of the body limits; an endpoint names its own.
+BODY_LIMITS = ('max_small_body_size', 'max_body_size',
+               'max_frame_body_size', 'max_checkpoint_body_size')
 
 
 def log_request(handler):
@@ -288,10 +373,60 @@ def _has_lone_surrogate(obj):
     return False
 
 
-class APIHandler(tornado.web.RequestHandler):
-    """Base of every JSON endpoint."""
+def _after_body(method, parse):
+    """Wrap an HTTP method to run once the body is in: not at all for a
+    request refused before (the reply is out: finish it), and for PUT and
+    POST (`parse`) after the body is checked (Content-MD5) and parsed, so a
+    malformed body is a 400 even where no field is read."""
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        self.body_read = True
+        if self.refused:
+            if not self._finished:
+                self.finish()
+            return None
+        if parse:
+            self.body_received()
+        result = method(self, *args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+    wrapper.after_body = True
+    return wrapper
 
+
+# Bytes of a refused body read (and dropped) before hanging up, when the
+# declared length is over the limit or unknown: enough that a client still
+# sending usually reads our reply rather than a reset.
+LINGER_MAX = 1 << 20
+
+
+@tornado.web.stream_request_body
+class APIHandler(tornado.web.RequestHandler):
+    """Base of every JSON endpoint. The body is streamed in, so that in
+    `prepare`, before any byte of it is read, a declared Content-Length
+    over this endpoint's limit (`body_limit`, a config key) is a 413 and
+    `authenticate()` runs (401, 403); a body that turns out longer
+    (chunked) is a 413 at the limit. A refusal is answered at once; the
+    rest of the body is then read and dropped (never kept) up to the
+    endpoint's limit (LINGER_MAX when it was too long), so the client
+    reads the reply, then the connection is closed."""
+
+    body_limit = 'max_small_body_size'
     _body = None
+    _declared = None  # the Content-Length, if any
+    body_md5 = None
+    refused = False
+    body_read = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in ('get', 'put', 'post', 'delete'):
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, 'after_body',
+                                                  False):
+                setattr(cls, name, _after_body(method, name in ('put',
+                                                                'post')))
 
     @property
     def redis(self):
@@ -308,14 +443,83 @@ class APIHandler(tornado.web.RequestHandler):
     def check_xsrf_cookie(self):
         pass
 
-    body_md5 = None
+    async def prepare(self):
+        self._chunks = []
+        self._size = 0
+        self._limit = self.config[self.body_limit]
+        # Bodies are measured here and as they come (data_received, also
+        # for chunked ones), not by Tornado, which would answer a bare 400.
+        self.request.connection.set_max_body_size(1 << 62)
+        length = self.request.headers.get('Content-Length', '')
+        if length.isascii() and length.isdigit():
+            self._declared = int(length) if len(length) < 19 else 1 << 62
+        try:
+            if self._declared is not None and self._declared > self._limit:
+                raise TooLarge('body of %s bytes is over the limit of %d '
+                               'bytes' % (length, self._limit))
+            await self.authenticate()
+        except APIError as e:
+            await self.refuse(e)
 
-    def prepare(self):
+    async def authenticate(self):
+        """Check the credentials from the headers, before the body is read
+        (401/403); subclasses that need any override it."""
+
+    def finish(self, chunk=None):
+        if not self.body_read:
+            # Answered before the body was read: Tornado hangs up after the
+            # reply, so tell the client not to send more on this connection.
+            self.set_header('Connection', 'close')
+        return super().finish(chunk)
+
+    def refuse(self, error):
+        """Answer `error` now, before the body is read: it is dropped as it
+        comes (at most a bound of it: see the class) and the request ends
+        with it. Returns the flush of the reply."""
+        self.refused = True
+        self._error_message = error.message
+        self._chunks = None
+        length = self._declared
+        self._linger = length if length is not None \
+            and length <= self._limit else LINGER_MAX
+        self._size = 0
+        self.clear()
+        self.set_header('Connection', 'close')
+        self.set_status(error.status_code)
+        data = json.dumps({'error': error.message}).encode()
+        self.set_header('Content-Length', len(data))
+        self.write(data)
+        if length == 0 or (length is None and 'chunked' not in
+                            self.request.headers.get('Transfer-Encoding',
+                                                     '').lower()):
+            return self.finish()  # no body is coming
+        return self.flush()
+
+    def data_received(self, chunk):
+        if self._finished:
+            return None  # the connection closes
+        self._size += len(chunk)
+        if self.refused:
+            if self._size > self._linger:
+                self.finish()  # enough: hang up
+            return None
+        if self._size > self._limit:
+            return self.refuse(TooLarge('body is over the limit of %d bytes'
+                                        % self._limit))
+        self._chunks.append(chunk)
+        return None
+
+    def body_received(self):
+        """The whole body is in: keep it as request.body, check its
+        Content-MD5, parse it."""
+        self.request.body = b''.join(self._chunks)
+        self._chunks = None
         md5 = self.request.headers.get('Content-MD5')
-        if md5 is not None and self.request.body is not None:
+        if md5 is not None:
             self.body_md5 = hashlib.md5(self.request.body).hexdigest()
             if self.body_md5 != md5.strip().lower():
                 raise APIError(400, 'Content-MD5 does not match body')
+        self.body
 
     @property
     def body(self):
@@ -360,11 +564,6 @@ class APIHandler(tornado.web.RequestHandler):
             value = value[7:].strip()
         return value or None
 
-    def read_body_now(self):
-        """A malformed body is a 400 even where no field is read."""
-        if self.request.method in ('PUT', 'POST'):
-            self.body
-
     def write_json(self, obj, status=200):
         self.set_status(status)
         self.finish(b'{}' if not obj and type(obj) is dict
@@ -400,15 +599,13 @@ class PeerHandler(APIHandler):
     def is_peer(self):
         return tokens.matches_any(self.token(), self.peer_passes())
 
-    def prepare(self):
-        super().prepare()
+    async def authenticate(self):
         if not self.is_peer():
             raise APIError(401, 'missing or wrong cc_pass')
-        self.read_body_now()
 
 
 class NotFoundHandler(APIHandler):
-    def prepare(self):
+    async def prepare(self):
         raise APIError(404, 'no such endpoint: %s %s'
                         % (self.request.method, self.request.path))
 

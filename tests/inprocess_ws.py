@@ -19,7 +19,7 @@ import json
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from server import store, tls
+from server import store, tls, web
 from server.testing import CC_PASS, settings
 from server.tokens import token_hash
 from server.ws.app import WorkServer
@@ -69,7 +69,7 @@ class InProcessWS:
         self.app = RecordingWorkServer(self.settings, self.redis, self.calls)
         self.server = HTTPServer(self.app,
                                  ssl_options=tls.server_context(self.settings),
-                                 max_body_size=self.settings['max_body_size'])
+                                 **web.http_server_options(self.settings))
         self.server.add_sockets(bind_sockets(self.port, '127.0.0.1'))
         return self
 

@@ -4,8 +4,18 @@ import hashlib
 import json
 import logging
 
-from server.testing import AppTestCase
-from server.web import APIHandler, App, HealthHandler, decode_file
+from server.testing import AppTestCase, raw_exchange
+from server.web import (
+    APIError,
+    APIHandler,
+    App,
+    Budget,
+    HealthHandler,
+    TooLarge,
+    check_files,
+    decode_files,
+    gunzip,
+)
 
 
 class Echo(APIHandler):
@@ -19,35 +29,90 @@ class Echo(APIHandler):
 
 
 class Files(APIHandler):
+    body_limit = 'max_body_size'
+
+    async def put(self):
+        files = check_files(self.field('files', dict), max_files=3)
+        decoded, = await decode_files(self.config, files)
+        self.write_json({k: v.decode() for k, v in decoded.items()})
+
+
+class Guarded(APIHandler):
+    """Credentials checked before the body: only the token `ok` passes."""
+
+    async def authenticate(self):
+        if self.token() != 'ok':
+            raise APIError(401, 'bad token')
+
     def put(self):
-        out = {}
-        for name, value in self.field('files', dict).items():
-            stripped, data = decode_file(name, value)
-            out[stripped] = data.decode()
-        self.write_json(out)
+        self.write_json({'n': self.field('n', int)})
 
 
 class TestApp(App):
     def __init__(self, settings, redis, task_id=0):
         super().__init__([(r'/', HealthHandler), (r'/echo', Echo),
-                          (r'/files', Files)], settings, redis, task_id)
+                          (r'/files', Files), (r'/guarded', Guarded)],
+                         settings, redis, task_id)
 
 
 class TestBaseHandler(AppTestCase):
     kind = 'cc'
     app_class = TestApp
-    conf = {'max_body_size': 1000}
+    conf = {'max_small_body_size': 1000, 'max_body_size': 100000,
+            'max_decoded_file_size': 5000, 'max_decoded_request_size': 8000}
 
-    def get_httpserver_options(self):
-        return dict(super().get_httpserver_options(), max_body_size=1000)
+    def raw(self, head, body=b''):
+        return self.io_loop.run_sync(lambda: raw_exchange(
+            self.get_http_port(), head, body, host='localhost'))
 
     def test_body_over_limit_is_413_json(self):
-        for size in (2000, 3 << 20):  # the client is still sending
-            code, body = self.fetch_json('/echo', 'PUT', {'n': 1, 'tags': [
-                'x' * size]})
-            self.assertEqual(code, 413)
-            self.assertIn('over the limit of 1000', body['error'])
+        code, body = self.fetch_json('/echo', 'PUT', {'n': 1, 'tags': [
+            'x' * 2000]})
+        self.assertEqual(code, 413)
+        self.assertIn('over the limit of 1000', body['error'])
         self.assertEqual(self.fetch_json('/echo', 'PUT', {'n': 1})[0], 200)
+        # Each endpoint its own limit: /files takes 100000.
+        self.assertEqual(self.fetch_json('/files', 'PUT', {'files': {
+            'a': 'x' * 2000}})[0], 200)
+
+    def test_declared_length_over_limit_is_refused_unread(self):
+        # Only the head is sent: the 413 comes without waiting for a body
+        # (before, up to 1 GiB was read and dropped first).
+        for length in ('1001', str(1 << 29), '9' * 30):
+            status, headers, body = self.raw(
+                'PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: ' + length)
+            self.assertEqual(status, 413, length)
+            self.assertIn('over the limit of 1000', json.loads(body)['error'])
+            self.assertEqual(headers['Content-Type'].split(';')[0],
+                             'application/json')
+
+    def test_chunked_body_over_limit_stops_at_the_limit(self):
+        head = 'PUT /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked'
+        chunk = b'%x\r\n%s\r\n' % (600, b'x' * 600)
+        status, _, body = self.raw(head, chunk * 3 + b'0\r\n\r\n')
+        self.assertEqual(status, 413)
+        self.assertIn('over the limit of 1000', json.loads(body)['error'])
+        ok = json.dumps({'n': 2}).encode()
+        status, _, body = self.raw(head, b'%x\r\n%s\r\n0\r\n\r\n'
+                                   % (len(ok), ok))
+        self.assertEqual((status, json.loads(body)), (200, {
+            'n': 2, 'tags': [], 'token': None}))
+
+    def test_credentials_before_the_body(self):
+        # A head promising 900 bytes and no body: the 401 comes at once.
+        for token in ('', 'Authorization: nope\r\n'):
+            status, _, body = self.raw(
+                'PUT /guarded HTTP/1.1\r\nHost: x\r\n%sContent-Length: 900'
+                % token)
+            self.assertEqual(status, 401)
+            self.assertEqual(json.loads(body), {'error': 'bad token'})
+        # Whatever the body: a malformed one is still a 401.
+        self.assertEqual(self.fetch_json('/guarded', 'PUT', '{', token='x'),
+                         (401, {'error': 'bad token'}))
+        self.assertEqual(self.fetch_json('/guarded', 'PUT', {'n': 1},
+                                         token='ok'), (200, {'n': 1}))
+        self.assertEqual(self.fetch_json('/guarded', 'PUT', '{',
+                                         token='ok')[0], 400)
 
     def test_health(self):
         code, body = self.fetch_json('/')
@@ -110,10 +175,39 @@ class TestBaseHandler(AppTestCase):
                                               'c.txt': 'world'}))
         for files in ({'../x': 'a'}, {'a/b': 'a'}, {'x' * 129: 'a'},
                       {'a.b64': '!!!'}, {'a.gz.b64': b64}, {'a': 1},
-                      {'.b64': b64}, {'': 'a'}):
+                      {'.b64': b64}, {'': 'a'}, {'evil\n': 'a'},
+                      {'a.gz.b64': gz[:-8]}, {'.gz.b64': gz},
+                      {'a.b64': b64, 'a': 'x'}):
             code, body = self.fetch_json('/files', 'PUT', {'files': files})
             self.assertEqual(code, 400, files)
             self.assertIn('error', body)
+
+    def test_decoded_sizes_are_bounded(self):
+        import base64
+        import gzip
+        def gz(n):
+            return base64.b64encode(gzip.compress(b'\0' * n)).decode()
+        two = base64.b64encode(gzip.compress(b'ab') + gzip.compress(b'cd'))
+        self.assertEqual(self.fetch_json('/files', 'PUT', {'files': {
+            'a.gz.b64': gz(5000), 'm.gz.b64': two.decode()}})[1]['m'], 'abcd')
+        for files, word in (({'a.gz.b64': gz(5001)}, 'limit per file'),
+                            ({'a.gz.b64': gz(4000), 'b.gz.b64': gz(4001)},
+                             'limit per request'),
+                            ({'a.b64': base64.b64encode(b'x' * 5001).decode()},
+                             'limit per file'),
+                            ({'a': 'x', 'b': 'y', 'c': 'z', 'd': 'w'},
+                             'the limit is 3')):
+            code, body = self.fetch_json('/files', 'PUT', {'files': files})
+            self.assertEqual(code, 413, files)
+            self.assertIn(word, body['error'])
+
+    def test_gunzip_stops_at_the_budget(self):
+        import gzip
+        bomb = gzip.compress(b'\0' * (64 << 20))  # 64 MiB in 64 KB
+        with self.assertRaises(TooLarge):
+            gunzip('bomb', bomb, Budget(1 << 20, 1 << 30))
+        self.assertIsNone(gunzip('bomb', bomb, Budget(1 << 30, 1 << 30),
+                                 keep=False))
 
     def test_request_log_has_no_token(self):
         with self.assertLogs('siegetank.access', logging.DEBUG) as logs:

@@ -29,8 +29,8 @@ log = logging.getLogger('siegetank.cc.accounts')
 
 ROLES = ('admin', 'manager')
 SCRYPT = {'n': 2 ** 14, 'r': 8, 'p': 1}
-EMAIL = re.compile(r'^[^@\s/]{1,128}@[^@\s/]{1,128}$')
-USERNAME = re.compile(r'^[A-Za-z0-9._@+-]{1,64}$')
+EMAIL = re.compile(r'[^@\s/]{1,128}@[^@\s/]{1,128}')
+USERNAME = re.compile(r'[A-Za-z0-9._@+-]{1,64}')
 MAX_PASSWORD = 1024
 
 
@@ -138,7 +138,8 @@ async def auth_manager(app, email, password):
 _MANAGER_OF = Script("""
 local email = redis.call('GET', KEYS[1])
 if not email then return false end
-local h = redis.call('HMGET', string.format(ARGV[1], email), 'role', 'weight')
+local h = redis.call('HMGET', string.format(ARGV[1], redis.sha1hex(email)),
+                     'role', 'weight')
 if not h[1] then return false end
 return {email, h[1], h[2] or '1'}
 """)
@@ -188,18 +189,29 @@ def is_loopback(address):
 
 
 class AccountHandler(APIHandler):
-    """Base of every handler that knows managers."""
+    """Base of every handler that knows managers. Before the body is read,
+    a token given is checked (401 if unknown) and one is required for the
+    HTTP methods in `manager_methods`."""
+
+    manager_methods = ()
+    _manager = False  # not looked up yet
+
+    async def authenticate(self):
+        if self.token() is not None \
+                or self.request.method in self.manager_methods:
+            await self.require_manager()
 
     async def manager(self):
         """The caller's Manager, None without a token; 401 for an unknown
-        token."""
-        token = self.token()
-        if token is None:
-            return None
-        m = await manager_of(self.application, token)
-        if m is None:
-            raise APIError(401, 'unknown or expired manager token')
-        return m
+        token. Looked up once per request."""
+        if self._manager is False:
+            token = self.token()
+            m = None if token is None \
+                else await manager_of(self.application, token)
+            if token is not None and m is None:
+                raise APIError(401, 'unknown or expired manager token')
+            self._manager = m
+        return self._manager
 
     async def require_manager(self):
         m = await self.manager()
@@ -225,7 +237,7 @@ class AccountHandler(APIHandler):
                           check=lambda p: 0 < len(p) <= MAX_PASSWORD)
 
     def email(self):
-        return self.field('email', str, check=EMAIL.match).lower()
+        return self.field('email', str, check=EMAIL.fullmatch).lower()
 
 
 def valid_weight(w):
@@ -236,9 +248,15 @@ def valid_weight(w):
         return False
 
 
-class ManagersHandler(AccountHandler):
-    async def post(self):
+class CreatorHandler(AccountHandler):
+    """Account creation: the creator is checked before the body."""
+
+    async def authenticate(self):
         await self.require_creator()
+
+
+class ManagersHandler(CreatorHandler):
+    async def post(self):
         email = self.email()
         password = self.password()
         role = self.field('role', str, check=lambda r: r in ROLES)
@@ -251,7 +269,14 @@ class ManagersHandler(AccountHandler):
         self.write_json({'token': token})
 
 
-class ManagerAuthHandler(AccountHandler):
+class LoginHandler(AccountHandler):
+    """Logging in takes no token (a stale one sent along is ignored)."""
+
+    async def authenticate(self):
+        pass
+
+
+class ManagerAuthHandler(LoginHandler):
     async def post(self):
         email = self.email()
         password = self.password()
@@ -261,10 +286,9 @@ class ManagerAuthHandler(AccountHandler):
         self.write_json({'token': token})
 
 
-class DonorsHandler(AccountHandler):
+class DonorsHandler(CreatorHandler):
     async def post(self):
-        await self.require_creator()
-        username = self.field('username', str, check=USERNAME.match)
+        username = self.field('username', str, check=USERNAME.fullmatch)
         email = self.email()
         password = self.password()
         token = await create_donor(self.application, username, email,
@@ -275,9 +299,9 @@ class DonorsHandler(AccountHandler):
         self.write_json({'token': token})
 
 
-class DonorAuthHandler(AccountHandler):
+class DonorAuthHandler(LoginHandler):
     async def post(self):
-        username = self.field('username', str, check=USERNAME.match)
+        username = self.field('username', str, check=USERNAME.fullmatch)
         password = self.password()
         token = await auth_donor(self.application, username, password)
         if token is None:

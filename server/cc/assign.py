@@ -161,7 +161,7 @@ async def assign(app, engine, version, stages, donor_token, target_id=None):
 
 class AssignHandler(APIHandler):
     async def post(self):
-        engine = self.field('engine', str, check=targets.ENGINE.match)
+        engine = self.field('engine', str, check=targets.ENGINE.fullmatch)
         version = self.field('engine_version', str,
                              check=lambda v: 0 < len(v) <= 64)
         self.field('core_version', str, None)

@@ -12,19 +12,19 @@ target and WS each stream belongs to, and per-target per-WS counts.
                                after a goodbye)
     ws:<name>:pending_deletes  set of target ids deleted while the WS did
                                not answer
-    manager:<email>            hash: email, role, weight, password
+    manager:<email id>         hash: email, role, weight, password
                                (scrypt), token (sha256 hex)
     manager_token:<sha256>     string: email of the manager of the token
     donor:<username>           hash: username, email, password (scrypt),
                                token (sha256 hex)
-    donor_email:<email>        string: username of the donor with this
+    donor_email:<email id>     string: username of the donor with this
                                email (uniqueness)
     donor_token:<sha256>       string: username of the donor of the token
     targets                    set of every target id
     target:<id>                hash: owner, description, creation_date,
                                stage, engine, weight and JSON fields
                                engine_versions, allowed_ws, options, files
-    manager:<email>:targets    set of the target ids a manager owns
+    manager:<email id>:targets set of the target ids a manager owns
     targets:stage:<stage>      set of the target ids in a stage (private,
                                beta, public)
     target:<id>:ws             hash: ws name -> number of the target's
@@ -36,20 +36,37 @@ target and WS each stream belongs to, and per-target per-WS counts.
 `keys.ws(name)` is a key; `keys.ws.template` is the same key with '%s' in
 place of the name, for a Lua script that walks from one key to another
 (`string.format`), so that every name stays defined here.
+
+An email goes into a key as its id, sha1(email) in hex, never as text: an
+email may hold `:` and must not make one key look like another
+(`manager:<email>` against `manager:<email>:targets`). Lua reaches the same
+key with `string.format(template, redis.sha1hex(email))`. Other names in
+keys match patterns without `:` (usernames, WS names) or are ids the
+servers make.
 """
+import hashlib
+
 from server.store import Key
+
+
+class EmailKey(Key):
+    """A key named by an email: `key(email)` puts in its id."""
+
+    def __call__(self, email):
+        return self.template % hashlib.sha1(email.encode('utf-8')).hexdigest()
+
 
 WORKSERVERS = 'workservers'
 TARGETS = 'targets'
 ws = Key('ws:%s')
 ws_pending_deletes = Key('ws:%s:pending_deletes')
-manager = Key('manager:%s')
+manager = EmailKey('manager:%s')
 manager_token = Key('manager_token:%s')
 donor = Key('donor:%s')
-donor_email = Key('donor_email:%s')
+donor_email = EmailKey('donor_email:%s')
 donor_token = Key('donor_token:%s')
 target = Key('target:%s')
-owner_targets = Key('manager:%s:targets')
+owner_targets = EmailKey('manager:%s:targets')
 stage_targets = Key('targets:stage:%s')
 target_ws = Key('target:%s:ws')
 target_ws_files = Key('target:%s:ws_files')

@@ -30,15 +30,21 @@ log = logging.getLogger('siegetank.cc.streams')
 # Reserve one stream slot on the online WS holding fewest streams of the
 # target, in one step. KEYS: the target, its per-WS counts, the WS holding
 # its files, every WS. ARGV: the WS key template, a random offset (ties
-# go to the first name from there), k, k names to leave out, then the
-# allowed names (none: any). Returns nil if the target is gone, {} if no
-# WS can take it, else {ws, url, http_port, 1 if it has the files}.
+# go to the first name from there), the most streams a target may have,
+# k, k names to leave out, then the allowed names (none: any). Returns nil
+# if the target is gone, -1 if it has the most streams it may have, {} if
+# no WS can take it, else {ws, url, http_port, 1 if it has the files}.
 _RESERVE = Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local k = tonumber(ARGV[3])
+local total = 0
+for _, c in ipairs(redis.call('HVALS', KEYS[2])) do
+  total = total + tonumber(c)
+end
+if total >= tonumber(ARGV[3]) then return -1 end
+local k = tonumber(ARGV[4])
 local skip, allowed, any = {}, {}, true
-for i = 4, 3 + k do skip[ARGV[i]] = true end
-for i = 4 + k, #ARGV do allowed[ARGV[i]] = true any = false end
+for i = 5, 4 + k do skip[ARGV[i]] = true end
+for i = 5 + k, #ARGV do allowed[ARGV[i]] = true any = false end
 local names = redis.call('SMEMBERS', KEYS[4])
 table.sort(names)
 local n = #names
@@ -126,7 +132,7 @@ async def _post_to(app, ws, base, has_files, target, files, tags):
     if reply.code == 200:
         sid = reply.body.get('stream_id') if isinstance(reply.body, dict) \
             else None
-        if not isinstance(sid, str) or not STREAM_ID.match(sid) \
+        if not isinstance(sid, str) or not STREAM_ID.fullmatch(sid) \
                 or ws_of(sid) != ws:
             raise PlacementFailed('%s returned a bad stream id %r' % (ws, sid))
         return sid
@@ -144,10 +150,15 @@ async def place(app, target, files, tags=None):
         reserved = await _RESERVE(
             redis, [keys.target(tid), keys.target_ws(tid),
                     keys.target_ws_files(tid), keys.WORKSERVERS],
-            [keys.ws.template, random.randrange(1 << 30), len(failed),
+            [keys.ws.template, random.randrange(1 << 30),
+             app.config['max_streams_per_target'], len(failed),
              *failed, *(target['allowed_ws'] or ())])
         if reserved is None:
             raise APIError(404, 'no such target %s' % tid)
+        if reserved == -1:
+            raise APIError(409, 'target %s has %d streams: the most a target '
+                           'may have' % (tid, app.config[
+                               'max_streams_per_target']))
         if not reserved:
             raise APIError(503, 'no online workserver can take a stream of '
                            'target %s' % tid)
@@ -155,16 +166,15 @@ async def place(app, target, files, tags=None):
         try:
             sid = await _post_to(app, ws, 'https://%s:%s' % (url, port),
                                  has_files == 1, target, files, tags)
-        except PlacementFailed as e:
-            log.warning('placing a stream of %s on %s failed: %s', tid, ws, e)
+        except BaseException as e:  # a failure of any kind (a bug, a
+            # cancellation, a reply we cannot read): the slot goes back
             await _UNRESERVE(redis, [keys.target(tid), keys.target_ws(tid)],
                              [ws])
+            if not isinstance(e, PlacementFailed):
+                raise
+            log.warning('placing a stream of %s on %s failed: %s', tid, ws, e)
             failed.append(ws)
             continue
-        except APIError:
-            await _UNRESERVE(redis, [keys.target(tid), keys.target_ws(tid)],
-                             [ws])
-            raise
         recorded = await _RECORD(
             redis, [keys.target(tid), keys.stream(sid),
                     keys.target_streams(tid), keys.target_ws_files(tid)],
@@ -215,13 +225,16 @@ class StreamHandler(TargetHandler):
 
 
 class PostStreamHandler(StreamHandler):
+    body_limit = 'max_body_size'
+
     async def post(self):
         manager = await self.require_manager()
         target_id = check_target_id(self.field('target_id', str))
         files = self.field('files', dict)
         tags = check_tags(self.field('tags', dict, {}))
         target = await self.target(target_id, manager)
-        await targets.validate_files(files)
+        await targets.validate_files(self.config, files,
+                                     self.config['max_files_per_request'])
         stream_id = await place(self.application, target, files, tags)
         log.info('stream %s of target %s placed', stream_id, target_id)
         self.write_json({'stream_id': stream_id})

@@ -34,7 +34,7 @@ from server.web import (
 log = logging.getLogger('siegetank.cc.targets')
 
 STAGES = ('private', 'beta', 'public')
-ENGINE = re.compile(r'^[A-Za-z0-9._-]{1,64}$')
+ENGINE = re.compile(r'[A-Za-z0-9._-]{1,64}')
 JSON_FIELDS = ('engine_versions', 'allowed_ws', 'options', 'files')
 UPDATABLE = ('stage', 'allowed_ws', 'engine_versions', 'description',
              'options', 'weight')
@@ -80,17 +80,12 @@ async def read_files(app, target_id, names):
     return await threads.disk(_read_files, files_dir(app, target_id), names)
 
 
-INLINE_DECODE_MAX = 64 * 1024  # bytes of file text decoded on the loop
-
-
-async def validate_files(files, what='files', allow_empty=False):
-    """Names, types and encodings (base64, gzip) checked; off the loop
-    unless small (a stream's state: the thread hop costs more)."""
-    check_files(files, what, allow_empty=allow_empty)
-    if sum(len(v) for v in files.values()) <= INLINE_DECODE_MAX:
-        decode_files(files)
-    else:
-        await threads.cpu(decode_files, files)
+async def validate_files(config, files, max_files, what='files',
+                         allow_empty=False):
+    """Names, count, types and encodings (base64, gzip, within the decoded
+    size limits) checked; off the loop unless small."""
+    check_files(files, what, allow_empty=allow_empty, max_files=max_files)
+    await decode_files(config, files, keep=False)
 
 
 def valid_versions(v):
@@ -239,6 +234,8 @@ async def flush_pending(app, ws_name):
 class TargetHandler(AccountHandler):
     """Target lookup with the ownership rule of every manager action."""
 
+    manager_methods = ('GET', 'PUT', 'POST')
+
     async def target(self, target_id, manager=None):
         """The target if it exists (404) and `manager` owns it or is admin
         (403); `manager` None means any caller may see it."""
@@ -258,6 +255,9 @@ class TargetHandler(AccountHandler):
 
 
 class TargetsHandler(TargetHandler):
+    manager_methods = ('POST',)
+    body_limit = 'max_body_size'
+
     async def get(self):
         manager = await self.manager()
         if manager is not None:
@@ -271,7 +271,7 @@ class TargetsHandler(TargetHandler):
         manager = await self.require_manager()
         fields = {
             'description': self.field('description', str, ''),
-            'engine': self.field('engine', str, check=ENGINE.match),
+            'engine': self.field('engine', str, check=ENGINE.fullmatch),
             'engine_versions': self.field('engine_versions', list,
                                           check=valid_versions),
             'options': self.field('options', dict, {}),
@@ -283,7 +283,9 @@ class TargetsHandler(TargetHandler):
                 self.application, self.field('allowed_ws', list, [])),
         }
         files = self.field('files', dict, {})
-        await validate_files(files, allow_empty=True)
+        await validate_files(self.config, files,
+                             self.config['max_files_per_target'],
+                             allow_empty=True)
         target_id = await create(self.application, manager.email, fields,
                                  files)
         log.info('%s created target %s', manager.email, target_id)
@@ -291,6 +293,8 @@ class TargetsHandler(TargetHandler):
 
 
 class TargetInfoHandler(TargetHandler):
+    manager_methods = ()
+
     async def get(self, target_id):
         target = await self.target(target_id)
         if target['stage'] == 'private':

@@ -12,12 +12,13 @@ import re
 
 from server import peer
 from server.cc import keys
+from server.config import is_host, port_number
 from server.lua import Script
 from server.web import APIError, APIHandler, PeerHandler
 
 log = logging.getLogger('siegetank.cc.ws')
 
-WS_NAME = re.compile(r'^[A-Za-z0-9._-]{1,64}$')
+WS_NAME = re.compile(r'[A-Za-z0-9._-]{1,64}')
 
 # Count a failure and take the WS offline at the threshold, atomically.
 _FAIL = Script("""
@@ -135,18 +136,20 @@ class WSHandler(PeerHandler):
         return [self.config['cc_pass']]
 
     def ws_name(self):
-        return self.field('name', str, check=WS_NAME.match)
+        return self.field('name', str, check=WS_NAME.fullmatch)
 
 
 class WSRegisterHandler(WSHandler):
     async def put(self):
         name = self.ws_name()
-        url = self.field('url', str, check=lambda u: 0 < len(u) < 256
-                         and '/' not in u)
-        port = self.field('http_port', (int, str),
-                          check=lambda p: 0 < int(p) < 65536
-                          if str(p).isdigit() else False)
-        await register(self.application, name, url, int(port))
+        url = self.field('url', str)
+        if not is_host(url):
+            raise APIError(400, 'url must be a host name or IPv4 address '
+                           '(no scheme, no port)')
+        port = port_number(self.field('http_port', (int, str)))
+        if port is None:
+            raise APIError(400, 'http_port must be a port number (1-65535)')
+        await register(self.application, name, url, port)
         self.application.ws_back(name)
         log.info('workserver %s registered at %s:%s', name, url, port)
         self.write_json({})

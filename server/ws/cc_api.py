@@ -4,10 +4,11 @@ the listings. Thin: the model is streams.py."""
 from server.web import (
     TARGET_ID,
     PeerHandler,
-    check_encoded,
+    check_files,
     check_stream_id,
     check_tags,
     check_target_id,
+    decode_files,
 )
 from server.ws import streams
 
@@ -24,18 +25,25 @@ class CCHandler(PeerHandler):
         return cc_passes(self.config)
 
     def target_id(self):
-        return self.field('target_id', str, check=TARGET_ID.match)
+        return self.field('target_id', str, check=TARGET_ID.fullmatch)
 
 
 class CreateStreamHandler(CCHandler):
+    body_limit = 'max_body_size'
+
     async def post(self):
         tid = self.target_id()
-        stream_files = check_encoded(self.field('stream_files', dict),
-                                     'stream_files')
+        most = self.config['max_files_per_request']
+        stream_files = check_files(self.field('stream_files', dict),
+                                   'stream_files', max_files=most)
         target_files = self.field('target_files', dict, None)
+        groups = [stream_files]
         if target_files is not None:
             # A target may have no files of its own (docs/api.md: files?).
-            check_encoded(target_files, 'target_files', allow_empty=True)
+            groups.append(check_files(target_files, 'target_files',
+                                      allow_empty=True, max_files=most))
+        # Stored as sent; every .b64/.gz.b64 must decode within the limits.
+        await decode_files(self.config, *groups, keep=False)
         tags = check_tags(self.field('tags', dict, {}))
         sid = await streams.create_stream(self.application, tid,
                                           stream_files, target_files, tags)

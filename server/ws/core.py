@@ -23,11 +23,15 @@ from server.tokens import token_hash
 from server.web import (
     APIError,
     APIHandler,
-    check_encoded,
+    TooLarge,
+    bounded,
     check_files,
     decode_files,
+    decoded_streams,
+    encoded_size,
 )
 from server.ws import locks, streams
+from server.ws.storage import TooManyFiles
 
 log = logging.getLogger('siegetank.ws.core')
 
@@ -78,11 +82,6 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
 """)
 
-# Frames up to this size are appended on the event loop (a page-cache
-# write, no fsync, cheaper than a thread hop); larger ones in a thread.
-INLINE_APPEND_MAX = 1 << 20
-
-
 async def live_stream(app, token, extend=False):
     """The stream id of a live core token, else 401."""
     if not token:
@@ -114,6 +113,7 @@ class Held:
         self.error_count = int(fields[2])
         self.frames = int(fields[3])
         self.released = False
+        self.in_use = False
 
     async def done(self, script, *args):
         await script(self.app.fastredis, [self.key, self.lock],
@@ -126,16 +126,25 @@ class Held:
             await locks.RELEASE(self.app.fastredis, [self.lock],
                                 [self.holder])
 
+    def abandon(self):
+        """The request ends before its work began (the body was refused or
+        never came): free the lock in the background."""
+        if not (self.in_use or self.released):
+            task = asyncio.ensure_future(self.release())
+            _abandoned.add(task)
+            task.add_done_callback(_abandoned.discard)
+
+
+_abandoned = set()  # release tasks in flight (asyncio keeps weak refs)
+
 
 class CoreHandler(APIHandler):
-    """Endpoints for cores: `Authorization: <stream token>`."""
+    """Endpoints for cores: `Authorization: <stream token>`, checked from
+    the headers before the body is read, so a missing or unknown token is
+    a 401 whatever the body."""
 
-    def prepare(self):
-        super().prepare()
-        self.read_body_now()
-
-    async def stream(self, extend=False):
-        return await live_stream(self.application, self.token(), extend)
+    async def authenticate(self):
+        self.sid = await live_stream(self.application, self.token())
 
     async def hold(self):
         """The token's stream with its lock held, checked and taken in one
@@ -161,10 +170,32 @@ class CoreHandler(APIHandler):
             delay = await locks.wait_turn(deadline, delay,
                                           'stream %s' % got[0])
 
+
+class LockedCoreHandler(CoreHandler):
+    """Frames, checkpoints, stops: the token is checked and the stream's
+    lock taken in one round trip before the body is read (the frame path
+    costs no extra trip); the lock is freed when the request ends, also
+    when its body is refused or never comes."""
+
+    held = None
+
+    async def authenticate(self):
+        self.held = await self.hold()
+
+    def on_finish(self):
+        if self.held is not None:
+            self.held.abandon()
+
+    def on_connection_close(self):
+        super().on_connection_close()
+        if self.held is not None:
+            self.held.abandon()
+
     @contextlib.asynccontextmanager
     async def locked_stream(self):
         """The token's stream (a Held), its lock held for the block."""
-        held = await self.hold()
+        held = self.held
+        held.in_use = True
         try:
             yield held
         except OSError as e:
@@ -179,7 +210,7 @@ class CoreHandler(APIHandler):
 class CoreStartHandler(CoreHandler):
     async def get(self):
         app = self.application
-        sid = await self.stream()
+        sid = self.sid
         tid = await streams.target_of(app, sid)
         target_files = await threads.disk(app.storage.target_files, tid)
         stream_files = await threads.disk(app.storage.stream_files, sid)
@@ -202,21 +233,31 @@ def body_digest(handler):
     return hashlib.sha1(handler.request.body).hexdigest()
 
 
-class FrameHandler(CoreHandler):
+class FrameHandler(LockedCoreHandler):
+    body_limit = 'max_frame_body_size'
+
     async def put(self):
         app = self.application
-        files = decode_files(check_files(self.field('files', dict)))
-        n = self.field('frames', int, 1, check=lambda v: v >= 1)
+        config = app.config
+        most = config['max_files_per_request']
+        files = check_files(self.field('files', dict), max_files=most)
+        n = self.field('frames', int, 1)
+        if not 1 <= n <= config['max_frames_per_request']:
+            raise APIError(400, 'frames must be from 1 to %d'
+                           % config['max_frames_per_request'])
         md5 = body_digest(self)
         async with self.locked_stream() as held:
             if held.digest == md5:
                 self.write_json({})  # a retry of the accepted frame
                 return
-            if sum(len(data) for data in files.values()) <= INLINE_APPEND_MAX:
-                sizes = app.storage.append_frames(held.sid, files)
-            else:
-                sizes = await threads.disk(app.storage.append_frames,
-                                           held.sid, files)
+            try:
+                sizes = await bounded(
+                    config, encoded_size(files),
+                    lambda budget: app.storage.append_frames(
+                        held.sid, decoded_streams(files, budget), most),
+                    threads.disk)
+            except TooManyFiles as e:
+                raise TooLarge(str(e))
             try:
                 await held.done(_FRAME_DONE, n, md5)
             except BaseException:
@@ -225,20 +266,28 @@ class FrameHandler(CoreHandler):
         self.write_json({})
 
 
-class CheckpointHandler(CoreHandler):
+# What a checkpoint's `frames` may be: a count a JSON double holds exactly.
+MAX_REPORTED_FRAMES = 2 ** 53
+
+
+class CheckpointHandler(LockedCoreHandler):
+    body_limit = 'max_checkpoint_body_size'
+
     async def put(self):
         """Commit the buffer with the sent state. `frames` (later cores:
         their own count of frames since the last checkpoint) is recorded in
         the chunk's meta.json; the buffer's count is what counts."""
         app = self.application
-        files = check_encoded(self.field('files', dict))
+        files = check_files(self.field('files', dict),
+                            max_files=app.config['max_files_per_request'])
         reported = self.field('frames', (int, float), None,
-                              check=lambda v: v >= 0)
+                              check=lambda v: 0 <= v <= MAX_REPORTED_FRAMES)
         async with self.locked_stream() as held:
             n = held.buffer_frames
             if n == 0:
                 self.write_json({})  # nothing buffered: a retry, a no-op
                 return
+            await decode_files(app.config, files, keep=False)
             meta = {'frames': n, 'reported_frames': reported,
                     'time': time.time()}
             total = await threads.disk(commit, app.storage, held.sid, n,
@@ -266,20 +315,30 @@ def commit(storage, sid, n, files, meta, frames, reset_errors):
 
 class HeartbeatHandler(CoreHandler):
     async def post(self):
-        await self.stream(extend=True)
+        await live_stream(self.application, self.token(), extend=True)
         self.write_json({})
 
 
-class CoreStopHandler(CoreHandler):
+def error_text(error, limit):
+    """The message of an error stop (base64 of UTF-8 text), its last
+    `limit` characters when longer (a traceback ends with the cause)."""
+    try:
+        text = base64.b64decode(error, validate=True).decode(
+            'utf-8', errors='replace')
+    except (binascii.Error, ValueError):
+        raise APIError(400, 'error must be base64')
+    text = text.rstrip('\n')
+    if len(text) > limit:
+        text = '[%d characters cut]\n%s' % (len(text) - limit, text[-limit:])
+    return text
+
+
+class CoreStopHandler(LockedCoreHandler):
     async def put(self):
         app = self.application
         error = self.field('error', str, None)
         if error is not None:
-            try:
-                error = base64.b64decode(error, validate=True).decode(
-                    'utf-8', errors='replace')
-            except (binascii.Error, ValueError):
-                raise APIError(400, 'error must be base64')
+            error = error_text(error, app.config['max_error_length'])
         async with self.locked_stream() as held:
             sid = held.sid
             tid = await streams.target_of(app, sid)
@@ -288,7 +347,8 @@ class CoreStopHandler(CoreHandler):
                 await threads.disk(app.storage.append_error, sid,
                                    '--- %s\n%s\n' % (
                                        stamp.isoformat(timespec='seconds'),
-                                       error.rstrip('\n')))
+                                       error),
+                                   app.config['max_errors_log_size'])
             await streams.deactivate(app, sid, tid,
                                      'stop' if error is None else 'error')
         self.write_json({})

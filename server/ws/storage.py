@@ -10,7 +10,8 @@ Layout under `data_folder`:
     streams/<sid>/buffer/<name>                uncommitted frames (decoded)
     streams/<sid>/chunks/<seq>-<n>/frames/<name>, state/<name>, meta.json
                                                one committed checkpoint
-    streams/<sid>/errors.log                   messages of error stops
+    streams/<sid>/errors.log, errors.log.1     messages of error stops (the
+                                               newest; rotated at a size)
 
 Every directory that must appear whole (a target, a stream, a chunk) is
 built under a temporary name, its files and itself fsynced, then renamed
@@ -38,7 +39,12 @@ from server.disk import (
     write_file,
 )
 
-CHUNK = re.compile(r'^(\d{10})-(\d+)$')
+CHUNK = re.compile(r'([0-9]{10})-([0-9]+)')
+
+
+class TooManyFiles(ValueError):
+    """A frame would make the buffer hold more files than allowed."""
+
 
 
 def _read_files(folder):
@@ -166,8 +172,16 @@ class Storage:
         shutil.rmtree(doomed, ignore_errors=True)
         return True
 
-    def append_error(self, stream_id, text):
+    def append_error(self, stream_id, text, max_size):
+        """Append to errors.log; one that would grow past `max_size` bytes
+        becomes errors.log.1 first (the one before is dropped), so a stream
+        keeps at most about twice that."""
         path = os.path.join(self.stream_dir(stream_id), 'errors.log')
+        try:
+            if os.path.getsize(path) + len(text.encode('utf-8')) > max_size:
+                os.replace(path, path + '.1')
+        except FileNotFoundError:
+            pass
         with open(path, 'a', encoding='utf-8') as f:
             f.write(text)
             f.flush()
@@ -182,11 +196,13 @@ class Storage:
 
     # frames and checkpoints
 
-    def append_frames(self, stream_id, files):
-        """Append decoded `files` {name: bytes} to the buffer (page cache
-        only: the commit fsyncs). All or nothing: on any failure the buffer
-        is cut back to where it was. Returns the previous sizes (None: the
-        file was new) for `truncate_buffer`."""
+    def append_frames(self, stream_id, files, max_files):
+        """Append decoded `files` {name: bytes, or an iterator of bytes
+        written as it comes} to the buffer (page cache only: the commit
+        fsyncs); the buffer holds at most `max_files` files (TooManyFiles).
+        All or nothing: on any failure (also one the iterator raises) the
+        buffer is cut back to where it was. Returns the previous sizes
+        (None: the file was new) for `truncate_buffer`."""
         folder = self.buffer_dir(stream_id)
         sizes = {}
         try:
@@ -195,14 +211,15 @@ class Storage:
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_APPEND)
                 except FileNotFoundError:
-                    fd = self._new_buffer_file(stream_id, path)
+                    fd = self._new_buffer_file(stream_id, path, max_files)
                     sizes[name] = None
                 try:
                     if name not in sizes:
                         sizes[name] = os.fstat(fd).st_size
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    for piece in [data] if isinstance(data, bytes) else data:
+                        view = memoryview(piece)
+                        while view:
+                            view = view[os.write(fd, view):]
                 finally:
                     os.close(fd)
         except BaseException:
@@ -210,10 +227,13 @@ class Storage:
             raise
         return sizes
 
-    def _new_buffer_file(self, stream_id, path):
+    def _new_buffer_file(self, stream_id, path, max_files):
         if not os.path.isdir(self.stream_dir(stream_id)):
             raise FileNotFoundError(self.stream_dir(stream_id))
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if len(os.listdir(os.path.dirname(path))) >= max_files:
+            raise TooManyFiles('the frames of a checkpoint may have at most '
+                               '%d files' % max_files)
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
                        os.O_EXCL, 0o644)
 
@@ -247,7 +267,7 @@ class Storage:
             return []
         found = []
         for name in names:
-            m = CHUNK.match(name)
+            m = CHUNK.fullmatch(name)
             if m:
                 found.append((int(m.group(1)), int(m.group(2)),
                               os.path.join(folder, name)))
