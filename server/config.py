@@ -39,7 +39,8 @@ def port_number(value):
 
 def _redis_options(value, where):
     allowed = {'port': int, 'requirepass': str, 'appendfilename': str,
-               'logfile': str, 'binary': str, 'bind': str}
+               'logfile': str, 'binary': str, 'bind': str,
+               'unixsocket': str}
     if not isinstance(value, dict):
         raise ConfigError('%s: redis_options must be a dict' % where)
     for k, v in value.items():
@@ -88,6 +89,10 @@ COMMON = {
     'ssl_ca_certs': ('path', REQUIRED),
     'redis_options': (_redis_options, None),
     'redis_url': (str, None),
+    # Bounds of every Redis connection and command, hot path included: a
+    # paused or dead Redis is a 503 after this long, never a hang.
+    'redis_connect_timeout_in_s': (float, 2.0),
+    'redis_timeout_in_s': (float, 5.0),
     'data_folder': ('path', 'data'),
     'num_processes': (int, 1),
     # Bodies (413 above, refused before they are read): endpoints that

@@ -2,14 +2,19 @@
 serve; on SIGTERM/SIGINT stop in order (workers, then Redis) and exit 0.
 
 The master binds the sockets and owns Redis; `num_processes` workers are
-forked after that and each makes its own Redis connections. Worker 0 runs
-the periodic jobs (`App.on_start`); a worker that dies is restarted.
+forked after that (one at least: the master only supervises) and each
+makes its own Redis connections. Worker 0 runs the periodic jobs
+(`App.on_start`). The master restarts what dies: a worker (after
+`App.worker_died` has freed what it held, e.g. its locks) and the
+embedded Redis (from its AOF; the workers' clients connect again by
+themselves).
 """
 import asyncio
 import logging
 import os
 import signal
 import sys
+import time
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -27,9 +32,13 @@ def setup_logging(level):
         format='%(asctime)s %(levelname).1s %(process)d %(name)s: %(message)s')
 
 
-async def _serve(settings, app_class, sockets, ssl_ctx, redis_url, task_id):
-    redis = store.connect(redis_url)
+async def _serve(settings, app_class, sockets, ssl_ctx, redis_url, task_id,
+                 generation):
+    connect_timeout, timeout = store.timeouts(settings)
+    redis = store.connect(redis_url, connect_timeout=connect_timeout,
+                          timeout=timeout)
     app = app_class(settings, redis, task_id)
+    app.holder = holder_prefix(os.getpid(), generation)
     server = HTTPServer(app, ssl_options=ssl_ctx,
                         **web.http_server_options(settings))
     server.add_sockets(sockets)
@@ -53,32 +62,57 @@ async def _serve(settings, app_class, sockets, ssl_ctx, redis_url, task_id):
     await redis.aclose()
 
 
-def _worker(settings, app_class, sockets, ssl_ctx, redis_url, task_id):
+def holder_prefix(pid, generation):
+    """How a worker marks what it holds in Redis (locks): its pid and the
+    master's spawn count, so the master can free exactly a dead worker's
+    holds, even if its pid is used again later."""
+    return '%d.%d.' % (pid, generation)
+
+
+def _worker(settings, app_class, sockets, ssl_ctx, redis_url, task_id,
+            generation):
     asyncio.run(_serve(settings, app_class, sockets, ssl_ctx, redis_url,
-                       task_id))
+                       task_id, generation))
 
 
-def _supervise(n, start_child):
-    """Fork n workers, restart any that dies abnormally, forward stop
-    signals and return when all have exited."""
+def _restart_redis(embedded, stopping):
+    """Start the embedded Redis again from its AOF; retried every second
+    (e.g. its port not free yet) until it runs or we are stopping."""
+    while not stopping:
+        try:
+            embedded.start()
+            log.warning('redis-server restarted from its AOF (pid %d)',
+                        embedded.process.pid)
+            return
+        except RuntimeError as e:
+            log.error('redis-server restart failed: %s; retrying', e)
+            time.sleep(1)
+
+
+def _supervise(n, start_child, embedded=None, worker_died=None):
+    """Fork n workers, restart any that dies abnormally (`worker_died`
+    (its holder prefix) first), restart the embedded Redis if it dies,
+    forward stop signals and return when all workers have exited."""
     children = {}
     stopping = []
+    generation = [0]
 
     def spawn(i):
+        generation[0] += 1
         pid = os.fork()
         if pid == 0:
             for sig in STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             code = 0
             try:
-                start_child(i)
+                start_child(i, generation[0])
             except BaseException:
                 log.exception('worker %d failed', i)
                 code = 1
             finally:
                 logging.shutdown()
                 os._exit(code)
-        children[pid] = i
+        children[pid] = (i, generation[0])
 
     def forward(sig, frame):
         stopping.append(sig)
@@ -97,12 +131,26 @@ def _supervise(n, start_child):
             pid, status = os.wait()
         except ChildProcessError:
             break
-        i = children.pop(pid, None)
-        if i is None:
+        if embedded is not None and embedded.process is not None \
+                and pid == embedded.process.pid:
+            embedded.reaped(status)
+            if not stopping:
+                log.warning('redis-server (pid %d) died (status %d), '
+                            'restarting it', pid, status)
+                _restart_redis(embedded, stopping)
             continue
+        found = children.pop(pid, None)
+        if found is None:
+            continue
+        i, gen = found
         if not stopping and status != 0:
             log.warning('worker %d (pid %d) died (status %d), restarting',
                         i, pid, status)
+            if worker_died is not None:
+                try:
+                    worker_died(holder_prefix(pid, gen))
+                except Exception:  # e.g. Redis down: the TTLs free them
+                    log.exception('freeing what worker %d held failed', i)
             spawn(i)
 
 
@@ -124,12 +172,14 @@ def main(kind, app_class, argv=None):
     try:
         app_class.prepare(settings, redis_url)  # e.g. the WS's recovery
 
-        def start_child(i):
-            _worker(settings, app_class, sockets, ssl_ctx, redis_url, i)
-        if settings['num_processes'] == 1:
-            start_child(0)
-        else:
-            _supervise(settings['num_processes'], start_child)
+        def start_child(i, generation):
+            _worker(settings, app_class, sockets, ssl_ctx, redis_url, i,
+                    generation)
+
+        def worker_died(prefix):
+            app_class.worker_died(settings, redis_url, prefix)
+        _supervise(settings['num_processes'], start_child, embedded,
+                   worker_died)
     finally:
         if embedded is not None:
             embedded.stop()

@@ -63,7 +63,8 @@ class RedisServer:
     """An embedded redis-server on loopback, its files under `folder`."""
 
     def __init__(self, folder, port, requirepass=None, appendfilename=None,
-                 logfile=None, binary=None, bind='127.0.0.1'):
+                 logfile=None, binary=None, bind='127.0.0.1',
+                 unixsocket=None):
         self.folder = os.path.abspath(folder)
         self.port = port
         self.password = requirepass
@@ -71,6 +72,7 @@ class RedisServer:
         self.logfile = logfile or os.path.join(self.folder, 'redis.log')
         self.binary = find_redis_binary(binary)
         self.bind = bind
+        self.unixsocket = unixsocket
         self.process = None
 
     @classmethod
@@ -121,6 +123,9 @@ class RedisServer:
                  '--daemonize', 'no']
         if self.password:
             args += ['--requirepass', self.password]
+        if self.unixsocket:
+            args += ['--unixsocket', self.unixsocket, '--unixsocketperm',
+                     '700']
         self.process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
@@ -153,6 +158,11 @@ class RedisServer:
                 time.sleep(0.02)
         finally:
             client.close()
+
+    def reaped(self, status):
+        """Our owner's wait() collected the process (it died)."""
+        self.process.returncode = status
+        self.process.stderr.close()
 
     def stop(self, timeout=30):
         """Shut down in order: the AOF is flushed and fsynced on SIGTERM."""
@@ -192,7 +202,22 @@ def redis_url(settings, embedded=None):
     return settings['redis_url'] or embedded.url
 
 
-def connect(url, max_connections=256):
+# Redis unreachable, paused, loading its AOF, or a replica after a
+# failover: the request fails with a 503 and Retry-After (server.web).
+DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+        redis.exceptions.ReadOnlyError)
+CONNECT_TIMEOUT = 2.0   # defaults of redis_connect_timeout_in_s and
+COMMAND_TIMEOUT = 5.0   # redis_timeout_in_s (server.config)
+
+
+def timeouts(settings):
+    """(connect, command) timeouts in seconds from a server's settings."""
+    return (settings.get('redis_connect_timeout_in_s', CONNECT_TIMEOUT),
+            settings.get('redis_timeout_in_s', COMMAND_TIMEOUT))
+
+
+def connect(url, max_connections=256, connect_timeout=CONNECT_TIMEOUT,
+            timeout=COMMAND_TIMEOUT):
     """An asyncio Redis client for the handlers of one process, owning its
     pool. Created after the fork: connections are never shared across
     processes. Requests beyond `max_connections` in flight wait for a
@@ -200,16 +225,21 @@ def connect(url, max_connections=256):
     retry: a command whose reply was lost may have run, and running a
     script such as a frame's count twice would be wrong; the request fails
     and the core retries it whole (frames and checkpoints are idempotent).
-    No socket timeout: it costs an asyncio task per command, and Redis is
-    local."""
+    Connecting and every command are bounded in time, so a paused or dead
+    Redis makes requests fail (503), never hang; a broken connection is
+    made again on the next command (a restarted Redis is found again)."""
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         url, decode_responses=True, max_connections=max_connections,
-        timeout=30, socket_timeout=None, retry=Retry(NoBackoff(), 0))
+        timeout=30, socket_timeout=timeout,
+        socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 0))
     return redis.asyncio.Redis.from_pool(pool)
 
 
-def connect_sync(url):
-    return redis.Redis.from_url(url, decode_responses=True)
+def connect_sync(url, connect_timeout=CONNECT_TIMEOUT,
+                 timeout=COMMAND_TIMEOUT):
+    return redis.Redis.from_url(url, decode_responses=True,
+                                socket_timeout=timeout,
+                                socket_connect_timeout=connect_timeout)
 
 
 def free_port():

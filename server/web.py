@@ -20,7 +20,7 @@ import zlib
 import tornado.web
 from tornado.web import HTTPError
 
-from server import threads, tls, tokens
+from server import store, threads, tls, tokens
 
 
 def _no_constant(name):
@@ -46,6 +46,7 @@ access_log = logging.getLogger('siegetank.access')
 app_log = logging.getLogger('siegetank')
 
 REQUIRED = object()
+RETRY_AFTER_S = 5  # Retry-After of a 503 while the store is down
 
 
 class APIError(HTTPError):
@@ -296,6 +297,8 @@ class App(tornado.web.Application):
     `on_start`/`on_stop` run in worker 0 only: periodic jobs and
     registrations happen once across processes."""
 
+    holder = ''  # this worker's mark on what it holds (runner sets it)
+
     def __init__(self, handlers, settings, redis, task_id=0):
         self.config = settings
         self.redis = redis
@@ -317,6 +320,11 @@ class App(tornado.web.Application):
     @classmethod
     def prepare(cls, settings, redis_url):
         """Once, in the master, before any worker is forked."""
+
+    @classmethod
+    def worker_died(cls, settings, redis_url, prefix):
+        """In the master, when a worker died: free what it held in Redis
+        (values starting with `prefix`, see runner.holder_prefix)."""
 
 
 def http_server_options(settings):
@@ -569,14 +577,27 @@ class APIHandler(tornado.web.RequestHandler):
         self.finish(b'{}' if not obj and type(obj) is dict
                     else json.dumps(obj))
 
+    def send_error(self, status_code=500, **kwargs):
+        """A store that is down (unreachable, paused past the timeout,
+        loading, read-only) is a 503 the client may retry, not a 500."""
+        exc = kwargs.get('exc_info', (None, None, None))[1]
+        if isinstance(exc, store.DOWN):
+            status_code = 503
+        super().send_error(status_code, **kwargs)
+
     def write_error(self, status_code, **kwargs):
         exc = kwargs.get('exc_info', (None, None, None))[1]
         if isinstance(exc, APIError):
             reason = exc.message
+        elif isinstance(exc, store.DOWN):
+            reason = 'the store is down (%s), retry later' % (
+                str(exc) or type(exc).__name__)
         elif isinstance(exc, HTTPError) or exc is None:
             reason = self._reason
         else:
             reason = 'internal server error'
+        if status_code == 503:
+            self.set_header('Retry-After', str(RETRY_AFTER_S))
         self._error_message = reason
         self.set_header('Content-Type', 'application/json; charset=UTF-8')
         self.finish(json.dumps({'error': reason}))
@@ -584,6 +605,10 @@ class APIHandler(tornado.web.RequestHandler):
     def log_exception(self, typ, value, tb):
         if isinstance(value, HTTPError):
             return  # an expected refusal; log_request reports it
+        if isinstance(value, store.DOWN):  # one line, no traceback
+            app_log.warning('%s %s: store down: %s', self.request.method,
+                            self.request.path, value)
+            return
         app_log.error('uncaught exception in %s %s', self.request.method,
                       self.request.path, exc_info=(typ, value, tb))
 
@@ -611,13 +636,15 @@ class NotFoundHandler(APIHandler):
 
 
 class HealthHandler(APIHandler):
-    """GET /: 200 while this server and its Redis answer, else 503."""
+    """GET /: 200 while this server and its Redis answer, else a 503 that
+    says the store is down (bounded by the Redis timeouts)."""
 
     async def get(self):
         try:
             await self.redis.ping()
-        except Exception:
-            raise APIError(503, 'redis is not reachable')
+        except store.DOWN as e:
+            raise APIError(503, 'store down: redis is not reachable (%s)'
+                           % (str(e) or type(e).__name__))
         self.write_json({'name': self.config['name'],
                          'kind': self.config['kind'],
-                         'time': time.time()})
+                         'store': 'up', 'time': time.time()})

@@ -1,12 +1,15 @@
 """The command center application: routes of every resource module, the
 periodic WS probe, and catching a WS up on what it missed while down."""
 import asyncio
+import logging
 
 from tornado.ioloop import PeriodicCallback
 
-from server import runner
+from server import runner, store
 from server.cc import accounts, assign, streams, targets, workservers
 from server.web import App, HealthHandler
+
+log = logging.getLogger('siegetank.cc')
 
 
 class CommandCenter(App):
@@ -30,9 +33,15 @@ class CommandCenter(App):
                 targets.flush_pending(self, name))
 
     async def on_start(self):
-        self.probe = PeriodicCallback(lambda: workservers.probe_all(self),
+        self.probe = PeriodicCallback(self.on_probe,
                                       self.config['ws_probe_interval_in_ms'])
         self.probe.start()
+
+    async def on_probe(self):
+        try:
+            await workservers.probe_all(self)
+        except store.DOWN as e:
+            log.warning('redis down, WS probes skipped: %s', e)
 
     async def on_stop(self):
         if self.probe is not None:

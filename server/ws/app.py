@@ -1,15 +1,18 @@
 """The workserver application: routes of every resource module, CC
 registration, the heartbeat sweep and the start-up recovery."""
 import asyncio
+import logging
 
 from tornado.ioloop import PeriodicCallback
 
-from server import runner
+from server import runner, store
 from server.web import App, HealthHandler
 from server.ws import cc_api, core, download, recovery, registration
 from server.ws.fastredis import Multiplexed
 from server.ws.keys import Keys
 from server.ws.storage import Storage
+
+log = logging.getLogger('siegetank.ws')
 
 
 class WorkServer(App):
@@ -26,19 +29,36 @@ class WorkServer(App):
         self.storage.ensure()
         self.tasks = []
         self.pulse = None
+        self.unreleased = []   # locks to free once Redis answers again
+        self.releasing = None
 
     @classmethod
     def prepare(cls, settings, redis_url):
         """Rebuild the Redis index from the disk (recovery.py)."""
         recovery.prepare(settings, redis_url)
 
+    @classmethod
+    def worker_died(cls, settings, redis_url, prefix):
+        """In the master: free (and repair) what a dead worker held."""
+        recovery.free_dead_holder(settings, redis_url, prefix)
+
     async def on_start(self):
         for name, cc in self.config['command_centers'].items():
             self.tasks.append(asyncio.ensure_future(
                 registration.register_forever(self, name, cc)))
-        self.pulse = PeriodicCallback(lambda: core.sweep_safely(self),
+        self.pulse = PeriodicCallback(self.on_pulse,
                                       self.config['pulse_frequency_in_ms'])
         self.pulse.start()
+
+    async def on_pulse(self):
+        """Worker 0's periodic job: an index Redis lost is rebuilt, then
+        cores that went silent are swept."""
+        try:
+            await recovery.check_index(self)
+        except store.DOWN as e:
+            log.warning('redis down, pulse skipped: %s', e)
+            return
+        await core.sweep_safely(self)
 
     async def close(self):
         self.fastredis.close()

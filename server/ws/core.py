@@ -17,7 +17,7 @@ import json
 import logging
 import time
 
-from server import threads
+from server import store, threads
 from server.lua import Script
 from server.tokens import token_hash
 from server.web import (
@@ -31,7 +31,12 @@ from server.web import (
     encoded_size,
 )
 from server.ws import locks, streams
-from server.ws.storage import TooManyFiles
+from server.ws.storage import (
+    BufferLost,
+    TooManyFiles,
+    decode_sizes,
+    encode_sizes,
+)
 
 log = logging.getLogger('siegetank.ws.core')
 
@@ -50,12 +55,13 @@ return sid
 # One round trip for the start of a frame or checkpoint: the stream of a
 # live token, its lock taken, and what the request needs from its hash.
 # Returns false (token not live), {sid, 0} (lock busy) or {sid, 1,
-# digest, buffer_frames, error_count, frames}.
+# digest, buffer_frames, error_count, frames, sizes}.
 _HOLD_LIVE_STREAM = Script("""
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
 local s = redis.call('HMGET', string.format(ARGV[1], sid), 'active', 'token',
-                     'digest', 'buffer_frames', 'error_count', 'frames')
+                     'digest', 'buffer_frames', 'error_count', 'frames',
+                     'sizes')
 if s[1] ~= '1' or s[2] ~= ARGV[2] then return false end
 local exp = redis.call('ZSCORE', KEYS[2], sid)
 if not exp or tonumber(exp) < tonumber(ARGV[3]) then return false end
@@ -63,24 +69,39 @@ if not redis.call('SET', string.format(ARGV[4], sid), ARGV[5], 'NX', 'PX',
                   ARGV[6]) then
   return {sid, 0}
 end
-return {sid, 1, s[3] or '', s[4] or '0', s[5] or '0', s[6] or '0'}
+return {sid, 1, s[3] or '', s[4] or '0', s[5] or '0', s[6] or '0',
+        s[7] or ''}
 """)
 
-# A frame is in the buffer: count it, remember its md5, free the stream.
+# A frame is in the buffer: if the stream's lock is still this request's,
+# count it, remember its digest and the buffer's sizes, free the stream
+# (1); else change nothing (0).
 _FRAME_DONE = Script("""
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('HINCRBY', KEYS[1], 'buffer_frames', ARGV[2])
-redis.call('HSET', KEYS[1], 'digest', ARGV[3])
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+redis.call('HSET', KEYS[1], 'digest', ARGV[3], 'sizes', ARGV[4])
+redis.call('DEL', KEYS[2])
 return 1
 """)
 
-# The buffer is a chunk now: record the committed count, free the stream.
+# The buffer is a chunk now: if the lock is still this request's, record
+# the committed count and free the stream (1); else change nothing (0).
 _COMMIT_DONE = Script("""
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'frames', ARGV[2], 'buffer_frames', '0',
-           'digest', '', 'error_count', '0')
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+           'digest', '', 'sizes', '', 'error_count', '0')
+redis.call('DEL', KEYS[2])
 return 1
 """)
+
+
+class LockLost(APIError):
+    """The stream's lock stopped being this request's while it worked
+    (expired, or freed as a dead worker's): its change was undone."""
+
+    def __init__(self, sid):
+        super().__init__(503, 'stream %s was taken from this request '
+                         'meanwhile; nothing was stored, retry' % sid)
 
 async def live_stream(app, token, extend=False):
     """The stream id of a live core token, else 401."""
@@ -112,19 +133,28 @@ class Held:
         self.buffer_frames = int(fields[1])
         self.error_count = int(fields[2])
         self.frames = int(fields[3])
+        self.sizes = decode_sizes(fields[4])
         self.released = False
         self.in_use = False
 
     async def done(self, script, *args):
-        await script(self.app.fastredis, [self.key, self.lock],
-                     [self.holder] + list(args))
+        """Record the change if the lock is still ours (True)."""
         self.released = True
+        try:
+            return bool(await script(self.app.fastredis,
+                                     [self.key, self.lock],
+                                     [self.holder] + list(args)))
+        except store.DOWN:
+            # Its outcome is unknown (it may still run): nothing is undone,
+            # the retry finds out (Redis' sizes and digest tell); the lock
+            # is freed later if it is still ours.
+            locks.release_later(self.app, self.lock, self.holder)
+            raise
 
     async def release(self):
         if not self.released:
             self.released = True
-            await locks.RELEASE(self.app.fastredis, [self.lock],
-                                [self.holder])
+            await locks.release(self.app, self.lock, self.holder)
 
     def abandon(self):
         """The request ends before its work began (the body was refused or
@@ -155,14 +185,21 @@ class CoreHandler(APIHandler):
             raise APIError(401, 'missing core token')
         keys = app.keys
         hashed = token_hash(token)
-        holder = locks.new_holder()
+        holder = locks.new_holder(app)
         deadline = time.monotonic() + locks.LOCK_WAIT_S
         delay = 0.002
         while True:
-            got = await _HOLD_LIVE_STREAM(app.fastredis, [
-                keys.token(hashed), keys.heartbeats], [
-                keys.stream.template, hashed, repr(time.time()),
-                keys.stream_lock.template, holder, locks.LOCK_TTL_MS])
+            try:
+                got = await _HOLD_LIVE_STREAM(app.fastredis, [
+                    keys.token(hashed), keys.heartbeats], [
+                    keys.stream.template, hashed, repr(time.time()),
+                    keys.stream_lock.template, holder, locks.LOCK_TTL_MS])
+            except store.DOWN:
+                # It may still run and take the lock: free it when Redis
+                # answers again (the token tells which stream).
+                locks.release_later(app, None, holder,
+                                    token_key=keys.token(hashed))
+                raise
             if not got:
                 raise APIError(401, 'unknown or expired core token')
             if got[1] == 1:
@@ -198,6 +235,14 @@ class LockedCoreHandler(CoreHandler):
         held.in_use = True
         try:
             yield held
+        except BufferLost as e:
+            # Bytes Redis counted are gone from the disk: this activation
+            # cannot be committed whole. End it; the core asks again.
+            log.error('%s: the activation is ended', e)
+            tid = await streams.target_of(self.application, held.sid)
+            await streams.deactivate(self.application, held.sid, tid, 'stop')
+            raise APIError(409, 'the stream\'s buffer was lost; this '
+                           'activation is over, ask for a new one')
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise APIError(503, 'workserver disk is full; nothing '
@@ -250,19 +295,20 @@ class FrameHandler(LockedCoreHandler):
             if held.digest == md5:
                 self.write_json({})  # a retry of the accepted frame
                 return
+            # Past the sizes Redis counted, the buffer is cut first; bytes
+            # appended whose count is lost are cut by the next request.
             try:
                 sizes = await bounded(
                     config, encoded_size(files),
                     lambda budget: app.storage.append_frames(
-                        held.sid, decoded_streams(files, budget), most),
+                        held.sid, decoded_streams(files, budget), most,
+                        held.sizes),
                     threads.disk)
             except TooManyFiles as e:
                 raise TooLarge(str(e))
-            try:
-                await held.done(_FRAME_DONE, n, md5)
-            except BaseException:
-                app.storage.truncate_buffer(held.sid, sizes)
-                raise
+            if not await held.done(_FRAME_DONE, n, md5,
+                                   encode_sizes(sizes)):
+                raise LockLost(held.sid)
         self.write_json({})
 
 
@@ -290,27 +336,29 @@ class CheckpointHandler(LockedCoreHandler):
             await decode_files(app.config, files, keep=False)
             meta = {'frames': n, 'reported_frames': reported,
                     'time': time.time()}
-            total = await threads.disk(commit, app.storage, held.sid, n,
-                                       files, meta, held.frames,
-                                       held.error_count != 0)
-            await held.done(_COMMIT_DONE, total)
+            seq, total = await threads.disk(commit, app.storage, held.sid,
+                                            n, files, meta, held.sizes,
+                                            held.error_count != 0)
+            if not await held.done(_COMMIT_DONE, total):
+                if seq is not None:
+                    await threads.disk(app.storage.uncommit, held.sid, seq)
+                raise LockLost(held.sid)
         self.write_json({})
 
 
-def commit(storage, sid, n, files, meta, frames, reset_errors):
-    """Commit and return the stream's committed frames (`frames` before
-    this commit, as Redis had them under the lock). A buffer already gone
-    (committed by a request whose reply was lost before Redis heard of it)
-    is not committed twice, and the disk tells the count. A successful
-    checkpoint resets the error count (errors are consecutive)."""
+def commit(storage, sid, n, files, meta, sizes, reset_errors):
+    """Commit; returns (the new chunk's seq or None, the stream's committed
+    frames as the disk has them). A buffer already gone (committed by a
+    request whose reply was lost before Redis heard of it) is not committed
+    twice. A successful checkpoint resets the error count (errors are
+    consecutive)."""
+    seq = None
     if storage.buffer_files(sid):
-        storage.commit(sid, n, files, meta)
-        total = frames + n
-    else:
-        total = storage.committed_frames(sid)
+        seq = storage.commit(sid, n, files, meta, sizes)
+    total = storage.committed_frames(sid)
     if reset_errors:
         storage.update_stream_meta(sid, error_count=0)
-    return total
+    return seq, total
 
 
 class HeartbeatHandler(CoreHandler):
@@ -390,6 +438,8 @@ async def sweep(app):
 async def sweep_safely(app):
     try:
         await sweep(app)
+    except store.DOWN as e:
+        log.warning('heartbeat sweep skipped, redis down: %s', e)
     except Exception:
         log.exception('heartbeat sweep failed')
 

@@ -9,13 +9,28 @@ writes its command to one shared socket and awaits its reply; Redis
 answers in order, so replies are matched first in, first out. A lost
 connection fails the commands in flight (ConnectionError: the request
 fails and the core retries it, as with redis-py without retries) and the
-next command connects again. Scripts run by SHA1 and are loaded again if
-Redis lost its script cache. Everything else uses the app's redis-py client.
+next command connects again. Connecting and every command are bounded in
+time like the redis-py pools: a command without a reply in time means
+Redis is stuck, so the connection is dropped (TimeoutError for everything
+in flight; a 503 to the client). It connects wherever the app's redis-py
+client does (host and port or unix socket, TLS, user, password, db).
+Scripts run by SHA1 and are loaded again if Redis lost its script cache.
+Everything else uses the app's redis-py client.
 """
 import asyncio
 import collections
 
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.asyncio.connection import SSLConnection
+from redis.exceptions import (ConnectionError, NoScriptError, ResponseError,
+                              TimeoutError)
+
+from server import store
+
+if hasattr(asyncio, 'timeout'):  # Python 3.11+: a timer, not a task
+    _bounded = asyncio.timeout
+else:
+    import async_timeout
+    _bounded = async_timeout.timeout
 
 
 def encode(args):
@@ -114,31 +129,58 @@ class Multiplexed:
     event loop). Made lazily on the first command."""
 
     def __init__(self, host='127.0.0.1', port=6379, password=None,
-                 username=None, db=0):
-        self.host, self.port, self.db = host, port, db
-        self.username, self.password = username, password
+                 username=None, db=0, path=None, ssl=None,
+                 connect_timeout=store.CONNECT_TIMEOUT,
+                 timeout=store.COMMAND_TIMEOUT):
+        self.host, self.port, self.path, self.ssl = host, port, path, ssl
+        self.db, self.username, self.password = db, username, password
+        self.connect_timeout, self.timeout = connect_timeout, timeout
         self.protocol = None
         self.connecting = None
 
     @classmethod
     def like(cls, redis):
-        """Connect where the redis-py client `redis` connects."""
-        kw = redis.connection_pool.connection_kwargs
+        """Connect where and as the redis-py client `redis` connects, with
+        its timeouts."""
+        pool = redis.connection_pool
+        kw = pool.connection_kwargs
+        ssl = None
+        if issubclass(pool.connection_class, SSLConnection):
+            ssl = pool.connection_class(**kw).ssl_context.get()
         return cls(kw.get('host', '127.0.0.1'), kw.get('port', 6379),
-                   kw.get('password'), kw.get('username'), kw.get('db', 0))
+                   kw.get('password'), kw.get('username'), kw.get('db', 0),
+                   path=kw.get('path'), ssl=ssl,
+                   connect_timeout=kw.get('socket_connect_timeout')
+                   or store.CONNECT_TIMEOUT,
+                   timeout=kw.get('socket_timeout') or store.COMMAND_TIMEOUT)
 
     async def _connect(self):
         loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_connection(
-            _Protocol, self.host, self.port)
-        hello = []
-        if self.password:
-            hello.append(('AUTH', self.username, self.password)
-                         if self.username else ('AUTH', self.password))
-        if self.db:
-            hello.append(('SELECT', self.db))
-        for command in hello:
-            await self._send(protocol, command)
+        protocol = None
+        try:
+            async with _bounded(self.connect_timeout):
+                if self.path:
+                    _, protocol = await loop.create_unix_connection(
+                        _Protocol, self.path)
+                else:
+                    _, protocol = await loop.create_connection(
+                        _Protocol, self.host, self.port, ssl=self.ssl,
+                        server_hostname=self.host if self.ssl else None)
+                hello = []
+                if self.password:
+                    hello.append(('AUTH', self.username, self.password)
+                                 if self.username else ('AUTH', self.password))
+                if self.db:
+                    hello.append(('SELECT', self.db))
+                for command in hello:
+                    await self._send(protocol, command)
+        except (asyncio.TimeoutError, ResponseError) as e:
+            if protocol is not None:
+                protocol.transport.abort()
+            if isinstance(e, ResponseError):
+                raise ConnectionError('Redis refused us: %s' % e)
+            raise TimeoutError('no connection to Redis in %gs'
+                               % self.connect_timeout)
         self.protocol = protocol
         return protocol
 
@@ -163,7 +205,17 @@ class Multiplexed:
         protocol = await self._protocol()
         if protocol.closed:
             raise ConnectionError('connection to Redis lost')
-        return await self._send(protocol, args)
+        waiter = self._send(protocol, args)
+        try:
+            async with _bounded(self.timeout):
+                return await waiter
+        except asyncio.TimeoutError:
+            # Redis is stuck (paused, swapping): drop the connection, so
+            # every command in flight fails now and the next connects anew.
+            protocol.transport.abort()
+            protocol._fail(TimeoutError('no reply from Redis in %gs'
+                                        % self.timeout))
+            raise TimeoutError('no reply from Redis in %gs' % self.timeout)
 
     async def evalsha(self, sha, numkeys, *rest):
         return await self.execute('EVALSHA', sha, numkeys, *rest)

@@ -17,6 +17,9 @@ class Keys:
         p = self.prefix = 'wsd:%s:' % ws_name
         # every key of this WS (for the rebuild on start)
         self.pattern = p + '*'
+        # string: set once the index of the disk is complete; a Redis
+        # without it lost our index (restarted empty): it is rebuilt
+        self.indexed = p + 'indexed'
         # set: target ids with at least one stream here
         self.targets = p + 'targets'
         # set: stream ids of the target
@@ -28,7 +31,9 @@ class Keys:
         # error_count (consecutive error stops), creation_date, active
         # (0/1); while active only (an idle stream keeps its hash small):
         # token (hash of the live token), donor, start_time, buffer_frames,
-        # digest (of the last accepted frame body, see core.body_digest)
+        # digest (of the last accepted frame body, see core.body_digest),
+        # sizes (the buffer's bytes per file counted so far, see
+        # storage.encode_sizes)
         self.stream = Key(p + 'stream:%s')
         # string: stream id of a live core token (by its sha256)
         self.token = Key(p + 'token:%s')

@@ -4,14 +4,22 @@ A stream's lock serialises what touches its disk (frames, checkpoints,
 deactivations, start/stop, deletion). A target has an exclusive lock (its
 creation, its deletion or that of its last stream) and shared holds
 (creations of streams of a target that exists); lock the target before a
-stream, never the other way. A holder that dies frees its lock after
-LOCK_TTL_MS; a request waits at most LOCK_WAIT_S for a busy one (503).
+stream, never the other way. A request waits at most LOCK_WAIT_S for a
+busy one (503).
+
+A holder's value starts with its worker's mark (pid and generation, see
+runner.holder_prefix): when a worker dies the master frees its locks at
+once (recovery.free_dead_holder); LOCK_TTL_MS is the last resort. A lock
+command sent to a Redis that did not answer in time may still run when it
+wakes up (and take the lock for nobody): such locks are freed once Redis
+answers again (`release_later`).
 """
 import asyncio
 import contextlib
 import secrets
 import time
 
+from server import store
 from server.lua import Script
 from server.web import APIError
 
@@ -42,9 +50,42 @@ return 1
 """)
 
 
-def new_holder():
-    """A name for one holding of a lock."""
-    return secrets.token_hex(12)
+def new_holder(app):
+    """A name for one holding of a lock: the worker's mark, then random."""
+    return app.holder + secrets.token_hex(8)
+
+
+async def release(app, key, holder):
+    """Free our lock; if Redis does not answer, again later."""
+    try:
+        await RELEASE(app.fastredis, [key], [holder])
+    except store.DOWN:
+        release_later(app, key, holder)
+
+
+def release_later(app, key, holder, token_key=None):
+    """Free `key` (or the lock of the stream of `token_key`) if `holder`
+    has it, once Redis answers, retrying for at most the lock's TTL."""
+    app.unreleased.append((key, holder, token_key))
+    if app.releasing is None or app.releasing.done():
+        app.releasing = asyncio.ensure_future(_release_pending(app))
+
+
+async def _release_pending(app):
+    deadline = time.monotonic() + LOCK_TTL_MS / 1000.0
+    while app.unreleased and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        pending, app.unreleased = app.unreleased, []
+        for key, holder, token_key in pending:
+            try:
+                if key is None:
+                    sid = await app.redis.get(token_key)
+                    if sid is None:
+                        continue
+                    key = app.keys.stream_lock(sid)
+                await RELEASE(app.redis, [key], [holder])
+            except store.DOWN:
+                app.unreleased.append((key, holder, token_key))
 
 
 async def wait_turn(deadline, delay, what):
@@ -57,22 +98,28 @@ async def wait_turn(deadline, delay, what):
 
 
 @contextlib.asynccontextmanager
-async def locked(redis, key, what, wait=LOCK_WAIT_S):
+async def locked(app, key, what, wait=LOCK_WAIT_S):
     """Hold the Redis lock `key` (shared by all processes); Busy if it is
     not free within `wait` seconds."""
-    holder = new_holder()
+    holder = new_holder(app)
     deadline = time.monotonic() + wait
     delay = 0.002
-    while not await redis.set(key, holder, nx=True, px=LOCK_TTL_MS):
+    while True:
+        try:
+            if await app.redis.set(key, holder, nx=True, px=LOCK_TTL_MS):
+                break
+        except store.DOWN:
+            release_later(app, key, holder)
+            raise
         delay = await wait_turn(deadline, delay, what)
     try:
         yield
     finally:
-        await RELEASE(redis, [key], [holder])
+        await release(app, key, holder)
 
 
 def stream_locked(app, stream_id, wait=LOCK_WAIT_S):
-    return locked(app.redis, app.keys.stream_lock(stream_id),
+    return locked(app, app.keys.stream_lock(stream_id),
                   'stream %s' % stream_id, wait)
 
 
@@ -82,7 +129,7 @@ async def target_shared(app, target_id):
     none while it is locked (deletions, see target_locked)."""
     keys = app.keys
     users = keys.target_users(target_id)
-    holder = new_holder()
+    holder = new_holder(app)
     deadline = time.monotonic() + LOCK_WAIT_S
     delay = 0.002
     while True:
@@ -94,7 +141,10 @@ async def target_shared(app, target_id):
     try:
         yield
     finally:
-        await app.redis.zrem(users, holder)
+        try:
+            await app.redis.zrem(users, holder)
+        except store.DOWN:  # it expires (its score) after the lock's TTL
+            pass
 
 
 @contextlib.asynccontextmanager
@@ -103,7 +153,7 @@ async def target_locked(app, target_id):
     are given back (no new one is granted meanwhile)."""
     keys = app.keys
     what = 'target %s' % target_id
-    async with locked(app.redis, keys.target_lock(target_id), what):
+    async with locked(app, keys.target_lock(target_id), what):
         deadline = time.monotonic() + LOCK_WAIT_S
         delay = 0.002
         while await app.redis.zcount(keys.target_users(target_id),

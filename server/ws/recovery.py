@@ -7,11 +7,16 @@ the disk: every stream with its committed frames (sum of its chunks),
 status and error count (stream.json), inactive and back in its target's
 queue if OK. Tokens, heartbeats and locks of the previous run are gone, so
 cores of the previous run get 401 and ask the CC again. The same path
-serves a WS whose Redis data was lost.
+serves a WS whose Redis data was lost at start.
+
+A Redis that loses our index while we serve (restarted empty, flushed) is
+noticed by the missing `indexed` marker (checked every pulse) and the
+missing streams are indexed again live (`reindex`), each under its lock.
 """
 import logging
 
-from server import store
+from server import store, threads
+from server.ws import locks, streams
 from server.ws.keys import Keys
 from server.ws.storage import Storage
 from server.ws.streams import index_stream
@@ -53,15 +58,98 @@ def rebuild(storage, keys, redis):
     for tid in storage.target_ids():
         if tid not in targets:  # made just before a crash, no stream yet
             storage.remove_target(tid)
+    redis.set(keys.indexed, '1')
     return len(targets), nstreams, nframes
 
 
 def prepare(settings, redis_url):
     storage = Storage(settings['data_folder'])
-    redis = store.connect_sync(redis_url)
+    connect_timeout, timeout = store.timeouts(settings)
+    redis = store.connect_sync(redis_url, connect_timeout, max(timeout, 60))
     try:
         counts = rebuild(storage, Keys(settings['name']), redis)
     finally:
         redis.close()
     log.info('recovered %d targets, %d streams, %d committed frames from %s',
              counts[0], counts[1], counts[2], storage.root)
+
+
+async def _reindex_stream(app, sid):
+    """Index one stream of the disk that Redis lacks; its buffer (of an
+    activation whose token Redis forgot) is thrown away first."""
+    async with locks.stream_locked(app, sid):
+        if await app.redis.exists(app.keys.stream(sid)):
+            return 0
+        meta = await threads.disk(app.storage.stream_meta, sid)
+        if meta is None or await threads.disk(app.storage.target_meta,
+                                     meta['target_id']) is None:
+            return 0
+        await threads.disk(app.storage.discard_buffer, sid)
+        frames = await threads.disk(app.storage.committed_frames, sid)
+        pipe = app.redis.pipeline(transaction=True)
+        index_stream(pipe, app.keys, sid, meta, frames)
+        await pipe.execute()
+        return 1
+
+
+async def check_index(app):
+    """Rebuild the index live if Redis lost it (worker 0, every pulse)."""
+    if await app.redis.exists(app.keys.indexed):
+        return 0
+    log.warning('redis lost the index of this workserver (restarted '
+                'empty?): indexing the disk again')
+    n = 0
+    for sid in await threads.disk(app.storage.stream_ids):
+        n += await _reindex_stream(app, sid)
+    await app.redis.set(app.keys.indexed, '1')
+    log.warning('index rebuilt: %d streams indexed again from disk', n)
+    return n
+
+
+def free_dead_holder(settings, redis_url, prefix):
+    """In the master, when a worker died: every lock it held (values start
+    with its `prefix`) is freed now rather than after its TTL. A stream
+    it held is repaired first: frames an interrupted commit had moved
+    come back to the buffer (Redis' sizes cut off any uncounted bytes on
+    the next request), and a stream it had taken off the disk (an
+    interrupted deletion) leaves the index too."""
+    keys = Keys(settings['name'])
+    storage = Storage(settings['data_folder'])
+    connect_timeout, timeout = store.timeouts(settings)
+    redis = store.connect_sync(redis_url, connect_timeout, timeout)
+    freed = 0
+    try:
+        stream_lock = keys.stream_lock('')
+        for key in redis.scan_iter(match=keys.prefix + 'lock:*', count=1000):
+            if key.startswith(keys.target_users('')):
+                members = [m for m in redis.zrange(key, 0, -1)
+                           if m.startswith(prefix)]
+                if members:
+                    freed += redis.zrem(key, *members)
+                continue
+            holder = redis.get(key)
+            if holder is None or not holder.startswith(prefix):
+                continue
+            if key.startswith(stream_lock):
+                _repair_stream(redis, keys, storage, key[len(stream_lock):])
+            freed += redis.eval(locks.RELEASE.text, 1, key, holder)
+    finally:
+        redis.close()
+    if freed:
+        log.warning('freed %d locks of dead worker %s', freed, prefix)
+    return freed
+
+
+def _repair_stream(redis, keys, storage, sid):
+    if storage.stream_meta(sid) is not None:
+        storage.restore_interrupted(sid)
+        return
+    tid = redis.hget(keys.stream(sid), 'target_id')
+    if tid is None:
+        return
+    left = redis.eval(streams.DELETE.text, 6, keys.stream(sid),
+                      keys.target_streams(tid), keys.queue(tid),
+                      keys.heartbeats, keys.active, keys.targets,
+                      sid, keys.token.template, tid)
+    if left == 0:
+        storage.remove_target(tid)

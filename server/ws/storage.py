@@ -196,36 +196,64 @@ class Storage:
 
     # frames and checkpoints
 
-    def append_frames(self, stream_id, files, max_files):
+    def append_frames(self, stream_id, files, max_files, recorded):
         """Append decoded `files` {name: bytes, or an iterator of bytes
         written as it comes} to the buffer (page cache only: the commit
         fsyncs); the buffer holds at most `max_files` files (TooManyFiles).
-        All or nothing: on any failure (also one the iterator raises) the
-        buffer is cut back to where it was. Returns the previous sizes
-        (None: the file was new) for `truncate_buffer`."""
+        The buffer is what `recorded` says (sizes {name: bytes} as counted
+        in Redis): bytes past it (a frame whose count never reached Redis:
+        its worker killed, its reply lost) are cut off first; BufferLost if
+        it is shorter. All or nothing: on any failure (also one the
+        iterator raises) the buffer is cut back to where it was. Returns
+        the buffer's sizes with this frame."""
         folder = self.buffer_dir(stream_id)
-        sizes = {}
+        sizes = dict(recorded)
+        touched = {}
         try:
             for name, data in files.items():
                 path = os.path.join(folder, name)
+                want = recorded.get(name, 0)
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_APPEND)
                 except FileNotFoundError:
+                    if want:
+                        raise BufferLost(stream_id, name)
                     fd = self._new_buffer_file(stream_id, path, max_files)
-                    sizes[name] = None
                 try:
-                    if name not in sizes:
-                        sizes[name] = os.fstat(fd).st_size
+                    have = os.fstat(fd).st_size
+                    if have < want:
+                        raise BufferLost(stream_id, name)
+                    touched[name] = want
+                    if have > want:
+                        os.ftruncate(fd, want)
+                    written = 0
                     for piece in [data] if isinstance(data, bytes) else data:
                         view = memoryview(piece)
+                        written += len(view)
                         while view:
                             view = view[os.write(fd, view):]
                 finally:
                     os.close(fd)
+                sizes[name] = want + written
         except BaseException:
-            self.truncate_buffer(stream_id, sizes)
+            self.truncate_buffer(stream_id, touched)
             raise
         return sizes
+
+    def trim_buffer(self, stream_id, recorded):
+        """Make the buffer exactly what Redis counted: files it does not
+        know are removed, longer ones cut; BufferLost if one is short."""
+        folder = self.buffer_dir(stream_id)
+        for name in self.buffer_files(stream_id):
+            path = os.path.join(folder, name)
+            if name not in recorded:
+                unlink(path)
+                continue
+            size = os.path.getsize(path)
+            if size < recorded[name]:
+                raise BufferLost(stream_id, name)
+            if size > recorded[name]:
+                os.truncate(path, recorded[name])
 
     def _new_buffer_file(self, stream_id, path, max_files):
         if not os.path.isdir(self.stream_dir(stream_id)):
@@ -276,10 +304,11 @@ class Storage:
     def committed_frames(self, stream_id):
         return sum(n for _, n, _ in self.chunks(stream_id))
 
-    def commit(self, stream_id, nframes, state_files, meta):
-        """Make the buffer (holding `nframes` frames) and `state_files`
-        {name: str} the stream's newest chunk, crash-safely. The caller holds
-        the stream's lock. Returns the chunk's seq."""
+    def commit(self, stream_id, nframes, state_files, meta, recorded):
+        """Make the buffer (holding `nframes` frames, `recorded` sizes) and
+        `state_files` {name: str} the stream's newest chunk, crash-safely.
+        The caller holds the stream's lock. Returns the chunk's seq."""
+        self.trim_buffer(stream_id, recorded)
         chunks = self.chunks(stream_id)
         seq = chunks[-1][0] + 1 if chunks else 1
         folder = self.chunks_dir(stream_id)
@@ -310,6 +339,37 @@ class Storage:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return seq
+
+    def uncommit(self, stream_id, seq):
+        """Undo the commit of chunk `seq` (the newest): its frames go back
+        to the buffer, the chunk away, as one rename first."""
+        for found, _, path in reversed(self.chunks(stream_id)):
+            if found != seq:
+                return False
+            folder = self.chunks_dir(stream_id)
+            tmp = os.path.join(folder, '.tmp-%s' % uuid.uuid4().hex)
+            os.rename(path, tmp)
+            fsync_dir(folder)
+            restore_frames(tmp, self.buffer_dir(stream_id))
+            shutil.rmtree(tmp, ignore_errors=True)
+            return True
+        return False
+
+    def restore_interrupted(self, stream_id):
+        """Frames a commit had moved out of the buffer when its process
+        died (before the rename) go back to the buffer; its temporary
+        chunk is removed. Only while the dead holder's lock is still
+        held."""
+        folder = self.chunks_dir(stream_id)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.startswith('.tmp-'):
+                tmp = os.path.join(folder, name)
+                restore_frames(tmp, self.buffer_dir(stream_id))
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def stream_files(self, stream_id):
         """The seed files with the newest checkpoint's files in place of
@@ -368,3 +428,37 @@ class Storage:
     def stream_ids(self):
         return _names(self.streams)
 
+
+class BufferLost(Exception):
+    """The buffer on disk is shorter than Redis counted: it cannot be
+    committed (the activation is ended)."""
+
+    def __init__(self, stream_id, name):
+        super().__init__('buffer file %s of stream %s is shorter than '
+                         'counted' % (name, stream_id))
+
+
+def restore_frames(chunk, buffer):
+    """Move the frames of an uncommitted `chunk` folder back to `buffer`
+    (a name already back there wins)."""
+    frames = os.path.join(chunk, 'frames')
+    try:
+        names = os.listdir(frames)
+    except FileNotFoundError:
+        return
+    os.makedirs(buffer, exist_ok=True)
+    for name in names:
+        if not os.path.exists(os.path.join(buffer, name)):
+            os.rename(os.path.join(frames, name), os.path.join(buffer, name))
+
+
+def encode_sizes(sizes):
+    """The buffer's sizes as kept in the stream's Redis hash."""
+    return ';'.join('%s=%d' % item for item in sorted(sizes.items()))
+
+
+def decode_sizes(text):
+    if not text:
+        return {}
+    return {name: int(size) for name, size in
+            (item.split('=') for item in text.split(';'))}

@@ -113,7 +113,8 @@ while true do
   local s = redis.call('HMGET', key, 'status', 'active')
   if s[1] == 'OK' and s[2] == '0' then
     redis.call('HSET', key, 'active', '1', 'token', ARGV[3], 'donor', ARGV[5],
-               'start_time', ARGV[6], 'buffer_frames', '0', 'digest', '')
+               'start_time', ARGV[6], 'buffer_frames', '0', 'digest', '',
+               'sizes', '')
     redis.call('SET', string.format(ARGV[2], ARGV[3]), sid)
     redis.call('ZADD', KEYS[2], ARGV[4], sid)
     redis.call('SADD', KEYS[3], sid)
@@ -163,7 +164,7 @@ if s[1] == '1' then
   end
   redis.call('HSET', KEYS[1], 'active', '0')
   redis.call('HDEL', KEYS[1], 'token', 'donor', 'start_time', 'buffer_frames',
-             'digest')
+             'digest', 'sizes')
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
@@ -243,7 +244,7 @@ async def stop_stream(app, stream_id):
 
 # Drop one stream from the index; the target too when it was the last.
 # KEYS: stream, target streams, queue, heartbeats, active, targets.
-_DELETE = Script("""
+DELETE = Script("""
 local tok = redis.call('HGET', KEYS[1], 'token')
 if tok and tok ~= '' then redis.call('DEL', string.format(ARGV[2], tok)) end
 redis.call('DEL', KEYS[1])
@@ -267,7 +268,7 @@ async def _drop_stream(app, stream_id, target_id):
     keys = app.keys
     async with stream_locked(app, stream_id):
         await threads.disk(app.storage.remove_stream, stream_id)
-        return await _DELETE(app.fastredis, [
+        return await DELETE(app.fastredis, [
             keys.stream(stream_id), keys.target_streams(target_id),
             keys.queue(target_id), keys.heartbeats, keys.active,
             keys.targets], [stream_id, keys.token.template, target_id])

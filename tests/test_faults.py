@@ -1,0 +1,231 @@
+"""Faults of the store under real server processes: a paused Redis (every
+request answers a JSON 503 with Retry-After within the timeouts, none
+hangs), a killed Redis (503, never 500, while the master starts it again
+from its AOF; service resumes by itself), a Redis that comes back empty
+(the WS indexes its disk again), and `redis_url` in full (unix socket,
+password, db) on the hot path too."""
+import os
+import signal
+import unittest
+import uuid
+
+from server import store
+from server.processes import alive
+from server.testing import CC_PASS as PASS
+from server.testing import (ServerProcess, b64, command_centers, free_port,
+                            tmpdir, wait_for)
+
+CCS = command_centers()
+FAST = {'redis_timeout_in_s': 1.0, 'redis_connect_timeout_in_s': 1.0}
+
+
+def no_tracebacks(test, server):
+    log = server.read_log()
+    test.assertNotIn('Traceback', log)
+    test.assertNotIn('uncaught exception', log)
+
+
+class WSFixture:
+    """A WS process with one target, one stream and a core on it."""
+
+    def start_ws(self, **values):
+        conf = dict(FAST, command_centers=CCS)
+        conf.update(values)
+        self.ws = ServerProcess('ws', **conf).start()
+        self.addCleanup(self.ws.kill)
+        self.tid = str(uuid.uuid4())
+        r = self.ws.request('POST', '/streams', {
+            'target_id': self.tid, 'stream_files': {'state.xml': 's0'},
+            'target_files': {'system.xml': 'sys'}}, token=PASS)
+        self.assertEqual(r.status_code, 200, r.text)
+        self.sid = r.json()['stream_id']
+        r = self.ws.request('POST', '/streams/activate',
+                            {'target_id': self.tid}, token=PASS)
+        self.assertEqual(r.status_code, 200, r.text)
+        self.token = r.json()['token']
+        self.assertEqual(self.frame(b'one').status_code, 200)
+        self.assertEqual(self.ws.request('PUT', '/core/checkpoint', {
+            'files': {'state.xml': 's1'}}, token=self.token).status_code, 200)
+
+    def frame(self, data):
+        return self.ws.request('PUT', '/core/frame', {
+            'files': {'frames.xtc.b64': b64(data)}}, token=self.token)
+
+    def assert_store_down(self, r):
+        self.assertEqual(r.status_code, 503, r.text)
+        self.assertIn('error', r.json())
+        self.assertTrue(r.headers.get('Retry-After', '').isdigit())
+
+    def every_kind_of_request(self):
+        """One request of each kind: health, CC call, core call."""
+        return [self.ws.request('GET', '/'),
+                self.ws.request('GET', '/streams/info/' + self.sid,
+                                token=PASS),
+                self.ws.request('POST', '/streams/activate',
+                                {'target_id': self.tid}, token=PASS),
+                self.frame(b'during'),
+                self.ws.request('POST', '/core/heartbeat', {},
+                                token=self.token)]
+
+
+class TestRedisPaused(WSFixture, unittest.TestCase):
+
+    def test_paused_redis_is_503_not_a_hang_then_resumes(self):
+        self.start_ws(num_processes=2)
+        pid = self.ws.redis_pid()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for r in self.every_kind_of_request():  # each bounded (30 s)
+                self.assert_store_down(r)
+            self.assertIn('store down', self.ws.request('GET', '/')
+                          .json()['error'])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: self.ws.request('GET', '/').status_code == 200,
+                 'health after SIGCONT')
+        self.assertEqual(self.frame(b'two').status_code, 200)
+        self.assertEqual(self.ws.request('GET', '/streams/%s/frames.xtc'
+                                         % self.sid, token=PASS).content,
+                         b'one')
+        no_tracebacks(self, self.ws)
+
+    def test_paused_redis_of_the_cc(self):
+        cc = ServerProcess('cc', **FAST).start()
+        self.addCleanup(cc.kill)
+        pid = cc.redis_pid()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for r in (cc.request('GET', '/'),
+                      cc.request('GET', '/ws/status'),
+                      cc.request('POST', '/core/assign', {
+                          'engine': 'openmm', 'engine_version': '8'})):
+                self.assert_store_down(r)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: cc.request('GET', '/').status_code == 200,
+                 'CC health after SIGCONT')
+        no_tracebacks(self, cc)
+
+
+class TestRedisKilled(WSFixture, unittest.TestCase):
+
+    def test_killed_redis_is_restarted_from_its_aof(self):
+        self.start_ws()
+        pid = self.ws.redis_pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not alive(pid), 'redis gone')
+        codes = set()
+
+        def back():
+            r = self.ws.request('GET', '/')
+            codes.add(r.status_code)
+            return r.status_code == 200
+        wait_for(back, 'the master to restart redis')
+        self.assertLessEqual(codes, {200, 503})
+        self.assertNotEqual(self.ws.redis_pid(), pid)
+        # The AOF had everything: the core goes on with its token.
+        self.assertEqual(wait_for(lambda: self.frame(b'two').status_code
+                                  != 503 and self.frame(b'two')).status_code,
+                         200)
+        self.assertEqual(self.ws.request('PUT', '/core/checkpoint', {
+            'files': {'state.xml': 's2'}}, token=self.token).status_code, 200)
+        self.assertEqual(self.ws.request('GET', '/streams/%s/frames.xtc'
+                                         % self.sid, token=PASS).content,
+                         b'onetwo')
+        self.assertIn('restarted from its AOF', self.ws.read_log())
+        no_tracebacks(self, self.ws)
+
+    def test_every_request_while_redis_is_dead_is_503(self):
+        self.start_ws()
+        # Keep the master from restarting it for a moment: stop the
+        # master, kill redis, ask, then let the master go on.
+        os.kill(self.ws.process.pid, signal.SIGSTOP)
+        pid = self.ws.redis_pid()
+        try:
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not alive(pid), 'redis gone')
+            for r in self.every_kind_of_request():
+                self.assert_store_down(r)
+        finally:
+            os.kill(self.ws.process.pid, signal.SIGCONT)
+        wait_for(lambda: self.ws.request('GET', '/').status_code == 200,
+                 'restart')
+        no_tracebacks(self, self.ws)
+
+    def test_redis_back_empty_the_ws_indexes_its_disk_again(self):
+        self.start_ws()
+        self.assertEqual(self.frame(b'lost').status_code, 200)  # buffered
+        folder = os.path.join(self.ws.settings['data_folder'], 'redis')
+        pid = self.ws.redis_pid()
+        os.kill(self.ws.process.pid, signal.SIGSTOP)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not alive(pid), 'redis gone')
+            for name in os.listdir(folder):
+                if 'aof' in name or name.endswith('.rdb'):
+                    os.unlink(os.path.join(folder, name))
+        finally:
+            os.kill(self.ws.process.pid, signal.SIGCONT)
+
+        def info():
+            r = self.ws.request('GET', '/streams/info/' + self.sid,
+                                token=PASS)
+            return r.status_code == 200 and r.json()
+        found = wait_for(info, 'the stream indexed again')
+        self.assertEqual((found['frames'], found['active']), (1, False))
+        # The forgotten token is dead, its buffer gone; the stream is
+        # back in its queue with its committed frames.
+        self.assertEqual(self.frame(b'x').status_code, 401)
+        r = self.ws.request('POST', '/streams/activate',
+                            {'target_id': self.tid}, token=PASS)
+        self.assertEqual((r.status_code, r.json()['stream_id']),
+                         (200, self.sid))
+        token = r.json()['token']
+        self.ws.request('PUT', '/core/frame', {'files': {
+            'frames.xtc.b64': b64(b'two')}}, token=token)
+        self.ws.request('PUT', '/core/checkpoint', {'files': {
+            'state.xml': 's2'}}, token=token)
+        self.assertEqual(self.ws.request('GET', '/streams/%s/frames.xtc'
+                                         % self.sid, token=PASS).content,
+                         b'onetwo')
+        self.assertIn('indexing the disk again', self.ws.read_log())
+        no_tracebacks(self, self.ws)
+
+
+class TestRedisURL(WSFixture, unittest.TestCase):
+    """An existing Redis named by redis_url, reached the way the URL says
+    by every connection (the hot path's frames and checkpoints too)."""
+
+    def own_redis(self, **kw):
+        server = store.RedisServer(tmpdir('redis'), free_port(), **kw)
+        server.start()
+        self.addCleanup(server.stop)
+        return server
+
+    def check_works_and_lands_in(self, client, db_keys):
+        self.assertEqual(self.frame(b'two').status_code, 200)
+        self.assertEqual(self.ws.request('PUT', '/core/checkpoint', {
+            'files': {'state.xml': 's2'}}, token=self.token).status_code, 200)
+        info = self.ws.request('GET', '/streams/info/' + self.sid,
+                               token=PASS).json()
+        self.assertEqual(info['frames'], 2)
+        key = 'wsd:%s:stream:%s' % (self.ws.name, self.sid)
+        self.assertEqual(client.hget(key, 'frames'), '2')
+        self.assertEqual(db_keys(), 0)
+
+    def test_unix_socket_and_db(self):
+        sock = os.path.join(tmpdir('sock'), 'redis.sock')
+        server = self.own_redis(unixsocket=sock)
+        self.start_ws(redis_url='unix://%s?db=3' % sock, redis_options=None)
+        client = store.connect_sync('unix://%s?db=3' % sock)
+        db0 = store.connect_sync('unix://%s?db=0' % sock)
+        self.check_works_and_lands_in(client, db0.dbsize)
+        self.assertTrue(server.process.poll() is None)
+
+    def test_password_and_db(self):
+        server = self.own_redis(requirepass='pw-%s' % uuid.uuid4().hex)
+        url = 'redis://:%s@127.0.0.1:%d/5' % (server.password, server.port)
+        self.start_ws(redis_url=url, redis_options=None)
+        client = store.connect_sync(url)
+        db0 = store.connect_sync(url[:-1] + '0')
+        self.check_works_and_lands_in(client, db0.dbsize)
