@@ -229,3 +229,70 @@ class TestRedisURL(WSFixture, unittest.TestCase):
         client = store.connect_sync(url)
         db0 = store.connect_sync(url[:-1] + '0')
         self.check_works_and_lands_in(client, db0.dbsize)
+
+
+class TestWorkerDeath(WSFixture, unittest.TestCase):
+    """A worker killed with -9 while it holds a stream's lock: the master
+    frees the lock when it notices (not after the lock's 5 minute TTL)
+    and repairs what the worker left half done; the core's retry works
+    and the trajectory is whole."""
+
+    def kill_holder_during(self, send):
+        """Run `send()` in a thread; kill -9 the worker as soon as it holds
+        the stream's lock; returns the holder seen."""
+        import threading
+        redis = self.ws.redis()
+        self.addCleanup(redis.close)
+        key = 'wsd:%s:lock:stream:%s' % (self.ws.name, self.sid)
+        thread = threading.Thread(target=send, daemon=True)
+        thread.start()
+        holder = wait_for(lambda: redis.get(key), 'the lock taken', 60)
+        os.kill(int(holder.split('.')[0]), signal.SIGKILL)
+        thread.join(60)
+        wait_for(lambda: redis.get(key) != holder, 'the lock freed')
+        return holder
+
+    def send_quietly(self, method, path, body):
+        def send():
+            try:
+                self.ws.request(method, path, body, token=self.token)
+            except Exception:
+                pass  # the worker died under it
+        return send
+
+    def test_mid_commit(self):
+        self.start_ws(num_processes=2)
+        self.assertEqual(self.frame(b'two').status_code, 200)
+        # Many state files: a commit that takes a while (one fsync each).
+        state = {'s%03d.txt' % i: 'x' * 1000 for i in range(400)}
+        self.kill_holder_during(self.send_quietly(
+            'PUT', '/core/checkpoint', {'files': state}))
+        r = self.ws.request('PUT', '/core/checkpoint', {'files': state},
+                            token=self.token)
+        self.assertEqual(r.status_code, 200, r.text)
+        self.assertEqual(self.ws.request('GET', '/streams/%s/frames.xtc'
+                                         % self.sid, token=PASS).content,
+                         b'onetwo')
+        info = self.ws.request('GET', '/streams/info/' + self.sid,
+                               token=PASS).json()
+        self.assertEqual(info['frames'], 2)
+        self.assertIn('freed 1 locks of dead worker', self.ws.read_log())
+
+    def test_mid_frame(self):
+        self.start_ws(num_processes=2)
+        big = os.urandom(24 << 20)
+        body = {'files': {'frames.xtc.b64': b64(big)}}
+        self.kill_holder_during(self.send_quietly('PUT', '/core/frame',
+                                                  body))
+        for _ in range(2):  # the retry, and a retry of the retry
+            r = self.ws.request('PUT', '/core/frame', body, token=self.token)
+            self.assertEqual(r.status_code, 200, r.text)
+        self.assertEqual(self.ws.request('PUT', '/core/checkpoint', {
+            'files': {'state.xml': 's2'}}, token=self.token).status_code, 200)
+        got = self.ws.request('GET', '/streams/%s/frames.xtc' % self.sid,
+                              token=PASS).content
+        self.assertEqual(len(got), 3 + len(big))
+        self.assertTrue(got == b'one' + big)
+        info = self.ws.request('GET', '/streams/info/' + self.sid,
+                               token=PASS).json()
+        self.assertEqual(info['frames'], 2)

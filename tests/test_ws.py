@@ -845,6 +845,83 @@ class TestRecovery(WSTestCase):
         self.assertEqual(self.info(sid)['frames'], 2)
 
 
+class TestLockLost(WSTestCase):
+    """A request whose stream lock stopped being its own while it worked
+    (expired, or freed as a dead worker's) changes nothing: its frame is
+    not counted, its commit is undone, and the core gets a 503 to retry."""
+
+    def steal_lock_during(self, name):
+        """Make storage.`name` take the stream's lock from the request;
+        returns what puts things back (the lock freed)."""
+        storage = self.app.storage
+        real = getattr(storage, name)
+        sync = store.connect_sync(self.redis_server.url)
+        self.addCleanup(sync.close)
+
+        def stealing(sid, *args, **kw):
+            sync.set(self.app.keys.stream_lock(sid), 'someone else')
+            return real(sid, *args, **kw)
+
+        def give_back(sid):
+            setattr(storage, name, real)
+            sync.delete(self.app.keys.stream_lock(sid))
+        setattr(storage, name, stealing)
+        self.addCleanup(setattr, storage, name, real)
+        return give_back
+
+    def test_frame_not_counted(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'one')
+        give_back = self.steal_lock_during('append_frames')
+        reply = self.frame(token, b'two', code=503)
+        self.assertIn('retry', reply['error'])
+        give_back(sid)
+        self.assertEqual(self.redis_dump()[self.app.keys.stream(sid)]
+                         ['buffer_frames'], '1')
+        self.frame(token, b'two')  # the retry
+        self.checkpoint(token, b's1')
+        self.assertEqual(self.download(sid)[1], b'onetwo')
+        self.assertEqual(self.info(sid)['frames'], 2)
+
+    def test_commit_undone(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'one')
+        storage = self.app.storage
+        give_back = self.steal_lock_during('buffer_files')
+        self.checkpoint(token, b's1', code=503)
+        give_back(sid)
+        self.assertEqual(storage.chunks(sid), [])
+        self.assertEqual(storage.buffer_files(sid), ['frames.xtc'])
+        self.assertEqual(self.info(sid)['frames'], 0)
+        self.checkpoint(token, b's1')  # the retry
+        self.assertEqual(self.download(sid)[1], b'one')
+        self.assertEqual(self.info(sid)['frames'], 1)
+
+    def test_uncounted_bytes_in_the_buffer_are_cut(self):
+        """A frame appended whose count never reached Redis (its worker
+        died, its reply was lost) is not committed."""
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'one')
+        with open(os.path.join(self.app.storage.buffer_dir(sid),
+                               'frames.xtc'), 'ab') as f:
+            f.write(b'GARBAGE')
+        with open(os.path.join(self.app.storage.buffer_dir(sid),
+                               'other.dat'), 'wb') as f:
+            f.write(b'GARBAGE')
+        self.checkpoint(token, b's1')
+        self.assertEqual(self.download(sid)[1], b'one')
+        self.assertEqual(self.download(sid, 'other.dat')[0], 404)
+        with open(os.path.join(self.app.storage.buffer_dir(sid),
+                               'frames.xtc'), 'ab') as f:
+            f.write(b'GARBAGE')
+        self.frame(token, b'two')
+        self.checkpoint(token, b's2')
+        self.assertEqual(self.download(sid)[1], b'onetwo')
+
+
 class TestMultiplexedRedis(RedisTestCase):
     """The hot-path connection (server/ws/lua.py): replies matched to their
     commands under concurrency, errors, lost script cache, lost
