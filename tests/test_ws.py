@@ -13,6 +13,8 @@ import time
 import uuid
 
 from redis.exceptions import ConnectionError, ResponseError
+from tornado.simple_httpclient import HTTPStreamClosedError
+from tornado.testing import ExpectLog
 
 from server import signing, store
 from server.disk import publish_dir
@@ -600,6 +602,49 @@ class TestDownload(WSTestCase):
                                           query='?' + q)
             self.assertEqual(code, 401, q)
             self.assertIn('error', json.loads(body))
+
+
+    def test_delete_during_a_download_ends_it_cleanly(self):
+        """Whole chunks (frames) sent, then the connection closes; nothing
+        logged as uncaught; the next download is a 404."""
+        from server.ws import download
+        real = download.read_at
+        calls = []
+
+        def read_then_delete(f, offset, length):
+            data = real(f, offset, length)
+            if not calls:  # the stream goes right after the first read
+                self.app.storage.remove_stream(self.sid)
+            calls.append(length)
+            return data
+        download.read_at = read_then_delete
+        self.addCleanup(setattr, download, 'read_at', real)
+        got = []
+        with ExpectLog('siegetank', '.*', required=False) as ours, \
+                ExpectLog('tornado', '.*', required=False) as tornados:
+            with self.assertRaises(HTTPStreamClosedError):  # a short body
+                self.fetch('/streams/%s/frames.xtc' % self.sid,
+                           headers={'Authorization': PASS},
+                           streaming_callback=got.append)
+        self.assertEqual(b''.join(got), self.data[:700])  # chunk 1 whole
+        self.assertEqual(len(calls), 1)
+        self.assertFalse(ours.logged_stack or tornados.logged_stack)
+        self.assertEqual(self.cc('/streams/delete/' + self.sid, 'PUT')[0],
+                         200)
+        self.assertEqual(self.download(self.sid)[0], 404)
+
+    def test_delete_before_the_first_byte_is_a_404(self):
+        real = self.app.storage.download_parts
+
+        def parts_then_delete(sid, name):
+            parts = real(sid, name)
+            self.app.storage.remove_stream(sid)
+            return parts
+        self.app.storage.download_parts = parts_then_delete
+        self.addCleanup(setattr, self.app.storage, 'download_parts', real)
+        code, body, _ = self.download(self.sid)
+        self.assertEqual(code, 404)
+        self.assertIn('deleted', json.loads(body)['error'])
 
 
 class TestDelete(WSTestCase):

@@ -3,7 +3,10 @@ from disk a chunk at a time, with one HTTP Range per request. The CC's
 pass, or a URL the CC signed (server/signing.py), may download. Each
 download logs the bytes it sent: what researchers' syncs cost."""
 import logging
+import os
 import re
+
+from tornado.iostream import StreamClosedError
 
 from server import signing, threads, tokens
 from server.web import APIError, APIHandler, check_file_name, check_stream_id
@@ -53,10 +56,9 @@ def plan_range(parts, start, end):
     return plan
 
 
-def read_at(path, offset, length):
-    with open(path, 'rb') as f:
-        f.seek(offset)
-        return f.read(length)
+def read_at(f, offset, length):
+    """`length` bytes at `offset` of the open file `f`."""
+    return os.pread(f.fileno(), length, offset)
 
 
 class DownloadHandler(APIHandler):
@@ -102,16 +104,35 @@ class DownloadHandler(APIHandler):
         self.set_header('Content-Length', str(end - start + 1))
         sent = 0
         for path, offset, length in plan_range(parts, start, end):
-            while length > 0:
-                data = await threads.disk(read_at, path, offset,
-                                          min(length, READ_SIZE))
-                if not data:
-                    break
-                offset += len(data)
-                length -= len(data)
-                sent += len(data)
-                self.write(data)
-                await self.flush()
+            # Each chunk file is opened before its first byte is sent and
+            # read to its end through that descriptor, so a deletion
+            # meanwhile cannot cut a chunk (its frames) in two. A chunk
+            # already gone ends the transfer: 404 if nothing was sent, else
+            # the connection is closed (a short body, never a torn one).
+            try:
+                f = await threads.disk(open, path, 'rb')
+            except FileNotFoundError:
+                if not sent:
+                    raise APIError(404, 'stream %s was deleted' % stream_id)
+                log.info('download of %s ended after %d bytes: the stream '
+                         'was deleted', stream_id, sent)
+                self.request.connection.close()
+                return
+            try:
+                while length > 0:
+                    data = await threads.disk(read_at, f, offset,
+                                              min(length, READ_SIZE))
+                    if not data:
+                        break
+                    offset += len(data)
+                    length -= len(data)
+                    sent += len(data)
+                    self.write(data)
+                    await self.flush()
+            except StreamClosedError:
+                return  # the client went away
+            finally:
+                f.close()
         self.finish()
         log.info('sent %d bytes of %s of stream %s (from byte %d of %d)',
                  sent, filename, stream_id, start, total)
