@@ -123,6 +123,8 @@ CC = dict(COMMON, **{
     'signed_url_lifetime_in_s': (int, 3600),
     'max_files_per_target': (int, 64),
     'max_streams_per_target': (int, 100000),
+    # How often each WS's streams are compared with the CC's map.
+    'reconcile_interval_in_s': (float, 300.0),
 })
 
 WS = dict(COMMON, **{

@@ -2,6 +2,7 @@
 a directory in place: written under a temporary name, fsynced, renamed, and
 the parent directory fsynced, so after a crash the old or the new version
 is there, never a part. Standard library only, so the CLI uses it too."""
+import errno
 import os
 import shutil
 import uuid
@@ -52,10 +53,16 @@ def atomic_write(path, data, mode=0o666):
 
 
 def publish_dir(tmp, final):
-    """fsync the built directory `tmp` and rename it to `final`."""
+    """fsync the built directory `tmp` and rename it to `final`
+    (FileExistsError if `final` exists)."""
     for folder, dirs, _ in os.walk(tmp, topdown=False):
         fsync_dir(folder)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(e.errno, 'exists', final)
+        raise
     fsync_dir(os.path.dirname(final))
 
 

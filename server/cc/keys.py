@@ -12,6 +12,11 @@ target and WS each stream belongs to, and per-target per-WS counts.
                                after a goodbye)
     ws:<name>:pending_deletes  set of target ids deleted while the WS did
                                not answer
+    ws:<name>:abandoned        zset: stream id whose creation on the WS the
+                               CC gave up on (no answer) -> when; deleted
+                               there when it answers again
+    reconcile:stats            hash: repair (adopted, forgotten, ...) ->
+                               count, ever (server/cc/reconcile.py)
     manager:<email id>         hash: email, role, weight, password
                                (scrypt), token (sha256 hex)
     manager_token:<sha256>     string: email of the manager of the token
@@ -60,6 +65,8 @@ WORKSERVERS = 'workservers'
 TARGETS = 'targets'
 ws = Key('ws:%s')
 ws_pending_deletes = Key('ws:%s:pending_deletes')
+ws_abandoned = Key('ws:%s:abandoned')
+RECONCILE_STATS = 'reconcile:stats'
 manager = EmailKey('manager:%s')
 manager_token = Key('manager_token:%s')
 donor = Key('donor:%s')

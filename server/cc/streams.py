@@ -10,9 +10,10 @@ with a signed, expiring URL.
 """
 import logging
 import random
+import uuid
 
 from server import peer, signing
-from server.cc import keys, targets, workservers
+from server.cc import keys, reconcile, targets, workservers
 from server.cc.targets import TargetHandler
 from server.lua import Script
 from server.web import (
@@ -110,30 +111,45 @@ class PlacementFailed(Exception):
     """This WS could not take the stream; another may."""
 
 
+async def _create_on(app, ws, base, body):
+    """POST /streams to `ws`; sent once more if no reply came (the same
+    creation id: the WS answers with the stream it made the first time).
+    Without an answer then, or with a failure, the stream the WS may have
+    made is abandoned (deleted there later, see reconcile.py)."""
+    for attempt in range(2):
+        try:
+            reply = await workservers.request(app, ws, 'POST', '/streams',
+                                              body, base=base)
+        except peer.PeerError as e:
+            if attempt == 0:
+                continue
+            await reconcile.abandon(app.redis, ws, body['creation_id'])
+            raise PlacementFailed(str(e))
+        if reply.code >= 500:
+            await reconcile.abandon(app.redis, ws, body['creation_id'])
+        return reply
+
+
 async def _post_to(app, ws, base, has_files, target, files, tags):
     """POST the stream to `ws`, with the target files if it may lack
     them; returns the stream id. 4xx verdicts on the input are final."""
     tid = target['target_id']
-    body = {'target_id': tid, 'stream_files': files}
+    body = {'target_id': tid, 'stream_files': files,
+            'creation_id': str(uuid.uuid4())}
     if tags:
         body['tags'] = tags
     for attempt in range(2):
         if not has_files or attempt:
             body['target_files'] = await targets.read_files(
                 app, tid, target['files'])
-        try:
-            reply = await workservers.request(app, ws, 'POST', '/streams',
-                                              body, base=base)
-        except peer.PeerError as e:
-            raise PlacementFailed(str(e))
+        reply = await _create_on(app, ws, base, body)
         if reply.code == 400 and 'target_files' not in body:
             continue  # the WS lost the target since: send the files again
         break
     if reply.code == 200:
         sid = reply.body.get('stream_id') if isinstance(reply.body, dict) \
             else None
-        if not isinstance(sid, str) or not STREAM_ID.fullmatch(sid) \
-                or ws_of(sid) != ws:
+        if sid != '%s:%s' % (body['creation_id'], ws):
             raise PlacementFailed('%s returned a bad stream id %r' % (ws, sid))
         return sid
     if reply.code in (400, 409, 413):

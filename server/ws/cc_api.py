@@ -28,8 +28,13 @@ class CCHandler(PeerHandler):
         return self.field('target_id', str, check=TARGET_ID.fullmatch)
 
 
-class CreateStreamHandler(CCHandler):
+class StreamsHandler(CCHandler):
     body_limit = 'max_body_size'
+
+    async def get(self):
+        """{streams: {stream_id: creation_date}} (for reconciliation)."""
+        self.write_json({'streams': await streams.all_streams(
+            self.application)})
 
     async def post(self):
         tid = self.target_id()
@@ -45,8 +50,13 @@ class CreateStreamHandler(CCHandler):
         # Stored as sent; every .b64/.gz.b64 must decode within the limits.
         await decode_files(self.config, *groups, keep=False)
         tags = check_tags(self.field('tags', dict, {}))
+        # The CC's name for this creation (a uuid4): sent again, it finds
+        # the stream made the first time.
+        creation_id = self.field('creation_id', str, None,
+                                 check=TARGET_ID.fullmatch)
         sid = await streams.create_stream(self.application, tid,
-                                          stream_files, target_files, tags)
+                                          stream_files, target_files, tags,
+                                          creation_id)
         self.write_json({'stream_id': sid})
 
 
@@ -94,7 +104,7 @@ class ActiveStreamsHandler(CCHandler):
 
 PART = r'([^/]+)'  # one path segment
 default_handlers = [
-    (r'/streams', CreateStreamHandler),
+    (r'/streams', StreamsHandler),
     (r'/streams/activate', ActivateHandler),
     (r'/streams/(start|stop|delete)/' + PART, StreamCommandHandler),
     (r'/streams/info/' + PART, StreamInfoHandler),

@@ -58,14 +58,50 @@ def _new_stream(storage, target_id, stream_id, meta, stream_files):
 
 
 async def create_stream(app, target_id, stream_files, target_files,
-                        tags=None):
+                        tags=None, creation_id=None):
     """A stream of a known target needs only a shared hold on it (creations
     run in parallel); the first stream of a target creates the target
     under its exclusive lock. `tags` live in stream.json, so they survive
-    a loss of Redis like the rest of the stream."""
+    a loss of Redis like the rest of the stream. With a `creation_id` (the
+    CC's) the stream is `<creation_id>:<ws name>`, so a create sent again
+    (its reply was lost) finds the stream made the first time instead of
+    making a second one."""
+    stream_id = '%s:%s' % (creation_id or uuid.uuid4(), app.config['name'])
+    if creation_id is not None:
+        made = await _made_before(app, target_id, stream_id)
+        if made:
+            return made
     check_disk(app)
+    try:
+        return await _create(app, target_id, stream_files, target_files,
+                             tags, stream_id)
+    except FileExistsError:  # the same creation at once: it won
+        made = await _made_before(app, target_id, stream_id)
+        if not made:
+            raise
+        return made
+
+
+async def _made_before(app, target_id, stream_id):
+    """The stream id if a creation with this id already made the stream
+    (indexed again if Redis lacks it); 409 if for another target."""
+    meta = await threads.disk(app.storage.stream_meta, stream_id)
+    if meta is None:
+        return None
+    if meta['target_id'] != target_id:
+        raise APIError(409, 'creation id of stream %s was used for another '
+                       'target' % stream_id)
+    if not await app.redis.exists(app.keys.stream(stream_id)):
+        pipe = app.redis.pipeline(transaction=True)
+        index_stream(pipe, app.keys, stream_id, meta, await threads.disk(
+            app.storage.committed_frames, stream_id))
+        await pipe.execute()
+    return stream_id
+
+
+async def _create(app, target_id, stream_files, target_files, tags,
+                  stream_id):
     names = sorted(stream_files)
-    stream_id = '%s:%s' % (uuid.uuid4(), app.config['name'])
     meta = {'target_id': target_id, 'creation_date': time.time(),
             'status': 'OK', 'error_count': 0}
     if tags:
@@ -327,6 +363,22 @@ async def target_streams(app, target_id):
     if not sids:
         raise APIError(404, 'unknown target %s' % target_id)
     return {sid: _public(h) for sid, h in await _hashes(app, sids)}
+
+
+async def all_streams(app):
+    """{stream_id: creation_date} of every stream here (for the CC's
+    reconciliation)."""
+    keys = app.keys
+    tids = sorted(await app.redis.smembers(keys.targets))
+    pipe = app.redis.pipeline(transaction=False)
+    for tid in tids:
+        pipe.smembers(keys.target_streams(tid))
+    sids = sorted(set().union(*await pipe.execute())) if tids else []
+    pipe = app.redis.pipeline(transaction=False)
+    for sid in sids:
+        pipe.hget(keys.stream(sid), 'creation_date')
+    return {sid: float(date) for sid, date in zip(sids, await pipe.execute())
+            if date is not None}
 
 
 async def active_streams(app):
