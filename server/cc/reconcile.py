@@ -151,5 +151,6 @@ async def reconcile_ws(app, ws):
 
 async def reconcile(app):
     """Every online WS, one after the other."""
-    for ws in sorted(await workservers.online(app.redis)):
-        await reconcile_ws(app, ws)
+    for ws, state in sorted((await workservers.status(app)).items()):
+        if state['online']:
+            await reconcile_ws(app, ws)
