@@ -329,6 +329,7 @@ class Chaos:
             cc_redis.close()
         r = self.http.get(self.ws.url + '/streams', timeout=30,
                           headers={'Authorization': CC_PASS})
+        r.raise_for_status()  # a 503 while a Redis restarts: not yet
         return cc, set(r.json()['streams'])
 
     def check(self):
@@ -483,6 +484,9 @@ class Chaos:
                 self.check()
             except (TimedOut, RuntimeError) as e:
                 self.ledger.fail('unavailable', str(e).splitlines()[0])
+                self.recover()
+            except Exception as e:  # the harness itself: say it, go on
+                self.ledger.fail('harness', repr(e))
                 self.recover()
             ok = len(self.ledger.failures) == before
             self.results[(victim, moment, 'ok' if ok else 'FAILED')] += 1
