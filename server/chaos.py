@@ -151,7 +151,9 @@ class Core(threading.Thread):
             self.ledger.fail('lost', '%s restarts at %d, acked %d'
                              % (sid, k, acked))
         nxt = k
-        while not self.stopping:
+        for _ in range(self.rng.randint(1, 6)):
+            if self.stopping:
+                return
             for _ in range(self.rng.randint(1, 3)):
                 n = self.rng.choice((1, 1, 2))
                 self.call('PUT', base + '/core/frame', {
@@ -168,6 +170,7 @@ class Core(threading.Thread):
                 token=token, moment='checkpoint')
             self.ledger.ack(sid, nxt)
             time.sleep(0.02)
+        self.call('PUT', base + '/core/stop', {}, token=token)
 
 
 class Manager(threading.Thread):
@@ -233,6 +236,7 @@ class Chaos:
         self.http = session()
         self.cores, self.manager = [], None
         self.results = collections.Counter()
+        self.seconds = collections.Counter()
         self.observed = collections.Counter()
 
     # setup and checks
@@ -479,6 +483,7 @@ class Chaos:
             victim = self.rng.choices(names, weights)[0]
             moment = self.rng.choice(MOMENTS)
             before = len(self.ledger.failures)
+            began = time.monotonic()
             try:
                 self.kill(victim, moment)
                 self.check()
@@ -489,6 +494,7 @@ class Chaos:
                 self.ledger.fail('harness', repr(e))
                 self.recover()
             ok = len(self.ledger.failures) == before
+            self.seconds[(victim, moment)] += time.monotonic() - began
             self.results[(victim, moment, 'ok' if ok else 'FAILED')] += 1
             done += 1
             if deep_every and done % deep_every == 0:
@@ -514,11 +520,14 @@ class Chaos:
                 server.stop()
 
     def report(self, done):
-        lines = ['', 'victim      moment        count  outcome',
-                 '----------  ------------  -----  -------']
+        lines = ['', 'victim      moment        count  outcome  s/point',
+                 '----------  ------------  -----  -------  -------']
         for (victim, moment, outcome), n in sorted(self.results.items()):
-            lines.append('%-10s  %-12s  %5d  %s' % (victim, moment, n,
-                                                    outcome))
+            runs = sum(c for (v, m, _), c in self.results.items()
+                       if (v, m) == (victim, moment))
+            lines.append('%-10s  %-12s  %5d  %-7s  %7.1f' % (
+                victim, moment, n, outcome,
+                self.seconds[(victim, moment)] / runs))
         lines.append('%-10s  %-12s  %5d' % ('total', '', done))
         for what, n in sorted(self.observed.items()):
             lines.append('checkpoint kills: %s: %d' % (what, n))
