@@ -37,8 +37,14 @@ import time
 
 import requests
 
-from server.testing import (CC_PASS, ServerProcess, TimedOut, certs,
-                            command_centers, wait_for)
+from server.testing import (
+    CC_PASS,
+    ServerProcess,
+    TimedOut,
+    certs,
+    command_centers,
+    wait_for,
+)
 
 ENGINE, VERSION = 'chaos', '1'
 HEARTBEAT_S = 3

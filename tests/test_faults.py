@@ -12,8 +12,14 @@ import uuid
 from server import store
 from server.processes import alive
 from server.testing import CC_PASS as PASS
-from server.testing import (ServerProcess, b64, command_centers, free_port,
-                            tmpdir, wait_for)
+from server.testing import (
+    ServerProcess,
+    b64,
+    command_centers,
+    free_port,
+    tmpdir,
+    wait_for,
+)
 
 CCS = command_centers()
 FAST = {'redis_timeout_in_s': 1.0, 'redis_connect_timeout_in_s': 1.0}

@@ -624,7 +624,7 @@ class TestDownload(WSTestCase):
                 ExpectLog('tornado', '.*', required=False) as tornados:
             with self.assertRaises(HTTPStreamClosedError):  # a short body
                 self.fetch('/streams/%s/frames.xtc' % self.sid,
-                           headers={'Authorization': PASS},
+                           headers={'Authorization': CC_PASS},
                            streaming_callback=got.append)
         self.assertEqual(b''.join(got), self.data[:700])  # chunk 1 whole
         self.assertEqual(len(calls), 1)

@@ -6,8 +6,14 @@ import logging
 from tornado.ioloop import PeriodicCallback
 
 from server import runner, store
-from server.cc import (accounts, assign, reconcile, streams, targets,
-                       workservers)
+from server.cc import (
+    accounts,
+    assign,
+    reconcile,
+    streams,
+    targets,
+    workservers,
+)
 from server.web import App, HealthHandler
 
 log = logging.getLogger('siegetank.cc')

@@ -17,7 +17,6 @@ from server.cc import keys, reconcile, targets, workservers
 from server.cc.targets import TargetHandler
 from server.lua import Script
 from server.web import (
-    STREAM_ID,
     APIError,
     check_file_name,
     check_stream_id,

@@ -21,8 +21,12 @@ import asyncio
 import collections
 
 from redis.asyncio.connection import SSLConnection
-from redis.exceptions import (ConnectionError, NoScriptError, ResponseError,
-                              TimeoutError)
+from redis.exceptions import (
+    ConnectionError,
+    NoScriptError,
+    ResponseError,
+    TimeoutError,
+)
 
 from server import store
 
