@@ -140,6 +140,9 @@ WS = dict(COMMON, **{
     'max_frames_per_request': (int, 100000),
     'max_error_length': (int, 16 * 1024),
     'max_errors_log_size': (int, 1024 * 1024),
+    # A token must reach /core/start within this (capped at
+    # heartbeat_increment), else its stream goes back into the queue.
+    'core_start_window_in_s': (int, 120),
 })
 
 SCHEMAS = {'cc': CC, 'ws': WS}

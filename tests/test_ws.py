@@ -547,6 +547,29 @@ class TestCore(WSTestCase):
             self.assertIn(b'error', r.body)
 
 
+class TestLostActivation(WSTestCase):
+    """An activation whose reply never reached a core (the CC timed out,
+    the connection was cut after the request was sent): its stream comes
+    back once the start window passes, not after a whole heartbeat."""
+
+    conf = dict(CONF, core_start_window_in_s=1, heartbeat_increment=900)
+
+    def test_token_that_never_reached_core_start_is_taken_back(self):
+        tid, _ = self.new_stream()
+        self.new_stream(tid, with_target=False)
+        started, a = self.activate(tid)
+        _lost, b = self.activate(tid)  # the reply of this one is lost
+        self.core_start(started)  # out of the start window
+        time.sleep(1.2)
+        self.run_sync(core.sweep, self.app)
+        self.assertTrue(self.info(a)['active'])
+        self.assertFalse(self.info(b)['active'])
+        self.assertEqual(self.activate(tid)[1], b)
+        self.frame(started, b'kept')
+        self.checkpoint(started, b's1')
+        self.assertEqual(self.download(a)[1], b'kept')
+
+
 class TestDownload(WSTestCase):
 
     def setUp(self):

@@ -253,6 +253,12 @@ class LockedCoreHandler(CoreHandler):
 
 
 class CoreStartHandler(CoreHandler):
+    async def authenticate(self):
+        # Reaching /core/start ends the token's start window: a whole
+        # heartbeat from now on (streams.activate).
+        self.sid = await live_stream(self.application, self.token(),
+                                     extend=True)
+
     async def get(self):
         app = self.application
         sid = self.sid

@@ -161,16 +161,20 @@ end
 
 
 async def activate(app, target_id, donor_id):
-    """(token, stream_id) of a freshly activated stream, or 503."""
+    """(token, stream_id) of a freshly activated stream, or 503. The token
+    lives for the start window only until it reaches /core/start: an
+    activation whose reply was lost (the CC timed out, the connection was
+    cut) gives its stream back soon, not after a whole heartbeat."""
     check_disk(app)
     keys = app.keys
     token = secrets.token_urlsafe(32)
     now = time.time()
+    window = min(app.config['core_start_window_in_s'],
+                 app.config['heartbeat_increment'])
     sid = await _ACTIVATE(app.fastredis, [
         keys.queue(target_id), keys.heartbeats, keys.active], [
         keys.stream.template, keys.token.template, token_hash(token),
-        repr(now + app.config['heartbeat_increment']), donor_id or '',
-        repr(now)])
+        repr(now + window), donor_id or '', repr(now)])
     if not sid:
         raise APIError(503, 'no stream of target %s is free on this '
                        'workserver' % target_id)
