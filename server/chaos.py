@@ -404,9 +404,10 @@ class Chaos:
             wait_for(quiet, 'no active stream after the expiry window', 15,
                      errors=(requests.RequestException,))
         except TimedOut:
-            self.ledger.fail('wedged', 'streams still active: %s' % (
+            self.ledger.fail('wedged', 'streams still active: %s; %s' % (
                 self.http.get(self.ws.url + '/active_streams', timeout=30,
-                              headers={'Authorization': CC_PASS}).text,))
+                              headers={'Authorization': CC_PASS}).text,
+                self.ws_locks()))
         self.start_clients()
 
     # killing
@@ -440,6 +441,19 @@ class Chaos:
         finally:
             r.close()
         return None
+
+    def ws_locks(self):
+        """The WS's locks and heartbeats now (why a stream is stuck)."""
+        r = self.ws.redis()
+        try:
+            prefix = 'wsd:%s:' % self.ws.name
+            found = {k: r.get(k) for k in r.scan_iter(
+                match=prefix + 'lock:stream:*') if r.type(k) == 'string'}
+            return 'locks %s, heartbeats %s, now %.1f' % (
+                found, r.zrange(prefix + 'heartbeats', 0, -1,
+                                withscores=True), time.time())
+        finally:
+            r.close()
 
     def tmp_chunks(self):
         """Whether an interrupted commit left a temporary chunk."""

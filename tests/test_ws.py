@@ -12,7 +12,12 @@ import os
 import time
 import uuid
 
-from redis.exceptions import ConnectionError, ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    ConnectionError,
+    ReadOnlyError,
+    ResponseError,
+)
 from tornado.simple_httpclient import HTTPStreamClosedError
 from tornado.testing import ExpectLog
 
@@ -27,7 +32,7 @@ from server.testing import (
     command_centers,
     gzb64,
 )
-from server.ws import core, recovery
+from server.ws import core, fastredis, recovery
 from server.ws import storage as storage_module
 from server.ws.app import WorkServer
 from server.ws.fastredis import Multiplexed
@@ -1004,6 +1009,15 @@ class TestMultiplexedRedis(RedisTestCase):
     def tearDown(self):
         self.mux.close()
         super().tearDown()
+
+    def test_loading_and_readonly_replies_are_store_down(self):
+        for reply, kind in ((b'-LOADING Redis is loading\r\n',
+                             BusyLoadingError),
+                            (b'-READONLY replica\r\n', ReadOnlyError),
+                            (b'-ERR nope\r\n', ResponseError)):
+            self.assertIs(type(fastredis.parse(reply, 0)[0]), kind)
+            self.assertEqual(isinstance(fastredis.parse(reply, 0)[0],
+                                        store.DOWN), kind is not ResponseError)
 
     def test_concurrent_calls_get_their_own_replies(self):
         async def go():

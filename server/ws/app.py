@@ -2,6 +2,7 @@
 registration, the heartbeat sweep and the start-up recovery."""
 import asyncio
 import logging
+import time
 
 from tornado.ioloop import PeriodicCallback
 
@@ -39,7 +40,11 @@ class WorkServer(App):
 
     @classmethod
     def worker_died(cls, settings, redis_url, prefix):
-        """In the master: free (and repair) what a dead worker held."""
+        """In the master: free (and repair) what a dead worker held; once
+        more a moment later, for a lock command Redis had still to read
+        from the dead worker's socket."""
+        recovery.free_dead_holder(settings, redis_url, prefix)
+        time.sleep(0.25)
         recovery.free_dead_holder(settings, redis_url, prefix)
 
     async def on_start(self):

@@ -22,8 +22,10 @@ import collections
 
 from redis.asyncio.connection import SSLConnection
 from redis.exceptions import (
+    BusyLoadingError,
     ConnectionError,
     NoScriptError,
+    ReadOnlyError,
     ResponseError,
     TimeoutError,
 )
@@ -52,8 +54,9 @@ class _Incomplete(Exception):
 
 def parse(buf, pos):
     """One RESP2 reply from `buf` at `pos`: (value, next pos); raises
-    _Incomplete if more bytes are needed. Errors are returned as
-    ResponseError instances, bulk strings decoded as UTF-8."""
+    _Incomplete if more bytes are needed. Error replies are returned as
+    exception instances (a Redis loading its data or read-only as the
+    store-down errors of redis-py), bulk strings decoded as UTF-8."""
     end = buf.find(b'\r\n', pos)
     if end < 0:
         raise _Incomplete
@@ -83,6 +86,12 @@ def parse(buf, pos):
         message = line.decode('utf-8', errors='replace')
         if message.startswith('NOSCRIPT'):
             return NoScriptError(message), pos
+        # A Redis loading its AOF after a restart, or a replica: the store
+        # is down for now (a 503), as redis-py has it.
+        if message.startswith('LOADING'):
+            return BusyLoadingError(message), pos
+        if message.startswith('READONLY'):
+            return ReadOnlyError(message), pos
         return ResponseError(message), pos
     raise ConnectionError('unexpected reply from Redis: %r' % kind)
 
@@ -106,7 +115,7 @@ class _Protocol(asyncio.Protocol):
                 waiter = self.waiters.popleft()
                 if waiter.done():  # its request was cancelled meanwhile
                     continue
-                if isinstance(value, ResponseError):
+                if isinstance(value, Exception):  # an error reply
                     waiter.set_exception(value)
                 else:
                     waiter.set_result(value)
