@@ -151,7 +151,8 @@ def _supervise(n, start_child, embedded=None, worker_died=None):
                     worker_died(holder_prefix(pid, gen))
                 except Exception:  # e.g. Redis down: the TTLs free them
                     log.exception('freeing what worker %d held failed', i)
-            spawn(i)
+            if not stopping:  # a stop signal may have come meanwhile
+                spawn(i)
 
 
 def main(kind, app_class, argv=None):
