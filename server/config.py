@@ -11,6 +11,8 @@ import os
 import re
 import runpy
 
+from server import store
+
 REQUIRED = object()
 
 
@@ -125,7 +127,17 @@ CC = dict(COMMON, **{
     'max_streams_per_target': (int, 100000),
     # How often each WS's streams are compared with the CC's map.
     'reconcile_interval_in_s': (float, 300.0),
+    # Periodic jobs (probes, deletion replays) run in the one CC process
+    # holding this Redis lease; another takes it over within a lease.
+    'jobs_lease_in_ms': (int, 3000),
+    # Account, target and stream records are acknowledged once this many
+    # replicas have them (WAIT); default 1 with Sentinel, else 0 (no WAIT).
+    'redis_wait_replicas': (int, None),
+    'redis_wait_timeout_in_ms': (int, 1000),
 })
+
+# A target file is one Redis value: at most proto-max-bulk-len (512 MB).
+CC_MAX_BODY = 512 * 1024 * 1024
 
 WS = dict(COMMON, **{
     'external_options': (_external_options, REQUIRED),
@@ -227,6 +239,7 @@ def load(path, kind, overrides=()):
         if (key.startswith('max_') or key.endswith('_timeout_in_s')) \
                 and not value > 0:
             raise ConfigError('%s: %s must be > 0' % (path, key))
+    _check_store(settings, path)
     return settings
 
 
@@ -238,6 +251,33 @@ def write(path, values, header=None):
             f.write('# %s\n' % header)
         for k, v in values.items():
             f.write('%s = %r\n' % (k, v))
+
+
+def _check_store(settings, path):
+    """Sentinel (a `redis+sentinel://` redis_url) is for the CC's shared
+    store; a WS's Redis is its own shard."""
+    url = settings['redis_url'] or ''
+    sentinel = url.startswith(store.SENTINEL_SCHEME)
+    if sentinel and settings['kind'] != 'cc':
+        raise ConfigError('%s: redis_url: Sentinel is supported for the '
+                          'command center only' % path)
+    if sentinel:
+        try:
+            store.parse_sentinel_url(url)
+        except ValueError as e:
+            raise ConfigError('%s: redis_url: %s' % (path, e))
+    if settings['kind'] != 'cc':
+        return
+    if settings['redis_wait_replicas'] is None:
+        settings['redis_wait_replicas'] = 1 if sentinel else 0
+    if settings['redis_wait_replicas'] < 0:
+        raise ConfigError('%s: redis_wait_replicas must be >= 0' % path)
+    if settings['jobs_lease_in_ms'] < 300:
+        raise ConfigError('%s: jobs_lease_in_ms must be >= 300' % path)
+    if settings['max_body_size'] > CC_MAX_BODY:
+        raise ConfigError('%s: max_body_size of a command center is at most '
+                          '%d (a target file is one Redis value)'
+                          % (path, CC_MAX_BODY))
 
 
 def parse_args(kind, argv=None):

@@ -9,14 +9,18 @@ signal) so a killed server leaves no orphan holding the port.
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -216,6 +220,70 @@ def timeouts(settings):
             settings.get('redis_timeout_in_s', COMMAND_TIMEOUT))
 
 
+SENTINEL_SCHEME = 'redis+sentinel://'
+SENTINEL_PORT = 26379
+
+
+def parse_sentinel_url(url):
+    """`redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/
+    master_name[/db][?sentinel_password=...]` -> (sentinels [(host,
+    port)], master name, connection kwargs of the primary, sentinel
+    password or None). Raises ValueError naming what is wrong."""
+    if not url.startswith(SENTINEL_SCHEME):
+        raise ValueError('not a %s URL' % SENTINEL_SCHEME)
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition('@')
+    username, _, password = userinfo.partition(':')
+    sentinels = []
+    for item in hosts.split(','):
+        m = re.match(r'^(\[[0-9a-fA-F:]+\]|[^:\[\]]+)(?::(\d{1,5}))?$', item)
+        if not m:
+            raise ValueError('bad sentinel address %r' % item)
+        sentinels.append((m.group(1).strip('[]'),
+                          int(m.group(2) or SENTINEL_PORT)))
+    path = [p for p in parts.path.split('/') if p]
+    if not 1 <= len(path) <= 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError('the path must be /master_name or /master_name/db')
+    query = parse_qs(parts.query)
+    unknown = set(query) - {'sentinel_password'}
+    if unknown:
+        raise ValueError('unknown option(s) %s' % ', '.join(sorted(unknown)))
+    kwargs = {'db': int(path[1]) if len(path) == 2 else 0,
+              'username': unquote(username) or None,
+              'password': unquote(password) or None}
+    sentinel_password = query.get('sentinel_password', [None])[-1]
+    return sentinels, unquote(path[0]), kwargs, sentinel_password
+
+
+class _BlockingSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool,
+                            redis.asyncio.BlockingConnectionPool):
+    """Connections to whichever server the sentinels name as primary,
+    waiting for a free one like the pool of a plain URL."""
+
+
+class _SentinelRedis(redis.asyncio.Redis):
+    """Closes the connections to the sentinels with its pool."""
+
+    async def aclose(self, *args, **kwargs):
+        owner = self.auto_close_connection_pool
+        await super().aclose(*args, **kwargs)
+        if owner:
+            await self.connection_pool.sentinel_manager.aclose()
+
+
+def _sentinel(module, url, connect_timeout, timeout):
+    """(Sentinel manager, master name, primary's connection kwargs). Each
+    call to a sentinel is bounded by the same timeouts: one that is down
+    must not stall the search for the primary (the next one is asked)."""
+    sentinels, master, kwargs, sentinel_password = parse_sentinel_url(url)
+    manager = module.Sentinel(
+        sentinels, sentinel_kwargs={
+            'socket_timeout': timeout,
+            'socket_connect_timeout': connect_timeout,
+            'password': sentinel_password, 'decode_responses': True})
+    return manager, master, kwargs
+
+
 def connect(url, max_connections=256, connect_timeout=CONNECT_TIMEOUT,
             timeout=COMMAND_TIMEOUT):
     """An asyncio Redis client for the handlers of one process, owning its
@@ -227,19 +295,57 @@ def connect(url, max_connections=256, connect_timeout=CONNECT_TIMEOUT,
     and the core retries it whole (frames and checkpoints are idempotent).
     Connecting and every command are bounded in time, so a paused or dead
     Redis makes requests fail (503), never hang; a broken connection is
-    made again on the next command (a restarted Redis is found again)."""
-    pool = redis.asyncio.BlockingConnectionPool.from_url(
-        url, decode_responses=True, max_connections=max_connections,
-        timeout=30, socket_timeout=timeout,
-        socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 0))
+    made again on the next command (a restarted Redis is found again).
+    A `redis+sentinel://` URL asks the sentinels for the primary on every
+    new connection: after a failover, a connection to the old primary fails
+    (503) and the next one goes to the promoted replica."""
+    options = dict(decode_responses=True, max_connections=max_connections,
+                   timeout=30, socket_timeout=timeout,
+                   socket_connect_timeout=connect_timeout,
+                   retry=Retry(NoBackoff(), 0))
+    if url.startswith(SENTINEL_SCHEME):
+        manager, master, kwargs = _sentinel(redis.asyncio.sentinel, url,
+                                            connect_timeout, timeout)
+        return manager.master_for(
+            master, redis_class=_SentinelRedis,
+            connection_pool_class=_BlockingSentinelPool, **kwargs, **options)
+    pool = redis.asyncio.BlockingConnectionPool.from_url(url, **options)
     return redis.asyncio.Redis.from_pool(pool)
 
 
 def connect_sync(url, connect_timeout=CONNECT_TIMEOUT,
                  timeout=COMMAND_TIMEOUT):
-    return redis.Redis.from_url(url, decode_responses=True,
-                                socket_timeout=timeout,
-                                socket_connect_timeout=connect_timeout)
+    options = dict(decode_responses=True, socket_timeout=timeout,
+                   socket_connect_timeout=connect_timeout)
+    if url.startswith(SENTINEL_SCHEME):
+        manager, master, kwargs = _sentinel(redis.sentinel, url,
+                                            connect_timeout, timeout)
+        return manager.master_for(master, **kwargs, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+async def acknowledged(redis_client, script, keys, args, replicas,
+                       timeout_ms):
+    """Run a write `script`, then WAIT until `replicas` replicas have it
+    (on the same connection: WAIT counts that connection's writes), so
+    that a primary failover right after the reply cannot lose it. It waits
+    for the replicas connected now, at most `replicas`: a primary left
+    without replicas (just after a failover) acknowledges alone, and one
+    whose replica lags past `timeout_ms` too; both are logged. A CC keeps
+    working rather than refuse accounts while its replicas are down."""
+    if not replicas:
+        return await script(redis_client, keys, args)
+    async with redis_client.client() as conn:
+        result = await script(conn, keys, args)
+        connected = (await conn.info('replication')).get('connected_slaves',
+                                                          0)
+        wanted = min(replicas, int(connected))
+        acked = await conn.wait(wanted, timeout_ms) if wanted else 0
+    if acked < replicas:
+        log.warning('a write was confirmed by %d of %d replicas (%d '
+                    'connected); a failover now could lose it', acked,
+                    replicas, connected)
+    return result
 
 
 def free_port():

@@ -25,6 +25,10 @@ class CCTestCase(AppTestCase):
     def setUp(self):
         super().setUp()
         self.workservers = []
+        # This CC holds the jobs lease for the whole test; the tests run
+        # the jobs (probes) themselves.
+        self.app.lease.ttl_ms = 3600 * 1000
+        self.assertTrue(self.io_loop.run_sync(self.app.lease.refresh))
 
     def tearDown(self):
         for ws in self.workservers:
@@ -241,7 +245,8 @@ class TestAccounts(CCTestCase):
         c, reply = self.fetch_json('/managers', 'POST', b'{}',
                                    headers={'Content-MD5': 'ab' * 16})
         self.assertError(c, 400, reply)
-        self.assertEqual(self.sync(lambda: self.redis.dbsize()), 0)
+        self.assertEqual(self.sync(lambda: self.redis.keys('*')),
+                         [keys.JOBS_LEASE])
 
 
 class TestNoBootstrap(CCTestCase):
@@ -288,12 +293,35 @@ class TestTargets(CCTestCase):
         self.assertEqual(info['allowed_ws'], [])
         self.assertEqual(info['striated_ws'], [])
         self.assertIsInstance(info['creation_date'], float)
-        folder = os.path.join(self.settings['data_folder'], 'targets', tid)
-        self.assertEqual(sorted(os.listdir(folder)), info['files'])
+        # in the shared store, nothing on this CC's disk
+        self.assertEqual(sorted(self.sync(lambda: self.redis.hkeys(
+            keys.target_files(tid)))), info['files'])
+        self.assertFalse(os.path.exists(os.path.join(
+            self.settings['data_folder'], 'targets')))
         # the file as it was sent
         r = self.fetch('/targets/%s/system.xml.b64' % tid,
                        headers={'Authorization': self.joe})
         self.assertEqual((r.code, r.body), (200, B64.encode()))
+
+    def test_files_of_an_older_cc_move_into_the_store(self):
+        """An older CC kept target files in data_folder/targets/<id>/; at
+        start they go into Redis and the folders go away."""
+        from server.cc import targets
+        tid = self.post_target(self.joe)
+        self.sync(lambda: self.redis.delete(keys.target_files(tid)))
+        root = os.path.join(self.settings['data_folder'], 'targets')
+        for folder, files in ((tid, TARGET_FILES),
+                              ('gone', {'x.b64': B64})):
+            os.makedirs(os.path.join(root, folder))
+            for name, value in files.items():
+                with open(os.path.join(root, folder, name), 'w') as f:
+                    f.write(value)
+        targets.import_disk_files(self.settings, self.redis_server.url)
+        self.assertEqual(os.listdir(root), [])
+        self.assertEqual(self.sync(lambda: self.redis.hgetall(
+            keys.target_files(tid))), TARGET_FILES)
+        self.assertFalse(self.sync(lambda: self.redis.exists(
+            keys.target_files('gone'))))
 
     def test_list_targets(self):
         t1 = self.post_target(self.joe)
@@ -393,8 +421,8 @@ class TestTargets(CCTestCase):
             self.assertError(c, 400, reply)
         self.assertEqual(
             len(self.fetch_json('/targets', token=self.joe)[1]['targets']), n)
-        self.assertEqual(os.listdir(os.path.join(
-            self.settings['data_folder'], 'targets')), [tid])
+        self.assertEqual(self.sync(lambda: self.redis.keys(
+            keys.target_files('*'))), [keys.target_files(tid)])
         for path in ('/targets/info/x', '/targets/streams/x',
                      '/targets/%s/..' % tid, '/targets/%s/nofile' % tid,
                      '/streams/info/nocolon', '/streams/info/abc:def'):
@@ -413,8 +441,6 @@ class TestTargets(CCTestCase):
         self.assertEqual(self.fetch_json('/targets')[1], {'targets': []})
         self.assertEqual(self.fetch_json('/targets', token=self.joe)[1],
                          {'targets': []})
-        self.assertFalse(os.path.exists(os.path.join(
-            self.settings['data_folder'], 'targets', tid)))
         c, reply = self.fetch_json('/targets/delete/' + tid, 'PUT',
                                    token=self.joe)
         self.assertError(c, 404, reply)

@@ -16,10 +16,11 @@ import logging
 import math
 import re
 import secrets
+from itertools import chain
 
 from redis.exceptions import WatchError
 
-from server import threads
+from server import store, threads
 from server.cc import keys
 from server.lua import Script
 from server.tokens import new_token, token_hash
@@ -57,25 +58,30 @@ async def check_password(password, stored):
     return hmac.compare_digest(got.hex(), digest)
 
 
-async def _create(redis, account_key, unique_keys, fields, token_key, name):
+# Create an account unless it or a unique key exists, in one step. KEYS:
+# the account, its unique keys (a donor's email), the token key. ARGV: the
+# name the token leads to, one value per unique key, field/value pairs.
+_CREATE = Script("""
+for i = 1, #KEYS - 1 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
+end
+for i = 2, #KEYS - 1 do redis.call('SET', KEYS[i], ARGV[i]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, #KEYS))
+redis.call('SET', KEYS[#KEYS], ARGV[1])
+return 1
+""")
+
+
+async def _create(app, account_key, unique_keys, fields, token_key, name):
     """Create the account hash unless it or one of `unique_keys` exists;
-    returns False on a duplicate. `token_key` -> `name` is the login."""
-    async with redis.pipeline(transaction=True) as pipe:
-        while True:
-            try:
-                await pipe.watch(account_key, *unique_keys)
-                for key in (account_key,) + tuple(unique_keys):
-                    if await pipe.exists(key):
-                        return False
-                pipe.multi()
-                pipe.hset(account_key, mapping=fields)
-                for key, value in unique_keys.items():
-                    pipe.set(key, value)
-                pipe.set(token_key, name)
-                await pipe.execute()
-                return True
-            except WatchError:
-                continue
+    returns False on a duplicate. `token_key` -> `name` is the login. The
+    reply waits for `redis_wait_replicas` replicas (store.acknowledged)."""
+    created = await store.acknowledged(
+        app.redis, _CREATE, [account_key, *unique_keys, token_key],
+        [name, *unique_keys.values(), *chain.from_iterable(fields.items())],
+        app.config['redis_wait_replicas'],
+        app.config['redis_wait_timeout_in_ms'])
+    return created == 1
 
 
 async def _rotate(redis, account_key, token_key_of, name, new_hash):
@@ -112,7 +118,7 @@ async def create_manager(app, email, password, role, weight):
     token, th = new_token()
     fields = {'email': email, 'role': role, 'weight': repr(float(weight)),
               'password': await hash_password(password), 'token': th}
-    ok = await _create(app.redis, keys.manager(email), {}, fields,
+    ok = await _create(app, keys.manager(email), {}, fields,
                        keys.manager_token(th), email)
     return token if ok else None
 
@@ -163,7 +169,7 @@ async def create_donor(app, username, email, password):
     token, th = new_token()
     fields = {'username': username, 'email': email,
               'password': await hash_password(password), 'token': th}
-    ok = await _create(app.redis, keys.donor(username),
+    ok = await _create(app, keys.donor(username),
                        {keys.donor_email(email): username}, fields,
                        keys.donor_token(th), username)
     return token if ok else None

@@ -1,5 +1,9 @@
-"""The command center application: routes of every resource module, the
-periodic WS probe, and catching a WS up on what it missed while down."""
+"""The command center application: routes of every resource module and
+its periodic jobs (WS probes, reconciliation with the workservers,
+catching a WS up on what it missed while down). Any number of CC processes
+on any hosts sharing one Redis are one CC: nothing is kept on local disk,
+and the jobs run in the one process holding the jobs lease
+(server/lease.py)."""
 import asyncio
 import logging
 
@@ -9,11 +13,13 @@ from server import runner, store
 from server.cc import (
     accounts,
     assign,
+    keys,
     reconcile,
     streams,
     targets,
     workservers,
 )
+from server.lease import Lease
 from server.web import App, HealthHandler
 
 log = logging.getLogger('siegetank.cc')
@@ -28,13 +34,22 @@ class CommandCenter(App):
         handlers += assign.default_handlers
         handlers += workservers.default_handlers
         super().__init__(handlers, settings, redis, task_id)
-        self.probe = None
-        self.reconciling = None
+        self.lease = Lease(redis, keys.JOBS_LEASE,
+                           settings['jobs_lease_in_ms'])
+        self.periodic = []
         self.flushing = {}
 
+    @classmethod
+    def prepare(cls, settings, redis_url):
+        """Before the workers start: target files of an older CC move from
+        its disk into the store."""
+        targets.import_disk_files(settings, redis_url)
+
     def ws_back(self, name):
-        """A WS answered a probe or registered: retry the target deletions
-        it missed (one retry at a time per WS)."""
+        """A WS answered a probe or registered: the lease holder retries
+        what it missed (one catch-up at a time per WS)."""
+        if not self.lease.held:
+            return
         task = self.flushing.get(name)
         if task is None or task.done():
             self.flushing[name] = asyncio.ensure_future(
@@ -44,33 +59,33 @@ class CommandCenter(App):
         await targets.flush_pending(self, name)
         await reconcile.flush_abandoned(self, name)
 
+    def every(self, interval_ms, job):
+        """Run `job(app)` every `interval_ms` while this process holds the
+        jobs lease; a round the store fails is skipped (logged)."""
+        async def run():
+            if not self.lease.held:
+                return
+            try:
+                await job(self)
+            except store.DOWN as e:
+                log.warning('redis down, %s skipped: %s', job.__name__, e)
+        callback = PeriodicCallback(run, interval_ms)
+        callback.start()
+        self.periodic.append(callback)
+
     async def on_start(self):
-        self.probe = PeriodicCallback(self.on_probe,
-                                      self.config['ws_probe_interval_in_ms'])
-        self.probe.start()
-        self.reconciling = PeriodicCallback(
-            self.on_reconcile, 1000 * self.config['reconcile_interval_in_s'])
-        self.reconciling.start()
-
-    async def on_probe(self):
-        try:
-            await workservers.probe_all(self)
-        except store.DOWN as e:
-            log.warning('redis down, WS probes skipped: %s', e)
-
-    async def on_reconcile(self):
-        try:
-            await reconcile.reconcile(self)
-        except store.DOWN as e:
-            log.warning('redis down, reconciliation skipped: %s', e)
+        self.lease.start()
+        self.every(self.config['ws_probe_interval_in_ms'],
+                   workservers.probe_all)
+        self.every(1000 * self.config['reconcile_interval_in_s'],
+                   reconcile.reconcile)
 
     async def on_stop(self):
-        if self.probe is not None:
-            self.probe.stop()
-        if self.reconciling is not None:
-            self.reconciling.stop()
+        for callback in self.periodic:
+            callback.stop()
         for task in self.flushing.values():
             task.cancel()
+        await self.lease.stop()
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ is never stored, only sha256(token) -> account. Targets are hashes plus
 index sets (all, by owner, by stage) so listing and assignment never scan
 everything. Stream bytes live on the workservers; the CC keeps only which
 target and WS each stream belongs to, and per-target per-WS counts.
+Target files live here too, not on a CC's disk: any CC host serves them.
 
     workservers                set of ws names
     ws:<name>                  hash: url, http_port, online ('1'/'0'),
@@ -32,6 +33,12 @@ target and WS each stream belongs to, and per-target per-WS counts.
     manager:<email id>:targets set of the target ids a manager owns
     targets:stage:<stage>      set of the target ids in a stage (private,
                                beta, public)
+    target:<id>:files          hash: file name -> the file as the manager
+                               sent it (JSON string text), so that every
+                               CC host serves and forwards it
+    lease:jobs                 string: "host:pid:random" of the CC process
+                               running the periodic jobs (probes, deletion
+                               replays), expiring (server/lease.py)
     target:<id>:ws             hash: ws name -> number of the target's
                                streams on it (placed or being placed)
     target:<id>:ws_files       set of the WS that hold the target's files
@@ -63,6 +70,7 @@ class EmailKey(Key):
 
 WORKSERVERS = 'workservers'
 TARGETS = 'targets'
+JOBS_LEASE = 'lease:jobs'
 ws = Key('ws:%s')
 ws_pending_deletes = Key('ws:%s:pending_deletes')
 ws_abandoned = Key('ws:%s:abandoned')
@@ -73,6 +81,7 @@ donor = Key('donor:%s')
 donor_email = EmailKey('donor_email:%s')
 donor_token = Key('donor_token:%s')
 target = Key('target:%s')
+target_files = Key('target:%s:files')
 owner_targets = EmailKey('manager:%s:targets')
 stage_targets = Key('targets:stage:%s')
 target_ws = Key('target:%s:ws')

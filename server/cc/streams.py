@@ -12,7 +12,7 @@ import logging
 import random
 import uuid
 
-from server import peer, signing
+from server import peer, signing, store
 from server.cc import keys, reconcile, targets, workservers
 from server.cc.targets import TargetHandler
 from server.lua import Script
@@ -190,10 +190,12 @@ async def place(app, target, files, tags=None):
             log.warning('placing a stream of %s on %s failed: %s', tid, ws, e)
             failed.append(ws)
             continue
-        recorded = await _RECORD(
-            redis, [keys.target(tid), keys.stream(sid),
-                    keys.target_streams(tid), keys.target_ws_files(tid)],
-            [sid, tid, ws])
+        recorded = await store.acknowledged(
+            redis, _RECORD,
+            [keys.target(tid), keys.stream(sid), keys.target_streams(tid),
+             keys.target_ws_files(tid)], [sid, tid, ws],
+            app.config['redis_wait_replicas'],
+            app.config['redis_wait_timeout_in_ms'])
         if not recorded:
             # Deleted while we placed: undo on that WS (pending if down).
             await redis.sadd(keys.ws_pending_deletes(ws), tid)

@@ -2,11 +2,12 @@
 who gets it (stage, allowed workservers, weight).
 
 A target is a Redis hash plus index sets (every target, by owner, by stage);
-its files live on disk under data_folder/targets/<target_id>/, written to a
-temporary folder first and renamed, so a target never points at half its
-files. Deleting a target removes it here at once and on every WS that holds
-it; a WS that does not answer keeps the deletion pending (per WS set in
-Redis) until a probe or a re-registration shows it is back.
+its files are a hash in the same shared store (at most `max_body_size` in
+all, as the request that brought them), so every CC host serves and
+forwards them and none keeps anything on its disk. Deleting a target
+removes it here at once and on every WS that holds it; a WS that does
+not answer keeps the deletion pending (per WS set in Redis) until a probe
+or a re-registration shows it is back.
 """
 import asyncio
 import json
@@ -16,10 +17,11 @@ import re
 import shutil
 import time
 import uuid
+from itertools import chain
 
 from redis.exceptions import WatchError
 
-from server import disk, peer, threads
+from server import peer, store, threads
 from server.cc import keys, workservers
 from server.cc.accounts import AccountHandler, valid_weight
 from server.lua import Script
@@ -39,6 +41,17 @@ JSON_FIELDS = ('engine_versions', 'allowed_ws', 'options', 'files')
 UPDATABLE = ('stage', 'allowed_ws', 'engine_versions', 'description',
              'options', 'weight')
 
+# A target becomes visible with its files made permanent. KEYS: the
+# target, every target, the owner's, the stage's, its files. ARGV: the
+# target id, then the record's field/value pairs.
+_CREATE = Script("""
+redis.call('PERSIST', KEYS[5])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+for i = 2, 4 do redis.call('SADD', KEYS[i], ARGV[1]) end
+return 1
+""")
+UNCLAIMED_FILES_MS = 24 * 3600 * 1000
+
 # Change only the given fields, and the stage index with the stage, unless
 # the target was deleted meanwhile.
 _UPDATE = Script("""
@@ -52,32 +65,41 @@ return 1
 """)
 
 
-def files_dir(app, target_id):
-    return os.path.join(app.config['data_folder'], 'targets', target_id)
-
-
-def _write_files(folder, files):
-    """The target's folder with every file, in place in one step."""
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-
-    def fill(tmp):
-        for name, value in files.items():
-            disk.write_file(os.path.join(tmp, name), value)
-    disk.build_dir(parent, folder, fill)
-
-
-def _read_files(folder, names):
-    result = {}
-    for name in names:
-        with open(os.path.join(folder, name), 'rb') as f:
-            result[name] = f.read().decode('utf-8')
-    return result
-
-
 async def read_files(app, target_id, names):
-    """{name: str} as the manager sent them, to forward to a WS."""
-    return await threads.disk(_read_files, files_dir(app, target_id), names)
+    """{name: str} as the manager sent them, to forward to a WS; a file
+    missing from the store (the target was deleted meanwhile) is a 404."""
+    if not names:
+        return {}
+    values = await app.redis.hmget(keys.target_files(target_id), names)
+    if any(v is None for v in values):
+        raise APIError(404, 'target %s was deleted' % target_id)
+    return dict(zip(names, values))
+
+
+def import_disk_files(settings, redis_url):
+    """A CC before the shared store kept target files in
+    data_folder/targets/<id>/: put those of targets that still exist into
+    Redis (unless there already), then remove the folders. Runs at start."""
+    folder = os.path.join(settings['data_folder'], 'targets')
+    if not os.path.isdir(folder):
+        return
+    redis = store.connect_sync(redis_url)
+    try:
+        for tid in sorted(os.listdir(folder)):
+            path = os.path.join(folder, tid)
+            names = redis.hget(keys.target(tid), 'files')
+            if names and not redis.exists(keys.target_files(tid)):
+                files = {}
+                for name in json.loads(names):
+                    with open(os.path.join(path, name), 'rb') as f:
+                        files[name] = f.read().decode('utf-8')
+                if files:
+                    redis.hset(keys.target_files(tid), mapping=files)
+                log.info('target %s: %d files moved into the store', tid,
+                         len(files))
+            shutil.rmtree(path)
+    finally:
+        redis.close()
 
 
 async def validate_files(config, files, max_files, what='files',
@@ -123,8 +145,10 @@ async def stream_counts(app, target_id):
 
 
 async def create(app, owner, fields, files):
+    """Files first, with an expiry (a CC dying before the next step leaves
+    nothing behind for long), then the target in one step that makes them
+    permanent, acknowledged by `redis_wait_replicas` replicas."""
     target_id = str(uuid.uuid4())
-    await threads.disk(_write_files, files_dir(app, target_id), files)
     record = {'owner': owner, 'creation_date': repr(time.time()),
               'description': fields['description'], 'stage': fields['stage'],
               'engine': fields['engine'], 'weight': repr(fields['weight']),
@@ -132,12 +156,18 @@ async def create(app, owner, fields, files):
               'allowed_ws': json.dumps(fields['allowed_ws']),
               'options': json.dumps(fields['options']),
               'files': json.dumps(sorted(files))}
-    pipe = app.redis.pipeline(transaction=True)
-    pipe.hset(keys.target(target_id), mapping=record)
-    pipe.sadd(keys.TARGETS, target_id)
-    pipe.sadd(keys.owner_targets(owner), target_id)
-    pipe.sadd(keys.stage_targets(fields['stage']), target_id)
-    await pipe.execute()
+    if files:
+        pipe = app.redis.pipeline(transaction=True)
+        pipe.hset(keys.target_files(target_id), mapping=files)
+        pipe.pexpire(keys.target_files(target_id), UNCLAIMED_FILES_MS)
+        await pipe.execute()
+    await store.acknowledged(
+        app.redis, _CREATE,
+        [keys.target(target_id), keys.TARGETS, keys.owner_targets(owner),
+         keys.stage_targets(fields['stage']), keys.target_files(target_id)],
+        [target_id, *chain.from_iterable(record.items())],
+        app.config['redis_wait_replicas'],
+        app.config['redis_wait_timeout_in_ms'])
     return target_id
 
 
@@ -175,7 +205,7 @@ async def _forget(redis, target_id):
                     keys.target_ws_files(target_id)))
                 sids = await pipe.smembers(keys.target_streams(target_id))
                 pipe.multi()
-                pipe.delete(*watched)
+                pipe.delete(*watched, keys.target_files(target_id))
                 for sid in sids:
                     pipe.delete(keys.stream(sid))
                 pipe.srem(keys.TARGETS, target_id)
@@ -215,7 +245,6 @@ async def delete(app, target_id):
     if forgotten is None:
         return False
     _, ws_names = forgotten
-    await threads.disk(shutil.rmtree, files_dir(app, target_id), True)
     await asyncio.gather(*(delete_on_ws(app, ws, target_id)
                            for ws in ws_names))
     return True
@@ -359,13 +388,12 @@ class TargetFileHandler(TargetHandler):
         if filename not in target['files']:
             raise APIError(404, 'target %s has no file %s'
                            % (target_id, filename))
-        try:
-            data = await read_files(self.application, target_id, [filename])
-        except FileNotFoundError:
+        data = await self.redis.hget(keys.target_files(target_id), filename)
+        if data is None:
             raise APIError(404, 'target %s has no file %s'
                            % (target_id, filename))
         self.set_header('Content-Type', 'application/octet-stream')
-        self.finish(data[filename].encode('utf-8'))
+        self.finish(data.encode('utf-8'))
 
 
 class TargetStreamsHandler(TargetHandler):

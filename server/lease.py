@@ -1,0 +1,93 @@
+"""A lease in Redis: at most one process across every host holds it, so
+periodic jobs that several CC hosts could run (WS probes, deletion
+replays) run once.
+
+The holder writes its id with `SET NX PX` and renews it every third of the
+lease; it counts itself holder only until one lease after the start of its
+last successful renewal, which is before Redis lets the key expire, so two
+holders never overlap (short of a process frozen for longer than a lease).
+A holder that dies stops renewing: another takes the lease once the key
+expires, within one lease and one renewal period. A clean stop releases it
+at once. While nobody holds it, the jobs do not run (see README).
+"""
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+
+import redis.exceptions
+
+from server.scripts import Script
+
+log = logging.getLogger('siegetank.lease')
+
+# Take the lease if free, or renew it if ours. KEYS: the lease. ARGV: our
+# id, the lease in ms. Returns 1 if we hold it now.
+_TAKE = Script("""
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+""")
+
+# Give the lease up if it is still ours.
+_RELEASE = Script("""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+""")
+
+
+class Lease:
+    def __init__(self, redis, key, ttl_ms):
+        self.redis = redis
+        self.key = key
+        self.ttl_ms = ttl_ms
+        self.id = '%s:%d:%s' % (socket.gethostname(), os.getpid(),
+                                secrets.token_hex(4))
+        self.until = 0.0      # monotonic time our hold ends
+        self.task = None
+
+    @property
+    def held(self):
+        return time.monotonic() < self.until
+
+    async def refresh(self):
+        """Take or renew the lease once; returns whether we hold it. A
+        store error leaves the hold to run out by itself."""
+        started = time.monotonic()
+        was = self.held
+        try:
+            ok = await _TAKE(self.redis, [self.key], [self.id, self.ttl_ms])
+        except redis.exceptions.RedisError as e:
+            log.warning('lease %s not renewed: %s', self.key, e)
+            return self.held
+        self.until = started + self.ttl_ms / 1000.0 if ok else 0.0
+        if ok != was:
+            log.info('%s lease %s (%s)', 'took' if ok else 'lost', self.key,
+                     self.id)
+        return bool(ok)
+
+    async def _run(self):
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.ttl_ms / 3000.0)
+
+    def start(self):
+        self.task = asyncio.ensure_future(self._run())
+
+    async def stop(self):
+        """Stop renewing and release the lease so another takes it now."""
+        if self.task is not None:
+            self.task.cancel()
+        if self.held:
+            self.until = 0.0
+            try:
+                await _RELEASE(self.redis, [self.key], [self.id])
+            except redis.exceptions.RedisError as e:
+                log.warning('lease %s not released: %s', self.key, e)
