@@ -117,7 +117,11 @@ class RedisServer:
         self._kill_stale()
         args = [self.binary]
         if os.path.exists(BASE_CONF):
-            args.append(BASE_CONF)
+            # Its own copy: CONFIG REWRITE (Sentinel sends it on failover)
+            # must not write into the shared base.
+            conf = os.path.join(self.folder, 'redis.conf')
+            shutil.copyfile(BASE_CONF, conf)
+            args.append(conf)
         args += ['--port', str(self.port), '--bind', self.bind,
                  '--dir', self.folder,
                  '--appendonly', 'yes', '--appendfsync', 'everysec',
