@@ -74,6 +74,19 @@ class TestConfig(unittest.TestCase):
         self.assertConfigError(write_conf('cc', redis_options=None), 'cc',
                                'redis_url')
 
+    def test_sentinel_store(self):
+        url = 'redis+sentinel://:pw@h1,h2:26380/hub/2'
+        s = config.load(write_conf('cc', redis_url=url), 'cc')
+        self.assertEqual(s['redis_wait_replicas'], 1)
+        self.assertEqual(config.load(write_conf('cc'), 'cc')[
+            'redis_wait_replicas'], 0)
+        self.assertConfigError(write_conf('ws', redis_url=url), 'ws',
+                               'command center only')
+        self.assertConfigError(write_conf(
+            'cc', redis_url='redis+sentinel://h1/'), 'cc', 'redis_url')
+        self.assertConfigError(write_conf(
+            'cc', max_body_size=600 * 1024 * 1024), 'cc', 'max_body_size')
+
     def test_bad_python(self):
         self.assertConfigError(conf_file('name = (\n'), 'cc', 'cannot be read')
 

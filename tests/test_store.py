@@ -139,3 +139,42 @@ class TestServerProcessTree(unittest.TestCase):
         server.kill(with_redis=False)
         self.assertTrue(wait_for(lambda: not alive(redis_pid)),
                         'redis-server outlived its killed owner')
+
+
+class TestSentinelURL(unittest.TestCase):
+
+    def test_parse(self):
+        self.assertEqual(
+            store.parse_sentinel_url(
+                'redis+sentinel://u:p%40ss@h1,h2:26380,[::1]:7/hub/3'
+                '?sentinel_password=sp'),
+            ([('h1', 26379), ('h2', 26380), ('::1', 7)], 'hub',
+             {'db': 3, 'username': 'u', 'password': 'p@ss'}, 'sp'))
+        self.assertEqual(
+            store.parse_sentinel_url('redis+sentinel://h/hub'),
+            ([('h', 26379)], 'hub',
+             {'db': 0, 'username': None, 'password': None}, None))
+        for bad in ('redis://h/0', 'redis+sentinel://h', 'redis+sentinel://h/',
+                    'redis+sentinel://h/hub/x', 'redis+sentinel://h:p/hub',
+                    'redis+sentinel://h,/hub', 'redis+sentinel://h/a/1/2',
+                    'redis+sentinel://h/hub?colour=red'):
+            with self.assertRaises(ValueError, msg=bad):
+                store.parse_sentinel_url(bad)
+
+    def test_base_conf_stays_untouched(self):
+        """CONFIG REWRITE (Sentinel sends it) writes the server's own copy
+        of the base configuration."""
+        with open(store.BASE_CONF) as f:
+            base = f.read()
+        server = store.RedisServer(tmpdir('redis'), free_port()).start()
+        try:
+            client = redis.Redis(port=server.port)
+            client.config_set('maxmemory-policy', 'noeviction')
+            client.config_rewrite()
+            client.close()
+        finally:
+            server.stop()
+        with open(store.BASE_CONF) as f:
+            self.assertEqual(f.read(), base)
+        with open(os.path.join(server.folder, 'redis.conf')) as f:
+            self.assertIn('CONFIG REWRITE', f.read())
