@@ -19,7 +19,7 @@ import time
 
 import redis.exceptions
 
-from server.scripts import Script
+from server.lua import Script
 
 log = logging.getLogger('siegetank.lease')
 

@@ -11,9 +11,16 @@ import requests
 
 from server import store
 from server.cc import keys
-from tests import ServerProcess, b64, certs, free_port, tmpdir, wait_for
+from server.testing import (
+    CC_PASS,
+    ServerProcess,
+    b64,
+    certs,
+    free_port,
+    tmpdir,
+    wait_for,
+)
 
-CC_PASS = 'test-cc-pass'
 MAX_BODY = 4 * 1024 * 1024
 
 

@@ -19,9 +19,15 @@ import uuid
 import redis
 
 from server import store
-from tests import ServerProcess, b64, free_port, tmpdir, wait_for
+from server.testing import (
+    CC_PASS,
+    ServerProcess,
+    b64,
+    free_port,
+    tmpdir,
+    wait_for,
+)
 
-CC_PASS = 'test-cc-pass'
 MASTER = 'siegetank'
 
 
@@ -134,12 +140,13 @@ class TestSentinelFailover(unittest.TestCase):
 
     def assign_loop(self, stop, log):
         """Assign and give the stream back at once, until `stop`; logs
-        (time, status, Retry-After)."""
+        (sent, status, Retry-After, answered)."""
         while not stop.is_set():
+            sent = time.monotonic()
             r = self.cc.request('POST', '/core/assign', {
                 'engine': 'openmm', 'engine_version': 'loop'})
-            log.append((time.monotonic(), r.status_code,
-                        r.headers.get('Retry-After')))
+            log.append((sent, r.status_code, r.headers.get('Retry-After'),
+                        time.monotonic()))
             if r.status_code == 200:
                 self.ws.session.put(
                     r.json()['url'].replace('/core/start', '/core/stop'),
@@ -186,24 +193,24 @@ class TestSentinelFailover(unittest.TestCase):
             primary.process.wait()
             os.kill(replica.process.pid, signal.SIGCONT)
             wait_for(lambda: any(t > killed_at and s == 200
-                                 for t, s, _ in log),
+                                 for t, s, _, _ in log),
                      'assignments after the promotion', timeout=120)
             for t in pending:
                 t.join(150)
-            wait_for(lambda: sum(1 for t, s, _ in log
+            wait_for(lambda: sum(1 for t, s, _, _ in log
                                  if t > killed_at and s == 200) >= 20,
                      'assignments going on')
         finally:
             stop.set()
             loop.join(60)
-        after = [e for e in log if e[0] > killed_at]
-        failed = [e for e in after if e[1] != 200]
-        resumed = min(t for t, s, _ in after if s == 200) - killed_at
+        failed = [e for e in log if e[1] != 200]
+        resumed = min(end for sent, s, _, end in log
+                      if sent > killed_at and s == 200) - killed_at
         sys.stderr.write('\nSentinel failover: %d assignment requests failed '
                          '(503), assignments resumed %.1f s after the '
                          'primary was killed\n' % (len(failed), resumed))
-        self.assertTrue(all(s == 503 and ra for _, s, ra in failed),
-                        set((s, ra) for _, s, ra in failed))
+        self.assertTrue(all(s == 503 and ra for _, s, ra, _ in failed),
+                        set((s, ra) for _, s, ra, _ in failed))
         self.assertEqual(self.redis.client(replica).info('replication')[
             'role'], 'master')
         # Nothing acknowledged is lost; the creates caught by the kill were
