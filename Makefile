@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= venv
 PY := $(VENV)/bin/python
 
-.PHONY: all setup test lint demo adaptive bench chaos clean
+.PHONY: all setup test lint demo demo-cluster adaptive bench chaos clean
 
 all: test
 
@@ -32,6 +32,11 @@ demo: setup
 # MD with real OpenMM cores; a plot and an MSM land in data/adaptive/.
 adaptive: setup
 	$(PY) -m siegetank.adaptive_demo
+
+# The same job on two CC processes sharing one embedded Redis; one CC is
+# SIGKILLed mid-run and the job completes through the other.
+demo-cluster: setup
+	$(PY) -m server.demo --cluster
 
 # Benchmarks against a bare Tornado ceiling (several minutes); results and
 # a plot land in bench/results/. `make bench BENCHARGS=--quick` smoke-runs it.

@@ -15,6 +15,12 @@ dynamics flowing through it.
    WS), checks each with mdtraj (frames = the WS's committed frames, time
    strictly increasing) and prints a summary;
 5. shuts everything down and checks that no process is left.
+
+`make demo-cluster` (`python -m server.demo --cluster`) runs the same job
+on two CC processes sharing one embedded Redis (data/demo-cluster/): the
+target is created through one CC and its streams added through the other,
+cores are sent through both, one CC is SIGKILLed mid-run (its jobs lease
+passes to the other, new cores go through the other) and the job completes.
 """
 import os
 import re
@@ -32,7 +38,9 @@ from server.testing import ROOT, TimedOut, wait_for
 from siegetank.cli import table
 from siegetank.client import SiegetankError
 
-RUN = os.path.join(ROOT, 'data', 'demo')
+CLUSTER = '--cluster' in sys.argv[1:]
+RUN = os.path.join(ROOT, 'data', 'demo-cluster' if CLUSTER else 'demo')
+CC_NAMES = ('cc-a', 'cc-b') if CLUSTER else ('cc',)
 CORE_SECONDS = 60          # how long the cores run in total
 KILL_AT = 20               # seconds into the run: one core is SIGKILLed
 HEARTBEAT_INCREMENT = 10   # WS: a silent core's stream expires after this
@@ -95,9 +103,15 @@ class Procs:
 STARTING = (requests.RequestException, SiegetankError, OSError, ValueError)
 
 
-def setup_servers(procs, ws_names=('firebat', 'marauder')):
-    """Confs (under procs.folder), certificates, a CC and the named WS;
-    returns (cc address, CA, confs)."""
+def cc_address(conf):
+    return '127.0.0.1:%d' % conf['internal_http_port']
+
+
+def setup_servers(procs, ws_names=('firebat', 'marauder'), shared=None):
+    """Confs (under procs.folder), certificates, the CC (one per name in
+    CC_NAMES, all on the Redis `shared` when given, an embedded Redis
+    each otherwise) and the named WS; returns (address of the first CC,
+    CA, confs of the CCs then the WS)."""
     from server import store, tls
     run = procs.folder
     certs = os.path.join(run, 'certs')
@@ -106,18 +120,22 @@ def setup_servers(procs, ws_names=('firebat', 'marauder')):
         tls.ensure_dev_certs(os.path.join(certs, who + '.pem'),
                              os.path.join(certs, who + '.key'), ca)
     cc_pass = os.urandom(16).hex()
-    cc = base_conf('cc')
-    cc.update(internal_http_port=store.free_port(),
-              redis_options={'port': store.free_port()},
-              data_folder=os.path.join(run, 'cc'),
-              ssl_certfile=os.path.join(certs, 'cc.pem'),
-              ssl_key=os.path.join(certs, 'cc.key'), ssl_ca_certs=ca,
-              cc_pass=cc_pass, ws_probe_interval_in_ms=1000,
-              num_processes=1)
-    write_conf(os.path.join(run, 'cc.conf'), 'cc', cc)
-    address = '127.0.0.1:%d' % cc['internal_http_port']
+    ccs = []
+    for label in CC_NAMES:
+        cc = base_conf('cc')
+        cc.update(internal_http_port=store.free_port(),
+                  redis_options={'port': store.free_port()},
+                  data_folder=os.path.join(run, label),
+                  ssl_certfile=os.path.join(certs, 'cc.pem'),
+                  ssl_key=os.path.join(certs, 'cc.key'), ssl_ca_certs=ca,
+                  cc_pass=cc_pass, ws_probe_interval_in_ms=1000,
+                  num_processes=1)
+        if shared is not None:
+            cc.update(redis_url=shared.url, redis_options=None)
+        write_conf(os.path.join(run, label + '.conf'), 'cc', cc)
+        ccs.append(cc)
     ws_confs = []
-    for name in ws_names:
+    for i, name in enumerate(ws_names):
         ws = base_conf('ws')
         port = store.free_port()
         ws.update(name=name, internal_http_port=port,
@@ -128,8 +146,9 @@ def setup_servers(procs, ws_names=('firebat', 'marauder')):
                   data_folder=os.path.join(run, 'ws-' + name),
                   ssl_certfile=os.path.join(certs, 'ws.pem'),
                   ssl_key=os.path.join(certs, 'ws.key'), ssl_ca_certs=ca,
-                  command_centers={cc['name']: {'url': address,
-                                                'pass': cc_pass}},
+                  command_centers={ccs[0]['name']: {
+                      'url': cc_address(ccs[i % len(ccs)]),
+                      'pass': cc_pass}},
                   heartbeat_increment=HEARTBEAT_INCREMENT,
                   pulse_frequency_in_ms=500, min_free_disk_in_mb=64,
                   num_processes=1)
@@ -137,15 +156,18 @@ def setup_servers(procs, ws_names=('firebat', 'marauder')):
         ws_confs.append(ws)
 
     from siegetank.client import Client
-    anon = Client(address, ca=ca)
-    procs.start('cc', [sys.executable, 'cc.py', '--config',
-                       os.path.join(run, 'cc.conf')])
-    wait_for(lambda: anon.session.get('https://%s/' % address, verify=ca,
-                                      timeout=2).ok, 'the command center',
-             errors=STARTING, interval=0.1)
-    say('command center %s up at https://%s (embedded Redis on port %d, '
-        'dev CA %s)' % (cc['name'], address, cc['redis_options']['port'],
-                        os.path.relpath(ca, ROOT)))
+    for label, cc in zip(CC_NAMES, ccs):
+        address = cc_address(cc)
+        anon = Client(address, ca=ca)
+        procs.start(label, [sys.executable, 'cc.py', '--config',
+                            os.path.join(run, label + '.conf')])
+        wait_for(lambda: anon.session.get('https://%s/' % address, verify=ca,
+                                          timeout=2).ok, 'the command center',
+                 errors=STARTING, interval=0.1)
+        say('command center %s up at https://%s (%s, dev CA %s)' % (
+            label, address, 'Redis shared by every CC at %s' % shared.url
+            if shared else 'embedded Redis on port %d'
+            % cc['redis_options']['port'], os.path.relpath(ca, ROOT)))
     for ws in ws_confs:
         procs.start('ws-' + ws['name'],
                     [sys.executable, 'ws.py', '--config',
@@ -153,12 +175,13 @@ def setup_servers(procs, ws_names=('firebat', 'marauder')):
     status = wait_for(lambda: (lambda s: s if len(s) == len(ws_confs) and
                                all(w['online'] for w in s.values())
                                else None)(anon.workserver_status()),
-                      'both workservers to register', errors=STARTING,
+                      'the workservers to register', errors=STARTING,
                       interval=0.1)
     say('workservers online: %s' % ', '.join(
-        '%s at %s:%s' % (n, s['url'], s['http_port'])
-        for n, s in sorted(status.items())))
-    return address, ca, [cc] + ws_confs
+        '%s at %s:%s (registered through %s)' % (
+            n, s['url'], s['http_port'], CC_NAMES[i % len(CC_NAMES)])
+        for i, (n, s) in enumerate(sorted(status.items()))))
+    return cc_address(ccs[0]), ca, ccs + ws_confs
 
 
 def start_core(procs, n, address, ca, donor):
@@ -244,6 +267,65 @@ def run_cores(procs, target, labels, address, ca, donor):
     show(target, labels)
 
 
+def run_cluster_cores(procs, target, labels, addresses, ca, donor, shared):
+    """3 cores on 4 streams, two sent through cc-a and one through cc-b.
+    cc-a is SIGKILLed mid-run: its cores keep working (they talk to their
+    WS), the jobs lease passes to cc-b, and a fourth core gets the free
+    stream through cc-b."""
+    from server import store
+    from server.cc import keys
+    redis = store.connect_sync(shared.url)
+    ccs = {p.demo_name: p for p in procs.all if p.demo_name in CC_NAMES}
+
+    def holder():
+        value = redis.get(keys.JOBS_LEASE) or ''
+        return next((n for n, p in ccs.items() if ':%d:' % p.pid in value),
+                    None)
+    say('the jobs lease (WS probes, deletion replays) is held by %s'
+        % wait_for(holder, 'a CC holding the jobs lease'))
+    say('starting %d OpenMM cores, core1 and core2 through cc-a, core3 '
+        'through cc-b; committed frames per stream, * = a core is on it:'
+        % CORES)
+    cores = [start_core(procs, i + 1, addresses[0 if i < 2 else 1], ca,
+                        donor) for i in range(CORES)]
+    wait_for(lambda: all(stream_of(c) for c in cores), 'the cores to start',
+             errors=STARTING, interval=0.1)
+    started = time.monotonic()
+    killed = False
+    while time.monotonic() - started < CORE_SECONDS:
+        time.sleep(3)
+        show(target, labels)
+        for c in cores:
+            if c.poll() is not None:
+                raise SystemExit('demo: %s exited with %s, see %s.log' % (
+                    c.demo_name, c.returncode, c.demo_name))
+        if not killed and time.monotonic() - started >= KILL_AT:
+            killed = True
+            victim = ccs['cc-a']
+            os.kill(victim.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            procs.stop(victim)
+            say('SIGKILLed command center cc-a; core1 and core2, assigned '
+                'through it, keep working with their WS')
+            wait_for(lambda: holder() == 'cc-b', 'the lease to pass')
+            say('the jobs lease passed to cc-b %.1f s after the kill'
+                % (time.monotonic() - killed_at))
+            spare = start_core(procs, CORES + 1, addresses[1], ca, donor)
+            cores.append(spare)
+            wait_for(lambda: stream_of(spare), 'the new core to start',
+                     errors=STARTING, interval=0.1)
+            say('started %s through cc-b: it got stream %s, the only one '
+                'free' % (spare.demo_name, labels.get(stream_of(spare))))
+    redis.close()
+    say('stopping the cores with SIGTERM: each checkpoints, then calls '
+        '/core/stop')
+    for c in cores:
+        code = procs.stop(c)
+        if code != 0:
+            raise SystemExit('demo: %s exited with %s' % (c.demo_name, code))
+    show(target, labels)
+
+
 def verify(client, target, labels, built, summary):
     import mdtraj
     import numpy as np
@@ -304,6 +386,7 @@ def check_nothing_left(procs, confs):
 
 
 def main():
+    from server import store
     from siegetank import build_target
     from siegetank.client import Client
     shutil.rmtree(RUN, ignore_errors=True)
@@ -311,15 +394,23 @@ def main():
     say('run folder %s' % os.path.relpath(RUN, ROOT))
     procs = Procs()
     confs = []
+    shared = None
     try:
-        address, ca, confs = setup_servers(procs)
-        admin = Client(address, ca=ca)
+        if CLUSTER:
+            shared = store.RedisServer(os.path.join(RUN, 'redis'),
+                                       store.free_port()).start()
+        _, ca, confs = setup_servers(procs, shared=shared)
+        addresses = [cc_address(c) for c in confs[:len(CC_NAMES)]]
+        address = addresses[-1]   # cc-b in the cluster: it stays up
+        admin = Client(addresses[0], ca=ca)
         admin.token = admin.create_manager('admin@demo.local',
                                            os.urandom(8).hex(), 'admin')
-        donor = admin.create_donor('demo-donor', os.urandom(8).hex(),
+        other = Client(address, ca=ca, token=admin.token)
+        donor = other.create_donor('demo-donor', os.urandom(8).hex(),
                                    'donor@demo.local')
-        say('admin admin@demo.local created (loopback bootstrap, no token); '
-            'donor demo-donor created by the admin')
+        say('admin admin@demo.local created (loopback bootstrap, no token) '
+            'through %s; donor demo-donor created by the admin through %s'
+            % (CC_NAMES[0], CC_NAMES[-1]))
         built = os.path.join(RUN, 'target')
         summary = build_target.build(built, streams=STREAMS,
                                      steps_per_frame=STEPS_PER_FRAME)
@@ -328,14 +419,22 @@ def main():
             'random velocities' % (build_target.engine_version(),
                                    summary['waters'], summary['atoms'],
                                    summary['ps_per_frame'], STREAMS))
-        target, sids = build_target.upload(admin, built, stage='public')
+        target, sids = build_target.upload(admin, built, stage='public',
+                                           stream_client=other)
+        target = other.load_target(target.id)
         labels = {sid: 'S%d' % (i + 1) for i, sid in enumerate(sids)}
-        say('public target %s, streams: %s' % (target.id, ', '.join(
-            '%s=%s@%s' % (labels[s], s[:8], s.split(':')[1]) for s in sids)))
-        run_cores(procs, target, labels, address, ca, donor)
-        say('downloading every stream\'s frames.xtc through the CC '
-            '(307 to a signed WS URL) and reading it with mdtraj:')
-        rows, problems = verify(admin, target, labels, built, summary)
+        say('public target %s created through %s, streams added through %s'
+            ': %s' % (target.id, CC_NAMES[0], CC_NAMES[-1], ', '.join(
+                '%s=%s@%s' % (labels[s], s[:8], s.split(':')[1])
+                for s in sids)))
+        if CLUSTER:
+            run_cluster_cores(procs, target, labels, addresses, ca, donor,
+                              shared)
+        else:
+            run_cores(procs, target, labels, address, ca, donor)
+        say('downloading every stream\'s frames.xtc through %s (307 to a '
+            'signed WS URL) and reading it with mdtraj:' % CC_NAMES[-1])
+        rows, problems = verify(other, target, labels, built, summary)
         frames = sum(r[3] for r in rows)
         say('%d frames (%.1f ps of MD) committed and verified by mdtraj '
             'across %d streams' % (frames, frames * summary['ps_per_frame'],
@@ -352,7 +451,11 @@ def main():
             if p.demo_name.startswith('core') and p.poll() is None:
                 procs.stop(p)
         procs.stop_all()
+        if shared is not None:
+            shared.stop()
         left = check_nothing_left(procs, confs)
+        if shared is not None and alive(shared.process.pid):
+            left.append('the shared redis (pid %d)' % shared.process.pid)
         say('servers stopped; %s' % ('processes left: %s' % ', '.join(left)
                                      if left else 'no process left behind'))
     say('demo finished in %.0f s (logs and data in %s)' % (

@@ -122,9 +122,10 @@ def stream_seeds(out):
 
 
 def upload(client, out, description='alanine dipeptide in water',
-           stage='private', allowed_ws=None, weight=1):
-    """Create a target from a built folder and add its streams; returns
-    (Target, [stream ids])."""
+           stage='private', allowed_ws=None, weight=1, stream_client=None):
+    """Create a target from a built folder and add its streams (through
+    `stream_client` if given, e.g. another CC host); returns (Target,
+    [stream ids])."""
     with open(os.path.join(out, 'target.json')) as f:
         summary = json.load(f)
     target = client.add_target(options=summary['options'], engine='openmm',
@@ -132,6 +133,8 @@ def upload(client, out, description='alanine dipeptide in water',
                                description=description, stage=stage,
                                files=target_files(out),
                                allowed_ws=allowed_ws, weight=weight)
+    if stream_client is not None:
+        target = stream_client.load_target(target.id)
     ids = [target.add_stream(seed) for seed in stream_seeds(out)]
     return target, ids
 
