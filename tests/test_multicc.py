@@ -31,7 +31,7 @@ class TestTwoCommandCenters(unittest.TestCase):
         cls.redis = store.RedisServer(tmpdir('shared-redis'), free_port())
         cls.redis.start()
         shared = dict(name='hub', redis_url=cls.redis.url, redis_options=None,
-                      jobs_lease_in_ms=1000, max_body_size=MAX_BODY)
+                      jobs_lease_in_ms=3000, max_body_size=MAX_BODY)
         cls.a = ServerProcess('cc', **shared).start()
         cls.b = ServerProcess('cc', **shared).start()
         # ws1 registers through A, ws2 through B
