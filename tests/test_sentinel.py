@@ -17,7 +17,6 @@ import unittest
 import uuid
 
 import redis
-
 from server import store
 from server.testing import (
     CC_PASS,
