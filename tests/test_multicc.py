@@ -9,7 +9,7 @@ import uuid
 
 import requests
 
-from server import store
+from server import store, web
 from server.cc import keys
 from server.testing import (
     CC_PASS,
@@ -237,6 +237,35 @@ class TestTwoCommandCenters(unittest.TestCase):
         holder.start()
         other.stop()
         wait_for(lambda: self.holder() is holder, 'the lease handed over')
+
+    def test_store_down_is_503_then_resumes(self):
+        """Redis stopped under both CCs: every endpoint that needs it is a
+        503 with Retry-After (never a 500); back on its own after."""
+        joe = self.manager()
+        self.redis.stop()
+        try:
+            for cc in (self.a, self.b):
+                for method, path, body, token in (
+                        ('GET', '/', None, None),
+                        ('GET', '/targets', None, joe),
+                        ('GET', '/ws/status', None, None),
+                        ('POST', '/managers/auth', {
+                            'email': 'x@x.org', 'password': 'pw'}, None),
+                        ('POST', '/core/assign', {
+                            'engine': 'openmm',
+                            'engine_version': self.version}, None)):
+                    r = cc.request(method, path, body, token=token)
+                    self.assertEqual((r.status_code, 'error' in r.json()),
+                                     (503, True), (path, r.text))
+                    self.assertEqual(r.headers['Retry-After'],
+                                     str(web.RETRY_AFTER_S))
+        finally:
+            self.redis.start()
+        for cc in (self.a, self.b):
+            wait_for(lambda: cc.request('GET', '/targets', token=joe)
+                     .status_code == 200, 'the CC back on its store')
+            self.assertNotIn('Traceback', cc.read_log())
+            self.assertNotIn(' 500 ', cc.read_log())
 
 
 if __name__ == '__main__':
