@@ -21,7 +21,7 @@ from itertools import chain
 
 from redis.exceptions import WatchError
 
-from server import peer, store, threads
+from server import peer, store
 from server.cc import keys, workservers
 from server.cc.accounts import AccountHandler, valid_weight
 from server.lua import Script
