@@ -272,15 +272,14 @@ def run_cluster_cores(procs, target, labels, addresses, ca, donor, shared):
     cc-a is SIGKILLed mid-run: its cores keep working (they talk to their
     WS), the jobs lease passes to cc-b, and a fourth core gets the free
     stream through cc-b."""
-    from server import store
+    from server import lease, store
     from server.cc import keys
     redis = store.connect_sync(shared.url)
     ccs = {p.demo_name: p for p in procs.all if p.demo_name in CC_NAMES}
 
     def holder():
-        value = redis.get(keys.JOBS_LEASE) or ''
-        return next((n for n, p in ccs.items() if ':%d:' % p.pid in value),
-                    None)
+        return lease.holder(redis, keys.JOBS_LEASE,
+                            {n: p.pid for n, p in ccs.items()})
     say('the jobs lease (WS probes, deletion replays) is held by %s'
         % wait_for(holder, 'a CC holding the jobs lease'))
     say('starting %d OpenMM cores, core1 and core2 through cc-a, core3 '
@@ -302,7 +301,7 @@ def run_cluster_cores(procs, target, labels, addresses, ca, donor, shared):
         if not killed and time.monotonic() - started >= KILL_AT:
             killed = True
             victim = ccs['cc-a']
-            os.kill(victim.pid, signal.SIGKILL)
+            os.killpg(victim.pid, signal.SIGKILL)   # its workers too
             killed_at = time.monotonic()
             procs.stop(victim)
             say('SIGKILLed command center cc-a; core1 and core2, assigned '

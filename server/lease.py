@@ -91,3 +91,18 @@ class Lease:
                 await _RELEASE(self.redis, [self.key], [self.id])
             except redis.exceptions.RedisError as e:
                 log.warning('lease %s not released: %s', self.key, e)
+
+
+def holder(redis, key, servers):
+    """Which of `servers` ({name: server pid}) holds the lease `key`, by
+    the pid in its value (a worker of that server, or the server itself);
+    None if none does. For the demo and the tests (sync client)."""
+    value = redis.get(key) or ''
+    try:
+        pid = int(value.split(':')[-2])
+        with open('/proc/%d/stat' % pid) as f:
+            parent = int(f.read().rsplit(')', 1)[1].split()[1])
+    except (IndexError, ValueError, OSError):
+        return None
+    return next((name for name, p in servers.items() if p in (pid, parent)),
+                None)

@@ -850,8 +850,10 @@ class TestStreamsAndAssign(CCTestCase):
         from server.cc import streams, targets
         real_post = streams._post_to
 
-        async def post_then_delete(app, ws, base, has_files, target, files):
-            sid = await real_post(app, ws, base, has_files, target, files)
+        async def post_then_delete(app, ws, base, has_files, target, files,
+                                   tags):
+            sid = await real_post(app, ws, base, has_files, target, files,
+                                  tags)
             await targets.delete(app, target['target_id'])
             return sid
         streams._post_to = post_then_delete
