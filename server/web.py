@@ -53,9 +53,16 @@ class APIError(HTTPError):
     """A refusal with a message for the client. The message goes to the JSON
     body, never into the status line (it may quote client input)."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, headers=None):
         super().__init__(status)
         self.message = message
+        self.headers = headers or {}
+
+
+def too_many(message, retry_after):
+    """429 with `Retry-After` (whole seconds, at least 1)."""
+    return APIError(429, message,
+                    {'Retry-After': str(max(1, int(retry_after)))})
 
 
 FILE_NAME = re.compile(r'[A-Za-z0-9._-]{1,128}')
@@ -589,6 +596,8 @@ class APIHandler(tornado.web.RequestHandler):
         exc = kwargs.get('exc_info', (None, None, None))[1]
         if isinstance(exc, APIError):
             reason = exc.message
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
         elif isinstance(exc, store.DOWN):
             reason = 'the store is down (%s), retry later' % (
                 str(exc) or type(exc).__name__)

@@ -13,16 +13,27 @@
    (`POST /streams/activate`, atomic on the WS, so concurrent cores never
    share a stream). A WS that fails or has nothing free is skipped.
 4. First success wins: `{token, uri, url, options}`. Nothing anywhere: 503.
+
+Abuse controls, in the same Lua call as step 1: each client (the donor of
+`donor_token`, else the source address) may hold `client_max_held_streams`
+assignments made in the last `client_hold_in_s` seconds (the WS takes an
+unstarted or silent stream back within its early windows, so that is how
+long an abandoned stream can stay held) and ask `client_assigns_per_minute`
+times a minute; over either it gets 429 with `Retry-After`. An assignment
+that found nothing (503) does not count as held.
 """
+import ipaddress
 import json
 import logging
 import random
+import time
+import uuid
 
 from server import peer
 from server.cc import keys, targets, workservers
 from server.lua import Script
 from server.tokens import token_hash
-from server.web import APIError, APIHandler, check_target_id
+from server.web import APIError, APIHandler, check_target_id, too_many
 
 log = logging.getLogger('siegetank.cc.assign')
 
@@ -36,17 +47,46 @@ def weighted_order(weights):
     return [item for _, item in keyed]
 
 
-# Every candidate in one round trip. KEYS: the stage index sets to draw
-# from. ARGV: engine, engine_version, the key templates of a target, its
-# per-WS counts and a WS, a named target id or '', the key of the donor's
-# token or ''. Returns {donor, candidates}: donor is '' when not asked, nil
-# for an unknown token, else the username; each candidate is a target whose
-# engine and versions match, with streams on an online WS:
+# Admission and every candidate in one round trip. KEYS: the stage index
+# sets to draw from. ARGV: engine, engine_version, the key templates of a
+# target, its per-WS counts and a WS, a named target id or '', the key of
+# the donor's token or '', then the client's address, now, the templates
+# of a client's held set and rate counter, max held, hold seconds, max per
+# minute, and a fresh member for the held set.
+# Returns {donor, candidates, retry_after, client}: donor is '' when not
+# asked, nil for an unknown token, else the username; the client is
+# 'donor:<username>' or the address; retry_after > 0 means refused (429):
+# the client holds max held assignments still in their early window, or
+# asked max per minute this minute. Admitted, the assignment is held
+# (until now + hold seconds, or until given back). Each candidate is a
+# target whose engine and versions match, with streams on an online WS:
 # {target_id, weight, options, ws, count, url, port, ws, count, ...}.
 _CANDIDATES = Script("""
 local engine, version = ARGV[1], ARGV[2]
 local donor = ''
-if ARGV[7] ~= '' then donor = redis.call('GET', ARGV[7]) end
+if ARGV[7] ~= '' then
+  donor = redis.call('GET', ARGV[7])
+  if not donor then return {false, {}, 0, ''} end
+end
+local client = ARGV[8]
+if donor ~= '' then client = 'donor:' .. donor end
+local now = tonumber(ARGV[9])
+local held = string.format(ARGV[10], client)
+redis.call('ZREMRANGEBYSCORE', held, '-inf', now)
+if redis.call('ZCARD', held) >= tonumber(ARGV[12]) then
+  local first = redis.call('ZRANGE', held, 0, 0, 'WITHSCORES')
+  return {donor, {}, math.max(1, math.ceil(tonumber(first[2]) - now)), client}
+end
+local rate = string.format(ARGV[11], client)
+local asked = redis.call('INCR', rate)
+local ttl = redis.call('TTL', rate)
+if ttl < 0 then
+  redis.call('EXPIRE', rate, 60)
+  ttl = 60
+end
+if asked > tonumber(ARGV[14]) then return {donor, {}, ttl, client} end
+redis.call('ZADD', held, now + tonumber(ARGV[13]), ARGV[15])
+redis.call('EXPIRE', held, tonumber(ARGV[13]) + 1)
 local ids
 if ARGV[6] ~= '' then
   ids = {}
@@ -93,37 +133,79 @@ for _, tid in ipairs(ids) do
     if #entry > 3 then result[#result + 1] = entry end
   end
 end
-return {donor, result}
+return {donor, result, 0, client}
 """)
 
 
-async def candidates(app, engine, version, stages, target_id=None,
-                     donor_token=None):
-    """(donor, [(target_id, weight, options, {online ws: (stream count,
-    base url)})]) of the targets that could serve, read in one Lua call;
-    donor is the username of `donor_token`, None if unknown or not given.
-    """
-    donor, rows = await _CANDIDATES(
+def client_of(address):
+    """Who an anonymous core is, for the abuse controls: its address, an
+    IPv6 one by its /64 (one host often has a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return 'addr:%s' % address
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return 'addr:%s' % ip.ipv4_mapped
+        return 'addr:%s/64' % ipaddress.ip_network(
+            (ip, 64), strict=False).network_address
+    return 'addr:%s' % ip
+
+
+class Admitted:
+    """An assignment the abuse controls let through: who asked (`donor`,
+    `client`) and its place among the client's held assignments."""
+
+    def __init__(self, donor, client, member):
+        self.donor, self.client, self.member = donor, client, member
+
+    async def give_back(self, redis):
+        """Nothing was assigned: it does not count as held."""
+        await redis.zrem(keys.client_held(self.client), self.member)
+
+
+async def candidates(app, engine, version, stages, target_id, donor_token,
+                     address):
+    """(Admitted, [(target_id, weight, options, {online ws: (stream count,
+    base url)})]) of the targets that could serve, read in one Lua call
+    with the admission; 401 for an unknown donor token, 429 (Retry-After)
+    for a client over its limits."""
+    config = app.config
+    member = uuid.uuid4().hex
+    donor, rows, retry, client = await _CANDIDATES(
         app.redis, [keys.stage_targets(s) for s in stages],
         [engine, version, keys.target.template, keys.target_ws.template,
          keys.ws.template, target_id or '',
          keys.donor_token(token_hash(donor_token))
-         if donor_token else ''])
+         if donor_token else '', client_of(address), repr(time.time()),
+         keys.client_held.template, keys.client_rate.template,
+         config['client_max_held_streams'], config['client_hold_in_s'],
+         config['client_assigns_per_minute'], member])
+    if donor is None:
+        raise APIError(401, 'unknown donor token')
+    if retry:
+        raise too_many('too many assignments for %s: at most %d held in '
+                       'their first %d s and %d per minute; retry later'
+                       % ('this donor' if donor else 'this address',
+                          config['client_max_held_streams'],
+                          config['client_hold_in_s'],
+                          config['client_assigns_per_minute']), retry)
     result = []
     for row in rows:
         ws = {row[i]: (int(row[i + 1]), 'https://%s:%s' % (row[i + 2],
                                                            row[i + 3]))
               for i in range(3, len(row), 4)}
         result.append((row[0], float(row[1]), row[2], ws))
-    return donor or None, result
+    return Admitted(donor or None, client, member), result
 
 
-async def activate(app, ws, base, target_id, donor):
+async def activate(app, ws, base, target_id, admitted):
     """A token from `ws` (at `base`) for a free stream of the target, or
-    None."""
-    body = {'target_id': target_id}
-    if donor is not None:
-        body['donor_id'] = donor
+    None. The WS learns who the client is (error stops count once per
+    client and stream)."""
+    body = {'target_id': target_id, 'client': admitted.client}
+    if admitted.donor is not None:
+        body['donor_id'] = admitted.donor
     try:
         reply = await workservers.request(app, ws, 'POST', '/streams/activate',
                                           body, base=base)
@@ -139,24 +221,28 @@ async def activate(app, ws, base, target_id, donor):
     return None
 
 
-async def assign(app, engine, version, stages, donor_token, target_id=None):
+async def assign(app, engine, version, stages, donor_token, address,
+                 target_id=None):
     """(token, url, options) of an activated stream, or None when nothing
     is free. Options stay the JSON text the target stored (no decoding and
-    encoding again). 401 for an unknown donor token."""
-    donor, found = await candidates(app, engine, version, stages,
-                                    target_id, donor_token)
-    if donor_token and donor is None:
-        raise APIError(401, 'unknown donor token')
+    encoding again)."""
+    admitted, found = await candidates(app, engine, version, stages,
+                                       target_id, donor_token, address)
     found = {tid: (weight, options, ws)
              for tid, weight, options, ws in found}
-    for tid in weighted_order({tid: c[0] for tid, c in found.items()}):
-        _, options, ws = found[tid]
-        for name in weighted_order({n: c for n, (c, _) in ws.items()}):
-            base = ws[name][1]
-            token = await activate(app, name, base, tid, donor)
-            if token is not None:
-                return token, base + '/core/start', options
-    return None
+    try:
+        for tid in weighted_order({tid: c[0] for tid, c in found.items()}):
+            _, options, ws = found[tid]
+            for name in weighted_order({n: c for n, (c, _) in ws.items()}):
+                base = ws[name][1]
+                token = await activate(app, name, base, tid, admitted)
+                if token is not None:
+                    admitted = None
+                    return token, base + '/core/start', options
+        return None
+    finally:
+        if admitted is not None:
+            await admitted.give_back(app.redis)
 
 
 class AssignHandler(APIHandler):
@@ -180,7 +266,7 @@ class AssignHandler(APIHandler):
             # Naming a beta target is asking for beta.
             stages = ('public', 'beta')
         found = await assign(self.application, engine, version, stages,
-                             donor_token, target_id)
+                             donor_token, self.request.remote_ip, target_id)
         if found is None:
             raise APIError(503, 'no stream available for %s %s'
                            % (engine, version))

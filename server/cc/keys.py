@@ -44,6 +44,17 @@ Target files live here too, not on a CC's disk: any CC host serves them.
     target:<id>:ws_files       set of the WS that hold the target's files
     target:<id>:streams        set of the target's stream ids
     stream:<id>                hash: target_id, ws
+    admins                     set of the admins' emails (once not empty,
+                               loopback bootstrap of managers is closed)
+    login_fails:<scope>:<name> string with a TTL: failed logins of an
+                               account (scope manager or donor) or an
+                               address (scope addr) in the current window
+    client:<client>:held       zset: a client's assignments still counted
+                               as held -> when they stop counting (unix);
+                               a client is 'donor:<username>' or
+                               'addr:<ip>' (an IPv6 address by its /64)
+    client:<client>:rate       string with a TTL: assignments the client
+                               asked for in the current minute
 
 `keys.ws(name)` is a key; `keys.ws.template` is the same key with '%s' in
 place of the name, for a Lua script that walks from one key to another
@@ -88,3 +99,7 @@ target_ws = Key('target:%s:ws')
 target_ws_files = Key('target:%s:ws_files')
 target_streams = Key('target:%s:streams')
 stream = Key('stream:%s')
+admins = 'admins'
+login_fails = Key('login_fails:%s:%s')
+client_held = Key('client:%s:held')
+client_rate = Key('client:%s:rate')

@@ -64,7 +64,10 @@ class ActivateHandler(CCHandler):
     async def post(self):
         tid = self.target_id()
         donor = self.field('donor_id', (str, type(None)), None)
-        token, sid = await streams.activate(self.application, tid, donor)
+        client = self.field('client', str, None,
+                            check=lambda c: 0 < len(c) <= 256)
+        token, sid = await streams.activate(self.application, tid, donor,
+                                            client)
         self.write_json({'token': token, 'stream_id': sid})
 
 

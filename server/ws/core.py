@@ -40,7 +40,8 @@ from server.ws.storage import (
 
 log = logging.getLogger('siegetank.ws.core')
 
-# The stream of a live token; with ARGV[4] also pushes its expiry.
+# The stream of a live token; with ARGV[4] also pushes its expiry to
+# that time (never back: GT).
 _LIVE_STREAM = Script("""
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
@@ -48,14 +49,16 @@ local s = redis.call('HMGET', string.format(ARGV[1], sid), 'active', 'token')
 if s[1] ~= '1' or s[2] ~= ARGV[2] then return false end
 local exp = redis.call('ZSCORE', KEYS[2], sid)
 if not exp or tonumber(exp) < tonumber(ARGV[3]) then return false end
-if ARGV[4] then redis.call('ZADD', KEYS[2], ARGV[4], sid) end
+if ARGV[4] then redis.call('ZADD', KEYS[2], 'GT', ARGV[4], sid) end
 return sid
 """)
 
 # One round trip for the start of a frame or checkpoint: the stream of a
 # live token, its lock taken, and what the request needs from its hash.
-# Returns false (token not live), {sid, 0} (lock busy) or {sid, 1,
-# digest, buffer_frames, error_count, frames, sizes}.
+# A frame or checkpoint is a sign of life too: the expiry moves to ARGV[7]
+# (now + heartbeat_increment; never back). Returns false (token not
+# live), {sid, 0} (lock busy) or {sid, 1, digest, buffer_frames,
+# error_count, frames, sizes}.
 _HOLD_LIVE_STREAM = Script("""
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
@@ -69,6 +72,7 @@ if not redis.call('SET', string.format(ARGV[4], sid), ARGV[5], 'NX', 'PX',
                   ARGV[6]) then
   return {sid, 0}
 end
+redis.call('ZADD', KEYS[2], 'GT', ARGV[7], sid)
 return {sid, 1, s[3] or '', s[4] or '0', s[5] or '0', s[6] or '0',
         s[7] or ''}
 """)
@@ -86,10 +90,12 @@ return 1
 
 # The buffer is a chunk now: if the lock is still this request's, record
 # the committed count and free the stream (1); else change nothing (0).
+# The error count starts again (KEYS[3]: who counted in it).
 _COMMIT_DONE = Script("""
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'frames', ARGV[2], 'buffer_frames', '0',
            'digest', '', 'sizes', '', 'error_count', '0')
+redis.call('DEL', KEYS[3])
 redis.call('DEL', KEYS[2])
 return 1
 """)
@@ -103,8 +109,9 @@ class LockLost(APIError):
         super().__init__(503, 'stream %s was taken from this request '
                          'meanwhile; nothing was stored, retry' % sid)
 
-async def live_stream(app, token, extend=False):
-    """The stream id of a live core token, else 401."""
+async def live_stream(app, token, extend=None):
+    """The stream id of a live core token, else 401. `extend` (seconds)
+    pushes its expiry to at least now + extend."""
     if not token:
         raise APIError(401, 'missing core token')
     keys = app.keys
@@ -112,7 +119,7 @@ async def live_stream(app, token, extend=False):
     now = time.time()
     args = [keys.stream.template, hashed, repr(now)]
     if extend:
-        args.append(repr(now + app.config['heartbeat_increment']))
+        args.append(repr(now + extend))
     sid = await _LIVE_STREAM(app.fastredis, [keys.token(hashed),
                                              keys.heartbeats], args)
     if not sid:
@@ -141,9 +148,10 @@ class Held:
         """Record the change if the lock is still ours (True)."""
         self.released = True
         try:
-            return bool(await script(self.app.fastredis,
-                                     [self.key, self.lock],
-                                     [self.holder] + list(args)))
+            return bool(await script(
+                self.app.fastredis,
+                [self.key, self.lock, self.app.keys.errors_by(self.sid)],
+                [self.holder] + list(args)))
         except store.DOWN:
             # Its outcome is unknown (it may still run): nothing is undone,
             # the retry finds out (Redis' sizes and digest tell); the lock
@@ -189,11 +197,13 @@ class CoreHandler(APIHandler):
         deadline = time.monotonic() + locks.LOCK_WAIT_S
         delay = 0.002
         while True:
+            now = time.time()
             try:
                 got = await _HOLD_LIVE_STREAM(app.fastredis, [
                     keys.token(hashed), keys.heartbeats], [
-                    keys.stream.template, hashed, repr(time.time()),
-                    keys.stream_lock.template, holder, locks.LOCK_TTL_MS])
+                    keys.stream.template, hashed, repr(now),
+                    keys.stream_lock.template, holder, locks.LOCK_TTL_MS,
+                    repr(now + app.config['heartbeat_increment'])])
             except store.DOWN:
                 # It may still run and take the lock: free it when Redis
                 # answers again (the token tells which stream).
@@ -254,10 +264,12 @@ class LockedCoreHandler(CoreHandler):
 
 class CoreStartHandler(CoreHandler):
     async def authenticate(self):
-        # Reaching /core/start ends the token's start window: a whole
-        # heartbeat from now on (streams.activate).
-        self.sid = await live_stream(self.application, self.token(),
-                                     extend=True)
+        # Reaching /core/start ends the token's start window (see
+        # streams.activate): the core has the first-heartbeat window to
+        # show it works (a heartbeat or a frame).
+        self.sid = await live_stream(
+            self.application, self.token(),
+            streams.early_windows(self.config)[1])
 
     async def get(self):
         app = self.application
@@ -369,7 +381,8 @@ def commit(storage, sid, n, files, meta, sizes, reset_errors):
 
 class HeartbeatHandler(CoreHandler):
     async def post(self):
-        await live_stream(self.application, self.token(), extend=True)
+        await live_stream(self.application, self.token(),
+                          self.config['heartbeat_increment'])
         self.write_json({})
 
 

@@ -30,11 +30,15 @@ class Keys:
         # hash: target_id, status (OK/STOPPED), frames (committed),
         # error_count (consecutive error stops), creation_date, active
         # (0/1); while active only (an idle stream keeps its hash small):
-        # token (hash of the live token), donor, start_time, buffer_frames,
-        # digest (of the last accepted frame body, see core.body_digest),
-        # sizes (the buffer's bytes per file counted so far, see
-        # storage.encode_sizes)
+        # token (hash of the live token), donor, client (who the CC
+        # assigned it to), start_time, buffer_frames, digest (of the last
+        # accepted frame body, see core.body_digest), sizes (the buffer's
+        # bytes per file counted so far, see storage.encode_sizes); cc
+        # (the command center that made it; '' before owners were kept)
         self.stream = Key(p + 'stream:%s')
+        # set: clients whose error stops count in the stream's error_count
+        # (once each), emptied with it
+        self.errors_by = Key(p + 'errors_by:%s')
         # string: stream id of a live core token (by its sha256)
         self.token = Key(p + 'token:%s')
         # zset: active stream id -> expiry (unix time)

@@ -147,9 +147,9 @@ def _repair_stream(redis, keys, storage, sid):
     tid = redis.hget(keys.stream(sid), 'target_id')
     if tid is None:
         return
-    left = redis.eval(streams.DELETE.text, 6, keys.stream(sid),
+    left = redis.eval(streams.DELETE.text, 7, keys.stream(sid),
                       keys.target_streams(tid), keys.queue(tid),
                       keys.heartbeats, keys.active, keys.targets,
-                      sid, keys.token.template, tid)
+                      keys.errors_by(sid), sid, keys.token.template, tid)
     if left == 0:
         storage.remove_target(tid)

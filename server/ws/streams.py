@@ -150,7 +150,7 @@ while true do
   if s[1] == 'OK' and s[2] == '0' then
     redis.call('HSET', key, 'active', '1', 'token', ARGV[3], 'donor', ARGV[5],
                'start_time', ARGV[6], 'buffer_frames', '0', 'digest', '',
-               'sizes', '')
+               'sizes', '', 'client', ARGV[7])
     redis.call('SET', string.format(ARGV[2], ARGV[3]), sid)
     redis.call('ZADD', KEYS[2], ARGV[4], sid)
     redis.call('SADD', KEYS[3], sid)
@@ -160,21 +160,31 @@ end
 """)
 
 
-async def activate(app, target_id, donor_id):
+def early_windows(config):
+    """(start, first heartbeat) windows in seconds: how long a new token
+    may take to reach /core/start, then to send its first heartbeat or
+    frame; never longer than heartbeat_increment."""
+    hb = config['heartbeat_increment']
+    return (min(config['core_start_window_in_s'], hb),
+            min(config['first_heartbeat_window_in_s'], hb))
+
+
+async def activate(app, target_id, donor_id, client=None):
     """(token, stream_id) of a freshly activated stream, or 503. The token
-    lives for the start window only until it reaches /core/start: an
-    activation whose reply was lost (the CC timed out, the connection was
-    cut) gives its stream back soon, not after a whole heartbeat."""
+    lives for the start window only until it reaches /core/start (see
+    core.py): an activation whose reply was lost (the CC timed out, the
+    connection was cut), or a stream taken and never started, gives its
+    stream back soon, not after a whole heartbeat. `client` (from the CC)
+    is who got it, for counting error stops."""
     check_disk(app)
     keys = app.keys
     token = secrets.token_urlsafe(32)
     now = time.time()
-    window = min(app.config['core_start_window_in_s'],
-                 app.config['heartbeat_increment'])
     sid = await _ACTIVATE(app.fastredis, [
         keys.queue(target_id), keys.heartbeats, keys.active], [
         keys.stream.template, keys.token.template, token_hash(token),
-        repr(now + window), donor_id or '', repr(now)])
+        repr(now + early_windows(app.config)[0]), donor_id or '',
+        repr(now), client or ''])
     if not sid:
         raise APIError(503, 'no stream of target %s is free on this '
                        'workserver' % target_id)
@@ -182,12 +192,14 @@ async def activate(app, target_id, donor_id):
 
 
 # Deactivate a stream (any mode) and/or change its status, atomically.
-# ARGV: sid, token key template, mode, max_fails, now. Modes: expire (only if
-# still active and expired), stop (core stop), error (core stop with an
-# error: count it, STOPPED at max_fails), halt (CC stop: STOPPED).
+# KEYS: stream, heartbeats, active, queue, errors_by. ARGV: sid, token key
+# template, mode, max_fails, now. Modes: expire (only if still active and
+# expired), stop (core stop), error (core stop with an error: counted once
+# per client of the activation, STOPPED at max_fails), halt (CC stop:
+# STOPPED).
 _DEACTIVATE = Script("""
 local s = redis.call('HMGET', KEYS[1], 'active', 'token', 'status', 'frames',
-                     'error_count')
+                     'error_count', 'client')
 if not s[3] then return false end
 local mode = ARGV[3]
 if mode == 'expire' then
@@ -204,13 +216,14 @@ if s[1] == '1' then
   end
   redis.call('HSET', KEYS[1], 'active', '0')
   redis.call('HDEL', KEYS[1], 'token', 'donor', 'start_time', 'buffer_frames',
-             'digest', 'sizes')
+             'digest', 'sizes', 'client')
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
 local status = s[3]
 local errors = tonumber(s[5])
-if mode == 'error' then
+if mode == 'error' and (not s[6] or s[6] == ''
+                        or redis.call('SADD', KEYS[5], s[6]) == 1) then
   errors = errors + 1
   if errors >= tonumber(ARGV[4]) then status = 'STOPPED' end
 elseif mode == 'halt' then
@@ -234,7 +247,7 @@ async def deactivate(app, stream_id, target_id, mode):
     keys = app.keys
     result = await _DEACTIVATE(app.fastredis, [
         keys.stream(stream_id), keys.heartbeats, keys.active,
-        keys.queue(target_id)], [
+        keys.queue(target_id), keys.errors_by(stream_id)], [
         stream_id, keys.token.template, mode, app.config['max_stream_fails'],
         repr(time.time())])
     if not result:
@@ -252,6 +265,7 @@ _START = Script("""
 local s = redis.call('HMGET', KEYS[1], 'active', 'frames', 'status')
 if not s[3] then return false end
 redis.call('HSET', KEYS[1], 'status', 'OK', 'error_count', '0')
+redis.call('DEL', KEYS[3])
 if s[1] ~= '1' then redis.call('ZADD', KEYS[2], s[2], ARGV[1]) end
 return 1
 """)
@@ -268,7 +282,8 @@ async def start_stream(app, stream_id):
     tid = await target_of(app, stream_id)
     async with stream_locked(app, stream_id):
         if not await _START(app.fastredis, [app.keys.stream(stream_id),
-                                            app.keys.queue(tid)],
+                                            app.keys.queue(tid),
+                                            app.keys.errors_by(stream_id)],
                             [stream_id]):
             raise APIError(404, 'unknown stream %s' % stream_id)
         await threads.disk(app.storage.update_stream_meta, stream_id,
@@ -283,11 +298,12 @@ async def stop_stream(app, stream_id):
 
 
 # Drop one stream from the index; the target too when it was the last.
-# KEYS: stream, target streams, queue, heartbeats, active, targets.
+# KEYS: stream, target streams, queue, heartbeats, active, targets,
+# errors_by.
 DELETE = Script("""
 local tok = redis.call('HGET', KEYS[1], 'token')
 if tok and tok ~= '' then redis.call('DEL', string.format(ARGV[2], tok)) end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[7])
 redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
@@ -311,7 +327,8 @@ async def _drop_stream(app, stream_id, target_id):
         return await DELETE(app.fastredis, [
             keys.stream(stream_id), keys.target_streams(target_id),
             keys.queue(target_id), keys.heartbeats, keys.active,
-            keys.targets], [stream_id, keys.token.template, target_id])
+            keys.targets, keys.errors_by(stream_id)],
+            [stream_id, keys.token.template, target_id])
 
 
 async def delete_stream(app, stream_id):

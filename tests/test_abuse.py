@@ -1,0 +1,174 @@
+"""Issue 10's attacks by anonymous and donor cores, against real cc.py and
+ws.py processes: error stops that halt a target, a burst of assignments
+that hogs every stream, assignment floods, and streams taken but never
+worked on. Each test starts its own CC and WS with the limits it needs.
+"""
+import base64
+import concurrent.futures
+import unittest
+import uuid
+
+import requests
+
+from server.testing import (CC_PASS, ServerProcess, b64, certs,
+                            command_centers, online, wait_for)
+
+
+class AbuseTestCase(unittest.TestCase):
+    cc_conf = {}
+    ws_conf = {}
+
+    def setUp(self):
+        self.cc = ServerProcess('cc', **self.cc_conf).start()
+        self.addCleanup(self.cc.kill)
+        self.ws = ServerProcess('ws', command_centers=command_centers(
+            self.cc), pulse_frequency_in_ms=200, **self.ws_conf).start()
+        self.addCleanup(self.ws.kill)
+        wait_for(lambda: online(self.cc, self.ws.name), 'the WS online')
+        self.admin = self.cc.request('POST', '/managers', {
+            'email': 'admin@x.org', 'password': 'pw',
+            'role': 'admin'}).json()['token']
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.session.verify = certs()['ca']
+        self.version = uuid.uuid4().hex[:8]
+
+    def target(self, streams):
+        r = self.cc.request('POST', '/targets', {
+            'description': 'public', 'engine': 'openmm',
+            'engine_versions': [self.version], 'stage': 'public',
+            'files': {'system.xml.b64': b64(b'<System/>')}},
+            token=self.admin)
+        tid = r.json()['target_id']
+        sids = [self.cc.request('POST', '/streams', {
+            'target_id': tid, 'files': {'state.xml.b64': b64(b'<S/>')}},
+            token=self.admin).json()['stream_id'] for _ in range(streams)]
+        return tid, sids
+
+    def donor(self):
+        name = uuid.uuid4().hex[:8]
+        return self.cc.request('POST', '/donors', {
+            'username': name, 'email': name + '@d.org',
+            'password': 'pw'}).json()['token']
+
+    def assign(self, **fields):
+        body = {'engine': 'openmm', 'engine_version': self.version}
+        body.update(fields)
+        return self.cc.request('POST', '/core/assign', body)
+
+    def core(self, method, reply, path, body=None):
+        base = reply['url'].rsplit('/core/start', 1)[0]
+        return self.session.request(method, base + path, json=body,
+                                    headers={'Authorization': reply['token']},
+                                    timeout=30)
+
+    def streams(self, tid):
+        return self.ws.request('GET', '/targets/streams/' + tid,
+                               token=CC_PASS).json()
+
+    def active(self):
+        return {sid for streams in self.ws.request(
+            'GET', '/active_streams', token=CC_PASS).json().values()
+            for sid in streams}
+
+
+class TestErrorStops(AbuseTestCase):
+    """Shipped defaults: the attack works within them."""
+
+    def test_one_client_cannot_stop_a_target(self):
+        tid, sids = self.target(3)
+        error = base64.b64encode(b'the GPU fell off').decode()
+        for _ in range(30):
+            r = self.assign()
+            self.assertEqual(r.status_code, 200, r.text)
+            r = self.core('PUT', r.json(), '/core/stop', {'error': error})
+            self.assertEqual(r.status_code, 200, r.text)
+        streams = self.streams(tid)
+        self.assertEqual({s['status'] for s in streams.values()}, {'OK'})
+        self.assertEqual(max(s['error_count'] for s in streams.values()), 1)
+        # Another client's error on a stream counts as well.
+        r = self.assign(donor_token=self.donor())
+        sid = self.core('GET', r.json(), '/core/start').json()['stream_id']
+        self.core('PUT', r.json(), '/core/stop', {'error': error})
+        self.assertEqual(self.streams(tid)[sid]['error_count'], 2)
+        # A checkpoint ends the run of errors: the client counts again.
+        r = self.assign()
+        sid = self.core('GET', r.json(), '/core/start').json()['stream_id']
+        self.core('PUT', r.json(), '/core/frame',
+                  {'files': {'f.b64': b64(b'x')}})
+        self.core('PUT', r.json(), '/core/checkpoint',
+                  {'files': {'state.xml.b64': b64(b'<S/>')}})
+        self.assertEqual(self.streams(tid)[sid]['error_count'], 0)
+        self.core('PUT', r.json(), '/core/stop', {'error': error})
+        self.assertEqual(self.streams(tid)[sid]['error_count'], 1)
+
+
+class TestHogging(AbuseTestCase):
+    cc_conf = {'client_max_held_streams': 2, 'client_hold_in_s': 6}
+    ws_conf = {'core_start_window_in_s': 2, 'first_heartbeat_window_in_s': 3}
+
+    def test_a_burst_of_assigns_cannot_starve_an_honest_core(self):
+        tid, sids = self.target(3)
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            replies = list(pool.map(lambda _: self.assign(), range(40)))
+        codes = sorted(r.status_code for r in replies)
+        self.assertEqual(codes, [200] * 2 + [429] * 38)
+        for r in replies:
+            if r.status_code == 429:
+                self.assertIn('error', r.json())
+                self.assertTrue(1 <= int(r.headers['Retry-After']) <= 6)
+        # An honest core (another client) still gets work and keeps it.
+        honest = self.assign(donor_token=self.donor())
+        self.assertEqual(honest.status_code, 200, honest.text)
+        mine = self.core('GET', honest.json(), '/core/start').json()
+        self.assertEqual(self.core('POST', honest.json(), '/core/heartbeat',
+                                   {}).status_code, 200)
+        # The burst's streams were never started: back in the queue soon.
+        wait_for(lambda: self.active() == {mine['stream_id']},
+                 'the unstarted streams to be taken back')
+        # Their holds end too: the same address is served again.
+        r = wait_for(lambda: (lambda r: r if r.status_code == 200 else None)(
+            self.assign()), 'the address to be served again')
+        # A core that starts but never shows a sign of life loses its
+        # stream too; a heartbeat or a frame keeps it.
+        sid = self.core('GET', r.json(), '/core/start').json()['stream_id']
+        self.assertIn(sid, self.active())
+        wait_for(lambda: sid not in self.active(), 'the silent stream')
+        self.assertEqual(self.core('POST', r.json(), '/core/heartbeat',
+                                   {}).status_code, 401)
+        self.assertIn(mine['stream_id'], self.active())
+        worker = self.assign(donor_token=self.donor())
+        wid = self.core('GET', worker.json(), '/core/start').json()[
+            'stream_id']
+        self.assertEqual(self.core('PUT', worker.json(), '/core/frame', {
+            'files': {'f.b64': b64(b'x')}}).status_code, 200)
+        # A silent core started after the worker marks its window's end.
+        clock = self.assign(donor_token=self.donor())
+        cid = self.core('GET', clock.json(), '/core/start').json()[
+            'stream_id']
+        wait_for(lambda: cid not in self.active(), 'the later silent stream')
+        self.assertEqual(self.core('POST', worker.json(), '/core/heartbeat',
+                                   {}).status_code, 200)
+        self.assertIn(wid, self.active())
+
+
+class TestAssignRate(AbuseTestCase):
+    cc_conf = {'client_assigns_per_minute': 3}
+
+    def test_assignments_per_minute(self):
+        self.target(1)
+        codes = [self.assign().status_code for _ in range(4)]
+        self.assertEqual(codes[:3], [200, 503, 503])
+        self.assertEqual(codes[3], 429)
+        r = self.assign()
+        self.assertEqual(r.status_code, 429)
+        self.assertTrue(1 <= int(r.headers['Retry-After']) <= 60)
+        # Another client has its own budget; an unknown donor token is
+        # still a 401, not counted against anyone.
+        donor = self.donor()
+        self.assertEqual(self.assign(donor_token=donor).status_code, 503)
+        self.assertEqual(self.assign(donor_token='nope').status_code, 401)
+
+
+if __name__ == '__main__':
+    unittest.main()
