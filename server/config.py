@@ -7,6 +7,7 @@ default.
 """
 import argparse
 import ast
+import ipaddress
 import os
 import re
 import runpy
@@ -114,7 +115,13 @@ COMMON = {
     # Hosts the dev certificate is issued for when it has to be generated.
     'dev_cert_hosts': (list, ['localhost', '127.0.0.1']),
     'log_level': (str, 'info'),
+    # Address the HTTPS port listens on ('' = every interface).
+    'bind_address': (str, ''),
 }
+
+# The cc_pass the shipped confs fall back to: fine on one machine, refused
+# on a server that others can reach (see check_dev_pass).
+DEV_CC_PASS = 'dev-only-change-me'
 
 CC = dict(COMMON, **{
     'cc_pass': (str, REQUIRED),
@@ -134,6 +141,15 @@ CC = dict(COMMON, **{
     # replicas have them (WAIT); default 1 with Sentinel, else 0 (no WAIT).
     'redis_wait_replicas': (int, None),
     'redis_wait_timeout_in_ms': (int, 1000),
+    # Abuse controls of /core/assign, per client (donor, else address):
+    # assignments in their early window held at once, and per minute.
+    'client_max_held_streams': (int, 32),
+    'client_hold_in_s': (int, 420),
+    'client_assigns_per_minute': (int, 120),
+    # Failed logins allowed per account and per address in a window.
+    'login_fails_per_account': (int, 10),
+    'login_fails_per_address': (int, 100),
+    'login_fail_window_in_s': (int, 900),
 })
 
 # A target file is one Redis value: at most proto-max-bulk-len (512 MB).
@@ -152,9 +168,11 @@ WS = dict(COMMON, **{
     'max_frames_per_request': (int, 100000),
     'max_error_length': (int, 16 * 1024),
     'max_errors_log_size': (int, 1024 * 1024),
-    # A token must reach /core/start within this (capped at
-    # heartbeat_increment), else its stream goes back into the queue.
+    # Early windows (capped at heartbeat_increment): a token must reach
+    # /core/start within the first, then send a heartbeat or a frame
+    # within the second, else its stream goes back into the queue.
     'core_start_window_in_s': (int, 120),
+    'first_heartbeat_window_in_s': (int, 300),
 })
 
 SCHEMAS = {'cc': CC, 'ws': WS}
@@ -240,6 +258,7 @@ def load(path, kind, overrides=()):
                 and not value > 0:
             raise ConfigError('%s: %s must be > 0' % (path, key))
     _check_store(settings, path)
+    check_dev_pass(settings, path)
     return settings
 
 
@@ -278,6 +297,39 @@ def _check_store(settings, path):
         raise ConfigError('%s: max_body_size of a command center is at most '
                           '%d (a target file is one Redis value)'
                           % (path, CC_MAX_BODY))
+
+
+def is_loopback_host(host):
+    """True for localhost and loopback IP addresses."""
+    if host.lower() in ('localhost', 'localhost.'):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip('[]')).is_loopback
+    except ValueError:
+        return False
+
+
+def check_dev_pass(settings, path):
+    """The dev cc_pass only on a server nobody else can reach: a CC
+    listening beyond loopback, or a WS telling cores a non-loopback
+    address, refuses to start with it."""
+    if settings['kind'] == 'cc':
+        uses_dev = settings['cc_pass'] == DEV_CC_PASS
+        public = not is_loopback_host(settings['bind_address'] or '0.0.0.0')
+        where = 'bind_address %r' % (settings['bind_address'] or '')
+    else:
+        uses_dev = any(cc['pass'] == DEV_CC_PASS
+                       for cc in settings['command_centers'].values())
+        host = settings['external_options']['external_url']
+        public = not (is_loopback_host(host) and is_loopback_host(
+            settings['bind_address'] or '0.0.0.0'))
+        where = 'external_url %r' % host
+    if uses_dev and public:
+        raise ConfigError(
+            '%s: the dev cc_pass %r is refused with %s (reachable from '
+            'other hosts): set SIEGETANK_CC_PASS to a secret, e.g. python -c '
+            '"import secrets; print(secrets.token_hex(32))"'
+            % (path, DEV_CC_PASS, where))
 
 
 def parse_args(kind, argv=None):

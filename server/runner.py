@@ -162,12 +162,18 @@ def main(kind, app_class, argv=None):
         print('config error: %s' % e, file=sys.stderr)
         return 2
     setup_logging(settings['log_level'])
+    # Everything this server and its Redis write (AOF, password, streams,
+    # targets, dev keys) is for this user alone: 0600 files, 0700 folders.
+    os.umask(0o077)
     if tls.ensure_for_settings(settings):
         log.info('generated dev certificates in %s',
                  os.path.dirname(settings['ssl_certfile']))
     ssl_ctx = tls.server_context(settings)
     os.makedirs(settings['data_folder'], exist_ok=True)
-    sockets = bind_sockets(settings['internal_http_port'], reuse_port=False)
+    os.chmod(settings['data_folder'], 0o700)
+    sockets = bind_sockets(settings['internal_http_port'],
+                           settings['bind_address'] or None,
+                           reuse_port=False)
     embedded = store.start_embedded(settings)
     redis_url = store.redis_url(settings, embedded)
     try:

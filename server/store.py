@@ -10,6 +10,7 @@ import ctypes
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -60,18 +61,38 @@ def _die_with_parent():
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    os.umask(0o077)  # the AOF and logs are 0600
     os.setsid()  # Ctrl-C in a terminal goes to us; we stop Redis in order
 
 
+def ensure_password(folder):
+    """The embedded Redis's password: generated once, kept in
+    `folder`/password (0600, in a 0700 folder), so that no other local
+    user can read or write the state (e.g. forge a manager token)."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)
+    path = os.path.join(folder, 'password')
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path) as f:
+            return f.read().strip()
+    with os.fdopen(fd, 'w') as f:
+        f.write(secrets.token_hex(32) + '\n')
+    return ensure_password(folder)
+
+
 class RedisServer:
-    """An embedded redis-server on loopback, its files under `folder`."""
+    """An embedded redis-server on loopback, its files under `folder`
+    (0700). Without `requirepass` it uses a generated password (see
+    ensure_password): it always requires one."""
 
     def __init__(self, folder, port, requirepass=None, appendfilename=None,
                  logfile=None, binary=None, bind='127.0.0.1',
                  unixsocket=None):
         self.folder = os.path.abspath(folder)
         self.port = port
-        self.password = requirepass
+        self.password = requirepass or ensure_password(self.folder)
         self.appendfilename = appendfilename or 'appendonly.aof'
         self.logfile = logfile or os.path.join(self.folder, 'redis.log')
         self.binary = find_redis_binary(binary)
@@ -113,7 +134,8 @@ class RedisServer:
         os.kill(pid, signal.SIGKILL)
 
     def start(self, timeout=30):
-        os.makedirs(self.folder, exist_ok=True)
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        os.chmod(self.folder, 0o700)
         self._kill_stale()
         args = [self.binary]
         if os.path.exists(BASE_CONF):
@@ -129,14 +151,18 @@ class RedisServer:
                  '--logfile', self.logfile,
                  '--pidfile', os.path.join(self.folder, 'redis.pid'),
                  '--daemonize', 'no']
-        if self.password:
-            args += ['--requirepass', self.password]
         if self.unixsocket:
             args += ['--unixsocket', self.unixsocket, '--unixsocketperm',
                      '700']
+        # The password goes in on stdin ('-', last): a command line is
+        # public (ps).
+        args.append('-')
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+        self.process.stdin.write(b'requirepass "%s"\n'
+                                 % self.password.encode())
+        self.process.stdin.close()
         client = redis.Redis(port=self.port, password=self.password,
                              socket_timeout=1)
         deadline = time.monotonic() + timeout

@@ -24,6 +24,37 @@ class TestConfig(unittest.TestCase):
         self.assertIn('mengsk', ws['command_centers'])
         self.assertEqual(ws['external_options']['external_http_port'], 8960)
 
+    def test_dev_cc_pass_only_on_loopback(self):
+        """The shipped confs listen on loopback, so their dev cc_pass
+        fallback works there and nowhere else."""
+        env = dict(os.environ)
+        env.pop('SIEGETANK_CC_PASS', None)
+        for kind in ('cc', 'ws'):
+            path = os.path.join(ROOT, kind + '.conf')
+            r = subprocess.run(
+                [sys.executable, '-c', 'from server import config; '
+                 'config.load(%r, %r, %r)' % (path, kind,
+                                              ['--bind_address=0.0.0.0'])],
+                cwd=ROOT, env=env, capture_output=True, text=True)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn('SIEGETANK_CC_PASS', r.stderr)
+        dev = config.DEV_CC_PASS
+        self.assertConfigError(write_conf('cc', cc_pass=dev), 'cc',
+                               'SIEGETANK_CC_PASS', "bind_address ''")
+        config.load(write_conf('cc', cc_pass=dev, bind_address='127.0.0.1'),
+                    'cc')
+        centers = {'cc': {'url': '127.0.0.1:1', 'pass': dev}}
+        public = {'external_url': 'ws.example.org', 'external_http_port': 1}
+        self.assertConfigError(write_conf(
+            'ws', command_centers=centers, external_options=public,
+            bind_address='127.0.0.1'), 'ws', 'ws.example.org')
+        self.assertConfigError(write_conf('ws', command_centers=centers),
+                               'ws', 'SIEGETANK_CC_PASS')
+        config.load(write_conf('ws', command_centers=centers,
+                               bind_address='localhost'), 'ws')
+        # A real secret may be used anywhere.
+        config.load(write_conf('cc', cc_pass='s3cret' * 8), 'cc')
+
     def test_relative_paths_resolve_against_conf_folder(self):
         path = write_conf('cc', ssl_certfile='certs/x.pem',
                           data_folder='here')

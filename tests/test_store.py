@@ -25,6 +25,10 @@ def children_of(pid):
     return found
 
 
+def mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
 class TestEmbeddedRedis(unittest.TestCase):
 
     def test_lifecycle_with_aof(self):
@@ -53,6 +57,36 @@ class TestEmbeddedRedis(unittest.TestCase):
             self.assertEqual(redis.Redis.from_url(again.url).get('k'), b'v')
         finally:
             again.stop()
+
+    def test_requires_a_generated_password_kept_private(self):
+        """No password configured: one is generated into a 0600 file in
+        the 0700 Redis folder, never shown on a command line, and a
+        client without it can do nothing (not SET a manager token, not
+        CONFIG SET)."""
+        folder = tmpdir('redis')
+        server = store.RedisServer(folder, free_port()).start()
+        try:
+            stranger = redis.Redis(port=server.port)
+            for command in (('SET', 'manager_token:x', 'me@x.org'),
+                            ('CONFIG', 'SET', 'dir', '/tmp')):
+                with self.assertRaises(redis.AuthenticationError):
+                    stranger.execute_command(*command)
+            self.assertTrue(redis.Redis.from_url(server.url).ping())
+            path = os.path.join(folder, 'password')
+            with open(path) as f:
+                self.assertEqual(f.read().strip(), server.password)
+            self.assertGreaterEqual(len(server.password), 32)
+            with open('/proc/%d/cmdline' % server.process.pid, 'rb') as f:
+                self.assertNotIn(server.password.encode(), f.read())
+            for name in ('password', 'appendonly.aof', 'redis.log'):
+                self.assertEqual(mode(os.path.join(folder, name)), 0o600,
+                                 name)
+            self.assertEqual(mode(folder), 0o700)
+        finally:
+            server.stop()
+        # The same password on the next start (clients keep working).
+        self.assertEqual(store.RedisServer(folder, free_port()).password,
+                         server.password)
 
     def test_a_burst_waits_for_a_connection(self):
         """More requests in flight than connections queue, not fail."""
@@ -85,7 +119,8 @@ class TestEmbeddedRedis(unittest.TestCase):
         try:
             self.assertTrue(wait_for(lambda: first.process.poll()
                                        is not None))
-            self.assertTrue(redis.Redis(port=port).ping())
+            self.assertTrue(redis.Redis(port=port,
+                                        password=second.password).ping())
         finally:
             second.stop()
 
@@ -132,6 +167,29 @@ class TestServerProcessTree(unittest.TestCase):
             and workers[0] not in children_of(server.process.pid)))
         self.assertEqual(server.request('GET', '/').status_code, 200)
         self.check_clean_stop(server)
+
+    def test_data_is_private_to_the_server_user(self):
+        """AOF, Redis folder, stream folders: 0600 files, 0700 folders."""
+        server = ServerProcess('ws', command_centers={'cc': {
+            'url': '127.0.0.1:1', 'pass': 'test-cc-pass'}}).start()
+        try:
+            r = server.request('POST', '/streams', {
+                'target_id': 't1', 'stream_files': {'state.xml': 's'},
+                'target_files': {'system.xml': 'x'}}, token='test-cc-pass')
+            self.assertEqual(r.status_code, 200, r.text)
+            data = server.settings['data_folder']
+            self.assertEqual(mode(data), 0o700)
+            for root, dirs, files in os.walk(data):
+                for d in dirs:
+                    self.assertEqual(mode(os.path.join(root, d)), 0o700,
+                                     os.path.join(root, d))
+                for f in files:
+                    self.assertEqual(mode(os.path.join(root, f)), 0o600,
+                                     os.path.join(root, f))
+            self.assertIn('appendonly.aof', os.listdir(
+                os.path.join(data, 'redis')))
+        finally:
+            server.stop()
 
     def test_killed_owner_takes_its_redis_along(self):
         server = ServerProcess('cc').start()
