@@ -11,6 +11,7 @@ from server.cc import accounts, keys, workservers
 from server.cc.app import CommandCenter
 from server.lua import Script
 from server.testing import CC_PASS, AppTestCase, RedisTestCase
+from server import store
 from tests.inprocess_ws import InProcessWS
 
 B64 = base64.b64encode(b'<System/>').decode()
@@ -269,6 +270,89 @@ class TestNoBootstrap(CCTestCase):
         self.assertTrue(accounts.is_loopback('::1'))
         self.assertFalse(accounts.is_loopback('10.1.2.3'))
         self.assertFalse(accounts.is_loopback('not an ip'))
+
+
+class TestLogin(CCTestCase):
+    conf = {'login_fails_per_account': 3, 'login_fails_per_address': 5}
+
+    def login(self, email, password, path='/managers/auth'):
+        field = 'email' if path == '/managers/auth' else 'username'
+        r = self.fetch(path, method='POST', body=json.dumps({
+            field: email, 'password': password}))
+        return r.code, json.loads(r.body), r.headers.get('Retry-After')
+
+    def test_unknown_and_known_accounts_cost_one_scrypt(self):
+        """Timing tells nothing: an unknown account is checked against a
+        dummy hash with the same parameters as a real one."""
+        self.add_manager('joe@x.org')
+        self.add_donor()
+        calls = []
+        real = accounts._scrypt
+
+        def counted(password, salt, n, r, p):
+            calls.append((n, r, p))
+            return real(password, salt, n, r, p)
+        accounts._scrypt = counted
+        self.addCleanup(setattr, accounts, '_scrypt', real)
+        params = (accounts.SCRYPT['n'], accounts.SCRYPT['r'],
+                  accounts.SCRYPT['p'])
+        for path, name in (('/managers/auth', 'joe@x.org'),
+                           ('/managers/auth', 'nobody@x.org'),
+                           ('/donors/auth', 'jesse'),
+                           ('/donors/auth', 'nobody')):
+            del calls[:]
+            code, body, _ = self.login(name, 'wrong', path)
+            self.assertEqual(code, 401, body)
+            self.assertEqual(calls, [params], (path, name))
+
+    def test_failure_budgets(self):
+        self.add_manager('joe@x.org')
+        for _ in range(3):
+            self.assertEqual(self.login('joe@x.org', 'guess')[0], 401)
+        for password in ('guess', 'riesling'):  # even the right one
+            code, body, retry = self.login('joe@x.org', password)
+            self.assertEqual(code, 429, body)
+            self.assertIn('error', body)
+            self.assertTrue(1 <= int(retry) <= 900)
+        # The address has 2 failures left, whatever the account.
+        self.assertEqual(self.login('x@x.org', 'p')[0], 401)
+        self.assertEqual(self.login('jesse', 'p', '/donors/auth')[0], 401)
+        self.assertEqual(self.login('y@x.org', 'p')[0], 429)
+
+    def test_success_clears_the_account_count(self):
+        self.add_manager('joe@x.org')
+        for _ in range(2):
+            self.assertEqual(self.login('joe@x.org', 'guess')[0], 401)
+        self.assertEqual(self.login('joe@x.org', 'riesling')[0], 200)
+        for _ in range(2):
+            self.assertEqual(self.login('joe@x.org', 'guess')[0], 401)
+        self.assertEqual(self.login('joe@x.org', 'riesling')[0], 200)
+
+
+class TestBootstrapCloses(CCTestCase):
+
+    def test_no_managers_from_loopback_once_an_admin_exists(self):
+        self.add_manager('first@x.org', role='manager')
+        admin = self.add_manager('root@x.org', role='admin')
+        for role in ('admin', 'manager'):
+            c, body = self.fetch_json('/managers', 'POST', {
+                'email': 'late@x.org', 'password': 'p', 'role': role})
+            self.assertError(c, 401, body)
+        self.add_manager('m@x.org', token=admin)
+        # Donors: still from loopback (a sign-up front end on this host).
+        self.add_donor()
+
+    def test_admins_made_before_the_index_close_it_too(self):
+        sync = store.connect_sync(self.redis_server.url)
+        sync.hset(keys.manager('old@x.org'), mapping={
+            'email': 'old@x.org', 'role': 'admin', 'weight': '1.0',
+            'password': 'x', 'token': 'y'})
+        sync.sadd(keys.owner_targets('old@x.org'), 't')
+        accounts.backfill_admins(sync)
+        sync.close()
+        c, body = self.fetch_json('/managers', 'POST', {
+            'email': 'late@x.org', 'password': 'p', 'role': 'admin'})
+        self.assertError(c, 401, body)
 
 
 class TestTargets(CCTestCase):

@@ -8,6 +8,12 @@ same transaction.
 
 Creating an account needs an admin token, or no token at all from a loopback
 peer while `allow_loopback_bootstrap` is on (how the first admin is made).
+That loopback bootstrap makes managers only until an admin exists; donors
+it keeps making (a sign-up front end on the CC host may use it; a donor
+token only attributes work).
+
+Logins cost one scrypt whether the account exists or not, and failures are
+counted per account and per address: over budget, 429 with Retry-After.
 """
 import hashlib
 import hmac
@@ -24,7 +30,7 @@ from server import store, threads
 from server.cc import keys
 from server.lua import Script
 from server.tokens import new_token, token_hash
-from server.web import APIError, APIHandler
+from server.web import APIError, APIHandler, too_many
 
 log = logging.getLogger('siegetank.cc.accounts')
 
@@ -48,6 +54,12 @@ async def hash_password(password):
                                       salt.hex(), digest.hex())
 
 
+# Checked against when the account does not exist, so that an unknown
+# account costs the same scrypt as a known one (timing tells nothing).
+DUMMY_HASH = 'scrypt$%d$%d$%d$%s$%s' % (SCRYPT['n'], SCRYPT['r'], SCRYPT['p'],
+                                        '00' * 16, '00' * 32)
+
+
 async def check_password(password, stored):
     try:
         _, n, r, p, salt, digest = stored.split('$')
@@ -58,29 +70,46 @@ async def check_password(password, stored):
     return hmac.compare_digest(got.hex(), digest)
 
 
+class BootstrapClosed(Exception):
+    """An admin exists: accounts are made with an admin token now."""
+
+
 # Create an account unless it or a unique key exists, in one step. KEYS:
-# the account, its unique keys (a donor's email), the token key. ARGV: the
-# name the token leads to, one value per unique key, field/value pairs.
+# the account, its unique keys (a donor's email), the token key, the set
+# of admins. ARGV: the name the token leads to, '1' for a bootstrap (no
+# token: refused, -1, once an admin exists), '1' if it is an admin (then
+# it joins the set), one value per unique key, field/value pairs.
 _CREATE = Script("""
-for i = 1, #KEYS - 1 do
+local n = #KEYS
+if ARGV[2] == '1' and redis.call('SCARD', KEYS[n]) > 0 then return -1 end
+for i = 1, n - 2 do
   if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
 end
-for i = 2, #KEYS - 1 do redis.call('SET', KEYS[i], ARGV[i]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, #KEYS))
-redis.call('SET', KEYS[#KEYS], ARGV[1])
+for i = 2, n - 2 do redis.call('SET', KEYS[i], ARGV[i + 2]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, n + 1))
+redis.call('SET', KEYS[n - 1], ARGV[1])
+if ARGV[3] == '1' then redis.call('SADD', KEYS[n], ARGV[1]) end
 return 1
 """)
 
 
-async def _create(app, account_key, unique_keys, fields, token_key, name):
+async def _create(app, account_key, unique_keys, fields, token_key, name,
+                  bootstrap=False):
     """Create the account hash unless it or one of `unique_keys` exists;
-    returns False on a duplicate. `token_key` -> `name` is the login. The
+    returns False on a duplicate. `token_key` -> `name` is the login. A
+    manager made by `bootstrap` (no token) raises BootstrapClosed once an
+    admin exists; a new admin joins the admins set, in the same step. The
     reply waits for `redis_wait_replicas` replicas (store.acknowledged)."""
     created = await store.acknowledged(
-        app.redis, _CREATE, [account_key, *unique_keys, token_key],
-        [name, *unique_keys.values(), *chain.from_iterable(fields.items())],
+        app.redis, _CREATE,
+        [account_key, *unique_keys, token_key, keys.admins],
+        [name, '1' if bootstrap else '0',
+         '1' if fields.get('role') == 'admin' else '0',
+         *unique_keys.values(), *chain.from_iterable(fields.items())],
         app.config['redis_wait_replicas'],
         app.config['redis_wait_timeout_in_ms'])
+    if created == -1:
+        raise BootstrapClosed()
     return created == 1
 
 
@@ -113,30 +142,38 @@ class Manager:
         return self.role == 'admin'
 
 
-async def create_manager(app, email, password, role, weight):
-    """Returns the new token, or None if the email is taken."""
+async def create_manager(app, email, password, role, weight,
+                         bootstrap=False):
+    """Returns the new token, or None if the email is taken; raises
+    BootstrapClosed for a `bootstrap` creation once an admin exists."""
     token, th = new_token()
     fields = {'email': email, 'role': role, 'weight': repr(float(weight)),
               'password': await hash_password(password), 'token': th}
     ok = await _create(app, keys.manager(email), {}, fields,
-                       keys.manager_token(th), email)
+                       keys.manager_token(th), email, bootstrap)
     return token if ok else None
+
+
+def backfill_admins(redis):
+    """Admins made before the admins set existed join it (sync, at start),
+    so that an upgraded CC closes its bootstrap too."""
+    pattern = keys.manager.template % '*'
+    for key in redis.scan_iter(match=pattern, count=1000, _type='hash'):
+        if redis.hget(key, 'role') == 'admin':
+            redis.sadd(keys.admins, redis.hget(key, 'email'))
 
 
 async def _authenticate(redis, account_key, token_key_of, name, password):
     """A new token (the old one dropped) for the right password, else
-    None; managers and donors alike."""
+    None; managers and donors alike. An unknown account costs the same
+    scrypt as a wrong password."""
     stored = await redis.hget(account_key, 'password')
-    if stored is None or not await check_password(password, stored):
+    if not await check_password(password, stored or DUMMY_HASH) \
+            or stored is None:
         return None
     token, th = new_token()
     await _rotate(redis, account_key, token_key_of, name, th)
     return token
-
-
-async def auth_manager(app, email, password):
-    return await _authenticate(app.redis, keys.manager(email),
-                               keys.manager_token, email, password)
 
 
 # The manager of a token hash in one step. KEYS: the token key. ARGV: the
@@ -175,16 +212,59 @@ async def create_donor(app, username, email, password):
     return token if ok else None
 
 
-async def auth_donor(app, username, password):
-    return await _authenticate(app.redis, keys.donor(username),
-                               keys.donor_token, username, password)
-
-
 async def donor_of(app, token):
     """The donor username a token belongs to, or None."""
     if not token:
         return None
     return await app.redis.get(keys.donor_token(token_hash(token)))
+
+
+# Failed logins: refused while the account's or the address's count in
+# this window is at its budget. KEYS: account counter, address counter.
+# ARGV: account budget, address budget. Returns the seconds to wait, or 0.
+_LOGIN_BLOCKED = Script("""
+for i = 1, 2 do
+  local n = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if n >= tonumber(ARGV[i]) then
+    return math.max(redis.call('TTL', KEYS[i]), 1)
+  end
+end
+return 0
+""")
+
+# Count a failed login against both; each count lives for the window from
+# its first failure. ARGV: window seconds.
+_LOGIN_FAILED = Script("""
+for i = 1, 2 do
+  if redis.call('INCR', KEYS[i]) == 1 or redis.call('TTL', KEYS[i]) < 0 then
+    redis.call('EXPIRE', KEYS[i], ARGV[1])
+  end
+end
+return 1
+""")
+
+
+async def login(handler, scope, name, account_key, token_key_of, password):
+    """A fresh token, or 401 for a wrong name or password, or 429 (with
+    Retry-After, before any scrypt) once the account or the caller's
+    address has used its failure budget; a success clears the account's
+    count."""
+    config, redis = handler.config, handler.redis
+    counters = [keys.login_fails(scope, name),
+                keys.login_fails('addr', handler.request.remote_ip)]
+    wait = await _LOGIN_BLOCKED(redis, counters, [
+        config['login_fails_per_account'], config['login_fails_per_address']])
+    if wait:
+        raise too_many('too many failed logins for this account or address;'
+                       ' retry later', wait)
+    token = await _authenticate(redis, account_key, token_key_of, name,
+                                password)
+    if token is None:
+        await _LOGIN_FAILED(redis, counters, [config['login_fail_window_in_s']])
+        raise APIError(401, 'wrong %s or password'
+                       % ('email' if scope == 'manager' else 'username'))
+    await redis.delete(counters[0])
+    return token
 
 
 def is_loopback(address):
@@ -226,16 +306,17 @@ class AccountHandler(APIHandler):
         return m
 
     async def require_creator(self):
-        """Who may create accounts: an admin from anywhere, anyone from
-        loopback while bootstrap is allowed."""
+        """Who may create accounts: an admin from anywhere (returns False),
+        anyone from loopback while bootstrap is allowed (returns True: a
+        bootstrap, which for managers closes once an admin exists)."""
         m = await self.manager()
         if m is not None:
             if not m.is_admin:
                 raise APIError(403, 'only an admin may create accounts')
-            return
+            return False
         if self.config['allow_loopback_bootstrap'] \
                 and is_loopback(self.request.remote_ip):
-            return
+            return True
         raise APIError(401, 'an admin token is required')
 
     def password(self):
@@ -255,10 +336,11 @@ def valid_weight(w):
 
 
 class CreatorHandler(AccountHandler):
-    """Account creation: the creator is checked before the body."""
+    """Account creation: the creator is checked before the body;
+    `self.bootstrap` tells a loopback bootstrap from an admin."""
 
     async def authenticate(self):
-        await self.require_creator()
+        self.bootstrap = await self.require_creator()
 
 
 class ManagersHandler(CreatorHandler):
@@ -267,8 +349,12 @@ class ManagersHandler(CreatorHandler):
         password = self.password()
         role = self.field('role', str, check=lambda r: r in ROLES)
         weight = self.field('weight', (int, float), 1, check=valid_weight)
-        token = await create_manager(self.application, email, password,
-                                     role, weight)
+        try:
+            token = await create_manager(self.application, email, password,
+                                         role, weight, self.bootstrap)
+        except BootstrapClosed:
+            raise APIError(401, 'an admin exists: an admin token is '
+                           'required to create managers')
         if token is None:
             raise APIError(409, 'manager %s already exists' % email)
         log.info('created %s %s', role, email)
@@ -286,9 +372,8 @@ class ManagerAuthHandler(LoginHandler):
     async def post(self):
         email = self.email()
         password = self.password()
-        token = await auth_manager(self.application, email, password)
-        if token is None:
-            raise APIError(401, 'wrong email or password')
+        token = await login(self, 'manager', email, keys.manager(email),
+                            keys.manager_token, password)
         self.write_json({'token': token})
 
 
@@ -309,9 +394,8 @@ class DonorAuthHandler(LoginHandler):
     async def post(self):
         username = self.field('username', str, check=USERNAME.fullmatch)
         password = self.password()
-        token = await auth_donor(self.application, username, password)
-        if token is None:
-            raise APIError(401, 'wrong username or password')
+        token = await login(self, 'donor', username, keys.donor(username),
+                            keys.donor_token, password)
         self.write_json({'token': token})
 
 

@@ -42,8 +42,14 @@ class CommandCenter(App):
     @classmethod
     def prepare(cls, settings, redis_url):
         """Before the workers start: target files of an older CC move from
-        its disk into the store."""
+        its disk into the store; admins made before the admins set join
+        it (the loopback bootstrap closes for them too)."""
         targets.import_disk_files(settings, redis_url)
+        redis = store.connect_sync(redis_url)
+        try:
+            accounts.backfill_admins(redis)
+        finally:
+            redis.close()
 
     def ws_back(self, name):
         """A WS answered a probe or registered: the lease holder retries
