@@ -1,29 +1,47 @@
 """Signed, expiring download URLs: the CC hands a manager a WS URL that the
-WS can check without a call back, using the `cc_pass` both sides share."""
+WS can check without a call back. Both sides derive the signing key from
+the `cc_pass` they share, with HKDF and a label for this purpose alone, so
+the pass itself is never an HMAC key and a leaked URL key is no pass."""
+import functools
 import hashlib
 import hmac
 import time
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-def signature(secret, stream_id, filename, expires):
+LABEL = b'siegetank: signed download URLs, v1'
+
+
+@functools.lru_cache(maxsize=64)
+def url_key(cc_pass):
+    """The key of signed URLs derived from `cc_pass`."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=LABEL).derive(cc_pass.encode('utf-8'))
+
+
+def signature(cc_pass, stream_id, filename, expires):
     msg = ('%s/%s/%d' % (stream_id, filename, expires)).encode()
-    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
+    return hmac.new(url_key(cc_pass), msg, hashlib.sha256).hexdigest()
 
 
-def query(secret, stream_id, filename, lifetime):
+def query(cc_pass, stream_id, filename, lifetime):
     """The `?expires=..&signature=..` part of a URL valid for `lifetime` s."""
     expires = int(time.time()) + int(lifetime)
     return 'expires=%d&signature=%s' % (
-        expires, signature(secret, stream_id, filename, expires))
+        expires, signature(cc_pass, stream_id, filename, expires))
 
 
-def valid(secrets, stream_id, filename, expires, sig):
-    """True if `sig` was made by one of `secrets` and has not expired."""
+def valid(cc_passes, stream_id, filename, expires, sig):
+    """True if `sig` was made with the key of one of `cc_passes` and has
+    not expired."""
     try:
         expires = int(expires)
     except (TypeError, ValueError):
         return False
-    if expires < time.time() or not sig or not sig.isascii():
-        return False  # compare_digest takes ASCII strings only
-    return any(hmac.compare_digest(signature(s, stream_id, filename, expires),
-                                   sig) for s in secrets)
+    if expires < time.time() or not sig:
+        return False
+    sig = sig.encode('utf-8', 'replace')
+    return any(hmac.compare_digest(
+        signature(p, stream_id, filename, expires).encode(), sig)
+        for p in cc_passes)

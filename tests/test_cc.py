@@ -355,6 +355,72 @@ class TestBootstrapCloses(CCTestCase):
         self.assertError(c, 401, body)
 
 
+class TestRegistry(CCTestCase):
+    """Names of online workservers cannot be taken over from another
+    address; an admin forgets an offline WS."""
+
+    def ws_call(self, path, body, source='127.0.0.1', token=CC_PASS):
+        r = self.fetch(path, method='PUT', body=json.dumps(body),
+                       headers={'Authorization': token},
+                       network_interface=source)
+        return r.code, json.loads(r.body)
+
+    def register(self, name, source='127.0.0.1', port=1):
+        return self.ws_call('/ws/register', {
+            'name': name, 'url': '127.0.0.1', 'http_port': port}, source)
+
+    def status(self):
+        return self.fetch_json('/ws/status')[1]
+
+    def test_no_takeover_of_an_online_name(self):
+        self.assertEqual(self.register('w1', port=1)[0], 200)
+        code, body = self.register('w1', '127.0.0.2', port=2)
+        self.assertError(code, 409, body)
+        code, body = self.ws_call('/ws/disconnect', {'name': 'w1'},
+                                  '127.0.0.2')
+        self.assertError(code, 409, body)
+        self.assertEqual(self.status()['w1'], {
+            'url': '127.0.0.1', 'http_port': 1, 'online': True})
+        # Its own address refreshes it; offline, the name may move.
+        self.assertEqual(self.register('w1', port=1)[0], 200)
+        for _ in range(self.settings['max_ws_fails']):
+            self.sync(lambda: workservers.record_failure(self.app, 'w1'))
+        self.assertEqual(self.register('w1', '127.0.0.2', port=2)[0], 200)
+        self.assertEqual(self.status()['w1']['http_port'], 2)
+        # A goodbye from its address lets the name move as well.
+        self.assertEqual(self.ws_call('/ws/disconnect', {'name': 'w1'},
+                                      '127.0.0.2')[0], 200)
+        self.assertEqual(self.register('w1', port=3)[0], 200)
+
+    def test_admin_removes_an_offline_ws(self):
+        admin = self.add_manager('root@x.org', role='admin')
+        manager = self.add_manager('m@x.org', token=admin)
+        self.register('w1')
+        self.register('w2')
+        self.sync(lambda: self.redis.sadd(keys.ws_pending_deletes('w1'), 't'))
+        path = '/ws/remove/w1'
+        code, body = self.fetch_json(path, 'PUT')
+        self.assertError(code, 401, body)
+        code, body = self.fetch_json(path, 'PUT', token=manager)
+        self.assertError(code, 403, body)
+        code, body = self.fetch_json(path, 'PUT', token=admin)
+        self.assertError(code, 409, body)
+        code, body = self.fetch_json('/ws/remove/nope', 'PUT', token=admin)
+        self.assertError(code, 404, body)
+        self.ws_call('/ws/disconnect', {'name': 'w1'})
+        self.assertEqual(self.fetch_json(path, 'PUT', token=admin),
+                         (200, {}))
+        self.assertEqual(sorted(self.status()), ['w2'])
+        # Not probed any more: no record comes back.
+        self.sync(lambda: workservers.probe_all(self.app))
+        self.assertFalse(self.sync(lambda: self.redis.exists(
+            keys.ws('w1'), keys.ws_pending_deletes('w1'))))
+        self.assertEqual(sorted(self.status()), ['w2'])
+        # It may register again.
+        self.assertEqual(self.register('w1')[0], 200)
+        self.assertEqual(sorted(self.status()), ['w1', 'w2'])
+
+
 class TestTargets(CCTestCase):
 
     def setUp(self):

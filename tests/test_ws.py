@@ -7,6 +7,7 @@ import asyncio
 import base64
 import gzip
 import hashlib
+import hmac
 import json
 import os
 import time
@@ -222,11 +223,10 @@ class TestStreams(WSTestCase):
         code = self.download(sid, token='nope')[0]
         self.assertEqual(code, 401)
         self.assertEqual(self.snapshot(), before)
-        # Every configured CC's pass works, bare or as a Bearer token.
+        # The pass of the CC that made the stream works, bare or as a
+        # Bearer token (another CC's: TestTwoCommandCenters).
         self.assertEqual(self.cc('/streams/info/' + sid,
                                  token='Bearer ' + CC_PASS)[0], 200)
-        self.assertEqual(self.cc('/streams/info/' + sid,
-                                 token=OTHER_PASS)[0], 200)
 
     def test_unknown_stream_and_target(self):
         sid = '%s:%s' % (uuid.uuid4(), self.settings['name'])
@@ -620,11 +620,18 @@ class TestDownload(WSTestCase):
 
     def test_signed_urls(self):
         name = 'frames.xtc'
-        for secret in (CC_PASS, OTHER_PASS):
-            q = '?' + signing.query(secret, self.sid, name, 60)
-            code, body, _ = self.download(self.sid, token=None, query=q)
-            self.assertEqual((code, body), (200, self.data))
-        bad = [signing.query('not-a-cc', self.sid, name, 60),
+        q = '?' + signing.query(CC_PASS, self.sid, name, 60)
+        code, body, _ = self.download(self.sid, token=None, query=q)
+        self.assertEqual((code, body), (200, self.data))
+        # The key is derived from the pass, never the pass itself; and it
+        # is the key of the CC that made the stream.
+        expires = int(time.time()) + 60
+        raw = hmac.new(CC_PASS.encode(), ('%s/%s/%d' % (
+            self.sid, name, expires)).encode(), hashlib.sha256).hexdigest()
+        self.assertNotEqual(signing.url_key(CC_PASS), CC_PASS.encode())
+        bad = ['expires=%d&signature=%s' % (expires, raw),
+               signing.query(OTHER_PASS, self.sid, name, 60),
+               signing.query('not-a-cc', self.sid, name, 60),
                signing.query(CC_PASS, self.sid, 'other.xtc', 60),
                'expires=%d&signature=%s' % (
                    int(time.time()) - 5,
@@ -679,6 +686,62 @@ class TestDownload(WSTestCase):
         code, body, _ = self.download(self.sid)
         self.assertEqual(code, 404)
         self.assertIn('deleted', json.loads(body)['error'])
+class TestTwoCommandCenters(WSTestCase):
+    """A WS serving two CCs: each sees and acts on its own streams and
+    targets only; the other's are unknown to it (404), and a stream of the
+    other's target cannot be made (403)."""
+
+    def test_streams_belong_to_the_cc_that_made_them(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'f1')
+        self.checkpoint(token, b's1')
+        before = self.snapshot()
+        for path, method in [('/streams/info/', 'GET'),
+                             ('/streams/start/', 'PUT'),
+                             ('/streams/stop/', 'PUT'),
+                             ('/streams/delete/', 'PUT')]:
+            code, reply = self.cc(path + sid, method, token=OTHER_PASS)
+            self.assertEqual(code, 404, (path, reply))
+        for path, method in [('/targets/streams/', 'GET'),
+                             ('/targets/delete/', 'PUT')]:
+            code, reply = self.cc(path + tid, method, token=OTHER_PASS)
+            self.assertEqual(code, 404, (path, reply))
+        self.assertEqual(self.cc('/active_streams', token=OTHER_PASS),
+                         (200, {}))
+        code, reply = self.cc('/streams/activate', 'POST',
+                              {'target_id': tid}, token=OTHER_PASS)
+        self.assertEqual(code, 503, reply)
+        code, reply = self.cc('/streams', 'POST', {
+            'target_id': tid, 'target_files': target_files(),
+            'stream_files': {'state.xml.gz.b64': gzb64(b'x')}},
+            token=OTHER_PASS)
+        self.assertEqual(code, 403, reply)
+        self.assertEqual(self.download(sid, token=OTHER_PASS)[0], 404)
+        q = '?' + signing.query(OTHER_PASS, sid, 'frames.xtc', 60)
+        self.assertEqual(self.download(sid, token=None, query=q)[0], 401)
+        self.assertEqual(self.snapshot(), before)
+        # The owner still does everything.
+        self.assertEqual(self.download(sid)[1], b'f1')
+        self.assertIn(sid, self.cc('/targets/streams/' + tid)[1])
+        self.assertIn(tid, self.cc('/active_streams')[1])
+        # The other CC's own target is its own, and unknown to the first.
+        code, reply = self.cc('/streams', 'POST', {
+            'target_id': str(uuid.uuid4()), 'target_files': target_files(),
+            'stream_files': {'state.xml.gz.b64': gzb64(b'x')}},
+            token=OTHER_PASS)
+        self.assertEqual(code, 200, reply)
+        other = reply['stream_id']
+        self.assertEqual(self.cc('/streams/info/' + other)[0], 404)
+        self.assertEqual(self.cc('/streams/info/' + other,
+                                 token=OTHER_PASS)[0], 200)
+
+    def test_owner_survives_a_rebuild_from_disk(self):
+        tid, sid = self.new_stream()
+        recovery.prepare(self.settings, self.redis_server.url)
+        self.assertEqual(self.cc('/streams/info/' + sid,
+                                 token=OTHER_PASS)[0], 404)
+        self.assertEqual(self.cc('/streams/info/' + sid)[0], 200)
 
 
 class TestDelete(WSTestCase):

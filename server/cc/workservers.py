@@ -5,6 +5,14 @@ A WS is online while its probes and requests succeed; `max_ws_fails`
 consecutive failures take it offline (no assignments, no new streams) until
 a probe or a re-registration succeeds. An explicit `/ws/disconnect` keeps it
 offline until it registers again.
+
+A registration records the address it came from. While the WS is online,
+a registration or disconnection of its name from another address is a 409:
+holding `cc_pass` is not enough to take over another WS's traffic. Once it
+is offline (its probes failed, or it said goodbye), the name may move. An
+admin may forget an offline WS (`PUT /ws/remove/:name`): it is no longer
+probed nor listed; its streams stay on its disk and come back with it if it
+registers again.
 """
 import asyncio
 import logging
@@ -12,6 +20,7 @@ import re
 
 from server import peer
 from server.cc import keys
+from server.cc.accounts import AccountHandler
 from server.config import is_host, port_number
 from server.lua import Script
 from server.web import APIError, APIHandler, PeerHandler
@@ -20,8 +29,10 @@ log = logging.getLogger('siegetank.cc.ws')
 
 WS_NAME = re.compile(r'[A-Za-z0-9._-]{1,64}')
 
-# Count a failure and take the WS offline at the threshold, atomically.
+# Count a failure and take the WS offline at the threshold, atomically
+# (nothing for a WS removed meanwhile).
 _FAIL = Script("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local fails = redis.call('HINCRBY', KEYS[1], 'fails', 1)
 if fails >= tonumber(ARGV[1]) then
   redis.call('HSET', KEYS[1], 'online', '0')
@@ -31,6 +42,7 @@ return fails
 
 # A WS that answers is online again (fails reset), unless it said goodbye.
 _SUCCESS = Script("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'fails', 0)
 if redis.call('HGET', KEYS[1], 'disconnected') ~= '1' then
   redis.call('HSET', KEYS[1], 'online', 1)
@@ -39,22 +51,53 @@ return 1
 """)
 
 
-async def register(app, name, url, http_port):
-    pipe = app.redis.pipeline(transaction=True)
-    pipe.hset(keys.ws(name), mapping={'url': url, 'http_port': http_port,
-                                      'online': 1, 'fails': 0,
-                                      'disconnected': 0})
-    pipe.sadd(keys.WORKSERVERS, name)
-    await pipe.execute()
+# Register (ARGV[4] == '1') or disconnect a WS from the address ARGV[3],
+# unless it is online and registered from another address: then 0.
+# KEYS: the WS, the set of every WS. ARGV: url, http_port, source, register,
+# name. Disconnecting an unknown WS is -1.
+_REGISTER = Script("""
+local h = redis.call('HMGET', KEYS[1], 'online', 'source')
+if ARGV[4] ~= '1' and not h[1] then return -1 end
+if h[1] == '1' and h[2] and h[2] ~= '' and h[2] ~= ARGV[3] then return 0 end
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'url', ARGV[1], 'http_port', ARGV[2],
+             'online', 1, 'fails', 0, 'disconnected', 0, 'source', ARGV[3])
+  redis.call('SADD', KEYS[2], ARGV[5])
+else
+  redis.call('HSET', KEYS[1], 'online', 0, 'disconnected', 1)
+end
+return 1
+""")
+
+# Forget an offline WS: 1 done, 0 online, -1 unknown. KEYS: the WS, its
+# pending deletions, the set of every WS. ARGV: name.
+_REMOVE = Script("""
+local online = redis.call('HGET', KEYS[1], 'online')
+if not online then return -1 end
+if online == '1' then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+""")
 
 
-async def disconnect(app, name):
-    """Returns False for an unknown WS."""
-    if not await app.redis.sismember(keys.WORKSERVERS, name):
-        return False
-    await app.redis.hset(keys.ws(name),
-                         mapping={'online': 0, 'disconnected': 1})
-    return True
+async def register(app, name, url, http_port, source):
+    """False if `name` is online from another address than `source`."""
+    return await _REGISTER(app.redis, [keys.ws(name), keys.WORKSERVERS],
+                           [url, http_port, source, '1', name]) == 1
+
+
+async def disconnect(app, name, source):
+    """1 done, 0 online from another address, -1 unknown WS."""
+    return await _REGISTER(app.redis, [keys.ws(name), keys.WORKSERVERS],
+                           ['', '', source, '0', name])
+
+
+async def remove(app, name):
+    """1 done, 0 still online, -1 unknown WS."""
+    return await _REMOVE(app.redis, [keys.ws(name),
+                                     keys.ws_pending_deletes(name),
+                                     keys.WORKSERVERS], [name])
 
 
 async def status(app):
@@ -149,7 +192,10 @@ class WSRegisterHandler(WSHandler):
         port = port_number(self.field('http_port', (int, str)))
         if port is None:
             raise APIError(400, 'http_port must be a port number (1-65535)')
-        await register(self.application, name, url, port)
+        if not await register(self.application, name, url, port,
+                              self.request.remote_ip):
+            raise APIError(409, 'workserver %s is online from another '
+                           'address' % name)
         self.application.ws_back(name)
         log.info('workserver %s registered at %s:%s', name, url, port)
         self.write_json({})
@@ -158,9 +204,29 @@ class WSRegisterHandler(WSHandler):
 class WSDisconnectHandler(WSHandler):
     async def put(self):
         name = self.ws_name()
-        if not await disconnect(self.application, name):
+        done = await disconnect(self.application, name,
+                                self.request.remote_ip)
+        if done == -1:
             raise APIError(404, 'unknown workserver %s' % name)
+        if done == 0:
+            raise APIError(409, 'workserver %s is online from another '
+                           'address' % name)
         log.info('workserver %s disconnected', name)
+        self.write_json({})
+
+
+class WSRemoveHandler(AccountHandler):
+    async def put(self, name):
+        manager = await self.require_manager()
+        if not manager.is_admin:
+            raise APIError(403, 'only an admin may remove a workserver')
+        done = await remove(self.application, name)
+        if done == -1:
+            raise APIError(404, 'unknown workserver %s' % name)
+        if done == 0:
+            raise APIError(409, 'workserver %s is online: it can be removed '
+                           'once offline' % name)
+        log.info('workserver %s removed by %s', name, manager.email)
         self.write_json({})
 
 
@@ -173,4 +239,5 @@ default_handlers = [
     (r'/ws/register', WSRegisterHandler),
     (r'/ws/disconnect', WSDisconnectHandler),
     (r'/ws/status', WSStatusHandler),
+    (r'/ws/remove/([^/]+)', WSRemoveHandler),
 ]

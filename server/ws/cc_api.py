@@ -1,6 +1,7 @@
 """The endpoints the command center calls on a workserver, with its
 `cc_pass`: stream creation and activation, stream and target commands, and
 the listings. Thin: the model is streams.py."""
+from server import tokens
 from server.web import (
     TARGET_ID,
     PeerHandler,
@@ -18,11 +19,27 @@ def cc_passes(config):
     return [cc['pass'] for cc in config['command_centers'].values()]
 
 
+def cc_named(config, token):
+    """The name of the configured command center whose pass `token` is,
+    or None (every pass compared, in constant time)."""
+    found = None
+    for name, cc in sorted(config['command_centers'].items()):
+        if tokens.matches_any(token, [cc['pass']]) and found is None:
+            found = name
+    return found
+
+
 class CCHandler(PeerHandler):
-    """Endpoints for the command centers: `Authorization: <cc_pass>`."""
+    """Endpoints for the command centers: `Authorization: <cc_pass>`.
+    `self.cc` is the caller's name: a stream or target is only for the
+    command center that made it (404 or 403 for the others)."""
 
     def peer_passes(self):
         return cc_passes(self.config)
+
+    async def authenticate(self):
+        await super().authenticate()
+        self.cc = cc_named(self.config, self.token())
 
     def target_id(self):
         return self.field('target_id', str, check=TARGET_ID.fullmatch)
@@ -34,7 +51,7 @@ class StreamsHandler(CCHandler):
     async def get(self):
         """{streams: {stream_id: creation_date}} (for reconciliation)."""
         self.write_json({'streams': await streams.all_streams(
-            self.application)})
+            self.application, self.cc)})
 
     async def post(self):
         tid = self.target_id()
@@ -55,8 +72,8 @@ class StreamsHandler(CCHandler):
         creation_id = self.field('creation_id', str, None,
                                  check=TARGET_ID.fullmatch)
         sid = await streams.create_stream(self.application, tid,
-                                          stream_files, target_files, tags,
-                                          creation_id)
+                                          stream_files, target_files,
+                                          self.cc, tags, creation_id)
         self.write_json({'stream_id': sid})
 
 
@@ -67,7 +84,7 @@ class ActivateHandler(CCHandler):
         client = self.field('client', str, None,
                             check=lambda c: 0 < len(c) <= 256)
         token, sid = await streams.activate(self.application, tid, donor,
-                                            client)
+                                            client, self.cc)
         self.write_json({'token': token, 'stream_id': sid})
 
 
@@ -77,32 +94,33 @@ class StreamCommandHandler(CCHandler):
 
     async def put(self, command, stream_id):
         await self.COMMANDS[command](self.application,
-                                     check_stream_id(stream_id))
+                                     check_stream_id(stream_id), self.cc)
         self.write_json({})
 
 
 class StreamInfoHandler(CCHandler):
     async def get(self, stream_id):
         self.write_json(await streams.stream_info(
-            self.application, check_stream_id(stream_id)))
+            self.application, check_stream_id(stream_id), self.cc))
 
 
 class TargetStreamsHandler(CCHandler):
     async def get(self, target_id):
         self.write_json(await streams.target_streams(
-            self.application, check_target_id(target_id)))
+            self.application, check_target_id(target_id), self.cc))
 
 
 class DeleteTargetHandler(CCHandler):
     async def put(self, target_id):
         await streams.delete_target(self.application,
-                                    check_target_id(target_id))
+                                    check_target_id(target_id), self.cc)
         self.write_json({})
 
 
 class ActiveStreamsHandler(CCHandler):
     async def get(self):
-        self.write_json(await streams.active_streams(self.application))
+        self.write_json(await streams.active_streams(self.application,
+                                                     self.cc))
 
 
 PART = r'([^/]+)'  # one path segment

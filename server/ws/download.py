@@ -8,9 +8,9 @@ import re
 
 from tornado.iostream import StreamClosedError
 
-from server import signing, threads, tokens
+from server import signing, threads
 from server.web import APIError, APIHandler, check_file_name, check_stream_id
-from server.ws.cc_api import cc_passes
+from server.ws.cc_api import cc_named, cc_passes
 from server.ws.streams import target_of
 
 log = logging.getLogger('siegetank.ws.download')
@@ -64,12 +64,23 @@ def read_at(f, offset, length):
 class DownloadHandler(APIHandler):
     async def authenticate(self):
         """Names checked (400), then 401 unless the caller has a cc_pass or
-        a valid signed URL."""
+        a valid signed URL; only the command center that made the stream
+        (its pass, its key): another CC's pass is told 404."""
         stream_id, filename = self.path_args
         check_stream_id(stream_id)
         check_file_name(filename)
-        passes = cc_passes(self.config)
-        if tokens.matches_any(self.token(), passes):
+        config = self.config
+        owner = await self.redis.hget(self.application.keys.stream(
+            stream_id), 'cc')
+        if owner:
+            cc = config['command_centers'].get(owner)
+            passes = [cc['pass']] if cc else []
+        else:  # unknown, or made before owners were kept
+            passes = cc_passes(config)
+        caller = cc_named(config, self.token())
+        if caller is not None:
+            if owner and caller != owner:
+                raise APIError(404, 'unknown stream %s' % stream_id)
             return
         expires = self.get_query_argument('expires', None)
         sig = self.get_query_argument('signature', None)

@@ -119,14 +119,15 @@ class Storage:
         build_dir(parent, final, fill)
 
     def target_meta(self, target_id):
-        """{stream_files: [names]} or None for an unknown target."""
+        """{stream_files: [names], cc: the command center that made it}
+        or None for an unknown target."""
         return _read_json(os.path.join(self.target_dir(target_id),
                                        'meta.json'))
 
-    def create_target(self, target_id, target_files, stream_names):
+    def create_target(self, target_id, target_files, stream_names, cc=None):
         self._create(self.targets, self.target_dir(target_id), 'files',
                      target_files, 'meta.json',
-                     {'stream_files': sorted(stream_names)})
+                     {'stream_files': sorted(stream_names), 'cc': cc})
 
     def target_files(self, target_id):
         return _read_files(os.path.join(self.target_dir(target_id), 'files'))
@@ -141,7 +142,7 @@ class Storage:
                      seed_files, 'stream.json', meta, empty=('chunks',))
 
     def stream_meta(self, stream_id):
-        """{target_id, creation_date, status, error_count, tags?} or
+        """{target_id, creation_date, status, error_count, tags?, cc} or
         None."""
         return _read_json(os.path.join(self.stream_dir(stream_id),
                                        'stream.json'))

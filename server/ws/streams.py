@@ -38,7 +38,8 @@ def index_stream(pipe, keys, stream_id, meta, frames):
     fields = {
         'target_id': tid, 'status': meta['status'], 'frames': frames,
         'error_count': meta.get('error_count', 0),
-        'creation_date': repr(float(meta['creation_date'])), 'active': 0}
+        'creation_date': repr(float(meta['creation_date'])), 'active': 0,
+        'cc': meta.get('cc') or ''}
     if meta.get('tags'):  # none: no field (idle streams cost no more)
         fields['tags'] = json.dumps(meta['tags'])
     pipe.hset(keys.stream(stream_id), mapping=fields)
@@ -48,16 +49,24 @@ def index_stream(pipe, keys, stream_id, meta, frames):
         pipe.zadd(keys.queue(tid), {stream_id: frames})
 
 
+def foreign(record, cc):
+    """True if a stream's or target's record says another command center
+    made it (records from before owners were kept belong to any)."""
+    return bool(record.get('cc')) and record['cc'] != cc
+
+
 def _new_stream(storage, target_id, stream_id, meta, stream_files):
-    """Make the stream on disk if its target exists with the same stream
-    file names; returns the target's meta (None: no such target)."""
+    """Make the stream on disk if its target exists, belongs to the same
+    CC and has the same stream file names; returns the target's meta
+    (None: no such target)."""
     target = storage.target_meta(target_id)
-    if target is not None and target['stream_files'] == sorted(stream_files):
+    if target is not None and not foreign(target, meta['cc']) \
+            and target['stream_files'] == sorted(stream_files):
         storage.create_stream(stream_id, meta, stream_files)
     return target
 
 
-async def create_stream(app, target_id, stream_files, target_files,
+async def create_stream(app, target_id, stream_files, target_files, cc,
                         tags=None, creation_id=None):
     """A stream of a known target needs only a shared hold on it (creations
     run in parallel); the first stream of a target creates the target
@@ -65,30 +74,32 @@ async def create_stream(app, target_id, stream_files, target_files,
     a loss of Redis like the rest of the stream. With a `creation_id` (the
     CC's) the stream is `<creation_id>:<ws name>`, so a create sent again
     (its reply was lost) finds the stream made the first time instead of
-    making a second one."""
+    making a second one. The stream and a new target record `cc`, the
+    command center that asked: only it may use them from then on."""
     stream_id = '%s:%s' % (creation_id or uuid.uuid4(), app.config['name'])
     if creation_id is not None:
-        made = await _made_before(app, target_id, stream_id)
+        made = await _made_before(app, target_id, stream_id, cc)
         if made:
             return made
     check_disk(app)
     try:
         return await _create(app, target_id, stream_files, target_files,
-                             tags, stream_id)
+                             tags, stream_id, cc)
     except FileExistsError:  # the same creation at once: it won
-        made = await _made_before(app, target_id, stream_id)
+        made = await _made_before(app, target_id, stream_id, cc)
         if not made:
             raise
         return made
 
 
-async def _made_before(app, target_id, stream_id):
+async def _made_before(app, target_id, stream_id, cc):
     """The stream id if a creation with this id already made the stream
-    (indexed again if Redis lacks it); 409 if for another target."""
+    (indexed again if Redis lacks it); 409 if for another target or
+    another command center."""
     meta = await threads.disk(app.storage.stream_meta, stream_id)
     if meta is None:
         return None
-    if meta['target_id'] != target_id:
+    if meta['target_id'] != target_id or foreign(meta, cc):
         raise APIError(409, 'creation id of stream %s was used for another '
                        'target' % stream_id)
     if not await app.redis.exists(app.keys.stream(stream_id)):
@@ -100,10 +111,10 @@ async def _made_before(app, target_id, stream_id):
 
 
 async def _create(app, target_id, stream_files, target_files, tags,
-                  stream_id):
+                  stream_id, cc):
     names = sorted(stream_files)
     meta = {'target_id': target_id, 'creation_date': time.time(),
-            'status': 'OK', 'error_count': 0}
+            'status': 'OK', 'error_count': 0, 'cc': cc}
     if tags:
         meta['tags'] = tags
     async with target_shared(app, target_id):
@@ -119,16 +130,20 @@ async def _create(app, target_id, stream_files, target_files, tags,
                 raise APIError(400, 'target %s is new on this workserver: '
                                'target_files are required' % target_id)
             await threads.disk(app.storage.create_target, target_id,
-                               target_files, names)
+                               target_files, names, cc)
             await threads.disk(app.storage.create_stream, stream_id, meta,
                                stream_files)
-            target = {'stream_files': names}
+            target = {'stream_files': names, 'cc': cc}
         return await _indexed(app, target, names, stream_id, meta)
 
 
 async def _indexed(app, target, names, stream_id, meta):
-    """Index the stream just made on disk (409 if it was not made: its
-    file names differ from those of the target's other streams)."""
+    """Index the stream just made on disk (403 if it was not made because
+    another CC owns the target, 409 if its file names differ from those of
+    the target's other streams)."""
+    if foreign(target, meta['cc']):
+        raise APIError(403, 'target %s belongs to another command center'
+                       % meta['target_id'])
     if target['stream_files'] != names:
         raise APIError(409, 'stream_files %s differ from the files of '
                        'the target\'s other streams %s'
@@ -139,14 +154,19 @@ async def _indexed(app, target, names, stream_id, meta):
     return stream_id
 
 
-# Pop the best OK inactive stream of a target and give it a fresh token.
+# Pop the best OK inactive stream of a target and give it a fresh token;
+# none for a CC (ARGV[8]) other than the one that made the target.
 _ACTIVATE = Script("""
 while true do
   local popped = redis.call('ZPOPMAX', KEYS[1])
   if #popped == 0 then return false end
   local sid = popped[1]
   local key = string.format(ARGV[1], sid)
-  local s = redis.call('HMGET', key, 'status', 'active')
+  local s = redis.call('HMGET', key, 'status', 'active', 'cc')
+  if s[3] and s[3] ~= '' and s[3] ~= ARGV[8] then
+    redis.call('ZADD', KEYS[1], popped[2], sid)
+    return false
+  end
   if s[1] == 'OK' and s[2] == '0' then
     redis.call('HSET', key, 'active', '1', 'token', ARGV[3], 'donor', ARGV[5],
                'start_time', ARGV[6], 'buffer_frames', '0', 'digest', '',
@@ -169,7 +189,7 @@ def early_windows(config):
             min(config['first_heartbeat_window_in_s'], hb))
 
 
-async def activate(app, target_id, donor_id, client=None):
+async def activate(app, target_id, donor_id, client, cc):
     """(token, stream_id) of a freshly activated stream, or 503. The token
     lives for the start window only until it reaches /core/start (see
     core.py): an activation whose reply was lost (the CC timed out, the
@@ -184,7 +204,7 @@ async def activate(app, target_id, donor_id, client=None):
         keys.queue(target_id), keys.heartbeats, keys.active], [
         keys.stream.template, keys.token.template, token_hash(token),
         repr(now + early_windows(app.config)[0]), donor_id or '',
-        repr(now), client or ''])
+        repr(now), client or '', cc])
     if not sid:
         raise APIError(503, 'no stream of target %s is free on this '
                        'workserver' % target_id)
@@ -271,15 +291,18 @@ return 1
 """)
 
 
-async def target_of(app, stream_id):
-    tid = await app.redis.hget(app.keys.stream(stream_id), 'target_id')
-    if tid is None:
+async def target_of(app, stream_id, cc=None):
+    """The stream's target; 404 for an unknown stream, and for one another
+    command center than `cc` (when given) made."""
+    tid, owner = await app.redis.hmget(app.keys.stream(stream_id),
+                                       'target_id', 'cc')
+    if tid is None or cc is not None and foreign({'cc': owner}, cc):
         raise APIError(404, 'unknown stream %s' % stream_id)
     return tid
 
 
-async def start_stream(app, stream_id):
-    tid = await target_of(app, stream_id)
+async def start_stream(app, stream_id, cc):
+    tid = await target_of(app, stream_id, cc)
     async with stream_locked(app, stream_id):
         if not await _START(app.fastredis, [app.keys.stream(stream_id),
                                             app.keys.queue(tid),
@@ -290,8 +313,8 @@ async def start_stream(app, stream_id):
                            status='OK', error_count=0)
 
 
-async def stop_stream(app, stream_id):
-    tid = await target_of(app, stream_id)
+async def stop_stream(app, stream_id, cc):
+    tid = await target_of(app, stream_id, cc)
     async with stream_locked(app, stream_id):
         if await deactivate(app, stream_id, tid, 'halt') is None:
             raise APIError(404, 'unknown stream %s' % stream_id)
@@ -331,8 +354,8 @@ async def _drop_stream(app, stream_id, target_id):
             [stream_id, keys.token.template, target_id])
 
 
-async def delete_stream(app, stream_id):
-    tid = await target_of(app, stream_id)
+async def delete_stream(app, stream_id, cc):
+    tid = await target_of(app, stream_id, cc)
     async with target_locked(app, tid):
         if not await app.redis.exists(app.keys.stream(stream_id)):
             raise APIError(404, 'unknown stream %s' % stream_id)
@@ -340,9 +363,13 @@ async def delete_stream(app, stream_id):
             await threads.disk(app.storage.remove_target, tid)
 
 
-async def delete_target(app, target_id):
-    """Every stream of the target, then the target; fine if unknown."""
+async def delete_target(app, target_id, cc):
+    """Every stream of the target, then the target; fine if unknown, 404
+    if another command center made it."""
     keys = app.keys
+    target = await threads.disk(app.storage.target_meta, target_id)
+    if target is not None and foreign(target, cc):
+        raise APIError(404, 'unknown target %s' % target_id)
     async with target_locked(app, target_id):
         for sid in sorted(await app.redis.smembers(
                 keys.target_streams(target_id))):
@@ -361,9 +388,9 @@ def _public(h):
             'tags': json.loads(h['tags']) if h.get('tags') else {}}
 
 
-async def stream_info(app, stream_id):
+async def stream_info(app, stream_id, cc):
     h = await app.redis.hgetall(app.keys.stream(stream_id))
-    if not h:
+    if not h or foreign(h, cc):
         raise APIError(404, 'unknown stream %s' % stream_id)
     info = _public(h)
     info.update(target_id=h['target_id'],
@@ -378,17 +405,19 @@ async def _hashes(app, stream_ids):
     return [(sid, h) for sid, h in zip(stream_ids, await pipe.execute()) if h]
 
 
-async def target_streams(app, target_id):
+async def target_streams(app, target_id, cc):
     sids = sorted(await app.redis.smembers(
         app.keys.target_streams(target_id)))
-    if not sids:
+    found = {sid: _public(h) for sid, h in await _hashes(app, sids)
+             if not foreign(h, cc)}
+    if not found:
         raise APIError(404, 'unknown target %s' % target_id)
-    return {sid: _public(h) for sid, h in await _hashes(app, sids)}
+    return found
 
 
-async def all_streams(app):
-    """{stream_id: creation_date} of every stream here (for the CC's
-    reconciliation)."""
+async def all_streams(app, cc):
+    """{stream_id: creation_date} of every stream `cc` made here (for its
+    reconciliation: another CC's streams are not its to adopt or delete)."""
     keys = app.keys
     tids = sorted(await app.redis.smembers(keys.targets))
     pipe = app.redis.pipeline(transaction=False)
@@ -397,16 +426,18 @@ async def all_streams(app):
     sids = sorted(set().union(*await pipe.execute())) if tids else []
     pipe = app.redis.pipeline(transaction=False)
     for sid in sids:
-        pipe.hget(keys.stream(sid), 'creation_date')
-    return {sid: float(date) for sid, date in zip(sids, await pipe.execute())
-            if date is not None}
+        pipe.hmget(keys.stream(sid), 'creation_date', 'cc')
+    return {sid: float(date) for sid, (date, owner) in zip(
+        sids, await pipe.execute())
+        if date is not None and not foreign({'cc': owner}, cc)}
 
 
-async def active_streams(app):
+async def active_streams(app, cc):
+    """The active streams `cc` made."""
     result = {}
     for sid, h in await _hashes(app, sorted(
             await app.redis.smembers(app.keys.active))):
-        if h['active'] != '1':
+        if h['active'] != '1' or foreign(h, cc):
             continue
         result.setdefault(h['target_id'], {})[sid] = {
             'donor': h['donor'] or None,
