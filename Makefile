@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= venv
 PY := $(VENV)/bin/python
 
-.PHONY: all setup test lint demo demo-cluster adaptive bench chaos clean
+.PHONY: all setup test lint demo demo-cluster adaptive bench chaos fuzz clean
 
 all: test
 
@@ -50,6 +50,12 @@ bench: setup
 CHAOSARGS ?=
 chaos: setup
 	$(PY) -m server.chaos $(CHAOSARGS)
+
+# Generated requests from docs/openapi*.yaml against a real CC and WS:
+# fails on any 5xx or traceback. `make fuzz FUZZARGS=--requests=500`.
+FUZZARGS ?= --requests=10000
+fuzz: setup
+	$(PY) -m server.fuzz $(FUZZARGS)
 
 clean:
 	rm -rf $(VENV) data *.egg-info

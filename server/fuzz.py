@@ -1,0 +1,237 @@
+"""Fuzzing both servers from their OpenAPI documents (`make fuzz`).
+
+A real cc.py and a real ws.py are started on loopback with generated certs
+(server/testing.py), with an admin, a donor, a public target with streams
+and a live core token. Then every operation of docs/openapi.yaml (CC) and
+docs/openapi-ws.yaml (WS) gets requests that schemathesis generates from
+its schema, valid and invalid alike, in turn until the budget is spent.
+Credentials are the right ones for the operation most of the time, missing
+or wrong otherwise; path ids are often those of real targets and streams.
+
+The run fails on any reply >= 500 and on any traceback in the servers'
+logs; it prints the figures. `python -m server.fuzz --requests N`.
+"""
+import argparse
+import collections
+import os
+import random
+import sys
+import time
+import uuid
+
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+
+from server.testing import (ROOT, ServerProcess, b64, certs, command_centers,
+                            online, wait_for)
+
+DOCS = {'cc': os.path.join(ROOT, 'docs', 'openapi.yaml'),
+        'ws': os.path.join(ROOT, 'docs', 'openapi-ws.yaml')}
+ENGINE, VERSION = 'openmm', 'fuzz-1'
+BATCH = 10  # requests per operation and generation mode in one turn
+
+
+class World:
+    """The servers and the things a request may name or present."""
+
+    def __init__(self):
+        self.cc = ServerProcess('cc', bind_address='127.0.0.1',
+                                log_level='debug')
+        self.ws = None
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.session.verify = certs()['ca']
+        self.targets, self.streams = [], []
+        self.core_token = None
+
+    def start(self):
+        self.cc.start()
+        self.ws = ServerProcess('ws', bind_address='127.0.0.1',
+                                log_level='debug',
+                                command_centers=command_centers(self.cc))
+        self.ws.start()
+        wait_for(lambda: online(self.cc, self.ws.name), 'the WS online')
+        self.admin = self.cc.request('POST', '/managers', {
+            'email': 'admin@fuzz.org', 'password': 'pw',
+            'role': 'admin'}).json()['token']
+        self.donor = self.cc.request('POST', '/donors', {
+            'username': 'fuzzer', 'email': 'd@fuzz.org',
+            'password': 'pw'}, token=self.admin).json()['token']
+        for _ in range(2):
+            tid = self.cc.request('POST', '/targets', {
+                'engine': ENGINE, 'engine_versions': [VERSION],
+                'stage': 'public', 'description': 'fuzz',
+                'files': {'system.xml.b64': b64(b'<System/>')}},
+                token=self.admin).json()['target_id']
+            self.targets.append(tid)
+            for i in range(4):
+                self.streams.append(self.cc.request('POST', '/streams', {
+                    'target_id': tid, 'files': {
+                        'state.xml.b64': b64(b'<State %d/>' % i)}},
+                    token=self.admin).json()['stream_id'])
+        self.refresh_core_token()
+        return self
+
+    def stop(self):
+        for server in (self.ws, self.cc):
+            if server is not None:
+                server.stop()
+
+    def refresh_core_token(self):
+        """A live core token (the fuzzer's stops and deletions end them)."""
+        r = self.cc.request('POST', '/core/assign', {
+            'engine': ENGINE, 'engine_version': VERSION,
+            'donor_token': self.donor})
+        if r.status_code == 200:
+            self.core_token = r.json()['token']
+            self.session.get(r.json()['url'], headers={
+                'Authorization': self.core_token}, timeout=30)
+
+    def credential(self, kind, scheme, n):
+        """Mostly the right credential for `scheme`; sometimes none or a
+        wrong one (n counts the requests)."""
+        if n % 10 == 7:
+            return None
+        if n % 10 == 8:
+            return random.choice(['nope', 'Bearer ', '\u00e9', 'x' * 300])
+        return {'managerToken': self.admin, 'coreToken': self.core_token,
+                'ccPass': 'test-cc-pass'}.get(scheme)
+
+    def real_ids(self, case):
+        """Half the time, name a real target or stream."""
+        params = case.path_parameters or {}
+        if random.random() < 0.5:
+            if 'target_id' in params:
+                params['target_id'] = random.choice(self.targets)
+            if 'stream_id' in params:
+                params['stream_id'] = random.choice(self.streams)
+            if 'name' in params:
+                params['name'] = self.ws.name
+
+
+def operations(kind):
+    schema = schemathesis.openapi.from_path(DOCS[kind])
+    return [r.ok() for r in schema.get_all_operations()]
+
+
+def scheme_of(operation):
+    """The security scheme an operation asks for first, or None."""
+    for requirement in operation.definition.raw.get('security', []):
+        for name in requirement:
+            return name
+    return None
+
+
+class Run:
+    def __init__(self, world, budget):
+        self.world = world
+        self.budget = budget
+        self.sent = 0
+        self.codes = collections.Counter()
+        self.failures = []
+
+    def send(self, kind, operation, case):
+        world = self.world
+        base = (world.cc if kind == 'cc' else world.ws).url
+        world.real_ids(case)
+        kwargs = case.as_transport_kwargs(base_url=base)
+        headers = kwargs.pop('headers', {})
+        headers.pop('Authorization', None)
+        token = world.credential(kind, scheme_of(operation), self.sent)
+        if token is not None:
+            headers['Authorization'] = token
+        try:
+            r = world.session.request(headers=headers, timeout=30,
+                                      allow_redirects=False, **kwargs)
+            code = r.status_code
+        except requests.RequestException as e:
+            code = 'error: %s' % type(e).__name__
+            r = None
+        self.sent += 1
+        if os.environ.get('FUZZ_TRACE'):
+            print(kind, kwargs['method'], kwargs['url'], code,
+                  r.text[:100] if r is not None else '')
+        self.codes[code if isinstance(code, str) else '%dxx' % (code // 100)] += 1
+        if not isinstance(code, int) or code >= 500:
+            self.failures.append('%s %s %s -> %s %s' % (
+                kind, kwargs['method'], kwargs['url'], code,
+                r.text[:200] if r is not None else ''))
+        if self.sent % 50 == 0:
+            world.refresh_core_token()
+
+    def turn(self, kind, operation, mode):
+        """BATCH generated requests to one operation; False if the mode
+        has nothing to generate for it (no invalid form of `GET /`)."""
+        left = min(BATCH, self.budget - self.sent)
+        if left <= 0:
+            return True
+
+        @settings(max_examples=left, deadline=None, database=None,
+                  derandomize=False, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(operation.as_strategy(generation_mode=mode))
+        def go(case):
+            if self.sent < self.budget:
+                self.send(kind, operation, case)
+        try:
+            go()
+        except Unsatisfiable:
+            return False
+        return True
+
+    def run(self):
+        plan = [(kind, op, mode) for kind in ('cc', 'ws')
+                for op in operations(kind)
+                for mode in (GenerationMode.POSITIVE,
+                             GenerationMode.NEGATIVE)]
+        while plan and self.sent < self.budget:
+            plan = [step for step in plan if self.turn(*step)]
+
+
+def tracebacks(server):
+    text = server.read_log()
+    return [chunk[:1500] for chunk in text.split('Traceback')[1:]]
+
+
+def fuzz(budget, out=sys.stdout):
+    """Run `budget` requests; returns (Run, [traceback excerpts])."""
+    world = World().start()
+    started = time.monotonic()
+    try:
+        run = Run(world, budget)
+        run.run()
+    finally:
+        world.stop()
+    found = tracebacks(world.cc) + tracebacks(world.ws)
+    elapsed = time.monotonic() - started
+    print('fuzz: %d requests in %.0f s over %d CC and %d WS operations; '
+          'replies by class: %s; 5xx and errors: %d; tracebacks in server '
+          'logs: %d' % (run.sent, elapsed, len(operations('cc')),
+                        len(operations('ws')),
+                        ', '.join('%s: %d' % kv for kv in sorted(
+                            run.codes.items(), key=str)),
+                        len(run.failures), len(found)), file=out)
+    for line in run.failures[:20]:
+        print('  ' + line, file=out)
+    for tb in found[:5]:
+        print('Traceback' + tb, file=out)
+    return run, found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--requests', type=int, default=10000)
+    parser.add_argument('--seed', type=int, default=None)
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else uuid.uuid4().int % 10**6
+    random.seed(seed)
+    print('fuzz: seed %d' % seed)
+    run, found = fuzz(args.requests)
+    return 1 if run.failures or found or run.sent < args.requests else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
