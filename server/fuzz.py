@@ -25,8 +25,15 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from server.testing import (ROOT, ServerProcess, b64, certs, command_centers,
-                            online, wait_for)
+from server.testing import (
+    ROOT,
+    ServerProcess,
+    b64,
+    certs,
+    command_centers,
+    online,
+    wait_for,
+)
 
 DOCS = {'cc': os.path.join(ROOT, 'docs', 'openapi.yaml'),
         'ws': os.path.join(ROOT, 'docs', 'openapi-ws.yaml')}
@@ -154,7 +161,8 @@ class Run:
         if os.environ.get('FUZZ_TRACE'):
             print(kind, kwargs['method'], kwargs['url'], code,
                   r.text[:100] if r is not None else '')
-        self.codes[code if isinstance(code, str) else '%dxx' % (code // 100)] += 1
+        label = code if isinstance(code, str) else '%dxx' % (code // 100)
+        self.codes[label] += 1
         if not isinstance(code, int) or code >= 500:
             self.failures.append('%s %s %s -> %s %s' % (
                 kind, kwargs['method'], kwargs['url'], code,

@@ -10,8 +10,15 @@ import uuid
 
 import requests
 
-from server.testing import (CC_PASS, ServerProcess, b64, certs,
-                            command_centers, online, wait_for)
+from server.testing import (
+    CC_PASS,
+    ServerProcess,
+    b64,
+    certs,
+    command_centers,
+    online,
+    wait_for,
+)
 
 
 class AbuseTestCase(unittest.TestCase):

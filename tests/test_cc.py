@@ -7,11 +7,11 @@ import gzip
 import json
 import os
 
+from server import store
 from server.cc import accounts, keys, workservers
 from server.cc.app import CommandCenter
 from server.lua import Script
 from server.testing import CC_PASS, AppTestCase, RedisTestCase
-from server import store
 from tests.inprocess_ws import InProcessWS
 
 B64 = base64.b64encode(b'<System/>').decode()

@@ -175,7 +175,8 @@ class TestServerProcessTree(unittest.TestCase):
             'url': '127.0.0.1:1', 'pass': 'test-cc-pass'}}).start()
         try:
             r = server.request('POST', '/streams', {
-                'target_id': str(uuid.uuid4()), 'stream_files': {'state.xml': 's'},
+                'target_id': str(uuid.uuid4()),
+                'stream_files': {'state.xml': 's'},
                 'target_files': {'system.xml': 'x'}}, token='test-cc-pass')
             self.assertEqual(r.status_code, 200, r.text)
             data = server.settings['data_folder']

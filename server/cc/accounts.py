@@ -260,7 +260,8 @@ async def login(handler, scope, name, account_key, token_key_of, password):
     token = await _authenticate(redis, account_key, token_key_of, name,
                                 password)
     if token is None:
-        await _LOGIN_FAILED(redis, counters, [config['login_fail_window_in_s']])
+        await _LOGIN_FAILED(redis, counters,
+                            [config['login_fail_window_in_s']])
         raise APIError(401, 'wrong %s or password'
                        % ('email' if scope == 'manager' else 'username'))
     await redis.delete(counters[0])
