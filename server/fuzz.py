@@ -13,9 +13,11 @@ logs; it prints the figures. `python -m server.fuzz --requests N`.
 """
 import argparse
 import collections
+import concurrent.futures
 import os
 import random
 import sys
+import threading
 import time
 import uuid
 
@@ -38,7 +40,8 @@ from server.testing import (
 DOCS = {'cc': os.path.join(ROOT, 'docs', 'openapi.yaml'),
         'ws': os.path.join(ROOT, 'docs', 'openapi-ws.yaml')}
 ENGINE, VERSION = 'openmm', 'fuzz-1'
-BATCH = 10  # requests per operation and generation mode in one turn
+BATCH = 25  # requests per operation and generation mode in one turn
+CONCURRENCY = 8  # requests in flight
 
 
 class World:
@@ -133,57 +136,86 @@ def scheme_of(operation):
 
 
 class Run:
+    """Requests are generated in this thread (hypothesis) and sent by
+    `CONCURRENCY` threads, so slow operations (scrypt) overlap."""
+
     def __init__(self, world, budget):
         self.world = world
         self.budget = budget
+        self.submitted = 0
         self.sent = 0
         self.codes = collections.Counter()
         self.failures = []
+        self.strategies = {}
+        self.time_in = collections.Counter()  # seconds per operation
+        self.lock = threading.Lock()
+        self.local = threading.local()
+        self.pool = concurrent.futures.ThreadPoolExecutor(CONCURRENCY)
 
-    def send(self, kind, operation, case):
+    def session(self):
+        if not hasattr(self.local, 'session'):
+            self.local.session = requests.Session()
+            self.local.session.trust_env = False
+            self.local.session.verify = certs()['ca']
+        return self.local.session
+
+    def submit(self, kind, operation, case):
+        """Fill in ids and credentials and queue the request."""
         world = self.world
         base = (world.cc if kind == 'cc' else world.ws).url
         world.real_ids(case)
         kwargs = case.as_transport_kwargs(base_url=base)
         headers = kwargs.pop('headers', {})
         headers.pop('Authorization', None)
-        token = world.credential(kind, scheme_of(operation), self.sent)
+        token = world.credential(kind, scheme_of(operation), self.submitted)
         if token is not None:
             headers['Authorization'] = token
+        self.submitted += 1
+        if self.submitted % 50 == 0:
+            world.refresh_core_token()
+        name = '%s %s %s' % (kind, operation.method.upper(), operation.path)
+        self.pool.submit(self.send, name, headers, kwargs)
+
+    def send(self, name, headers, kwargs):
+        started = time.monotonic()
         try:
-            r = world.session.request(headers=headers, timeout=30,
-                                      allow_redirects=False, **kwargs)
+            r = self.session().request(headers=headers, timeout=60,
+                                       allow_redirects=False, **kwargs)
             code = r.status_code
         except requests.RequestException as e:
             code = 'error: %s' % type(e).__name__
             r = None
-        self.sent += 1
-        if os.environ.get('FUZZ_TRACE'):
-            print(kind, kwargs['method'], kwargs['url'], code,
-                  r.text[:100] if r is not None else '')
         label = code if isinstance(code, str) else '%dxx' % (code // 100)
-        self.codes[label] += 1
-        if not isinstance(code, int) or code >= 500:
-            self.failures.append('%s %s %s -> %s %s' % (
-                kind, kwargs['method'], kwargs['url'], code,
-                r.text[:200] if r is not None else ''))
-        if self.sent % 50 == 0:
-            world.refresh_core_token()
+        with self.lock:
+            self.sent += 1
+            self.time_in[name] += time.monotonic() - started
+            self.codes[label] += 1
+            if not isinstance(code, int) or code >= 500:
+                self.failures.append('%s %s -> %s %s' % (
+                    name, kwargs['url'], code,
+                    r.text[:200] if r is not None else ''))
+        if os.environ.get('FUZZ_TRACE'):
+            print(name, kwargs['url'], code,
+                  r.text[:100] if r is not None else '')
 
     def turn(self, kind, operation, mode):
         """BATCH generated requests to one operation; False if the mode
         has nothing to generate for it (no invalid form of `GET /`)."""
-        left = min(BATCH, self.budget - self.sent)
+        left = min(BATCH, self.budget - self.submitted)
         if left <= 0:
             return True
+        key = (kind, operation.path, operation.method, mode)
+        if key not in self.strategies:
+            self.strategies[key] = operation.as_strategy(
+                generation_mode=mode)
 
         @settings(max_examples=left, deadline=None, database=None,
                   derandomize=False, phases=[Phase.generate],
                   suppress_health_check=list(HealthCheck))
-        @given(operation.as_strategy(generation_mode=mode))
+        @given(self.strategies[key])
         def go(case):
-            if self.sent < self.budget:
-                self.send(kind, operation, case)
+            if self.submitted < self.budget:
+                self.submit(kind, operation, case)
         try:
             go()
         except Unsatisfiable:
@@ -195,8 +227,11 @@ class Run:
                 for op in operations(kind)
                 for mode in (GenerationMode.POSITIVE,
                              GenerationMode.NEGATIVE)]
-        while plan and self.sent < self.budget:
-            plan = [step for step in plan if self.turn(*step)]
+        try:
+            while plan and self.submitted < self.budget:
+                plan = [step for step in plan if self.turn(*step)]
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def tracebacks(server):
@@ -222,6 +257,8 @@ def fuzz(budget, out=sys.stdout):
                         ', '.join('%s: %d' % kv for kv in sorted(
                             run.codes.items(), key=str)),
                         len(run.failures), len(found)), file=out)
+    print('fuzz: slowest operations (s in all): %s' % ', '.join(
+        '%s %.0f' % kv for kv in run.time_in.most_common(5)), file=out)
     for line in run.failures[:20]:
         print('  ' + line, file=out)
     for tb in found[:5]:
