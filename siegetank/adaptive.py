@@ -251,11 +251,13 @@ class Sampler:
     """Least-counts adaptive sampling on `target`, synced into `folder`.
     Each round runs `streams_per_round` streams to `frames_per_stream`
     committed frames each. `featurizer`: see FeatureCache; `clusters`: a
-    LeastCounts; `system`/`integrator`: the target's (seed_state)."""
+    LeastCounts; `system`/`integrator`: the target's (seed_state);
+    `extend`: False to seed every stream of a round afresh."""
 
     def __init__(self, target, folder, featurizer, system, integrator,
                  streams_per_round=4, frames_per_stream=50, clusters=None,
-                 seed=1, poll=0.5, filename='frames.xtc', log=None):
+                 seed=1, poll=0.5, filename='frames.xtc', log=None,
+                 extend=True):
         self.target = target
         self.folder = folder
         self.featurizer = featurizer
@@ -268,6 +270,7 @@ class Sampler:
         self.seed = seed
         self.poll = poll
         self.filename = filename
+        self.extend = extend
         self.log = log or (lambda text: None)
         self.cache = None
         self.round = 0
@@ -326,8 +329,8 @@ class Sampler:
         for the rest of the round; returns the round's stream ids."""
         self.round += 1
         k = self.streams_per_round
-        extended = [s for s in self.live
-                    if self.clusters.under_sampled(s, k)][:k]
+        extended = [s for s in self.live if self.extend and
+                    self.clusters.under_sampled(s, k)][:k]
         seeded = []
         for sid, index in self.clusters.choose(k - len(extended), self.rng):
             seeded.append(self.seed_from(sid, index, {

@@ -136,7 +136,7 @@ class TestAdaptiveLoop(unittest.TestCase):
         sampler = adaptive.Sampler(
             target, synced, adaptive.backbone_dihedrals, system, integrator,
             streams_per_round=2, frames_per_stream=4, seed=3, poll=0.1,
-            clusters=adaptive.LeastCounts(dmin=0.2))
+            clusters=adaptive.LeastCounts(dmin=0.2), extend=False)
         core = subprocess.Popen(
             [sys.executable, '-m', 'siegetank.core', '--cc',
              self.cluster.address, '--ca', self.cluster.ca, '--engine',
@@ -164,19 +164,18 @@ class TestAdaptiveLoop(unittest.TestCase):
         for sid in round0:
             self.assertEqual(listing[sid]['tags']['round'], '0')
         seeded = sampler.history[1]['seeded']
-        self.assertEqual(len(seeded) + len(sampler.history[1]['extended']),
-                         2)
-        self.assertTrue(seeded)
+        self.assertEqual(sampler.history[1]['extended'], [])
+        self.assertEqual(sorted(seeded), sorted(round1))
+        self.assertEqual(len(seeded), 2)
         for sid in seeded:
             tags = listing[sid]['tags']
             self.assertEqual(tags['round'], '1')
             self.assertIn(tags['parent'], round0)
             self.assertLess(int(tags['frame']),
                             listing[tags['parent']]['frames'])
-        # Over-sampled streams stay stopped; every stream ran its quota.
-        for sid in round0:
-            if sid not in round1:
-                self.assertEqual(listing[sid]['status'], 'STOPPED')
+        # The last round's streams are stopped; each ran its quota.
+        for sid in round0 + round1:
+            self.assertEqual(listing[sid]['status'], 'STOPPED')
         for sid in round1:
             self.assertGreaterEqual(listing[sid]['frames'], 4)
 

@@ -185,7 +185,8 @@ class TestStreams(WSTestCase):
         self.assertEqual(code, 200)
         self.assertEqual(set(reply), {sid, sid2})
         self.assertEqual(reply[sid], {'status': 'OK', 'frames': 0,
-                                      'error_count': 0, 'active': False})
+                                      'error_count': 0, 'active': False,
+                                      'tags': {}})
 
     def test_target_files_required_first_time_and_names_consistent(self):
         tid = str(uuid.uuid4())
