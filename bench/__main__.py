@@ -21,6 +21,7 @@ TARGETS = {  # ratio or absolute floor the issue asks for
     'frames_10k': 0.7, 'frames_100k': 0.6, 'p99_ms_c32_10k': 20.0,
     'activations': 0.6, 'assignments_per_s': 1000.0,
     'redis_bytes_per_stream': 1024.0, 'download_mb_per_s': 300.0,
+    'status_p99_ms_100k': 50.0,
 }
 
 
@@ -158,9 +159,21 @@ def bench_sweep(args, results, keep):
     record(results, 'sweep', row)
 
 
+def bench_status(args, results, keep):
+    n = 2000 if args.quick else 100_000
+    cc = keep(servers.start_cc(stats_interval_in_ms=500))
+    ws = keep(servers.start_ws(command_centers=command_centers(cc)))
+    row = dict(workloads.fleet_status(cc, ws, n,
+                                      active=100 if args.quick else 1000),
+               workload='status')
+    results['status'] = row
+    report.print_row(row)
+
+
 WORKLOADS = {'frames': bench_frames, 'activations': bench_activations,
              'assignments': bench_assignments, 'downloads': bench_downloads,
-             'scale': bench_scale, 'sweep': bench_sweep}
+             'scale': bench_scale, 'sweep': bench_sweep,
+             'status': bench_status}
 
 
 def main(argv=None):

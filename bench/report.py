@@ -58,6 +58,17 @@ def table(results):
               'expired' % (sw['expiring'], _f(sw['p99_ms']),
                            _f(sw['worst_window_p99_ms']),
                            _f(sw['drained_s_after_expiry'])))
+    st = results.get('status')
+    if st:
+        print('GET /status with %d streams (%d active, %d public targets): '
+              'median %s ms, p99 %s ms (admin: median %s ms, p99 %s ms); '
+              'GET / on the same CC meanwhile: median %s ms, p99 %s ms'
+              % (st['streams'], st['active'], st['targets'],
+                 _f(st['median_ms'], '%.2f'), _f(st['p99_ms'], '%.2f'),
+                 _f(st['admin_median_ms'], '%.2f'),
+                 _f(st['admin_p99_ms'], '%.2f'),
+                 _f(st['health_median_ms'], '%.2f'),
+                 _f(st['health_p99_ms'], '%.2f')))
     print('\nverdict:')
     for name, (value, target, ok) in results['verdict'].items():
         print('  %-26s %10s  target %-8s %s' % (
@@ -96,6 +107,11 @@ def verdict(results, targets):
         v = results['download']['mb_per_s']
         out['download_mb_per_s'] = (v, targets['download_mb_per_s'],
                                     v >= targets['download_mb_per_s'])
+    if results.get('status'):
+        v = results['status']['p99_ms']
+        key = 'status_p99_ms_%dk' % (results['status']['streams'] // 1000)
+        out[key] = (v, targets['status_p99_ms_100k'],
+                    v <= targets['status_p99_ms_100k'])
     return out
 
 

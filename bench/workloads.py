@@ -333,20 +333,25 @@ def sweep(ws, expiring, cores, size, duration, increment):
                                                     size))}
 
 
-def prepare_cc_target(cc, ws, streams):
-    """An admin, a public target and `streams` streams placed through the
-    CC; returns the /core/assign body that matches the target and the
-    placement rate (streams/s)."""
+def cc_admin(cc, ws, email):
+    """The token of a new admin of `cc`, once `ws` is online there."""
     deadline = time.monotonic() + 30
     while not cc.request('GET', '/ws/status').json().get(
             ws.name, {}).get('online'):
         assert time.monotonic() < deadline, 'WS never registered'
         time.sleep(0.05)
-    r = cc.request('POST', '/managers', {'email': 'bench@example.org',
+    r = cc.request('POST', '/managers', {'email': email,
                                          'password': 'bench-password',
                                          'role': 'admin'})
     assert r.status_code == 200, r.text
-    token = r.json()['token']
+    return r.json()['token']
+
+
+def prepare_cc_target(cc, ws, streams):
+    """An admin, a public target and `streams` streams placed through the
+    CC; returns the /core/assign body that matches the target and the
+    placement rate (streams/s)."""
+    token = cc_admin(cc, ws, 'bench@example.org')
     r = cc.request('POST', '/targets', {
         'description': 'bench', 'engine': 'openmm', 'engine_versions': ['8'],
         'stage': 'public', 'files': {'system.xml.gz.b64': SYSTEM,
@@ -373,3 +378,65 @@ def prepare_cc_target(cc, ws, streams):
         return time.perf_counter() - t
     elapsed = asyncio.run(fill())
     return {'engine': 'openmm', 'engine_version': '8'}, streams / elapsed
+
+
+def fleet_status(cc, ws, streams, targets=20, active=1000, samples=300):
+    """GET /status latency with `streams` streams on the WS, spread over
+    `targets` public targets of the CC (streams made on the WS directly:
+    placing 100,000 through the CC would only take longer), `active` of
+    them activated, once the CC has the WS's report of all of them.
+    Anonymous and admin, `samples` each, one keep-alive connection."""
+    admin = cc_admin(cc, ws, 'status@example.org')
+    tids = []
+    for _ in range(targets):
+        r = cc.request('POST', '/targets', {
+            'description': 'bench', 'engine': 'openmm',
+            'engine_versions': ['8'], 'stage': 'public'}, token=admin)
+        assert r.status_code == 200, r.text
+        tids.append(r.json()['target_id'])
+
+    async def fill():
+        t = time.perf_counter()
+        for i, tid in enumerate(tids):
+            n = streams // targets + (i < streams % targets)
+            await create_streams(ws.port, n, target_id=tid)
+        return time.perf_counter() - t
+    elapsed = asyncio.run(fill())
+    asyncio.run(activate(ws.port, tids[0], active))
+
+    def reported():
+        st = cc.request('GET', '/status').json()
+        return st['streams']['total'] == streams \
+            and st['cores_active'] == active
+    deadline = time.monotonic() + 120
+    while not reported():
+        assert time.monotonic() < deadline, 'CC never saw the WS report'
+        time.sleep(0.2)
+
+    async def sample(token):
+        """/status and, interleaved on the same connection, the bare
+        health check `GET /` (the floor on this machine right now)."""
+        c = conn(cc.port)
+        headers = {'Authorization': token} if token else {}
+        times = {'/status': [], '/': []}
+        for _ in range(samples):
+            for path in times:
+                t = time.perf_counter()
+                s, b = await c.request('GET', path, headers=headers)
+                times[path].append(1000 * (time.perf_counter() - t))
+                assert s == 200, (s, b)
+        await c.close()
+        out = {}
+        for path, ts in times.items():
+            ts.sort()
+            out[path] = (ts[len(ts) // 2], ts[int(len(ts) * 0.99) - 1],
+                         ts[-1])
+        return out
+    anon, adm = asyncio.run(sample(None)), asyncio.run(sample(admin))
+    return {'streams': streams, 'targets': targets, 'active': active,
+            'create_rate': streams / elapsed,
+            'median_ms': anon['/status'][0], 'p99_ms': anon['/status'][1],
+            'max_ms': anon['/status'][2],
+            'admin_median_ms': adm['/status'][0],
+            'admin_p99_ms': adm['/status'][1],
+            'health_median_ms': anon['/'][0], 'health_p99_ms': anon['/'][1]}

@@ -83,6 +83,20 @@ def _command_centers(value, where):
     return value
 
 
+def _networks(value, where):
+    """A list of networks ('10.0.0.0/8', '2001:db8::/32', '192.0.2.7')."""
+    if not isinstance(value, list):
+        raise ConfigError('%s: metrics_allow must be a list of networks'
+                          % where)
+    for n in value:
+        try:
+            ipaddress.ip_network(n, strict=False)
+        except (TypeError, ValueError):
+            raise ConfigError('%s: metrics_allow: %r is not a network'
+                              % (where, n))
+    return value
+
+
 # key: (type or checker, default). Paths are resolved against the conf folder.
 COMMON = {
     'name': (str, REQUIRED),
@@ -117,6 +131,8 @@ COMMON = {
     'log_level': (str, 'info'),
     # Address the HTTPS port listens on ('' = every interface).
     'bind_address': (str, ''),
+    # Who may read /metrics besides loopback (monitor.py).
+    'metrics_allow': (_networks, []),
 }
 
 # The cc_pass the shipped confs fall back to: fine on one machine, refused
@@ -150,6 +166,10 @@ CC = dict(COMMON, **{
     'login_fails_per_account': (int, 10),
     'login_fails_per_address': (int, 100),
     'login_fail_window_in_s': (int, 900),
+    # POST /core/assign needs a core key (corekeys.py); off: 2014 cores.
+    'require_core_keys': (bool, False),
+    # How often the CC pulls sessions and counts from each WS (collect.py).
+    'stats_interval_in_ms': (int, 5000),
 })
 
 # A target file is one Redis value: at most proto-max-bulk-len (512 MB).

@@ -47,6 +47,7 @@ HEARTBEAT_INCREMENT = 10   # WS: a silent core's stream expires after this
 STEPS_PER_FRAME = 50       # 0.1 ps per frame with 2 fs steps
 STREAMS = 4
 CORES = 3
+DONORS = ('demo-donor', 'demo-donor-2')
 
 T0 = time.monotonic()
 
@@ -73,9 +74,10 @@ class Procs:
         self.folder = folder
         self.all = []
 
-    def start(self, name, argv):
+    def start(self, name, argv, env=None):
         log = open(os.path.join(self.folder, name + '.log'), 'ab')
         p = subprocess.Popen(argv, cwd=ROOT, stdout=log,
+                             env=dict(os.environ, **(env or {})),
                              stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, start_new_session=True)
         p.demo_name, p.demo_log = name, log
@@ -129,7 +131,7 @@ def setup_servers(procs, ws_names=('firebat', 'marauder'), shared=None):
                   ssl_certfile=os.path.join(certs, 'cc.pem'),
                   ssl_key=os.path.join(certs, 'cc.key'), ssl_ca_certs=ca,
                   cc_pass=cc_pass, ws_probe_interval_in_ms=1000,
-                  num_processes=1)
+                  stats_interval_in_ms=1000, num_processes=1)
         if shared is not None:
             cc.update(redis_url=shared.url, redis_options=None)
         write_conf(os.path.join(run, label + '.conf'), 'cc', cc)
@@ -168,6 +170,10 @@ def setup_servers(procs, ws_names=('firebat', 'marauder'), shared=None):
             label, address, 'Redis shared by every CC at %s' % shared.url
             if shared else 'embedded Redis on port %d'
             % cc['redis_options']['port'], os.path.relpath(ca, ROOT)))
+    say('dashboard while the demo runs: https://%s/dashboard (the browser '
+        'must trust %s; or run `siegetank --cc %s --ca %s status`)'
+        % (cc_address(ccs[-1]), os.path.relpath(ca, ROOT),
+           cc_address(ccs[-1]), os.path.relpath(ca, ROOT)))
     for ws in ws_confs:
         procs.start('ws-' + ws['name'],
                     [sys.executable, 'ws.py', '--config',
@@ -184,12 +190,16 @@ def setup_servers(procs, ws_names=('firebat', 'marauder'), shared=None):
     return cc_address(ccs[0]), ca, ccs + ws_confs
 
 
-def start_core(procs, n, address, ca, donor):
-    return procs.start('core%d' % n, [
-        sys.executable, '-m', 'siegetank.core', '--cc', address, '--ca', ca,
-        '--engine', 'openmm', '--platform', 'CPU', '--threads', '1',
-        '--donor-token', donor, '--checkpoint-every', '5',
-        '--heartbeat-every', '2'])
+def start_core(procs, n, address, ca, donor, key):
+    """An OpenMM core with the core key (from the environment, not argv);
+    `donor` None runs it anonymously."""
+    argv = [sys.executable, '-m', 'siegetank.core', '--cc', address,
+            '--ca', ca, '--engine', 'openmm', '--platform', 'CPU',
+            '--threads', '1', '--checkpoint-every', '5',
+            '--heartbeat-every', '2']
+    if donor:
+        argv += ['--donor-token', donor]
+    return procs.start('core%d' % n, argv, {'SIEGETANK_CORE_KEY': key})
 
 
 def stream_of(core):
@@ -210,13 +220,14 @@ def show(target, labels):
     return info
 
 
-def run_cores(procs, target, labels, address, ca, donor):
-    """3 cores on 4 streams; one core is SIGKILLed and a replacement takes
-    the stream nobody had, while the dead core's stream waits for its
-    heartbeat to expire and goes back in the queue."""
+def run_cores(procs, target, labels, address, ca, donors, key):
+    """3 cores on 4 streams (of donors[i], None = anonymous); one core is
+    SIGKILLed and an anonymous replacement takes the stream nobody had,
+    while the dead core's stream waits for its heartbeat to expire and
+    goes back in the queue."""
     say('starting %d OpenMM cores (CPU platform, 1 thread each); committed '
         'frames per stream, * = a core is on it:' % CORES)
-    cores = [start_core(procs, i + 1, address, ca, donor)
+    cores = [start_core(procs, i + 1, address, ca, donors[i], key)
              for i in range(CORES)]
     started = time.monotonic()
     killed = victim = expired = None
@@ -239,7 +250,7 @@ def run_cores(procs, target, labels, address, ca, donor):
                     killed.demo_name, labels.get(victim, victim),
                     info.get(victim, {}).get('frames', 0),
                     labels.get(victim, victim), HEARTBEAT_INCREMENT))
-            spare = start_core(procs, CORES + 1, address, ca, donor)
+            spare = start_core(procs, CORES + 1, address, ca, None, key)
             cores.append(spare)
             wait_for(lambda: stream_of(spare), 'the new core to start',
                      errors=STARTING, interval=0.1)
@@ -267,7 +278,8 @@ def run_cores(procs, target, labels, address, ca, donor):
     show(target, labels)
 
 
-def run_cluster_cores(procs, target, labels, addresses, ca, donor, shared):
+def run_cluster_cores(procs, target, labels, addresses, ca, donor, key,
+                      shared):
     """3 cores on 4 streams, two sent through cc-a and one through cc-b.
     cc-a is SIGKILLed mid-run: its cores keep working (they talk to their
     WS), the jobs lease passes to cc-b, and a fourth core gets the free
@@ -286,7 +298,7 @@ def run_cluster_cores(procs, target, labels, addresses, ca, donor, shared):
         'through cc-b; committed frames per stream, * = a core is on it:'
         % CORES)
     cores = [start_core(procs, i + 1, addresses[0 if i < 2 else 1], ca,
-                        donor) for i in range(CORES)]
+                        donor, key) for i in range(CORES)]
     wait_for(lambda: all(stream_of(c) for c in cores), 'the cores to start',
              errors=STARTING, interval=0.1)
     started = time.monotonic()
@@ -309,7 +321,8 @@ def run_cluster_cores(procs, target, labels, addresses, ca, donor, shared):
             wait_for(lambda: holder() == 'cc-b', 'the lease to pass')
             say('the jobs lease passed to cc-b %.1f s after the kill'
                 % (time.monotonic() - killed_at))
-            spare = start_core(procs, CORES + 1, addresses[1], ca, donor)
+            spare = start_core(procs, CORES + 1, addresses[1], ca, donor,
+                               key)
             cores.append(spare)
             wait_for(lambda: stream_of(spare), 'the new core to start',
                      errors=STARTING, interval=0.1)
@@ -364,6 +377,35 @@ def verify(client, target, labels, built, summary):
     return rows, problems
 
 
+def print_stats(client, target, committed):
+    """The CC's stats of the demo's donors and target, once every session
+    has reached it (its frames = the frames the WS committed)."""
+    try:
+        wait_for(lambda: client.target_stats(target.id)['frames']
+                 == committed, 'the stats to record every session', 30,
+                 errors=STARTING, interval=0.2)
+    except TimedOut as e:
+        return [str(e)]
+    print(table([(name, s['frames'], s['sessions'], s['targets'])
+                 for name, s in ((n, client.donor_stats(n))
+                                 for n in DONORS)],
+                ('donor', 'frames', 'sessions', 'targets'), rule=True))
+    st = client.target_stats(target.id)
+    print(table([(target.id[:8], st['frames'], st['sessions'], st['donors'],
+                  st['frames_last_24h'], ', '.join(
+                      '%s %d' % kv for kv in sorted(
+                          st['by_end_reason'].items())))],
+                ('target', 'frames', 'sessions', 'donors', 'last 24 h',
+                 'sessions ended by'), rule=True))
+    anonymous = committed - sum(client.donor_stats(n)['frames']
+                                for n in DONORS)
+    say('stats: %d frames in %d sessions, %d frames by the anonymous core; '
+        'they agree with the %d frames the workservers committed'
+        % (st['frames'], st['sessions'], anonymous, committed))
+    return []
+
+
+
 def check_nothing_left(procs, confs):
     left = [p.demo_name for p in procs.all if p.poll() is None]
     for p in procs.all:
@@ -405,11 +447,14 @@ def main():
         admin.token = admin.create_manager('admin@demo.local',
                                            os.urandom(8).hex(), 'admin')
         other = Client(address, ca=ca, token=admin.token)
-        donor = other.create_donor('demo-donor', os.urandom(8).hex(),
-                                   'donor@demo.local')
+        donors = [other.create_donor(name, os.urandom(8).hex(),
+                                     name + '@demo.local')
+                  for name in DONORS]
+        key = admin.create_core_key('openmm', 'demo cores')
         say('admin admin@demo.local created (loopback bootstrap, no token) '
-            'through %s; donor demo-donor created by the admin through %s'
-            % (CC_NAMES[0], CC_NAMES[-1]))
+            'through %s; donors %s created by the admin through %s; core '
+            'key %s for openmm (the CC requires core keys)'
+            % (CC_NAMES[0], ', '.join(DONORS), CC_NAMES[-1], key['key_id']))
         built = os.path.join(RUN, 'target')
         summary = build_target.build(built, streams=STREAMS,
                                      steps_per_frame=STEPS_PER_FRAME)
@@ -427,10 +472,11 @@ def main():
                 '%s=%s@%s' % (labels[s], s[:8], s.split(':')[1])
                 for s in sids)))
         if CLUSTER:
-            run_cluster_cores(procs, target, labels, addresses, ca, donor,
-                              shared)
+            run_cluster_cores(procs, target, labels, addresses, ca,
+                              donors[0], key['key'], shared)
         else:
-            run_cores(procs, target, labels, address, ca, donor)
+            run_cores(procs, target, labels, address, ca,
+                      [donors[0], donors[0], donors[1]], key['key'])
         say('downloading every stream\'s frames.xtc through %s (307 to a '
             'signed WS URL) and reading it with mdtraj:' % CC_NAMES[-1])
         rows, problems = verify(other, target, labels, built, summary)
@@ -438,6 +484,7 @@ def main():
         say('%d frames (%.1f ps of MD) committed and verified by mdtraj '
             'across %d streams' % (frames, frames * summary['ps_per_frame'],
                                    sum(1 for r in rows if r[3])))
+        problems += print_stats(other, target, frames)
         if problems or frames == 0:
             for p in problems or ['no frames were produced']:
                 print('demo: FAILED: %s' % p)

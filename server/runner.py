@@ -17,9 +17,10 @@ import sys
 import time
 
 from tornado.httpserver import HTTPServer
+from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from server import config, store, tls, web
+from server import config, metrics, store, tls, web
 
 log = logging.getLogger('siegetank')
 
@@ -42,6 +43,8 @@ async def _serve(settings, app_class, sockets, ssl_ctx, redis_url, task_id,
     server = HTTPServer(app, ssl_options=ssl_ctx,
                         **web.http_server_options(settings))
     server.add_sockets(sockets)
+    flusher = PeriodicCallback(metrics.get().flush, metrics.FLUSH_MS)
+    flusher.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
@@ -60,6 +63,8 @@ async def _serve(settings, app_class, sockets, ssl_ctx, redis_url, task_id,
         pass
     await app.close()
     await redis.aclose()
+    flusher.stop()
+    metrics.get().flush()
 
 
 def holder_prefix(pid, generation):
@@ -143,6 +148,7 @@ def _supervise(n, start_child, embedded=None, worker_died=None):
         if found is None:
             continue
         i, gen = found
+        metrics.worker_died(pid)
         if not stopping and status != 0:
             log.warning('worker %d (pid %d) died (status %d), restarting',
                         i, pid, status)
@@ -171,6 +177,7 @@ def main(kind, app_class, argv=None):
     ssl_ctx = tls.server_context(settings)
     os.makedirs(settings['data_folder'], exist_ok=True)
     os.chmod(settings['data_folder'], 0o700)
+    metrics.prepare(settings)
     sockets = bind_sockets(settings['internal_http_port'],
                            settings['bind_address'] or None,
                            reuse_port=False)

@@ -20,7 +20,7 @@ import zlib
 import tornado.web
 from tornado.web import HTTPError
 
-from server import store, threads, tls, tokens
+from server import metrics, store, threads, tls, tokens
 
 
 def _no_constant(name):
@@ -311,6 +311,7 @@ class App(tornado.web.Application):
         self.redis = redis
         self.task_id = task_id
         self.client_ssl = tls.client_context(settings['ssl_ca_certs'])
+        self.route_names = metrics.route_names(handlers)
         super().__init__(handlers, default_handler_class=NotFoundHandler,
                          log_function=log_request, compress_response=False,
                          serve_traceback=False)
@@ -333,6 +334,10 @@ class App(tornado.web.Application):
         """In the master, when a worker died: free what it held in Redis
         (values starting with `prefix`, see runner.holder_prefix)."""
 
+    async def stream_counts(self):
+        """{state: streams} for the metrics (monitor.py)."""
+        return {}
+
 
 def http_server_options(settings):
     """Tornado HTTPServer options of a server: slow clients are cut (the
@@ -353,8 +358,13 @@ BODY_LIMITS = ('max_small_body_size', 'max_body_size',
 
 def log_request(handler):
     """Level by status; the path without its query (signed URLs carry a
-    signature there) and never a header, so no credential reaches the log."""
+    signature there) and never a header, so no credential reaches the log.
+    Every request is counted in the metrics by its route."""
     status = handler.get_status()
+    req = handler.request
+    metrics.get().observe_request(
+        handler.application.route_names.get(type(handler), 'unmatched'),
+        req.method, status, req.request_time())
     if status < 400:
         level = logging.DEBUG
     elif status < 500:
@@ -362,7 +372,6 @@ def log_request(handler):
     else:
         level = logging.ERROR
     if access_log.isEnabledFor(level):
-        req = handler.request
         access_log.log(level, '%d %s %s %.1fms %s', status, req.method,
                        req.path, 1000.0 * req.request_time(),
                        getattr(handler, '_error_message', ''))

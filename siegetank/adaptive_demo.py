@@ -50,13 +50,15 @@ def say(text):
     print('[%5.1fs] %s' % (time.monotonic() - T0, text), flush=True)
 
 
-def start_cores(procs, arm, address, ca, target_id):
+def start_cores(procs, arm, address, ca, target_id, key):
+    """`key`: the core key the CC requires (passed in the environment)."""
     return [procs.start('%s-core%d' % (arm, i + 1), [
         sys.executable, '-m', 'siegetank.core', '--cc', address, '--ca', ca,
         '--engine', 'openmm', '--platform', 'CPU', '--threads', '1',
         '--target-id', target_id, '--checkpoint-every', '1',
         '--heartbeat-every', '5', '--backoff-first', '0.2',
-        '--backoff-max', '1']) for i in range(CORES)]
+        '--backoff-max', '1'], {'SIEGETANK_CORE_KEY': key})
+        for i in range(CORES)]
 
 
 def stop_cores(procs, cores):
@@ -181,6 +183,7 @@ def run(procs):
     admin = Client(address, ca=ca)
     admin.token = admin.create_manager('admin@adaptive.local',
                                        os.urandom(8).hex(), 'admin')
+    key = admin.create_core_key('openmm', 'adaptive demo cores')['key']
     built = os.path.join(RUN, 'target')
     summary = build_target.build(built, streams=0, solvent=SOLVENT,
                                  steps_per_frame=STEPS_PER_FRAME)
@@ -210,7 +213,7 @@ def run(procs):
         'the minimized structure; adaptive: rounds of %d streams x %d frames;'
         ' each arm to %d frames' % (CORES, CORES, STREAMS, FRAMES_PER_STREAM,
                                     TOTAL_FRAMES))
-    cores = {arm: start_cores(procs, arm, address, ca, targets[arm].id)
+    cores = {arm: start_cores(procs, arm, address, ca, targets[arm].id, key)
              for arm in targets}
 
     def check():

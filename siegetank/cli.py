@@ -17,6 +17,7 @@ import getpass
 import json
 import os
 import sys
+import time
 
 from server.disk import atomic_write
 from siegetank import files as wire
@@ -149,6 +150,107 @@ def cmd_ws_status(args):
           'online' if s.get('online') else 'offline')
          for n, s in sorted(status.items())], ('workserver', 'address',
                                                'status')))
+
+
+def _ago(t):
+    if t is None:
+        return 'never'
+    s = max(0.0, time.time() - t)
+    return '%d s ago' % s if s < 90 else '%d min ago' % (s / 60)
+
+
+def status_text(st):
+    """The figures of /status (those of the dashboard) as tables."""
+    ws = st['workservers']
+    admin = any('detail' in w for w in ws.values())
+    head = ['workserver', 'state', 'last seen', 'idle', 'active', 'stopped',
+            'disk free MB']
+    rows = []
+    for name, w in sorted(ws.items()):
+        row = [name, 'online' if w['online'] else 'OFFLINE',
+               _ago(w['last_seen']), w['streams']['ok'],
+               w['streams']['active'], w['streams']['stopped'],
+               '-' if w['disk_free_mb'] is None
+               else '%.0f' % w['disk_free_mb']]
+        if admin:
+            d = w['detail']
+            row += ['%s:%s' % (d['url'], d['http_port']), d['fails'],
+                    d['frames_last_hour'], d['errors_last_hour'],
+                    d['sessions_recorded']]
+        rows.append(row)
+    if admin:
+        head += ['address', 'fails', 'frames 1h', 'errors 1h', 'sessions']
+    s, pm = st['streams'], st['per_minute']
+    totals = [('streams', s['total']), ('idle', s['idle']),
+              ('active', s['active']), ('stopped', s['stopped']),
+              ('cores active', st['cores_active']),
+              ('frames, last hour', sum(st['history']['frames'])),
+              ('last minute: assignments', pm['assignments']),
+              ('last minute: no work (503)', pm['no_work']),
+              ('last minute: frames', pm['frames']),
+              ('last minute: errors', pm['errors'])]
+    parts = [table(rows, head), '', table(totals, ('fleet', 'now'))]
+    if st['targets']:
+        parts += ['', table([(t, c['queued'], c['active']) for t, c in
+                             sorted(st['targets'].items())],
+                            ('public target', 'queued', 'active'))]
+    return '\n'.join(parts)
+
+
+def cmd_status(args):
+    st = client(args, need_token=False).status()
+    out(args, st, status_text(st))
+
+
+def cmd_donor_stats(args):
+    st = client(args, need_token=False).donor_stats(args.username)
+    out(args, st, table([(args.username, st['frames'], st['sessions'],
+                          st['targets'], _ago(st['last_seen']))],
+                        ('donor', 'frames', 'sessions', 'targets',
+                         'last seen')))
+
+
+def cmd_top_donors(args):
+    donors = client(args, need_token=False).top_donors(args.top)
+    out(args, donors, table([(i + 1, d['username'], d['frames'],
+                              d['sessions']) for i, d in enumerate(donors)],
+                            ('#', 'donor', 'frames', 'sessions')))
+
+
+def cmd_target_stats(args):
+    st = client(args).target_stats(args.target)
+    rows = [(k, st[k]) for k in ('frames', 'sessions', 'active_cores',
+                                 'donors', 'frames_last_24h')]
+    rows += [('ended by ' + r, n) for r, n in
+             sorted(st['by_end_reason'].items())]
+    out(args, st, table(rows, (args.target, '')))
+
+
+def cmd_keys_create(args):
+    made = client(args).create_core_key(args.engine, args.description)
+    out(args, made, 'core key %s for %s (shown only now):\n%s'
+        % (made['key_id'], args.engine, made['key']))
+
+
+def cmd_keys_list(args):
+    found = client(args).core_keys()
+    out(args, found, table(
+        [(k, v['engine'], v['description'], _date(v['creation_date']),
+          _date(v['last_used'])) for k, v in sorted(found.items())],
+        ('key id', 'engine', 'description', 'created', 'last used')))
+
+
+def cmd_keys_revoke(args):
+    c = client(args)
+    for key_id in args.key_ids:
+        c.revoke_core_key(key_id)
+        print('revoked %s' % key_id)
+
+
+def _date(t):
+    if t is None:
+        return 'never'
+    return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))
 
 
 def cmd_targets_list(args):
@@ -342,6 +444,34 @@ def build_parser():
     ws.add_parser('status', help='workservers and whether they are '
                   'online').set_defaults(func=cmd_ws_status)
 
+    s = sub.add_parser('status', help='the fleet: workservers, streams, '
+                       'cores, per-minute figures (admin: per-WS detail)')
+    s.set_defaults(func=cmd_status)
+
+    dn = sub.add_parser('donors', help='donor stats').add_subparsers(
+        dest='donors_command', metavar='ACTION')
+    dn.required = True
+    s = dn.add_parser('stats', help='a donor\'s frames and sessions')
+    s.add_argument('username')
+    s.set_defaults(func=cmd_donor_stats)
+    s = dn.add_parser('top', help='the donors with the most frames')
+    s.add_argument('-n', '--top', type=int, default=10)
+    s.set_defaults(func=cmd_top_donors)
+
+    ks = sub.add_parser('keys', help='core keys (admin)').add_subparsers(
+        dest='keys_command', metavar='ACTION')
+    ks.required = True
+    s = ks.add_parser('create', help='a new core key for an engine')
+    s.add_argument('engine')
+    s.add_argument('--description', default='')
+    s.set_defaults(func=cmd_keys_create)
+    ks.add_parser('list', help='the live core keys').set_defaults(
+        func=cmd_keys_list)
+    s = ks.add_parser('revoke', help='revoke core keys: their cores get '
+                      '401 and must be updated')
+    s.add_argument('key_ids', nargs='+', metavar='KEY_ID')
+    s.set_defaults(func=cmd_keys_revoke)
+
     tg = sub.add_parser('targets', help='targets').add_subparsers(
         dest='targets_command', metavar='ACTION')
     tg.required = True
@@ -376,6 +506,10 @@ def build_parser():
     s = tg.add_parser('delete', help='delete targets and all their streams')
     s.add_argument('targets', nargs='+', metavar='TARGET')
     s.set_defaults(func=cmd_targets_delete)
+    s = tg.add_parser('stats', help='a target\'s frames, sessions, '
+                      'donors, active cores')
+    s.add_argument('target')
+    s.set_defaults(func=cmd_target_stats)
     s = tg.add_parser('download', help='download a target file')
     s.add_argument('target')
     s.add_argument('filename')

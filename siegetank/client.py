@@ -185,6 +185,40 @@ class Client:
         """{ws_name: {url, http_port, online}}"""
         return self.json('GET', '/ws/status', auth=False)
 
+    # -- fleet and stats (API.md, second round) --------------------------
+    def status(self):
+        """The fleet from /status (with an admin token, per-WS detail)."""
+        return self.json('GET', '/status')
+
+    def donor_stats(self, username):
+        """{frames, sessions, last_seen, targets} of a donor."""
+        return self.json('GET', '/donors/stats/' + username, auth=False)
+
+    def top_donors(self, n=10):
+        """[{username, frames, sessions}], best first (n <= 1000)."""
+        return self.json('GET', '/stats/donors?top=%d' % n,
+                         auth=False)['donors']
+
+    def target_stats(self, target_id):
+        """{frames, sessions, active_cores, donors, frames_last_24h,
+        by_end_reason} of one of your targets."""
+        return self.json('GET', '/targets/stats/' + target_id)
+
+    def create_core_key(self, engine, description=''):
+        """(admin) A new core key for `engine`: {key, key_id}; the key is
+        shown only this once."""
+        return self.post('/engines/keys', {'engine': engine,
+                                           'description': description})
+
+    def core_keys(self):
+        """(admin) {key_id: {engine, description, creation_date,
+        last_used}} of the live core keys."""
+        return self.get('/engines/keys')
+
+    def revoke_core_key(self, key_id):
+        """(admin) Cores with that key get 401 from now on."""
+        self.put('/engines/keys/delete/' + key_id)
+
     def get_targets(self):
         """Your targets (all public/beta ones without a token), as Target
         objects."""

@@ -10,8 +10,8 @@ class Cluster:
     """One CC and `n_ws` workservers; `admin` is a Client logged in as the
     bootstrap admin (created from loopback without a token)."""
 
-    def __init__(self, n_ws=1, **ws_values):
-        self.cc = ServerProcess('cc')
+    def __init__(self, n_ws=1, cc_values=None, **ws_values):
+        self.cc = ServerProcess('cc', **(cc_values or {}))
         self.ws = []
         self.n_ws = n_ws
         self.ws_values = ws_values

@@ -28,3 +28,16 @@ class TestBenchSmoke(unittest.TestCase):
             self.assertGreater(row['frames_committed'], 0)
         self.assertEqual(results['activations']['ours_errors'], 0)
         self.assertTrue(os.path.exists(os.path.join(out, 'frames.png')))
+
+    def test_quick_status(self):
+        """The /status workload: the CC's report of the WS reaches every
+        stream made, and /status answers (figures unchecked)."""
+        out = tmpdir('bench')
+        p = subprocess.run(
+            [sys.executable, '-m', 'bench', '--quick', '--only', 'status',
+             '--out', out],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        with open(os.path.join(out, 'results.json')) as f:
+            row = json.load(f)['status']
+        self.assertEqual((row['streams'], row['active']), (2000, 100))

@@ -5,16 +5,22 @@ on any hosts sharing one Redis are one CC: nothing is kept on local disk,
 and the jobs run in the one process holding the jobs lease
 (server/lease.py)."""
 import asyncio
+import json
 import logging
 
 from tornado.ioloop import PeriodicCallback
 
-from server import runner, store
+from server import monitor, runner, store
 from server.cc import (
     accounts,
     assign,
+    collect,
+    corekeys,
+    dashboard,
     keys,
     reconcile,
+    stats,
+    status,
     streams,
     targets,
     workservers,
@@ -28,11 +34,16 @@ log = logging.getLogger('siegetank.cc')
 class CommandCenter(App):
     def __init__(self, settings, redis, task_id=0):
         handlers = [(r'/', HealthHandler)]
+        handlers += stats.default_handlers  # before /targets/:id/:file
         handlers += accounts.default_handlers
         handlers += targets.default_handlers
         handlers += streams.default_handlers
         handlers += assign.default_handlers
         handlers += workservers.default_handlers
+        handlers += corekeys.default_handlers
+        handlers += status.default_handlers
+        handlers += monitor.default_handlers
+        handlers += dashboard.default_handlers
         super().__init__(handlers, settings, redis, task_id)
         self.lease = Lease(redis, keys.JOBS_LEASE,
                            settings['jobs_lease_in_ms'])
@@ -85,6 +96,7 @@ class CommandCenter(App):
                    workservers.probe_all)
         self.every(1000 * self.config['reconcile_interval_in_s'],
                    reconcile.reconcile)
+        self.every(self.config['stats_interval_in_ms'], collect.collect_all)
 
     async def on_stop(self):
         for callback in self.periodic:
@@ -92,6 +104,19 @@ class CommandCenter(App):
         for task in self.flushing.values():
             task.cancel()
         await self.lease.stop()
+
+    async def stream_counts(self):
+        """Streams by state, summed over the WS's last reports."""
+        names = await self.redis.smembers(keys.WORKSERVERS)
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hget(keys.ws_report(name), 'streams')
+        totals = {'ok': 0, 'active': 0, 'stopped': 0}
+        for raw in await pipe.execute() if names else []:
+            for state, n in json.loads(raw or '{}').items():
+                if state in totals:
+                    totals[state] += n
+        return totals
 
 
 def main(argv=None):

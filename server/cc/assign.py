@@ -29,8 +29,8 @@ import random
 import time
 import uuid
 
-from server import peer
-from server.cc import keys, targets, workservers
+from server import metrics, peer
+from server.cc import corekeys, keys, status, targets, workservers
 from server.lua import Script
 from server.tokens import token_hash
 from server.web import APIError, APIHandler, check_target_id, too_many
@@ -199,11 +199,12 @@ async def candidates(app, engine, version, stages, target_id, donor_token,
     return Admitted(donor or None, client, member), result
 
 
-async def activate(app, ws, base, target_id, admitted):
+async def activate(app, ws, base, target_id, admitted, core=None):
     """A token from `ws` (at `base`) for a free stream of the target, or
     None. The WS learns who the client is (error stops count once per
-    client and stream)."""
-    body = {'target_id': target_id, 'client': admitted.client}
+    client and stream); `core` ({engine, core_version}) goes into the
+    session record."""
+    body = dict(core or {}, target_id=target_id, client=admitted.client)
     if admitted.donor is not None:
         body['donor_id'] = admitted.donor
     try:
@@ -222,7 +223,7 @@ async def activate(app, ws, base, target_id, admitted):
 
 
 async def assign(app, engine, version, stages, donor_token, address,
-                 target_id=None):
+                 target_id=None, core_version=None):
     """(token, url, options) of an activated stream, or None when nothing
     is free. Options stay the JSON text the target stored (no decoding and
     encoding again)."""
@@ -235,7 +236,8 @@ async def assign(app, engine, version, stages, donor_token, address,
             _, options, ws = found[tid]
             for name in weighted_order({n: c for n, (c, _) in ws.items()}):
                 base = ws[name][1]
-                token = await activate(app, name, base, tid, admitted)
+                token = await activate(app, name, base, tid, admitted, {
+                    'engine': engine, 'core_version': core_version or ''})
                 if token is not None:
                     admitted = None
                     return token, base + '/core/start', options
@@ -246,11 +248,45 @@ async def assign(app, engine, version, stages, donor_token, address,
 
 
 class AssignHandler(APIHandler):
+    def on_finish(self):
+        code = self.get_status()
+        outcome = ('assigned' if code == 200 else 'no_work' if code == 503
+                   else 'refused')
+        metrics.count('assignments', label=outcome)
+
     async def post(self):
-        engine = self.field('engine', str, check=targets.ENGINE.fullmatch)
+        try:
+            await self.assign()
+        except APIError as e:
+            if e.status_code == 503:
+                await status.count(self.redis, 'no_work')
+            raise
+        await status.count(self.redis, 'assignments')
+
+    async def authenticate(self):
+        """The core key, from the headers before the body (401)."""
+        self.key_engine = await corekeys.engine_of(self)
+
+    def core_engine(self):
+        """The engine: the core key's (a body engine that differs is a
+        400), else the body's (2014 cores, keys not required)."""
+        engine = self.key_engine
+        said = self.field('engine', str, None, check=targets.ENGINE.fullmatch)
+        if engine is None:
+            if said is None:
+                raise APIError(400, 'missing field engine')
+            return said
+        if said is not None and said != engine:
+            raise APIError(400, 'engine %s differs from the engine of this '
+                           'core key (%s)' % (said, engine))
+        return engine
+
+    async def assign(self):
+        engine = self.core_engine()
         version = self.field('engine_version', str,
                              check=lambda v: 0 < len(v) <= 64)
-        self.field('core_version', str, None)
+        core_version = self.field('core_version', str, None,
+                                  check=lambda v: len(v) <= 64)
         stage = self.field('stage', str, 'public',
                            check=lambda s: s in ('public', 'beta'))
         donor_token = self.field('donor_token', (str, type(None)), None)
@@ -266,7 +302,8 @@ class AssignHandler(APIHandler):
             # Naming a beta target is asking for beta.
             stages = ('public', 'beta')
         found = await assign(self.application, engine, version, stages,
-                             donor_token, self.request.remote_ip, target_id)
+                             donor_token, self.request.remote_ip, target_id,
+                             core_version)
         if found is None:
             raise APIError(503, 'no stream available for %s %s'
                            % (engine, version))

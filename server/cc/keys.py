@@ -56,6 +56,37 @@ Target files live here too, not on a CC's disk: any CC host serves them.
     client:<client>:rate       string with a TTL: assignments the client
                                asked for in the current minute
 
+Core keys (corekeys.py), stored hashed like tokens:
+
+    core_keys                  set of the ids of live keys
+    core_key:<key_id>          hash: engine, description, creation_date,
+                               last_used, revoked ('0'/'1'; a revoked key
+                               is kept so its cores hear why they are
+                               refused)
+    core_key_hash:<sha256>     string: id of the core key of that hash
+
+Stats (stats.py, collect.py, status.py), kept as session records arrive:
+
+    stats:seen:<session id>    string with a TTL: the record is stored
+    stats:sessions             stream: session records (capped)
+    stats:donors:frames        zset: username -> frames
+    stats:donor:<username>     hash: frames, sessions, last_seen
+    stats:donor:<username>:targets   set of the targets the donor worked on
+    stats:target:<id>          hash: frames, sessions, end:<reason> ->
+                               sessions ended so
+    stats:target:<id>:donors   set of the donors who worked on it
+    stats:target:<id>:hours    hash: unix hour -> frames of the sessions
+                               that ended in it
+    stats:ws:<name>            hash: frames, sessions recorded from it
+    ws:<name>:report           hash: the WS's last report: time,
+                               disk_free_mb and JSON fields streams ({ok,
+                               active, stopped}), targets ({id: {queued,
+                               active, stopped}}), per_minute ({minute:
+                               {frames, errors}})
+    stats:per-minute:<what>    hash: unix minute -> assignments or no_work
+                               counted by the CC (minutes over two hours
+                               old are dropped by collect.py)
+
 `keys.ws(name)` is a key; `keys.ws.template` is the same key with '%s' in
 place of the name, for a Lua script that walks from one key to another
 (`string.format`), so that every name stays defined here.
@@ -103,3 +134,19 @@ admins = 'admins'
 login_fails = Key('login_fails:%s:%s')
 client_held = Key('client:%s:held')
 client_rate = Key('client:%s:rate')
+
+CORE_KEYS = 'core_keys'
+core_key = Key('core_key:%s')
+core_key_hash = Key('core_key_hash:%s')
+
+session_seen = Key('stats:seen:%s')
+SESSIONS = 'stats:sessions'
+DONORS_BY_FRAMES = 'stats:donors:frames'
+donor_stats = Key('stats:donor:%s')
+donor_targets = Key('stats:donor:%s:targets')
+target_stats = Key('stats:target:%s')
+target_donors = Key('stats:target:%s:donors')
+target_hours = Key('stats:target:%s:hours')
+ws_stats = Key('stats:ws:%s')
+ws_report = Key('ws:%s:report')
+per_minute = Key('stats:per-minute:%s')

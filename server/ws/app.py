@@ -6,9 +6,17 @@ import time
 
 from tornado.ioloop import PeriodicCallback
 
-from server import runner, store
+from server import monitor, runner, store
 from server.web import App, HealthHandler
-from server.ws import cc_api, core, download, recovery, registration
+from server.ws import (
+    cc_api,
+    core,
+    download,
+    recovery,
+    registration,
+    report,
+    sessions,
+)
 from server.ws.fastredis import Multiplexed
 from server.ws.keys import Keys
 from server.ws.storage import Storage
@@ -22,6 +30,8 @@ class WorkServer(App):
         handlers += cc_api.default_handlers
         handlers += download.default_handlers  # after /streams/<command>/..
         handlers += core.default_handlers
+        handlers += report.default_handlers
+        handlers += monitor.default_handlers
         super().__init__(handlers, settings, redis, task_id)
         self.keys = Keys(settings['name'])
         # Hot-path scripts run over this (see fastredis.py).
@@ -64,6 +74,9 @@ class WorkServer(App):
             log.warning('redis down, pulse skipped: %s', e)
             return
         await core.sweep_safely(self)
+
+    async def stream_counts(self):
+        return (await sessions.summary(self))[0]
 
     async def close(self):
         self.fastredis.close()

@@ -83,8 +83,12 @@ class ActivateHandler(CCHandler):
         donor = self.field('donor_id', (str, type(None)), None)
         client = self.field('client', str, None,
                             check=lambda c: 0 < len(c) <= 256)
+        engine = self.field('engine', str, '', check=lambda v: len(v) <= 64)
+        core_version = self.field('core_version', (str, type(None)), '',
+                                  check=lambda v: v is None or len(v) <= 64)
         token, sid = await streams.activate(self.application, tid, donor,
-                                            client, self.cc)
+                                            client, self.cc, engine,
+                                            core_version or '')
         self.write_json({'token': token, 'stream_id': sid})
 
 

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 
-from server import store, threads
+from server import metrics, store, threads
 from server.lua import Script
 from server.tokens import token_hash
 from server.web import (
@@ -30,7 +30,7 @@ from server.web import (
     decoded_streams,
     encoded_size,
 )
-from server.ws import locks, streams
+from server.ws import locks, sessions, streams
 from server.ws.storage import (
     BufferLost,
     TooManyFiles,
@@ -91,10 +91,14 @@ return 1
 # The buffer is a chunk now: if the lock is still this request's, record
 # the committed count and free the stream (1); else change nothing (0).
 # The error count starts again (KEYS[3]: who counted in it).
+# ARGV[5] new frames are counted in minute ARGV[4] of hash ARGV[3].
 _COMMIT_DONE = Script("""
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'frames', ARGV[2], 'buffer_frames', '0',
            'digest', '', 'sizes', '', 'error_count', '0')
+if tonumber(ARGV[5]) > 0 then
+  redis.call('HINCRBY', ARGV[3], ARGV[4], ARGV[5])
+end
 redis.call('DEL', KEYS[3])
 redis.call('DEL', KEYS[2])
 return 1
@@ -327,6 +331,7 @@ class FrameHandler(LockedCoreHandler):
             if not await held.done(_FRAME_DONE, n, md5,
                                    encode_sizes(sizes)):
                 raise LockLost(held.sid)
+        metrics.count('frames_received', n)
         self.write_json({})
 
 
@@ -357,10 +362,15 @@ class CheckpointHandler(LockedCoreHandler):
             seq, total = await threads.disk(commit, app.storage, held.sid,
                                             n, files, meta, held.sizes,
                                             held.error_count != 0)
-            if not await held.done(_COMMIT_DONE, total):
+            new = max(total - held.frames, 0)
+            if not await held.done(_COMMIT_DONE, total,
+                                   app.keys.frames_per_minute,
+                                   sessions.minute(), new):
                 if seq is not None:
                     await threads.disk(app.storage.uncommit, held.sid, seq)
                 raise LockLost(held.sid)
+            metrics.count('checkpoints')
+            metrics.count('frames_committed', new)
         self.write_json({})
 
 

@@ -8,6 +8,10 @@ recovery can drop the whole index with one pattern and rebuild it.
 `keys.stream(sid)` is a key; `keys.stream.template` is the same key with
 '%s' in place of the id, for a Lua script that walks from one key to
 another (`string.format`), as on the CC (server/cc/keys.py).
+
+The few keys that are records rather than index (ended sessions waiting
+for their CC, per-minute counts) start with `kept` instead, so the rebuild
+leaves them alone.
 """
 from server.store import Key
 
@@ -15,6 +19,7 @@ from server.store import Key
 class Keys:
     def __init__(self, ws_name):
         p = self.prefix = 'wsd:%s:' % ws_name
+        kept = self.kept = 'wskept:%s:' % ws_name
         # every key of this WS (for the rebuild on start)
         self.pattern = p + '*'
         # string: set once the index of the disk is complete; a Redis
@@ -54,3 +59,13 @@ class Keys:
         # zset: holders of a shared hold on the target (creations of
         # streams of a target that exists) -> expiry (ms)
         self.target_users = Key(p + 'lock:target-users:%s')
+        # hash: target id -> number of its streams active now
+        self.target_active = p + 'target-active'
+        # Records (see the top). stream: ended sessions of activations asked
+        # by that CC, one entry each (see sessions.py), deleted once the CC
+        # acknowledges them
+        self.outbox = Key(kept + 'sessions:%s')
+        # hash: unix minute -> frames committed in it
+        self.frames_per_minute = kept + 'frames-per-minute'
+        # hash: unix minute -> error stops in it
+        self.errors_per_minute = kept + 'errors-per-minute'

@@ -16,7 +16,7 @@ missing streams are indexed again live (`reindex`), each under its lock.
 import logging
 
 from server import store, threads
-from server.ws import locks, streams
+from server.ws import locks, sessions, streams
 from server.ws.keys import Keys
 from server.ws.storage import Storage
 from server.ws.streams import index_stream
@@ -35,9 +35,25 @@ def drop_index(redis, keys):
         redis.delete(*batch)
 
 
+def end_sessions(storage, keys, redis):
+    """The sessions live when the WS went down end now (reason
+    ws_restart), before their hashes go; their frames are what the disk
+    committed. Returns how many."""
+    ended = 0
+    for sid in redis.smembers(keys.active):
+        if redis.hget(keys.stream(sid), 'active') == '1':
+            sessions.end_on_restart(redis, keys, sid,
+                                    storage.committed_frames(sid))
+            ended += 1
+    return ended
+
+
 def rebuild(storage, keys, redis):
     """Returns (targets, streams, committed frames) now indexed."""
     storage.clean_garbage()
+    ended = end_sessions(storage, keys, redis)
+    if ended:
+        log.info('%d sessions ended by the restart', ended)
     drop_index(redis, keys)
     targets, nstreams, nframes = set(), 0, 0
     pipe = redis.pipeline(transaction=False)

@@ -14,10 +14,11 @@ import secrets
 import time
 import uuid
 
-from server import threads
+from server import metrics, threads
 from server.lua import Script
 from server.tokens import token_hash
 from server.web import APIError
+from server.ws import sessions
 from server.ws.locks import stream_locked, target_locked, target_shared
 
 
@@ -156,13 +157,14 @@ async def _indexed(app, target, names, stream_id, meta):
 
 # Pop the best OK inactive stream of a target and give it a fresh token;
 # none for a CC (ARGV[8]) other than the one that made the target.
+# Its session starts (see sessions.py).
 _ACTIVATE = Script("""
 while true do
   local popped = redis.call('ZPOPMAX', KEYS[1])
   if #popped == 0 then return false end
   local sid = popped[1]
   local key = string.format(ARGV[1], sid)
-  local s = redis.call('HMGET', key, 'status', 'active', 'cc')
+  local s = redis.call('HMGET', key, 'status', 'active', 'cc', 'frames')
   if s[3] and s[3] ~= '' and s[3] ~= ARGV[8] then
     redis.call('ZADD', KEYS[1], popped[2], sid)
     return false
@@ -170,10 +172,13 @@ while true do
   if s[1] == 'OK' and s[2] == '0' then
     redis.call('HSET', key, 'active', '1', 'token', ARGV[3], 'donor', ARGV[5],
                'start_time', ARGV[6], 'buffer_frames', '0', 'digest', '',
-               'sizes', '', 'client', ARGV[7])
+               'sizes', '', 'client', ARGV[7], 'session', ARGV[9],
+               'session_cc', ARGV[8], 'engine', ARGV[10],
+               'core_version', ARGV[11], 'frames0', s[4] or '0')
     redis.call('SET', string.format(ARGV[2], ARGV[3]), sid)
     redis.call('ZADD', KEYS[2], ARGV[4], sid)
     redis.call('SADD', KEYS[3], sid)
+    redis.call('HINCRBY', KEYS[4], ARGV[12], 1)
     return sid
   end
 end
@@ -189,25 +194,30 @@ def early_windows(config):
             min(config['first_heartbeat_window_in_s'], hb))
 
 
-async def activate(app, target_id, donor_id, client, cc):
+async def activate(app, target_id, donor_id, client, cc, engine='',
+                   core_version=''):
     """(token, stream_id) of a freshly activated stream, or 503. The token
     lives for the start window only until it reaches /core/start (see
     core.py): an activation whose reply was lost (the CC timed out, the
     connection was cut), or a stream taken and never started, gives its
     stream back soon, not after a whole heartbeat. `client` (from the CC)
-    is who got it, for counting error stops."""
+    is who got it, for counting error stops; `cc` (which CC asked),
+    `engine` and `core_version` go into its session."""
     check_disk(app)
     keys = app.keys
     token = secrets.token_urlsafe(32)
     now = time.time()
     sid = await _ACTIVATE(app.fastredis, [
-        keys.queue(target_id), keys.heartbeats, keys.active], [
+        keys.queue(target_id), keys.heartbeats, keys.active,
+        keys.target_active], [
         keys.stream.template, keys.token.template, token_hash(token),
         repr(now + early_windows(app.config)[0]), donor_id or '',
-        repr(now), client or '', cc])
+        repr(now), client or '', cc, uuid.uuid4().hex, engine, core_version,
+        target_id])
     if not sid:
         raise APIError(503, 'no stream of target %s is free on this '
                        'workserver' % target_id)
+    metrics.count('activations')
     return token, sid
 
 
@@ -217,7 +227,10 @@ async def activate(app, target_id, donor_id, client, cc):
 # expired), stop (core stop), error (core stop with an error: counted once
 # per client of the activation, STOPPED at max_fails), halt (CC stop:
 # STOPPED).
-_DEACTIVATE = Script("""
+
+# What end_session reads follows ARGV[5]. An active stream's session ends
+# here.
+_DEACTIVATE = Script(sessions.END_SESSION_LUA + """
 local s = redis.call('HMGET', KEYS[1], 'active', 'token', 'status', 'frames',
                      'error_count', 'client')
 if not s[3] then return false end
@@ -231,12 +244,14 @@ end
 local was_active = 0
 if s[1] == '1' then
   was_active = 1
+  end_session(KEYS[1], ARGV[1], 6)
   if s[2] and s[2] ~= '' then
     redis.call('DEL', string.format(ARGV[2], s[2]))
   end
   redis.call('HSET', KEYS[1], 'active', '0')
   redis.call('HDEL', KEYS[1], 'token', 'donor', 'start_time', 'buffer_frames',
-             'digest', 'sizes', 'client')
+             'digest', 'sizes', 'client', 'session', 'session_cc', 'engine',
+             'core_version', 'frames0')
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
@@ -269,11 +284,12 @@ async def deactivate(app, stream_id, target_id, mode):
         keys.stream(stream_id), keys.heartbeats, keys.active,
         keys.queue(target_id), keys.errors_by(stream_id)], [
         stream_id, keys.token.template, mode, app.config['max_stream_fails'],
-        repr(time.time())])
+        repr(time.time())] + sessions.end_args(keys, mode))
     if not result:
         return None
     was_active, status, errors = int(result[0]), result[1], int(result[2])
     if was_active:
+        metrics.count('deactivations', label=sessions.REASONS[mode])
         await threads.disk(app.storage.discard_buffer, stream_id)
     if mode in ('error', 'halt'):
         await threads.disk(app.storage.update_stream_meta, stream_id,
@@ -322,10 +338,14 @@ async def stop_stream(app, stream_id, cc):
 
 # Drop one stream from the index; the target too when it was the last.
 # KEYS: stream, target streams, queue, heartbeats, active, targets,
-# errors_by.
-DELETE = Script("""
+# errors_by. ARGV: sid, token key template, target id, then what
+# end_session reads.
+DELETE = Script(sessions.END_SESSION_LUA + """
 local tok = redis.call('HGET', KEYS[1], 'token')
-if tok and tok ~= '' then redis.call('DEL', string.format(ARGV[2], tok)) end
+if tok and tok ~= '' then
+  end_session(KEYS[1], ARGV[1], 4)
+  redis.call('DEL', string.format(ARGV[2], tok))
+end
 redis.call('DEL', KEYS[1], KEYS[7])
 redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -351,7 +371,8 @@ async def _drop_stream(app, stream_id, target_id):
             keys.stream(stream_id), keys.target_streams(target_id),
             keys.queue(target_id), keys.heartbeats, keys.active,
             keys.targets, keys.errors_by(stream_id)],
-            [stream_id, keys.token.template, target_id])
+            [stream_id, keys.token.template, target_id]
+            + sessions.end_args(keys, 'delete'))
 
 
 async def delete_stream(app, stream_id, cc):

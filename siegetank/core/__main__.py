@@ -2,6 +2,7 @@
 (each checkpoints and stops its stream first) or --max-frames."""
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,6 +19,9 @@ def parse(argv):
     p.add_argument('--engine', choices=('openmm', 'synthetic'),
                    default='openmm')
     p.add_argument('--donor-token')
+    p.add_argument('--core-key', default=os.environ.get('SIEGETANK_CORE_KEY'),
+                   help='the core key the CC issued for this engine '
+                   '(default: $SIEGETANK_CORE_KEY)')
     p.add_argument('--target-id', help='only work on this target')
     p.add_argument('--stage', choices=('beta',),
                    help='also accept beta targets')
@@ -83,6 +87,7 @@ def main(argv=None):
     threads = []
     for i in range(args.cores):
         core = Core(args.cc, engine, ca=args.ca, donor_token=args.donor_token,
+                    core_key=args.core_key,
                     target_id=args.target_id, stage=args.stage,
                     checkpoint_every=args.checkpoint_every,
                     heartbeat_every=args.heartbeat_every,

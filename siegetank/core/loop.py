@@ -207,11 +207,12 @@ class Core:
     def __init__(self, cc, engine, ca=None, donor_token=None, target_id=None,
                  stage=None, checkpoint_every=60.0, heartbeat_every=60.0,
                  max_frames=None, timeout=30, backoff=None, stop=None,
-                 heartbeats=None, name='core'):
+                 heartbeats=None, name='core', core_key=None):
         self.cc = cc if cc.startswith('https://') else 'https://' + cc
         self.engine = engine
         self.verify = ca or True
         self.donor_token = donor_token
+        self.core_key = core_key  # sent as Authorization on assign (2015)
         self.target_id = target_id
         self.stage = stage
         self.checkpoint_every = checkpoint_every
@@ -274,7 +275,7 @@ class Core:
             body['stage'] = self.stage
         try:
             return self._retry('assign', lambda: self._call(
-                'POST', self.cc + '/core/assign', body=body))
+                'POST', self.cc + '/core/assign', self.core_key, body))
         except Permanent as e:
             if e.status in (400, 401, 403, 404):
                 raise Fatal('the command center refused this core: %s'

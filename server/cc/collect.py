@@ -1,0 +1,62 @@
+"""The CC's pull of every online workserver's report (worker 0, every
+`stats_interval_in_ms`): its ended sessions, stored by stats.store and then
+acknowledged (the WS deletes only acknowledged records, so a CC that dies
+between the two gets them again and stores them once, by session id), and
+its counts (streams by state and per target, disk free, frames and error
+stops per minute), kept as the WS's last report for /status.
+"""
+import json
+import logging
+import time
+
+from server import peer
+from server.cc import keys, stats, status, workservers
+
+log = logging.getLogger('siegetank.cc.collect')
+
+ROUNDS_MAX = 20   # reports per WS and pull while its outbox stays full
+
+
+async def report(app, name, reply):
+    """Keep the counts of a report as the WS's last one."""
+    body = reply.body
+    await app.redis.hset(keys.ws_report(name), mapping={
+        'time': repr(time.time()),
+        'disk_free_mb': float(body.get('disk_free_mb', 0)),
+        'streams': json.dumps(body.get('streams', {})),
+        'targets': json.dumps(body.get('targets', {})),
+        'per_minute': json.dumps(body.get('per_minute', {}))})
+
+
+async def pull(app, name):
+    """Sessions and counts of one WS; returns how many new sessions."""
+    new = 0
+    for _ in range(ROUNDS_MAX):
+        reply = await workservers.request(app, name, 'GET', '/stats/report')
+        if reply.code != 200 or not isinstance(reply.body, dict):
+            log.warning('report of %s: %d %s', name, reply.code, reply.error)
+            return new
+        await report(app, name, reply)
+        sessions = reply.body.get('sessions') or []
+        if not sessions:
+            return new
+        new += await stats.store(app.redis, name, sessions)
+        ack = await workservers.request(app, name, 'PUT', '/stats/ack', {
+            'entries': [s.get('entry') for s in sessions]})
+        if ack.code != 200:
+            log.warning('ack to %s: %d %s', name, ack.code, ack.error)
+            return new
+    return new
+
+
+async def collect_all(app):
+    await status.forget_old_minutes(app.redis)
+    for name, ws in sorted((await workservers.status(app)).items()):
+        if not ws['online']:
+            continue
+        try:
+            await pull(app, name)
+        except peer.PeerError as e:
+            log.info('report of %s failed: %s', name, e)
+        except Exception:
+            log.exception('report of %s failed', name)

@@ -1,0 +1,200 @@
+"""Session stats: records stored once, aggregates kept as they arrive.
+
+Session records come from the workservers (collect.py pulls them; the
+protocol is in server/ws/sessions.py). `store` applies a batch in one Lua
+step: a record whose session id was seen before is skipped (a WS repeats a
+record whose acknowledgement it never got), else it is appended to the
+session log and added to its donor's, target's and WS's aggregates. No
+read ever scans sessions or streams.
+
+Anonymous sessions count for their target and WS, not for any donor.
+`frames_last_24h` of a target counts the frames of its sessions that ended
+in the current hour and the 23 before it.
+"""
+import json
+import math
+import time
+
+from server.cc import accounts, keys
+from server.cc.targets import TargetHandler
+from server.lua import Script
+from server.web import APIError, APIHandler
+
+SEEN_TTL_S = 7 * 86400       # a repeated record arrives within minutes
+SESSION_LOG_MAX = 100000     # records kept in the log (oldest dropped)
+TOP_MAX = 1000
+REASONS = ('stop', 'error', 'expiry', 'manager_stop', 'deletion',
+           'ws_restart')
+FIELDS = ('id', 'donor', 'engine', 'core_version', 'target_id',
+          'stream_id', 'start', 'end', 'reason', 'frames')
+
+# ARGV: ws name, JSON list of records, seen TTL, log max length, then the
+# key templates. Returns how many records were new.
+_STORE = Script("""
+local ws = ARGV[1]
+local new = 0
+for _, r in ipairs(cjson.decode(ARGV[2])) do
+  if redis.call('SET', string.format(ARGV[5], r.id), '1', 'NX', 'EX',
+                ARGV[3]) then
+    new = new + 1
+    local frames = r.frames
+    local t = string.format(ARGV[6], r.target_id)
+    redis.call('HINCRBY', t, 'frames', frames)
+    redis.call('HINCRBY', t, 'sessions', 1)
+    redis.call('HINCRBY', t, 'end:' .. r.reason, 1)
+    redis.call('HINCRBY', string.format(ARGV[7], r.target_id),
+               tostring(math.floor(r['end'] / 3600)), frames)
+    local w = string.format(ARGV[8], ws)
+    redis.call('HINCRBY', w, 'frames', frames)
+    redis.call('HINCRBY', w, 'sessions', 1)
+    if r.donor ~= '' then
+      local d = string.format(ARGV[9], r.donor)
+      redis.call('HINCRBY', d, 'frames', frames)
+      redis.call('HINCRBY', d, 'sessions', 1)
+      local last = tonumber(redis.call('HGET', d, 'last_seen') or '0')
+      if r['end'] > last then
+        redis.call('HSET', d, 'last_seen', string.format('%.3f', r['end']))
+      end
+      redis.call('SADD', string.format(ARGV[10], r.donor), r.target_id)
+      redis.call('SADD', string.format(ARGV[11], r.target_id), r.donor)
+      redis.call('ZINCRBY', ARGV[12], frames, r.donor)
+    end
+    redis.call('XADD', ARGV[13], 'MAXLEN', '~', ARGV[4], '*',
+               'id', r.id, 'donor', r.donor, 'engine', r.engine,
+               'core_version', r.core_version, 'target_id', r.target_id,
+               'stream_id', r.stream_id, 'ws', ws,
+               'start', string.format('%.3f', r.start),
+               'end', string.format('%.3f', r['end']), 'reason', r.reason,
+               'frames', frames)
+  end
+end
+return new
+""")
+
+
+def clean(record):
+    """A session record from a WS with the types the Lua step relies on,
+    or None if it is not one."""
+    try:
+        r = {f: record[f] for f in FIELDS}
+        for f in ('id', 'engine', 'core_version', 'target_id', 'stream_id'):
+            if not isinstance(r[f], str) or len(r[f]) > 200:
+                return None
+        r['donor'] = r['donor'] or ''
+        if not isinstance(r['donor'], str) or r['reason'] not in REASONS:
+            return None
+        r['frames'] = int(r['frames'])
+        r['end'] = float(r['end'])
+        r['start'] = float(r['start'] or r['end'])
+        if r['frames'] < 0 or not r['id'] or not (
+                math.isfinite(r['start']) and math.isfinite(r['end'])):
+            return None
+        return r
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+async def store(redis, ws_name, records):
+    """Store a batch of session records from `ws_name`; returns how many
+    were new (the rest had been stored before)."""
+    good = [r for r in map(clean, records) if r is not None]
+    if not good:
+        return 0
+    return await _STORE(redis, [], [
+        ws_name, json.dumps(good), SEEN_TTL_S, SESSION_LOG_MAX,
+        keys.session_seen.template, keys.target_stats.template,
+        keys.target_hours.template, keys.ws_stats.template,
+        keys.donor_stats.template, keys.donor_targets.template,
+        keys.target_donors.template, keys.DONORS_BY_FRAMES, keys.SESSIONS])
+
+
+async def donor(redis, username):
+    """{frames, sessions, last_seen, targets} (targets: how many targets
+    the donor worked on), None for an unknown donor."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.exists(keys.donor(username))
+    pipe.hgetall(keys.donor_stats(username))
+    pipe.scard(keys.donor_targets(username))
+    exists, h, ntargets = await pipe.execute()
+    if not exists:
+        return None
+    return {'frames': int(h.get('frames', 0)),
+            'sessions': int(h.get('sessions', 0)),
+            'last_seen': float(h['last_seen']) if h.get('last_seen')
+            else None, 'targets': ntargets}
+
+
+async def top_donors(redis, n):
+    rows = await redis.zrevrange(keys.DONORS_BY_FRAMES, 0, n - 1,
+                                 withscores=True)
+    pipe = redis.pipeline(transaction=False)
+    for name, _ in rows:
+        pipe.hget(keys.donor_stats(name), 'sessions')
+    sessions = await pipe.execute() if rows else []
+    return [{'username': name, 'frames': int(frames),
+             'sessions': int(s or 0)}
+            for (name, frames), s in zip(rows, sessions)]
+
+
+async def target(redis, target_id, active_cores):
+    """{frames, sessions, active_cores, donors, frames_last_24h,
+    by_end_reason} (donors: how many donors worked on it)."""
+    hour = int(time.time() // 3600)
+    pipe = redis.pipeline(transaction=False)
+    pipe.hgetall(keys.target_stats(target_id))
+    pipe.scard(keys.target_donors(target_id))
+    pipe.hmget(keys.target_hours(target_id),
+               [str(h) for h in range(hour - 23, hour + 1)])
+    h, ndonors, hours = await pipe.execute()
+    return {'frames': int(h.get('frames', 0)),
+            'sessions': int(h.get('sessions', 0)),
+            'active_cores': active_cores, 'donors': ndonors,
+            'frames_last_24h': sum(int(x) for x in hours if x),
+            'by_end_reason': {k[4:]: int(v) for k, v in h.items()
+                              if k.startswith('end:')}}
+
+
+async def active_cores(redis, target_id):
+    """Cores on the target now, from the last report of every WS."""
+    names = sorted(await redis.smembers(keys.WORKSERVERS))
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        pipe.hget(keys.ws_report(name), 'targets')
+    total = 0
+    for raw in await pipe.execute():
+        if raw:
+            total += json.loads(raw).get(target_id, {}).get('active', 0)
+    return total
+
+
+class DonorStatsHandler(APIHandler):
+    async def get(self, username):
+        if not accounts.USERNAME.fullmatch(username):
+            raise APIError(400, 'bad username %r' % username)
+        found = await donor(self.redis, username)
+        if found is None:
+            raise APIError(404, 'no such donor %s' % username)
+        self.write_json(found)
+
+
+class TopDonorsHandler(APIHandler):
+    async def get(self):
+        raw = self.get_query_argument('top', '10')
+        if not raw.isdigit() or not 1 <= int(raw) <= TOP_MAX:
+            raise APIError(400, 'top must be an integer from 1 to %d'
+                           % TOP_MAX)
+        self.write_json({'donors': await top_donors(self.redis, int(raw))})
+
+
+class TargetStatsHandler(TargetHandler):
+    async def get(self, target_id):
+        await self.owned_target(target_id)
+        self.write_json(await target(
+            self.redis, target_id, await active_cores(self.redis, target_id)))
+
+
+default_handlers = [
+    (r'/donors/stats/([^/]+)', DonorStatsHandler),
+    (r'/stats/donors', TopDonorsHandler),
+    (r'/targets/stats/([^/]+)', TargetStatsHandler),
+]

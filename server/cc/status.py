@@ -1,0 +1,123 @@
+"""GET /status: the fleet at a glance, from counters only.
+
+Per WS, its last report (collect.py): online, last seen, streams by state,
+disk free. Totals are the sums of those; cores_active = active streams.
+Per minute: assignments and no-work 503s counted by the CC as they happen
+(a Redis hash of minute -> count per figure), frames committed
+and error stops from the WS reports. `per_minute` holds the last complete
+minute; `history` the last 60 minutes (the last one still running) for the
+dashboard's chart. `targets`: queue depth and active cores per public
+target. An admin also gets `detail` per WS. Cost: one round trip for
+everything, independent of how many streams there are.
+"""
+import json
+import time
+
+from server.cc import accounts, keys
+
+HISTORY = 60
+KEPT_MINUTES = 120
+COUNTED = ('assignments', 'no_work')
+
+
+def minute(t=None):
+    return int((time.time() if t is None else t) // 60)
+
+
+async def count(redis, what):
+    """One more `what` (of COUNTED) in this minute."""
+    await redis.hincrby(keys.per_minute(what), minute(), 1)
+
+
+async def forget_old_minutes(redis):
+    """Drop counts older than KEPT_MINUTES (run by the periodic collect)."""
+    oldest = minute() - KEPT_MINUTES
+    for what in COUNTED:
+        old = [m for m in await redis.hkeys(keys.per_minute(what))
+               if int(m) < oldest]
+        if old:
+            await redis.hdel(keys.per_minute(what), *old)
+
+
+def _int_or_zero(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+async def status(redis, admin=False):
+    now = minute()
+    minutes = list(range(now - HISTORY + 1, now + 1))
+    names = sorted(await redis.smembers(keys.WORKSERVERS))
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(keys.ws(name))
+        pipe.hgetall(keys.ws_report(name))
+        pipe.hgetall(keys.ws_stats(name))
+    for what in COUNTED:
+        pipe.hmget(keys.per_minute(what), minutes)
+    pipe.smembers(keys.stage_targets('public'))
+    replies = await pipe.execute()
+    public = replies.pop()
+    history = {'start': minutes[0] * 60,
+               'frames': [0] * HISTORY, 'errors': [0] * HISTORY}
+    for what, counts in zip(COUNTED, replies[3 * len(names):]):
+        history[what] = [_int_or_zero(c) for c in counts]
+    totals = {'ok': 0, 'active': 0, 'stopped': 0}
+    targets = {tid: {'queued': 0, 'active': 0} for tid in public}
+    workservers = {}
+    for i, name in enumerate(names):
+        ws, rep, recorded = replies[3 * i:3 * i + 3]
+        if not ws:
+            continue
+        streams = json.loads(rep.get('streams') or '{}')
+        per_minute = json.loads(rep.get('per_minute') or '{}')
+        for state in totals:
+            totals[state] += streams.get(state, 0)
+        for tid, c in json.loads(rep.get('targets') or '{}').items():
+            if tid in targets:
+                targets[tid]['queued'] += c.get('queued', 0)
+                targets[tid]['active'] += c.get('active', 0)
+        frames = errors = 0
+        for j, m in enumerate(minutes):
+            c = per_minute.get(str(m), {})
+            history['frames'][j] += c.get('frames', 0)
+            history['errors'][j] += c.get('errors', 0)
+            frames += c.get('frames', 0)
+            errors += c.get('errors', 0)
+        entry = {'online': ws.get('online') == '1',
+                 'last_seen': float(rep['time']) if rep.get('time')
+                 else None,
+                 'streams': {s: streams.get(s, 0) for s in totals},
+                 'disk_free_mb': float(rep['disk_free_mb'])
+                 if rep.get('disk_free_mb') else None}
+        if admin:
+            entry['detail'] = {
+                'url': ws.get('url'), 'http_port': int(ws['http_port'])
+                if ws.get('http_port') else None,
+                'fails': _int_or_zero(ws.get('fails')),
+                'frames_last_hour': frames, 'errors_last_hour': errors,
+                'sessions_recorded': _int_or_zero(recorded.get('sessions')),
+                'frames_recorded': _int_or_zero(recorded.get('frames'))}
+        workservers[name] = entry
+    return {
+        'workservers': workservers,
+        'streams': {'total': sum(totals.values()), 'active': totals['active'],
+                    'idle': totals['ok'], 'stopped': totals['stopped']},
+        'cores_active': totals['active'],
+        'per_minute': {k: history[k][-2] for k in
+                       ('assignments', 'no_work', 'frames', 'errors')},
+        'history': history, 'targets': targets, 'time': time.time()}
+
+
+class StatusHandler(accounts.AccountHandler):
+    async def get(self):
+        m = await self.manager()  # 401 for an unknown token
+        self.write_json(await status(self.redis, m is not None
+                                     and m.is_admin))
+
+
+default_handlers = [
+    (r'/status', StatusHandler),
+]

@@ -1,0 +1,60 @@
+"""GET /metrics of both servers: Prometheus text from metrics.py, for
+loopback and the `metrics_allow` networks only (else 403).
+
+The gauges that describe state rather than events (streams by state, disk
+free, Redis round trip) are measured at scrape time by the worker that
+answers, from counts the app already keeps (`app.stream_counts()`), never
+by scanning streams.
+"""
+import functools
+import ipaddress
+import shutil
+import time
+
+from server import metrics
+from server.web import APIError, APIHandler
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(allowed):
+    return tuple(ipaddress.ip_network(n, strict=False) for n in allowed)
+
+
+def allowed(address, networks):
+    """Loopback always; else an address inside one of `networks`."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if ip.is_loopback:
+        return True
+    return any(ip in net for net in _networks(tuple(networks)))
+
+
+class MetricsHandler(APIHandler):
+    def prepare(self):
+        super().prepare()
+        if not allowed(self.request.remote_ip, self.config['metrics_allow']):
+            raise APIError(403, '/metrics is open to loopback and the '
+                           'metrics_allow networks only')
+
+    async def get(self):
+        app = self.application
+        m = metrics.get()
+        start = time.perf_counter()
+        try:
+            await self.redis.ping()
+            m.redis_rtt.set(time.perf_counter() - start)
+        except Exception:
+            raise APIError(503, 'redis is not reachable')
+        m.disk_free.set(shutil.disk_usage(self.config['data_folder']).free)
+        for state, n in (await app.stream_counts()).items():
+            m.streams.labels(state).set(n)
+        self.set_header('Content-Type',
+                        'text/plain; version=0.0.4; charset=utf-8')
+        self.finish(m.exposition())
+
+
+default_handlers = [
+    (r'/metrics', MetricsHandler),
+]
