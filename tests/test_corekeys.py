@@ -95,6 +95,7 @@ class TestFleetCLI(CLITestCase):
                 c.admin.token)
         out = self.ok('keys', 'create', 'synthetic', '--description', 'v1')
         key_id, key = out.split()[2], out.split()[-1]
+        self.assertEqual(len(key), 64)
         self.assertIn(key_id, self.ok('keys', 'list'))
         self.assertIn('v1', self.ok('keys', 'list'))
         self.ok('keys', 'revoke', key_id)

@@ -13,18 +13,19 @@ for one activation, and a crash cannot lose it (AOF).
 
 The CC pulls its outbox with `GET /stats/report` (report.py; it also
 carries the counts below) and acknowledges what it stored with
-`PUT /stats/ack`; only then are the entries deleted. The CC stores a record at most once by its
-session id, so a reply lost before the ack, or a rebuild that ran twice,
-repeats a record harmlessly. Frames of a session = committed frames at its
-end minus those at its start: exactly what its checkpoints committed.
+`PUT /stats/ack`; only then are the entries deleted. The CC stores a
+record at most once by its session id, so a reply lost before the ack, or
+a rebuild that ran twice, repeats a record harmlessly. Frames of a
+session = committed frames at its end minus those at its start: exactly
+what its checkpoints committed.
 """
 import time
 
 MINUTES_KEPT = 120
 
 # Lua: end the session of an active stream. ARGV from index b on: now,
-# outbox key template (%s: the CC), target-active key, errors-per-minute key, minute,
-# reason[, committed frames now (else the hash's)].
+# outbox key template (%s: the CC), target-active key, errors-per-minute
+# key, minute, reason[, committed frames now (else the hash's)].
 END_SESSION_LUA = """
 local function end_session(key, sid, b)
   local s = redis.call('HMGET', key, 'session', 'session_cc', 'donor',
