@@ -120,7 +120,8 @@ class KeysHandler(accounts.AccountHandler):
 
 class RevokeHandler(KeysHandler):
     async def put(self, key_id):
-        if not KEY_ID.fullmatch(key_id) or not await revoke(self.redis, key_id):
+        if not (KEY_ID.fullmatch(key_id)
+                and await revoke(self.redis, key_id)):
             raise APIError(404, 'no live core key %s' % key_id)
         log.info('core key %s revoked', key_id)
         self.write_json({})
