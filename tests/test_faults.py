@@ -267,7 +267,7 @@ class TestWorkerDeath(WSFixture, unittest.TestCase):
         return send
 
     def test_mid_commit(self):
-        self.start_ws(num_processes=2)
+        self.start_ws(num_processes=2, max_files_per_request=400)
         self.assertEqual(self.frame(b'two').status_code, 200)
         # Many state files: a commit that takes a while (one fsync each).
         state = {'s%03d.txt' % i: 'x' * 1000 for i in range(400)}
@@ -285,7 +285,7 @@ class TestWorkerDeath(WSFixture, unittest.TestCase):
         self.assertIn('freed 1 locks of dead worker', self.ws.read_log())
 
     def test_mid_frame(self):
-        self.start_ws(num_processes=2)
+        self.start_ws(num_processes=2, max_frame_body_size=64 << 20)
         big = os.urandom(24 << 20)
         body = {'files': {'frames.xtc.b64': b64(big)}}
         self.kill_holder_during(self.send_quietly('PUT', '/core/frame',

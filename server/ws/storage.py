@@ -224,7 +224,8 @@ class Storage:
                     have = os.fstat(fd).st_size
                     if have < want:
                         raise BufferLost(stream_id, name)
-                    touched[name] = want
+                    # On failure: cut back, or removed if Redis knew none.
+                    touched[name] = want if name in recorded else None
                     if have > want:
                         os.ftruncate(fd, want)
                     written = 0
