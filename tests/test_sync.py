@@ -100,7 +100,10 @@ class SyncTestCase(unittest.TestCase):
                 for m in SENT.finditer(self.ws.read_log())]
 
     def two_streams(self, frames=(12, 5)):
+        """A target with two streams, in the order a sync takes them (by
+        id), holding `frames` committed frames."""
         target, sids = self.cluster.synthetic_target(streams=2)
+        sids = sorted(sids)
         for sid, n in zip(sids, frames):
             self.run_frames(target, sid, n)
         return target, sids
@@ -219,7 +222,7 @@ class TestSync(SyncTestCase):
 
     def test_killed_mid_transfer_resumes(self):
         target, (a, b) = self.two_streams((40, 4))
-        first = a if a < b else b  # synced in stream id order
+        first = a  # synced first: killed during its transfer
         self.kill_sync(target, 'transfer', 300000)
         parts = glob.glob(os.path.join(self.folder, 'streams', first,
                                        'frames.dat.part-0'))
