@@ -222,9 +222,10 @@ class TestRedisURL(WSFixture, unittest.TestCase):
     def test_unix_socket_and_db(self):
         sock = os.path.join(tmpdir('sock'), 'redis.sock')
         server = self.own_redis(unixsocket=sock)
-        self.start_ws(redis_url='unix://%s?db=3' % sock, redis_options=None)
-        client = store.connect_sync('unix://%s?db=3' % sock)
-        db0 = store.connect_sync('unix://%s?db=0' % sock)
+        url = 'unix://:%s@%s?db=%%d' % (server.password, sock)
+        self.start_ws(redis_url=url % 3, redis_options=None)
+        client = store.connect_sync(url % 3)
+        db0 = store.connect_sync(url % 0)
         self.check_works_and_lands_in(client, db0.dbsize)
         self.assertTrue(server.process.poll() is None)
 
