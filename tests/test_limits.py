@@ -328,7 +328,8 @@ class TestHostileManagers(CCTestCase):
         loop goes on."""
         token = self.add_manager()
         tid = self.post_target(token, stage='public')
-        self.sync(lambda: workservers.register(self.app, 'bad', ':', 1))
+        self.sync(lambda: workservers.register(self.app, 'bad', ':', 1,
+                                                       '127.0.0.1'))
         self.sync(lambda: self.redis.hset(cc_keys.target_ws(tid), 'bad', 1))
         c, reply = self.fetch_json('/streams', 'POST', {
             'target_id': tid, 'files': {'s.xml': 'x'}}, token=token)
