@@ -55,10 +55,9 @@ return sid
 
 # One round trip for the start of a frame or checkpoint: the stream of a
 # live token, its lock taken, and what the request needs from its hash.
-# A frame or checkpoint is a sign of life too: the expiry moves to ARGV[7]
-# (now + heartbeat_increment; never back). Returns false (token not
-# live), {sid, 0} (lock busy) or {sid, 1, digest, buffer_frames,
-# error_count, frames, sizes}.
+# Nothing else changes: a request refused for its body leaves no trace.
+# Returns false (token not live), {sid, 0} (lock busy) or {sid, 1, digest,
+# buffer_frames, error_count, frames, sizes}.
 _HOLD_LIVE_STREAM = Script("""
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
@@ -72,18 +71,19 @@ if not redis.call('SET', string.format(ARGV[4], sid), ARGV[5], 'NX', 'PX',
                   ARGV[6]) then
   return {sid, 0}
 end
-redis.call('ZADD', KEYS[2], 'GT', ARGV[7], sid)
 return {sid, 1, s[3] or '', s[4] or '0', s[5] or '0', s[6] or '0',
         s[7] or ''}
 """)
 
 # A frame is in the buffer: if the stream's lock is still this request's,
 # count it, remember its digest and the buffer's sizes, free the stream
-# (1); else change nothing (0).
+# (1); else change nothing (0). A stored frame is a sign of life: the
+# expiry of stream ARGV[2] moves to ARGV[3] (never back), as on a commit.
 _FRAME_DONE = Script("""
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('HINCRBY', KEYS[1], 'buffer_frames', ARGV[2])
-redis.call('HSET', KEYS[1], 'digest', ARGV[3], 'sizes', ARGV[4])
+redis.call('ZADD', KEYS[4], 'XX', 'GT', ARGV[3], ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'buffer_frames', ARGV[4])
+redis.call('HSET', KEYS[1], 'digest', ARGV[5], 'sizes', ARGV[6])
 redis.call('DEL', KEYS[2])
 return 1
 """)
@@ -91,13 +91,14 @@ return 1
 # The buffer is a chunk now: if the lock is still this request's, record
 # the committed count and free the stream (1); else change nothing (0).
 # The error count starts again (KEYS[3]: who counted in it).
-# ARGV[5] new frames are counted in minute ARGV[4] of hash ARGV[3].
+# ARGV[7] new frames are counted in minute ARGV[6] of hash ARGV[5].
 _COMMIT_DONE = Script("""
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'frames', ARGV[2], 'buffer_frames', '0',
+redis.call('ZADD', KEYS[4], 'XX', 'GT', ARGV[3], ARGV[2])
+redis.call('HSET', KEYS[1], 'frames', ARGV[4], 'buffer_frames', '0',
            'digest', '', 'sizes', '', 'error_count', '0')
-if tonumber(ARGV[5]) > 0 then
-  redis.call('HINCRBY', ARGV[3], ARGV[4], ARGV[5])
+if tonumber(ARGV[7]) > 0 then
+  redis.call('HINCRBY', ARGV[5], ARGV[6], ARGV[7])
 end
 redis.call('DEL', KEYS[3])
 redis.call('DEL', KEYS[2])
@@ -149,13 +150,17 @@ class Held:
         self.in_use = False
 
     async def done(self, script, *args):
-        """Record the change if the lock is still ours (True)."""
+        """Record the change if the lock is still ours (True), and push
+        the core's expiry to now + heartbeat_increment with it."""
         self.released = True
+        app = self.app
+        expiry = time.time() + app.config['heartbeat_increment']
         try:
             return bool(await script(
-                self.app.fastredis,
-                [self.key, self.lock, self.app.keys.errors_by(self.sid)],
-                [self.holder] + list(args)))
+                app.fastredis,
+                [self.key, self.lock, app.keys.errors_by(self.sid),
+                 app.keys.heartbeats],
+                [self.holder, self.sid, repr(expiry)] + list(args)))
         except store.DOWN:
             # Its outcome is unknown (it may still run): nothing is undone,
             # the retry finds out (Redis' sizes and digest tell); the lock
@@ -206,8 +211,7 @@ class CoreHandler(APIHandler):
                 got = await _HOLD_LIVE_STREAM(app.fastredis, [
                     keys.token(hashed), keys.heartbeats], [
                     keys.stream.template, hashed, repr(now),
-                    keys.stream_lock.template, holder, locks.LOCK_TTL_MS,
-                    repr(now + app.config['heartbeat_increment'])])
+                    keys.stream_lock.template, holder, locks.LOCK_TTL_MS])
             except store.DOWN:
                 # It may still run and take the lock: free it when Redis
                 # answers again (the token tells which stream).
