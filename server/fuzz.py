@@ -9,11 +9,15 @@ Credentials are the right ones for the operation most of the time, missing
 or wrong otherwise; path ids are often those of real targets and streams.
 
 The run fails on any reply >= 500 and on any traceback in the servers'
-logs; it prints the figures. `python -m server.fuzz --requests N`.
+logs, but for a 503 that the document gives for that operation, with the
+`{"error"}` body and the headers (Retry-After) it promises: that is a
+documented answer (no stream free, stream busy, store down), counted
+apart. It prints the figures. `python -m server.fuzz --requests N`.
 """
 import argparse
 import collections
 import concurrent.futures
+import functools
 import os
 import random
 import sys
@@ -23,6 +27,7 @@ import uuid
 
 import requests
 import schemathesis
+import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -138,6 +143,41 @@ def operations(kind):
     return [r.ok() for r in schema.get_all_operations()]
 
 
+@functools.lru_cache(maxsize=None)
+def document(kind):
+    with open(DOCS[kind]) as f:
+        return yaml.safe_load(f)
+
+
+def documented_503(kind, operation):
+    """The headers a 503 of `operation` must carry, or None when its
+    document gives it no 503."""
+    reply = operation.definition.raw.get('responses', {}).get('503')
+    if reply is None:
+        return None
+    if '$ref' in reply:
+        doc = document(kind)
+        for part in reply['$ref'].lstrip('#/').split('/'):
+            doc = doc[part]
+        reply = doc
+    return sorted(name for name, header in reply.get('headers', {}).items()
+                  if header.get('required'))
+
+
+def undocumented(r, headers_503):
+    """Why reply `r` is a failure, or None for a documented 503."""
+    if r.status_code != 503 or headers_503 is None:
+        return 'undocumented'
+    try:
+        body = r.json()
+    except ValueError:
+        return 'body not JSON'
+    if not (isinstance(body, dict) and isinstance(body.get('error'), str)):
+        return 'body without {"error"}'
+    missing = [h for h in headers_503 if h not in r.headers]
+    return 'missing %s' % ', '.join(missing) if missing else None
+
+
 def scheme_of(operation):
     """The security scheme an operation asks for first, or None."""
     for requirement in operation.definition.raw.get('security', []):
@@ -156,6 +196,7 @@ class Run:
         self.submitted = 0
         self.sent = 0
         self.codes = collections.Counter()
+        self.documented_503 = 0
         self.failures = []
         self.strategies = {}
         self.time_in = collections.Counter()  # seconds per operation
@@ -185,9 +226,10 @@ class Run:
         if self.submitted % 50 == 0:
             world.refresh_core_token()
         name = '%s %s %s' % (kind, operation.method.upper(), operation.path)
-        self.pool.submit(self.send, name, headers, kwargs)
+        self.pool.submit(self.send, name, headers, kwargs,
+                         documented_503(kind, operation))
 
-    def send(self, name, headers, kwargs):
+    def send(self, name, headers, kwargs, headers_503):
         started = time.monotonic()
         try:
             r = self.session().request(headers=headers, timeout=60,
@@ -201,9 +243,13 @@ class Run:
             self.sent += 1
             self.time_in[name] += time.monotonic() - started
             self.codes[label] += 1
-            if not isinstance(code, int) or code >= 500:
-                self.failures.append('%s %s -> %s %s' % (
-                    name, kwargs['url'], code,
+            why = ('no reply' if r is None else undocumented(r, headers_503)
+                   if code >= 500 else None)
+            if why is None and r is not None and code == 503:
+                self.documented_503 += 1
+            elif why is not None:
+                self.failures.append('%s %s -> %s (%s) %s' % (
+                    name, kwargs['url'], code, why,
                     r.text[:200] if r is not None else ''))
         if os.environ.get('FUZZ_TRACE'):
             print(name, kwargs['url'], code,
@@ -262,12 +308,13 @@ def fuzz(budget, out=sys.stdout):
     found = tracebacks(world.cc) + tracebacks(world.ws)
     elapsed = time.monotonic() - started
     print('fuzz: %d requests in %.0f s over %d CC and %d WS operations; '
-          'replies by class: %s; 5xx and errors: %d; tracebacks in server '
-          'logs: %d' % (run.sent, elapsed, len(operations('cc')),
-                        len(operations('ws')),
-                        ', '.join('%s: %d' % kv for kv in sorted(
-                            run.codes.items(), key=str)),
-                        len(run.failures), len(found)), file=out)
+          'replies by class: %s (documented 503s: %d); failures (other '
+          '5xx, bad 503s, errors): %d; tracebacks in server logs: %d' % (
+              run.sent, elapsed, len(operations('cc')),
+              len(operations('ws')),
+              ', '.join('%s: %d' % kv for kv in sorted(
+                  run.codes.items(), key=str)),
+              run.documented_503, len(run.failures), len(found)), file=out)
     print('fuzz: slowest operations (s in all): %s' % ', '.join(
         '%s %.0f' % kv for kv in run.time_in.most_common(5)), file=out)
     for line in run.failures[:20]:

@@ -22,10 +22,11 @@ a timeout, not a refusal, not a failure on a new connection.
 import asyncio
 import json
 import select
+import socket
 import time
 from urllib.parse import urlsplit
 
-from tornado import httputil
+from tornado import httputil, netutil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.iostream import StreamClosedError
 from tornado.tcpclient import TCPClient
@@ -100,6 +101,17 @@ def _readable(stream):
         return True
 
 
+class _Resolved(netutil.Resolver):
+    """The addresses a lookup already found, for TCPClient."""
+
+    def initialize(self, found):
+        self.found = [(family, address) for family, _, _, _, address in found]
+
+    async def resolve(self, host, port, family=socket.AF_UNSPEC):
+        return [(f, a) for f, a in self.found
+                if family == socket.AF_UNSPEC or f == family]
+
+
 class _Pool:
     """Idle keep-alive connections to one peer, most recent last."""
 
@@ -121,8 +133,14 @@ class _Pool:
         return None
 
     async def connect(self, timeout):
+        # The name is resolved here, under the caller's time bound: given a
+        # timeout, TCPClient resolves under its own, and a lookup failing
+        # after it (a name that does not resolve, slowly) is logged as an
+        # unhandled exception instead of being this peer's failure.
+        found = await asyncio.get_running_loop().getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM)
         # TCPClient checks the certificate against `host` (name or IP).
-        stream = await TCPClient().connect(
+        stream = await TCPClient(resolver=_Resolved(found)).connect(
             self.host, self.port, ssl_options=self.ssl_ctx, timeout=timeout,
             max_buffer_size=MAX_BODY)
         stream.set_nodelay(True)

@@ -2,8 +2,11 @@
 A real Tornado HTTPS server in-process; what a pool opened is read from
 the pool itself and from the server's side (the client ports it saw)."""
 import asyncio
+import gc
 import os
 import socket
+import time
+from unittest import mock
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -166,6 +169,30 @@ class PeerTestCase(AsyncTestCase):
             await peer.call(self.ctx, 'GET', 'https://127.0.0.1:%d/' % port,
                             timeout=5)
         self.assertIn('refused', str(e.exception).lower())
+
+    @gen_test(timeout=20)
+    async def test_name_that_does_not_resolve_is_a_peer_error(self):
+        """A registered WS whose host name does not resolve (a fuzzed
+        registration `K`) fails as a refused one does, and a lookup that
+        fails only after the call's time bound is not left to be logged
+        as an unhandled exception (socket.gaierror) by the event loop."""
+        real = socket.getaddrinfo
+
+        def lookup(host, *args, **kwargs):
+            if host == 'slow.invalid':  # a resolver that answers late
+                time.sleep(1.0)
+                raise socket.gaierror(socket.EAI_NONAME, 'Name or service '
+                                      'not known')
+            return real(host, *args, **kwargs)
+
+        with mock.patch('socket.getaddrinfo', lookup), \
+                self.assertNoLogs(level='WARNING'):
+            for host in ('K', 'slow.invalid'):
+                with self.assertRaises(peer.PeerError):
+                    await peer.call(self.ctx, 'GET', self.url(host),
+                                    timeout=0.3)
+            await asyncio.sleep(1.5)  # the late lookup ends meanwhile
+            gc.collect()
 
     @gen_test
     async def test_certificate_of_another_ca_is_refused(self):

@@ -100,12 +100,16 @@ async def engine_of(handler):
     return found[1]
 
 
-class KeysHandler(accounts.AccountHandler):
+class AdminHandler(accounts.AccountHandler):
+    """Core keys are an admin's business only."""
+
     async def authenticate(self):
         m = await self.require_manager()
         if not m.is_admin:
             raise APIError(403, 'only an admin may manage core keys')
 
+
+class KeysHandler(AdminHandler):
     async def get(self):
         self.write_json(await listing(self.redis))
 
@@ -118,7 +122,7 @@ class KeysHandler(accounts.AccountHandler):
         self.write_json({'key': key, 'key_id': key_id})
 
 
-class RevokeHandler(KeysHandler):
+class RevokeHandler(AdminHandler):
     async def put(self, key_id):
         if not (KEY_ID.fullmatch(key_id)
                 and await revoke(self.redis, key_id)):
