@@ -37,6 +37,7 @@ import time
 
 import requests
 
+from server import processes
 from server.testing import (
     CC_PASS,
     ServerProcess,
@@ -413,19 +414,10 @@ class Chaos:
     # killing
 
     def ws_workers(self):
-        master = self.ws.process.pid
         redis = self.ws.redis_pid()
-        found = []
-        for entry in os.listdir('/proc'):
-            if entry.isdigit() and int(entry) != redis:
-                try:
-                    with open('/proc/%s/stat' % entry) as f:
-                        fields = f.read().rsplit(')', 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == master and fields[0] != 'Z':
-                    found.append(int(entry))
-        return found
+        return [pid for pid in processes.live_pids(processes.PARENT,
+                                                   self.ws.process.pid)
+                if pid != redis]
 
     def lock_holder(self):
         """The pid of a WS worker holding a stream's lock now, or None."""

@@ -19,6 +19,7 @@ import time
 
 import redis.exceptions
 
+from server import processes
 from server.lua import Script
 
 log = logging.getLogger('siegetank.lease')
@@ -100,9 +101,8 @@ def holder(redis, key, servers):
     value = redis.get(key) or ''
     try:
         pid = int(value.split(':')[-2])
-        with open('/proc/%d/stat' % pid) as f:
-            parent = int(f.read().rsplit(')', 1)[1].split()[1])
-    except (IndexError, ValueError, OSError):
+        parent = int(processes.stat(pid)[processes.PARENT])
+    except (IndexError, ValueError, TypeError):
         return None
     return next((name for name, p in servers.items() if p in (pid, parent)),
                 None)

@@ -1,11 +1,32 @@
-"""Whether a process runs, the one check used by the embedded Redis's
-owner, the tests and the demo."""
+"""Processes as /proc shows them: the one place the embedded Redis's
+owner, the lease, chaos, the demo and the tests look them up."""
+import os
+
+PARENT, GROUP = 1, 2  # fields of stat() after the state
+
+
+def stat(pid):
+    """The fields of /proc/<pid>/stat after the command name (state,
+    parent, process group, ...), or None once the process is gone."""
+    try:
+        with open('/proc/%s/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def alive(pid):
     """True while `pid` runs (a zombie counts as gone)."""
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except (OSError, TypeError, IndexError):
-        return False
+    fields = stat(pid) if pid is not None else None
+    return fields is not None and fields[0] != 'Z'
+
+
+def live_pids(field, value):
+    """Live pids whose stat `field` (PARENT or GROUP) is `value`."""
+    found = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            fields = stat(entry)
+            if fields and fields[0] != 'Z' and int(fields[field]) == value:
+                found.append(int(entry))
+    return found

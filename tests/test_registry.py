@@ -5,7 +5,7 @@ behind."""
 import os
 import unittest
 
-from server import tls
+from server import processes, tls
 from server.cc import keys
 from server.cc.accounts import is_loopback
 from server.processes import alive
@@ -21,18 +21,7 @@ from server.testing import (
 
 def group_members(pgid):
     """Live pids of a process group (a server started its own session)."""
-    pids = []
-    for entry in os.listdir('/proc'):
-        if not entry.isdigit():
-            continue
-        try:
-            with open('/proc/%s/stat' % entry) as f:
-                fields = f.read().rsplit(')', 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != 'Z':
-            pids.append(int(entry))
-    return pids
+    return processes.live_pids(processes.GROUP, pgid)
 
 
 class TestRegistry(unittest.TestCase):

@@ -6,24 +6,14 @@ import unittest
 import uuid
 
 import redis
-from server import store
+from server import processes, store
 from server.processes import alive
 from server.testing import ServerProcess, free_port, tmpdir, wait_for
 
 
 def children_of(pid):
-    """Direct children of `pid` (from /proc)."""
-    found = []
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                with open('/proc/%s/stat' % entry) as f:
-                    fields = f.read().split(')')[-1].split()
-                if int(fields[1]) == pid:
-                    found.append(int(entry))
-            except OSError:
-                pass
-    return found
+    """Live direct children of `pid`."""
+    return processes.live_pids(processes.PARENT, pid)
 
 
 def mode(path):
@@ -228,7 +218,7 @@ class TestSentinelURL(unittest.TestCase):
             base = f.read()
         server = store.RedisServer(tmpdir('redis'), free_port()).start()
         try:
-            client = redis.Redis(port=server.port)
+            client = redis.Redis.from_url(server.url)
             client.config_set('maxmemory-policy', 'noeviction')
             client.config_rewrite()
             client.close()
