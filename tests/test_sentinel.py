@@ -28,25 +28,30 @@ from server.testing import (
 )
 
 MASTER = 'siegetank'
+PASSWORD = 'sentinel-test-pw'  # embedded Redis always requires one
 
 
 class Sentinels:
     """A primary, a replica and three sentinels on loopback."""
 
     def __init__(self):
-        self.primary = store.RedisServer(tmpdir('primary'), free_port())
-        self.replica = store.RedisServer(tmpdir('replica'), free_port())
+        self.primary = store.RedisServer(tmpdir('primary'), free_port(),
+                                         requirepass=PASSWORD)
+        self.replica = store.RedisServer(tmpdir('replica'), free_port(),
+                                         requirepass=PASSWORD)
         self.ports = [free_port() for _ in range(3)]
         self.procs = []
 
     @property
     def url(self):
-        return 'redis+sentinel://%s/%s' % (','.join(
+        return 'redis+sentinel://:%s@%s/%s' % (PASSWORD, ','.join(
             '127.0.0.1:%d' % p for p in self.ports), MASTER)
 
     def start(self):
         self.primary.start()
         self.replica.start()
+        for server in (self.primary, self.replica):  # either may lead
+            self.client(server).config_set('masterauth', PASSWORD)
         self.client(self.replica).replicaof('127.0.0.1', self.primary.port)
         wait_for(lambda: self.client(self.replica).info('replication')[
             'master_link_status'] == 'up', 'the replica in sync')
@@ -59,7 +64,9 @@ class Sentinels:
                         'sentinel down-after-milliseconds %s 1000\n'
                         'sentinel failover-timeout %s 3000\n'
                         'sentinel parallel-syncs %s 1\n'
-                        % (MASTER, self.primary.port, MASTER, MASTER, MASTER))
+                        'sentinel auth-pass %s %s\n'
+                        % (MASTER, self.primary.port, MASTER, MASTER, MASTER,
+                           MASTER, PASSWORD))
             self.procs.append(subprocess.Popen(
                 [binary, conf, '--sentinel', '--port', str(port),
                  '--bind', '127.0.0.1', '--dir', folder,
@@ -82,7 +89,8 @@ class Sentinels:
 
     @staticmethod
     def client(server):
-        return redis.Redis(port=server.port, decode_responses=True,
+        return redis.Redis(port=server.port, password=PASSWORD,
+                           decode_responses=True,
                            socket_timeout=5)
 
     def stop(self):
@@ -104,7 +112,10 @@ class TestSentinelFailover(unittest.TestCase):
         self.redis.start()
         self.cc = ServerProcess('cc', redis_url=self.redis.url,
                                 redis_options=None, jobs_lease_in_ms=1000,
-                                redis_wait_timeout_in_ms=120000)
+                                redis_wait_timeout_in_ms=120000,
+                                # one address assigns in a loop
+                                client_assigns_per_minute=100000,
+                                client_max_held_streams=1000)
         self.addCleanup(self.cc.kill)
         self.cc.start()
         self.ws = ServerProcess('ws', command_centers={'cc': {
