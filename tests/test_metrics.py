@@ -77,6 +77,9 @@ class TestMetricsTwoProcesses(unittest.TestCase):
 
     def test_counts_are_summed_over_workers(self):
         cc = self.cluster.cc
+        # Requests of the set-up (the cluster polls /ws/status) reach the
+        # files within FLUSH_MS: let them land before counting from here.
+        time.sleep(1.5 * metrics.FLUSH_MS / 1000)
         before = requests_of(scrape(cc), '/ws/status')
         n = 0
         # New connections until both workers served some (each has its own
