@@ -291,9 +291,14 @@ class Run:
             self.pool.shutdown(wait=True)
 
 
+TRACEBACK = '\nTraceback (most recent call last):\n'
+
+
 def tracebacks(server):
-    text = server.read_log()
-    return [chunk[:1500] for chunk in text.split('Traceback')[1:]]
+    """The tracebacks a server logged (a line of their own, not a fuzzed
+    string in an access line that happens to say 'Traceback')."""
+    text = '\n' + server.read_log()
+    return [chunk[:1500] for chunk in text.split(TRACEBACK)[1:]]
 
 
 def fuzz(budget, out=sys.stdout):
@@ -320,7 +325,7 @@ def fuzz(budget, out=sys.stdout):
     for line in run.failures[:20]:
         print('  ' + line, file=out)
     for tb in found[:5]:
-        print('Traceback' + tb, file=out)
+        print(TRACEBACK.strip() + '\n' + tb, file=out)
     return run, found
 
 

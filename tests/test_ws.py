@@ -849,6 +849,11 @@ class TestBadInput(WSTestCase):
             ('/targets/delete/' + tid, 'PUT', 'nope'),
             ('/targets/streams/a..b', 'GET', None),
             ('/targets/delete/a.b', 'PUT', {}),
+            ('/stats/ack', 'PUT', {'entries': 'x'}),
+            ('/stats/ack', 'PUT', {'entries': ['1-x']}),
+            # Numbers past 64 bits that Redis refuses (a fuzzed 500).
+            ('/stats/ack', 'PUT', {'entries': ['18446744073709551616-0']}),
+            ('/stats/ack', 'PUT', {'entries': ['0-99999999999999999999']}),
         ]
         before = self.snapshot()
         for path, method, body in cases:
@@ -859,6 +864,9 @@ class TestBadInput(WSTestCase):
         self.assertIn(code, (400, 404))
         self.assertEqual(self.download(sid, name='a%20b')[0], 400)
         self.assertEqual(self.snapshot(), before)
+        code, reply = self.cc('/stats/ack', 'PUT', {
+            'entries': ['18446744073709551615-18446744073709551615']})
+        self.assertEqual(code, 200, reply)
 
     def test_bad_core_requests_change_nothing(self):
         tid, sid = self.new_stream()

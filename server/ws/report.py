@@ -9,7 +9,14 @@ from server.ws import sessions
 from server.ws.cc_api import CCHandler
 
 REPORT_MAX = 500   # records per report; the CC asks again when full
-ENTRY = re.compile(r'\d{1,20}-\d{1,20}')
+ENTRY = re.compile(r'(\d{1,20})-(\d{1,20})')
+
+
+def is_entry(e):
+    """A Redis stream entry id: two unsigned 64-bit numbers (Redis refuses
+    any other in XDEL, which would be a 500)."""
+    m = isinstance(e, str) and ENTRY.fullmatch(e)
+    return bool(m) and all(int(n) < 2 ** 64 for n in m.groups())
 
 
 def _record(entry_id, fields):
@@ -44,7 +51,7 @@ class AckHandler(CCHandler):
 
     async def put(self):
         entries = self.field('entries', list, check=lambda e: len(e) <= 10000)
-        if not all(isinstance(e, str) and ENTRY.fullmatch(e) for e in entries):
+        if not all(is_entry(e) for e in entries):
             raise APIError(400, 'entries must be stream entry ids')
         name = self.cc
         if entries:
