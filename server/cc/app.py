@@ -73,8 +73,12 @@ class CommandCenter(App):
                 self._catch_up(name))
 
     async def _catch_up(self, name):
-        await targets.flush_pending(self, name)
-        await reconcile.flush_abandoned(self, name)
+        try:
+            await targets.flush_pending(self, name)
+            await reconcile.flush_abandoned(self, name)
+        except store.DOWN as e:
+            # the next probe that finds the WS back tries again
+            log.warning('redis down, catch-up of %s skipped: %s', name, e)
 
     def every(self, interval_ms, job):
         """Run `job(app)` every `interval_ms` while this process holds the
