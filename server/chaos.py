@@ -234,7 +234,11 @@ class Chaos:
         self.cc = ServerProcess('cc', ws_timeout_in_s=3.0,
                                 ws_probe_interval_in_ms=200, max_ws_fails=2,
                                 reconcile_interval_in_s=1.0,
-                                redis_timeout_in_s=2.0)
+                                redis_timeout_in_s=2.0,
+                                # the cores share one address and re-ask
+                                # after every kill: no abuse limits here
+                                client_assigns_per_minute=1000000,
+                                client_max_held_streams=1000)
         self.ws = ServerProcess('ws', command_centers=command_centers(self.cc),
                                 num_processes=2,
                                 heartbeat_increment=HEARTBEAT_S,
