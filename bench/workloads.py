@@ -11,7 +11,7 @@ import time
 import uuid
 
 from bench import servers
-from bench.httpload import Connection, run_cores, sink_get
+from bench.httpload import Connection, Recorder, run_cores, sink_get
 from server.testing import CC_PASS
 from server.ws.keys import Keys
 
@@ -160,6 +160,85 @@ def frames_ceiling(ceiling, size, cores, duration):
     acked = [0] * cores
     out, _, _ = measure(ceiling.pids(), run_cores(
         cores, frame_core(ceiling.port, bodies, None, acked), duration))
+    return out
+
+
+def volunteers(ws, cores, duration, frame_every_s, size,
+               heartbeat_every_s=30.0, checkpoint_every=10):
+    """`cores` cores at a volunteer's pace: a frame every `frame_every_s`
+    (their phases spread), a checkpoint every `checkpoint_every` frames, a
+    heartbeat every `heartbeat_every_s`; every connection opened before the
+    measured span. Returns the server CPU per core-hour (what says how many
+    volunteers one WS host carries), latency, errors and mismatches."""
+    bodies = _frame_bodies(size)
+    target, _, _ = asyncio.run(create_streams(ws.port, cores, 32))
+    tokens = asyncio.run(activate(ws.port, target, cores))
+    acked = [0] * cores
+    pids = servers.server_pids(ws)
+    counts = {'frames': 0, 'checkpoints': 0, 'heartbeats': 0}
+
+    async def core(c, i, start, deadline, rec):
+        auth = {'Authorization': tokens[i][0]}
+        n = pending = 0
+        tick = start + frame_every_s * i / cores  # spread the phases
+        beat = tick + heartbeat_every_s
+        while True:
+            await asyncio.sleep(max(0.0, tick - time.perf_counter()))
+            if time.perf_counter() >= deadline:
+                break
+            t = time.perf_counter()
+            s, _ = await c.request('PUT', '/core/frame', bodies[n % 2], auth)
+            rec.add(t, s)
+            n += 1
+            pending += 1
+            counts['frames'] += 1
+            if n % checkpoint_every == 0:
+                t = time.perf_counter()
+                s, _ = await c.request('PUT', '/core/checkpoint', CHECKPOINT,
+                                       auth)
+                rec.add(t, s)
+                counts['checkpoints'] += 1
+                if s == 200:
+                    acked[i] += pending
+                    pending = 0
+            if time.perf_counter() >= beat:
+                beat += heartbeat_every_s
+                t = time.perf_counter()
+                s, _ = await c.request('POST', '/core/heartbeat', b'{}', auth)
+                rec.add(t, s)
+                counts['heartbeats'] += 1
+            tick += frame_every_s
+        return pending
+
+    async def run():
+        conns = [conn(ws.port) for _ in range(cores)]
+        for i in range(0, cores, 50):  # TLS handshakes, outside the span
+            await asyncio.gather(*(c.open() for c in conns[i:i + 50]))
+        rec = Recorder()
+        cpu0 = servers.cpu_seconds(pids)
+        start = time.perf_counter()
+        tails = await asyncio.gather(*(
+            core(c, i, start, start + duration, rec)
+            for i, c in enumerate(conns)))
+        elapsed = time.perf_counter() - start
+        cpu = servers.cpu_seconds(pids) - cpu0
+        for i, (c, pending) in enumerate(zip(conns, tails)):
+            if pending:  # commit the tail: every frame sent is then acked
+                s, _ = await c.request('PUT', '/core/checkpoint', CHECKPOINT,
+                                       {'Authorization': tokens[i][0]})
+                if s == 200:
+                    acked[i] += pending
+            await c.close()
+        return rec, elapsed, cpu
+    rec, elapsed, cpu = asyncio.run(run())
+    out = rec.summary(elapsed)
+    core_hours = cores * elapsed / 3600.0
+    out.update(counts, cores=cores, seconds=elapsed, size=size,
+               frame_every_s=frame_every_s, server_cpu_s=cpu,
+               cpu_s_per_core_hour=cpu / core_hours,
+               cores_per_cpu=3600.0 * core_hours / cpu if cpu else None,
+               mismatches=asyncio.run(verify_frames(ws.port, tokens, acked,
+                                                    size)))
     return out
 
 

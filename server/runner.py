@@ -16,11 +16,10 @@ import signal
 import sys
 import time
 
-from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from server import config, metrics, store, tls, web
+from server import config, httpserver, metrics, store, tls, web
 
 log = logging.getLogger('siegetank')
 
@@ -40,8 +39,8 @@ async def _serve(settings, app_class, sockets, ssl_ctx, redis_url, task_id,
                           timeout=timeout)
     app = app_class(settings, redis, task_id)
     app.holder = holder_prefix(os.getpid(), generation)
-    server = HTTPServer(app, ssl_options=ssl_ctx,
-                        **web.http_server_options(settings))
+    server = httpserver.Server(app, ssl_options=ssl_ctx,
+                               **web.http_server_options(settings))
     server.add_sockets(sockets)
     flusher = PeriodicCallback(metrics.get().flush, metrics.FLUSH_MS)
     flusher.start()

@@ -16,10 +16,9 @@ for the one thing that leaves no trace (which posts carried target_files).
 """
 import json
 
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from server import store, tls, web
+from server import httpserver, store, tls, web
 from server.testing import CC_PASS, settings
 from server.tokens import token_hash
 from server.ws.app import WorkServer
@@ -67,9 +66,11 @@ class InProcessWS:
         WorkServer.prepare(self.settings, self.redis_url)
         self.redis = store.connect(self.redis_url)
         self.app = RecordingWorkServer(self.settings, self.redis, self.calls)
-        self.server = HTTPServer(self.app,
-                                 ssl_options=tls.server_context(self.settings),
-                                 **web.http_server_options(self.settings))
+        self.server = httpserver.Server(self.app,
+                                        ssl_options=tls.server_context(
+                                            self.settings),
+                                        **web.http_server_options(
+                                            self.settings))
         self.server.add_sockets(bind_sockets(self.port, '127.0.0.1'))
         return self
 
