@@ -581,7 +581,7 @@ class Chaos:
         return '\n'.join(lines)
 
 
-def run(points, seed=None, deep_every=100, minutes=90):
+def run(points, seed=None, deep_every=100, minutes=240):
     """Returns (kill points done, failures [(kind, detail)], report)."""
     seed = seed if seed is not None else random.randrange(1 << 30)
     chaos = Chaos(seed)
@@ -599,8 +599,10 @@ def main(argv=None):
     parser.add_argument('--points', type=int, default=1000)
     parser.add_argument('--seed', type=int, default=None)
     parser.add_argument('--deep-every', type=int, default=100)
-    parser.add_argument('--minutes', type=float, default=90)
+    parser.add_argument('--minutes', type=float, default=240)
     args = parser.parse_args(argv)
+    # A TERM (a timeout, an impatient operator) stops the servers too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     done, failures, report = run(args.points, args.seed, args.deep_every,
                                  args.minutes)
     print(report)
