@@ -175,6 +175,7 @@ class TestSessionStats(unittest.TestCase):
         def settled():
             st = anon.status()
             return st if sum(st['history']['frames']) == total \
+                and sum(st['history']['assignments']) == sessions \
                 and st['streams']['total'] == 6 else None
         st = wait_for(settled, '/status to catch up')
         self.assertEqual(st['cores_active'], 0)

@@ -5,6 +5,7 @@ on any hosts sharing one Redis are one CC: nothing is kept on local disk,
 and the jobs run in the one process holding the jobs lease
 (server/lease.py)."""
 import asyncio
+import collections
 import json
 import logging
 
@@ -49,6 +50,10 @@ class CommandCenter(App):
                            settings['jobs_lease_in_ms'])
         self.periodic = []
         self.flushing = {}
+        self.counted = collections.Counter()  # status.count, every worker
+        self.counts_flusher = PeriodicCallback(
+            lambda: status.flush(self), status.FLUSH_MS)
+        self.counts_flusher.start()
 
     @classmethod
     def prepare(cls, settings, redis_url):
@@ -108,6 +113,10 @@ class CommandCenter(App):
         for task in self.flushing.values():
             task.cancel()
         await self.lease.stop()
+
+    async def close(self):
+        self.counts_flusher.stop()
+        await status.flush(self)
 
     async def stream_counts(self):
         """Streams by state, summed over the WS's last reports."""

@@ -259,9 +259,9 @@ class AssignHandler(APIHandler):
             await self.assign()
         except APIError as e:
             if e.status_code == 503:
-                await status.count(self.redis, 'no_work')
+                status.count(self.application, 'no_work')
             raise
-        await status.count(self.redis, 'assignments')
+        status.count(self.application, 'assignments')
 
     async def authenticate(self):
         """The core key, from the headers before the body (401)."""

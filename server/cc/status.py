@@ -10,10 +10,15 @@ dashboard's chart. `targets`: queue depth and active cores per public
 target. An admin also gets `detail` per WS. Cost: one round trip for
 everything, independent of how many streams there are.
 """
+import collections
 import json
+import logging
 import time
 
+from server import store
 from server.cc import accounts, keys
+
+log = logging.getLogger('siegetank.cc.status')
 
 HISTORY = 60
 KEPT_MINUTES = 120
@@ -24,9 +29,31 @@ def minute(t=None):
     return int((time.time() if t is None else t) // 60)
 
 
-async def count(redis, what):
-    """One more `what` (of COUNTED) in this minute."""
-    await redis.hincrby(keys.per_minute(what), minute(), 1)
+FLUSH_MS = 1000  # how often a worker adds its counts to the store
+
+
+def count(app, what):
+    """One more `what` (of COUNTED) in this minute: counted in this
+    process, added to the store by `flush` within FLUSH_MS (a round trip
+    per assignment was a tenth of the CC's CPU on that path; a worker that
+    dies loses at most its last second of counts)."""
+    app.counted[(what, minute())] += 1
+
+
+async def flush(app):
+    """Add this process's counts to the per-minute hashes, one round trip;
+    kept for the next flush while the store is down."""
+    counted, app.counted = app.counted, collections.Counter()
+    if not counted:
+        return
+    pipe = app.redis.pipeline(transaction=False)
+    for (what, m), n in counted.items():
+        pipe.hincrby(keys.per_minute(what), m, n)
+    try:
+        await pipe.execute()
+    except store.DOWN as e:
+        app.counted.update(counted)
+        log.warning('redis down, per-minute counts kept for later: %s', e)
 
 
 async def forget_old_minutes(redis):
