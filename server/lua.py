@@ -4,7 +4,7 @@ call). Every check-then-set on Redis is a Script (or a MULTI); each lives
 beside the model code whose keys it touches.
 
 The connection is always the caller's explicit first argument: a redis-py
-client, or the WS's multiplexed hot-path connection (server/ws/fastredis.py).
+client, or a server's multiplexed hot-path connection (server/fastredis.py).
 Both offer `evalsha` and `eval`."""
 import hashlib
 

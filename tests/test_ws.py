@@ -22,8 +22,9 @@ from redis.exceptions import (
 from tornado.simple_httpclient import HTTPStreamClosedError
 from tornado.testing import ExpectLog
 
-from server import signing, store
+from server import fastredis, signing, store
 from server.disk import publish_dir
+from server.fastredis import Multiplexed
 from server.lua import Script
 from server.testing import (
     CC_PASS,
@@ -33,10 +34,9 @@ from server.testing import (
     command_centers,
     gzb64,
 )
-from server.ws import core, fastredis, recovery
+from server.ws import core, recovery
 from server.ws import storage as storage_module
 from server.ws.app import WorkServer
-from server.ws.fastredis import Multiplexed
 
 OTHER_PASS = 'second-cc-pass'
 CONF = {'command_centers': dict(command_centers(),

@@ -11,7 +11,7 @@ import logging
 
 from tornado.ioloop import PeriodicCallback
 
-from server import monitor, runner, store
+from server import fastredis, monitor, runner, store
 from server.cc import (
     accounts,
     assign,
@@ -48,6 +48,8 @@ class CommandCenter(App):
         super().__init__(handlers, settings, redis, task_id)
         self.lease = Lease(redis, keys.JOBS_LEASE,
                            settings['jobs_lease_in_ms'])
+        # The assignment's script runs over this (see fastredis.py).
+        self.fastredis = fastredis.hot_path(redis)
         self.periodic = []
         self.flushing = {}
         self.counted = collections.Counter()  # status.count, every worker
@@ -117,6 +119,7 @@ class CommandCenter(App):
     async def close(self):
         self.counts_flusher.stop()
         await status.flush(self)
+        await fastredis.close(self.redis, self.fastredis)
 
     async def stream_counts(self):
         """Streams by state, summed over the WS's last reports."""

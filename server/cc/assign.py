@@ -173,7 +173,7 @@ async def candidates(app, engine, version, stages, target_id, donor_token,
     config = app.config
     member = uuid.uuid4().hex
     donor, rows, retry, client = await _CANDIDATES(
-        app.redis, [keys.stage_targets(s) for s in stages],
+        app.fastredis, [keys.stage_targets(s) for s in stages],
         [engine, version, keys.target.template, keys.target_ws.template,
          keys.ws.template, target_id or '',
          keys.donor_token(token_hash(donor_token))

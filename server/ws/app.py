@@ -6,7 +6,7 @@ import time
 
 from tornado.ioloop import PeriodicCallback
 
-from server import monitor, runner, store
+from server import fastredis, monitor, runner, store
 from server.web import App, HealthHandler
 from server.ws import (
     cc_api,
@@ -17,7 +17,6 @@ from server.ws import (
     report,
     sessions,
 )
-from server.ws.fastredis import Multiplexed
 from server.ws.keys import Keys
 from server.ws.storage import Storage
 
@@ -35,7 +34,7 @@ class WorkServer(App):
         super().__init__(handlers, settings, redis, task_id)
         self.keys = Keys(settings['name'])
         # Hot-path scripts run over this (see fastredis.py).
-        self.fastredis = Multiplexed.like(redis)
+        self.fastredis = fastredis.hot_path(redis)
         self.storage = Storage(settings['data_folder'])
         self.storage.ensure()
         self.tasks = []
@@ -79,7 +78,7 @@ class WorkServer(App):
         return (await sessions.summary(self))[0]
 
     async def close(self):
-        self.fastredis.close()
+        await fastredis.close(self.redis, self.fastredis)
 
     async def on_stop(self):
         if self.pulse is not None:

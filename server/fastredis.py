@@ -1,6 +1,7 @@
-"""A minimal Redis protocol (RESP2) client for the WS's hot paths: the Lua
-scripts of frames, checkpoints, heartbeats and activations run over one
-multiplexed Redis connection per process (`app.fastredis`).
+"""A minimal Redis protocol (RESP2) client for the hot paths: the Lua
+scripts of the WS's frames, checkpoints, heartbeats and activations and of
+the CC's assignments run over one multiplexed Redis connection per process
+(`app.fastredis`, see `hot_path`).
 
 Why not redis-py for these: it spends about 150 us of CPU per command here
 (pool checkout, retry and timeout wrappers, connection bookkeeping), twice
@@ -21,6 +22,7 @@ import asyncio
 import collections
 
 from redis.asyncio.connection import SSLConnection
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import (
     BusyLoadingError,
     ConnectionError,
@@ -240,3 +242,18 @@ class Multiplexed:
         if self.protocol is not None and self.protocol.transport is not None:
             self.protocol.transport.close()
         self.protocol = None
+
+
+def hot_path(redis):
+    """The connection for a process's hot-path scripts: a Multiplexed one
+    to where the redis-py client `redis` connects; behind Sentinel the
+    client itself (the primary moves, and redis-py asks the sentinels)."""
+    if isinstance(redis.connection_pool, SentinelConnectionPool):
+        return redis
+    return Multiplexed.like(redis)
+
+
+async def close(redis, hot):
+    """Close a connection `hot_path(redis)` made."""
+    if hot is not redis:
+        hot.close()
