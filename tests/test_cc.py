@@ -2,16 +2,19 @@
 accounts, targets, ownership on every manager endpoint, bad input, and
 stream placement / assignment against real workservers in the same loop
 (tests/inprocess_ws.py); tests check what the CC's calls did to them."""
+import asyncio
 import base64
 import gzip
 import json
 import os
 
+from tornado.httpclient import AsyncHTTPClient
+
 from server import store
 from server.cc import accounts, keys, workservers
 from server.cc.app import CommandCenter
 from server.lua import Script
-from server.testing import CC_PASS, AppTestCase, RedisTestCase
+from server.testing import CC_PASS, AppTestCase, RedisTestCase, certs
 from tests.inprocess_ws import InProcessWS
 
 B64 = base64.b64encode(b'<System/>').decode()
@@ -867,6 +870,53 @@ class TestStreamsAndAssign(CCTestCase):
         self.assertIn('error', self.assign(503))
         self.assertIn('error', self.assign(
             404, target_id='00000000-0000-4000-8000-000000000000'))
+
+    def test_concurrent_assignments_share_activation_calls(self):
+        """Issue 15: assignments asked while an activation call to a WS
+        is in flight go together in its next call. Each still gets its own
+        stream and token, the WS records each one's donor, and those
+        beyond the free streams get 503."""
+        a = self.add_ws('a')
+        tid = self.post_target(self.joe, stage='public')
+        sids = {self.post_stream(tid) for _ in range(10)}
+        client = AsyncHTTPClient(force_instance=True, max_clients=32)
+        self.addCleanup(client.close)
+
+        def ask(i):
+            body = {'engine': 'openmm', 'engine_version': '6.0'}
+            if i % 2:
+                body['donor_token'] = self.donor
+            return client.fetch(self.get_url('/core/assign'), method='POST',
+                                body=json.dumps(body), raise_error=False,
+                                ca_certs=certs()['ca'])
+        replies = self.sync(lambda: asyncio.gather(*(ask(i)
+                                                     for i in range(14))))
+        ok = [(i, json.loads(r.body)['token'])
+              for i, r in enumerate(replies) if r.code == 200]
+        self.assertEqual(sorted(r.code for r in replies),
+                         [200] * 10 + [503] * 4)
+        given = {a.stream_of(token): i for i, token in ok}
+        self.assertEqual(set(given), sids)  # one token per stream
+        c, active = self.ws_json(a, '/active_streams')
+        self.assertEqual(c, 200, active)
+        self.assertEqual({sid: s['donor'] for sid, s in active[tid].items()},
+                         {sid: 'jesse' if i % 2 else None
+                          for sid, i in given.items()})
+        calls = [body for m, p, body in a.calls
+                 if (m, p) == ('POST', '/streams/activate')]
+        self.assertLess(len(calls), 14)
+        self.assertTrue(any(len(b.get('activations', ())) > 1
+                            for b in calls), calls)
+        # Alone again, an activation goes in the single form.
+        del a.calls[:]
+        self.fetch_json('/streams/stop/' + next(iter(sids)), 'PUT',
+                        token=self.joe)
+        self.fetch_json('/streams/start/' + next(iter(sids)), 'PUT',
+                        token=self.joe)
+        self.assign()
+        self.assertEqual([('target_id' in b, 'activations' in b)
+                          for m, p, b in a.calls
+                          if p == '/streams/activate'], [(True, False)])
 
     def test_assign_returns_options_as_stored(self):
         """Options go back as the target stored them (the CC sends the

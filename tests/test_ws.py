@@ -266,6 +266,43 @@ class TestActivation(WSTestCase):
         self.assertEqual(code, 503)
         self.assertIn('no stream', reply['error'])
 
+    def test_many_activations_in_one_call(self):
+        """Issue 15: the CC's batched form. Each item is activated on
+        its own (a token each, its donor recorded), one beyond the free
+        streams gets an error of its own; a bad item refuses the whole
+        call before anything is activated."""
+        tid, s1 = self.new_stream()
+        _, s2 = self.new_stream(tid, with_target=False)
+        other = str(uuid.uuid4())
+        for bad in ([], [{'target_id': tid}] * 65, [{'target_id': tid}, 5],
+                    [{'target_id': tid}, {'target_id': 'nope'}],
+                    [{'target_id': tid, 'client': 7}],
+                    [{'target_id': tid, 'engine': 'x' * 65}]):
+            code, reply = self.cc('/streams/activate', 'POST',
+                                  {'activations': bad})
+            self.assertEqual(code, 400, bad)
+            self.assertIn('error', reply)
+        self.assertEqual(self.cc('/active_streams'), (200, {}))
+        code, reply = self.cc('/streams/activate', 'POST', {'activations': [
+            {'target_id': tid, 'donor_id': 'ann', 'client': 'donor:ann'},
+            {'target_id': other},
+            {'target_id': tid, 'engine': 'openmm', 'core_version': '8'},
+            {'target_id': tid}]})
+        self.assertEqual(code, 200, reply)
+        got = reply['activations']
+        self.assertEqual(['token' in r for r in got],
+                         [True, False, True, False])
+        self.assertIn('no stream', got[1]['error'])
+        self.assertEqual({got[0]['stream_id'], got[2]['stream_id']},
+                         {s1, s2})
+        code, active = self.cc('/active_streams')
+        self.assertEqual(active[tid][got[0]['stream_id']]['donor'], 'ann')
+        self.assertIsNone(active[tid][got[2]['stream_id']]['donor'])
+        for r in (got[0], got[2]):  # the tokens work
+            code, start = self.fetch_json('/core/start', token=r['token'])
+            self.assertEqual((code, start['stream_id']),
+                             (200, r['stream_id']))
+
     def test_active_streams(self):
         tid, sid = self.new_stream()
         self.assertEqual(self.cc('/active_streams'), (200, {}))

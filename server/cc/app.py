@@ -14,6 +14,7 @@ from tornado.ioloop import PeriodicCallback
 from server import fastredis, monitor, runner, store
 from server.cc import (
     accounts,
+    activations,
     assign,
     collect,
     corekeys,
@@ -50,6 +51,7 @@ class CommandCenter(App):
                            settings['jobs_lease_in_ms'])
         # The assignment's script runs over this (see fastredis.py).
         self.fastredis = fastredis.hot_path(redis)
+        self.activations = activations.Activations(self)
         self.periodic = []
         self.flushing = {}
         self.counted = collections.Counter()  # status.count, every worker

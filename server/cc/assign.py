@@ -11,7 +11,9 @@
 3. For a target, order its online WS the same way, weighted by how many of
    the target's streams each holds, and ask each to activate a stream
    (`POST /streams/activate`, atomic on the WS, so concurrent cores never
-   share a stream). A WS that fails or has nothing free is skipped.
+   share a stream; batched with the other assignments' activations on
+   that WS, see activations.py). A WS that fails or has nothing free is
+   skipped.
 4. First success wins: `{token, uri, url, options}`. Nothing anywhere: 503.
 
 Abuse controls, in the same Lua call as step 1: each client (the donor of
@@ -24,18 +26,15 @@ that found nothing (503) does not count as held.
 """
 import ipaddress
 import json
-import logging
 import random
 import time
 import uuid
 
-from server import metrics, peer
-from server.cc import corekeys, keys, status, targets, workservers
+from server import metrics
+from server.cc import corekeys, keys, status, targets
 from server.lua import Script
 from server.tokens import token_hash
 from server.web import APIError, APIHandler, check_target_id, too_many
-
-log = logging.getLogger('siegetank.cc.assign')
 
 
 def weighted_order(weights):
@@ -203,23 +202,11 @@ async def activate(app, ws, base, target_id, admitted, core=None):
     """A token from `ws` (at `base`) for a free stream of the target, or
     None. The WS learns who the client is (error stops count once per
     client and stream); `core` ({engine, core_version}) goes into the
-    session record."""
+    session record. Batched with other assignments' (activations.py)."""
     body = dict(core or {}, target_id=target_id, client=admitted.client)
     if admitted.donor is not None:
         body['donor_id'] = admitted.donor
-    try:
-        reply = await workservers.request(app, ws, 'POST', '/streams/activate',
-                                          body, base=base)
-    except peer.PeerError as e:
-        log.info('activate on %s failed: %s', ws, e)
-        return None
-    if reply.code == 200 and isinstance(reply.body, dict) \
-            and isinstance(reply.body.get('token'), str):
-        return reply.body['token']
-    if reply.code != 503:
-        log.warning('activate on %s answered %d %s', ws, reply.code,
-                    reply.error)
-    return None
+    return await app.activations.activate(ws, base, body)
 
 
 async def assign(app, engine, version, stages, donor_token, address,
