@@ -77,40 +77,65 @@ async def activate(port, target_id, n):
     return tokens
 
 
+class SimCore:
+    """One simulated core on connection `c`: `send` puts a frame, then a
+    checkpoint every `checkpoint_every` frames and a heartbeat when one is
+    due; `acked` counts the frames a checkpoint acknowledged, `counts` the
+    requests by kind."""
+
+    def __init__(self, c, token, heartbeat_every_s, checkpoint_every=10):
+        self.c = c
+        self.auth = {'Authorization': token} if token else {}
+        self.every, self.checkpoint_every = heartbeat_every_s, checkpoint_every
+        self.beat = time.perf_counter() + heartbeat_every_s
+        self.n = self.pending = self.acked = 0
+        self.counts = {'frames': 0, 'checkpoints': 0, 'heartbeats': 0}
+
+    async def _request(self, kind, method, path, body, rec):
+        t = time.perf_counter()
+        s, _ = await self.c.request(method, path, body, self.auth)
+        rec.add(t, s)
+        self.counts[kind] += 1
+        return s
+
+    async def send(self, body, rec):
+        await self._request('frames', 'PUT', '/core/frame', body, rec)
+        self.n += 1
+        self.pending += 1
+        if self.n % self.checkpoint_every == 0:
+            await self.checkpoint(rec)
+        if time.perf_counter() >= self.beat:
+            self.beat += self.every
+            await self._request('heartbeats', 'POST', '/core/heartbeat',
+                                b'{}', rec)
+
+    async def checkpoint(self, rec):
+        if await self._request('checkpoints', 'PUT', '/core/checkpoint',
+                               CHECKPOINT, rec) == 200:
+            self.acked += self.pending
+            self.pending = 0
+
+    async def close(self):
+        """Commit the tail (outside the measure), so every frame sent is
+        acknowledged, and hang up."""
+        if self.pending:
+            counts = dict(self.counts)
+            await self.checkpoint(Recorder())
+            self.counts = counts  # not part of the workload
+        await self.c.close()
+
+
 def frame_core(port, bodies, tokens, acked, heartbeat_every_s=1.0):
-    """A core: frames, a checkpoint every 10, a heartbeat every
-    `heartbeat_every_s` seconds; `acked[i]` counts committed (acknowledged)
-    frames."""
+    """A core as fast as it can: frames, a checkpoint every 10, a heartbeat
+    every `heartbeat_every_s` seconds; `acked[i]` counts committed
+    (acknowledged) frames."""
     async def core(i, deadline, rec):
-        c = conn(port)
-        auth = {'Authorization': tokens[i][0]} if tokens else {}
-        n = 0
-        pending = 0
-        beat = time.perf_counter() + heartbeat_every_s
+        sim = SimCore(conn(port), tokens[i][0] if tokens else None,
+                      heartbeat_every_s)
         while time.perf_counter() < deadline:
-            t = time.perf_counter()
-            s, _ = await c.request('PUT', '/core/frame', bodies[n % 2], auth)
-            rec.add(t, s)
-            n += 1
-            pending += 1
-            if n % 10 == 0:
-                t = time.perf_counter()
-                s, _ = await c.request('PUT', '/core/checkpoint', CHECKPOINT,
-                                       auth)
-                rec.add(t, s)
-                if s == 200:
-                    acked[i] += pending
-                    pending = 0
-            if time.perf_counter() >= beat:
-                beat += heartbeat_every_s
-                t = time.perf_counter()
-                s, _ = await c.request('POST', '/core/heartbeat', b'{}', auth)
-                rec.add(t, s)
-        if pending:  # commit the tail so every acknowledged frame counts
-            s, _ = await c.request('PUT', '/core/checkpoint', CHECKPOINT, auth)
-            if s == 200:
-                acked[i] += pending
-        await c.close()
+            await sim.send(bodies[sim.n % 2], rec)
+        await sim.close()
+        acked[i] = sim.acked
     return core
 
 
@@ -173,66 +198,40 @@ def volunteers(ws, cores, duration, frame_every_s, size,
     bodies = _frame_bodies(size)
     target, _, _ = asyncio.run(create_streams(ws.port, cores, 32))
     tokens = asyncio.run(activate(ws.port, target, cores))
-    acked = [0] * cores
     pids = servers.server_pids(ws)
-    counts = {'frames': 0, 'checkpoints': 0, 'heartbeats': 0}
+    sims = []
 
-    async def core(c, i, start, deadline, rec):
-        auth = {'Authorization': tokens[i][0]}
-        n = pending = 0
+    async def core(sim, i, start, deadline, rec):
         tick = start + frame_every_s * i / cores  # spread the phases
-        beat = tick + heartbeat_every_s
+        sim.beat = tick + heartbeat_every_s
         while True:
             await asyncio.sleep(max(0.0, tick - time.perf_counter()))
             if time.perf_counter() >= deadline:
                 break
-            t = time.perf_counter()
-            s, _ = await c.request('PUT', '/core/frame', bodies[n % 2], auth)
-            rec.add(t, s)
-            n += 1
-            pending += 1
-            counts['frames'] += 1
-            if n % checkpoint_every == 0:
-                t = time.perf_counter()
-                s, _ = await c.request('PUT', '/core/checkpoint', CHECKPOINT,
-                                       auth)
-                rec.add(t, s)
-                counts['checkpoints'] += 1
-                if s == 200:
-                    acked[i] += pending
-                    pending = 0
-            if time.perf_counter() >= beat:
-                beat += heartbeat_every_s
-                t = time.perf_counter()
-                s, _ = await c.request('POST', '/core/heartbeat', b'{}', auth)
-                rec.add(t, s)
-                counts['heartbeats'] += 1
+            await sim.send(bodies[sim.n % 2], rec)
             tick += frame_every_s
-        return pending
 
     async def run():
-        conns = [conn(ws.port) for _ in range(cores)]
+        for i in range(cores):
+            sims.append(SimCore(conn(ws.port), tokens[i][0],
+                                heartbeat_every_s, checkpoint_every))
         for i in range(0, cores, 50):  # TLS handshakes, outside the span
-            await asyncio.gather(*(c.open() for c in conns[i:i + 50]))
+            await asyncio.gather(*(s.c.open() for s in sims[i:i + 50]))
         rec = Recorder()
         cpu0 = servers.cpu_seconds(pids)
         start = time.perf_counter()
-        tails = await asyncio.gather(*(
-            core(c, i, start, start + duration, rec)
-            for i, c in enumerate(conns)))
+        await asyncio.gather(*(core(sim, i, start, start + duration, rec)
+                               for i, sim in enumerate(sims)))
         elapsed = time.perf_counter() - start
         cpu = servers.cpu_seconds(pids) - cpu0
-        for i, (c, pending) in enumerate(zip(conns, tails)):
-            if pending:  # commit the tail: every frame sent is then acked
-                s, _ = await c.request('PUT', '/core/checkpoint', CHECKPOINT,
-                                       {'Authorization': tokens[i][0]})
-                if s == 200:
-                    acked[i] += pending
-            await c.close()
+        for sim in sims:
+            await sim.close()
         return rec, elapsed, cpu
     rec, elapsed, cpu = asyncio.run(run())
     out = rec.summary(elapsed)
     core_hours = cores * elapsed / 3600.0
+    counts = {k: sum(sim.counts[k] for sim in sims) for k in sims[0].counts}
+    acked = [sim.acked for sim in sims]
     out.update(counts, cores=cores, seconds=elapsed, size=size,
                frame_every_s=frame_every_s, server_cpu_s=cpu,
                cpu_s_per_core_hour=cpu / core_hours,
