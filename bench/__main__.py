@@ -91,8 +91,8 @@ def summarize(kind, params, ours, ceil):
 
 def bench_activations(args, results, keep):
     n = 300 if args.quick else 5000
-    ceiling = keep(servers.Ceiling(args.processes))
-    ws = keep(servers.start_ws(num_processes=args.processes))
+    ceiling = keep(servers.Ceiling(args.processes or 1))
+    ws = keep(servers.start_ws(num_processes=args.processes or 1))
     ours, ceil, creates = [], [], []
     for _ in range(args.reps):
         target, _, rate = asyncio.run(workloads.create_streams(ws.port, n))
@@ -194,7 +194,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--quick', action='store_true')
     p.add_argument('--processes', type=int,
-                   help='frames: only this many processes (default 1 and 2)')
+                   help='frames and activations: this many processes '
+                   '(default: frames with 1 and with 2, activations with 1)')
     p.add_argument('--reps', type=int)
     p.add_argument('--duration', type=float)
     p.add_argument('--only', choices=sorted(WORKLOADS), action='append')

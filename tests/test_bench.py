@@ -22,12 +22,34 @@ class TestBenchSmoke(unittest.TestCase):
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         with open(os.path.join(out, 'results.json')) as f:
             results = json.load(f)
-        self.assertEqual(len(results['frames']), 4)
+        # 10 KB and 100 KB, 1 and 8 cores, with 1 and with 2 processes
+        self.assertEqual(sorted((r['processes'], r['size'], r['cores'])
+                                for r in results['frames']),
+                         [(p, s, c) for p in (1, 2) for s in (10_000, 100_000)
+                          for c in (1, 8)])
         for row in results['frames']:
             self.assertEqual((row['ours_errors'], row['mismatches']), (0, 0))
             self.assertGreater(row['frames_committed'], 0)
         self.assertEqual(results['activations']['ours_errors'], 0)
         self.assertTrue(os.path.exists(os.path.join(out, 'frames.png')))
+
+    def test_quick_volunteers(self):
+        """The paced workload of many cores: every frame sent is
+        acknowledged, reported and served; the CPU per core-hour is
+        reported (its value unchecked)."""
+        out = tmpdir('bench')
+        p = subprocess.run(
+            [sys.executable, '-m', 'bench', '--quick', '--only', 'volunteers',
+             '--out', out], cwd=ROOT, capture_output=True, text=True,
+            timeout=300)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        with open(os.path.join(out, 'results.json')) as f:
+            row = json.load(f)['volunteers']
+        self.assertEqual((row['cores'], row['errors'], row['mismatches']),
+                         (100, 0, 0))
+        self.assertGreaterEqual(row['frames'], 100 * 10)
+        self.assertGreaterEqual(row['checkpoints'], 100)
+        self.assertGreater(row['cpu_s_per_core_hour'], 0)
 
     def test_quick_status(self):
         """The /status workload: the CC's report of the WS reaches every
