@@ -98,6 +98,8 @@ class Ledger:
     def fail(self, what, detail):
         with self.lock:
             self.failures.append((what, detail))
+        print('FAILURE %s: %s (%s)' % (what, detail, time.strftime(
+            '%H:%M:%S')), flush=True)
 
     def starting(self, moment):
         self.inflight[moment].set()
@@ -238,7 +240,7 @@ class Chaos:
                                 # the cores share one address and re-ask
                                 # after every kill: no abuse limits here
                                 client_assigns_per_minute=1000000,
-                                client_max_held_streams=1000)
+                                client_max_held_streams=1000000)
         self.ws = ServerProcess('ws', command_centers=command_centers(self.cc),
                                 num_processes=2,
                                 heartbeat_increment=HEARTBEAT_S,

@@ -93,13 +93,51 @@ def _restart_redis(embedded, stopping):
             time.sleep(1)
 
 
+# How long the master keeps trying to free a dead worker's holds while the
+# store does not answer (then their TTLs free them).
+FREE_RETRY_S = 300.0
+
+
 def _supervise(n, start_child, embedded=None, worker_died=None):
     """Fork n workers, restart any that dies abnormally (`worker_died`
     (its holder prefix) first), restart the embedded Redis if it dies,
-    forward stop signals and return when all workers have exited."""
+    forward stop signals and return when all workers have exited. A dead
+    worker's holds that cannot be freed at once (its Redis died too, and
+    is being restarted by this very loop) are tried again every
+    quarter second meanwhile."""
     children = {}
     stopping = []
     generation = [0]
+    unfreed = {}  # holder prefix of a dead worker -> first try (monotonic)
+
+    def free(prefix):
+        """Free a dead worker's holds; False if the store failed."""
+        try:
+            worker_died(prefix)
+        except Exception as e:  # e.g. Redis down: try again soon
+            if prefix not in unfreed:
+                log.warning('freeing what %s held failed (%s); trying '
+                            'again', prefix, e)
+                unfreed[prefix] = time.monotonic()
+            elif time.monotonic() - unfreed[prefix] > FREE_RETRY_S:
+                log.error('gave up freeing what %s held: its locks expire '
+                          'with their TTL', prefix)
+                del unfreed[prefix]
+            return False
+        if unfreed.pop(prefix, None) is not None:
+            log.warning('freed what %s held, at last', prefix)
+        return True
+
+    def wait_child():
+        """os.wait(), but with holds left to free: poll, retrying them."""
+        while unfreed and not stopping:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                return pid, status
+            time.sleep(0.25)
+            for prefix in list(unfreed):
+                free(prefix)
+        return os.wait()
 
     def spawn(i):
         generation[0] += 1
@@ -132,7 +170,7 @@ def _supervise(n, start_child, embedded=None, worker_died=None):
         spawn(i)
     while children:
         try:
-            pid, status = os.wait()
+            pid, status = wait_child()
         except ChildProcessError:
             break
         if embedded is not None and embedded.process is not None \
@@ -152,10 +190,7 @@ def _supervise(n, start_child, embedded=None, worker_died=None):
             log.warning('worker %d (pid %d) died (status %d), restarting',
                         i, pid, status)
             if worker_died is not None:
-                try:
-                    worker_died(holder_prefix(pid, gen))
-                except Exception:  # e.g. Redis down: the TTLs free them
-                    log.exception('freeing what worker %d held failed', i)
+                free(holder_prefix(pid, gen))
             if not stopping:  # a stop signal may have come meanwhile
                 spawn(i)
 

@@ -285,6 +285,37 @@ class TestWorkerDeath(WSFixture, unittest.TestCase):
         self.assertEqual(info['frames'], 2)
         self.assertIn('freed 1 locks of dead worker', self.ws.read_log())
 
+    def test_worker_dies_while_its_redis_is_stuck(self):
+        """The master cannot free a dead worker's lock while the store
+        does not answer (chaos: a worker killed while its Redis was being
+        restarted left the lock for its whole TTL); it tries again until
+        the store answers, then frees it, and the core's retry works."""
+        self.start_ws(num_processes=2, max_frame_body_size=64 << 20)
+        redis = self.ws.redis()
+        self.addCleanup(redis.close)
+        key = 'wsd:%s:lock:stream:%s' % (self.ws.name, self.sid)
+        big = {'files': {'frames.xtc.b64': b64(os.urandom(24 << 20))}}
+        import threading
+        thread = threading.Thread(target=self.send_quietly(
+            'PUT', '/core/frame', big), daemon=True)
+        thread.start()
+        holder = wait_for(lambda: redis.get(key), 'the lock taken', 60)
+        store_pid = self.ws.redis_pid()
+        os.kill(store_pid, signal.SIGSTOP)
+        try:
+            os.kill(int(holder.split('.')[0]), signal.SIGKILL)
+            wait_for(lambda: 'trying again' in self.ws.read_log(),
+                     'the master to fail to free it', 30)
+        finally:
+            os.kill(store_pid, signal.SIGCONT)
+        thread.join(60)
+        wait_for(lambda: redis.get(key) != holder, 'the lock freed', 30)
+        wait_for(lambda: 'at last' in self.ws.read_log(),
+                 'the master to say it freed it', 30)
+        for _ in range(2):
+            r = self.ws.request('PUT', '/core/frame', big, token=self.token)
+            self.assertEqual(r.status_code, 200, r.text)
+
     def test_mid_frame(self):
         self.start_ws(num_processes=2, max_frame_body_size=64 << 20)
         big = os.urandom(24 << 20)

@@ -1036,6 +1036,38 @@ class TestRecovery(WSTestCase):
         self.assertEqual(self.info(sid)['frames'], 2)
 
 
+class TestHoldReleasedLater(WSTestCase):
+
+    def test_shared_target_hold_freed_once_the_store_answers(self):
+        """A stream creation whose shared hold on its target could not be
+        given back (the store failed just then) gives it back once the
+        store answers, rather than blocking the target's deletions until
+        the hold's 5 minute TTL (seen in `make chaos`)."""
+        tid, _ = self.new_stream()
+        redis = self.app.redis
+        real = redis.zrem
+
+        async def failing(*args):
+            redis.zrem = real
+            raise ConnectionError('the store failed just then')
+        redis.zrem = failing
+        self.addCleanup(setattr, redis, 'zrem', real)
+        self.new_stream(tid, with_target=False)
+        users = self.app.keys.target_users(tid)
+        sync = store.connect_sync(self.redis_server.url)
+        self.addCleanup(sync.close)
+        self.assertIs(redis.zrem, real)  # the failure happened
+
+        async def freed():
+            for _ in range(50):
+                if not await redis.zcard(users):
+                    return True
+                await asyncio.sleep(0.1)
+            return False
+        self.assertTrue(self.io_loop.run_sync(freed), sync.zrange(users, 0,
+                                                                  -1))
+
+
 class TestLockLost(WSTestCase):
     """A request whose stream lock stopped being its own while it worked
     (expired, or freed as a dead worker's) changes nothing: its frame is

@@ -63,10 +63,11 @@ async def release(app, key, holder):
         release_later(app, key, holder)
 
 
-def release_later(app, key, holder, token_key=None):
+def release_later(app, key, holder, token_key=None, shared=False):
     """Free `key` (or the lock of the stream of `token_key`) if `holder`
-    has it, once Redis answers, retrying for at most the lock's TTL."""
-    app.unreleased.append((key, holder, token_key))
+    has it, once Redis answers, retrying for at most the lock's TTL.
+    `shared`: `key` is a target's shared holds, `holder` one of them."""
+    app.unreleased.append((shared, key, holder, token_key))
     if app.releasing is None or app.releasing.done():
         app.releasing = asyncio.ensure_future(_release_pending(app))
 
@@ -76,8 +77,11 @@ async def _release_pending(app):
     while app.unreleased and time.monotonic() < deadline:
         await asyncio.sleep(0.5)
         pending, app.unreleased = app.unreleased, []
-        for key, holder, token_key in pending:
+        for shared, key, holder, token_key in pending:
             try:
+                if shared:
+                    await app.redis.zrem(key, holder)
+                    continue
                 if key is None:
                     sid = await app.redis.get(token_key)
                     if sid is None:
@@ -85,7 +89,7 @@ async def _release_pending(app):
                     key = app.keys.stream_lock(sid)
                 await RELEASE(app.redis, [key], [holder])
             except store.DOWN:
-                app.unreleased.append((key, holder, token_key))
+                app.unreleased.append((shared, key, holder, token_key))
 
 
 async def wait_turn(deadline, delay, what):
@@ -143,8 +147,8 @@ async def target_shared(app, target_id):
     finally:
         try:
             await app.redis.zrem(users, holder)
-        except store.DOWN:  # it expires (its score) after the lock's TTL
-            pass
+        except store.DOWN:  # else it would stay until its score passes
+            release_later(app, users, holder, shared=True)
 
 
 @contextlib.asynccontextmanager
