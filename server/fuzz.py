@@ -32,18 +32,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from server.testing import (
-    ROOT,
-    ServerProcess,
-    b64,
-    certs,
-    command_centers,
-    online,
-    wait_for,
-)
+from server import testing
 
-DOCS = {'cc': os.path.join(ROOT, 'docs', 'openapi.yaml'),
-        'ws': os.path.join(ROOT, 'docs', 'openapi-ws.yaml')}
+DOCS = {'cc': os.path.join(testing.ROOT, 'docs', 'openapi.yaml'),
+        'ws': os.path.join(testing.ROOT, 'docs', 'openapi-ws.yaml')}
 ENGINE, VERSION = 'openmm', 'fuzz-1'
 BATCH = 25  # requests per operation and generation mode in one turn
 CONCURRENCY = 8  # requests in flight
@@ -53,22 +45,24 @@ class World:
     """The servers and the things a request may name or present."""
 
     def __init__(self):
-        self.cc = ServerProcess('cc', bind_address='127.0.0.1',
-                                log_level='debug', ws_timeout_in_s=3.0)
+        self.cc = testing.ServerProcess('cc', bind_address='127.0.0.1',
+                                        log_level='debug',
+                                        ws_timeout_in_s=3.0)
         self.ws = None
         self.session = requests.Session()
         self.session.trust_env = False
-        self.session.verify = certs()['ca']
+        self.session.verify = testing.certs()['ca']
         self.targets, self.streams = [], []
         self.core_token = None
 
     def start(self):
         self.cc.start()
-        self.ws = ServerProcess('ws', bind_address='127.0.0.1',
-                                log_level='debug',
-                                command_centers=command_centers(self.cc))
+        self.ws = testing.ServerProcess(
+            'ws', bind_address='127.0.0.1', log_level='debug',
+            command_centers=testing.command_centers(self.cc))
         self.ws.start()
-        wait_for(lambda: online(self.cc, self.ws.name), 'the WS online')
+        testing.wait_for(lambda: testing.online(self.cc, self.ws.name),
+                         'the WS online')
         self.admin = self.cc.request('POST', '/managers', {
             'email': 'admin@fuzz.org', 'password': 'pw',
             'role': 'admin'}).json()['token']
@@ -79,13 +73,13 @@ class World:
             tid = self.cc.request('POST', '/targets', {
                 'engine': ENGINE, 'engine_versions': [VERSION],
                 'stage': 'public', 'description': 'fuzz',
-                'files': {'system.xml.b64': b64(b'<System/>')}},
+                'files': {'system.xml.b64': testing.b64(b'<System/>')}},
                 token=self.admin).json()['target_id']
             self.targets.append(tid)
             for i in range(4):
                 self.streams.append(self.cc.request('POST', '/streams', {
                     'target_id': tid, 'files': {
-                        'state.xml.b64': b64(b'<State %d/>' % i)}},
+                        'state.xml.b64': testing.b64(b'<State %d/>' % i)}},
                     token=self.admin).json()['stream_id'])
         self.refresh_core_token()
         return self
@@ -208,7 +202,7 @@ class Run:
         if not hasattr(self.local, 'session'):
             self.local.session = requests.Session()
             self.local.session.trust_env = False
-            self.local.session.verify = certs()['ca']
+            self.local.session.verify = testing.certs()['ca']
         return self.local.session
 
     def submit(self, kind, operation, case):

@@ -258,19 +258,15 @@ class Sampler:
                  streams_per_round=4, frames_per_stream=50, clusters=None,
                  seed=1, poll=0.5, filename='frames.xtc', log=None,
                  extend=True):
-        self.target = target
-        self.folder = folder
-        self.featurizer = featurizer
-        self.system = system
+        self.target, self.folder = target, folder
+        # what a seed is made of, and how new frames are seen
+        self.featurizer, self.system = featurizer, system
         self.integrator = integrator
         self.streams_per_round = streams_per_round
         self.frames_per_stream = frames_per_stream
         self.clusters = clusters or LeastCounts()
-        self.rng = np.random.default_rng(seed)
-        self.seed = seed
-        self.poll = poll
-        self.filename = filename
-        self.extend = extend
+        self.rng, self.seed = np.random.default_rng(seed), seed
+        self.poll, self.filename, self.extend = poll, filename, extend
         self.log = log or (lambda text: None)
         self.cache = None
         self.round = 0

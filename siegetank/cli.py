@@ -403,85 +403,67 @@ def cmd_sync(args):
 
 
 # -- parser -------------------------------------------------------------------
-def build_parser():
-    p = argparse.ArgumentParser(prog='siegetank', description=__doc__.split(
-        '\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--cc', help='command center host:port (saved by login)')
-    p.add_argument('--ca', help='CA bundle to verify the servers against '
-                   '(saved by login; default: the system store)')
-    p.add_argument('--json', action='store_true', help='print raw JSON')
-    sub = p.add_subparsers(dest='command', metavar='COMMAND')
-    sub.required = True
+def _group(sub, name, help, dest=None, metavar='ACTION'):
+    """`siegetank NAME ACTION ...`: a command whose actions follow it."""
+    group = sub.add_parser(name, help=help).add_subparsers(
+        dest=dest or name + '_command', metavar=metavar)
+    group.required = True
+    return group
 
-    s = sub.add_parser('login', help='log in and save the token')
-    s.add_argument('--email')
-    s.add_argument('--password', help='(default: $SIEGETANK_PASSWORD or a '
-                   'prompt)')
-    s.add_argument('--token', help='use an existing token instead')
-    s.set_defaults(func=cmd_login)
-    sub.add_parser('logout', help='forget the saved token').set_defaults(
-        func=cmd_logout)
 
-    acc = sub.add_parser('account', help='create accounts').add_subparsers(
-        dest='kind', metavar='KIND')
-    acc.required = True
-    s = acc.add_parser('manager', help='create a manager or admin (needs an '
-                       'admin login, or the CC host for the first admin)')
+def _command(sub, name, help, func, *positional):
+    """A command (or action) that runs `func`, with these positional
+    arguments; options are added to what it returns."""
+    p = sub.add_parser(name, help=help)
+    for arg in positional:
+        p.add_argument(arg)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_account_commands(sub):
+    acc = _group(sub, 'account', 'create accounts', dest='kind',
+                 metavar='KIND')
+    s = _command(acc, 'manager', 'create a manager or admin (needs an admin '
+                 'login, or the CC host for the first admin)', cmd_account)
     s.add_argument('--email', required=True)
     s.add_argument('--password', required=True)
     s.add_argument('--role', choices=('manager', 'admin'), default='manager')
     s.add_argument('--weight', type=float)
-    s.set_defaults(func=cmd_account)
-    s = acc.add_parser('donor', help='create a donor')
-    s.add_argument('--username', required=True)
-    s.add_argument('--password', required=True)
-    s.add_argument('--email', required=True)
-    s.set_defaults(func=cmd_account)
+    s = _command(acc, 'donor', 'create a donor', cmd_account)
+    for option in ('--username', '--password', '--email'):
+        s.add_argument(option, required=True)
 
-    ws = sub.add_parser('ws', help='workservers').add_subparsers(
-        dest='ws_command', metavar='ACTION')
-    ws.required = True
-    ws.add_parser('status', help='workservers and whether they are '
-                  'online').set_defaults(func=cmd_ws_status)
 
-    s = sub.add_parser('status', help='the fleet: workservers, streams, '
-                       'cores, per-minute figures (admin: per-WS detail)')
-    s.set_defaults(func=cmd_status)
+def _add_fleet_commands(sub):
+    ws = _group(sub, 'ws', 'workservers')
+    _command(ws, 'status', 'workservers and whether they are online',
+             cmd_ws_status)
+    _command(sub, 'status', 'the fleet: workservers, streams, cores, '
+             'per-minute figures (admin: per-WS detail)', cmd_status)
+    dn = _group(sub, 'donors', 'donor stats')
+    _command(dn, 'stats', 'a donor\'s frames and sessions', cmd_donor_stats,
+             'username')
+    _command(dn, 'top', 'the donors with the most frames',
+             cmd_top_donors).add_argument('-n', '--top', type=int,
+                                          default=10)
+    ks = _group(sub, 'keys', 'core keys (admin)')
+    _command(ks, 'create', 'a new core key for an engine', cmd_keys_create,
+             'engine').add_argument('--description', default='')
+    _command(ks, 'list', 'the live core keys', cmd_keys_list)
+    _command(ks, 'revoke', 'revoke core keys: their cores get 401 and must '
+             'be updated', cmd_keys_revoke).add_argument(
+        'key_ids', nargs='+', metavar='KEY_ID')
 
-    dn = sub.add_parser('donors', help='donor stats').add_subparsers(
-        dest='donors_command', metavar='ACTION')
-    dn.required = True
-    s = dn.add_parser('stats', help='a donor\'s frames and sessions')
-    s.add_argument('username')
-    s.set_defaults(func=cmd_donor_stats)
-    s = dn.add_parser('top', help='the donors with the most frames')
-    s.add_argument('-n', '--top', type=int, default=10)
-    s.set_defaults(func=cmd_top_donors)
 
-    ks = sub.add_parser('keys', help='core keys (admin)').add_subparsers(
-        dest='keys_command', metavar='ACTION')
-    ks.required = True
-    s = ks.add_parser('create', help='a new core key for an engine')
-    s.add_argument('engine')
-    s.add_argument('--description', default='')
-    s.set_defaults(func=cmd_keys_create)
-    ks.add_parser('list', help='the live core keys').set_defaults(
-        func=cmd_keys_list)
-    s = ks.add_parser('revoke', help='revoke core keys: their cores get '
-                      '401 and must be updated')
-    s.add_argument('key_ids', nargs='+', metavar='KEY_ID')
-    s.set_defaults(func=cmd_keys_revoke)
-
-    tg = sub.add_parser('targets', help='targets').add_subparsers(
-        dest='targets_command', metavar='ACTION')
-    tg.required = True
-    tg.add_parser('list', help='your targets (public ones when logged '
-                  'out)').set_defaults(func=cmd_targets_list)
-    s = tg.add_parser('info', help='a target\'s details')
-    s.add_argument('target')
-    s.set_defaults(func=cmd_targets_info)
-    s = tg.add_parser('create', help='create a target from files (each sent '
-                      'as NAME.gz.b64, e.g. system.xml, integrator.xml)')
+def _add_target_commands(sub):
+    tg = _group(sub, 'targets', 'targets')
+    _command(tg, 'list', 'your targets (public ones when logged out)',
+             cmd_targets_list)
+    _command(tg, 'info', 'a target\'s details', cmd_targets_info, 'target')
+    s = _command(tg, 'create', 'create a target from files (each sent as '
+                 'NAME.gz.b64, e.g. system.xml, integrator.xml)',
+                 cmd_targets_create)
     s.add_argument('files', nargs='*', metavar='FILE')
     s.add_argument('--engine', default='openmm')
     s.add_argument('--engine-version', action='append', required=True,
@@ -493,74 +475,76 @@ def build_parser():
     s.add_argument('--description', default='')
     s.add_argument('--allowed-ws', nargs='+', metavar='WS')
     s.add_argument('--weight', type=float)
-    s.set_defaults(func=cmd_targets_create)
-    s = tg.add_parser('update', help='change fields of a target')
-    s.add_argument('target')
+    s = _command(tg, 'update', 'change fields of a target',
+                 cmd_targets_update, 'target')
     s.add_argument('--stage', choices=('private', 'beta', 'public'))
     s.add_argument('--description')
     s.add_argument('--options', help='JSON object (replaces the options)')
     s.add_argument('--engine-version', action='append')
     s.add_argument('--allowed-ws', nargs='+', metavar='WS')
     s.add_argument('--weight', type=float)
-    s.set_defaults(func=cmd_targets_update)
-    s = tg.add_parser('delete', help='delete targets and all their streams')
-    s.add_argument('targets', nargs='+', metavar='TARGET')
-    s.set_defaults(func=cmd_targets_delete)
-    s = tg.add_parser('stats', help='a target\'s frames, sessions, '
-                      'donors, active cores')
-    s.add_argument('target')
-    s.set_defaults(func=cmd_target_stats)
-    s = tg.add_parser('download', help='download a target file')
-    s.add_argument('target')
-    s.add_argument('filename')
-    s.add_argument('-o', '--output')
-    s.set_defaults(func=cmd_targets_download)
+    _command(tg, 'delete', 'delete targets and all their streams',
+             cmd_targets_delete).add_argument('targets', nargs='+',
+                                              metavar='TARGET')
+    _command(tg, 'stats', 'a target\'s frames, sessions, donors, active '
+             'cores', cmd_target_stats, 'target')
+    _command(tg, 'download', 'download a target file', cmd_targets_download,
+             'target', 'filename').add_argument('-o', '--output')
 
-    st = sub.add_parser('streams', help='streams').add_subparsers(
-        dest='streams_command', metavar='ACTION')
-    st.required = True
-    s = st.add_parser('list', help='a target\'s streams')
-    s.add_argument('target')
-    s.set_defaults(func=cmd_streams_list)
-    s = st.add_parser('add', help='add one stream per FILE (e.g. a '
-                      'state.xml, sent as state.xml.gz.b64)')
-    s.add_argument('target')
+
+def _add_stream_commands(sub):
+    st = _group(sub, 'streams', 'streams')
+    _command(st, 'list', 'a target\'s streams', cmd_streams_list, 'target')
+    s = _command(st, 'add', 'add one stream per FILE (e.g. a state.xml, sent '
+                 'as state.xml.gz.b64)', cmd_streams_add, 'target')
     s.add_argument('files', nargs='+', metavar='FILE')
     s.add_argument('--name', help='send each file under this wire name')
     s.add_argument('--tag', action='append', metavar='NAME=VALUE',
                    help='a provenance tag of each stream (repeatable)')
-    s.set_defaults(func=cmd_streams_add)
-    s = st.add_parser('info', help='a stream\'s status and frames')
-    s.add_argument('stream')
-    s.set_defaults(func=cmd_streams_info)
-    for action, verb, text in (('start', 'started', 'start streams'),
-                               ('stop', 'stopped', 'stop streams'),
-                               ('delete', 'deleted', 'delete streams')):
-        s = st.add_parser(action, help=text)
-        s.add_argument('streams', nargs='+', metavar='STREAM')
-        s.set_defaults(func=_each_stream(action, verb))
-    s = st.add_parser('download', help='download a stream\'s committed '
-                      'frames (resumes a partial file)')
-    s.add_argument('stream')
+    _command(st, 'info', 'a stream\'s status and frames', cmd_streams_info,
+             'stream')
+    for action, verb in (('start', 'started'), ('stop', 'stopped'),
+                         ('delete', 'deleted')):
+        _command(st, action, '%s streams' % action,
+                 _each_stream(action, verb)).add_argument(
+            'streams', nargs='+', metavar='STREAM')
+    s = _command(st, 'download', 'download a stream\'s committed frames '
+                 '(resumes a partial file)', cmd_streams_download, 'stream')
     s.add_argument('filename', nargs='?', default='frames.xtc')
     s.add_argument('-o', '--output')
     s.add_argument('--no-resume', action='store_true',
                    help='download everything again')
     s.add_argument('-q', '--quiet', action='store_true',
                    help='no progress bar')
-    s.set_defaults(func=cmd_streams_download)
-
-    s = sub.add_parser('sync', help='bring a folder up to the committed '
-                       'frames of every stream of a target (only new bytes '
-                       'move; an interrupted sync resumes)')
-    s.add_argument('target')
-    s.add_argument('folder')
+    s = _command(sub, 'sync', 'bring a folder up to the committed frames of '
+                 'every stream of a target (only new bytes move; an '
+                 'interrupted sync resumes)', cmd_sync, 'target', 'folder')
     s.add_argument('--file', action='append', metavar='NAME',
                    help='frame file of each stream (default frames.xtc; '
                    'repeatable)')
     s.add_argument('-q', '--quiet', action='store_true',
                    help='no progress bar')
-    s.set_defaults(func=cmd_sync)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog='siegetank', description=__doc__.split(
+        '\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--cc', help='command center host:port (saved by login)')
+    p.add_argument('--ca', help='CA bundle to verify the servers against '
+                   '(saved by login; default: the system store)')
+    p.add_argument('--json', action='store_true', help='print raw JSON')
+    sub = p.add_subparsers(dest='command', metavar='COMMAND')
+    sub.required = True
+    s = _command(sub, 'login', 'log in and save the token', cmd_login)
+    s.add_argument('--email')
+    s.add_argument('--password', help='(default: $SIEGETANK_PASSWORD or a '
+                   'prompt)')
+    s.add_argument('--token', help='use an existing token instead')
+    _command(sub, 'logout', 'forget the saved token', cmd_logout)
+    _add_account_commands(sub)
+    _add_fleet_commands(sub)
+    _add_target_commands(sub)
+    _add_stream_commands(sub)
     return p
 
 

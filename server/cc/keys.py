@@ -110,18 +110,24 @@ class EmailKey(Key):
         return self.template % hashlib.sha1(email.encode('utf-8')).hexdigest()
 
 
+# workservers
 WORKSERVERS = 'workservers'
-TARGETS = 'targets'
-JOBS_LEASE = 'lease:jobs'
 ws = Key('ws:%s')
 ws_pending_deletes = Key('ws:%s:pending_deletes')
 ws_abandoned = Key('ws:%s:abandoned')
 RECONCILE_STATS = 'reconcile:stats'
+JOBS_LEASE = 'lease:jobs'
+
+# accounts
 manager = EmailKey('manager:%s')
 manager_token = Key('manager_token:%s')
+admins = 'admins'
 donor = Key('donor:%s')
 donor_email = EmailKey('donor_email:%s')
 donor_token = Key('donor_token:%s')
+
+# targets and streams
+TARGETS = 'targets'
 target = Key('target:%s')
 target_files = Key('target:%s:files')
 owner_targets = EmailKey('manager:%s:targets')
@@ -130,20 +136,25 @@ target_ws = Key('target:%s:ws')
 target_ws_files = Key('target:%s:ws_files')
 target_streams = Key('target:%s:streams')
 stream = Key('stream:%s')
-admins = 'admins'
+
+# abuse controls
 login_fails = Key('login_fails:%s:%s')
 client_held = Key('client:%s:held')
 client_rate = Key('client:%s:rate')
 
+# core keys
 CORE_KEYS = 'core_keys'
 core_key = Key('core_key:%s')
 core_key_hash = Key('core_key_hash:%s')
 
+# stats: sessions and their sums
 session_seen = Key('stats:seen:%s')
 SESSIONS = 'stats:sessions'
 DONORS_BY_FRAMES = 'stats:donors:frames'
 donor_stats = Key('stats:donor:%s')
 donor_targets = Key('stats:donor:%s:targets')
+
+# stats: per target and per WS
 target_stats = Key('stats:target:%s')
 target_donors = Key('stats:target:%s:donors')
 target_hours = Key('stats:target:%s:hours')

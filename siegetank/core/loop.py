@@ -209,16 +209,14 @@ class Core:
                  max_frames=None, timeout=30, backoff=None, stop=None,
                  heartbeats=None, name='core', core_key=None):
         self.cc = cc if cc.startswith('https://') else 'https://' + cc
-        self.engine = engine
-        self.verify = ca or True
+        self.engine, self.verify = engine, ca or True
         self.donor_token = donor_token
         self.core_key = core_key  # sent as Authorization on assign (2015)
-        self.target_id = target_id
-        self.stage = stage
+        # what to ask for: a target (else any), a stage (else public)
+        self.target_id, self.stage = target_id, stage
         self.checkpoint_every = checkpoint_every
         self.heartbeat_every = heartbeat_every
-        self.max_frames = max_frames
-        self.timeout = timeout
+        self.max_frames, self.timeout = max_frames, timeout
         self.backoff = backoff or Backoff()
         self.stop = stop or threading.Event()
         self.own_heartbeats = heartbeats is None
