@@ -400,7 +400,15 @@ class Chaos:
         is active, and every stream can be activated again."""
         self.stop_clients()
         for sid in self.streams:  # every byte, not only the new ones
-            self.check_download(self.http, sid, full=True)
+            # a 503 (a store the last kill restarted) is retried, as in
+            # check(); only what a download serves can fail it
+            try:
+                wait_for(lambda: self.check_download(
+                    self.http, sid, quiet=True, full=True),
+                    'a download of %s' % sid, 60,
+                    errors=(requests.RequestException,))
+            except TimedOut as e:
+                self.ledger.fail('unavailable', str(e).splitlines()[0])
         time.sleep(HEARTBEAT_S + 1.5)
 
         def quiet():
