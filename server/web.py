@@ -564,14 +564,16 @@ class APIHandler(tornado.web.RequestHandler):
                                    'valid Unicode (a lone surrogate escape)')
         return self._body
 
-    def field(self, name, kind, default=REQUIRED, check=None):
+    def field(self, name, kind, default=REQUIRED, check=None, body=None):
         """A body field of type `kind` (a type or tuple); 400 if missing or
-        mistyped, or if `check(value)` is false."""
-        if name not in self.body:
+        mistyped, or if `check(value)` is false. `body`: an object inside
+        the body to read it from instead."""
+        body = self.body if body is None else body
+        if name not in body:
             if default is REQUIRED:
                 raise APIError(400, 'missing field %s' % name)
             return default
-        value = self.body[name]
+        value = body[name]
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if isinstance(value, bool) and bool not in kinds \
                 or not isinstance(value, kinds):

@@ -2,6 +2,7 @@
 `cc_pass`: stream creation and activation, stream and target commands, and
 the listings. Thin: the model is streams.py."""
 import asyncio
+import functools
 
 from server import tokens
 from server.web import (
@@ -84,54 +85,37 @@ class StreamsHandler(CCHandler):
 MAX_ACTIVATIONS = 64
 
 
-def _activation(item):
-    """The arguments of streams.activate from one activation's fields
-    (a dict), 400 if one is wrong."""
-    def field(name, kind, default, check=None):
-        value = item.get(name, default)
-        if not isinstance(value, kind) or isinstance(value, bool) or (
-                check is not None and value is not None
-                and not check(value)):
-            raise APIError(400, 'field %s is missing or invalid' % name)
-        return value
-    return (field('target_id', str, None, TARGET_ID.fullmatch),
-            field('donor_id', (str, type(None)), None),
-            field('client', (str, type(None)), None,
-                  lambda c: 0 < len(c) <= 256),
-            field('engine', str, '', lambda v: len(v) <= 64),
-            field('core_version', (str, type(None)), '',
-                  lambda v: len(v) <= 64) or '')
-
-
 class ActivateHandler(CCHandler):
+    def activation(self, item):
+        """The arguments of streams.activate (after the app) from one
+        activation's fields (the body, or an item of `activations`); 400 if
+        one is wrong."""
+        f = functools.partial(self.field, body=item)
+        return (f('target_id', str, check=TARGET_ID.fullmatch),
+                f('donor_id', (str, type(None)), None),
+                f('client', str, None, check=lambda c: 0 < len(c) <= 256),
+                self.cc,
+                f('engine', str, '', check=lambda v: len(v) <= 64),
+                f('core_version', (str, type(None)), '',
+                  check=lambda v: v is None or len(v) <= 64) or '')
+
     async def post(self):
         """One activation (its fields in the body), or several at once
-        (`activations`: a list of such bodies), each its own atomic step,
+        (`activations`: a list of such objects), each its own atomic step,
         all sent to Redis together; each gets a token or an error."""
         app = self.application
         many = self.field('activations', list, None,
                           check=lambda a: 0 < len(a) <= MAX_ACTIVATIONS)
         if many is None:
-            tid = self.target_id()
-            donor = self.field('donor_id', (str, type(None)), None)
-            client = self.field('client', str, None,
-                                check=lambda c: 0 < len(c) <= 256)
-            engine = self.field('engine', str, '',
-                                check=lambda v: len(v) <= 64)
-            version = self.field('core_version', (str, type(None)), '',
-                                 check=lambda v: v is None or len(v) <= 64)
-            token, sid = await streams.activate(app, tid, donor, client,
-                                                self.cc, engine,
-                                                version or '')
+            token, sid = await streams.activate(app,
+                                                *self.activation(self.body))
             self.write_json({'token': token, 'stream_id': sid})
             return
         if not all(isinstance(item, dict) for item in many):
             raise APIError(400, 'field activations must list objects')
-        asked = [_activation(item) for item in many]
-        done = await asyncio.gather(*(
-            streams.activate(app, tid, donor, client, self.cc, engine,
-                             version)
-            for tid, donor, client, engine, version in asked),
+        asked = [self.activation(item) for item in many]
+        done = await asyncio.gather(
+            *(streams.activate(app, *args) for args in asked),
             return_exceptions=True)
         out = []
         for result in done:
