@@ -410,6 +410,30 @@ class TestCore(WSTestCase):
         chunks = self.app.storage.chunks(sid)
         self.assertEqual([(s, n) for s, n, _ in chunks], [(1, 3), (2, 1)])
 
+    def test_chunks_past_nine_stay_in_order(self):
+        """A checkpoint finds the newest chunk and the committed count in
+        one listing (Storage.head); seqs past 9 and a commit's temporary
+        folder do not confuse it."""
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        storage = self.app.storage
+        os.mkdir(os.path.join(storage.chunks_dir(sid), '.tmp-left'))
+        sent = b''
+        for i in range(1, 13):
+            data = b'<%d>' % i
+            self.frame(token, data, n=i)
+            sent += data
+            self.checkpoint(token, b'state%d' % i)
+        total = sum(range(1, 13))
+        self.assertEqual(storage.head(sid), (12, total))
+        self.assertEqual([(s, n) for s, n, _ in storage.chunks(sid)],
+                         [(i, i) for i in range(1, 13)])
+        self.assertEqual(self.info(sid)['frames'], total)
+        self.assertEqual(self.download(sid)[1], sent)
+        state = self.core_start(token)['stream_files']['state.xml.gz.b64']
+        self.assertEqual(gzip.decompress(base64.b64decode(state)),
+                         b'state12')
+
     def test_gz_frames_are_gunzipped(self):
         tid, sid = self.new_stream()
         token, _ = self.activate(tid)

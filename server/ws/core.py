@@ -384,10 +384,10 @@ def commit(storage, sid, n, files, meta, sizes, reset_errors):
     request whose reply was lost before Redis heard of it) is not committed
     twice. A successful checkpoint resets the error count (errors are
     consecutive)."""
-    seq = None
     if storage.buffer_files(sid):
-        seq = storage.commit(sid, n, files, meta, sizes)
-    total = storage.committed_frames(sid)
+        seq, total = storage.commit(sid, n, files, meta, sizes)
+    else:
+        seq, total = None, storage.committed_frames(sid)
     if reset_errors:
         storage.update_stream_meta(sid, error_count=0)
     return seq, total

@@ -301,31 +301,49 @@ class Storage:
     def discard_buffer(self, stream_id):
         shutil.rmtree(self.buffer_dir(stream_id), ignore_errors=True)
 
+    def _chunk_names(self, stream_id):
+        """The names of the committed chunks, unordered."""
+        try:
+            names = os.listdir(self.chunks_dir(stream_id))
+        except FileNotFoundError:
+            return []
+        return [name for name in names if CHUNK.fullmatch(name)]
+
     def chunks(self, stream_id):
         """[(seq, nframes, path)] of the committed chunks, in order."""
         folder = self.chunks_dir(stream_id)
-        try:
-            names = os.listdir(folder)
-        except FileNotFoundError:
-            return []
-        found = []
-        for name in names:
-            m = CHUNK.fullmatch(name)
-            if m:
-                found.append((int(m.group(1)), int(m.group(2)),
-                              os.path.join(folder, name)))
-        return sorted(found)
+        return [(int(name[:10]), int(name[11:]), os.path.join(folder, name))
+                for name in sorted(self._chunk_names(stream_id))]
+
+    def newest_chunk(self, stream_id):
+        """(seq, path) of the newest chunk, None before the first."""
+        names = self._chunk_names(stream_id)
+        if not names:
+            return None
+        name = max(names)  # seqs are zero-padded: the newest sorts last
+        return int(name[:10]), os.path.join(self.chunks_dir(stream_id), name)
+
+    def head(self, stream_id):
+        """(the newest chunk's seq, the committed frames), 0 and 0 before
+        the first: what a checkpoint needs, from one listing and without
+        a sorted list of paths (a stream checkpointed for weeks has
+        thousands of chunks, and `chunks` took 13 ms at 5,000)."""
+        names = self._chunk_names(stream_id)
+        if not names:
+            return 0, 0
+        return int(max(names)[:10]), sum(int(name[11:]) for name in names)
 
     def committed_frames(self, stream_id):
-        return sum(n for _, n, _ in self.chunks(stream_id))
+        return self.head(stream_id)[1]
 
     def commit(self, stream_id, nframes, state_files, meta, recorded):
         """Make the buffer (holding `nframes` frames, `recorded` sizes) and
         `state_files` {name: str} the stream's newest chunk, crash-safely.
-        The caller holds the stream's lock. Returns the chunk's seq."""
+        The caller holds the stream's lock. Returns (the chunk's seq, the
+        stream's committed frames with it)."""
         self.trim_buffer(stream_id, recorded)
-        chunks = self.chunks(stream_id)
-        seq = chunks[-1][0] + 1 if chunks else 1
+        seq, total = self.head(stream_id)
+        seq += 1
         folder = self.chunks_dir(stream_id)
         buffer = self.buffer_dir(stream_id)
         final = os.path.join(folder, '%010d-%d' % (seq, nframes))
@@ -353,22 +371,21 @@ class Storage:
                     pass
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return seq
+        return seq, total + nframes
 
     def uncommit(self, stream_id, seq):
         """Undo the commit of chunk `seq` (the newest): its frames go back
         to the buffer, the chunk away, as one rename first."""
-        for found, _, path in reversed(self.chunks(stream_id)):
-            if found != seq:
-                return False
-            folder = self.chunks_dir(stream_id)
-            tmp = os.path.join(folder, '.tmp-%s' % uuid.uuid4().hex)
-            os.rename(path, tmp)
-            fsync_dir(folder)
-            restore_frames(tmp, self.buffer_dir(stream_id))
-            shutil.rmtree(tmp, ignore_errors=True)
-            return True
-        return False
+        newest = self.newest_chunk(stream_id)
+        if newest is None or newest[0] != seq:
+            return False
+        folder = self.chunks_dir(stream_id)
+        tmp = os.path.join(folder, '.tmp-%s' % uuid.uuid4().hex)
+        os.rename(newest[1], tmp)
+        fsync_dir(folder)
+        restore_frames(tmp, self.buffer_dir(stream_id))
+        shutil.rmtree(tmp, ignore_errors=True)
+        return True
 
     def restore_interrupted(self, stream_id):
         """Frames a commit had moved out of the buffer when its process
@@ -390,9 +407,9 @@ class Storage:
         """The seed files with the newest checkpoint's files in place of
         those of the same name (and any extra checkpoint files)."""
         files = _read_files(os.path.join(self.stream_dir(stream_id), 'seed'))
-        chunks = self.chunks(stream_id)
-        if chunks:
-            files.update(_read_files(os.path.join(chunks[-1][2], 'state')))
+        newest = self.newest_chunk(stream_id)
+        if newest is not None:
+            files.update(_read_files(os.path.join(newest[1], 'state')))
         return files
 
     def download_parts(self, stream_id, filename):
