@@ -26,17 +26,17 @@ lint: setup
 
 # The main job on one machine: embedded Redis, dev certs, CC, WS, cores.
 demo: setup
-	$(PY) -m server.demo
+	$(PY) -m tools.demo
 
 # The researcher's example: least-counts adaptive sampling against plain
 # MD with real OpenMM cores; a plot and an MSM land in data/adaptive/.
 adaptive: setup
-	$(PY) -m siegetank.adaptive_demo
+	$(PY) -m tools.adaptive_demo
 
 # The same job on two CC processes sharing one embedded Redis; one CC is
 # SIGKILLed mid-run and the job completes through the other.
 demo-cluster: setup
-	$(PY) -m server.demo --cluster
+	$(PY) -m tools.demo --cluster
 
 # Benchmarks against a bare Tornado ceiling (several minutes); results and
 # a plot land in bench/results/. `make bench BENCHARGS=--quick` smoke-runs it.
@@ -49,13 +49,13 @@ bench: setup
 # (about an hour; not in CI). `make chaos CHAOSARGS="--points 100"`.
 CHAOSARGS ?=
 chaos: setup
-	$(PY) -m server.chaos $(CHAOSARGS)
+	$(PY) -m tools.chaos $(CHAOSARGS)
 
 # Generated requests from docs/openapi*.yaml against a real CC and WS:
 # fails on any 5xx or traceback. `make fuzz FUZZARGS=--requests=500`.
 FUZZARGS ?= --requests=10000
 fuzz: setup
-	$(PY) -m server.fuzz $(FUZZARGS)
+	$(PY) -m tools.fuzz $(FUZZARGS)
 
 clean:
 	rm -rf $(VENV) data *.egg-info

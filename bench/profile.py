@@ -21,7 +21,7 @@ import time
 import psutil
 
 from bench import servers, workloads
-from server.testing import command_centers
+from tools.testing import command_centers
 
 
 def cpu_by_process(pids):

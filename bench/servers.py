@@ -12,7 +12,7 @@ import time
 import psutil
 import requests
 
-from server.testing import (
+from tools.testing import (
     ROOT,
     ServerProcess,
     certs,

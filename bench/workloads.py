@@ -12,8 +12,8 @@ import uuid
 
 from bench import servers
 from bench.httpload import Connection, Recorder, run_cores, sink_get
-from server.testing import CC_PASS
 from server.ws.keys import Keys
+from tools.testing import CC_PASS
 
 SYSTEM = base64.b64encode(gzip.compress(b'<System/>' * 100)).decode()
 STATE = base64.b64encode(gzip.compress(os.urandom(2000))).decode()

@@ -1,7 +1,8 @@
 """Crash-safe writes, the one way every part of the project puts a file or
 a directory in place: written under a temporary name, fsynced, renamed, and
 the parent directory fsynced, so after a crash the old or the new version
-is there, never a part. Standard library only, so the CLI uses it too."""
+is there, never a part. (The client has its own small one,
+siegetank.files.write_json: it installs without the servers.)"""
 import errno
 import os
 import shutil

@@ -18,7 +18,7 @@
   sit in a least-sampled cluster and leaves the over-sampled ones stopped;
   fresh seeds fill up the rest of the next round.
 
-`make adaptive` (siegetank/adaptive_demo.py) runs it on alanine dipeptide
+`make adaptive` (tools/adaptive_demo.py) runs it on alanine dipeptide
 against a plain-MD control.
 """
 import json

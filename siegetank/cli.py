@@ -19,7 +19,6 @@ import os
 import sys
 import time
 
-from server.disk import atomic_write
 from siegetank import files as wire
 from siegetank.client import Client, Progress, SiegetankError
 
@@ -50,7 +49,7 @@ def save_config(conf):
     """Write the config readable by the user only (it holds a token)."""
     path = config_path()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, json.dumps(conf, indent=1), mode=0o600)
+    wire.write_json(path, conf, mode=0o600)
 
 
 def client(args, need_token=True):

@@ -3,6 +3,7 @@ base64, `.gz.b64` base64 of gzip, anything else the text itself. Shared by
 the manager client, the CLI and the cores so both ends agree."""
 import base64
 import gzip
+import json
 import os
 
 
@@ -65,3 +66,18 @@ def read_for_upload(paths):
             raise ValueError('two files named %s' % name)
         out[name] = data
     return out
+
+
+def write_json(path, data, mode=0o666):
+    """Replace `path` by `data` as JSON in one step that survives a crash
+    (a temporary file, fsynced, renamed). A stricter `mode` is set exactly
+    (the CLI's config holds a token)."""
+    tmp = path + '.tmp'
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, 'w') as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    if mode != 0o666:
+        os.chmod(tmp, mode)
+    os.replace(tmp, path)

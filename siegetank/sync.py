@@ -30,17 +30,10 @@ import re
 
 import requests
 
+from siegetank.files import write_json
+
 TAIL = re.compile(r'\.(part|done)-(\d+)$')
 CHUNK = 1 << 16
-
-
-def _write_json(path, data):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path):
@@ -176,7 +169,7 @@ def sync_stream(stream, folder, filenames=('frames.xtc',), info=None,
         for name in filenames:
             received += fetch_file(stream, name, os.path.join(folder, name),
                                    progress)
-    _write_json(record_path, {
+    write_json(record_path, {
         'stream_id': stream.id, 'target_id': info.get('target_id'),
         'frames': frames, 'tags': info.get('tags', {}),
         'status': info.get('status')})
@@ -211,7 +204,7 @@ def sync_target(target, folder, filenames=('frames.xtc',), progress=None,
             target.download(top, os.path.join(folder, 'topology.pdb'))
         meta = {'target_id': target.id, 'topology':
                 'topology.pdb' if top else None}
-        _write_json(meta_path, meta)
+        write_json(meta_path, meta)
     listing = target.stream_info()
     grown = []
     for sid, info in sorted(listing.items()):

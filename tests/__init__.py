@@ -1,2 +1,2 @@
 """The test suite (nosetests). The harness it shares with bench/ and the
-demo is server/testing.py."""
+demo is tools/testing.py."""

@@ -1,9 +1,9 @@
 """A real CC with real workservers (cc.py / ws.py processes, embedded Redis,
 test certs) for the client, CLI and OpenMM end-to-end tests, plus helpers
 to run cores against it."""
-from server.testing import ServerProcess, certs, command_centers, wait_for
 from siegetank.client import Client
 from siegetank.core import Core, make_engine, synthetic
+from tools.testing import ServerProcess, certs, command_centers, wait_for
 
 
 class Cluster:

@@ -19,11 +19,11 @@ import json
 from tornado.netutil import bind_sockets
 
 from server import httpserver, store, tls, web
-from server.testing import CC_PASS, settings
 from server.tokens import token_hash
 from server.ws.app import WorkServer
 from server.ws.keys import Keys
 from server.ws.storage import Storage
+from tools.testing import CC_PASS, settings
 
 
 class RecordingWorkServer(WorkServer):

@@ -10,9 +10,9 @@ import unittest
 
 import numpy as np
 
-from server.testing import ROOT, tmpdir
 from siegetank import adaptive, build_target
 from tests.cluster import Cluster
+from tools.testing import ROOT, tmpdir
 
 
 def built_target(folder):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import unittest
 
-from server.testing import ROOT, tmpdir
+from tools.testing import ROOT, tmpdir
 
 
 class TestBenchSmoke(unittest.TestCase):

@@ -14,8 +14,8 @@ from server import store
 from server.cc import accounts, keys, workservers
 from server.cc.app import CommandCenter
 from server.lua import Script
-from server.testing import CC_PASS, AppTestCase, RedisTestCase, certs
 from tests.inprocess_ws import InProcessWS
+from tools.testing import CC_PASS, AppTestCase, RedisTestCase, certs
 
 B64 = base64.b64encode(b'<System/>').decode()
 GZB64 = base64.b64encode(gzip.compress(b'<Integrator/>')).decode()

@@ -1,11 +1,11 @@
-"""A short `make chaos` (server/chaos.py): tens of kill -9 points across
+"""A short `make chaos` (tools/chaos.py): tens of kill -9 points across
 WS workers, the WS, its Redis, the CC and its Redis while synthetic cores
 and a manager work, with every check of the full run after each restart."""
 import os
 import sys
 import unittest
 
-from server import chaos
+from tools import chaos
 
 POINTS = int(os.environ.get('CHAOS_POINTS', '30'))
 

@@ -11,10 +11,10 @@ import sys
 import unittest
 import uuid
 
-from server.testing import ROOT, tmpdir
 from siegetank import cli
 from siegetank.core import synthetic
 from tests.cluster import Cluster
+from tools.testing import ROOT, tmpdir
 
 
 class CLITestCase(unittest.TestCase):

@@ -8,11 +8,11 @@ import unittest
 import uuid
 
 import siegetank
-from server.testing import certs, tmpdir
 from siegetank import client as client_module
 from siegetank.client import Client, SiegetankError
 from siegetank.core import synthetic
 from tests.cluster import Cluster
+from tools.testing import certs, tmpdir
 
 
 class ClientTestCase(unittest.TestCase):

@@ -5,7 +5,7 @@ import sys
 import unittest
 
 from server import config
-from server.testing import ROOT, tmpdir, write_conf
+from tools.testing import ROOT, tmpdir, write_conf
 
 
 def conf_file(text):

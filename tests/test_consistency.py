@@ -7,10 +7,10 @@ import time
 
 from server.cc import keys, reconcile
 from server.cc.streams import forget
-from server.testing import wait_for
 from server.ws import cc_api
 from server.ws import streams as ws_streams
 from tests.test_cc import CC_PASS, CCTestCase
+from tools.testing import wait_for
 
 
 class Base(CCTestCase):

@@ -17,9 +17,9 @@ import tornado.httpserver
 import tornado.web
 
 from server import tls
-from server.testing import ROOT, certs, free_port, wait_for
 from siegetank import files as wire
 from siegetank.core import Backoff, Core, Fatal, make_engine, synthetic
+from tools.testing import ROOT, certs, free_port, wait_for
 
 
 class Script:

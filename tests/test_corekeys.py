@@ -110,7 +110,7 @@ class TestFleetCLI(CLITestCase):
                      ca=c.ca, donor_token=token, target_id=target.id,
                      max_frames=7, checkpoint_every=0.01).run()
         self.assertEqual(stats['frames'], 7)
-        from server.testing import wait_for
+        from tools.testing import wait_for
         wait_for(lambda: c.client().donor_stats('cli-donor')['sessions'],
                  'the session recorded')
         out = self.ok('donors', 'stats', 'cli-donor')

@@ -8,9 +8,9 @@ import unittest
 
 from playwright.sync_api import sync_playwright
 
-from server.testing import ROOT, wait_for
 from siegetank.core import Core, make_engine
 from tests.cluster import Cluster
+from tools.testing import ROOT, wait_for
 
 CHROMIUM = '/usr/bin/chromium'
 FLAGS = ['--headless', '--no-sandbox', '--disable-gpu',

@@ -11,8 +11,8 @@ import uuid
 
 from server import store
 from server.processes import alive
-from server.testing import CC_PASS as PASS
-from server.testing import (
+from tools.testing import CC_PASS as PASS
+from tools.testing import (
     ServerProcess,
     b64,
     command_centers,

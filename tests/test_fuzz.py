@@ -4,7 +4,7 @@ their logs."""
 import io
 import unittest
 
-from server import fuzz
+from tools import fuzz
 
 
 class TestFuzz(unittest.TestCase):

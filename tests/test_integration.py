@@ -14,7 +14,7 @@ import uuid
 import requests
 
 from server.cc import keys
-from server.testing import (
+from tools.testing import (
     CC_PASS,
     ServerProcess,
     b64,

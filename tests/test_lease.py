@@ -5,7 +5,7 @@ import time
 
 from server import store
 from server.lease import Lease
-from server.testing import RedisTestCase, free_port, tmpdir
+from tools.testing import RedisTestCase, free_port, tmpdir
 
 KEY = 'lease:test'
 

@@ -24,7 +24,9 @@ from tornado.tcpclient import TCPClient
 
 from server.cc import keys as cc_keys
 from server.cc import workservers
-from server.testing import (
+from tests.test_cc import CCTestCase
+from tests.test_ws import CONF, WSTestCase
+from tools.testing import (
     CC_PASS,
     ServerProcess,
     b64,
@@ -32,8 +34,6 @@ from server.testing import (
     gzb64,
     raw_exchange,
 )
-from tests.test_cc import CCTestCase
-from tests.test_ws import CONF, WSTestCase
 
 PASS = CC_PASS
 

@@ -16,8 +16,8 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import metrics
-from server.testing import ServerProcess, certs, wait_for
 from tests.cluster import Cluster
+from tools.testing import ServerProcess, certs, wait_for
 
 
 def scrape(server):

@@ -12,7 +12,7 @@ import requests
 from server import store, web
 from server.cc import keys
 from server.lease import holder as lease_holder
-from server.testing import (
+from tools.testing import (
     CC_PASS,
     ServerProcess,
     b64,

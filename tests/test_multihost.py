@@ -22,7 +22,7 @@ import sys
 import unittest
 
 from server import config, tls
-from server.testing import ROOT, tmpdir
+from tools.testing import ROOT, tmpdir
 
 DOMAIN = 'siegetank.test'
 HOSTS = ('cc', 'ws1', 'ws2', 'lab')

@@ -9,8 +9,8 @@ import yaml
 
 from server import store
 from server.cc.app import CommandCenter
-from server.testing import ROOT, settings
 from server.ws.app import WorkServer
+from tools.testing import ROOT, settings
 
 METHODS = ('get', 'post', 'put', 'delete', 'patch', 'head', 'options')
 DOCS = {'cc': ('docs/openapi.yaml', CommandCenter),

@@ -11,11 +11,11 @@ import unittest
 
 import numpy as np
 
-from server.testing import ROOT, tmpdir
 from siegetank import build_target
 from siegetank import files as wire
 from siegetank.core import loop
 from tests.cluster import Cluster
+from tools.testing import ROOT, tmpdir
 
 FRAMES = 4
 STEPS_PER_FRAME = 10

@@ -14,7 +14,7 @@ from tornado.testing import AsyncTestCase, gen_test
 from tornado.web import Application, RequestHandler
 
 from server import peer, tls
-from server.testing import certs, tmpdir
+from tools.testing import certs, tmpdir
 
 
 class Echo(RequestHandler):

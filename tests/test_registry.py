@@ -9,7 +9,7 @@ from server import processes, tls
 from server.cc import keys
 from server.cc.accounts import is_loopback
 from server.processes import alive
-from server.testing import (
+from tools.testing import (
     CC_PASS,
     ServerProcess,
     command_centers,

@@ -18,7 +18,7 @@ import uuid
 
 import redis
 from server import store
-from server.testing import (
+from tools.testing import (
     CC_PASS,
     ServerProcess,
     b64,

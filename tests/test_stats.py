@@ -10,9 +10,9 @@ import unittest
 
 import requests
 
-from server.testing import certs, wait_for
 from siegetank.core import Core, make_engine, synthetic
 from tests.cluster import Cluster
+from tools.testing import certs, wait_for
 
 
 def b64(data):

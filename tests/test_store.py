@@ -8,7 +8,7 @@ import uuid
 import redis
 from server import processes, store
 from server.processes import alive
-from server.testing import ServerProcess, free_port, tmpdir, wait_for
+from tools.testing import ServerProcess, free_port, tmpdir, wait_for
 
 
 def children_of(pid):

@@ -13,11 +13,11 @@ import subprocess
 import sys
 import unittest
 
-from server.testing import ROOT, tmpdir
 from siegetank import cli
 from siegetank.client import SiegetankError
 from siegetank.core import make_engine, synthetic
 from tests.cluster import Cluster
+from tools.testing import ROOT, tmpdir
 
 FRAME_BYTES = 32768
 SENT = re.compile(r'sent (\d+) bytes of (\S+) of stream (\S+) '

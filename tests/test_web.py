@@ -4,7 +4,6 @@ import hashlib
 import json
 import logging
 
-from server.testing import AppTestCase, raw_exchange
 from server.web import (
     APIError,
     APIHandler,
@@ -16,6 +15,7 @@ from server.web import (
     decode_files,
     gunzip,
 )
+from tools.testing import AppTestCase, raw_exchange
 
 
 class Echo(APIHandler):

@@ -26,7 +26,10 @@ from server import fastredis, signing, store
 from server.disk import publish_dir
 from server.fastredis import Multiplexed
 from server.lua import Script
-from server.testing import (
+from server.ws import core, recovery
+from server.ws import storage as storage_module
+from server.ws.app import WorkServer
+from tools.testing import (
     CC_PASS,
     AppTestCase,
     RedisTestCase,
@@ -34,9 +37,6 @@ from server.testing import (
     command_centers,
     gzb64,
 )
-from server.ws import core, recovery
-from server.ws import storage as storage_module
-from server.ws.app import WorkServer
 
 OTHER_PASS = 'second-cc-pass'
 CONF = {'command_centers': dict(command_centers(),

@@ -16,7 +16,7 @@ import uuid
 
 import requests
 
-from server.testing import (
+from tools.testing import (
     CC_PASS,
     ServerProcess,
     b64,

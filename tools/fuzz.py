@@ -1,7 +1,7 @@
 """Fuzzing both servers from their OpenAPI documents (`make fuzz`).
 
 A real cc.py and a real ws.py are started on loopback with generated certs
-(server/testing.py), with an admin, a donor, a public target with streams
+(tools/testing.py), with an admin, a donor, a public target with streams
 and a live core token. Then every operation of docs/openapi.yaml (CC) and
 docs/openapi-ws.yaml (WS) gets requests that schemathesis generates from
 its schema, valid and invalid alike, in turn until the budget is spent.
@@ -12,7 +12,7 @@ The run fails on any reply >= 500 and on any traceback in the servers'
 logs, but for a 503 that the document gives for that operation, with the
 `{"error"}` body and the headers (Retry-After) it promises: that is a
 documented answer (no stream free, stream busy, store down), counted
-apart. It prints the figures. `python -m server.fuzz --requests N`.
+apart. It prints the figures. `python -m tools.fuzz --requests N`.
 """
 import argparse
 import collections
@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from server import testing
+from tools import testing
 
 DOCS = {'cc': os.path.join(testing.ROOT, 'docs', 'openapi.yaml'),
         'ws': os.path.join(testing.ROOT, 'docs', 'openapi-ws.yaml')}

@@ -2,7 +2,7 @@
 embedded default (a CC, a WS, real OpenMM cores), with alanine dipeptide in
 implicit solvent (amber14 + OBC2).
 
-1. starts the servers (server.demo's orchestration) under data/adaptive/
+1. starts the servers (tools.demo's orchestration) under data/adaptive/
    and builds the target with OpenMM; two public targets get its files:
    `adaptive` and `plain`;
 2. runs CORES OpenMM cores on each target at once. plain: CORES streams
@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from server import demo
+from tools import demo
 
 ROOT = demo.ROOT
 RUN = os.path.join(ROOT, 'data', 'adaptive')

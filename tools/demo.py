@@ -16,7 +16,7 @@ dynamics flowing through it.
    strictly increasing) and prints a summary;
 5. shuts everything down and checks that no process is left.
 
-`make demo-cluster` (`python -m server.demo --cluster`) runs the same job
+`make demo-cluster` (`python -m tools.demo --cluster`) runs the same job
 on two CC processes sharing one embedded Redis (data/demo-cluster/): the
 target is created through one CC and its streams added through the other,
 cores are sent through both, one CC is SIGKILLed mid-run (its jobs lease
@@ -34,9 +34,9 @@ import requests
 
 from server import config
 from server.processes import alive
-from server.testing import ROOT, TimedOut, wait_for
 from siegetank.cli import table
 from siegetank.client import SiegetankError
+from tools.testing import ROOT, TimedOut, wait_for
 
 CLUSTER = '--cluster' in sys.argv[1:]
 RUN = os.path.join(ROOT, 'data', 'demo-cluster' if CLUSTER else 'demo')
@@ -62,7 +62,7 @@ def base_conf(kind):
 
 
 def write_conf(path, kind, values):
-    config.write(path, values, 'Written by server.demo from the shipped '
+    config.write(path, values, 'Written by tools.demo from the shipped '
                  '%s.conf' % kind)
 
 

@@ -22,7 +22,7 @@ and every `--deep-every` points and at the end, with every core stopped
 dead, no stream is still active once the heartbeat window has passed.
 
 Prints a table (victim, moment, count, outcome) and exits 1 on any loss.
-`python -m server.chaos --points 1000` (the default); `--minutes` bounds
+`python -m tools.chaos --points 1000` (the default); `--minutes` bounds
 the run. The test suite runs a short version (tests/test_chaos.py).
 """
 import argparse
@@ -38,7 +38,7 @@ import time
 import requests
 
 from server import processes
-from server.testing import (
+from tools.testing import (
     CC_PASS,
     ServerProcess,
     TimedOut,
