@@ -334,3 +334,44 @@ class TestWorkerDeath(WSFixture, unittest.TestCase):
         info = self.ws.request('GET', '/streams/info/' + self.sid,
                                token=PASS).json()
         self.assertEqual(info['frames'], 2)
+
+
+class TestDeathMidDeletion(WSFixture, unittest.TestCase):
+    """A worker SIGKILLed while deleting an active stream, after the disk
+    removal (one rename) and before the Redis step: what the master finds
+    is the state built here (the worker's locks, the stream gone from disk
+    but still in the index), and it runs what the master runs
+    (recovery.free_dead_holder)."""
+
+    def test_master_frees_every_lock_and_ends_the_session_once(self):
+        from server.ws import recovery
+        from server.ws.keys import Keys
+        from server.ws.storage import Storage
+        self.start_ws()
+        redis = self.ws.redis()
+        self.addCleanup(redis.close)
+        keys = Keys(self.ws.name)
+        prefix = '999999.7.'   # a dead worker's mark (runner.holder_prefix)
+        other = str(uuid.uuid4())
+        redis.set(keys.target_lock(self.tid), prefix + 'a')
+        redis.set(keys.stream_lock(self.sid), prefix + 'b')
+        redis.set(keys.stream_lock('elsewhere'), prefix + 'c')
+        redis.zadd(keys.target_users(other), {prefix + 'd': 2 ** 50})
+        self.assertEqual(redis.hget(keys.stream(self.sid), 'active'), '1')
+        Storage(self.ws.settings['data_folder']).remove_stream(self.sid)
+        url = store.RedisServer.from_settings(self.ws.settings).url
+        self.assertEqual(recovery.free_dead_holder(self.ws.settings, url,
+                                                   prefix), 4)
+        self.assertEqual(redis.keys('wsd:%s:lock*' % self.ws.name), [])
+        self.assertFalse(redis.exists(keys.stream(self.sid)))
+        self.assertFalse(redis.sismember(keys.active, self.sid))
+        self.assertFalse(redis.sismember(keys.targets, self.tid))
+        self.assertEqual(recovery.free_dead_holder(self.ws.settings, url,
+                                                   prefix), 0)
+        ended = [f for _, f in redis.xrange(keys.outbox('cc'))
+                 if f['stream_id'] == self.sid]
+        self.assertEqual(len(ended), 1)
+        self.assertEqual(ended[0]['reason'], 'deletion')
+        self.assertEqual(ended[0]['frames'], '1')
+        r = self.ws.request('POST', '/core/heartbeat', {}, token=self.token)
+        self.assertEqual(r.status_code, 401, r.text)

@@ -5,6 +5,7 @@ import asyncio
 import functools
 
 from server import tokens
+from server.sessions_common import MAX_ACTIVATIONS
 from server.web import (
     TARGET_ID,
     APIError,
@@ -79,10 +80,6 @@ class StreamsHandler(CCHandler):
                                           stream_files, target_files,
                                           self.cc, tags, creation_id)
         self.write_json({'stream_id': sid})
-
-
-# Activations one call may carry (the CC batches them under load).
-MAX_ACTIVATIONS = 64
 
 
 class ActivateHandler(CCHandler):

@@ -16,9 +16,10 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 from server import metrics, store, threads
-from server.lua import Script
 from server.tokens import token_hash
 from server.web import (
     APIError,
@@ -30,81 +31,10 @@ from server.web import (
     decoded_streams,
     encoded_size,
 )
-from server.ws import locks, sessions, streams
-from server.ws.storage import (
-    BufferLost,
-    TooManyFiles,
-    decode_sizes,
-    encode_sizes,
-)
+from server.ws import locks, stream_record, streams
+from server.ws.storage import BufferLost, TooManyFiles, encode_sizes
 
 log = logging.getLogger('siegetank.ws.core')
-
-# The stream of a live token; with ARGV[4] also pushes its expiry to
-# that time (never back: GT).
-_LIVE_STREAM = Script("""
-local sid = redis.call('GET', KEYS[1])
-if not sid then return false end
-local s = redis.call('HMGET', string.format(ARGV[1], sid), 'active', 'token')
-if s[1] ~= '1' or s[2] ~= ARGV[2] then return false end
-local exp = redis.call('ZSCORE', KEYS[2], sid)
-if not exp or tonumber(exp) < tonumber(ARGV[3]) then return false end
-if ARGV[4] then redis.call('ZADD', KEYS[2], 'GT', ARGV[4], sid) end
-return sid
-""")
-
-# One round trip for the start of a frame or checkpoint: the stream of a
-# live token, its lock taken, and what the request needs from its hash.
-# Nothing else changes: a request refused for its body leaves no trace.
-# Returns false (token not live), {sid, 0} (lock busy) or {sid, 1, digest,
-# buffer_frames, error_count, frames, sizes}.
-_HOLD_LIVE_STREAM = Script("""
-local sid = redis.call('GET', KEYS[1])
-if not sid then return false end
-local s = redis.call('HMGET', string.format(ARGV[1], sid), 'active', 'token',
-                     'digest', 'buffer_frames', 'error_count', 'frames',
-                     'sizes')
-if s[1] ~= '1' or s[2] ~= ARGV[2] then return false end
-local exp = redis.call('ZSCORE', KEYS[2], sid)
-if not exp or tonumber(exp) < tonumber(ARGV[3]) then return false end
-if not redis.call('SET', string.format(ARGV[4], sid), ARGV[5], 'NX', 'PX',
-                  ARGV[6]) then
-  return {sid, 0}
-end
-return {sid, 1, s[3] or '', s[4] or '0', s[5] or '0', s[6] or '0',
-        s[7] or ''}
-""")
-
-# A frame is in the buffer: if the stream's lock is still this request's,
-# count it, remember its digest and the buffer's sizes, free the stream
-# (1); else change nothing (0). A stored frame is a sign of life: the
-# expiry of stream ARGV[2] moves to ARGV[3] (never back), as on a commit.
-_FRAME_DONE = Script("""
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('ZADD', KEYS[4], 'XX', 'GT', ARGV[3], ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'buffer_frames', ARGV[4])
-redis.call('HSET', KEYS[1], 'digest', ARGV[5], 'sizes', ARGV[6])
-redis.call('DEL', KEYS[2])
-return 1
-""")
-
-# The buffer is a chunk now: if the lock is still this request's, record
-# the committed count and free the stream (1); else change nothing (0).
-# The error count starts again (KEYS[3]: who counted in it).
-# ARGV[7] new frames are counted in minute ARGV[6] of hash ARGV[5].
-_COMMIT_DONE = Script("""
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('ZADD', KEYS[4], 'XX', 'GT', ARGV[3], ARGV[2])
-redis.call('HSET', KEYS[1], 'frames', ARGV[4], 'buffer_frames', '0',
-           'digest', '', 'sizes', '', 'error_count', '0')
-if tonumber(ARGV[7]) > 0 then
-  redis.call('HINCRBY', ARGV[5], ARGV[6], ARGV[7])
-end
-redis.call('DEL', KEYS[3])
-redis.call('DEL', KEYS[2])
-return 1
-""")
-
 
 class LockLost(APIError):
     """The stream's lock stopped being this request's while it worked
@@ -114,53 +44,37 @@ class LockLost(APIError):
         super().__init__(503, 'stream %s was taken from this request '
                          'meanwhile; nothing was stored, retry' % sid)
 
-async def live_stream(app, token, extend=None):
+async def live_stream(app: Any, token: str | None,
+                      extend: float | None = None) -> str:
     """The stream id of a live core token, else 401. `extend` (seconds)
     pushes its expiry to at least now + extend."""
     if not token:
         raise APIError(401, 'missing core token')
-    keys = app.keys
-    hashed = token_hash(token)
     now = time.time()
-    args = [keys.stream.template, hashed, repr(now)]
-    if extend:
-        args.append(repr(now + extend))
-    sid = await _LIVE_STREAM(app.fastredis, [keys.token(hashed),
-                                             keys.heartbeats], args)
+    sid = await stream_record.live(app, token_hash(token), now,
+                                   now + extend if extend else None)
     if not sid:
         raise APIError(401, 'unknown or expired core token')
     return sid
 
 
-class Held:
-    """A stream whose lock this request holds, with the hash fields read
-    when it was taken. `done` records the request's changes and frees the
-    lock in the same round trip; otherwise the lock is freed on exit."""
+class Held(stream_record.Held):
+    """A stream whose lock this request holds: the record's changes
+    (stream_record.Held) recorded with the lock freed in one round trip;
+    otherwise the lock is freed on exit."""
 
-    def __init__(self, app, sid, holder, fields):
-        self.app, self.sid, self.holder = app, sid, holder
-        self.key = app.keys.stream(sid)
-        self.lock = app.keys.stream_lock(sid)
-        self.digest = fields[0]
-        self.buffer_frames = int(fields[1])
-        self.error_count = int(fields[2])
-        self.frames = int(fields[3])
-        self.sizes = decode_sizes(fields[4])
+    def __init__(self, app: Any, holder: str,
+                 got: stream_record.Hold) -> None:
+        super().__init__(app, holder, got)
         self.released = False
         self.in_use = False
 
-    async def done(self, script, *args):
-        """Record the change if the lock is still ours (True), and push
-        the core's expiry to now + heartbeat_increment with it."""
+    async def done(self, record: Awaitable[bool]) -> bool:
+        """Await `record` (a record_* call): True if the lock was still
+        ours and the change is recorded."""
         self.released = True
-        app = self.app
-        expiry = time.time() + app.config['heartbeat_increment']
         try:
-            return bool(await script(
-                app.fastredis,
-                [self.key, self.lock, app.keys.errors_by(self.sid),
-                 app.keys.heartbeats],
-                [self.holder, self.sid, repr(expiry)] + list(args)))
+            return await record
         except store.DOWN:
             # Its outcome is unknown (it may still run): nothing is undone,
             # the retry finds out (Redis' sizes and digest tell); the lock
@@ -168,12 +82,12 @@ class Held:
             locks.release_later(self.app, self.lock, self.holder)
             raise
 
-    async def release(self):
+    async def release(self) -> None:
         if not self.released:
             self.released = True
             await locks.release(self.app, self.lock, self.holder)
 
-    def abandon(self):
+    def abandon(self) -> None:
         """The request ends before its work began (the body was refused or
         never came): free the lock in the background."""
         if not (self.in_use or self.released):
@@ -182,7 +96,7 @@ class Held:
             task.add_done_callback(_abandoned.discard)
 
 
-_abandoned = set()  # release tasks in flight (asyncio keeps weak refs)
+_abandoned: set[asyncio.Future[None]] = set()  # release tasks in flight
 
 
 class CoreHandler(APIHandler):
@@ -193,37 +107,35 @@ class CoreHandler(APIHandler):
     async def authenticate(self):
         self.sid = await live_stream(self.application, self.token())
 
-    async def hold(self):
+    async def hold(self) -> Held:
         """The token's stream with its lock held, checked and taken in one
         step (a token that dies while we wait is seen on the next try)."""
         app = self.application
         token = self.token()
         if not token:
             raise APIError(401, 'missing core token')
-        keys = app.keys
         hashed = token_hash(token)
         holder = locks.new_holder(app)
-        deadline = time.monotonic() + locks.LOCK_WAIT_S
-        delay = 0.002
-        while True:
-            now = time.time()
+        seen = ''
+
+        async def attempt() -> stream_record.Hold | None:
+            nonlocal seen
             try:
-                got = await _HOLD_LIVE_STREAM(app.fastredis, [
-                    keys.token(hashed), keys.heartbeats], [
-                    keys.stream.template, hashed, repr(now),
-                    keys.stream_lock.template, holder, locks.LOCK_TTL_MS])
+                got = await stream_record.hold(app, hashed, holder,
+                                               time.time(),
+                                               locks.LOCK_TTL_MS)
             except store.DOWN:
                 # It may still run and take the lock: free it when Redis
                 # answers again (the token tells which stream).
                 locks.release_later(app, None, holder,
-                                    token_key=keys.token(hashed))
+                                    token_key=app.keys.token(hashed))
                 raise
-            if not got:
+            if got is None:
                 raise APIError(401, 'unknown or expired core token')
-            if got[1] == 1:
-                return Held(app, got[0], holder, got[2:])
-            delay = await locks.wait_turn(deadline, delay,
-                                          'stream %s' % got[0])
+            seen = got.sid
+            return got if got.taken == 1 else None
+        got = await locks.wait_turn(attempt, lambda: 'stream %s' % seen)
+        return Held(app, holder, got)
 
 
 class LockedCoreHandler(CoreHandler):
@@ -332,8 +244,8 @@ class FrameHandler(LockedCoreHandler):
                     threads.disk)
             except TooManyFiles as e:
                 raise TooLarge(str(e))
-            if not await held.done(_FRAME_DONE, n, md5,
-                                   encode_sizes(sizes)):
+            if not await held.done(held.record_frame(
+                    n, md5, encode_sizes(sizes))):
                 raise LockLost(held.sid)
         metrics.count('frames_received', n)
         self.write_json({})
@@ -367,9 +279,7 @@ class CheckpointHandler(LockedCoreHandler):
                                             n, files, meta, held.sizes,
                                             held.error_count != 0)
             new = max(total - held.frames, 0)
-            if not await held.done(_COMMIT_DONE, total,
-                                   app.keys.frames_per_minute,
-                                   sessions.minute(), new):
+            if not await held.done(held.record_commit(total, new)):
                 if seq is not None:
                     await threads.disk(app.storage.uncommit, held.sid, seq)
                 raise LockLost(held.sid)

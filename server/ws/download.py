@@ -10,6 +10,7 @@ from tornado.iostream import StreamClosedError
 
 from server import signing, threads
 from server.web import APIError, APIHandler, check_file_name, check_stream_id
+from server.ws import stream_record
 from server.ws.cc_api import cc_named, cc_passes
 from server.ws.streams import target_of
 
@@ -70,8 +71,8 @@ class DownloadHandler(APIHandler):
         check_stream_id(stream_id)
         check_file_name(filename)
         config = self.config
-        owner = await self.redis.hget(self.application.keys.stream(
-            stream_id), 'cc')
+        _, owner = await stream_record.target_and_owner(self.application,
+                                                        stream_id)
         if owner:
             cc = config['command_centers'].get(owner)
             passes = [cc['pass']] if cc else []

@@ -14,17 +14,17 @@ noticed by the missing `indexed` marker (checked every pulse) and the
 missing streams are indexed again live (`reindex`), each under its lock.
 """
 import logging
+from typing import Any
 
 from server import store, threads
-from server.ws import locks, sessions, streams
+from server.ws import locks, stream_record
 from server.ws.keys import Keys
 from server.ws.storage import Storage
-from server.ws.streams import index_stream
 
 log = logging.getLogger('siegetank.ws.recovery')
 
 
-def drop_index(redis, keys):
+def drop_index(redis: Any, keys: Keys) -> None:
     batch = []
     for key in redis.scan_iter(match=keys.pattern, count=1000):
         batch.append(key)
@@ -35,20 +35,19 @@ def drop_index(redis, keys):
         redis.delete(*batch)
 
 
-def end_sessions(storage, keys, redis):
+def end_sessions(storage: Storage, keys: Keys, redis: Any) -> int:
     """The sessions live when the WS went down end now (reason
     ws_restart), before their hashes go; their frames are what the disk
     committed. Returns how many."""
     ended = 0
     for sid in redis.smembers(keys.active):
-        if redis.hget(keys.stream(sid), 'active') == '1':
-            sessions.end_on_restart(redis, keys, sid,
-                                    storage.committed_frames(sid))
-            ended += 1
+        ended += stream_record.end_on_restart(redis, keys, sid,
+                                              storage.committed_frames(sid))
     return ended
 
 
-def rebuild(storage, keys, redis):
+def rebuild(storage: Storage, keys: Keys,
+            redis: Any) -> tuple[int, int, int]:
     """Returns (targets, streams, committed frames) now indexed."""
     storage.clean_garbage()
     ended = end_sessions(storage, keys, redis)
@@ -64,7 +63,7 @@ def rebuild(storage, keys, redis):
                       'target); left on disk, not served', sid)
             continue
         frames = storage.committed_frames(sid)
-        index_stream(pipe, keys, sid, meta, frames)
+        stream_record.index(pipe, keys, sid, meta, frames)
         targets.add(meta['target_id'])
         nstreams += 1
         nframes += frames
@@ -78,7 +77,7 @@ def rebuild(storage, keys, redis):
     return len(targets), nstreams, nframes
 
 
-def prepare(settings, redis_url):
+def prepare(settings: Any, redis_url: str) -> None:
     storage = Storage(settings['data_folder'])
     connect_timeout, timeout = store.timeouts(settings)
     redis = store.connect_sync(redis_url, connect_timeout, max(timeout, 60))
@@ -90,11 +89,11 @@ def prepare(settings, redis_url):
              counts[0], counts[1], counts[2], storage.root)
 
 
-async def _reindex_stream(app, sid):
+async def _reindex_stream(app: Any, sid: str) -> int:
     """Index one stream of the disk that Redis lacks; its buffer (of an
     activation whose token Redis forgot) is thrown away first."""
     async with locks.stream_locked(app, sid):
-        if await app.redis.exists(app.keys.stream(sid)):
+        if await stream_record.exists(app, sid):
             return 0
         meta = await threads.disk(app.storage.stream_meta, sid)
         if meta is None or await threads.disk(app.storage.target_meta,
@@ -103,12 +102,12 @@ async def _reindex_stream(app, sid):
         await threads.disk(app.storage.discard_buffer, sid)
         frames = await threads.disk(app.storage.committed_frames, sid)
         pipe = app.redis.pipeline(transaction=True)
-        index_stream(pipe, app.keys, sid, meta, frames)
+        stream_record.index(pipe, app.keys, sid, meta, frames)
         await pipe.execute()
         return 1
 
 
-async def check_index(app):
+async def check_index(app: Any) -> int:
     """Rebuild the index live if Redis lost it (worker 0, every pulse)."""
     if await app.redis.exists(app.keys.indexed):
         return 0
@@ -122,7 +121,7 @@ async def check_index(app):
     return n
 
 
-def free_dead_holder(settings, redis_url, prefix):
+def free_dead_holder(settings: Any, redis_url: str, prefix: str) -> int:
     """In the master, when a worker died: every lock it held (values start
     with its `prefix`) is freed now rather than after its TTL. A stream
     it held is repaired first: frames an interrupted commit had moved
@@ -148,7 +147,7 @@ def free_dead_holder(settings, redis_url, prefix):
                 continue
             if key.startswith(stream_lock):
                 _repair_stream(redis, keys, storage, key[len(stream_lock):])
-            freed += redis.eval(locks.RELEASE.text, 1, key, holder)
+            freed += locks.RELEASE(redis, lock=key, holder=holder)
     finally:
         redis.close()
     if freed:
@@ -156,16 +155,17 @@ def free_dead_holder(settings, redis_url, prefix):
     return freed
 
 
-def _repair_stream(redis, keys, storage, sid):
+def _repair_stream(redis: Any, keys: Keys, storage: Storage,
+                   sid: str) -> None:
+    """A stream whose lock a dead worker held: an interrupted commit is
+    undone on disk; an interrupted deletion (the disk removal done, not
+    the Redis step) is finished: the same step the worker would have run
+    (its session ends, the last stream takes its target along)."""
     if storage.stream_meta(sid) is not None:
         storage.restore_interrupted(sid)
         return
-    tid = redis.hget(keys.stream(sid), 'target_id')
+    tid = stream_record.target_of_sync(redis, keys, sid)
     if tid is None:
         return
-    left = redis.eval(streams.DELETE.text, 7, keys.stream(sid),
-                      keys.target_streams(tid), keys.queue(tid),
-                      keys.heartbeats, keys.active, keys.targets,
-                      keys.errors_by(sid), sid, keys.token.template, tid)
-    if left == 0:
+    if stream_record.drop(redis, keys, sid, tid) == 0:
         storage.remove_target(tid)

@@ -1,0 +1,521 @@
+"""The WS stream record: its Redis hash (`keys.stream`), its typed fields
+and every Lua step that changes it. Nothing else reads or writes a stream
+hash's fields by name.
+
+The hash holds: target_id, status (OK/STOPPED), frames (committed),
+error_count (consecutive error stops), creation_date, active (0/1), cc
+(the command center that made it; '' before owners were kept), tags (JSON,
+only if any); while active only (an idle stream keeps its hash small):
+token (hash of the live token), donor, client (who the CC assigned it to),
+start_time, buffer_frames, digest (of the last accepted frame body, see
+core.body_digest), sizes (the buffer's bytes per file counted so far, see
+storage.encode_sizes) and the session (see sessions.py): session,
+session_cc, engine, core_version, frames0 (committed frames at its start).
+
+A step that moves a stream in or out of its target's queue names the
+target's keys (target_record.py) in its KEYS. The steps that start from a
+token or from a target's queue walk to the stream's hash (and lock) by a
+key template: each says so at its top (`walks`, see server/lua.py). An
+activation's session ends inside the step that ends the activation
+(END_SESSION below), so it is recorded exactly once.
+"""
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from server.lua import Script
+from server.sessions_common import REASON_OF_MODE, minute
+from server.ws import target_record
+from server.ws.keys import Keys
+from server.ws.storage import decode_sizes
+
+# The hash fields an activation adds; they go when it ends.
+ACTIVE_ONLY = ('token', 'donor', 'start_time', 'buffer_frames', 'digest',
+               'sizes', 'client', 'session', 'session_cc', 'engine',
+               'core_version', 'frames0')
+_ACTIVE_ONLY_LUA = ', '.join("'%s'" % f for f in ACTIVE_ONLY)
+
+
+@dataclass
+class StreamFields:
+    """A stream's hash, typed."""
+    target_id: str
+    status: str
+    frames: int
+    error_count: int
+    creation_date: float
+    active: bool
+    cc: str = ''
+    tags: dict[str, Any] = field(default_factory=dict)
+    donor: str | None = None
+    start_time: float | None = None
+    buffer_frames: int = 0
+
+    @classmethod
+    def of(cls, h: dict[str, str]) -> 'StreamFields':
+        return cls(target_id=h['target_id'], status=h['status'],
+                   frames=int(h['frames']),
+                   error_count=int(h['error_count']),
+                   creation_date=float(h['creation_date']),
+                   active=h['active'] == '1', cc=h.get('cc') or '',
+                   tags=json.loads(h['tags']) if h.get('tags') else {},
+                   donor=h.get('donor') or None,
+                   start_time=float(h['start_time'])
+                   if h.get('start_time') else None,
+                   buffer_frames=int(h.get('buffer_frames') or 0))
+
+    def foreign(self, cc: str) -> bool:
+        return foreign(self.cc, cc)
+
+    def public(self) -> dict[str, Any]:
+        """What the CC's listings show of it."""
+        return {'status': self.status, 'frames': self.frames,
+                'error_count': self.error_count, 'active': self.active,
+                'tags': self.tags}
+
+
+def foreign(owner: str | None, cc: str) -> bool:
+    """True if a record's owner `owner` is another command center than
+    `cc` (records from before owners were kept belong to any)."""
+    return bool(owner) and owner != cc
+
+
+def index(pipe: Any, keys: Keys, sid: str, meta: dict[str, Any],
+          frames: int) -> None:
+    """Queue the commands that put one stream (of its stream.json `meta`,
+    `frames` committed) into the index: its hash, its target's sets
+    (creation, and the rebuild from disk)."""
+    tid = meta['target_id']
+    fields: dict[str, Any] = {
+        'target_id': tid, 'status': meta['status'], 'frames': frames,
+        'error_count': meta.get('error_count', 0),
+        'creation_date': repr(float(meta['creation_date'])), 'active': 0,
+        'cc': meta.get('cc') or ''}
+    if meta.get('tags'):  # none: no field (idle streams cost no more)
+        fields['tags'] = json.dumps(meta['tags'])
+    pipe.hset(keys.stream(sid), mapping=fields)
+    target_record.add_stream(pipe, keys, tid, sid,
+                             frames if meta['status'] == 'OK' else None)
+
+
+async def read(app: Any, sid: str) -> StreamFields | None:
+    h = await app.redis.hgetall(app.keys.stream(sid))
+    return StreamFields.of(h) if h else None
+
+
+async def read_many(app: Any, sids: list[str]) -> list[tuple[str,
+                                                              StreamFields]]:
+    """(sid, fields) of those of `sids` that exist, one round trip."""
+    pipe = app.redis.pipeline(transaction=False)
+    for sid in sids:
+        pipe.hgetall(app.keys.stream(sid))
+    return [(sid, StreamFields.of(h))
+            for sid, h in zip(sids, await pipe.execute()) if h]
+
+
+async def target_and_owner(app: Any, sid: str) -> tuple[str | None,
+                                                        str | None]:
+    tid, owner = await app.redis.hmget(app.keys.stream(sid), 'target_id',
+                                       'cc')
+    return tid, owner
+
+
+async def creation_dates(app: Any, sids: list[str]) -> list[tuple[
+        str, float, str]]:
+    """(sid, creation_date, owner) of those of `sids` that exist."""
+    pipe = app.redis.pipeline(transaction=False)
+    for sid in sids:
+        pipe.hmget(app.keys.stream(sid), 'creation_date', 'cc')
+    return [(sid, float(date), owner or '') for sid, (date, owner)
+            in zip(sids, await pipe.execute()) if date is not None]
+
+
+async def exists(app: Any, sid: str) -> bool:
+    return bool(await app.redis.exists(app.keys.stream(sid)))
+
+
+# End the session of an active stream (sessions.py): its target's active
+# count goes down, an error stop is counted in its minute, and its record
+# goes to the outbox of the CC that asked for the activation. `committed`:
+# the committed frames now, '' for the hash's.
+END_KEYS = ('target_active', 'errors_per_minute')
+END_WALKS = ('outbox',)
+END_ARGS = ('now', 'minute', 'reason', 'committed')
+END_SESSION = """
+local function end_session(key, sid)
+  local s = redis.call('HMGET', key, 'session', 'session_cc', 'donor',
+                       'engine', 'core_version', 'start_time', 'frames0',
+                       'frames', 'target_id')
+  if s[9] and redis.call('HINCRBY', target_active, s[9], -1) <= 0 then
+    redis.call('HDEL', target_active, s[9])
+  end
+  if reason == 'error' then
+    redis.call('HINCRBY', errors_per_minute, minute, 1)
+  end
+  if not s[1] or s[1] == '' then return end
+  local frames = (tonumber(committed) or tonumber(s[8]) or 0)
+                 - (tonumber(s[7]) or 0)
+  if frames < 0 then frames = 0 end
+  redis.call('XADD', string.format(outbox, s[2]), '*', 'id', s[1],
+             'donor', s[3] or '', 'engine', s[4] or '',
+             'core_version', s[5] or '', 'target_id', s[9] or '',
+             'stream_id', sid, 'start', s[6] or '', 'end', now,
+             'reason', reason, 'frames', frames)
+end
+"""
+
+
+def end_values(keys: Keys, mode: str, committed: int | str = '',
+               now: float | None = None) -> dict[str, Any]:
+    """What END_SESSION takes, for an end by `mode`."""
+    now = time.time() if now is None else now
+    return {'target_active': keys.target_active,
+            'errors_per_minute': keys.errors_per_minute,
+            'outbox': keys.outbox.template, 'now': repr(now),
+            'minute': minute(now), 'reason': REASON_OF_MODE[mode],
+            'committed': committed}
+
+
+_END_ON_RESTART = Script(END_SESSION + """
+if redis.call('HGET', stream, 'active') ~= '1' then return 0 end
+end_session(stream, sid)
+return 1
+""", keys=('stream',) + END_KEYS, walks=END_WALKS,
+    args=('sid',) + END_ARGS)
+
+
+def end_on_restart(redis: Any, keys: Keys, sid: str, frames: int) -> bool:
+    """The rebuild's end of a session that was live when the WS went down
+    (sync client; `frames`: committed frames on disk). False if the
+    stream was not active."""
+    return bool(_END_ON_RESTART(redis, stream=keys.stream(sid), sid=sid,
+                                **end_values(keys, 'restart', frames)))
+
+
+# Pop the best OK inactive stream of a target and give it a fresh token;
+# none for a CC other than the one that made the target. Its session
+# starts. Walks from the queue's stream id to its hash and to the key of
+# its token.
+_ACTIVATE = Script("""
+while true do
+  local popped = redis.call('ZPOPMAX', queue)
+  if #popped == 0 then return false end
+  local sid = popped[1]
+  local key = string.format(stream, sid)
+  local s = redis.call('HMGET', key, 'status', 'active', 'cc', 'frames')
+  if s[3] and s[3] ~= '' and s[3] ~= cc then
+    redis.call('ZADD', queue, popped[2], sid)
+    return false
+  end
+  if s[1] == 'OK' and s[2] == '0' then
+    redis.call('HSET', key, 'active', '1', 'token', token, 'donor', donor,
+               'start_time', now, 'buffer_frames', '0', 'digest', '',
+               'sizes', '', 'client', client, 'session', session,
+               'session_cc', cc, 'engine', engine,
+               'core_version', core_version, 'frames0', s[4] or '0')
+    redis.call('SET', string.format(token_key, token), sid)
+    redis.call('ZADD', heartbeats, expiry, sid)
+    redis.call('SADD', active, sid)
+    redis.call('HINCRBY', target_active, target_id, 1)
+    return sid
+  end
+end
+""", keys=('queue', 'heartbeats', 'active', 'target_active'),
+    walks=('stream', 'token_key'),
+    args=('token', 'expiry', 'donor', 'now', 'client', 'cc', 'session',
+          'engine', 'core_version', 'target_id'))
+
+
+async def activate(app: Any, target_id: str, token_hash: str, expiry: float,
+                   now: float, donor: str, client: str, cc: str,
+                   session: str, engine: str, core_version: str
+                   ) -> str | None:
+    """The stream id activated, or None (no stream free for `cc`)."""
+    keys = app.keys
+    sid: str | None = await _ACTIVATE(
+        app.fastredis, queue=keys.queue(target_id),
+        heartbeats=keys.heartbeats, active=keys.active,
+        target_active=keys.target_active, stream=keys.stream.template,
+        token_key=keys.token.template, token=token_hash,
+        expiry=repr(expiry), donor=donor, now=repr(now), client=client,
+        cc=cc, session=session, engine=engine, core_version=core_version,
+        target_id=target_id)
+    return sid or None
+
+
+class Deactivated(NamedTuple):
+    was_active: int
+    status: str
+    error_count: int
+
+
+# Deactivate a stream (any mode) and/or change its status, atomically.
+# Modes: expire (only if still active and expired), stop (core stop),
+# error (core stop with an error: counted once per client of the
+# activation, STOPPED at max_fails), halt (CC stop: STOPPED). An active
+# stream's session ends here. Walks to the key of the stream's token.
+_DEACTIVATE = Script(END_SESSION + """
+local s = redis.call('HMGET', stream, 'active', 'token', 'status', 'frames',
+                     'error_count', 'client')
+if not s[3] then return false end
+if mode == 'expire' then
+  local exp = redis.call('ZSCORE', heartbeats, sid)
+  if s[1] ~= '1' or not exp or tonumber(exp) >= tonumber(now) then
+    return false
+  end
+end
+local was_active = 0
+if s[1] == '1' then
+  was_active = 1
+  end_session(stream, sid)
+  if s[2] and s[2] ~= '' then
+    redis.call('DEL', string.format(token_key, s[2]))
+  end
+  redis.call('HSET', stream, 'active', '0')
+  redis.call('HDEL', stream, """ + _ACTIVE_ONLY_LUA + """)
+end
+redis.call('ZREM', heartbeats, sid)
+redis.call('SREM', active, sid)
+local status = s[3]
+local errors = tonumber(s[5])
+if mode == 'error' and (not s[6] or s[6] == ''
+                        or redis.call('SADD', errors_by, s[6]) == 1) then
+  errors = errors + 1
+  if errors >= tonumber(max_fails) then status = 'STOPPED' end
+elseif mode == 'halt' then
+  status = 'STOPPED'
+end
+redis.call('HSET', stream, 'status', status, 'error_count', errors)
+if status == 'OK' then
+  redis.call('ZADD', queue, s[4], sid)
+else
+  redis.call('ZREM', queue, sid)
+end
+return {was_active, status, errors}
+""", keys=('stream', 'heartbeats', 'active', 'queue', 'errors_by')
+    + END_KEYS, walks=('token_key',) + END_WALKS,
+    args=('sid', 'mode', 'max_fails') + END_ARGS,
+    returns=Deactivated)
+
+
+async def deactivate(app: Any, sid: str, target_id: str, mode: str
+                     ) -> Deactivated | None:
+    """See _DEACTIVATE; None if nothing was done (unknown stream, or mode
+    expire and not expired)."""
+    keys = app.keys
+    done: Deactivated | None = await _DEACTIVATE(
+        app.fastredis, stream=keys.stream(sid), heartbeats=keys.heartbeats,
+        active=keys.active, queue=keys.queue(target_id),
+        errors_by=keys.errors_by(sid), token_key=keys.token.template,
+        sid=sid, mode=mode, max_fails=app.config['max_stream_fails'],
+        **end_values(keys, mode))
+    return done
+
+
+# A stopped stream is OK again, its error count reset; queued unless
+# active.
+_START = Script("""
+local s = redis.call('HMGET', stream, 'active', 'frames', 'status')
+if not s[3] then return false end
+redis.call('HSET', stream, 'status', 'OK', 'error_count', '0')
+redis.call('DEL', errors_by)
+if s[1] ~= '1' then redis.call('ZADD', queue, s[2], sid) end
+return 1
+""", keys=('stream', 'queue', 'errors_by'), args=('sid',))
+
+
+async def start(app: Any, sid: str, target_id: str) -> bool:
+    """False for an unknown stream."""
+    keys = app.keys
+    return bool(await _START(app.fastredis, stream=keys.stream(sid),
+                             queue=keys.queue(target_id),
+                             errors_by=keys.errors_by(sid), sid=sid))
+
+
+# Drop one stream from the index; its target's sets too when it was the
+# last. An active stream's session ends. Returns how many streams the
+# target has left. Walks to the key of the stream's token.
+_DROP = Script(END_SESSION + """
+local tok = redis.call('HGET', stream, 'token')
+if tok and tok ~= '' then
+  end_session(stream, sid)
+  redis.call('DEL', string.format(token_key, tok))
+end
+redis.call('DEL', stream, errors_by)
+redis.call('SREM', target_streams, sid)
+redis.call('ZREM', queue, sid)
+redis.call('ZREM', heartbeats, sid)
+redis.call('SREM', active, sid)
+local left = redis.call('SCARD', target_streams)
+if left == 0 then
+  redis.call('DEL', target_streams, queue)
+  redis.call('SREM', targets, target_id)
+end
+return left
+""", keys=('stream', 'target_streams', 'queue', 'heartbeats', 'active',
+           'targets', 'errors_by') + END_KEYS,
+    walks=('token_key',) + END_WALKS, args=('sid', 'target_id') + END_ARGS)
+
+
+def drop(conn: Any, keys: Keys, sid: str, target_id: str) -> Any:
+    """Run _DROP over `conn` (sync: the count; async: an awaitable)."""
+    return _DROP(conn, stream=keys.stream(sid),
+                 target_streams=keys.target_streams(target_id),
+                 queue=keys.queue(target_id), heartbeats=keys.heartbeats,
+                 active=keys.active, targets=keys.targets,
+                 errors_by=keys.errors_by(sid),
+                 token_key=keys.token.template, sid=sid,
+                 target_id=target_id, **end_values(keys, 'delete'))
+
+
+# The stream of a live token; with `extend` ('' for none) also pushes its
+# expiry to that time (never back: GT). Walks from the token to the hash.
+_LIVE = Script("""
+local sid = redis.call('GET', token_key)
+if not sid then return false end
+local s = redis.call('HMGET', string.format(stream, sid), 'active', 'token')
+if s[1] ~= '1' or s[2] ~= token then return false end
+local exp = redis.call('ZSCORE', heartbeats, sid)
+if not exp or tonumber(exp) < tonumber(now) then return false end
+if extend ~= '' then redis.call('ZADD', heartbeats, 'GT', extend, sid) end
+return sid
+""", keys=('token_key', 'heartbeats'), walks=('stream',),
+    args=('token', 'now', 'extend'))
+
+
+async def live(app: Any, token_hash: str, now: float,
+               extend_to: float | None = None) -> str | None:
+    """The stream of a live token (by its hash), or None."""
+    keys = app.keys
+    sid: str | None = await _LIVE(
+        app.fastredis, token_key=keys.token(token_hash),
+        heartbeats=keys.heartbeats, stream=keys.stream.template,
+        token=token_hash, now=repr(now),
+        extend='' if extend_to is None else repr(extend_to))
+    return sid or None
+
+
+class Hold(NamedTuple):
+    """What HOLD found: the stream, whether its lock is now the caller's
+    and (if so) what a frame or checkpoint needs from its hash."""
+    sid: str
+    taken: int
+    digest: str = ''
+    buffer_frames: str = '0'
+    error_count: str = '0'
+    frames: str = '0'
+    sizes: str = ''
+
+
+# One round trip for the start of a frame or checkpoint: the stream of a
+# live token, its lock taken, and what the request needs from its hash.
+# Nothing else changes: a request refused for its body leaves no trace.
+# Returns false (token not live), {sid, 0} (lock busy) or {sid, 1, digest,
+# buffer_frames, error_count, frames, sizes}. Walks from the token to the
+# stream's hash and lock.
+_HOLD = Script("""
+local sid = redis.call('GET', token_key)
+if not sid then return false end
+local s = redis.call('HMGET', string.format(stream, sid), 'active', 'token',
+                     'digest', 'buffer_frames', 'error_count', 'frames',
+                     'sizes')
+if s[1] ~= '1' or s[2] ~= token then return false end
+local exp = redis.call('ZSCORE', heartbeats, sid)
+if not exp or tonumber(exp) < tonumber(now) then return false end
+if not redis.call('SET', string.format(lock, sid), holder, 'NX', 'PX',
+                  ttl_ms) then
+  return {sid, 0}
+end
+return {sid, 1, s[3] or '', s[4] or '0', s[5] or '0', s[6] or '0',
+        s[7] or ''}
+""", keys=('token_key', 'heartbeats'), walks=('stream', 'lock'),
+    args=('token', 'now', 'holder', 'ttl_ms'), returns=Hold)
+
+
+async def hold(app: Any, token_hash: str, holder: str, now: float,
+               ttl_ms: int) -> Hold | None:
+    """Take the lock of a live token's stream; None if the token is not
+    live, a Hold (taken 0 if the lock is busy) else."""
+    keys = app.keys
+    got: Hold | None = await _HOLD(
+        app.fastredis, token_key=keys.token(token_hash),
+        heartbeats=keys.heartbeats, stream=keys.stream.template,
+        lock=keys.stream_lock.template, token=token_hash, now=repr(now),
+        holder=holder, ttl_ms=ttl_ms)
+    return got or None
+
+
+# A frame is in the buffer: if the stream's lock is still this request's,
+# count it, remember its digest and the buffer's sizes, free the stream
+# (1); else change nothing (0). A stored frame is a sign of life: the
+# expiry moves on (never back), as on a commit.
+_FRAME_DONE = Script("""
+if redis.call('GET', lock) ~= holder then return 0 end
+redis.call('ZADD', heartbeats, 'XX', 'GT', expiry, sid)
+redis.call('HINCRBY', stream, 'buffer_frames', frames)
+redis.call('HSET', stream, 'digest', digest, 'sizes', sizes)
+redis.call('DEL', lock)
+return 1
+""", keys=('stream', 'lock', 'heartbeats'),
+    args=('holder', 'sid', 'expiry', 'frames', 'digest', 'sizes'))
+
+# The buffer is a chunk now: if the lock is still this request's, record
+# the committed count and free the stream (1); else change nothing (0).
+# The error count starts again (errors_by: who counted in it); the new
+# frames count in their minute.
+_COMMIT_DONE = Script("""
+if redis.call('GET', lock) ~= holder then return 0 end
+redis.call('ZADD', heartbeats, 'XX', 'GT', expiry, sid)
+redis.call('HSET', stream, 'frames', committed, 'buffer_frames', '0',
+           'digest', '', 'sizes', '', 'error_count', '0')
+if tonumber(new_frames) > 0 then
+  redis.call('HINCRBY', frames_per_minute, minute, new_frames)
+end
+redis.call('DEL', errors_by)
+redis.call('DEL', lock)
+return 1
+""", keys=('stream', 'lock', 'errors_by', 'heartbeats', 'frames_per_minute'),
+    args=('holder', 'sid', 'expiry', 'committed', 'minute', 'new_frames'))
+
+
+class Held:
+    """A stream whose lock this request holds (see core.py), with the hash
+    fields read when it was taken. `record_frame` and `record_commit`
+    record the request's change and free the lock in one round trip, if
+    the lock is still ours (True)."""
+
+    def __init__(self, app: Any, holder: str, got: Hold) -> None:
+        self.app, self.sid, self.holder = app, got.sid, holder
+        self.lock = app.keys.stream_lock(got.sid)
+        self.digest = got.digest
+        self.buffer_frames = int(got.buffer_frames)
+        self.error_count = int(got.error_count)
+        self.frames = int(got.frames)
+        self.sizes = decode_sizes(got.sizes)
+
+    def _common(self) -> dict[str, Any]:
+        keys = self.app.keys
+        expiry = time.time() + self.app.config['heartbeat_increment']
+        return {'stream': keys.stream(self.sid), 'lock': self.lock,
+                'heartbeats': keys.heartbeats, 'holder': self.holder,
+                'sid': self.sid, 'expiry': repr(expiry)}
+
+    async def record_frame(self, frames: int, digest: str,
+                           sizes: str) -> bool:
+        return bool(await _FRAME_DONE(self.app.fastredis, frames=frames,
+                                      digest=digest, sizes=sizes,
+                                      **self._common()))
+
+    async def record_commit(self, committed: int, new_frames: int) -> bool:
+        keys = self.app.keys
+        return bool(await _COMMIT_DONE(
+            self.app.fastredis, errors_by=keys.errors_by(self.sid),
+            frames_per_minute=keys.frames_per_minute, minute=minute(),
+            committed=committed, new_frames=new_frames, **self._common()))
+
+
+def target_of_sync(redis: Any, keys: Keys, sid: str) -> str | None:
+    """The stream's target (sync client, for the master's repairs)."""
+    tid: str | None = redis.hget(keys.stream(sid), 'target_id')
+    return tid
