@@ -184,13 +184,6 @@ def _collect(pieces, keep):
     return None
 
 
-def decode_file(name, value, budget, keep=True):
-    """(name without the transport suffixes, the decoded bytes or None
-    unless `keep`): see decode_pieces."""
-    name, pieces = decode_pieces(name, value, budget)
-    return name, _collect(pieces, keep)
-
-
 def decoded_streams(files, budget):
     """{decoded name: iterator of its bytes} of checked `files`, for
     writing as they decode (see decode_pieces); 400 if two files decode to

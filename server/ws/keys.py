@@ -17,7 +17,7 @@ from server.store import Key
 
 
 class Keys:
-    def __init__(self, ws_name):
+    def __init__(self, ws_name: str) -> None:
         p = self.prefix = 'wsd:%s:' % ws_name
         kept = self.kept = 'wskept:%s:' % ws_name
         # every key of this WS (for the rebuild on start)
@@ -27,19 +27,14 @@ class Keys:
         self.indexed = p + 'indexed'
         # set: target ids with at least one stream here
         self.targets = p + 'targets'
-        # set: stream ids of the target
+        # The target's record (target_record.py): set: stream ids of the
+        # target
         self.target_streams = Key(p + 'target:%s:streams')
         # zset: inactive OK streams of the target, scored by committed
         # frames; activation pops the highest
         self.queue = Key(p + 'target:%s:queue')
-        # hash: target_id, status (OK/STOPPED), frames (committed),
-        # error_count (consecutive error stops), creation_date, active
-        # (0/1); while active only (an idle stream keeps its hash small):
-        # token (hash of the live token), donor, client (who the CC
-        # assigned it to), start_time, buffer_frames, digest (of the last
-        # accepted frame body, see core.body_digest), sizes (the buffer's
-        # bytes per file counted so far, see storage.encode_sizes); cc
-        # (the command center that made it; '' before owners were kept)
+        # hash: a stream's record; its fields, and every step that changes
+        # them, are in stream_record.py
         self.stream = Key(p + 'stream:%s')
         # set: clients whose error stops count in the stream's error_count
         # (once each), emptied with it

@@ -21,8 +21,11 @@ the trash are garbage and are removed on start. Committed frames = sum of
 the chunks' n; the restart point = the newest chunk's state files; a
 download = that file of every chunk in seq order.
 
-Everything here blocks; handlers call it in a thread (`threads.disk`).
-"""
+Everything here blocks. Handlers call it in a thread (`threads.disk`),
+except a small frame's append (`append_frames`), which runs on the event
+loop when its body is small enough to decode there (web.bounded: a thread
+hop costs more than the write to the page cache); a large one goes to the
+disk pool."""
 import json
 import os
 import re
