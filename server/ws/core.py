@@ -348,7 +348,7 @@ class CoreStopHandler(LockedCoreHandler):
 SWEEP_BATCH = 64
 
 
-async def sweep(app):
+async def sweep(app: Any) -> None:
     """Deactivate every stream whose core missed its heartbeat, a batch at
     a time (each under its own lock, so a burst of thousands of dead cores
     is requeued in seconds). A stream busy right now (its lock held) is
@@ -357,8 +357,8 @@ async def sweep(app):
     expired = await app.redis.zrangebyscore(keys.heartbeats, '-inf',
                                             repr(time.time()))
 
-    async def expire(sid):
-        tid = await app.redis.hget(keys.stream(sid), 'target_id')
+    async def expire(sid: str) -> bool | None:
+        tid, _ = await stream_record.target_and_owner(app, sid)
         if tid is None:
             await app.redis.zrem(keys.heartbeats, sid)
             return False

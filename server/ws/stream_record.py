@@ -121,6 +121,12 @@ async def target_and_owner(app: Any, sid: str) -> tuple[str | None,
     return tid, owner
 
 
+def target_of_sync(redis: Any, keys: Keys, sid: str) -> str | None:
+    """The stream's target (sync client, for the master's repairs)."""
+    tid: str | None = redis.hget(keys.stream(sid), 'target_id')
+    return tid
+
+
 async def creation_dates(app: Any, sids: list[str]) -> list[tuple[
         str, float, str]]:
     """(sid, creation_date, owner) of those of `sids` that exist."""
@@ -513,9 +519,3 @@ class Held:
             self.app.fastredis, errors_by=keys.errors_by(self.sid),
             frames_per_minute=keys.frames_per_minute, minute=minute(),
             committed=committed, new_frames=new_frames, **self._common()))
-
-
-def target_of_sync(redis: Any, keys: Keys, sid: str) -> str | None:
-    """The stream's target (sync client, for the master's repairs)."""
-    tid: str | None = redis.hget(keys.stream(sid), 'target_id')
-    return tid
