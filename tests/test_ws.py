@@ -12,6 +12,7 @@ import json
 import os
 import time
 import uuid
+from typing import NamedTuple
 
 from redis.exceptions import (
     BusyLoadingError,
@@ -1216,3 +1217,45 @@ class TestMultiplexedRedis(RedisTestCase):
                 except ConnectionError:
                     await asyncio.sleep(0.01)
         self.assertEqual(self.io_loop.run_sync(go), ['c', 6])
+
+
+class Pair(NamedTuple):
+    key: str
+    doubled: int
+
+
+class TestNamedScript(RedisTestCase):
+    """One Script over the sync client, the asyncio client and the
+    multiplexed connection: KEYS and ARGV bound by name, a typed result,
+    a lost script cache, and a call with a wrong set of names refused."""
+
+    PAIR = Script("return {thing, tonumber(n) * 2}", keys=('thing',),
+                  args=('n',), returns=Pair)
+
+    def test_every_client(self):
+        sync = store.connect_sync(self.redis_server.url)
+        self.addCleanup(sync.close)
+        self.assertEqual(self.PAIR(sync, thing='k', n=1), Pair('k', 2))
+        sync.script_flush()
+        self.assertEqual(self.PAIR(sync, n=2, thing='s'), Pair('s', 4))
+        mux = Multiplexed.like(self.redis)
+
+        async def go():
+            try:
+                return (await self.PAIR(self.redis, thing='a', n=3),
+                        await self.PAIR(mux, thing='m', n=4))
+            finally:
+                mux.close()
+        self.assertEqual(self.io_loop.run_sync(go),
+                         (Pair('a', 6), Pair('m', 8)))
+        self.assertTrue(self.PAIR.text.startswith('-- KEYS: thing\n'))
+
+    def test_names_must_match(self):
+        for named in ({'thing': 'k'}, {'thing': 'k', 'n': 1, 'x': 2},
+                      {'thing': 'k', 'n': None}):
+            with self.assertRaises(TypeError):
+                self.PAIR(None, **named)
+        with self.assertRaises(ValueError):
+            Script('return 1', keys=('end',))
+        with self.assertRaises(ValueError):
+            Script('return 1', keys=('a',), args=('a',))
