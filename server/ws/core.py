@@ -110,7 +110,7 @@ class CoreHandler(APIHandler):
     async def hold(self) -> Held:
         """The token's stream with its lock held, checked and taken in one
         step (a token that dies while we wait is seen on the next try)."""
-        app = self.application
+        app: Any = self.application
         token = self.token()
         if not token:
             raise APIError(401, 'missing core token')

@@ -98,7 +98,7 @@ async def _release_pending(app: Any) -> None:
                 app.unreleased.append((shared, key, holder, token_key))
 
 
-async def wait_turn(attempt: Callable[[], Awaitable[T]],
+async def wait_turn(attempt: Callable[[], Awaitable[T | None]],
                     what: Callable[[], str], wait: float = LOCK_WAIT_S) -> T:
     """The first truthy result of `attempt()`, tried again after a short
     sleep (growing to 50 ms) while it is not; Busy(`what()`) once `wait`
