@@ -32,8 +32,7 @@ def allowed(address, networks):
 
 
 class MetricsHandler(APIHandler):
-    def prepare(self):
-        super().prepare()
+    async def authenticate(self):
         if not allowed(self.request.remote_ip, self.config['metrics_allow']):
             raise APIError(403, '/metrics is open to loopback and the '
                            'metrics_allow networks only')
