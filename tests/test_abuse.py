@@ -5,6 +5,7 @@ worked on. Each test starts its own CC and WS with the limits it needs.
 """
 import base64
 import concurrent.futures
+import os
 import unittest
 import uuid
 
@@ -175,6 +176,32 @@ class TestAssignRate(AbuseTestCase):
         donor = self.donor()
         self.assertEqual(self.assign(donor_token=donor).status_code, 503)
         self.assertEqual(self.assign(donor_token='nope').status_code, 401)
+
+
+class TestLogAmplification(unittest.TestCase):
+    """Issue 22, point 9: a request's path and the values its refusal
+    quotes reach the log cut to a bounded length, once."""
+
+    def test_long_paths_and_values_are_logged_cut(self):
+        with ServerProcess('cc') as cc:
+            admin = cc.request('POST', '/managers', {
+                'email': 'admin@x.org', 'password': 'pw',
+                'role': 'admin'}).json()['token']
+            before = os.path.getsize(cc.log_path)
+            n = 20
+            for i in range(n):
+                r = cc.request('GET', '/%d/' % i + 'a' * 60000)
+                self.assertEqual(r.status_code, 404)
+                self.assertLess(len(r.content), 2048)
+                r = cc.request('POST', '/streams', {
+                    'target_id': 'b' * 60000, 'files': {}}, token=admin)
+                self.assertEqual(r.status_code, 400)
+                self.assertLess(len(r.content), 2048)
+            cc.stop()
+            grown = os.path.getsize(cc.log_path) - before
+            self.assertLess(grown, 2 * n * 1024, cc.read_log()[-3000:])
+            # Each 404's path once (cut), not again in its message.
+            self.assertEqual(cc.read_log().count('a' * 100), n)
 
 
 if __name__ == '__main__':
