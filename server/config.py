@@ -126,6 +126,11 @@ COMMON = {
     # on a kept-alive connection) and its body must arrive within these.
     'header_timeout_in_s': (float, 60.0),
     'body_timeout_in_s': (float, 300.0),
+    # And a body must progress (as Apache's mod_reqtimeout MinRate): after
+    # `body_grace_in_s`, at least this many bytes a second on average, else
+    # the connection is cut (0: no minimum rate).
+    'body_grace_in_s': (float, 20.0),
+    'min_body_rate_in_bytes_per_s': (float, 500.0),
     # Hosts the dev certificate is issued for when it has to be generated.
     'dev_cert_hosts': (list, ['localhost', '127.0.0.1']),
     'log_level': (str, 'info'),
@@ -277,6 +282,9 @@ def load(path, kind, overrides=()):
         if (key.startswith('max_') or key.endswith('_timeout_in_s')) \
                 and not value > 0:
             raise ConfigError('%s: %s must be > 0' % (path, key))
+    for key in ('body_grace_in_s', 'min_body_rate_in_bytes_per_s'):
+        if not settings[key] >= 0:
+            raise ConfigError('%s: %s must be >= 0' % (path, key))
     _check_store(settings, path)
     check_dev_pass(settings, path)
     return settings

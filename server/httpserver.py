@@ -8,7 +8,11 @@ connections past theirs:
 - from the start of a connection, or the end of a request, until the
   headers of the next one are in: `header_timeout` (TLS handshake and
   keep-alive idling included, as in Tornado);
-- from the headers until the whole body is in: `body_timeout`;
+- from the headers until the whole body is in: `body_grace` at first,
+  pushed `1 / min_body_rate` s later by each byte that arrives (as
+  Apache's mod_reqtimeout MinRate does), never past `body_timeout`: a body
+  dripped slower than the minimum rate is cut soon after the grace, and the
+  handler's `on_connection_close` frees what it held (a stream's lock);
 - while the handler works and answers: none.
 A deadline is checked within SWEEP_S of passing.
 """
@@ -24,11 +28,15 @@ SWEEP_S = 1.0
 
 class Server(HTTPServer):
     def initialize(self, *args, header_timeout=None, body_timeout=None,
-                   **kwargs):
+                   body_grace=None, min_body_rate=None, **kwargs):
         super().initialize(*args, **kwargs)
         self.conn_params.header_timeout = None  # ours, not a timer per read
         self.conn_params.body_timeout = None
         self.header_timeout, self.body_timeout = header_timeout, body_timeout
+        self.body_grace = body_timeout if body_grace is None \
+            else min(body_grace, body_timeout or body_grace)
+        # Seconds of credit a received byte gives (0: no minimum rate).
+        self.per_byte = 1.0 / min_body_rate if min_body_rate else 0.0
         self.deadlines = weakref.WeakKeyDictionary()  # connection -> time
         self.sweeper = PeriodicCallback(self.sweep, 1000 * SWEEP_S)
         self.sweeper.start()
@@ -57,16 +65,30 @@ def _after(seconds):
 class _Phases(httputil.HTTPMessageDelegate):
     """Moves its connection's deadline at each phase of a request."""
 
-    __slots__ = ('server', 'conn', 'delegate')
+    __slots__ = ('server', 'conn', 'delegate', 'last')
 
     def __init__(self, server, conn, delegate):
         self.server, self.conn, self.delegate = server, conn, delegate
+        self.last = None  # the body's hard deadline, while it comes
 
     def headers_received(self, start_line, headers):
-        self.server.deadlines[self.conn] = _after(self.server.body_timeout)
+        server = self.server
+        self.last = _after(server.body_timeout)
+        if server.per_byte:
+            server.deadlines[self.conn] = _after(server.body_grace)
+        else:
+            server.deadlines[self.conn] = self.last
         return self.delegate.headers_received(start_line, headers)
 
     def data_received(self, chunk):
+        server = self.server
+        if server.per_byte:
+            deadline = server.deadlines.get(self.conn)
+            if deadline is not None:
+                deadline += len(chunk) * server.per_byte
+                server.deadlines[self.conn] = deadline \
+                    if self.last is None or deadline < self.last \
+                    else self.last
         return self.delegate.data_received(chunk)
 
     def finish(self):

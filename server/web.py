@@ -360,11 +360,14 @@ class App(tornado.web.Application):
 def http_server_options(settings):
     """Options of a server's httpserver.Server: slow clients are cut (the
     headers of a request, or the wait for the next one, within
-    `header_timeout_in_s`; its body within `body_timeout_in_s`). Bodies are
+    `header_timeout_in_s`; its body within `body_timeout_in_s`, and at
+    `min_body_rate_in_bytes_per_s` after `body_grace_in_s`). Bodies are
     bounded per endpoint by APIHandler, which refuses early with a JSON
     413; the server-wide bound only has to be above every endpoint's."""
     return {'header_timeout': settings['header_timeout_in_s'],
             'body_timeout': settings['body_timeout_in_s'],
+            'body_grace': settings['body_grace_in_s'],
+            'min_body_rate': settings['min_body_rate_in_bytes_per_s'],
             'max_body_size': max(settings[k] for k in BODY_LIMITS
                                  if k in settings) + 1}
 

@@ -3,6 +3,7 @@ ws.py processes: error stops that halt a target, a burst of assignments
 that hogs every stream, assignment floods, and streams taken but never
 worked on. Each test starts its own CC and WS with the limits it needs.
 """
+import asyncio
 import base64
 import concurrent.futures
 import os
@@ -11,6 +12,7 @@ import uuid
 
 import requests
 
+from tests.test_limits import trickle
 from tools.testing import (
     CC_PASS,
     ServerProcess,
@@ -176,6 +178,32 @@ class TestAssignRate(AbuseTestCase):
         donor = self.donor()
         self.assertEqual(self.assign(donor_token=donor).status_code, 503)
         self.assertEqual(self.assign(donor_token='nope').status_code, 401)
+
+
+class TestSlowBody(AbuseTestCase):
+    """Issue 22, point 12: a frame dripped on a live core token is cut
+    once it falls under the minimum rate after the grace, long before
+    `body_timeout_in_s`, and the stream's lock is freed with it."""
+
+    ws_conf = {'body_timeout_in_s': 600, 'body_grace_in_s': 4,
+               'min_body_rate_in_bytes_per_s': 100}
+
+    def test_a_drip_is_cut_and_the_lock_freed(self):
+        self.target(1)
+        r = self.assign()
+        self.assertEqual(r.status_code, 200, r.text)
+        reply = r.json()
+        sid = self.core('GET', reply, '/core/start').json()['stream_id']
+        head = ('PUT /core/frame HTTP/1.1\r\nHost: x\r\nAuthorization: '
+                '%s\r\nContent-Length: 1000\r\n\r\n{' % reply['token'])
+        # 1 byte every 2 s, for at most 60 s (a tenth of the body timeout).
+        pieces = asyncio.run(trickle(self.ws.port, head.encode(), b' ',
+                                     every=2, most=30))
+        self.assertIsNotNone(pieces, 'the drip was never cut')
+        r = self.core('PUT', reply, '/core/frame',
+                      {'files': {'f.b64': b64(b'x')}})
+        self.assertEqual(r.status_code, 200, r.text)
+        self.assertIn(sid, self.active())
 
 
 class TestLogAmplification(unittest.TestCase):
