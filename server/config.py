@@ -83,18 +83,21 @@ def _command_centers(value, where):
     return value
 
 
-def _networks(value, where):
+def _networks(value, where, key='metrics_allow'):
     """A list of networks ('10.0.0.0/8', '2001:db8::/32', '192.0.2.7')."""
     if not isinstance(value, list):
-        raise ConfigError('%s: metrics_allow must be a list of networks'
-                          % where)
+        raise ConfigError('%s: %s must be a list of networks' % (where, key))
     for n in value:
         try:
             ipaddress.ip_network(n, strict=False)
         except (TypeError, ValueError):
-            raise ConfigError('%s: metrics_allow: %r is not a network'
-                              % (where, n))
+            raise ConfigError('%s: %s: %r is not a network'
+                              % (where, key, n))
     return value
+
+
+def _proxies(value, where):
+    return _networks(value, where, 'trusted_proxies')
 
 
 # key: (type or checker, default). Paths are resolved against the conf folder.
@@ -138,6 +141,9 @@ COMMON = {
     'bind_address': (str, ''),
     # Who may read /metrics besides loopback (monitor.py).
     'metrics_allow': (_networks, []),
+    # Load balancers whose PROXY protocol header (v1/v2) or, when they
+    # terminate TLS, X-Forwarded-For names the client (server/proxy.py).
+    'trusted_proxies': (_proxies, []),
 }
 
 # The cc_pass the shipped confs fall back to: fine on one machine, refused

@@ -15,7 +15,13 @@ connections past theirs:
   handler's `on_connection_close` frees what it held (a stream's lock);
 - while the handler works and answers: none.
 A deadline is checked within SWEEP_S of passing.
+
+A connection from a `trusted_proxies` address has its PROXY header (if
+any) read before Tornado wraps it in TLS, and its requests' X-Forwarded-For
+read when it has none (server/proxy.py).
 """
+import asyncio
+import logging
 import time
 import weakref
 
@@ -23,13 +29,19 @@ from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 
+from server import proxy
+
+log = logging.getLogger('siegetank')
+
 SWEEP_S = 1.0
 
 
 class Server(HTTPServer):
     def initialize(self, *args, header_timeout=None, body_timeout=None,
-                   body_grace=None, min_body_rate=None, **kwargs):
+                   body_grace=None, min_body_rate=None, trusted_proxies=(),
+                   **kwargs):
         super().initialize(*args, **kwargs)
+        self.trusted = proxy.networks(tuple(trusted_proxies))
         self.conn_params.header_timeout = None  # ours, not a timer per read
         self.conn_params.body_timeout = None
         self.header_timeout, self.body_timeout = header_timeout, body_timeout
@@ -41,10 +53,32 @@ class Server(HTTPServer):
         self.sweeper = PeriodicCallback(self.sweep, 1000 * SWEEP_S)
         self.sweeper.start()
 
+    def _handle_connection(self, connection, address):
+        """Tornado's accept callback, before any TLS: a trusted proxy's
+        connection has its PROXY header read first."""
+        if self.trusted and proxy.trusted(address[0], self.trusted):
+            asyncio.ensure_future(self._through_proxy(connection, address))
+        else:
+            super()._handle_connection(connection, address)
+
+    async def _through_proxy(self, connection, address):
+        try:
+            client = await asyncio.wait_for(proxy.read_header(connection),
+                                            self.header_timeout)
+        except (asyncio.TimeoutError, OSError, proxy.BadHeader) as e:
+            log.info('connection of proxy %s closed: %s', address[0],
+                     str(e) or type(e).__name__)
+            connection.close()
+            return
+        peer = proxy.Peer.through(client or address, address[0],
+                                  client is not False)
+        super()._handle_connection(connection, peer)
+
     def start_request(self, server_conn, request_conn):
         self.deadlines[server_conn] = _after(self.header_timeout)
         return _Phases(self, server_conn,
-                       super().start_request(server_conn, request_conn))
+                       super().start_request(server_conn, request_conn),
+                       request_conn)
 
     def sweep(self):
         now = time.monotonic()
@@ -65,14 +99,22 @@ def _after(seconds):
 class _Phases(httputil.HTTPMessageDelegate):
     """Moves its connection's deadline at each phase of a request."""
 
-    __slots__ = ('server', 'conn', 'delegate', 'last')
+    __slots__ = ('server', 'conn', 'delegate', 'last', 'context')
 
-    def __init__(self, server, conn, delegate):
+    def __init__(self, server, conn, delegate, request_conn):
         self.server, self.conn, self.delegate = server, conn, delegate
         self.last = None  # the body's hard deadline, while it comes
+        self.context = getattr(request_conn, 'context', None)
 
     def headers_received(self, start_line, headers):
         server = self.server
+        peer = getattr(self.context, 'address', None)
+        if getattr(peer, 'proxy', None) and not peer.declared:
+            # A balancer that terminated TLS: its X-Forwarded-For, per
+            # request (the connection's context is shared by them).
+            self.context.remote_ip = proxy.forwarded_for(
+                headers.get('X-Forwarded-For', ''), server.trusted) \
+                or peer[0]
         self.last = _after(server.body_timeout)
         if server.per_byte:
             server.deadlines[self.conn] = _after(server.body_grace)

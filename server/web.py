@@ -368,6 +368,7 @@ def http_server_options(settings):
             'body_timeout': settings['body_timeout_in_s'],
             'body_grace': settings['body_grace_in_s'],
             'min_body_rate': settings['min_body_rate_in_bytes_per_s'],
+            'trusted_proxies': settings['trusted_proxies'],
             'max_body_size': max(settings[k] for k in BODY_LIMITS
                                  if k in settings) + 1}
 
@@ -607,6 +608,14 @@ class APIHandler(tornado.web.RequestHandler):
         if check is not None and not check(value):
             raise APIError(400, 'field %s has an invalid value' % name)
         return value
+
+    @property
+    def via_proxy(self):
+        """True if the request came through a `trusted_proxies` balancer
+        (its remote_ip is then the client it names: server/proxy.py)."""
+        context = getattr(self.request.connection, 'context', None)
+        return getattr(getattr(context, 'address', None), 'proxy',
+                       None) is not None
 
     def token(self):
         """The credential in `Authorization` (bare, or `Bearer <token>`)."""
