@@ -42,6 +42,7 @@ class Server(HTTPServer):
                    **kwargs):
         super().initialize(*args, **kwargs)
         self.trusted = proxy.networks(tuple(trusted_proxies))
+        self.reading = set()  # tasks reading a PROXY header
         self.conn_params.header_timeout = None  # ours, not a timer per read
         self.conn_params.body_timeout = None
         self.header_timeout, self.body_timeout = header_timeout, body_timeout
@@ -57,7 +58,10 @@ class Server(HTTPServer):
         """Tornado's accept callback, before any TLS: a trusted proxy's
         connection has its PROXY header read first."""
         if self.trusted and proxy.trusted(address[0], self.trusted):
-            asyncio.ensure_future(self._through_proxy(connection, address))
+            task = asyncio.ensure_future(self._through_proxy(connection,
+                                                             address))
+            self.reading.add(task)  # a task nobody holds may be collected
+            task.add_done_callback(self.reading.discard)
         else:
             super()._handle_connection(connection, address)
 

@@ -201,8 +201,8 @@ HAPROXY = '''global
 defaults
     mode tcp
     timeout connect 5s
-    timeout client 60s
-    timeout server 60s
+    timeout client 10m
+    timeout server 10m
     timeout check 6s
     retries 3
     option redispatch
@@ -216,7 +216,7 @@ backend cc_hosts
     http-check send meth GET uri / ver HTTP/1.1 hdr Host localhost
     http-check expect status 200
     default-server send-proxy-v2 check check-ssl check-sni localhost \
-verify required ca-file {ca} inter 1s fall 4 rise 2
+verify required ca-file {ca} inter 3s fall 4 rise 2
     server cc1 127.0.0.1:{a}
     server cc2 127.0.0.1:{b}
 '''
@@ -345,6 +345,12 @@ class TestHaproxy(unittest.TestCase):
         sessions = self.up()
         self.assertEqual(set(sessions), {'cc1', 'cc2'})
         self.assertTrue(all(sessions.values()), sessions)
+        # A CC killed: before its checks fail, the connections haproxy
+        # still sends it are refused and redispatched to the other one.
+        self.ccs[0].kill()
+        for source in CLIENTS * 3:
+            r = self.through(source, 'GET', '/')
+            self.assertEqual(r.status_code, 200, r.text)
 
 
 if __name__ == '__main__':
