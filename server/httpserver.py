@@ -8,7 +8,8 @@ connections past theirs:
 - from the start of a connection, or the end of a request, until the
   headers of the next one are in: `header_timeout` (TLS handshake and
   keep-alive idling included, as in Tornado);
-- from the headers until the whole body is in: `body_grace` at first,
+- from the headers until the whole body is in: `body_timeout` while the
+  handler prepares (checks credentials, takes a lock), then `body_grace`,
   pushed `1 / min_body_rate` s later by each byte that arrives (as
   Apache's mod_reqtimeout MinRate does), never past `body_timeout`: a body
   dripped slower than the minimum rate is cut soon after the grace, and the
@@ -119,12 +120,27 @@ class _Phases(httputil.HTTPMessageDelegate):
             self.context.remote_ip = proxy.forwarded_for(
                 headers.get('X-Forwarded-For', ''), server.trusted) \
                 or peer[0]
-        self.last = _after(server.body_timeout)
-        if server.per_byte:
-            server.deadlines[self.conn] = _after(server.body_grace)
-        else:
-            server.deadlines[self.conn] = self.last
-        return self.delegate.headers_received(start_line, headers)
+        self.last = server.deadlines[self.conn] = _after(server.body_timeout)
+        prepared = self.delegate.headers_received(start_line, headers)
+        if not server.per_byte:
+            return prepared
+        if prepared is None:
+            return self._grace()
+        return self._after_prepare(prepared)
+
+    async def _after_prepare(self, prepared):
+        """The grace starts once the handler reads the body: a request
+        that waits in `prepare` (e.g. for a busy stream's lock) has only
+        `body_timeout` meanwhile."""
+        await prepared
+        self._grace()
+
+    def _grace(self):
+        deadlines = self.server.deadlines
+        if deadlines.get(self.conn) is not None:  # still reading the body
+            grace = _after(self.server.body_grace)
+            deadlines[self.conn] = grace if self.last is None \
+                or grace < self.last else self.last
 
     def data_received(self, chunk):
         server = self.server

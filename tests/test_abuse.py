@@ -195,13 +195,31 @@ class TestSlowBody(AbuseTestCase):
         reply = r.json()
         sid = self.core('GET', reply, '/core/start').json()['stream_id']
         head = ('PUT /core/frame HTTP/1.1\r\nHost: x\r\nAuthorization: '
-                '%s\r\nContent-Length: 1000\r\n\r\n{' % reply['token'])
+                '%s\r\nContent-Length: 100000\r\n\r\n{' % reply['token']
+                ).encode()
+        frame = {'files': {'f.b64': b64(b'x')}}
         # 1 byte every 2 s, for at most 60 s (a tenth of the body timeout).
-        pieces = asyncio.run(trickle(self.ws.port, head.encode(), b' ',
-                                     every=2, most=30))
+        pieces = asyncio.run(trickle(self.ws.port, head, b' ', every=2,
+                                     most=30))
         self.assertIsNotNone(pieces, 'the drip was never cut')
-        r = self.core('PUT', reply, '/core/frame',
-                      {'files': {'f.b64': b64(b'x')}})
+        r = self.core('PUT', reply, '/core/frame', frame)
+        self.assertEqual(r.status_code, 200, r.text)
+
+        async def drip_and_frame():
+            # Half the minimum rate (cut some seconds after the grace);
+            # meanwhile a frame of the same core waits for the lock the
+            # drip holds, longer than its own grace: the wait does not
+            # count against its body.
+            drip = asyncio.ensure_future(trickle(
+                self.ws.port, head, b' ' * 100, every=2, most=30))
+            await asyncio.sleep(0.5)
+            waiting = asyncio.get_running_loop().run_in_executor(
+                None, self.core, 'PUT', reply, '/core/frame', frame)
+            return await drip, await waiting
+        pieces, waited = asyncio.run(drip_and_frame())
+        self.assertIsNotNone(pieces, 'the drip was never cut')
+        self.assertEqual(waited.status_code, 200, waited.text)
+        r = self.core('PUT', reply, '/core/frame', frame)
         self.assertEqual(r.status_code, 200, r.text)
         self.assertIn(sid, self.active())
 
