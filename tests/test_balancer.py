@@ -184,6 +184,14 @@ class TestProxyProtocol(unittest.TestCase):
                                   '/metrics')[0], 200)
 
 
+def refused(port):
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 class Source(HTTPAdapter):
     """A requests adapter whose connections leave from one address."""
 
@@ -345,9 +353,11 @@ class TestHaproxy(unittest.TestCase):
         sessions = self.up()
         self.assertEqual(set(sessions), {'cc1', 'cc2'})
         self.assertTrue(all(sessions.values()), sessions)
-        # A CC killed: before its checks fail, the connections haproxy
-        # still sends it are refused and redispatched to the other one.
+        # A CC killed: once its port refuses connections (its worker gone
+        # too), and before its checks fail, the connections haproxy still
+        # sends it are refused and redispatched to the other one.
         self.ccs[0].kill()
+        wait_for(lambda: refused(self.ccs[0].port), 'the port closed')
         for source in CLIENTS * 3:
             r = self.through(source, 'GET', '/')
             self.assertEqual(r.status_code, 200, r.text)
