@@ -100,6 +100,44 @@ def exchange(port, source, method, path, body=None, header=b'',
         sock.close()
 
 
+class TestParsing(unittest.TestCase):
+    """server/proxy.py alone: what a header or X-Forwarded-For names."""
+
+    def test_headers(self):
+        self.assertEqual(proxy.parse_v1(v1('198.51.100.1', 5)),
+                         ('198.51.100.1', 5))
+        self.assertEqual(proxy.parse_v1(v1('2001:db8::1')),
+                         ('2001:db8::1', 40000))
+        self.assertIsNone(proxy.parse_v1(b'PROXY UNKNOWN\r\n'))
+        for bad in (b'PROXY TCP4 2001:db8::1 ::1 1 2\r\n',
+                    b'PROXY TCP4 1.2.3.4 1.2.3.5 70000 2\r\n',
+                    b'PROXY TCP4 1.2.3.4 1.2.3.5 1\r\n',
+                    b'PROXY UDP4 1.2.3.4 1.2.3.5 1 2\r\n',
+                    b'PROXY TCP4 1.2.3.4 1.2.3.5 \xff 2\r\n'):
+            with self.assertRaises(proxy.BadHeader, msg=bad):
+                proxy.parse_v1(bad)
+        self.assertEqual(proxy.parse_v2(v2('198.51.100.1', 7)),
+                         ('198.51.100.1', 7))
+        self.assertEqual(proxy.parse_v2(v2('2001:db8::2')),
+                         ('2001:db8::2', 40000))
+        self.assertIsNone(proxy.parse_v2(v2(None)))
+        cut = v2('198.51.100.1')
+        cut = cut[:14] + struct.pack('!H', 4) + cut[16:20]
+        with self.assertRaises(proxy.BadHeader):
+            proxy.parse_v2(cut)
+
+    def test_forwarded_for(self):
+        nets = proxy.networks(('10.0.0.0/8',))
+        self.assertEqual(proxy.forwarded_for('1.2.3.4, 10.0.0.5', nets),
+                         '1.2.3.4')
+        self.assertEqual(proxy.forwarded_for('6.6.6.6, 1.2.3.4', nets),
+                         '1.2.3.4')
+        self.assertIsNone(proxy.forwarded_for('1.2.3.4, nonsense', nets))
+        self.assertIsNone(proxy.forwarded_for('', nets))
+        self.assertTrue(proxy.trusted('::ffff:10.1.2.3', nets))
+        self.assertFalse(proxy.trusted('11.0.0.1', nets))
+
+
 class TestProxyProtocol(unittest.TestCase):
     """One cc.py trusting BALANCER; login failures are counted per
     address (2 at most), which shows which address the CC saw."""
