@@ -83,18 +83,21 @@ def _command_centers(value, where):
     return value
 
 
-def _networks(value, where):
+def _networks(value, where, key='metrics_allow'):
     """A list of networks ('10.0.0.0/8', '2001:db8::/32', '192.0.2.7')."""
     if not isinstance(value, list):
-        raise ConfigError('%s: metrics_allow must be a list of networks'
-                          % where)
+        raise ConfigError('%s: %s must be a list of networks' % (where, key))
     for n in value:
         try:
             ipaddress.ip_network(n, strict=False)
         except (TypeError, ValueError):
-            raise ConfigError('%s: metrics_allow: %r is not a network'
-                              % (where, n))
+            raise ConfigError('%s: %s: %r is not a network'
+                              % (where, key, n))
     return value
+
+
+def _proxies(value, where):
+    return _networks(value, where, 'trusted_proxies')
 
 
 # key: (type or checker, default). Paths are resolved against the conf folder.
@@ -126,6 +129,11 @@ COMMON = {
     # on a kept-alive connection) and its body must arrive within these.
     'header_timeout_in_s': (float, 60.0),
     'body_timeout_in_s': (float, 300.0),
+    # And a body must progress (as Apache's mod_reqtimeout MinRate): after
+    # `body_grace_in_s`, at least this many bytes a second on average, else
+    # the connection is cut (0: no minimum rate).
+    'body_grace_in_s': (float, 20.0),
+    'min_body_rate_in_bytes_per_s': (float, 500.0),
     # Hosts the dev certificate is issued for when it has to be generated.
     'dev_cert_hosts': (list, ['localhost', '127.0.0.1']),
     'log_level': (str, 'info'),
@@ -133,6 +141,9 @@ COMMON = {
     'bind_address': (str, ''),
     # Who may read /metrics besides loopback (monitor.py).
     'metrics_allow': (_networks, []),
+    # Load balancers whose PROXY protocol header (v1/v2) or, when they
+    # terminate TLS, X-Forwarded-For names the client (server/proxy.py).
+    'trusted_proxies': (_proxies, []),
 }
 
 # The cc_pass the shipped confs fall back to: fine on one machine, refused
@@ -277,6 +288,9 @@ def load(path, kind, overrides=()):
         if (key.startswith('max_') or key.endswith('_timeout_in_s')) \
                 and not value > 0:
             raise ConfigError('%s: %s must be > 0' % (path, key))
+    for key in ('body_grace_in_s', 'min_body_rate_in_bytes_per_s'):
+        if not settings[key] >= 0:
+            raise ConfigError('%s: %s must be >= 0' % (path, key))
     _check_store(settings, path)
     check_dev_pass(settings, path)
     return settings

@@ -1,5 +1,6 @@
 """GET /metrics of both servers: Prometheus text from metrics.py, for
-loopback and the `metrics_allow` networks only (else 403).
+loopback (not through a balancer) and the `metrics_allow` networks only
+(else 403).
 
 The gauges that describe state rather than events (streams by state, disk
 free, Redis round trip) are measured at scrape time by the worker that
@@ -20,21 +21,22 @@ def _networks(allowed):
     return tuple(ipaddress.ip_network(n, strict=False) for n in allowed)
 
 
-def allowed(address, networks):
-    """Loopback always; else an address inside one of `networks`."""
+def allowed(address, networks, via_proxy=False):
+    """Loopback always (unless through a trusted proxy); else an address
+    inside one of `networks`."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
-    if ip.is_loopback:
+    if ip.is_loopback and not via_proxy:
         return True
     return any(ip in net for net in _networks(tuple(networks)))
 
 
 class MetricsHandler(APIHandler):
-    def prepare(self):
-        super().prepare()
-        if not allowed(self.request.remote_ip, self.config['metrics_allow']):
+    async def authenticate(self):
+        if not allowed(self.request.remote_ip, self.config['metrics_allow'],
+                       self.via_proxy):
             raise APIError(403, '/metrics is open to loopback and the '
                            'metrics_allow networks only')
 

@@ -59,6 +59,21 @@ class APIError(HTTPError):
         self.headers = headers or {}
 
 
+# Characters of a client's value (a path, an id, a name) quoted in a log
+# line or an error, and of a whole error message: a 60 KB path must not
+# cost 60 KB of log (or of reply) per request.
+SHOWN_MAX = 200
+MESSAGE_MAX = 1024
+
+
+def shown(value, limit=SHOWN_MAX):
+    """`value` as text cut to `limit` characters, saying how long it was."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return text
+    return '%s...(%d characters)' % (text[:limit], len(text))
+
+
 def too_many(message, retry_after):
     """429 with `Retry-After` (whole seconds, at least 1)."""
     return APIError(429, message,
@@ -79,8 +94,9 @@ class TooLarge(APIError):
 def check_file_name(name):
     if not isinstance(name, str) or not FILE_NAME.fullmatch(name) \
             or name in ('.', '..') or '..' in name:
-        raise APIError(400, 'bad file name %r: plain names of '
-                        '[A-Za-z0-9._-], at most 128 characters' % (name,))
+        raise APIError(400, 'bad file name %s: plain names of '
+                        '[A-Za-z0-9._-], at most 128 characters'
+                        % shown(repr(name)))
     return name
 
 
@@ -207,13 +223,15 @@ STREAM_ID = re.compile(r'%s:[A-Za-z0-9._-]{1,64}' % _UUID4)
 
 def check_target_id(target_id):
     if not isinstance(target_id, str) or not TARGET_ID.fullmatch(target_id):
-        raise APIError(400, 'malformed target id %r' % (target_id,))
+        raise APIError(400, 'malformed target id %s'
+                        % shown(repr(target_id)))
     return target_id
 
 
 def check_stream_id(stream_id):
     if not isinstance(stream_id, str) or not STREAM_ID.fullmatch(stream_id):
-        raise APIError(400, 'malformed stream id %r' % (stream_id,))
+        raise APIError(400, 'malformed stream id %s'
+                        % shown(repr(stream_id)))
     return stream_id
 
 
@@ -335,11 +353,15 @@ class App(tornado.web.Application):
 def http_server_options(settings):
     """Options of a server's httpserver.Server: slow clients are cut (the
     headers of a request, or the wait for the next one, within
-    `header_timeout_in_s`; its body within `body_timeout_in_s`). Bodies are
+    `header_timeout_in_s`; its body within `body_timeout_in_s`, and at
+    `min_body_rate_in_bytes_per_s` after `body_grace_in_s`). Bodies are
     bounded per endpoint by APIHandler, which refuses early with a JSON
     413; the server-wide bound only has to be above every endpoint's."""
     return {'header_timeout': settings['header_timeout_in_s'],
             'body_timeout': settings['body_timeout_in_s'],
+            'body_grace': settings['body_grace_in_s'],
+            'min_body_rate': settings['min_body_rate_in_bytes_per_s'],
+            'trusted_proxies': settings['trusted_proxies'],
             'max_body_size': max(settings[k] for k in BODY_LIMITS
                                  if k in settings) + 1}
 
@@ -351,8 +373,9 @@ BODY_LIMITS = ('max_small_body_size', 'max_body_size',
 
 def log_request(handler):
     """Level by status; the path without its query (signed URLs carry a
-    signature there) and never a header, so no credential reaches the log.
-    Every request is counted in the metrics by its route."""
+    signature there) and never a header, so no credential reaches the log;
+    the path and the message cut (`shown`). Every request is counted in
+    the metrics by its route."""
     status = handler.get_status()
     req = handler.request
     metrics.get().observe_request(
@@ -365,9 +388,11 @@ def log_request(handler):
     else:
         level = logging.ERROR
     if access_log.isEnabledFor(level):
-        access_log.log(level, '%d %s %s %.1fms %s', status, req.method,
-                       req.path, 1000.0 * req.request_time(),
-                       getattr(handler, '_error_message', ''))
+        access_log.log(level, '%d %s %s %.1fms %s', status,
+                       shown(req.method, 16), shown(req.path),
+                       1000.0 * req.request_time(),
+                       shown(getattr(handler, '_error_message', ''),
+                             MESSAGE_MAX))
 
 
 def _has_lone_surrogate(obj):
@@ -494,7 +519,8 @@ class APIHandler(tornado.web.RequestHandler):
         comes (at most a bound of it: see the class) and the request ends
         with it. Returns the flush of the reply."""
         self.refused = True
-        self._error_message = error.message
+        self._error_message = error.message = shown(error.message,
+                                                    MESSAGE_MAX)
         self._chunks = None
         length = self._declared
         self._linger = length if length is not None \
@@ -576,6 +602,14 @@ class APIHandler(tornado.web.RequestHandler):
             raise APIError(400, 'field %s has an invalid value' % name)
         return value
 
+    @property
+    def via_proxy(self):
+        """True if the request came through a `trusted_proxies` balancer
+        (its remote_ip is then the client it names: server/proxy.py)."""
+        context = getattr(self.request.connection, 'context', None)
+        return getattr(getattr(context, 'address', None), 'proxy',
+                       None) is not None
+
     def token(self):
         """The credential in `Authorization` (bare, or `Bearer <token>`)."""
         value = self.request.headers.get('Authorization', '').strip()
@@ -611,6 +645,7 @@ class APIHandler(tornado.web.RequestHandler):
             reason = 'internal server error'
         if status_code == 503:
             self.set_header('Retry-After', str(RETRY_AFTER_S))
+        reason = shown(reason, MESSAGE_MAX)
         self._error_message = reason
         self.set_header('Content-Type', 'application/json; charset=UTF-8')
         self.finish(json.dumps({'error': reason}))
@@ -619,11 +654,13 @@ class APIHandler(tornado.web.RequestHandler):
         if isinstance(value, HTTPError):
             return  # an expected refusal; log_request reports it
         if isinstance(value, store.DOWN):  # one line, no traceback
-            app_log.warning('%s %s: store down: %s', self.request.method,
-                            self.request.path, value)
+            app_log.warning('%s %s: store down: %s',
+                            shown(self.request.method, 16),
+                            shown(self.request.path), value)
             return
-        app_log.error('uncaught exception in %s %s', self.request.method,
-                      self.request.path, exc_info=(typ, value, tb))
+        app_log.error('uncaught exception in %s %s',
+                      shown(self.request.method, 16),
+                      shown(self.request.path), exc_info=(typ, value, tb))
 
 
 class PeerHandler(APIHandler):
@@ -645,8 +682,9 @@ class PeerHandler(APIHandler):
 
 class NotFoundHandler(APIHandler):
     async def prepare(self):
-        raise APIError(404, 'no such endpoint: %s %s'
-                        % (self.request.method, self.request.path))
+        # The path is not quoted: the request log shows it already.
+        raise APIError(404, 'no such endpoint for %s at this path'
+                        % shown(self.request.method, 16))
 
 
 class HealthHandler(APIHandler):

@@ -5,6 +5,30 @@ import base64
 import gzip
 import json
 import os
+import re
+
+# The servers' id and file name grammar (server/web.py; a test checks they
+# agree), whole-string: what a client joins into a local path must match
+# it, so a hostile server cannot name a path outside the folder.
+_UUID4 = (r'[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}'
+          r'-[0-9a-f]{12}')
+TARGET_ID = re.compile(_UUID4)
+STREAM_ID = re.compile(r'%s:[A-Za-z0-9._-]{1,64}' % _UUID4)
+FILE_NAME = re.compile(r'[A-Za-z0-9._-]{1,128}')
+
+
+def safe_target_id(value):
+    return isinstance(value, str) and bool(TARGET_ID.fullmatch(value))
+
+
+def safe_stream_id(value):
+    return isinstance(value, str) and bool(STREAM_ID.fullmatch(value))
+
+
+def safe_file_name(value):
+    """A plain name of the servers' grammar: no '..', never '.'."""
+    return isinstance(value, str) and bool(FILE_NAME.fullmatch(value)) \
+        and '..' not in value and value != '.'
 
 
 def encode(name, data):

@@ -97,6 +97,18 @@ class TestConfig(unittest.TestCase):
             write_conf('ws', redis_options={'port': 1, 'colour': 'red'}),
             'ws', "redis_options['colour']")
 
+    def test_proxies_and_body_rate(self):
+        self.assertConfigError(write_conf('cc', trusted_proxies=['nope']),
+                               'cc', 'trusted_proxies', 'nope')
+        self.assertConfigError(write_conf('ws', trusted_proxies='10.0.0.1'),
+                               'ws', 'trusted_proxies')
+        for key in ('body_grace_in_s', 'min_body_rate_in_bytes_per_s'):
+            self.assertConfigError(write_conf('ws', **{key: -1}), 'ws', key)
+        s = config.load(write_conf('cc', trusted_proxies=['10.0.0.2',
+                                                          '2001:db8::/64']),
+                        'cc')
+        self.assertEqual(s['trusted_proxies'], ['10.0.0.2', '2001:db8::/64'])
+
     def test_bad_name(self):
         for name in ('a b', 'ws*', 'x' * 65, '', 'a:b'):
             self.assertConfigError(write_conf('ws', name=name), 'ws', 'name')

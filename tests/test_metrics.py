@@ -173,6 +173,19 @@ class TestMetricsRestartAndAccess(unittest.TestCase):
         with ServerProcess('cc', metrics_allow=[address + '/32']) as cc:
             self.assertEqual(self.status_from(cc, address), 200)
 
+    def test_body_on_metrics_is_answered(self):
+        # A GET /metrics with a body once got no reply and a traceback
+        # (the async base prepare was not awaited).
+        for kind in ('cc', 'ws'):
+            with ServerProcess(kind) as server:
+                r = server.session.get(server.url + '/metrics', data='x' * 10,
+                                       timeout=10)
+                self.assertEqual(r.status_code, 200, r.text)
+                self.assertIn('siegetank_http_requests_total', r.text)
+                server.stop()
+                self.assertNotIn('Traceback', server.read_log())
+                self.assertNotIn('never awaited', server.read_log())
+
     def status_from(self, server, address):
         """Status of /metrics asked from a non-loopback address (the
         certificate is checked against the CA, not against that name)."""

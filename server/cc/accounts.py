@@ -309,13 +309,14 @@ class AccountHandler(APIHandler):
     async def require_creator(self):
         """Who may create accounts: an admin from anywhere (returns False),
         anyone from loopback while bootstrap is allowed (returns True: a
-        bootstrap, which for managers closes once an admin exists)."""
+        bootstrap, which for managers closes once an admin exists), never
+        through a trusted proxy (server/proxy.py)."""
         m = await self.manager()
         if m is not None:
             if not m.is_admin:
                 raise APIError(403, 'only an admin may create accounts')
             return False
-        if self.config['allow_loopback_bootstrap'] \
+        if self.config['allow_loopback_bootstrap'] and not self.via_proxy \
                 and is_loopback(self.request.remote_ip):
             return True
         raise APIError(401, 'an admin token is required')
