@@ -222,6 +222,16 @@ class Key:
         return self.template % ids
 
 
+def argv(names, **values):
+    """A script's ARGV in the order its header names them (`names`), built
+    by name: a name missing or one too many is a TypeError, not a value
+    read from the wrong place."""
+    if set(values) != set(names):
+        raise TypeError('ARGV %s given for %s' % (sorted(values),
+                                                  list(names)))
+    return [values[name] for name in names]
+
+
 def start_embedded(settings):
     """Start the embedded Redis if the settings ask for one; returns it or
     None (redis_url given)."""

@@ -30,7 +30,7 @@ from server import store, threads
 from server.cc import keys
 from server.lua import Script
 from server.tokens import new_token, token_hash
-from server.web import APIError, APIHandler, too_many
+from server.web import APIError, APIHandler, Permission, allow, role, too_many
 
 log = logging.getLogger('siegetank.cc.accounts')
 
@@ -268,64 +268,56 @@ async def login(handler, scope, name, account_key, token_key_of, password):
     return token
 
 
-def is_loopback(address):
+def is_loopback(address: str) -> bool:
     try:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
 
 
-class AccountHandler(APIHandler):
-    """Base of every handler that knows managers. Before the body is read,
-    a token given is checked (401 if unknown) and one is required for the
-    HTTP methods in `manager_methods`."""
+@role('manager', 'a manager token is required')
+async def _manager(handler: APIHandler, rule: Permission) -> Manager | None:
+    """The Manager of the token in `Authorization`; None without one, 401
+    for a token no manager has."""
+    token = handler.token()
+    if token is None:
+        return None
+    found = await manager_of(handler.application, token)
+    if found is None:
+        raise APIError(401, 'unknown or expired manager token')
+    return found
 
-    manager_methods = ()
-    _manager = False  # not looked up yet
 
-    async def authenticate(self):
-        if self.token() is not None \
-                or self.request.method in self.manager_methods:
-            await self.require_manager()
+@role('admin', 'an admin token is required')
+async def _admin(handler: APIHandler, rule: Permission) -> Manager | None:
+    """A manager whose role is admin; another manager is a 403."""
+    found = await _manager(handler, rule)
+    if found is not None and not found.is_admin:
+        raise APIError(403, 'only an admin may %s' % rule.purpose)
+    return found
 
-    async def manager(self):
-        """The caller's Manager, None without a token; 401 for an unknown
-        token. Looked up once per request."""
-        if self._manager is False:
-            token = self.token()
-            m = None if token is None \
-                else await manager_of(self.application, token)
-            if token is not None and m is None:
-                raise APIError(401, 'unknown or expired manager token')
-            self._manager = m
-        return self._manager
 
-    async def require_manager(self):
-        m = await self.manager()
-        if m is None:
-            raise APIError(401, 'a manager token is required')
-        return m
+class Bootstrap:
+    """The caller of a loopback bootstrap (no token): see the module."""
 
-    async def require_creator(self):
-        """Who may create accounts: an admin from anywhere (returns False),
-        anyone from loopback while bootstrap is allowed (returns True: a
-        bootstrap, which for managers closes once an admin exists)."""
-        m = await self.manager()
-        if m is not None:
-            if not m.is_admin:
-                raise APIError(403, 'only an admin may create accounts')
-            return False
-        if self.config['allow_loopback_bootstrap'] \
-                and is_loopback(self.request.remote_ip):
-            return True
-        raise APIError(401, 'an admin token is required')
 
-    def password(self):
-        return self.field('password', str,
-                          check=lambda p: 0 < len(p) <= MAX_PASSWORD)
+@role('bootstrap', 'a token is required')
+async def _bootstrap(handler: APIHandler,
+                     rule: Permission) -> Bootstrap | None:
+    """Anyone from loopback while `allow_loopback_bootstrap` is on."""
+    if handler.config['allow_loopback_bootstrap'] \
+            and is_loopback(handler.request.remote_ip):
+        return Bootstrap()
+    return None
 
-    def email(self):
-        return self.field('email', str, check=EMAIL.fullmatch).lower()
+
+def password_field(handler: APIHandler) -> str:
+    return handler.field('password', str,
+                         check=lambda p: 0 < len(p) <= MAX_PASSWORD)
+
+
+def email_field(handler: APIHandler) -> str:
+    return handler.field('email', str, check=EMAIL.fullmatch).lower()
 
 
 def valid_weight(w):
@@ -336,23 +328,17 @@ def valid_weight(w):
         return False
 
 
-class CreatorHandler(AccountHandler):
-    """Account creation: the creator is checked before the body;
-    `self.bootstrap` tells a loopback bootstrap from an admin."""
-
-    async def authenticate(self):
-        self.bootstrap = await self.require_creator()
-
-
-class ManagersHandler(CreatorHandler):
-    async def post(self):
-        email = self.email()
-        password = self.password()
+class ManagersHandler(APIHandler):
+    @allow('admin', 'bootstrap', purpose='create accounts')
+    async def post(self) -> None:
+        email = email_field(self)
+        password = password_field(self)
         role = self.field('role', str, check=lambda r: r in ROLES)
         weight = self.field('weight', (int, float), 1, check=valid_weight)
         try:
-            token = await create_manager(self.application, email, password,
-                                         role, weight, self.bootstrap)
+            token = await create_manager(
+                self.application, email, password, role, weight,
+                bootstrap=isinstance(self.caller, Bootstrap))
         except BootstrapClosed:
             raise APIError(401, 'an admin exists: an admin token is '
                            'required to create managers')
@@ -362,27 +348,24 @@ class ManagersHandler(CreatorHandler):
         self.write_json({'token': token})
 
 
-class LoginHandler(AccountHandler):
+class ManagerAuthHandler(APIHandler):
     """Logging in takes no token (a stale one sent along is ignored)."""
 
-    async def authenticate(self):
-        pass
-
-
-class ManagerAuthHandler(LoginHandler):
-    async def post(self):
-        email = self.email()
-        password = self.password()
+    @allow('anyone')
+    async def post(self) -> None:
+        email = email_field(self)
+        password = password_field(self)
         token = await login(self, 'manager', email, keys.manager(email),
                             keys.manager_token, password)
         self.write_json({'token': token})
 
 
-class DonorsHandler(CreatorHandler):
-    async def post(self):
+class DonorsHandler(APIHandler):
+    @allow('admin', 'bootstrap', purpose='create accounts')
+    async def post(self) -> None:
         username = self.field('username', str, check=USERNAME.fullmatch)
-        email = self.email()
-        password = self.password()
+        email = email_field(self)
+        password = password_field(self)
         token = await create_donor(self.application, username, email,
                                    password)
         if token is None:
@@ -391,10 +374,11 @@ class DonorsHandler(CreatorHandler):
         self.write_json({'token': token})
 
 
-class DonorAuthHandler(LoginHandler):
-    async def post(self):
+class DonorAuthHandler(APIHandler):
+    @allow('anyone')
+    async def post(self) -> None:
         username = self.field('username', str, check=USERNAME.fullmatch)
-        password = self.password()
+        password = password_field(self)
         token = await login(self, 'donor', username, keys.donor(username),
                             keys.donor_token, password)
         self.write_json({'token': token})

@@ -51,9 +51,7 @@ async def pull(app, name):
 
 async def collect_all(app):
     await status.forget_old_minutes(app.redis)
-    for name, ws in sorted((await workservers.status(app)).items()):
-        if not ws['online']:
-            continue
+    for name in await workservers.online(app):
         try:
             await pull(app, name)
         except peer.PeerError as e:

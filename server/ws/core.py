@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import time
+from typing import Any
 
 from server import metrics, store, threads
 from server.lua import Script
@@ -23,12 +24,15 @@ from server.tokens import token_hash
 from server.web import (
     APIError,
     APIHandler,
+    Permission,
     TooLarge,
+    allow,
     bounded,
     check_files,
     decode_files,
     decoded_streams,
     encoded_size,
+    role,
 )
 from server.ws import locks, sessions, streams
 from server.ws.storage import (
@@ -185,6 +189,14 @@ class Held:
 _abandoned = set()  # release tasks in flight (asyncio keeps weak refs)
 
 
+@role('core', 'missing core token')
+async def _core(handler: Any, rule: Permission) -> str | None:
+    """A core with a live stream token; what the token opens (the stream,
+    its lock, its start window) is the handler's `authenticate`."""
+    await handler.authenticate()
+    return handler.token()
+
+
 class CoreHandler(APIHandler):
     """Endpoints for cores: `Authorization: <stream token>`, checked from
     the headers before the body is read, so a missing or unknown token is
@@ -279,6 +291,7 @@ class CoreStartHandler(CoreHandler):
             self.application, self.token(),
             streams.early_windows(self.config)[1])
 
+    @allow('core')
     async def get(self):
         app = self.application
         sid = self.sid
@@ -307,6 +320,7 @@ def body_digest(handler):
 class FrameHandler(LockedCoreHandler):
     body_limit = 'max_frame_body_size'
 
+    @allow('core')
     async def put(self):
         app = self.application
         config = app.config
@@ -346,6 +360,7 @@ MAX_REPORTED_FRAMES = 2 ** 53
 class CheckpointHandler(LockedCoreHandler):
     body_limit = 'max_checkpoint_body_size'
 
+    @allow('core')
     async def put(self):
         """Commit the buffer with the sent state. `frames` (later cores:
         their own count of frames since the last checkpoint) is recorded in
@@ -394,6 +409,7 @@ def commit(storage, sid, n, files, meta, sizes, reset_errors):
 
 
 class HeartbeatHandler(CoreHandler):
+    @allow('core')
     async def post(self):
         await live_stream(self.application, self.token(),
                           self.config['heartbeat_increment'])
@@ -415,6 +431,7 @@ def error_text(error, limit):
 
 
 class CoreStopHandler(LockedCoreHandler):
+    @allow('core')
     async def put(self):
         app = self.application
         error = self.field('error', str, None)
