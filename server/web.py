@@ -582,7 +582,7 @@ class APIHandler(tornado.web.RequestHandler):
         (401, 403, and the owner's 400/404); a method without one is
         refused (403): nothing is open by omission. A method the handler
         does not have is let through to Tornado's 405."""
-        name = self.request.method.lower()
+        name = (self.request.method or '').lower()
         method = getattr(type(self), name, None)
         if method is None or method is getattr(tornado.web.RequestHandler,
                                                 name, None):

@@ -67,10 +67,11 @@ DUMMY_HASH = 'scrypt$%d$%d$%d$%s$%s' % (SCRYPT['n'], SCRYPT['r'], SCRYPT['p'],
 async def check_password(password: str, stored: str) -> bool:
     try:
         _, n, r, p, salt, digest = stored.split('$')
-        n, r, p, salt = int(n), int(r), int(p), bytes.fromhex(salt)
+        cost = int(n), int(r), int(p)
+        salt_bytes = bytes.fromhex(salt)
     except (AttributeError, ValueError):
         return False
-    got = await threads.cpu(_scrypt, password, salt, n, r, p)
+    got = await threads.cpu(_scrypt, password, salt_bytes, *cost)
     return hmac.compare_digest(got.hex(), digest)
 
 

@@ -205,11 +205,14 @@ async def record_success(app: Any, name: str) -> None:
     await _SUCCESS(app.redis, [keys.ws(name)])
 
 
+async def load(redis: Any, name: str) -> Workserver | None:
+    h = await redis.hgetall(keys.ws(name))
+    return Workserver.from_hash(name, h) if h else None
+
+
 async def base_url(app: Any, name: str) -> str | None:
-    h = await app.redis.hmget(keys.ws(name), 'url', 'http_port')
-    if h[0] is None:
-        return None
-    return 'https://%s:%s' % (h[0], h[1])
+    found = await load(app.redis, name)
+    return found.base if found is not None else None
 
 
 async def request(app: Any, name: str, method: str, path: str,
