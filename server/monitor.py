@@ -38,7 +38,7 @@ async def _metrics_reader(handler: APIHandler, rule: Permission) -> str:
                    handler.config['metrics_allow']):
         raise APIError(403, '/metrics is open to loopback and the '
                        'metrics_allow networks only')
-    return handler.request.remote_ip
+    return 'metrics'
 
 
 class MetricsHandler(APIHandler):

@@ -532,6 +532,7 @@ class APIHandler(tornado.web.RequestHandler):
     body_md5 = None
     refused = False
     body_read = False
+    application: Any  # the server's App (CommandCenter or WorkServer)
     caller: Caller = None  # who the method's @allow recognised
     resource: Any = None  # what its owner check loaded
 
@@ -559,7 +560,7 @@ class APIHandler(tornado.web.RequestHandler):
     def check_xsrf_cookie(self):
         pass
 
-    async def prepare(self) -> None:
+    async def prepare(self):
         self._chunks = []
         self._size = 0
         self._limit = self.config[self.body_limit]

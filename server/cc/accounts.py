@@ -342,7 +342,7 @@ async def _bootstrap(handler: APIHandler,
                      rule: Permission) -> Bootstrap | None:
     """Anyone from loopback while `allow_loopback_bootstrap` is on."""
     if handler.config['allow_loopback_bootstrap'] \
-            and is_loopback(handler.request.remote_ip):
+            and is_loopback(handler.request.remote_ip or ''):
         return Bootstrap()
     return None
 

@@ -280,7 +280,7 @@ class WSRegisterHandler(APIHandler):
         if port is None:
             raise APIError(400, 'http_port must be a port number (1-65535)')
         if not await register(self.application, name, url, port,
-                              self.request.remote_ip):
+                              self.request.remote_ip or ''):
             raise APIError(409, 'workserver %s is online from another '
                            'address' % name)
         self.application.ws_back(name)
@@ -293,7 +293,7 @@ class WSDisconnectHandler(APIHandler):
     async def put(self) -> None:
         name = ws_name(self)
         done = await disconnect(self.application, name,
-                                self.request.remote_ip)
+                                self.request.remote_ip or '')
         if done is Outcome.UNKNOWN:
             raise APIError(404, 'unknown workserver %s' % name)
         if done is Outcome.REFUSED:
