@@ -53,7 +53,7 @@ def weighted_order(weights):
     return [item for _, item in keyed]
 
 
-_CANDIDATES = Script(targets.MATCH_LUA + workservers.ADDRESS_LUA + """
+_CANDIDATES = Script("""
 -- Admission and every candidate in one round trip.
 -- KEYS: the stage index sets to draw from.
 -- ARGV: engine, version, target_template, target_ws_template,
@@ -69,6 +69,7 @@ _CANDIDATES = Script(targets.MATCH_LUA + workservers.ADDRESS_LUA + """
 -- (until now + hold_s, or until given back). Each candidate is a target
 -- whose engine and versions match, with streams on an online WS:
 -- {target_id, weight, options, ws, count, url, port, ws, count, ...}.
+""" + targets.MATCH_LUA + workservers.ADDRESS_LUA + """
 local engine, version, target_template, target_ws_template, ws_template,
   target_id, donor_token_key, address, now, held_template, rate_template,
   max_held, hold_s, max_per_minute, member = unpack(ARGV)

@@ -46,7 +46,7 @@ class TargetFull(Exception):
     """The target has the most streams a target may have."""
 
 
-_RESERVE = Script(workservers.ADDRESS_LUA + """
+_RESERVE = Script("""
 -- Reserve one stream slot on the online WS holding fewest streams of the
 -- target, in one step.
 -- KEYS: target, target_ws (per-WS counts), target_ws_files, workservers.
@@ -55,6 +55,7 @@ _RESERVE = Script(workservers.ADDRESS_LUA + """
 -- list; empty: any).
 -- Returns nil if the target is gone, -1 if it has max_streams, {} if no
 -- WS can take it, else {ws, url, http_port, 1 if it has the files}.
+""" + workservers.ADDRESS_LUA + """
 local target, counts, with_files, workservers = unpack(KEYS)
 local ws_template, offset, max_streams = ARGV[1], tonumber(ARGV[2]),
   tonumber(ARGV[3])
