@@ -59,6 +59,23 @@ class Guarded(APIHandler):
         self.write_json({'n': self.field('n', int)})
 
 
+async def _own(handler, caller):
+    """The path's name must be the caller's."""
+    if handler.path_args[0] != caller:
+        raise APIError(403, 'not yours')
+    return {'name': caller}
+
+
+class Owned(APIHandler):
+    @allow('test_ok', owner=_own)
+    def put(self, name):
+        self.write_json(self.resource)
+
+    @allow('test_ok', 'anyone')
+    def get(self, name):
+        self.write_json({'caller': self.caller})
+
+
 class Undeclared(APIHandler):
     """Names no permission: no one may call it."""
 
@@ -69,7 +86,8 @@ class Undeclared(APIHandler):
 class TestApp(App):
     def __init__(self, settings, redis, task_id=0):
         super().__init__([(r'/', HealthHandler), (r'/echo', Echo),
-                          (r'/files', Files), (r'/guarded', Guarded)],
+                          (r'/files', Files), (r'/guarded', Guarded),
+                          (r'/owned/([^/]+)', Owned)],
                          settings, redis, task_id)
         # Past the start-up check, as a handler added later would be.
         self.add_handlers(r'.*', [(r'/undeclared', Undeclared)])
@@ -147,6 +165,22 @@ class TestBaseHandler(AppTestCase):
                       json.loads(body)['error'])
         # A method the handler does not have is still Tornado's 405.
         self.assertEqual(self.fetch_json('/guarded', 'GET')[0], 405)
+
+    def test_roles_in_order_then_the_owner_before_the_body(self):
+        # A token is optional where 'anyone' follows, but checked if sent.
+        self.assertEqual(self.fetch_json('/owned/x'), (200, {'caller': None}))
+        self.assertEqual(self.fetch_json('/owned/x', token='ok'),
+                         (200, {'caller': 'ok'}))
+        self.assertEqual(self.fetch_json('/owned/x', token='nope'),
+                         (401, {'error': 'bad token'}))
+        # The owner check runs from the headers too: refused unread.
+        status, _, body = self.raw(
+            'PUT /owned/other HTTP/1.1\r\nHost: x\r\nAuthorization: ok'
+            '\r\nContent-Length: 900')
+        self.assertEqual((status, json.loads(body)),
+                         (403, {'error': 'not yours'}))
+        self.assertEqual(self.fetch_json('/owned/ok', 'PUT', {}, token='ok'),
+                         (200, {'name': 'ok'}))
 
     def test_health(self):
         code, body = self.fetch_json('/')
