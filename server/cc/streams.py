@@ -20,6 +20,7 @@ from server.cc.targets import Target
 from server.web import (
     APIError,
     APIHandler,
+    OwnerCheck,
     allow,
     check_file_name,
     check_stream_id,
@@ -127,19 +128,19 @@ async def place(app: Any, target: Target, files: dict[str, str],
         return sid
 
 
-async def owns_stream(handler: APIHandler, manager: Manager) -> StreamRecord:
-    """`@allow(..., owner=owns_stream)`: the CC's record of the stream of
-    the path (its last argument if it is a stream command, else its first)
-    if the caller may act on it (400, 404, 403 in that order)."""
-    args = handler.path_args
-    stream_id = args[1] if len(args) == 2 and args[0] in COMMANDS \
-        else args[0]
-    ws_of(stream_id)
-    record = await stream_map.load(handler.application, stream_id)
-    if record is None:
-        raise APIError(404, 'no such stream %s' % stream_id)
-    await targets.owned(handler.application, record.target_id, manager)
-    return record
+def owns_stream(arg: int) -> OwnerCheck:
+    """`@allow(..., owner=owns_stream(i))`: the CC's record of the stream
+    whose id is the path's argument `i`, if the caller may act on it
+    (400, 404, 403 in that order)."""
+    async def check(handler: APIHandler, manager: Manager) -> StreamRecord:
+        stream_id = handler.path_args[arg]
+        ws_of(stream_id)
+        record = await stream_map.load(handler.application, stream_id)
+        if record is None:
+            raise APIError(404, 'no such stream %s' % stream_id)
+        await targets.owned(handler.application, record.target_id, manager)
+        return record
+    return check
 
 
 async def relay(app: Any, method: str, stream_id: str, path: str) -> Any:
@@ -156,9 +157,6 @@ async def relay(app: Any, method: str, stream_id: str, path: str) -> Any:
         raise APIError(reply.code, 'workserver %s: %s' % (ws, reply.error))
     raise APIError(503, 'workserver %s answered %d %s'
                    % (ws, reply.code, reply.error))
-
-
-COMMANDS = ('start', 'stop', 'delete')
 
 
 class PostStreamHandler(APIHandler):
@@ -179,7 +177,7 @@ class PostStreamHandler(APIHandler):
 
 
 class StreamCommandHandler(APIHandler):
-    @allow('manager', owner=owns_stream)
+    @allow('manager', owner=owns_stream(1))
     async def put(self, action: str, stream_id: str) -> None:
         record = self.resource
         try:
@@ -195,7 +193,7 @@ class StreamCommandHandler(APIHandler):
 
 
 class StreamInfoHandler(APIHandler):
-    @allow('manager', owner=owns_stream)
+    @allow('manager', owner=owns_stream(0))
     async def get(self, stream_id: str) -> None:
         reply = await relay(self.application, 'GET', stream_id,
                             '/streams/info/%s' % stream_id)
@@ -206,7 +204,7 @@ class StreamDownloadHandler(APIHandler):
     """307 to the WS with a signed URL valid `signed_url_lifetime_in_s`:
     the bytes go straight from the WS, and `Range` survives the redirect."""
 
-    @allow('manager', owner=owns_stream)
+    @allow('manager', owner=owns_stream(0))
     async def get(self, stream_id: str, filename: str) -> None:
         check_file_name(filename)
         ws = ws_of(stream_id)
@@ -222,7 +220,7 @@ class StreamDownloadHandler(APIHandler):
 
 default_handlers = [
     (r'/streams', PostStreamHandler),
-    (r'/streams/(%s)/([^/]+)' % '|'.join(COMMANDS), StreamCommandHandler),
+    (r'/streams/(start|stop|delete)/([^/]+)', StreamCommandHandler),
     (r'/streams/info/([^/]+)', StreamInfoHandler),
     (r'/streams/([^/]+)/([^/]+)', StreamDownloadHandler),
 ]
