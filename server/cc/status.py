@@ -11,12 +11,11 @@ target. An admin also gets `detail` per WS. Cost: one round trip for
 everything, independent of how many streams there are.
 """
 import collections
-import json
 import logging
 import time
 
 from server import store
-from server.cc import keys, workservers
+from server.cc import keys, reports, workservers
 from server.web import APIHandler, allow
 
 log = logging.getLogger('siegetank.cc.status')
@@ -81,7 +80,7 @@ async def status(redis, admin=False):
     pipe = redis.pipeline(transaction=False)
     for name in names:
         workservers.read(pipe, name)
-        pipe.hgetall(keys.ws_report(name))
+        reports.read(pipe, name)
         pipe.hgetall(keys.ws_stats(name))
     for what in COUNTED:
         pipe.hmget(keys.per_minute(what), minutes)
@@ -100,11 +99,11 @@ async def status(redis, admin=False):
         if not record:
             continue
         ws = workservers.Workserver.from_hash(name, record)
-        streams = json.loads(rep.get('streams') or '{}')
-        per_minute = json.loads(rep.get('per_minute') or '{}')
+        rep = reports.Report.from_hash(rep)
+        streams, per_minute = rep.streams, rep.per_minute
         for state in totals:
             totals[state] += streams.get(state, 0)
-        for tid, c in json.loads(rep.get('targets') or '{}').items():
+        for tid, c in rep.targets.items():
             if tid in targets:
                 targets[tid]['queued'] += c.get('queued', 0)
                 targets[tid]['active'] += c.get('active', 0)
@@ -116,11 +115,9 @@ async def status(redis, admin=False):
             frames += c.get('frames', 0)
             errors += c.get('errors', 0)
         entry = {'online': ws.online,
-                 'last_seen': float(rep['time']) if rep.get('time')
-                 else None,
+                 'last_seen': rep.time,
                  'streams': {s: streams.get(s, 0) for s in totals},
-                 'disk_free_mb': float(rep['disk_free_mb'])
-                 if rep.get('disk_free_mb') else None}
+                 'disk_free_mb': rep.disk_free_mb}
         if admin:
             entry['detail'] = {
                 'url': ws.url, 'http_port': ws.http_port or None,
