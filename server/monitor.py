@@ -13,7 +13,7 @@ import shutil
 import time
 
 from server import metrics
-from server.web import APIError, APIHandler
+from server.web import APIError, APIHandler, Permission, allow, role
 
 
 @functools.lru_cache(maxsize=8)
@@ -33,14 +33,19 @@ def allowed(address, networks, via_proxy=False):
     return any(ip in net for net in _networks(tuple(networks)))
 
 
-class MetricsHandler(APIHandler):
-    async def authenticate(self):
-        if not allowed(self.request.remote_ip, self.config['metrics_allow'],
-                       self.via_proxy):
-            raise APIError(403, '/metrics is open to loopback and the '
-                           'metrics_allow networks only')
+@role('metrics', 'open to loopback and the metrics_allow networks only')
+async def _metrics_reader(handler: APIHandler, rule: Permission) -> str:
+    """Loopback or an address of `metrics_allow`; anyone else a 403."""
+    if not allowed(handler.request.remote_ip,
+                   handler.config['metrics_allow'], handler.via_proxy):
+        raise APIError(403, '/metrics is open to loopback and the '
+                       'metrics_allow networks only')
+    return 'metrics'
 
-    async def get(self):
+
+class MetricsHandler(APIHandler):
+    @allow('metrics')
+    async def get(self) -> None:
         app = self.application
         m = metrics.get()
         start = time.perf_counter()

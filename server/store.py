@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio
@@ -220,6 +221,16 @@ class Key:
 
     def __call__(self, *ids):
         return self.template % ids
+
+
+def argv(names: Sequence[str], **values: object) -> list[object]:
+    """A script's ARGV in the order its header names them (`names`), built
+    by name: a name missing or one too many is a TypeError, not a value
+    read from the wrong place."""
+    if set(values) != set(names):
+        raise TypeError('ARGV %s given for %s' % (sorted(values),
+                                                  list(names)))
+    return [values[name] for name in names]
 
 
 def start_embedded(settings):

@@ -16,11 +16,13 @@ import logging
 import re
 import time
 import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import tornado.web
 from tornado.web import HTTPError
 
-from server import metrics, store, threads, tls, tokens
+from server import metrics, store, threads, tls
 
 
 def _no_constant(name):
@@ -323,6 +325,7 @@ class App(tornado.web.Application):
         self.task_id = task_id
         self.client_ssl = tls.client_context(settings['ssl_ca_certs'])
         self.route_names = metrics.route_names(handlers)
+        check_permissions(handlers)
         super().__init__(handlers, default_handler_class=NotFoundHandler,
                          log_function=log_request, compress_response=False,
                          serve_traceback=False)
@@ -415,6 +418,100 @@ def _has_lone_surrogate(obj):
     return False
 
 
+# Who may call an endpoint is declared on its method: `@allow('manager')`.
+# A role names a kind of caller; its check (registered with `@role` by the
+# module that owns that credential) reads the request's headers and
+# returns who the caller is, None when the request carries no credential
+# of that kind, or raises APIError (401, 403) for one that is wrong or not
+# enough. 'anyone' is every caller.
+Caller = Any
+RoleCheck = Callable[['APIHandler', 'Permission'], Awaitable[Caller]]
+OwnerCheck = Callable[['APIHandler', Caller], Awaitable[Any]]
+_ROLES: dict[str, tuple[RoleCheck, str]] = {}
+ANYONE = object()  # what the 'anyone' role returns: no one in particular
+
+
+def role(name: str, missing: str) -> Callable[[RoleCheck], RoleCheck]:
+    """Register the check of role `name`; `missing` is the 401 message
+    when a rule's first role is this one and no role recognised the
+    caller."""
+    def register(check: RoleCheck) -> RoleCheck:
+        _ROLES[name] = (check, missing)
+        return check
+    return register
+
+
+async def _anyone(handler: 'APIHandler', rule: 'Permission') -> object:
+    return ANYONE
+
+
+role('anyone', '')(_anyone)
+
+
+class Permission:
+    """The rule of one method: the roles that may call it, tried in order
+    (the first that recognises the caller decides), then `owner`, which
+    checks that caller against the resource of the path (its 400, 404,
+    403) and returns it as `handler.resource`. `purpose` completes the
+    refusal of a caller of the wrong role ('only an admin may ...')."""
+
+    def __init__(self, roles: tuple[str, ...], owner: OwnerCheck | None,
+                 purpose: str) -> None:
+        if not roles:
+            raise TypeError('@allow needs at least one role')
+        self.roles, self.owner, self.purpose = roles, owner, purpose
+
+    def checks(self) -> list[tuple[RoleCheck, str]]:
+        try:
+            return [_ROLES[name] for name in self.roles]
+        except KeyError as e:
+            raise TypeError('no role %s is registered' % e) from None
+
+    async def check(self, handler: 'APIHandler') -> None:
+        for check, _ in self.checks():
+            caller = await check(handler, self)
+            if caller is not None:
+                break
+        else:
+            raise APIError(401, self.checks()[0][1])
+        handler.caller = None if caller is ANYONE else caller
+        if self.owner is not None:
+            handler.resource = await self.owner(handler, handler.caller)
+
+
+Method = TypeVar('Method', bound=Callable[..., Any])
+
+
+def allow(*roles: str, owner: OwnerCheck | None = None,
+          purpose: str = 'do this') -> Callable[[Method], Method]:
+    """Declare who may call the handler method it decorates (see
+    Permission); checked from the headers before the body is read."""
+    def declare(method: Method) -> Method:
+        method.permission = Permission(roles, owner, purpose)  # type: ignore[attr-defined]
+        return method
+    return declare
+
+
+HTTP_METHODS = ('get', 'head', 'post', 'put', 'delete', 'patch', 'options')
+
+
+def check_permissions(handlers: list[Any]) -> None:
+    """Every method of every routed handler declares who may call it, with
+    roles that exist: a server with one that does not fails to start."""
+    for route in handlers:
+        cls = route[1]
+        for name in HTTP_METHODS:
+            method = getattr(cls, name, None)
+            if method is None or method is getattr(tornado.web.RequestHandler,
+                                                    name, None):
+                continue
+            rule = getattr(method, 'permission', None)
+            if rule is None:
+                raise TypeError('%s.%s declares no @allow'
+                                % (cls.__name__, name))
+            rule.checks()
+
+
 def _after_body(method, parse):
     """Wrap an HTTP method to run once the body is in: not at all for a
     request refused before (the reply is out: finish it), and for PUT and
@@ -448,8 +545,8 @@ class APIHandler(tornado.web.RequestHandler):
     """Base of every JSON endpoint. The body is streamed in, so that in
     `prepare`, before any byte of it is read, a declared Content-Length
     over this endpoint's limit (`body_limit`, a config key) is a 413 and
-    `authenticate()` runs (401, 403); a body that turns out longer
-    (chunked) is a 413 at the limit. A refusal is answered at once; the
+    the method's `@allow` rule is checked (401, 403); a body that turns out
+    longer (chunked) is a 413 at the limit. A refusal is answered at once; the
     rest of the body is then read and dropped (never kept) up to the
     endpoint's limit (LINGER_MAX when it was too long), so the client
     reads the reply, then the connection is closed."""
@@ -460,6 +557,9 @@ class APIHandler(tornado.web.RequestHandler):
     body_md5 = None
     refused = False
     body_read = False
+    application: Any  # the server's App (CommandCenter or WorkServer)
+    caller: Caller = None  # who the method's @allow recognised
+    resource: Any = None  # what its owner check loaded
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -499,13 +599,25 @@ class APIHandler(tornado.web.RequestHandler):
             if self._declared is not None and self._declared > self._limit:
                 raise TooLarge('body of %s bytes is over the limit of %d '
                                'bytes' % (length, self._limit))
-            await self.authenticate()
+            await self.check_permission()
         except APIError as e:
             await self.refuse(e)
 
-    async def authenticate(self):
-        """Check the credentials from the headers, before the body is read
-        (401/403); subclasses that need any override it."""
+    async def check_permission(self) -> None:
+        """The `@allow` rule of the HTTP method called, from the headers
+        (401, 403, and the owner's 400/404); a method without one is
+        refused (403): nothing is open by omission. A method the handler
+        does not have is let through to Tornado's 405."""
+        name = (self.request.method or '').lower()
+        method = getattr(type(self), name, None)
+        if method is None or method is getattr(tornado.web.RequestHandler,
+                                                name, None):
+            return
+        rule = getattr(method, 'permission', None)
+        if rule is None:
+            raise APIError(403, 'no one may call %s %s'
+                           % (self.request.method, self.request.path))
+        await rule.check(self)
 
     def finish(self, chunk=None):
         if not self.body_read:
@@ -663,23 +775,6 @@ class APIHandler(tornado.web.RequestHandler):
                       shown(self.request.path), exc_info=(typ, value, tb))
 
 
-class PeerHandler(APIHandler):
-    """Base of the endpoints one server calls on the other with a shared
-    pass (`Authorization: <cc_pass>`), compared in constant time."""
-
-    def peer_passes(self):
-        """The passes a caller may present; each server names its own (none
-        here: a handler that names none refuses every caller)."""
-        return ()
-
-    def is_peer(self):
-        return tokens.matches_any(self.token(), self.peer_passes())
-
-    async def authenticate(self):
-        if not self.is_peer():
-            raise APIError(401, 'missing or wrong cc_pass')
-
-
 class NotFoundHandler(APIHandler):
     async def prepare(self):
         # The path is not quoted: the request log shows it already.
@@ -691,7 +786,8 @@ class HealthHandler(APIHandler):
     """GET /: 200 while this server and its Redis answer, else a 503 that
     says the store is down (bounded by the Redis timeouts)."""
 
-    async def get(self):
+    @allow('anyone')
+    async def get(self) -> None:
         try:
             await self.redis.ping()
         except store.DOWN as e:

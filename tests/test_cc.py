@@ -1054,7 +1054,7 @@ class TestStreamsAndAssign(CCTestCase):
                                    tags):
             sid = await real_post(app, ws, base, has_files, target, files,
                                   tags)
-            await targets.delete(app, target['target_id'])
+            await targets.delete(app, target.target_id)
             return sid
         streams._post_to = post_then_delete
         try:

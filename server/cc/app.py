@@ -6,7 +6,6 @@ and the jobs run in the one process holding the jobs lease
 (server/lease.py)."""
 import asyncio
 import collections
-import json
 import logging
 
 from tornado.ioloop import PeriodicCallback
@@ -21,6 +20,7 @@ from server.cc import (
     dashboard,
     keys,
     reconcile,
+    reports,
     stats,
     status,
     streams,
@@ -128,10 +128,10 @@ class CommandCenter(App):
         names = await self.redis.smembers(keys.WORKSERVERS)
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
-            pipe.hget(keys.ws_report(name), 'streams')
+            reports.read(pipe, name)
         totals = {'ok': 0, 'active': 0, 'stopped': 0}
-        for raw in await pipe.execute() if names else []:
-            for state, n in json.loads(raw or '{}').items():
+        for h in await pipe.execute() if names else []:
+            for state, n in reports.Report.from_hash(h).streams.items():
                 if state in totals:
                     totals[state] += n
         return totals

@@ -24,12 +24,15 @@ from server.tokens import token_hash
 from server.web import (
     APIError,
     APIHandler,
+    Permission,
     TooLarge,
+    allow,
     bounded,
     check_files,
     decode_files,
     decoded_streams,
     encoded_size,
+    role,
 )
 from server.ws import locks, stream_record, streams
 from server.ws.storage import BufferLost, TooManyFiles, encode_sizes
@@ -97,6 +100,14 @@ class Held(stream_record.Held):
 
 
 _abandoned: set[asyncio.Future[None]] = set()  # release tasks in flight
+
+
+@role('core', 'missing core token')
+async def _core(handler: Any, rule: Permission) -> str | None:
+    """A core with a live stream token; what the token opens (the stream,
+    its lock, its start window) is the handler's `authenticate`."""
+    await handler.authenticate()
+    return handler.token()
 
 
 class CoreHandler(APIHandler):
@@ -191,6 +202,7 @@ class CoreStartHandler(CoreHandler):
             self.application, self.token(),
             streams.early_windows(self.config)[1])
 
+    @allow('core')
     async def get(self):
         app = self.application
         sid = self.sid
@@ -219,6 +231,7 @@ def body_digest(handler):
 class FrameHandler(LockedCoreHandler):
     body_limit = 'max_frame_body_size'
 
+    @allow('core')
     async def put(self):
         app = self.application
         config = app.config
@@ -258,6 +271,7 @@ MAX_REPORTED_FRAMES = 2 ** 53
 class CheckpointHandler(LockedCoreHandler):
     body_limit = 'max_checkpoint_body_size'
 
+    @allow('core')
     async def put(self):
         """Commit the buffer with the sent state. `frames` (later cores:
         their own count of frames since the last checkpoint) is recorded in
@@ -304,6 +318,7 @@ def commit(storage, sid, n, files, meta, sizes, reset_errors):
 
 
 class HeartbeatHandler(CoreHandler):
+    @allow('core')
     async def post(self):
         await live_stream(self.application, self.token(),
                           self.config['heartbeat_increment'])
@@ -325,6 +340,7 @@ def error_text(error, limit):
 
 
 class CoreStopHandler(LockedCoreHandler):
+    @allow('core')
     async def put(self):
         app = self.application
         error = self.field('error', str, None)
