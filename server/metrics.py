@@ -30,7 +30,7 @@ _metrics = None
 
 def prepare(settings):
     """In the master, before any worker exists."""
-    folder = os.path.join(settings['data_folder'], 'prometheus')
+    folder = os.path.join(settings.data_folder, 'prometheus')
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
     os.environ[ENV] = folder

@@ -34,7 +34,7 @@ def allowed(address, networks):
 class MetricsHandler(APIHandler):
     def prepare(self):
         super().prepare()
-        if not allowed(self.request.remote_ip, self.config['metrics_allow']):
+        if not allowed(self.request.remote_ip, self.config.metrics_allow):
             raise APIError(403, '/metrics is open to loopback and the '
                            'metrics_allow networks only')
 
@@ -47,7 +47,7 @@ class MetricsHandler(APIHandler):
             m.redis_rtt.set(time.perf_counter() - start)
         except Exception:
             raise APIError(503, 'redis is not reachable')
-        m.disk_free.set(shutil.disk_usage(self.config['data_folder']).free)
+        m.disk_free.set(shutil.disk_usage(self.config.data_folder).free)
         for state, n in (await app.stream_counts()).items():
             m.streams.labels(state).set(n)
         self.set_header('Content-Type',

@@ -102,8 +102,8 @@ class RedisServer:
 
     @classmethod
     def from_settings(cls, settings):
-        opts = dict(settings['redis_options'])
-        folder = os.path.join(settings['data_folder'], 'redis')
+        opts = dict(settings.redis_options)
+        folder = os.path.join(settings.data_folder, 'redis')
         return cls(folder, opts.pop('port'), **opts)
 
     @property
@@ -225,7 +225,7 @@ class Key:
 def start_embedded(settings):
     """Start the embedded Redis if the settings ask for one; returns it or
     None (redis_url given)."""
-    if settings.get('redis_url'):
+    if settings.redis_url:
         return None
     server = RedisServer.from_settings(settings)
     server.start()
@@ -233,7 +233,7 @@ def start_embedded(settings):
 
 
 def redis_url(settings, embedded=None):
-    return settings['redis_url'] or embedded.url
+    return settings.redis_url or embedded.url
 
 
 # Redis unreachable, paused, loading its AOF, or a replica after a
@@ -246,8 +246,8 @@ COMMAND_TIMEOUT = 5.0   # redis_timeout_in_s (server.config)
 
 def timeouts(settings):
     """(connect, command) timeouts in seconds from a server's settings."""
-    return (settings.get('redis_connect_timeout_in_s', CONNECT_TIMEOUT),
-            settings.get('redis_timeout_in_s', COMMAND_TIMEOUT))
+    return (settings.redis_connect_timeout_in_s,
+            settings.redis_timeout_in_s)
 
 
 SENTINEL_SCHEME = 'redis+sentinel://'

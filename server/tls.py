@@ -114,7 +114,7 @@ def ensure_dev_certs(certfile, keyfile, ca_certs, hosts=('localhost',
 
 def server_context(settings):
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(settings['ssl_certfile'], settings['ssl_key'])
+    ctx.load_cert_chain(settings.ssl_certfile, settings.ssl_key)
     return ctx
 
 
@@ -124,6 +124,6 @@ def client_context(ca_certs):
 
 
 def ensure_for_settings(settings):
-    return ensure_dev_certs(settings['ssl_certfile'], settings['ssl_key'],
-                            settings['ssl_ca_certs'],
-                            settings['dev_cert_hosts'])
+    return ensure_dev_certs(settings.ssl_certfile, settings.ssl_key,
+                            settings.ssl_ca_certs,
+                            settings.dev_cert_hosts)

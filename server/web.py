@@ -276,8 +276,8 @@ async def bounded(config, encoded, work, pool=threads.cpu):
     small (a thread hop costs more), else in `pool`. Work cut short on the
     loop (Offload) is done again in the pool, so it must undo itself when
     it raises."""
-    per_file = config['max_decoded_file_size']
-    total = config['max_decoded_request_size']
+    per_file = config.max_decoded_file_size_in_bytes
+    total = config.max_decoded_request_size_in_bytes
     if encoded <= INLINE_DECODE_MAX:
         try:
             return work(Budget(min(per_file, INLINE_DECODE_MAX),
@@ -310,7 +310,7 @@ class App(tornado.web.Application):
         self.config = settings
         self.redis = redis
         self.task_id = task_id
-        self.client_ssl = tls.client_context(settings['ssl_ca_certs'])
+        self.client_ssl = tls.client_context(settings.ssl_ca_certs)
         self.route_names = metrics.route_names(handlers)
         super().__init__(handlers, default_handler_class=NotFoundHandler,
                          log_function=log_request, compress_response=False,
@@ -345,15 +345,16 @@ def http_server_options(settings):
     `header_timeout_in_s`; its body within `body_timeout_in_s`). Bodies are
     bounded per endpoint by APIHandler, which refuses early with a JSON
     413; the server-wide bound only has to be above every endpoint's."""
-    return {'header_timeout': settings['header_timeout_in_s'],
-            'body_timeout': settings['body_timeout_in_s'],
-            'max_body_size': max(settings[k] for k in BODY_LIMITS
-                                 if k in settings) + 1}
+    return {'header_timeout': settings.header_timeout_in_s,
+            'body_timeout': settings.body_timeout_in_s,
+            'max_body_size': max(getattr(settings, k) for k in BODY_LIMITS
+                                 if settings.applies(k)) + 1}
 
 
 # The config keys of the body limits; an endpoint names its own.
-BODY_LIMITS = ('max_small_body_size', 'max_body_size',
-               'max_frame_body_size', 'max_checkpoint_body_size')
+BODY_LIMITS = ('max_small_body_size_in_bytes', 'max_body_size_in_bytes',
+               'max_frame_body_size_in_bytes',
+               'max_checkpoint_body_size_in_bytes')
 
 
 def log_request(handler):
@@ -436,7 +437,7 @@ class APIHandler(tornado.web.RequestHandler):
     endpoint's limit (LINGER_MAX when it was too long), so the client
     reads the reply, then the connection is closed."""
 
-    body_limit = 'max_small_body_size'
+    body_limit = 'max_small_body_size_in_bytes'
     _body = None
     _declared = None  # the Content-Length, if any
     body_md5 = None
@@ -470,7 +471,7 @@ class APIHandler(tornado.web.RequestHandler):
     async def prepare(self):
         self._chunks = []
         self._size = 0
-        self._limit = self.config[self.body_limit]
+        self._limit = getattr(self.config, self.body_limit)
         # Bodies are measured here and as they come (data_received, also
         # for chunked ones), not by Tornado, which would answer a bare 400.
         self.request.connection.set_max_body_size(1 << 62)
@@ -666,6 +667,6 @@ class HealthHandler(APIHandler):
         except store.DOWN as e:
             raise APIError(503, 'store down: redis is not reachable (%s)'
                            % (str(e) or type(e).__name__))
-        self.write_json({'name': self.config['name'],
-                         'kind': self.config['kind'],
+        self.write_json({'name': self.config.name,
+                         'kind': self.config.kind,
                          'store': 'up', 'time': time.time()})

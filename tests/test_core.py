@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import unittest
+from types import SimpleNamespace
 
 import tornado.httpserver
 import tornado.web
@@ -101,8 +102,8 @@ class FakeServer:
             asyncio.set_event_loop(asyncio.new_event_loop())
             self.loop = asyncio.get_event_loop()
             c = certs()
-            ctx = tls.server_context({'ssl_certfile': c['cert'],
-                                      'ssl_key': c['key']})
+            ctx = tls.server_context(SimpleNamespace(
+                ssl_certfile=c['cert'], ssl_key=c['key']))
             app = tornado.web.Application([
                 (r'/core/(assign|start|frame|checkpoint|heartbeat|stop)',
                  Handler, {'script': self.script, 'server': self})])

@@ -161,7 +161,7 @@ class TestRedisKilled(WSFixture, unittest.TestCase):
     def test_redis_back_empty_the_ws_indexes_its_disk_again(self):
         self.start_ws()
         self.assertEqual(self.frame(b'lost').status_code, 200)  # buffered
-        folder = os.path.join(self.ws.settings['data_folder'], 'redis')
+        folder = os.path.join(self.ws.settings.data_folder, 'redis')
         pid = self.ws.redis_pid()
         os.kill(self.ws.process.pid, signal.SIGSTOP)
         try:

@@ -189,7 +189,7 @@ class TestTwoCommandCenters(unittest.TestCase):
                          404)
         # (the only folder is the per-process scratch of /metrics)
         for cc in (self.a, self.b):
-            self.assertEqual(sorted(os.listdir(cc.settings['data_folder'])),
+            self.assertEqual(sorted(os.listdir(cc.settings.data_folder)),
                              ['prometheus'])
 
     def holder(self):

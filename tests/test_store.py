@@ -169,7 +169,7 @@ class TestServerProcessTree(unittest.TestCase):
                 'stream_files': {'state.xml': 's'},
                 'target_files': {'system.xml': 'x'}}, token='test-cc-pass')
             self.assertEqual(r.status_code, 200, r.text)
-            data = server.settings['data_folder']
+            data = server.settings.data_folder
             self.assertEqual(mode(data), 0o700)
             for root, dirs, files in os.walk(data):
                 for d in dirs:

@@ -80,7 +80,7 @@ class SyncTestCase(unittest.TestCase):
 
     def committed(self, sid, name='frames.dat'):
         """The stream's committed bytes of `name`, read from the WS's disk."""
-        root = os.path.join(self.ws.settings['data_folder'], 'streams', sid,
+        root = os.path.join(self.ws.settings.data_folder, 'streams', sid,
                             'chunks')
         data = b''
         for chunk in sorted(os.listdir(root)):

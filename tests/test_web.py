@@ -29,7 +29,7 @@ class Echo(APIHandler):
 
 
 class Files(APIHandler):
-    body_limit = 'max_body_size'
+    body_limit = 'max_body_size_in_bytes'
 
     async def put(self):
         files = check_files(self.field('files', dict), max_files=3)

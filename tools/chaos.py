@@ -463,7 +463,7 @@ class Chaos:
 
     def tmp_chunks(self):
         """Whether an interrupted commit left a temporary chunk."""
-        root = os.path.join(self.ws.settings['data_folder'], 'streams')
+        root = os.path.join(self.ws.settings.data_folder, 'streams')
         for sid in self.streams:
             folder = os.path.join(root, sid, 'chunks')
             try:

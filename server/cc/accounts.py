@@ -106,8 +106,8 @@ async def _create(app, account_key, unique_keys, fields, token_key, name,
         [name, '1' if bootstrap else '0',
          '1' if fields.get('role') == 'admin' else '0',
          *unique_keys.values(), *chain.from_iterable(fields.items())],
-        app.config['redis_wait_replicas'],
-        app.config['redis_wait_timeout_in_ms'])
+        app.config.redis_wait_replicas,
+        app.config.redis_wait_timeout_in_ms)
     if created == -1:
         raise BootstrapClosed()
     return created == 1
@@ -253,7 +253,7 @@ async def login(handler, scope, name, account_key, token_key_of, password):
     counters = [keys.login_fails(scope, name),
                 keys.login_fails('addr', handler.request.remote_ip)]
     wait = await _LOGIN_BLOCKED(redis, counters, [
-        config['login_fails_per_account'], config['login_fails_per_address']])
+        config.login_fails_per_account, config.login_fails_per_address])
     if wait:
         raise too_many('too many failed logins for this account or address;'
                        ' retry later', wait)
@@ -261,7 +261,7 @@ async def login(handler, scope, name, account_key, token_key_of, password):
                                 password)
     if token is None:
         await _LOGIN_FAILED(redis, counters,
-                            [config['login_fail_window_in_s']])
+                            [config.login_fail_window_in_s])
         raise APIError(401, 'wrong %s or password'
                        % ('email' if scope == 'manager' else 'username'))
     await redis.delete(counters[0])
@@ -315,7 +315,7 @@ class AccountHandler(APIHandler):
             if not m.is_admin:
                 raise APIError(403, 'only an admin may create accounts')
             return False
-        if self.config['allow_loopback_bootstrap'] \
+        if self.config.allow_loopback_bootstrap \
                 and is_loopback(self.request.remote_ip):
             return True
         raise APIError(401, 'an admin token is required')

@@ -48,7 +48,7 @@ class CommandCenter(App):
         handlers += dashboard.default_handlers
         super().__init__(handlers, settings, redis, task_id)
         self.lease = Lease(redis, keys.JOBS_LEASE,
-                           settings['jobs_lease_in_ms'])
+                           settings.jobs_lease_in_ms)
         # The assignment's script runs over this (see fastredis.py).
         self.fastredis = fastredis.hot_path(redis)
         self.activations = activations.Activations(self)
@@ -105,11 +105,11 @@ class CommandCenter(App):
 
     async def on_start(self):
         self.lease.start()
-        self.every(self.config['ws_probe_interval_in_ms'],
+        self.every(self.config.ws_probe_interval_in_ms,
                    workservers.probe_all)
-        self.every(1000 * self.config['reconcile_interval_in_s'],
+        self.every(1000 * self.config.reconcile_interval_in_s,
                    reconcile.reconcile)
-        self.every(self.config['stats_interval_in_ms'], collect.collect_all)
+        self.every(self.config.stats_interval_in_ms, collect.collect_all)
 
     async def on_stop(self):
         for callback in self.periodic:

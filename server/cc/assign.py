@@ -178,17 +178,17 @@ async def candidates(app, engine, version, stages, target_id, donor_token,
          keys.donor_token(token_hash(donor_token))
          if donor_token else '', client_of(address), repr(time.time()),
          keys.client_held.template, keys.client_rate.template,
-         config['client_max_held_streams'], config['client_hold_in_s'],
-         config['client_assigns_per_minute'], member])
+         config.client_max_held_streams, config.client_hold_in_s,
+         config.client_assigns_per_minute, member])
     if donor is None:
         raise APIError(401, 'unknown donor token')
     if retry:
         raise too_many('too many assignments for %s: at most %d held in '
                        'their first %d s and %d per minute; retry later'
                        % ('this donor' if donor else 'this address',
-                          config['client_max_held_streams'],
-                          config['client_hold_in_s'],
-                          config['client_assigns_per_minute']), retry)
+                          config.client_max_held_streams,
+                          config.client_hold_in_s,
+                          config.client_assigns_per_minute), retry)
     result = []
     for row in rows:
         ws = {row[i]: (int(row[i + 1]), 'https://%s:%s' % (row[i + 2],

@@ -87,7 +87,7 @@ async def engine_of(handler):
     a missing, unknown or revoked key."""
     key = handler.token()
     if key is None:
-        if handler.config['require_core_keys']:
+        if handler.config.require_core_keys:
             raise APIError(401, 'this command center requires a core key '
                            '(Authorization): %s' % UPDATE)
         return None

@@ -166,14 +166,14 @@ async def place(app, target, files, tags=None):
             redis, [keys.target(tid), keys.target_ws(tid),
                     keys.target_ws_files(tid), keys.WORKSERVERS],
             [keys.ws.template, random.randrange(1 << 30),
-             app.config['max_streams_per_target'], len(failed),
+             app.config.max_streams_per_target, len(failed),
              *failed, *(target['allowed_ws'] or ())])
         if reserved is None:
             raise APIError(404, 'no such target %s' % tid)
         if reserved == -1:
             raise APIError(409, 'target %s has %d streams: the most a target '
-                           'may have' % (tid, app.config[
-                               'max_streams_per_target']))
+                           'may have'
+                           % (tid, app.config.max_streams_per_target))
         if not reserved:
             raise APIError(503, 'no online workserver can take a stream of '
                            'target %s' % tid)
@@ -194,8 +194,8 @@ async def place(app, target, files, tags=None):
             redis, _RECORD,
             [keys.target(tid), keys.stream(sid), keys.target_streams(tid),
              keys.target_ws_files(tid)], [sid, tid, ws],
-            app.config['redis_wait_replicas'],
-            app.config['redis_wait_timeout_in_ms'])
+            app.config.redis_wait_replicas,
+            app.config.redis_wait_timeout_in_ms)
         if not recorded:
             # Deleted while we placed: undo on that WS (pending if down).
             await redis.sadd(keys.ws_pending_deletes(ws), tid)
@@ -242,7 +242,7 @@ class StreamHandler(TargetHandler):
 
 
 class PostStreamHandler(StreamHandler):
-    body_limit = 'max_body_size'
+    body_limit = 'max_body_size_in_bytes'
 
     async def post(self):
         manager = await self.require_manager()
@@ -251,7 +251,7 @@ class PostStreamHandler(StreamHandler):
         tags = check_tags(self.field('tags', dict, {}))
         target = await self.target(target_id, manager)
         await targets.validate_files(self.config, files,
-                                     self.config['max_files_per_request'])
+                                     self.config.max_files_per_request)
         stream_id = await place(self.application, target, files, tags)
         log.info('stream %s of target %s placed', stream_id, target_id)
         self.write_json({'stream_id': stream_id})
@@ -291,8 +291,8 @@ class StreamDownloadHandler(StreamHandler):
         base = await workservers.base_url(self.application, ws)
         if base is None:
             raise APIError(503, 'workserver %s is unknown' % ws)
-        query = signing.query(self.config['cc_pass'], stream_id, filename,
-                              self.config['signed_url_lifetime_in_s'])
+        query = signing.query(self.config.cc_pass, stream_id, filename,
+                              self.config.signed_url_lifetime_in_s)
         self.set_header('Location', '%s/streams/%s/%s?%s'
                         % (base, stream_id, filename, query))
         self.write_json({}, status=307)

@@ -80,7 +80,7 @@ def import_disk_files(settings, redis_url):
     """A CC before the shared store kept target files in
     data_folder/targets/<id>/: put those of targets that still exist into
     Redis (unless there already), then remove the folders. Runs at start."""
-    folder = os.path.join(settings['data_folder'], 'targets')
+    folder = os.path.join(settings.data_folder, 'targets')
     if not os.path.isdir(folder):
         return
     redis = store.connect_sync(redis_url)
@@ -166,8 +166,8 @@ async def create(app, owner, fields, files):
         [keys.target(target_id), keys.TARGETS, keys.owner_targets(owner),
          keys.stage_targets(fields['stage']), keys.target_files(target_id)],
         [target_id, *chain.from_iterable(record.items())],
-        app.config['redis_wait_replicas'],
-        app.config['redis_wait_timeout_in_ms'])
+        app.config.redis_wait_replicas,
+        app.config.redis_wait_timeout_in_ms)
     return target_id
 
 
@@ -285,7 +285,7 @@ class TargetHandler(AccountHandler):
 
 class TargetsHandler(TargetHandler):
     manager_methods = ('POST',)
-    body_limit = 'max_body_size'
+    body_limit = 'max_body_size_in_bytes'
 
     async def get(self):
         manager = await self.manager()
@@ -313,7 +313,7 @@ class TargetsHandler(TargetHandler):
         }
         files = self.field('files', dict, {})
         await validate_files(self.config, files,
-                             self.config['max_files_per_target'],
+                             self.config.max_files_per_target,
                              allow_empty=True)
         target_id = await create(self.application, manager.email, fields,
                                  files)

@@ -117,7 +117,7 @@ async def status(app):
 async def record_failure(app, name):
     """Count a failure; `max_ws_fails` in a row take the WS offline."""
     return await _FAIL(app.redis, [keys.ws(name)],
-                       [app.config['max_ws_fails']])
+                       [app.config.max_ws_fails])
 
 
 async def record_success(app, name):
@@ -140,10 +140,10 @@ async def request(app, name, method, path, body=None, timeout=None,
     url = base or await base_url(app, name)
     if url is None:
         raise peer.PeerError('unknown workserver %s' % name)
-    timeout = timeout or app.config['ws_timeout_in_s']
+    timeout = timeout or app.config.ws_timeout_in_s
     try:
         reply = await peer.call(app.client_ssl, method, url + path, body,
-                                auth=app.config['cc_pass'], timeout=timeout,
+                                auth=app.config.cc_pass, timeout=timeout,
                                 raw=raw)
     except peer.PeerError:
         await record_failure(app, name)
@@ -161,7 +161,7 @@ async def probe_all(app):
     async def probe(name):
         try:
             reply = await request(app, name, 'GET', '/',
-                                  timeout=min(app.config['ws_timeout_in_s'],
+                                  timeout=min(app.config.ws_timeout_in_s,
                                               5.0))
             if reply.code == 200:
                 await record_success(app, name)
@@ -176,7 +176,7 @@ class WSHandler(PeerHandler):
     """Endpoints a WS calls with the CC's `cc_pass`."""
 
     def peer_passes(self):
-        return [self.config['cc_pass']]
+        return [self.config.cc_pass]
 
     def ws_name(self):
         return self.field('name', str, check=WS_NAME.fullmatch)

@@ -32,10 +32,10 @@ class WorkServer(App):
         handlers += report.default_handlers
         handlers += monitor.default_handlers
         super().__init__(handlers, settings, redis, task_id)
-        self.keys = Keys(settings['name'])
+        self.keys = Keys(settings.name)
         # Hot-path scripts run over this (see fastredis.py).
         self.fastredis = fastredis.hot_path(redis)
-        self.storage = Storage(settings['data_folder'])
+        self.storage = Storage(settings.data_folder)
         self.storage.ensure()
         self.tasks = []
         self.pulse = None
@@ -57,11 +57,11 @@ class WorkServer(App):
         recovery.free_dead_holder(settings, redis_url, prefix)
 
     async def on_start(self):
-        for name, cc in self.config['command_centers'].items():
+        for name, cc in self.config.command_centers.items():
             self.tasks.append(asyncio.ensure_future(
                 registration.register_forever(self, name, cc)))
         self.pulse = PeriodicCallback(self.on_pulse,
-                                      self.config['pulse_frequency_in_ms'])
+                                      self.config.pulse_interval_in_ms)
         self.pulse.start()
 
     async def on_pulse(self):

@@ -154,7 +154,7 @@ class Held:
         the core's expiry to now + heartbeat_increment with it."""
         self.released = True
         app = self.app
-        expiry = time.time() + app.config['heartbeat_increment']
+        expiry = time.time() + app.config.heartbeat_increment_in_s
         try:
             return bool(await script(
                 app.fastredis,
@@ -305,17 +305,17 @@ def body_digest(handler):
 
 
 class FrameHandler(LockedCoreHandler):
-    body_limit = 'max_frame_body_size'
+    body_limit = 'max_frame_body_size_in_bytes'
 
     async def put(self):
         app = self.application
         config = app.config
-        most = config['max_files_per_request']
+        most = config.max_files_per_request
         files = check_files(self.field('files', dict), max_files=most)
         n = self.field('frames', int, 1)
-        if not 1 <= n <= config['max_frames_per_request']:
+        if not 1 <= n <= config.max_frames_per_request:
             raise APIError(400, 'frames must be from 1 to %d'
-                           % config['max_frames_per_request'])
+                           % config.max_frames_per_request)
         md5 = body_digest(self)
         async with self.locked_stream() as held:
             if held.digest == md5:
@@ -344,7 +344,7 @@ MAX_REPORTED_FRAMES = 2 ** 53
 
 
 class CheckpointHandler(LockedCoreHandler):
-    body_limit = 'max_checkpoint_body_size'
+    body_limit = 'max_checkpoint_body_size_in_bytes'
 
     async def put(self):
         """Commit the buffer with the sent state. `frames` (later cores:
@@ -352,7 +352,7 @@ class CheckpointHandler(LockedCoreHandler):
         the chunk's meta.json; the buffer's count is what counts."""
         app = self.application
         files = check_files(self.field('files', dict),
-                            max_files=app.config['max_files_per_request'])
+                            max_files=app.config.max_files_per_request)
         reported = self.field('frames', (int, float), None,
                               check=lambda v: 0 <= v <= MAX_REPORTED_FRAMES)
         async with self.locked_stream() as held:
@@ -396,7 +396,7 @@ def commit(storage, sid, n, files, meta, sizes, reset_errors):
 class HeartbeatHandler(CoreHandler):
     async def post(self):
         await live_stream(self.application, self.token(),
-                          self.config['heartbeat_increment'])
+                          self.config.heartbeat_increment_in_s)
         self.write_json({})
 
 
@@ -419,7 +419,7 @@ class CoreStopHandler(LockedCoreHandler):
         app = self.application
         error = self.field('error', str, None)
         if error is not None:
-            error = error_text(error, app.config['max_error_length'])
+            error = error_text(error, app.config.max_error_length_in_chars)
         async with self.locked_stream() as held:
             sid = held.sid
             tid = await streams.target_of(app, sid)
@@ -429,7 +429,7 @@ class CoreStopHandler(LockedCoreHandler):
                                    '--- %s\n%s\n' % (
                                        stamp.isoformat(timespec='seconds'),
                                        error),
-                                   app.config['max_errors_log_size'])
+                                   app.config.max_errors_log_size_in_bytes)
             await streams.deactivate(app, sid, tid,
                                      'stop' if error is None else 'error')
         self.write_json({})

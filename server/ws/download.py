@@ -73,7 +73,7 @@ class DownloadHandler(APIHandler):
         owner = await self.redis.hget(self.application.keys.stream(
             stream_id), 'cc')
         if owner:
-            cc = config['command_centers'].get(owner)
+            cc = config.command_centers.get(owner)
             passes = [cc['pass']] if cc else []
         else:  # unknown, or made before owners were kept
             passes = cc_passes(config)

@@ -79,11 +79,11 @@ def rebuild(storage, keys, redis):
 
 
 def prepare(settings, redis_url):
-    storage = Storage(settings['data_folder'])
+    storage = Storage(settings.data_folder)
     connect_timeout, timeout = store.timeouts(settings)
     redis = store.connect_sync(redis_url, connect_timeout, max(timeout, 60))
     try:
-        counts = rebuild(storage, Keys(settings['name']), redis)
+        counts = rebuild(storage, Keys(settings.name), redis)
     finally:
         redis.close()
     log.info('recovered %d targets, %d streams, %d committed frames from %s',
@@ -129,8 +129,8 @@ def free_dead_holder(settings, redis_url, prefix):
     come back to the buffer (Redis' sizes cut off any uncounted bytes on
     the next request), and a stream it had taken off the disk (an
     interrupted deletion) leaves the index too."""
-    keys = Keys(settings['name'])
-    storage = Storage(settings['data_folder'])
+    keys = Keys(settings.name)
+    storage = Storage(settings.data_folder)
     connect_timeout, timeout = store.timeouts(settings)
     redis = store.connect_sync(redis_url, connect_timeout, timeout)
     freed = 0
