@@ -56,13 +56,13 @@ def atomic_write(path, data, mode=0o666):
 def publish_dir(tmp, final):
     """fsync the built directory `tmp` and rename it to `final`
     (FileExistsError if `final` exists)."""
-    for folder, dirs, _ in os.walk(tmp, topdown=False):
+    for folder, _dirs, _files in os.walk(tmp, topdown=False):
         fsync_dir(folder)
     try:
         os.rename(tmp, final)
     except OSError as e:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise FileExistsError(e.errno, 'exists', final)
+            raise FileExistsError(e.errno, 'exists', final) from e
         raise
     fsync_dir(os.path.dirname(final))
 

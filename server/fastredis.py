@@ -19,6 +19,7 @@ Scripts run by SHA1 and are loaded again if Redis lost its script cache.
 Everything else uses the app's redis-py client.
 """
 import asyncio
+import builtins
 import collections
 
 from redis.asyncio.connection import SSLConnection
@@ -189,13 +190,13 @@ class Multiplexed:
                     hello.append(('SELECT', self.db))
                 for command in hello:
                     await self._send(protocol, command)
-        except (asyncio.TimeoutError, ResponseError) as e:
+        except (TimeoutError, ResponseError) as e:
             if protocol is not None:
                 protocol.transport.abort()
             if isinstance(e, ResponseError):
-                raise ConnectionError('Redis refused us: %s' % e)
+                raise ConnectionError('Redis refused us: %s' % e) from e
             raise TimeoutError('no connection to Redis in %gs'
-                               % self.connect_timeout)
+                               % self.connect_timeout) from e
         self.protocol = protocol
         return protocol
 
@@ -207,7 +208,7 @@ class Multiplexed:
         try:
             return await asyncio.shield(self.connecting)
         except OSError as e:
-            raise ConnectionError('cannot connect to Redis: %s' % e)
+            raise ConnectionError('cannot connect to Redis: %s' % e) from e
 
     @staticmethod
     def _send(protocol, args):
@@ -224,13 +225,14 @@ class Multiplexed:
         try:
             async with _bounded(self.timeout):
                 return await waiter
-        except asyncio.TimeoutError:
+        except builtins.TimeoutError:
             # Redis is stuck (paused, swapping): drop the connection, so
             # every command in flight fails now and the next connects anew.
             protocol.transport.abort()
             protocol._fail(TimeoutError('no reply from Redis in %gs'
                                         % self.timeout))
-            raise TimeoutError('no reply from Redis in %gs' % self.timeout)
+            raise TimeoutError('no reply from Redis in %gs'
+                               % self.timeout) from None
 
     async def evalsha(self, sha, numkeys, *rest):
         return await self.execute('EVALSHA', sha, numkeys, *rest)

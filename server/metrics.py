@@ -123,7 +123,7 @@ class Metrics:
             self.requests.labels(route, method, str(status)).inc(n)
         for (route, status), lat in latency.items():
             child = self.latency.labels(route, str(status))
-            for bucket, n in zip(child._buckets, lat):
+            for bucket, n in zip(child._buckets, lat, strict=False):
                 if n:
                     bucket.inc(n)
             child._sum.inc(lat[-1])

@@ -46,7 +46,7 @@ class MetricsHandler(APIHandler):
             await self.redis.ping()
             m.redis_rtt.set(time.perf_counter() - start)
         except Exception:
-            raise APIError(503, 'redis is not reachable')
+            raise APIError(503, 'redis is not reachable') from None
         m.disk_free.set(shutil.disk_usage(self.config.data_folder).free)
         for state, n in (await app.stream_counts()).items():
             m.streams.labels(state).set(n)

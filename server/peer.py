@@ -235,7 +235,7 @@ async def _fetch(p, start_line, headers, data, timeout):
             if reused and response.start_line is None:
                 stream, reused = None, False
                 continue
-            raise PeerError('connection closed: %s' % _describe(e))
+            raise PeerError('connection closed: %s' % _describe(e)) from e
         except BaseException:  # cancelled by the timeout, bad framing
             stream.close()
             raise
@@ -255,7 +255,7 @@ async def call(ssl_ctx, method, url, body=None, auth=None, timeout=10.0,
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == 'https' else 80)
     except ValueError as e:  # a registration we could not have accepted
-        raise PeerError('%s %s: bad URL: %s' % (method, url, e))
+        raise PeerError('%s %s: bad URL: %s' % (method, url, e)) from e
     if not parts.hostname:
         raise PeerError('%s %s: bad URL: no host' % (method, url))
     path = (parts.path or '/') + ('?' + parts.query if parts.query else '')
@@ -277,11 +277,12 @@ async def call(ssl_ctx, method, url, body=None, auth=None, timeout=10.0,
         response = await _bounded(
             _fetch(p, start_line, headers, data, timeout), timeout)
     except PeerError as e:
-        raise PeerError('%s %s: %s' % (method, url, e))
-    except asyncio.TimeoutError:
-        raise PeerError('%s %s: no answer in %gs' % (method, url, timeout))
+        raise PeerError('%s %s: %s' % (method, url, e)) from e
+    except TimeoutError:
+        raise PeerError('%s %s: no answer in %gs'
+                        % (method, url, timeout)) from None
     except Exception as e:  # refused, TLS failure, DNS, malformed reply
-        raise PeerError('%s %s: %s' % (method, url, _describe(e)))
+        raise PeerError('%s %s: %s' % (method, url, _describe(e))) from e
     content = b''.join(response.chunks)
     code = response.start_line.code
     if raw:
@@ -290,5 +291,5 @@ async def call(ssl_ctx, method, url, body=None, auth=None, timeout=10.0,
         parsed = json.loads(content) if content else {}
     except ValueError:
         raise PeerError('%s %s: reply is not JSON (HTTP %d)'
-                        % (method, url, code))
+                        % (method, url, code)) from None
     return PeerReply(code, parsed, response.headers)

@@ -58,7 +58,7 @@ async def _serve(settings, app_class, sockets, ssl_ctx, redis_url, task_id,
         await app.on_stop()
     try:
         await asyncio.wait_for(server.close_all_connections(), 5)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     await app.close()
     await redis.aclose()

@@ -36,7 +36,7 @@ def _name(cn):
 
 
 def _validity(builder, days):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return builder.not_valid_before(now - datetime.timedelta(minutes=5)) \
                   .not_valid_after(now + datetime.timedelta(days=days))
 

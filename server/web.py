@@ -129,7 +129,8 @@ def _inflate(name, data, budget):
             try:
                 part = inflater.decompress(data, INFLATE_STEP)
             except zlib.error:
-                raise APIError(400, 'file %s.gz.b64 is not valid gzip' % name)
+                raise APIError(400, 'file %s.gz.b64 is not valid gzip'
+                               % name) from None
             data = inflater.unconsumed_tail
             if not part and not data:
                 raise APIError(400, 'file %s.gz.b64 is not valid gzip '
@@ -164,7 +165,7 @@ def decode_pieces(name, value, budget):
     try:
         data = b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, 'file %s.b64 is not valid base64' % name)
+        raise APIError(400, 'file %s.b64 is not valid base64' % name) from None
     if name.endswith('.gz'):
         return name[:-3], _inflate(name[:-3], data, budget)
     return name, _whole(name, data, budget)
@@ -544,7 +545,7 @@ class APIHandler(tornado.web.RequestHandler):
             self.body_md5 = hashlib.md5(self.request.body).hexdigest()
             if self.body_md5 != md5.strip().lower():
                 raise APIError(400, 'Content-MD5 does not match body')
-        self.body
+        _ = self.body  # parsed now: bad JSON is a 400 before the handler
 
     @property
     def body(self):
@@ -557,7 +558,7 @@ class APIHandler(tornado.web.RequestHandler):
                 try:
                     self._body = json_loads(raw)
                 except (ValueError, UnicodeDecodeError, RecursionError):
-                    raise APIError(400, 'body is not valid JSON')
+                    raise APIError(400, 'body is not valid JSON') from None
                 if not isinstance(self._body, dict):
                     raise APIError(400, 'body must be a JSON object')
                 if _has_lone_surrogate(self._body):
@@ -666,7 +667,7 @@ class HealthHandler(APIHandler):
             await self.redis.ping()
         except store.DOWN as e:
             raise APIError(503, 'store down: redis is not reachable (%s)'
-                           % (str(e) or type(e).__name__))
+                           % (str(e) or type(e).__name__)) from e
         self.write_json({'name': self.config.name,
                          'kind': self.config.kind,
                          'store': 'up', 'time': time.time()})

@@ -42,7 +42,7 @@ def load_config():
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        raise UsageError('cannot read %s: %s' % (config_path(), e))
+        raise UsageError('cannot read %s: %s' % (config_path(), e)) from e
 
 
 def save_config(conf):
@@ -90,7 +90,7 @@ def parse_json(text, what):
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise UsageError('%s is not valid JSON: %s' % (what, e))
+        raise UsageError('%s is not valid JSON: %s' % (what, e)) from e
     if not isinstance(value, dict):
         raise UsageError('%s must be a JSON object' % what)
     return value
@@ -100,7 +100,7 @@ def read_files(paths):
     try:
         return wire.read_for_upload(paths)
     except (OSError, ValueError) as e:
-        raise UsageError(str(e))
+        raise UsageError(str(e)) from e
 
 
 # -- commands -----------------------------------------------------------------

@@ -125,9 +125,11 @@ class Client:
                 verify=self.verify, timeout=self.timeout, stream=stream)
         except requests.exceptions.SSLError as e:
             raise SiegetankError('TLS verification of %s failed (%s): give '
-                                 'the right CA bundle' % (self.cc, _why(e)))
+                                 'the right CA bundle'
+                                 % (self.cc, _why(e))) from e
         except requests.RequestException as e:
-            raise SiegetankError('cannot reach %s: %s' % (self.cc, _why(e)))
+            raise SiegetankError('cannot reach %s: %s'
+                                 % (self.cc, _why(e))) from e
         if reply.status_code not in ok:
             message = _error_of(reply)
             reply.close()
@@ -140,8 +142,8 @@ class Client:
         try:
             return reply.json() if reply.content else {}
         except ValueError:
-            raise SiegetankError('%s %s: the reply is not JSON' % (method,
-                                                                   path))
+            raise SiegetankError('%s %s: the reply is not JSON'
+                                 % (method, path)) from None
 
     def get(self, path):
         return self.json('GET', path)
@@ -378,7 +380,7 @@ class Target(Remote):
             gathered = reply.json()
         except ValueError:
             raise SiegetankError('GET /targets/streams: the reply is not '
-                                 'JSON')
+                                 'JSON') from None
         out = {}
         for ws, streams in gathered.items():
             for sid, info in streams.items():
@@ -494,7 +496,8 @@ class Stream(Remote):
                 bar.close()
         except requests.RequestException as e:
             raise SiegetankError('download of %s interrupted (%s); run it '
-                                 'again to resume' % (filename, _why(e)))
+                                 'again to resume'
+                                 % (filename, _why(e))) from e
         finally:
             reply.close()
         return os.path.getsize(path)

@@ -189,7 +189,7 @@ class TestCoreLoop(unittest.TestCase):
         self.assertEqual(stats['frames'], 3)
         d = sleep.delays
         self.assertEqual(len(d), 5)
-        for got, cap in zip(d[:4], (1, 2, 4, 8)):
+        for got, cap in zip(d[:4], (1, 2, 4, 8), strict=True):
             self.assertTrue(cap / 2 <= got <= cap, d)
         self.assertLessEqual(d[4], 1.0)   # reset after the assignment
         frames = self.script.seen('frame')

@@ -189,7 +189,7 @@ class TestHostileCores(WSTestCase):
         tid, sid = self.new_stream()
         folder = os.path.join(self.settings.data_folder, 'streams', sid)
         text = 'x' * 500 + 'the cause'
-        for i in range(12):
+        for _i in range(12):
             token, _ = self.activate(tid)
             code, reply = self.put('/core/stop', {'error': b64(
                 text.encode())}, token)

@@ -263,7 +263,7 @@ class TestTwoCommandCenters(unittest.TestCase):
         finally:
             self.redis.start()
         for cc in (self.a, self.b):
-            wait_for(lambda: cc.request('GET', '/targets', token=joe)
+            wait_for(lambda cc=cc: cc.request('GET', '/targets', token=joe)
                      .status_code == 200, 'the CC back on its store')
             self.assertNotIn('Traceback', cc.read_log())
             self.assertNotIn(' 500 ', cc.read_log())

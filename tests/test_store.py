@@ -135,7 +135,7 @@ class TestServerProcessTree(unittest.TestCase):
         self.assertIn(redis_pid, workers)
         self.assertEqual(server.stop(), 0, server.read_log())
         for pid in workers:
-            self.assertTrue(wait_for(lambda: not alive(pid)),
+            self.assertTrue(wait_for(lambda pid=pid: not alive(pid)),
                             'pid %d left behind' % pid)
 
     def test_single_process_sigterm(self):

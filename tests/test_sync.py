@@ -104,7 +104,7 @@ class SyncTestCase(unittest.TestCase):
         id), holding `frames` committed frames."""
         target, sids = self.cluster.synthetic_target(streams=2)
         sids = sorted(sids)
-        for sid, n in zip(sids, frames):
+        for sid, n in zip(sids, frames, strict=True):
             self.run_frames(target, sid, n)
         return target, sids
 

@@ -560,7 +560,7 @@ class TestCore(WSTestCase):
         self.assertEqual(self.info(sid)['error_count'], 0)
         self.assertEqual(self.app.storage.stream_meta(sid)['error_count'], 0)
         self.fetch_json('/core/stop', 'PUT', {}, token=token)
-        for i in range(3):  # max_stream_fails = 3
+        for _i in range(3):  # max_stream_fails = 3
             token, _ = self.activate(tid)
             self.fetch_json('/core/stop', 'PUT', {'error': b64(b'bad')},
                             token=token)

@@ -355,7 +355,7 @@ class ManagersHandler(CreatorHandler):
                                          role, weight, self.bootstrap)
         except BootstrapClosed:
             raise APIError(401, 'an admin exists: an admin token is '
-                           'required to create managers')
+                           'required to create managers') from None
         if token is None:
             raise APIError(409, 'manager %s already exists' % email)
         log.info('created %s %s', role, email)

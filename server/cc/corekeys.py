@@ -63,7 +63,7 @@ async def listing(redis):
     for key_id in ids:
         pipe.hgetall(keys.core_key(key_id))
     out = {}
-    for key_id, h in zip(ids, await pipe.execute()):
+    for key_id, h in zip(ids, await pipe.execute(), strict=True):
         if h:
             out[key_id] = {
                 'engine': h['engine'], 'description': h['description'],

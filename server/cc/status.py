@@ -89,7 +89,7 @@ async def status(redis, admin=False):
     public = replies.pop()
     history = {'start': minutes[0] * 60,
                'frames': [0] * HISTORY, 'errors': [0] * HISTORY}
-    for what, counts in zip(COUNTED, replies[3 * len(names):]):
+    for what, counts in zip(COUNTED, replies[3 * len(names):], strict=True):
         history[what] = [_int_or_zero(c) for c in counts]
     totals = {'ok': 0, 'active': 0, 'stopped': 0}
     targets = {tid: {'queued': 0, 'active': 0} for tid in public}

@@ -123,7 +123,7 @@ async def _create_on(app, ws, base, body):
             if attempt == 0:
                 continue
             await reconcile.abandon(app.redis, ws, body['creation_id'])
-            raise PlacementFailed(str(e))
+            raise PlacementFailed(str(e)) from e
         if reply.code >= 500:
             await reconcile.abandon(app.redis, ws, body['creation_id'])
         return reply
@@ -231,7 +231,7 @@ class StreamHandler(TargetHandler):
             reply = await workservers.request(self.application, ws, method,
                                               path)
         except peer.PeerError:
-            raise APIError(503, 'workserver %s unreachable' % ws)
+            raise APIError(503, 'workserver %s unreachable' % ws) from None
         if reply.code == 200 and isinstance(reply.body, dict):
             return reply
         if reply.code in (400, 404, 409):

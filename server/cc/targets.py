@@ -73,7 +73,7 @@ async def read_files(app, target_id, names):
     values = await app.redis.hmget(keys.target_files(target_id), names)
     if any(v is None for v in values):
         raise APIError(404, 'target %s was deleted' % target_id)
-    return dict(zip(names, values))
+    return dict(zip(names, values, strict=True))
 
 
 def import_disk_files(settings, redis_url):
@@ -407,10 +407,11 @@ class TargetStreamsHandler(TargetHandler):
         names = sorted(await stream_counts(self.application, target_id))
         replies = await asyncio.gather(*(
             self._ask(name, target_id) for name in names))
-        down = [n for n, r in zip(names, replies) if r is None]
+        down = [n for n, r in zip(names, replies, strict=True) if r is None]
         if down:
             self.set_header('X-Unreachable-Workservers', ','.join(down))
-        self.write_json({n: r or {} for n, r in zip(names, replies)})
+        self.write_json({n: r or {}
+                         for n, r in zip(names, replies, strict=True)})
 
     async def _ask(self, ws_name, target_id):
         """The WS's listing, {} if it holds none, None if it failed."""

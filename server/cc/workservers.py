@@ -107,7 +107,7 @@ async def status(app):
     for name in names:
         pipe.hgetall(keys.ws(name))
     result = {}
-    for name, h in zip(names, await pipe.execute()):
+    for name, h in zip(names, await pipe.execute(), strict=True):
         if h:
             result[name] = {'url': h['url'], 'http_port': int(h['http_port']),
                             'online': h.get('online') == '1'}

@@ -260,11 +260,11 @@ class LockedCoreHandler(CoreHandler):
             tid = await streams.target_of(self.application, held.sid)
             await streams.deactivate(self.application, held.sid, tid, 'stop')
             raise APIError(409, 'the stream\'s buffer was lost; this '
-                           'activation is over, ask for a new one')
+                           'activation is over, ask for a new one') from e
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise APIError(503, 'workserver disk is full; nothing '
-                               'was stored, retry later')
+                               'was stored, retry later') from e
             raise
         finally:
             await held.release()
@@ -331,7 +331,7 @@ class FrameHandler(LockedCoreHandler):
                         held.sizes),
                     threads.disk)
             except TooManyFiles as e:
-                raise TooLarge(str(e))
+                raise TooLarge(str(e)) from e
             if not await held.done(_FRAME_DONE, n, md5,
                                    encode_sizes(sizes)):
                 raise LockLost(held.sid)
@@ -407,7 +407,7 @@ def error_text(error, limit):
         text = base64.b64decode(error, validate=True).decode(
             'utf-8', errors='replace')
     except (binascii.Error, ValueError):
-        raise APIError(400, 'error must be base64')
+        raise APIError(400, 'error must be base64') from None
     text = text.rstrip('\n')
     if len(text) > limit:
         text = '[%d characters cut]\n%s' % (len(text) - limit, text[-limit:])
@@ -424,7 +424,7 @@ class CoreStopHandler(LockedCoreHandler):
             sid = held.sid
             tid = await streams.target_of(app, sid)
             if error is not None:
-                stamp = datetime.datetime.now(datetime.timezone.utc)
+                stamp = datetime.datetime.now(datetime.UTC)
                 await threads.disk(app.storage.append_error, sid,
                                    '--- %s\n%s\n' % (
                                        stamp.isoformat(timespec='seconds'),

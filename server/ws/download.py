@@ -124,7 +124,8 @@ class DownloadHandler(APIHandler):
                 f = await threads.disk(open, path, 'rb')
             except FileNotFoundError:
                 if not sent:
-                    raise APIError(404, 'stream %s was deleted' % stream_id)
+                    raise APIError(404, 'stream %s was deleted'
+                                   % stream_id) from None
                 log.info('download of %s ended after %d bytes: the stream '
                          'was deleted', stream_id, sent)
                 self.request.connection.close()

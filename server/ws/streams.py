@@ -423,7 +423,9 @@ async def _hashes(app, stream_ids):
     pipe = app.redis.pipeline(transaction=False)
     for sid in stream_ids:
         pipe.hgetall(app.keys.stream(sid))
-    return [(sid, h) for sid, h in zip(stream_ids, await pipe.execute()) if h]
+    replies = await pipe.execute()
+    return [(sid, h) for sid, h in zip(stream_ids, replies, strict=True)
+            if h]
 
 
 async def target_streams(app, target_id, cc):
@@ -449,7 +451,7 @@ async def all_streams(app, cc):
     for sid in sids:
         pipe.hmget(keys.stream(sid), 'creation_date', 'cc')
     return {sid: float(date) for sid, (date, owner) in zip(
-        sids, await pipe.execute())
+        sids, await pipe.execute(), strict=True)
         if date is not None and not foreign({'cc': owner}, cc)}
 
 

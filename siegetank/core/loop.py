@@ -101,9 +101,9 @@ def call(session, method, url, token=None, body=None, verify=True,
         reply = session.request(method, url, data=data, headers=headers,
                                 verify=verify, timeout=timeout)
     except (requests.ConnectionError, requests.Timeout) as e:
-        raise Transient('%s %s: %s' % (method, url, type(e).__name__))
+        raise Transient('%s %s: %s' % (method, url, type(e).__name__)) from e
     except requests.RequestException as e:
-        raise Transient('%s %s: %s' % (method, url, e))
+        raise Transient('%s %s: %s' % (method, url, e)) from e
     if reply.status_code in TRANSIENT_CODES:
         raise Transient('%s %s: %d %s' % (method, url, reply.status_code,
                                           _error_of(reply)))
@@ -117,7 +117,7 @@ def call(session, method, url, token=None, body=None, verify=True,
     try:
         return reply.json()
     except ValueError:
-        raise Transient('%s %s: reply is not JSON' % (method, url))
+        raise Transient('%s %s: reply is not JSON' % (method, url)) from None
 
 
 class Heartbeats:
@@ -277,7 +277,7 @@ class Core:
         except Permanent as e:
             if e.status in (400, 401, 403, 404):
                 raise Fatal('the command center refused this core: %s'
-                            % e.message)
+                            % e.message) from e
             raise
 
     def run(self):
@@ -307,7 +307,7 @@ class Core:
             token, url = assignment['token'], assignment['url']
         except (KeyError, TypeError):
             raise Permanent(0, 'assignment without token/url: %r'
-                            % (assignment,))
+                            % (assignment,)) from None
         act = self.current = Activation(token, url)
         start = self._retry('start', lambda: self._call(
             'GET', act.base + '/core/start', token))
@@ -352,7 +352,7 @@ class Core:
                 break
             frame_files, n = produced
             body = {'files': wire.encode_files(frame_files), 'frames': n}
-            if self._retry('frame', lambda: self._call(
+            if self._retry('frame', lambda body=body: self._call(
                     'PUT', act.base + '/core/frame', act.token, body)) is None:
                 act.unsent = True  # the state is ahead of the sent frames
                 break

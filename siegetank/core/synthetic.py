@@ -40,7 +40,7 @@ class Run:
         try:
             self.frame = int(json.loads(state)['frame']) if state else 0
         except (ValueError, KeyError, TypeError):
-            raise ValueError('synthetic: unreadable %s' % STATE_FILE)
+            raise ValueError('synthetic: unreadable %s' % STATE_FILE) from None
         # Every frame differs (a repeated body is a retry to the WS).
         self.salt = os.urandom(8).hex()
 
