@@ -21,6 +21,7 @@ Everything else uses the app's redis-py client.
 import asyncio
 import builtins
 import collections
+from typing import Any
 
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
@@ -101,8 +102,9 @@ def parse(buf, pos):
 
 class _Protocol(asyncio.Protocol):
     def __init__(self):
-        self.transport = None
-        self.waiters = collections.deque()
+        self.transport: Any = None  # an asyncio.Transport once connected
+        self.waiters: collections.deque[asyncio.Future[Any]] = \
+            collections.deque()
         self.buf = bytearray()
         self.closed = False
 

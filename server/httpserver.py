@@ -14,6 +14,7 @@ A deadline is checked within SWEEP_S of passing.
 """
 import time
 import weakref
+from typing import Any
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
@@ -29,7 +30,9 @@ class Server(HTTPServer):
         self.conn_params.header_timeout = None  # ours, not a timer per read
         self.conn_params.body_timeout = None
         self.header_timeout, self.body_timeout = header_timeout, body_timeout
-        self.deadlines = weakref.WeakKeyDictionary()  # connection -> time
+        # connection -> time
+        self.deadlines: weakref.WeakKeyDictionary[Any, float | None] = \
+            weakref.WeakKeyDictionary()
         self.sweeper = PeriodicCallback(self.sweep, 1000 * SWEEP_S)
         self.sweeper.start()
 

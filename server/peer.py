@@ -24,6 +24,7 @@ import json
 import select
 import socket
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 from tornado import httputil, netutil
@@ -61,27 +62,30 @@ class PeerReply:
 class _Response(httputil.HTTPMessageDelegate):
     """Collects one response; `started` tells whether the peer answered."""
 
-    def __init__(self):
-        self.start_line = None
-        self.headers = None
-        self.chunks = []
+    def __init__(self) -> None:
+        self.start_line: httputil.ResponseStartLine | None = None
+        self.headers: httputil.HTTPHeaders | None = None
+        self.chunks: list[bytes] = []
         self.complete = False
 
-    def headers_received(self, start_line, headers):
+    def headers_received(self, start_line: Any,
+                         headers: httputil.HTTPHeaders) -> None:
         self.start_line = start_line
         self.headers = headers
 
-    def data_received(self, chunk):
+    def data_received(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
 
-    def finish(self):
+    def finish(self) -> None:
         self.complete = True
 
-    def on_connection_close(self):
+    def on_connection_close(self) -> None:
         pass
 
-    def reusable(self):
+    def reusable(self) -> bool:
         """The peer framed the body and did not ask to close."""
+        if self.start_line is None or self.headers is None:
+            return False
         h, code = self.headers, self.start_line.code
         return (self.start_line.version == 'HTTP/1.1'
                 and h.get('Connection', '').lower() != 'close'
@@ -161,7 +165,8 @@ class _Pool:
         self.idle = []
 
 
-_pools = {}  # event loop -> {(host, port, ssl context): _Pool}
+# event loop -> {(host, port, ssl context): _Pool}
+_pools: dict[Any, dict[tuple[str, int, Any], _Pool]] = {}
 
 
 def _drop(loop):

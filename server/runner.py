@@ -106,7 +106,7 @@ def _supervise(n, start_child, embedded=None, worker_died=None):
     is being restarted by this very loop) are tried again every
     quarter second meanwhile."""
     children = {}
-    stopping = []
+    stopping: list[int] = []  # the signal that stops us, once received
     generation = [0]
     unfreed = {}  # holder prefix of a dead worker -> first try (monotonic)
 

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio
@@ -157,19 +158,19 @@ class RedisServer:
         # The password goes in on stdin ('-', last): a command line is
         # public (ps).
         args.append('-')
-        self.process = subprocess.Popen(
+        self.process = process = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
-        self.process.stdin.write(b'requirepass "%s"\n'
-                                 % self.password.encode())
-        self.process.stdin.close()
+        assert process.stdin is not None and process.stderr is not None
+        process.stdin.write(b'requirepass "%s"\n' % self.password.encode())
+        process.stdin.close()
         client = redis.Redis(port=self.port, password=self.password,
                              socket_timeout=1)
         deadline = time.monotonic() + timeout
         try:
             while True:
-                if self.process.poll() is not None:
-                    err = self.process.stderr.read().decode(errors='replace')
+                if process.poll() is not None:
+                    err = process.stderr.read().decode(errors='replace')
                     raise RuntimeError('redis-server exited at start (port '
                                        '%d): %s; see %s' % (self.port,
                                                             err.strip(),
@@ -195,6 +196,7 @@ class RedisServer:
 
     def reaped(self, status):
         """Our owner's wait() collected the process (it died)."""
+        assert self.process is not None
         self.process.returncode = status
         self.process.stderr.close()
 
@@ -298,7 +300,8 @@ class _SentinelRedis(redis.asyncio.Redis):
         owner = self.auto_close_connection_pool
         await super().aclose(*args, **kwargs)
         if owner:
-            await self.connection_pool.sentinel_manager.aclose()
+            pool: Any = self.connection_pool  # a SentinelConnectionPool
+            await pool.sentinel_manager.aclose()
 
 
 def _sentinel(module, url, connect_timeout, timeout):

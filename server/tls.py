@@ -61,7 +61,7 @@ def make_server_cert(cert_path, key_path, ca_cert_path, ca_key_path, hosts):
         ca_cert = x509.load_pem_x509_certificate(f.read())
     with open(ca_key_path, 'rb') as f:
         ca_key = serialization.load_pem_private_key(f.read(), None)
-    sans = []
+    sans: list[x509.GeneralName] = []
     for h in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))

@@ -16,11 +16,13 @@ import logging
 import re
 import time
 import zlib
+from typing import Any
 
 import tornado.web
 from tornado.web import HTTPError
 
 from server import metrics, store, threads, tls, tokens
+from server.config import Settings
 
 
 def _no_constant(name):
@@ -35,12 +37,12 @@ def _no_constant(name):
 try:  # strict: no NaN/Infinity, no lone surrogates, bounded depth
     from orjson import loads as json_loads
 except ImportError:
-    def json_loads(raw):
+    def json_loads(raw):  # type: ignore[misc]
         return json.loads(raw, parse_constant=_no_constant)
 try:
     from pybase64 import b64decode
 except ImportError:
-    b64decode = base64.b64decode
+    b64decode = base64.b64decode  # type: ignore[assignment]
 
 access_log = logging.getLogger('siegetank.access')
 app_log = logging.getLogger('siegetank')
@@ -306,6 +308,8 @@ class App(tornado.web.Application):
     registrations happen once across processes."""
 
     holder = ''  # this worker's mark on what it holds (runner sets it)
+    config: Settings
+    redis: Any  # a redis.asyncio client
 
     def __init__(self, handlers, settings, redis, task_id=0):
         self.config = settings
@@ -417,7 +421,7 @@ def _after_body(method, parse):
         if inspect.isawaitable(result):
             result = await result
         return result
-    wrapper.after_body = True
+    wrapper.after_body = True  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -439,8 +443,12 @@ class APIHandler(tornado.web.RequestHandler):
     reads the reply, then the connection is closed."""
 
     body_limit = 'max_small_body_size_in_bytes'
-    _body = None
-    _declared = None  # the Content-Length, if any
+    # The server's App (cc/app.py or ws/app.py): what a handler reads
+    # beyond `config` and `redis` is the app's own.
+    application: Any
+    _body: Any = None
+    _declared: int | None = None  # the Content-Length, if any
+    _chunks: list[bytes] = []  # replaced per request (prepare)
     body_md5 = None
     refused = False
     body_read = False
@@ -455,11 +463,11 @@ class APIHandler(tornado.web.RequestHandler):
                                                                 'post')))
 
     @property
-    def redis(self):
+    def redis(self) -> Any:
         return self.application.redis
 
     @property
-    def config(self):
+    def config(self) -> Settings:
         return self.application.config
 
     def set_default_headers(self):
@@ -475,7 +483,8 @@ class APIHandler(tornado.web.RequestHandler):
         self._limit = getattr(self.config, self.body_limit)
         # Bodies are measured here and as they come (data_received, also
         # for chunked ones), not by Tornado, which would answer a bare 400.
-        self.request.connection.set_max_body_size(1 << 62)
+        connection: Any = self.request.connection  # an HTTP1Connection
+        connection.set_max_body_size(1 << 62)
         length = self.request.headers.get('Content-Length', '')
         if length.isascii() and length.isdigit():
             self._declared = int(length) if len(length) < 19 else 1 << 62
@@ -504,7 +513,7 @@ class APIHandler(tornado.web.RequestHandler):
         with it. Returns the flush of the reply."""
         self.refused = True
         self._error_message = error.message
-        self._chunks = None
+        self._chunks = []
         length = self._declared
         self._linger = length if length is not None \
             and length <= self._limit else LINGER_MAX
@@ -539,7 +548,7 @@ class APIHandler(tornado.web.RequestHandler):
         """The whole body is in: keep it as request.body, check its
         Content-MD5, parse it."""
         self.request.body = b''.join(self._chunks)
-        self._chunks = None
+        self._chunks = []
         md5 = self.request.headers.get('Content-MD5')
         if md5 is not None:
             self.body_md5 = hashlib.md5(self.request.body).hexdigest()

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import zlib
+from typing import Any
 
 import requests
 
@@ -281,7 +282,10 @@ class Remote:
     """What a target and a stream share: an id, and an info dict read from
     the CC at `INFO_PATH` + id."""
 
-    INFO_PATH = None
+    INFO_PATH = ''
+    client: Client
+    _id: str
+    _info: Any  # the info dict, None until read
 
     @property
     def id(self):
@@ -301,9 +305,9 @@ def info_fields(*names):
     info (read through its `_field`)."""
     def decorate(cls):
         for name in names:
-            setattr(cls, name, property(
-                lambda self, name=name: self._field(name),
-                doc='`%s` of the info' % name))
+            def get(self, name=name):
+                return self._field(name)
+            setattr(cls, name, property(get, doc='`%s` of the info' % name))
         return cls
     return decorate
 

@@ -23,6 +23,7 @@ import math
 import re
 import secrets
 from itertools import chain
+from typing import Any
 
 from redis.exceptions import WatchError
 
@@ -280,8 +281,8 @@ class AccountHandler(APIHandler):
     a token given is checked (401 if unknown) and one is required for the
     HTTP methods in `manager_methods`."""
 
-    manager_methods = ()
-    _manager = False  # not looked up yet
+    manager_methods: tuple[str, ...] = ()
+    _manager: Any = False  # not looked up yet (then a Manager or None)
 
     async def authenticate(self):
         if self.token() is not None \

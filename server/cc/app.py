@@ -35,7 +35,7 @@ log = logging.getLogger('siegetank.cc')
 
 class CommandCenter(App):
     def __init__(self, settings, redis, task_id=0):
-        handlers = [(r'/', HealthHandler)]
+        handlers: list[tuple] = [(r'/', HealthHandler)]
         handlers += stats.default_handlers  # before /targets/:id/:file
         handlers += accounts.default_handlers
         handlers += targets.default_handlers
@@ -54,7 +54,9 @@ class CommandCenter(App):
         self.activations = activations.Activations(self)
         self.periodic = []
         self.flushing = {}
-        self.counted = collections.Counter()  # status.count, every worker
+        # status.count, every worker: (what, minute) -> count
+        self.counted: collections.Counter[tuple[str, int]] = \
+            collections.Counter()
         self.counts_flusher = PeriodicCallback(
             lambda: status.flush(self), status.FLUSH_MS)
         self.counts_flusher.start()

@@ -87,7 +87,7 @@ async def status(redis, admin=False):
     pipe.smembers(keys.stage_targets('public'))
     replies = await pipe.execute()
     public = replies.pop()
-    history = {'start': minutes[0] * 60,
+    history: dict = {'start': minutes[0] * 60,
                'frames': [0] * HISTORY, 'errors': [0] * HISTORY}
     for what, counts in zip(COUNTED, replies[3 * len(names):], strict=True):
         history[what] = [_int_or_zero(c) for c in counts]

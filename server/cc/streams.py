@@ -160,7 +160,7 @@ async def place(app, target, files, tags=None):
     """Put a new stream of `target` on the least-loaded online allowed WS,
     trying the next one when a WS fails. Returns the stream id."""
     redis, tid = app.redis, target['target_id']
-    failed = []
+    failed: list[str] = []
     while True:
         reserved = await _RESERVE(
             redis, [keys.target(tid), keys.target_ws(tid),

@@ -263,7 +263,7 @@ async def flush_pending(app, ws_name):
 class TargetHandler(AccountHandler):
     """Target lookup with the ownership rule of every manager action."""
 
-    manager_methods = ('GET', 'PUT', 'POST')
+    manager_methods: tuple[str, ...] = ('GET', 'PUT', 'POST')
 
     async def target(self, target_id, manager=None):
         """The target if it exists (404) and `manager` owns it or is admin

@@ -25,7 +25,7 @@ log = logging.getLogger('siegetank.ws')
 
 class WorkServer(App):
     def __init__(self, settings, redis, task_id=0):
-        handlers = [(r'/', HealthHandler)]
+        handlers: list[tuple] = [(r'/', HealthHandler)]
         handlers += cc_api.default_handlers
         handlers += download.default_handlers  # after /streams/<command>/..
         handlers += core.default_handlers

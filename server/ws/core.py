@@ -182,7 +182,8 @@ class Held:
             task.add_done_callback(_abandoned.discard)
 
 
-_abandoned = set()  # release tasks in flight (asyncio keeps weak refs)
+# release tasks in flight (asyncio keeps weak refs)
+_abandoned: set[asyncio.Task] = set()
 
 
 class CoreHandler(APIHandler):
@@ -250,6 +251,7 @@ class LockedCoreHandler(CoreHandler):
     async def locked_stream(self):
         """The token's stream (a Held), its lock held for the block."""
         held = self.held
+        assert held is not None  # authenticate() found it
         held.in_use = True
         try:
             yield held

@@ -128,7 +128,7 @@ class DownloadHandler(APIHandler):
                                    % stream_id) from None
                 log.info('download of %s ended after %d bytes: the stream '
                          'was deleted', stream_id, sent)
-                self.request.connection.close()
+                self.request.connection.close()  # type: ignore[union-attr]
                 return
             try:
                 while length > 0:

@@ -457,7 +457,7 @@ async def all_streams(app, cc):
 
 async def active_streams(app, cc):
     """The active streams `cc` made."""
-    result = {}
+    result: dict = {}
     for sid, h in await _hashes(app, sorted(
             await app.redis.smembers(app.keys.active))):
         if h['active'] != '1' or foreign(h, cc):
