@@ -5,9 +5,11 @@ import base64
 import gzip
 import json
 import os
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 
-def encode(name, data):
+def encode(name: str, data: bytes | str) -> str:
     """The JSON string for file `name` holding `data` (bytes or str)."""
     if isinstance(data, str):
         data = data.encode()
@@ -18,7 +20,7 @@ def encode(name, data):
     return data.decode()
 
 
-def decode(name, text):
+def decode(name: str, text: str | bytes) -> bytes:
     """The bytes of file `name` from its JSON string."""
     data = text.encode() if isinstance(text, str) else text
     if name.endswith('.b64'):
@@ -28,34 +30,25 @@ def decode(name, text):
     return data
 
 
-def encode_files(files):
+def encode_files(files: Mapping[str, bytes | str]) -> dict[str, str]:
     """{name: bytes} -> {name: JSON string}."""
     return {name: encode(name, data) for name, data in files.items()}
 
 
-def decode_files(files):
+def decode_files(files: Mapping[str, str | bytes]) -> dict[str, bytes]:
     return {name: decode(name, text) for name, text in files.items()}
 
 
-def plain_name(name):
-    """`frames.xtc.gz.b64` -> `frames.xtc`: the name a file is stored and
-    downloaded under once its transport suffixes are stripped."""
-    for suffix in ('.b64', '.gz'):
-        if name.endswith(suffix):
-            name = name[:-len(suffix)]
-    return name
-
-
-def wire_name(path):
+def wire_name(path: str) -> str:
     """Name a local file is sent under: compressed (`.gz.b64`) unless the
     file is already transport-encoded (ends in `.b64`)."""
     name = os.path.basename(path)
     return name if name.endswith('.b64') else name + '.gz.b64'
 
 
-def read_for_upload(paths):
+def read_for_upload(paths: Iterable[str]) -> dict[str, bytes]:
     """{wire name: bytes} for local files; a `.b64` file is sent verbatim."""
-    out = {}
+    out: dict[str, bytes] = {}
     for path in paths:
         name = wire_name(path)
         with open(path, 'rb') as f:
@@ -68,7 +61,7 @@ def read_for_upload(paths):
     return out
 
 
-def write_json(path, data, mode=0o666):
+def write_json(path: str, data: Any, mode: int = 0o666) -> None:
     """Replace `path` by `data` as JSON in one step that survives a crash
     (a temporary file, fsynced, renamed). A stricter `mode` is set exactly
     (the CLI's config holds a token)."""
