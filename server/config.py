@@ -8,7 +8,7 @@ applies to; unknown keys are refused so a typo cannot silently fall back to
 a default. Attribute names carry their unit (`_in_s`, `_in_ms`, `_in_mb`,
 `_in_bytes`); the product card's .conf keys that lack one
 (`heartbeat_increment`, `max_body_size`, ...) stay accepted under their old
-name (`Settings.old_keys()`, docs/configuration.md).
+name (`Settings.old_keys()`, docs/settings.md).
 """
 from __future__ import annotations
 
