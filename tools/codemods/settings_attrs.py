@@ -9,7 +9,8 @@ to `app.config.key_in_s`, `settings.key`, `getattr(self.config, ...)`.
 It parses each file (ast) and edits only the expressions it recognises, so
 it is idempotent and safe on code changed since it last ran; a file it
 cannot parse is reported and left alone. `--check` changes nothing and
-exits 1 if something would change.
+exits 1 if something would change. A rewritten line longer than 79
+columns is named, to wrap by hand.
 
 A settings object is: `<anything>.config`, `<anything>.settings`, a name
 `config` or `settings`, or a call of `config.load`/`config.parse_args`/
@@ -207,7 +208,7 @@ def main(argv):
     paths = [a for a in argv if a != '--check'] or ['.']
     changed = failed = 0
     for path in python_files(paths):
-        if os.path.relpath(os.path.abspath(path), ROOT) in SKIP:
+        if any(os.path.normpath(path).endswith(s) for s in SKIP):
             continue
         with open(path, encoding='utf-8') as f:
             text = f.read()
@@ -221,6 +222,11 @@ def main(argv):
             changed += 1
             print('%s: %s' % (path, 'would rewrite' if check
                               else 'rewritten'))
+            old_lines = set(text.splitlines())
+            for n, line in enumerate(new.splitlines(), 1):
+                if len(line) > 79 and line not in old_lines:
+                    print('%s:%d: over 79 columns, wrap it by hand'
+                          % (path, n))
             if not check:
                 with open(path, 'w', encoding='utf-8') as f:
                     f.write(new)
