@@ -20,9 +20,11 @@ NOSEARGS ?=
 test: setup
 	$(VENV)/bin/nosetests -v $(NOSEARGS) tests
 
-# pyflakes, pycodestyle and import order (configured in pyproject.toml).
+# ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade), then
+# mypy over the servers and the client (both configured in pyproject.toml).
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy server siegetank
 
 # The main job on one machine: embedded Redis, dev certs, CC, WS, cores.
 demo: setup

@@ -9,7 +9,7 @@ setup(
                                     'siegetank.*']),
     package_data={'siegetank': ['data/*.pdb'],
                   'server.cc': ['static/*']},
-    python_requires='>=3.9',
+    python_requires='>=3.11',
     install_requires=['tornado>=6.4', 'redis>=5.0.1', 'requests>=2.31',
                       'cryptography>=42', 'orjson>=3.9', 'pybase64>=1.3',
                       'prometheus-client>=0.20'],

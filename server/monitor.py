@@ -17,15 +17,17 @@ from server.web import APIError, APIHandler, Permission, allow, role
 
 
 @functools.lru_cache(maxsize=8)
-def _networks(allowed):
+def _networks(allowed: tuple[str, ...]) -> tuple[
+        ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(n, strict=False) for n in allowed)
 
 
-def allowed(address, networks, via_proxy=False):
+def allowed(address: str | None, networks: list[str],
+            via_proxy: bool = False) -> bool:
     """Loopback always (unless through a trusted proxy); else an address
     inside one of `networks`."""
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(address or '')
     except ValueError:
         return False
     if ip.is_loopback and not via_proxy:
@@ -37,7 +39,7 @@ def allowed(address, networks, via_proxy=False):
 async def _metrics_reader(handler: APIHandler, rule: Permission) -> str:
     """Loopback or an address of `metrics_allow`; anyone else a 403."""
     if not allowed(handler.request.remote_ip,
-                   handler.config['metrics_allow'], handler.via_proxy):
+                   handler.config.metrics_allow, handler.via_proxy):
         raise APIError(403, '/metrics is open to loopback and the '
                        'metrics_allow networks only')
     return 'metrics'
@@ -53,8 +55,8 @@ class MetricsHandler(APIHandler):
             await self.redis.ping()
             m.redis_rtt.set(time.perf_counter() - start)
         except Exception:
-            raise APIError(503, 'redis is not reachable')
-        m.disk_free.set(shutil.disk_usage(self.config['data_folder']).free)
+            raise APIError(503, 'redis is not reachable') from None
+        m.disk_free.set(shutil.disk_usage(self.config.data_folder).free)
         for state, n in (await app.stream_counts()).items():
             m.streams.labels(state).set(n)
         self.set_header('Content-Type',

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import zlib
+from typing import Any
 
 import requests
 
@@ -125,9 +126,11 @@ class Client:
                 verify=self.verify, timeout=self.timeout, stream=stream)
         except requests.exceptions.SSLError as e:
             raise SiegetankError('TLS verification of %s failed (%s): give '
-                                 'the right CA bundle' % (self.cc, _why(e)))
+                                 'the right CA bundle'
+                                 % (self.cc, _why(e))) from e
         except requests.RequestException as e:
-            raise SiegetankError('cannot reach %s: %s' % (self.cc, _why(e)))
+            raise SiegetankError('cannot reach %s: %s'
+                                 % (self.cc, _why(e))) from e
         if reply.status_code not in ok:
             message = _error_of(reply)
             reply.close()
@@ -140,8 +143,8 @@ class Client:
         try:
             return reply.json() if reply.content else {}
         except ValueError:
-            raise SiegetankError('%s %s: the reply is not JSON' % (method,
-                                                                   path))
+            raise SiegetankError('%s %s: the reply is not JSON'
+                                 % (method, path)) from None
 
     def get(self, path):
         return self.json('GET', path)
@@ -279,7 +282,10 @@ class Remote:
     """What a target and a stream share: an id, and an info dict read from
     the CC at `INFO_PATH` + id."""
 
-    INFO_PATH = None
+    INFO_PATH = ''
+    client: Client
+    _id: str
+    _info: Any  # the info dict, None until read
 
     @property
     def id(self):
@@ -299,9 +305,9 @@ def info_fields(*names):
     info (read through its `_field`)."""
     def decorate(cls):
         for name in names:
-            setattr(cls, name, property(
-                lambda self, name=name: self._field(name),
-                doc='`%s` of the info' % name))
+            def get(self, name=name):
+                return self._field(name)
+            setattr(cls, name, property(get, doc='`%s` of the info' % name))
         return cls
     return decorate
 
@@ -378,7 +384,7 @@ class Target(Remote):
             gathered = reply.json()
         except ValueError:
             raise SiegetankError('GET /targets/streams: the reply is not '
-                                 'JSON')
+                                 'JSON') from None
         out = {}
         for ws, streams in gathered.items():
             for sid, info in streams.items():
@@ -494,7 +500,8 @@ class Stream(Remote):
                 bar.close()
         except requests.RequestException as e:
             raise SiegetankError('download of %s interrupted (%s); run it '
-                                 'again to resume' % (filename, _why(e)))
+                                 'again to resume'
+                                 % (filename, _why(e))) from e
         finally:
             reply.close()
         return os.path.getsize(path)

@@ -135,7 +135,7 @@ class TestServerProcessTree(unittest.TestCase):
         self.assertIn(redis_pid, workers)
         self.assertEqual(server.stop(), 0, server.read_log())
         for pid in workers:
-            self.assertTrue(wait_for(lambda: not alive(pid)),
+            self.assertTrue(wait_for(lambda pid=pid: not alive(pid)),
                             'pid %d left behind' % pid)
 
     def test_single_process_sigterm(self):
@@ -169,7 +169,7 @@ class TestServerProcessTree(unittest.TestCase):
                 'stream_files': {'state.xml': 's'},
                 'target_files': {'system.xml': 'x'}}, token='test-cc-pass')
             self.assertEqual(r.status_code, 200, r.text)
-            data = server.settings['data_folder']
+            data = server.settings.data_folder
             self.assertEqual(mode(data), 0o700)
             for root, dirs, files in os.walk(data):
                 for d in dirs:

@@ -369,7 +369,8 @@ class Chaos:
         the CC's map equals the WS's streams (within a few reconciliations)."""
         self.wait_healthy()
         for sid in self.streams:
-            wait_for(lambda: self.check_download(self.http, sid, quiet=True),
+            wait_for(lambda sid=sid: self.check_download(
+                self.http, sid, quiet=True),
                      'a download of %s' % sid, 60,
                      errors=(requests.RequestException,))
         self.manager.paused.set()
@@ -403,7 +404,7 @@ class Chaos:
             # a 503 (a store the last kill restarted) is retried, as in
             # check(); only what a download serves can fail it
             try:
-                wait_for(lambda: self.check_download(
+                wait_for(lambda sid=sid: self.check_download(
                     self.http, sid, quiet=True, full=True),
                     'a download of %s' % sid, 60,
                     errors=(requests.RequestException,))
@@ -463,7 +464,7 @@ class Chaos:
 
     def tmp_chunks(self):
         """Whether an interrupted commit left a temporary chunk."""
-        root = os.path.join(self.ws.settings['data_folder'], 'streams')
+        root = os.path.join(self.ws.settings.data_folder, 'streams')
         for sid in self.streams:
             folder = os.path.join(root, sid, 'chunks')
             try:
@@ -519,7 +520,7 @@ class Chaos:
         names = list(VICTIMS)
         weights = [VICTIMS[n] for n in names]
         done = 0
-        for point in range(points):
+        for _point in range(points):
             if time.monotonic() > deadline:
                 print('time bound reached after %d kill points' % done)
                 break

@@ -239,8 +239,8 @@ class ServerProcess:
         self.folder = tmpdir(kind)
         self.conf_path = write_conf(kind, folder=self.folder, **values)
         self.settings = config.load(self.conf_path, kind)
-        self.name = self.settings['name']
-        self.port = self.settings['internal_http_port']
+        self.name = self.settings.name
+        self.port = self.settings.internal_http_port
         self.url = 'https://127.0.0.1:%d' % self.port
         self.log_path = os.path.join(self.folder, 'server.log')
         self.process = None
@@ -276,7 +276,7 @@ class ServerProcess:
             return f.read().decode(errors='replace')
 
     def redis_pid(self):
-        path = os.path.join(self.settings['data_folder'], 'redis',
+        path = os.path.join(self.settings.data_folder, 'redis',
                             'redis.pid')
         try:
             with open(path) as f:

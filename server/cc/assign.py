@@ -192,9 +192,9 @@ async def candidates(app, engine, version, stages, target_id, donor_token,
             if donor_token else '', address=client_of(address),
             now=repr(time.time()), held_template=keys.client_held.template,
             rate_template=keys.client_rate.template,
-            max_held=config['client_max_held_streams'],
-            hold_s=config['client_hold_in_s'],
-            max_per_minute=config['client_assigns_per_minute'],
+            max_held=config.client_max_held_streams,
+            hold_s=config.client_hold_in_s,
+            max_per_minute=config.client_assigns_per_minute,
             member=member))
     if donor is None:
         raise APIError(401, 'unknown donor token')
@@ -202,9 +202,9 @@ async def candidates(app, engine, version, stages, target_id, donor_token,
         raise too_many('too many assignments for %s: at most %d held in '
                        'their first %d s and %d per minute; retry later'
                        % ('this donor' if donor else 'this address',
-                          config['client_max_held_streams'],
-                          config['client_hold_in_s'],
-                          config['client_assigns_per_minute']), retry)
+                          config.client_max_held_streams,
+                          config.client_hold_in_s,
+                          config.client_assigns_per_minute), retry)
     result = []
     for row in rows:
         ws = {row[i]: (int(row[i + 1]), 'https://%s:%s' % (row[i + 2],

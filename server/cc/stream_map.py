@@ -170,7 +170,7 @@ async def reserve(app: Any, target_id: str, skip: list[str],
                     keys.target_ws_files(tid), keys.WORKSERVERS],
         argv(_RESERVE_ARGS, ws_template=keys.ws.template,
              offset=random.randrange(1 << 30),
-             max_streams=app.config['max_streams_per_target'],
+             max_streams=app.config.max_streams_per_target,
              skip=json.dumps(skip), allowed=json.dumps(allowed)))
     if reserved is None:
         raise TargetGone(tid)
@@ -197,8 +197,8 @@ async def record(app: Any, stream_id: str, target_id: str, ws: str) -> bool:
         [keys.target(tid), keys.stream(stream_id), keys.target_streams(tid),
          keys.target_ws_files(tid)],
         argv(_RECORD_ARGS, stream_id=stream_id, target_id=tid, ws=ws),
-        app.config['redis_wait_replicas'],
-        app.config['redis_wait_timeout_in_ms']))
+        app.config.redis_wait_replicas,
+        app.config.redis_wait_timeout_in_ms))
 
 
 async def adopt(app: Any, stream_id: str, target_id: str, ws: str) -> int:
