@@ -136,6 +136,15 @@ class CommandCenter(App):
                     totals[state] += n
         return totals
 
+    async def workservers_up(self):
+        """{ws name: 1 if online, else 0}, for /metrics."""
+        names = sorted(await self.redis.smembers(keys.WORKSERVERS))
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hget(keys.ws(name), 'online')
+        online = await pipe.execute() if names else []
+        return {n: int(o == '1') for n, o in zip(names, online)}
+
 
 def main(argv=None):
     return runner.main('cc', CommandCenter, argv)
