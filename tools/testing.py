@@ -244,6 +244,7 @@ class ServerProcess:
         self.url = 'https://127.0.0.1:%d' % self.port
         self.log_path = os.path.join(self.folder, 'server.log')
         self.process = None
+        self.root = ROOT   # the checkout it runs from (an upgrade: another)
         self.session = requests.Session()
         self.session.trust_env = False  # else REQUESTS_CA_BUNDLE wins
         self.session.verify = certs()['ca']
@@ -251,9 +252,9 @@ class ServerProcess:
     def start(self, timeout=30, extra_args=()):
         self.log = open(self.log_path, 'ab')
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, self.kind + '.py'),
+            [sys.executable, os.path.join(self.root, self.kind + '.py'),
              '--config', self.conf_path] + list(extra_args),
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
