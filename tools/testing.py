@@ -234,10 +234,15 @@ class ServerProcess:
     """A real `cc.py` or `ws.py` process with its own conf and embedded
     Redis. `start()` waits until `GET /` answers over verified HTTPS."""
 
-    def __init__(self, kind, **values):
+    def __init__(self, kind, conf_text=None, **values):
         self.kind = kind
         self.folder = tmpdir(kind)
-        self.conf_path = write_conf(kind, folder=self.folder, **values)
+        if conf_text is None:
+            self.conf_path = write_conf(kind, folder=self.folder, **values)
+        else:   # a given configuration (a restore: another's, edited)
+            self.conf_path = os.path.join(self.folder, kind + '.conf')
+            with open(self.conf_path, 'w') as f:
+                f.write(conf_text)
         self.settings = config.load(self.conf_path, kind)
         self.name = self.settings['name']
         self.port = self.settings['internal_http_port']
