@@ -1,10 +1,10 @@
 """A rolling upgrade under load, checked: `python -m tools.upgrade`.
 
-A CC (two worker processes) and a WS (two worker processes), each with its
-embedded Redis, on loopback; the synthetic cores of tools/chaos.py keep
-sending frames and checkpoints, and a manager keeps downloading. Every
-server is then restarted, one after the other, in the documented order
-(docs/operations.md, "Rolling upgrade"): SIGTERM, wait for exit 0, start
+A CC and two WS (two worker processes each), each with its embedded Redis,
+on loopback; the synthetic cores of tools/chaos.py keep sending frames and
+checkpoints, and a manager keeps downloading. Every server is then
+restarted, one after the other (the CC, then each WS: the order of
+docs/operations.md, "Rolling upgrade"): SIGTERM, wait for exit 0, start
 again -- first from this checkout, then from a copy of it standing for a
 newer one. After each start the run waits until the server answers and
 the cores have acknowledged more frames.
@@ -27,7 +27,13 @@ import time
 import requests
 
 from tools import chaos
-from tools.testing import ROOT, tmpdir, wait_for
+from tools.testing import (
+    ROOT,
+    ServerProcess,
+    command_centers,
+    tmpdir,
+    wait_for,
+)
 
 ALLOWED = {'connection refused', 'connection closed', '503 Retry-After',
            '401 token of a previous WS run'}
@@ -73,10 +79,37 @@ class Core(chaos.Core):
 
 
 class Upgrade(chaos.Chaos):
+    """chaos.Chaos with a second WS (the streams spread over both)."""
+
     def __init__(self, seed):
         super().__init__(seed, cc_processes=2)
+        self.ws2 = ServerProcess('ws', command_centers=command_centers(
+            self.cc), num_processes=2, heartbeat_increment=chaos.HEARTBEAT_S,
+            pulse_frequency_in_ms=200, register_retry_max_in_s=0.5,
+            redis_timeout_in_s=2.0)
         self.answers = collections.Counter()
         self.restarts = []
+
+    def start(self):
+        self.ws2.start()   # registers once the CC is up
+        super().start()
+
+    def wait_healthy(self, timeout=90):
+        """Both WS online (chaos checks its one)."""
+        super().wait_healthy(timeout)
+
+        def online():
+            r = self.http.get(self.cc.url + '/ws/status', timeout=5)
+            state = r.json().get(self.ws2.name) if r.status_code == 200 \
+                else None
+            return state is not None and state['online']
+        wait_for(online, 'the second WS online', timeout,
+                 errors=(requests.RequestException, ValueError))
+
+    def stop(self):
+        super().stop()
+        if self.ws2.process is not None and self.ws2.process.poll() is None:
+            self.ws2.stop()
 
     def seen(self, what):
         with self.ledger.lock:
@@ -111,11 +144,16 @@ class Upgrade(chaos.Chaos):
         self.progress()
 
     def run_upgrade(self, newer):
+        holders = collections.Counter(sid.rsplit(':', 1)[1]
+                                      for sid in self.streams)
+        if set(holders) != {self.ws.name, self.ws2.name}:
+            self.ledger.fail('setup', 'streams not on both WS: %s'
+                             % dict(holders))
         self.progress()
         for root in (ROOT, newer):
             # The order of docs/operations.md: the CCs one by one, then
             # the workservers one by one.
-            for server in (self.cc, self.ws):
+            for server in (self.cc, self.ws, self.ws2):
                 self.restart(server, root)
         self.stop_clients()
         self.manager.join(60)
@@ -133,8 +171,8 @@ class Upgrade(chaos.Chaos):
         lines = ['restarts: %s' % ', '.join(
             '%s (%s)' % (kind, 'newer' if root != ROOT else 'same')
             for kind, root in self.restarts),
-            'frames acknowledged: %d in %d streams (each downloaded)'
-            % (acked, len(self.streams)),
+            'frames acknowledged: %d in %d streams on 2 WS (each '
+            'downloaded)' % (acked, len(self.streams)),
             'frames lost: %d' % sum(1 for what, _ in failures
                                     if what in ('lost', 'torn')),
             'answers other than 200 the cores saw: %s'
