@@ -62,8 +62,10 @@ class MetricsHandler(APIHandler):
         m.redis_rtt.set(time.perf_counter() - start)
         for state, n in (await app.stream_counts()).items():
             m.streams.labels(state).set(n)
-        for name, up in (await app.workservers_up()).items():
-            m.workserver_up.labels(name).set(up)
+        workservers_up = getattr(app, 'workservers_up', None)   # CC only
+        if workservers_up is not None:
+            for name, up in (await workservers_up()).items():
+                m.workserver_up.labels(name).set(up)
 
 
 default_handlers = [

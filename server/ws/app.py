@@ -77,9 +77,6 @@ class WorkServer(App):
     async def stream_counts(self):
         return (await sessions.summary(self))[0]
 
-    async def workservers_up(self):
-        return {}   # a CC's view (/metrics)
-
     async def close(self):
         await fastredis.close(self.redis, self.fastredis)
 
