@@ -4,6 +4,7 @@ exist) and checked by `systemd-analyze verify`, which must have nothing to
 say; and the hardening every unit promises."""
 import os
 import re
+import shutil
 import subprocess
 import unittest
 
@@ -79,3 +80,26 @@ class TestServiceFiles(unittest.TestCase):
         with open(path, 'w') as f:
             f.write(text)
         self.assertIn('strikt', str(verify(path)))
+
+
+class TestSystemPackages(unittest.TestCase):
+    """tools/system-packages, which `make setup` runs."""
+    SCRIPT = os.path.join(ROOT, 'tools', 'system-packages')
+
+    def test_present_after_setup(self):
+        p = subprocess.run(['sh', self.SCRIPT], capture_output=True,
+                           text=True, timeout=120)
+        self.assertEqual((p.returncode, p.stdout + p.stderr), (0, ''))
+
+    def test_missing_ones_make_one_line(self):
+        """Without apt-get (or root) it installs nothing and names what
+        to install: here a PATH with `id` alone (ip, iptables and haproxy
+        are still found in /usr/sbin, chromium by its path)."""
+        folder = tmpdir('bin')
+        os.symlink(shutil.which('id'), os.path.join(folder, 'id'))
+        p = subprocess.run(['/bin/sh', self.SCRIPT], capture_output=True,
+                           text=True, timeout=120, env={'PATH': folder})
+        self.assertEqual(p.returncode, 1)
+        self.assertEqual(p.stdout, '')
+        self.assertIn('\n    apt-get install -y --no-install-recommends '
+                      'make python3-venv prometheus systemd\n', p.stderr)

@@ -193,7 +193,7 @@ def restore_hub(rdb, folder, appendfilename='appendonly.aof', timeout=600):
 
 def main(argv=None):
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) >= 3 and args[0] == 'ws':
+    if len(args) == 3 and args[0] == 'ws':
         print(backup_ws(args[1], args[2]))
     elif len(args) == 3 and args[0] == 'hub':
         print(backup_hub(args[1], args[2]))
