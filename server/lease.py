@@ -8,7 +8,7 @@ last successful renewal, which is before Redis lets the key expire, so two
 holders never overlap (short of a process frozen for longer than a lease).
 A holder that dies stops renewing: another takes the lease once the key
 expires, within one lease and one renewal period. A clean stop releases it
-at once. While nobody holds it, the jobs do not run (see README).
+at once. While nobody holds it, the jobs do not run (see docs/deployment.md).
 """
 import asyncio
 import logging

@@ -100,6 +100,15 @@ class Metrics:
                                'Redis, measured at scrape', **live)
         self.disk_free = Gauge('siegetank_disk_free_bytes',
                                'Free space under data_folder', **live)
+        self.disk_total = Gauge('siegetank_disk_total_bytes',
+                                'Size of the file system of data_folder',
+                                **live)
+        self.store_up = Gauge('siegetank_store_up', '1 if this server\'s '
+                              'Redis answered a PING at scrape, else 0',
+                              **live)
+        self.workserver_up = Gauge(
+            'siegetank_workserver_up', '1 if the WS is online as this CC '
+            'sees it, else 0 (CC)', ['ws'], **live)
         self.streams = Gauge('siegetank_streams', 'Streams by state (CC: '
                              'from the WS reports)', ['state'], **live)
         # (route, method, status) -> requests

@@ -3,7 +3,8 @@ loopback (not through a balancer) and the `metrics_allow` networks only
 (else 403).
 
 The gauges that describe state rather than events (streams by state, disk
-free, Redis round trip) are measured at scrape time by the worker that
+free and size, Redis up and its round trip, each WS online as the CC sees
+it) are measured at scrape time by the worker that
 answers, from counts the app already keeps (`app.stream_counts()`), never
 by scanning streams.
 """
@@ -11,6 +12,7 @@ import functools
 import ipaddress
 import shutil
 import time
+from typing import Any
 
 from server import metrics
 from server.web import APIError, APIHandler, Permission, allow, role
@@ -48,20 +50,32 @@ async def _metrics_reader(handler: APIHandler, rule: Permission) -> str:
 class MetricsHandler(APIHandler):
     @allow('metrics')
     async def get(self) -> None:
-        app = self.application
         m = metrics.get()
-        start = time.perf_counter()
+        usage = shutil.disk_usage(self.config.data_folder)
+        m.disk_free.set(usage.free)
+        m.disk_total.set(usage.total)
         try:
-            await self.redis.ping()
-            m.redis_rtt.set(time.perf_counter() - start)
+            await self.store_gauges(m)
+            m.store_up.set(1)
         except Exception:
-            raise APIError(503, 'redis is not reachable') from None
-        m.disk_free.set(shutil.disk_usage(self.config.data_folder).free)
-        for state, n in (await app.stream_counts()).items():
-            m.streams.labels(state).set(n)
+            # Still a 200: the store is down, not this server (a server
+            # that does not answer is Prometheus's own `up`).
+            m.store_up.set(0)
         self.set_header('Content-Type',
                         'text/plain; version=0.0.4; charset=utf-8')
         self.finish(m.exposition())
+
+    async def store_gauges(self, m: Any) -> None:
+        app = self.application
+        start = time.perf_counter()
+        await self.redis.ping()
+        m.redis_rtt.set(time.perf_counter() - start)
+        for state, n in (await app.stream_counts()).items():
+            m.streams.labels(state).set(n)
+        workservers_up = getattr(app, 'workservers_up', None)   # CC only
+        if workservers_up is not None:
+            for name, up in (await workservers_up()).items():
+                m.workserver_up.labels(name).set(up)
 
 
 default_handlers = [

@@ -24,8 +24,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 import redis
 from server.processes import alive
@@ -346,7 +346,7 @@ def connect(url, max_connections=256, connect_timeout=CONNECT_TIMEOUT,
     options = dict(decode_responses=True, max_connections=max_connections,
                    timeout=30, socket_timeout=timeout,
                    socket_connect_timeout=connect_timeout,
-                   retry=Retry(NoBackoff(), 0))
+                   retry=AsyncRetry(NoBackoff(), 0))
     if url.startswith(SENTINEL_SCHEME):
         manager, master, kwargs = _sentinel(redis.asyncio.sentinel, url,
                                             connect_timeout, timeout)

@@ -4,6 +4,7 @@ import os
 import signal
 import unittest
 import uuid
+import warnings
 
 import redis
 from server import processes, store
@@ -137,6 +138,9 @@ class TestServerProcessTree(unittest.TestCase):
         for pid in workers:
             self.assertTrue(wait_for(lambda pid=pid: not alive(pid)),
                             'pid %d left behind' % pid)
+        # Its start, requests and stop printed no warning (a synchronous
+        # Retry given to the asyncio client used to, in every worker).
+        self.assertNotIn('Warning', server.read_log())
 
     def test_single_process_sigterm(self):
         server = ServerProcess('cc').start()
@@ -189,6 +193,18 @@ class TestServerProcessTree(unittest.TestCase):
         server.kill(with_redis=False)
         self.assertTrue(wait_for(lambda: not alive(redis_pid)),
                         'redis-server outlived its killed owner')
+
+
+class TestConnect(unittest.TestCase):
+
+    def test_no_warning(self):
+        """The asyncio clients get an asyncio Retry: no conversion warning
+        at each server start."""
+        for url in ('redis://127.0.0.1:1/0', 'redis+sentinel://h1,h2/hub'):
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter('always')
+                store.connect(url)
+            self.assertEqual([str(w.message) for w in seen], [], url)
 
 
 class TestSentinelURL(unittest.TestCase):

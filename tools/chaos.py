@@ -228,7 +228,7 @@ class Manager(threading.Thread):
 
 
 class Chaos:
-    def __init__(self, seed, n_streams=6, n_cores=4):
+    def __init__(self, seed, n_streams=6, n_cores=4, cc_processes=1):
         self.rng = random.Random(seed)
         self.seed = seed
         self.ledger = Ledger()
@@ -240,7 +240,8 @@ class Chaos:
                                 # the cores share one address and re-ask
                                 # after every kill: no abuse limits here
                                 client_assigns_per_minute=1000000,
-                                client_max_held_streams=1000000)
+                                client_max_held_streams=1000000,
+                                num_processes=cc_processes)
         self.ws = ServerProcess('ws', command_centers=command_centers(self.cc),
                                 num_processes=2,
                                 heartbeat_increment=HEARTBEAT_S,

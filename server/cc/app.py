@@ -138,6 +138,11 @@ class CommandCenter(App):
                     totals[state] += n
         return totals
 
+    async def workservers_up(self) -> dict[str, int]:
+        """{ws name: 1 if online, else 0}, for /metrics."""
+        return {name: int(ws.online) for name, ws in
+                (await workservers.load_all(self.redis)).items()}
+
 
 def main(argv=None):
     return runner.main('cc', CommandCenter, argv)
