@@ -383,7 +383,8 @@ class TestRegistry(CCTestCase):
                                   '127.0.0.2')
         self.assertError(code, 409, body)
         self.assertEqual(self.status()['w1'], {
-            'url': '127.0.0.1', 'http_port': 1, 'online': True})
+            'url': '127.0.0.1', 'http_port': 1, 'online': True,
+            'draining': False})
         # Its own address refreshes it; offline, the name may move.
         self.assertEqual(self.register('w1', port=1)[0], 200)
         for _ in range(self.settings.max_ws_fails):
@@ -422,6 +423,30 @@ class TestRegistry(CCTestCase):
         # It may register again.
         self.assertEqual(self.register('w1')[0], 200)
         self.assertEqual(sorted(self.status()), ['w1', 'w2'])
+
+
+    def test_drain_survives_registration_not_removal(self):
+        admin = self.add_manager('root@x.org', role='admin')
+        self.register('w1')
+        body = json.dumps({'drain': True})
+        self.assertEqual(self.fetch_json('/ws/drain/w1', 'PUT', body=body,
+                                         token=admin), (200, {}))
+        self.assertTrue(self.status()['w1']['draining'])
+        self.assertTrue(self.fetch_json('/status')[1]['workservers']['w1'][
+            'draining'])
+        # A restart of the WS (registering again) keeps it draining.
+        self.ws_call('/ws/disconnect', {'name': 'w1'})
+        self.assertEqual(self.register('w1')[0], 200)
+        self.assertTrue(self.status()['w1']['draining'])
+        self.fetch_json('/ws/drain/w1', 'PUT', token=admin,
+                        body=json.dumps({'drain': False}))
+        self.assertFalse(self.status()['w1']['draining'])
+        self.fetch_json('/ws/drain/w1', 'PUT', body=body, token=admin)
+        # Removal forgets it with the rest of the record.
+        self.ws_call('/ws/disconnect', {'name': 'w1'})
+        self.fetch_json('/ws/remove/w1', 'PUT', token=admin)
+        self.register('w1')
+        self.assertFalse(self.status()['w1']['draining'])
 
 
 class TestTargets(CCTestCase):

@@ -7,13 +7,20 @@ concurrent assignment, an offline WS, and deleting a target while a WS is
 down. Each test uses its own engine version so assignments of one test
 never see another test's targets.
 """
+import collections
 import concurrent.futures
+import os
+import sys
+import threading
 import unittest
 import uuid
 
 import requests
 
 from server.cc import keys
+from siegetank.client import SiegetankError
+from siegetank.core import Core, make_engine, synthetic
+from tests.cluster import Cluster
 from tools.testing import (
     CC_PASS,
     ServerProcess,
@@ -22,6 +29,7 @@ from tools.testing import (
     command_centers,
     gzb64,
     online,
+    tmpdir,
     wait_for,
 )
 
@@ -322,3 +330,120 @@ class TestIntegration(unittest.TestCase):
         log = self.cc.read_log()
         self.assertNotIn('Traceback', log)
         self.assertNotIn(' 500 ', log)
+
+
+class TestDrain(unittest.TestCase):
+    """An admin drains the WS a core works on: no new placements nor
+    assignments go there while the other WS takes them, the running core's
+    frames commit, its active count drops to 0; then the WS is stopped,
+    removed and started again, and every acknowledged frame downloads."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cluster = Cluster(n_ws=2, cc_values={
+            'stats_interval_in_ms': 300}).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.stop()
+
+    def ws_entry(self, name):
+        return self.cluster.admin.status()['workservers'][name]
+
+    def test_drain_stop_remove_loses_nothing(self):
+        c = self.cluster
+        target, _ = c.synthetic_target(streams=4)
+        stop = threading.Event()
+        core = Core(c.address, make_engine('synthetic', rate=20), ca=c.ca,
+                    target_id=target.id, checkpoint_every=0.2,
+                    heartbeat_every=2, stop=stop)
+        thread = threading.Thread(target=core.run)
+        thread.start()
+        try:
+            self.drain_while_running(target, core, stop, thread)
+        finally:
+            stop.set()
+            thread.join(60)
+
+    def drain_while_running(self, target, core, stop, thread):
+        c = self.cluster
+        stream_id = wait_for(lambda: core.current is not None
+                             and core.current.stream_id, 'a running core')
+        name = stream_id.split(':', 1)[1]
+        drained = next(ws for ws in c.ws if ws.name == name)
+        other = next(ws for ws in c.ws if ws.name != name)
+        wait_for(lambda: self.ws_entry(name)['active'] == 1,
+                 'its active count')
+        self.check_drain_permissions(name)
+        c.admin.drain_workserver(name)
+        self.assertEqual([c.admin.workserver_status()[w.name]['draining']
+                          for w in (drained, other)], [True, False])
+        entry = self.ws_entry(name)
+        self.assertEqual((entry['draining'], entry['online']), (True, True))
+        # New streams go to the other WS only.
+        placed = [target.add_stream(synthetic.seed_files('n%d' % i))
+                  for i in range(4)]
+        self.assertEqual({s.split(':', 1)[1] for s in placed}, {other.name})
+        # Assignments too: the other WS's 6 idle streams, then nothing,
+        # although the drained WS still has an idle stream.
+        answers = collections.Counter()
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = c.ca
+        for _ in range(7):
+            r = session.post('https://%s/core/assign' % c.address, json={
+                'engine': synthetic.NAME, 'engine_version': synthetic.VERSION,
+                'target_id': target.id}, timeout=30)
+            answers[r.status_code] += 1
+            if r.status_code == 200:
+                self.assertIn(':%d/' % other.port, r.json()['url'])
+        self.assertEqual(answers, {200: 6, 503: 1})
+        # The running core goes on; stopped, its frames commit.
+        frames = core.stats['frames']
+        wait_for(lambda: core.stats['frames'] > frames + 5,
+                 'frames after the drain')
+        stop.set()
+        thread.join(60)
+        self.assertFalse(thread.is_alive())
+        acknowledged = core.stats['frames']
+        self.assertEqual(core.stats['streams'], 1)
+        wait_for(lambda: self.ws_entry(name)['active'] == 0,
+                 'the drained WS empty')
+        # Stopped, removed, started again: nothing lost.
+        self.assertEqual(drained.stop(), 0)
+        wait_for(lambda: not c.admin.workserver_status()[name]['online'],
+                 'the drained WS offline')
+        c.admin.put('/ws/remove/' + name)
+        self.assertNotIn(name, c.admin.workserver_status())
+        drained.start()
+        wait_for(lambda: c.admin.workserver_status().get(name, {}).get(
+            'online'), 'the WS back')
+        path = os.path.join(tmpdir('drain'), 'frames.dat')
+        c.admin.stream(stream_id).download('frames.dat', path)
+        with open(path, 'rb') as f:
+            data = f.read()
+        self.assertEqual(len(data), acknowledged * 1024)
+        numbers = [int(line.split()[1]) for line in data.splitlines()
+                   if line.startswith(b'frame ')]
+        self.assertEqual(numbers, list(range(1, acknowledged + 1)))
+        print('drain: %d frames acknowledged, %d lost; assignments after '
+              'the drain: %s; core retries %d, errors %d' % (
+                  acknowledged, acknowledged - len(numbers), dict(answers),
+                  core.stats['retries'], core.stats['errors']),
+              file=sys.stderr)
+
+    def check_drain_permissions(self, name):
+        c = self.cluster
+        manager = c.client(c.admin.create_manager(
+            'drain-%s@test.org' % uuid.uuid4().hex[:6], 'pw'))
+        for client, body, path, status in (
+                (c.client(), {'drain': True}, name, 401),
+                (manager, {'drain': True}, name, 403),
+                (c.admin, {'drain': 'yes'}, name, 400),
+                (c.admin, {}, name, 400),
+                (c.admin, {'drain': True}, 'nope', 404)):
+            with self.assertRaises(SiegetankError) as e:
+                client.put('/ws/drain/' + path, body)
+            self.assertEqual(e.exception.status, status)
+        self.assertFalse(self.ws_entry(name)['draining'])
+
