@@ -205,9 +205,10 @@ def status_text(st: dict[str, Any]) -> str:
               ('last minute: errors', pm['errors'])]
     parts = [table(rows, head), '', table(totals, ('fleet', 'now'))]
     if st['targets']:
-        parts += ['', table([(t, c['queued'], c['active']) for t, c in
+        parts += ['', table([(c.get('description') or '-', t, c['queued'],
+                              c['active']) for t, c in
                              sorted(st['targets'].items())],
-                            ('public target', 'queued', 'active'))]
+                            ('public target', 'id', 'queued', 'active'))]
     return '\n'.join(parts)
 
 
