@@ -191,7 +191,7 @@ async def _authenticate(redis: Any, account_key: str,
     return token
 
 
-def _manager(email: str, role: str, weight: str) -> Manager:
+def _found_manager(email: str, role: str, weight: str) -> Manager:
     return Manager(email, role, float(weight))
 
 
@@ -204,7 +204,7 @@ local h = redis.call('HMGET', string.format(manager, redis.sha1hex(email)),
                      'role', 'weight')
 if not h[1] then return false end
 return {email, h[1], h[2] or '1'}
-""", keys=('token',), walks=('manager',), returns=_manager)
+""", keys=('token',), walks=('manager',), returns=_found_manager)
 
 
 async def manager_of(app: Any, token: str | None) -> Manager | None:
