@@ -173,11 +173,13 @@ class FeatureCache:
         except FileNotFoundError:
             return None
 
-    def update(self):
+    def update(self, streams=None):
         """{stream id: (first new frame, features of the new frames)} for
-        every stream with frames not featurized yet."""
+        every stream (or those of `streams`, e.g. the ones a sync grew) with
+        frames not featurized yet."""
         new = {}
-        for sid in syncing.local_streams(self.folder):
+        for sid in (syncing.local_streams(self.folder) if streams is None
+                    else streams):
             traj_path = os.path.join(self.folder, 'streams', sid,
                                      self.filename)
             if not os.path.exists(traj_path) or \
@@ -290,6 +292,7 @@ class LeastCounts:
 
 # -- the loop ---------------------------------------------------------------
 STATE_FILE = 'sampler.json'
+SEEDS = 'seeds.txt'     # the integrator seeds of a stream (openmm_engine)
 
 
 class Sampler:
@@ -299,7 +302,9 @@ class Sampler:
     round that seeds as many new ones from the best-scored clusters.
     `featurizer`: see FeatureCache; `clusters`: a LeastCounts (its `score`
     is the seed-choice hook); `system`/`integrator`: the target's
-    (seed_state); `watch`: callables run at every poll (e.g. a Budget)."""
+    (seed_state); `watch`: callables run at every poll (e.g. a Budget).
+    The sync brings each stream's `filename` and its seeds.txt (the
+    integrator seed of every activation, to rerun it)."""
 
     def __init__(self, target, folder, featurizer, system, integrator,
                  in_flight=6, frames_per_stream=10, refill=2, clusters=None,
@@ -376,11 +381,11 @@ class Sampler:
     def sync(self):
         """Sync the target, featurize and cluster only the new frames;
         returns the number of new frames."""
-        result = self.target.sync(self.folder, (self.filename,))
+        result = self.target.sync(self.folder, (self.filename, SEEDS))
         if self.cache is None:
             self.cache = FeatureCache(self.folder, self.featurizer,
                                       filename=self.filename)
-        new = self.cache.update()
+        new = self.cache.update(result['grown'])
         for sid, (start, feats) in sorted(new.items()):
             self.clusters.add(sid, start, feats)
         self.last_sync = result

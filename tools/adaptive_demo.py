@@ -39,9 +39,9 @@ SOLVENT = 'obc2'           # see build_target.SOLVENTS
 STEPS_PER_FRAME = 500      # 1 ps per frame (2 fs steps)
 REPLICATES = int(os.environ.get('ADAPTIVE_REPLICATES', 3))
 TOTAL_FRAMES = int(os.environ.get('ADAPTIVE_FRAMES', 1000))  # per arm
-DMIN = 0.25                # regular-space clusters on sin/cos(phi, psi)
+DMIN = float(os.environ.get("ADAPTIVE_DMIN", 0.25))  # sin/cos(phi, psi)
 IN_FLIGHT = 6              # adaptive streams queued or running
-FRAMES_PER_STREAM = 10     # committed frames of each
+FRAMES_PER_STREAM = int(os.environ.get("ADAPTIVE_FPS", 10))  # per stream
 REFILL = 2                 # finished streams that make a round
 GRID_DEG = 10              # coverage cells: 36 x 36 on phi/psi
 # Metastable basins on phi/psi (degrees): (phi range, psi ranges).
