@@ -40,9 +40,11 @@ STEPS_PER_FRAME = 500      # 1 ps per frame (2 fs steps)
 REPLICATES = int(os.environ.get('ADAPTIVE_REPLICATES', 3))
 TOTAL_FRAMES = int(os.environ.get('ADAPTIVE_FRAMES', 1000))  # per arm
 DMIN = float(os.environ.get("ADAPTIVE_DMIN", 0.25))  # sin/cos(phi, psi)
-IN_FLIGHT = 6              # adaptive streams queued or running
+IN_FLIGHT = int(os.environ.get('ADAPTIVE_IN_FLIGHT', 6))  # streams
 FRAMES_PER_STREAM = int(os.environ.get("ADAPTIVE_FPS", 10))  # per stream
-REFILL = 2                 # finished streams that make a round
+SCORE = os.environ.get('ADAPTIVE_SCORE', 'fast')   # or least-counts
+FAST_COUNTS_WEIGHT = float(os.environ.get('ADAPTIVE_FAST_WEIGHT', 1.0))
+REFILL = int(os.environ.get('ADAPTIVE_REFILL', 2))  # finished per round
 GRID_DEG = 10              # coverage cells: 36 x 36 on phi/psi
 # Metastable basins on phi/psi (degrees): (phi range, psi ranges).
 BASINS = {'alphaR': ((-180, 0), ((-100, 50),)),
@@ -60,13 +62,15 @@ def say(text):
 
 
 def start_cores(procs, arm, address, ca, target_id, key):
-    """`key`: the core key the CC requires (passed in the environment)."""
+    """`key`: the core key the CC requires (passed in the environment).
+    Both arms alike: a checkpoint every 0.25 s (a 22-atom state), so a
+    stream stopped at its quota loses little uncommitted work."""
     return [procs.start('%s-core%d' % (arm, i + 1), [
         sys.executable, '-m', 'siegetank.core', '--cc', address, '--ca', ca,
         '--engine', 'openmm', '--platform', 'CPU', '--threads', '1',
-        '--target-id', target_id, '--checkpoint-every', '1',
-        '--heartbeat-every', '5', '--backoff-first', '0.2',
-        '--backoff-max', '1'], {'SIEGETANK_CORE_KEY': key})
+        '--target-id', target_id, '--checkpoint-every', '0.25',
+        '--heartbeat-every', '5', '--backoff-first', '0.05',
+        '--backoff-max', '0.5'], {'SIEGETANK_CORE_KEY': key})
         for i in range(CORES)]
 
 
@@ -162,6 +166,19 @@ def plot(path, plain, adaptive_, curves):
     plt.close(fig)
 
 
+def score(initial):
+    """The seed choice: least counts, or (SCORE=fast) FAST-style: reward
+    the distance from the starting structure in the feature space, plus
+    the 1/sqrt(counts) bonus."""
+    from siegetank import adaptive
+    if SCORE == 'least-counts':
+        return adaptive.least_counts
+    start = adaptive.backbone_dihedrals(initial)[0]
+    return adaptive.fast(lambda centers: np.linalg.norm(centers - start,
+                                                        axis=1),
+                         FAST_COUNTS_WEIGHT)
+
+
 def replicate(r, admin, key, procs, address, ca, summary, built, initial,
               system, integrator):
     """One replicate of both arms; returns {arm: {angles, rate, ...}}."""
@@ -182,7 +199,8 @@ def replicate(r, admin, key, procs, address, ca, summary, built, initial,
         targets['adaptive'], folders['adaptive'], adaptive.backbone_dihedrals,
         system, integrator, in_flight=IN_FLIGHT,
         frames_per_stream=FRAMES_PER_STREAM, refill=REFILL, seed=2000 + r,
-        clusters=adaptive.LeastCounts(DMIN), poll=0.2, watch=[budget])
+        clusters=adaptive.LeastCounts(DMIN, score=score(initial)), poll=0.2,
+        watch=[budget])
     sampler.begin(initial)
     cores = {arm: start_cores(procs, '%s%d' % (arm, r), address, ca,
                               targets[arm].id, key) for arm in targets}
