@@ -9,10 +9,13 @@ dipeptide in implicit solvent (amber14 + OBC2, no box).
    run by CORES OpenMM cores at once, with replicate-specific seeds. plain:
    CORES streams from the minimized structure (different velocities),
    stopped at TOTAL_FRAMES committed frames (checked at every poll of the
-   adaptive loop). adaptive: siegetank.adaptive.Sampler, least counts:
-   IN_FLIGHT short streams of FRAMES_PER_STREAM frames queued at any time,
-   every REFILL finished ones replaced by seeds from the least-counted
-   regular-space clusters (sin/cos phi/psi), to TOTAL_FRAMES frames;
+   adaptive loop). adaptive: siegetank.adaptive.Sampler: IN_FLIGHT short
+   streams of FRAMES_PER_STREAM frames queued at any time, every REFILL
+   finished ones replaced by seeds from the best-scored regular-space
+   clusters (sin/cos phi/psi; SCORE: FAST-style, distance from the start
+   plus a count bonus, or least counts), to TOTAL_FRAMES frames. Settings
+   can be overridden from the environment (ADAPTIVE_REPLICATES,
+   ADAPTIVE_FRAMES, ADAPTIVE_SCORE, ...) for quick trials;
 3. per replicate and arm, in arrival order of the first TOTAL_FRAMES
    frames: phi/psi cells visited (10-degree grid), frames until the first
    visit to each metastable basin, frames per wall-second; the replicate
@@ -38,13 +41,13 @@ CORES = 2                  # per arm
 SOLVENT = 'obc2'           # see build_target.SOLVENTS
 STEPS_PER_FRAME = 500      # 1 ps per frame (2 fs steps)
 REPLICATES = int(os.environ.get('ADAPTIVE_REPLICATES', 3))
-TOTAL_FRAMES = int(os.environ.get('ADAPTIVE_FRAMES', 1000))  # per arm
-DMIN = float(os.environ.get("ADAPTIVE_DMIN", 0.25))  # sin/cos(phi, psi)
-IN_FLIGHT = int(os.environ.get('ADAPTIVE_IN_FLIGHT', 6))  # streams
-FRAMES_PER_STREAM = int(os.environ.get("ADAPTIVE_FPS", 10))  # per stream
-SCORE = os.environ.get('ADAPTIVE_SCORE', 'fast')   # or least-counts
+TOTAL_FRAMES = int(os.environ.get('ADAPTIVE_FRAMES', 800))  # per arm
+DMIN = float(os.environ.get('ADAPTIVE_DMIN', 0.15))  # sin/cos(phi, psi)
+IN_FLIGHT = int(os.environ.get('ADAPTIVE_IN_FLIGHT', 8))  # streams
+FRAMES_PER_STREAM = int(os.environ.get('ADAPTIVE_FPS', 5))  # per stream
+SCORE = os.environ.get('ADAPTIVE_SCORE', 'least-counts')  # or fast
 FAST_COUNTS_WEIGHT = float(os.environ.get('ADAPTIVE_FAST_WEIGHT', 1.0))
-REFILL = int(os.environ.get('ADAPTIVE_REFILL', 2))  # finished per round
+REFILL = int(os.environ.get('ADAPTIVE_REFILL', 3))  # finished per round
 GRID_DEG = 10              # coverage cells: 36 x 36 on phi/psi
 # Metastable basins on phi/psi (degrees): (phi range, psi ranges).
 BASINS = {'alphaR': ((-180, 0), ((-100, 50),)),
@@ -286,9 +289,11 @@ def run(procs):
         integrator = des(f.read())
     say('%d replicates per arm, %d OpenMM cores (CPU, 1 thread) per arm, '
         'both arms at once; plain MD: %d streams from the minimized '
-        'structure; adaptive: least counts, %d streams in flight of %d '
-        'frames, a round per %d finished; %d frames per arm' % (
-            REPLICATES, CORES, CORES, IN_FLIGHT, FRAMES_PER_STREAM, REFILL,
+        'structure; adaptive: %s, %d streams in flight of %d frames, a '
+        'round per %d finished, clusters dmin %g; %d frames per arm' % (
+            REPLICATES, CORES, CORES, SCORE if SCORE != 'fast' else
+            'FAST-style score (distance from the start + %g x count bonus)'
+            % FAST_COUNTS_WEIGHT, IN_FLIGHT, FRAMES_PER_STREAM, REFILL, DMIN,
             TOTAL_FRAMES))
     results = [replicate(r, admin, key, procs, address, ca, summary, built,
                          initial, system, integrator)
