@@ -275,11 +275,6 @@ class LeastCounts:
         order = np.lexsort((rng.random(len(scores)), -scores))
         return [int(c) for c in order[:k]]
 
-    def least(self, k, rng):
-        """The `k` clusters with the fewest frames (ties at random)."""
-        order = np.lexsort((rng.random(len(self.counts)), self.counts))
-        return [int(c) for c in order[:k]]
-
     def choose(self, k, rng):
         """`k` (stream id, frame) to seed from: a random frame of each of
         the k best-scored clusters (cycling over them if there are fewer
