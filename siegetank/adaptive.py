@@ -472,6 +472,9 @@ class Sampler:
         self.round += 1
         picks = self.clusters.choose(self.in_flight - len(self.live),
                                      self.rng)
+        if not picks and not self.live:
+            raise RuntimeError('nothing to run: no stream in flight and no '
+                               'frame to seed from')
         seeded = [self.seed_from(sid, index) for sid, index in picks]
         t['seeded'] = time.monotonic()
         self.history.append({
