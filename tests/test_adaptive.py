@@ -335,3 +335,29 @@ class TestAdaptiveLoop(unittest.TestCase):
             self.assertEqual(found[0][0], 0)
             seeds.extend(seed for _, seed in found)
         self.assertEqual(len(seeds), len(set(seeds)))
+
+
+class TestDemoStatistics(unittest.TestCase):
+    """make adaptive's per-replicate numbers: basins first visited, and the
+    median and range with "not reached" ranked above any count."""
+
+    def test_first_visits(self):
+        from tools import adaptive_demo
+        angles = np.array([[-70.0, -40.0], [-70.0, 140.0], [-150.0, -170.0],
+                           [60.0, 40.0]])
+        self.assertEqual(adaptive_demo.first_visits(angles), {
+            'alphaR': 1, 'beta/PPII': 2, 'alphaL/C7ax': 4})
+        self.assertEqual(adaptive_demo.first_visits(angles[:2])[
+            'alphaL/C7ax'], None)
+
+    def test_median_and_range_count_not_reached(self):
+        from tools import adaptive_demo
+        self.assertEqual(adaptive_demo.med_range([3, 1, 2]), '2 [1-3]')
+        self.assertEqual(adaptive_demo.med_range([5, None, 1]),
+                         '5 [1-not reached]')
+        self.assertEqual(adaptive_demo.med_range([5, None, None]),
+                         'not reached [5-not reached]')
+        self.assertEqual(adaptive_demo.med_range([None, None]),
+                         'not reached (2/2)')
+        self.assertEqual(adaptive_demo.coverage_curve(np.array(
+            [[0.0, 0.0], [1.0, 1.0], [15.0, 0.0]])).tolist(), [1, 1, 2])
