@@ -1006,6 +1006,32 @@ class TestStreamsAndAssign(CCTestCase):
         got = {b.stream_of(self.assign()['token']) for _ in range(2)}
         self.assertEqual(got, {s for s in sids if s.endswith(':b')})
 
+    def test_draining_ws_gets_no_streams_nor_activations(self):
+        a, b = self.add_ws('a'), self.add_ws('b')
+        admin = self.add_manager('root@x.org', role='admin')
+        tid = self.post_target(self.joe, stage='public')
+        sids = {self.post_stream(tid) for _ in range(4)}
+        self.assertEqual(self.fetch_json('/ws/drain/b', 'PUT', {
+            'drain': True}, token=admin), (200, {}))
+        sids |= {self.post_stream(tid) for _ in range(3)}
+        on_a = {s for s in sids if s.endswith(':a')}
+        self.assertEqual(len(on_a), 5)
+        got = {a.stream_of(self.assign()['token']) for _ in range(5)}
+        self.assertEqual(got, on_a)
+        self.assign(503)  # b's two idle streams are not handed out
+        # A target only b may hold waits.
+        only_b = self.post_target(self.joe, allowed_ws=['b'])
+        c, body = self.fetch_json('/streams', 'POST', {
+            'target_id': only_b, 'files': {'state.xml': 'x'}},
+            token=self.joe)
+        self.assertError(c, 503, body)
+        self.assertIn('draining', body['error'])
+        # Undrained, b serves again.
+        self.fetch_json('/ws/drain/b', 'PUT', {'drain': False}, token=admin)
+        got = {b.stream_of(self.assign()['token']) for _ in range(2)}
+        self.assertEqual(got, sids - on_a)
+        self.post_stream(only_b)
+
     def test_weighted_choice(self):
         """Weight 0.001 vs 1000: the heavy target is chosen first."""
         self.add_ws('a')
