@@ -146,6 +146,14 @@ class TestCommands(CLITestCase):
             self.ok('ws', 'drain', name, '--undo')
         self.assertNotIn('draining', self.ok('ws', 'status'))
 
+    def test_status_names_public_targets(self):
+        target, _ = self.cluster.synthetic_target()
+        target.update(description='villin headpiece')
+        out = self.ok('--cc', self.cluster.address, '--ca', self.cluster.ca,
+                      'status')
+        line = next(x for x in out.splitlines() if target.id in x)
+        self.assertTrue(line.startswith('villin headpiece'), line)
+
     def test_accounts(self):
         self.ok('--cc', self.cluster.address, '--ca', self.cluster.ca,
                 'login', '--token=' + self.cluster.admin.token)
