@@ -10,6 +10,8 @@ import threading
 import time
 import uuid
 
+import psutil
+
 from bench import servers
 from bench.httpload import Connection, Recorder, run_cores, sink_get
 from server.ws.keys import Keys
@@ -97,7 +99,7 @@ class SimCore:
         t = time.perf_counter()
         s, _ = await self.c.request(method, path, body, self.auth)
         if rec is not None:
-            rec.add(t, s)
+            rec.add(t, s, kind=kind)
             self.counts[kind] += 1
         return s
 
@@ -126,13 +128,17 @@ class SimCore:
         await self.c.close()
 
 
-def frame_core(port, bodies, tokens, acked, heartbeat_every_s=1.0):
+def frame_core(port, bodies, tokens, acked, heartbeat_every_s=1.0,
+               sims=None):
     """A core as fast as it can: frames, a checkpoint every 10, a heartbeat
     every `heartbeat_every_s` seconds; `acked[i]` counts committed
-    (acknowledged) frames."""
+    (acknowledged) frames; each SimCore is added to `sims` (for its
+    counts)."""
     async def core(i, deadline, rec):
         sim = SimCore(conn(port), tokens[i][0] if tokens else None,
                       heartbeat_every_s)
+        if sims is not None:
+            sims.append(sim)
         while time.perf_counter() < deadline:
             await sim.send(bodies[sim.n % 2], rec)
         await sim.close()
@@ -158,13 +164,50 @@ async def verify_frames(port, tokens, acked, size):
     return bad
 
 
-def measure(pids, coro):
-    """Run `coro` returning (recorder, elapsed); add server CPU per request."""
+def _meminfo_kb(*names):
+    """Fields of /proc/meminfo in kB (Dirty, Writeback: what the page cache
+    still owes the disk); {} where there is no such file."""
+    try:
+        with open('/proc/meminfo') as f:
+            fields = dict(line.split(':', 1) for line in f)
+    except OSError:
+        return {}
+    return {n: int(fields[n].split()[0]) for n in names if n in fields}
+
+
+def measure(pids, coro, sims=None):
+    """Run `coro` returning (recorder, elapsed); add server CPU per request
+    (and per frame, with the SimCores in `sims`), the latency of each kind
+    of request, and what the whole machine did meanwhile (CPU busy, idle
+    and iowait shares, dirty page cache before and after): the evidence
+    for a rep that runs slower than its neighbours."""
     cpu0 = servers.cpu_seconds(pids)
+    host0 = psutil.cpu_times()
+    mem0 = _meminfo_kb('Dirty', 'Writeback')
     rec, elapsed = asyncio.run(coro)
     cpu = servers.cpu_seconds(pids) - cpu0
+    host1 = psutil.cpu_times()
+    mem1 = _meminfo_kb('Dirty', 'Writeback')
     out = rec.summary(elapsed)
     out['cpu_ms_per_request'] = 1000 * cpu / max(1, out['requests'])
+    out['server_cpu_share'] = cpu / elapsed / (psutil.cpu_count() or 1)
+    total = sum(host1) - sum(host0)
+    for field in ('idle', 'iowait'):
+        if hasattr(host1, field) and total > 0:
+            out['host_%s_share' % field] = (
+                getattr(host1, field) - getattr(host0, field)) / total
+    out['dirty_mb'] = [m.get('Dirty', 0) / 1024 for m in (mem0, mem1)]
+    out['writeback_mb'] = [m.get('Writeback', 0) / 1024
+                           for m in (mem0, mem1)]
+    if sims:
+        counts = {k: sum(sim.counts[k] for sim in sims)
+                  for k in sims[0].counts}
+        out.update(counts)
+        out['cpu_ms_per_frame'] = 1000 * cpu / max(1, counts['frames'])
+        for kind in counts:
+            k = rec.summary(elapsed, kind=kind)
+            out['%s_p50_ms' % kind] = k['p50_ms']
+            out['%s_p99_ms' % kind] = k['p99_ms']
     return out, rec, elapsed
 
 
@@ -173,8 +216,10 @@ def frames_ws(ws, size, cores, duration):
     target, ids, _ = asyncio.run(create_streams(ws.port, cores))
     tokens = asyncio.run(activate(ws.port, target, cores))
     acked = [0] * cores
+    sims = []
     out, _, _ = measure(servers.server_pids(ws), run_cores(
-        cores, frame_core(ws.port, bodies, tokens, acked), duration))
+        cores, frame_core(ws.port, bodies, tokens, acked, sims=sims),
+        duration), sims)
     out['mismatches'] = asyncio.run(verify_frames(ws.port, tokens, acked,
                                                   size))
     out['frames_committed'] = sum(acked)
@@ -182,10 +227,16 @@ def frames_ws(ws, size, cores, duration):
 
 
 def frames_ceiling(ceiling, size, cores, duration):
+    """The same cores against a ceiling; each sends its own Authorization
+    (the durable ceiling keeps a file per core by it)."""
     bodies = _frame_bodies(size)
     acked = [0] * cores
+    sims = []
+    run = uuid.uuid4().hex[:8]
+    tokens = [('%s-%d' % (run, i), None) for i in range(cores)]
     out, _, _ = measure(ceiling.pids(), run_cores(
-        cores, frame_core(ceiling.port, bodies, None, acked), duration))
+        cores, frame_core(ceiling.port, bodies, tokens, acked, sims=sims),
+        duration), sims)
     return out
 
 
