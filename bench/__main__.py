@@ -32,7 +32,11 @@ FIGURES = ('rate', 'p50_ms', 'p99_ms', 'cpu_ms_per_request',
            'cpu_ms_per_frame', 'checkpoints_p50_ms', 'checkpoints_p99_ms')
 REP_FIGURES = ('rate', 'cpu_ms_per_frame', 'checkpoints_p50_ms',
                'checkpoints_p99_ms', 'server_cpu_share', 'host_idle_share',
-               'host_iowait_share', 'dirty_mb', 'writeback_mb')
+               'host_iowait_share', 'host_steal_share', 'settle_s',
+               'disk_write_mb_per_s', 'disk_busy_share',
+               'dirty_mb', 'writeback_mb', 'redis_commands_per_request',
+               'redis_aof_delayed_fsync', 'redis_aof_rewrites',
+               'redis_aof_mb')
 
 
 def median_spread(runs, key):
@@ -51,15 +55,23 @@ def repeat(fn, reps):
     return [fn() for _ in range(reps)]
 
 
-def interleave(fns, reps):
+def interleave(fns, reps, settle=True):
     """{name: [result of each rep]}: one rep of every server in turn, the
-    order rotated each rep, so that a slow moment of the machine (or what
-    the previous server left to the disk) falls on all of them alike."""
+    order rotated each rep, so that a slow moment of the machine falls on
+    all of them alike. With `settle`, every rep starts with nothing dirty
+    in the page cache (a sync, outside the measure, timed in the result
+    as `settle_s`): else the frames a rep wrote are written back 30 s
+    later (vm.dirty_expire_centisecs), inside whichever rep runs then, and
+    its fsyncs wait behind them (bench/writeback.py shows it)."""
     runs = {name: [] for name in fns}
     order = list(fns)
     for _ in range(reps):
         for name in order:
-            runs[name].append(fns[name]())
+            t = time.perf_counter()
+            if settle:
+                os.sync()
+            settled = time.perf_counter() - t
+            runs[name].append(dict(fns[name](), settle_s=settled))
         order = order[1:] + order[:1]
     return runs
 
@@ -84,7 +96,8 @@ def bench_frames(args, results, keep):
                     'bare': lambda: workloads.frames_ceiling(
                         bare, size, c, args.duration),
                     'durable': lambda: workloads.frames_ceiling(
-                        durable, size, c, args.duration)}, args.reps)
+                        durable, size, c, args.duration)}, args.reps,
+                    settle=not args.no_settle)
                 row = summarize('frames', {'processes': processes,
                                            'size': size, 'cores': c},
                                 runs, FIGURES, REP_FIGURES)
@@ -241,6 +254,9 @@ def main(argv=None):
     p.add_argument('--disk-threads', type=int, default=32,
                    help='the durable ceiling\'s fsync threads per process '
                    '(32: as many as the WS\'s disk pool)')
+    p.add_argument('--no-settle', action='store_true',
+                   help='frames: no sync before each rep (what a rep left '
+                   'dirty is written back inside a later one)')
     p.add_argument('--reps', type=int)
     p.add_argument('--duration', type=float)
     p.add_argument('--only', choices=sorted(WORKLOADS), action='append')

@@ -175,6 +175,24 @@ def _meminfo_kb(*names):
     return {n: int(fields[n].split()[0]) for n in names if n in fields}
 
 
+def _disk():
+    """(bytes written, ms the devices were busy) of the whole machine's
+    disks so far, from /proc/diskstats (zeros where there is none)."""
+    written = busy = 0
+    try:
+        with open('/proc/diskstats') as f:
+            for line in f:
+                x = line.split()
+                # whole disks only (vda, sda, nvme0n1), not partitions
+                if len(x) > 12 and not x[2].startswith(('loop', 'ram')) \
+                        and os.path.exists('/sys/block/%s' % x[2]):
+                    written += int(x[9]) * 512
+                    busy += int(x[12])
+    except OSError:
+        pass
+    return written, busy
+
+
 def measure(pids, coro, sims=None):
     """Run `coro` returning (recorder, elapsed); add server CPU per request
     (and per frame, with the SimCores in `sims`), the latency of each kind
@@ -184,7 +202,9 @@ def measure(pids, coro, sims=None):
     cpu0 = servers.cpu_seconds(pids)
     host0 = psutil.cpu_times()
     mem0 = _meminfo_kb('Dirty', 'Writeback')
+    disk0 = _disk()
     rec, elapsed = asyncio.run(coro)
+    disk1 = _disk()
     cpu = servers.cpu_seconds(pids) - cpu0
     host1 = psutil.cpu_times()
     mem1 = _meminfo_kb('Dirty', 'Writeback')
@@ -192,10 +212,12 @@ def measure(pids, coro, sims=None):
     out['cpu_ms_per_request'] = 1000 * cpu / max(1, out['requests'])
     out['server_cpu_share'] = cpu / elapsed / (psutil.cpu_count() or 1)
     total = sum(host1) - sum(host0)
-    for field in ('idle', 'iowait'):
+    for field in ('idle', 'iowait', 'steal'):
         if hasattr(host1, field) and total > 0:
             out['host_%s_share' % field] = (
                 getattr(host1, field) - getattr(host0, field)) / total
+    out['disk_write_mb_per_s'] = (disk1[0] - disk0[0]) / 1e6 / elapsed
+    out['disk_busy_share'] = (disk1[1] - disk0[1]) / 1000 / elapsed
     out['dirty_mb'] = [m.get('Dirty', 0) / 1024 for m in (mem0, mem1)]
     out['writeback_mb'] = [m.get('Writeback', 0) / 1024
                            for m in (mem0, mem1)]
@@ -217,13 +239,35 @@ def frames_ws(ws, size, cores, duration):
     tokens = asyncio.run(activate(ws.port, target, cores))
     acked = [0] * cores
     sims = []
+    r = ws.redis()
+    before = _redis_figures(r)
     out, _, _ = measure(servers.server_pids(ws), run_cores(
         cores, frame_core(ws.port, bodies, tokens, acked, sims=sims),
         duration), sims)
+    after = _redis_figures(r)
+    r.close()
+    # the INFO read between counts one command
+    out['redis_commands_per_request'] = (
+        after['total_commands_processed'] - before[
+            'total_commands_processed'] - 1) / max(1, out['requests'])
+    for key in ('aof_delayed_fsync', 'aof_rewrites', 'total_forks'):
+        out['redis_' + key] = after.get(key, 0) - before.get(key, 0)
+    out['redis_aof_mb'] = after.get('aof_current_size', 0) / 1e6
     out['mismatches'] = asyncio.run(verify_frames(ws.port, tokens, acked,
                                                   size))
     out['frames_committed'] = sum(acked)
     return out
+
+
+def _redis_figures(r):
+    """The INFO fields that say what a WS's Redis did in a rep: commands,
+    and whether its append-only file was rewritten (a fork) or its
+    once-a-second fsync fell behind the disk (aof_delayed_fsync: writes
+    then wait for the disk)."""
+    info = r.info('all')
+    return {k: info.get(k, 0) for k in (
+        'total_commands_processed', 'aof_delayed_fsync', 'aof_rewrites',
+        'total_forks', 'aof_current_size')}
 
 
 def frames_ceiling(ceiling, size, cores, duration):
