@@ -236,10 +236,31 @@ def bench_status(args, results, keep):
     report.print_row(row)
 
 
+def bench_costs(args, results, keep):
+    """Per-request costs for the capacity model (docs/capacity.md): WS CPU
+    and WS Redis commands per frame (10 and 100 KB), checkpoint and
+    heartbeat; hub commands and CPU per assignment; hub commands per
+    second of the CC's background jobs for one WS."""
+    n = 5 if args.quick else 30
+    ws = keep(servers.start_ws(num_processes=2, heartbeat_increment=3600))
+    row = {'workload': 'costs', 'processes': 2}
+    for size in (10_000, 100_000):
+        row['ws_%dk' % (size // 1000)] = workloads.request_costs(
+            ws, size, 8, n)
+    cc = keep(servers.start_cc(num_processes=2))
+    ws2 = keep(servers.start_ws(command_centers=command_centers(cc)))
+    count = 50 if args.quick else 400
+    body, _ = workloads.prepare_cc_target(cc, ws2, count)
+    row['hub'] = workloads.hub_costs(cc, ws2, body, count,
+                                     2.0 if args.quick else 15.0)
+    record(results, 'costs', row)
+
+
 WORKLOADS = {'frames': bench_frames, 'activations': bench_activations,
              'assignments': bench_assignments, 'downloads': bench_downloads,
              'scale': bench_scale, 'sweep': bench_sweep,
-             'status': bench_status, 'volunteers': bench_volunteers}
+             'status': bench_status, 'volunteers': bench_volunteers,
+             'costs': bench_costs}
 
 
 def main(argv=None):

@@ -20,6 +20,12 @@ def _reps(row, name, key, fmt='%.0f'):
 
 
 def table(results):
+    if results['frames']:
+        frames_table(results)
+    rest(results)
+
+
+def frames_table(results):
     print('\nframe PUTs of SimCores (a checkpoint and a heartbeat every 10 '
           'frames): median of %d interleaved reps x %.1fs; our WS, the bare '
           'and the durable ceiling with the same number of processes; CPU '
@@ -41,6 +47,9 @@ def table(results):
                 _f(r['%s_checkpoints_p50_ms' % name]),
                 _f(r['%s_checkpoints_p99_ms' % name]),
                 _reps(r, name, 'rate')))
+
+
+def rest(results):
     a = results.get('activations')
     if a:
         print('\nactivations: %s/s vs bare ceiling %s/s (ratio %s); stream '
@@ -96,6 +105,20 @@ def table(results):
                  _f(st['admin_p99_ms'], '%.2f'),
                  _f(st['health_median_ms'], '%.2f'),
                  _f(st['health_p99_ms'], '%.2f')))
+    c = results.get('costs')
+    if c:
+        print('\nper-request costs (WS of 2 processes; CPU with its Redis):')
+        for size in ('10k', '100k'):
+            for kind, v in c['ws_%s' % size].items():
+                print('  %-5s %-30s %6.2f ms CPU %5.1f WS Redis commands'
+                      % (size, kind, v['cpu_ms'], v['redis_commands']))
+        h = c['hub']
+        print('  assignment: CC %.2f + WS %.2f ms CPU, %.1f hub commands; '
+              'hub background %.1f commands/s for one WS'
+              % (h['cc_cpu_ms_per_assignment'],
+                 h['ws_cpu_ms_per_assignment'],
+                 h['hub_commands_per_assignment'],
+                 h['idle_commands_per_s']))
     print('\nverdict:')
     for name, (value, target, ok) in results['verdict'].items():
         print('  %-26s %10s  target %-8s %s' % (
@@ -182,6 +205,11 @@ def error_count(results):
     for key in ('assignments', 'sweep', 'volunteers'):
         if results.get(key):
             n += results[key]['errors']
+    if results.get('costs'):
+        c = results['costs']
+        n += c['hub']['assign_errors'] + sum(
+            v['errors'] for size in ('ws_10k', 'ws_100k')
+            for v in c[size].values())
     for key in ('sweep', 'volunteers'):
         if results.get(key):
             n += results[key]['mismatches']

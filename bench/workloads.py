@@ -614,3 +614,124 @@ def fleet_status(cc, ws, streams, targets=20, active=1000, samples=300):
             'admin_median_ms': adm['/status'][0],
             'admin_p99_ms': adm['/status'][1],
             'health_median_ms': anon['/'][0], 'health_p99_ms': anon['/'][1]}
+
+
+def commandstats(r):
+    """{command: calls} of a Redis so far (INFO commandstats)."""
+    return {k[len('cmdstat_'):]: v['calls'] for k, v in
+            r.info('commandstats').items()}
+
+
+def _diff(after, before):
+    return {k: after[k] - before.get(k, 0) for k in after
+            if after[k] - before.get(k, 0) > 0}
+
+
+def request_costs(ws, size, cores=8, n=30):
+    """Server CPU (the WS's processes with its Redis) and the WS's Redis
+    commands per request of each kind a core sends: a frame PUT, a
+    checkpoint PUT (measured as frame + checkpoint pairs, less the
+    frames), a heartbeat, and a heartbeat on a new TLS connection (what a
+    core pays whose connection was dropped while idle). `cores` cores
+    send `n` of each, one kind after the other; the capacity model
+    (docs/capacity.md) is built on these."""
+    bodies = _frame_bodies(size)
+    target, _, _ = asyncio.run(create_streams(ws.port, cores))
+    tokens = asyncio.run(activate(ws.port, target, cores))
+    pids = servers.server_pids(ws)
+    r = ws.redis()
+    sims = [SimCore(conn(ws.port), t, 10 ** 6, checkpoint_every=10 ** 9)
+            for t, _ in tokens]
+    out = {}
+
+    async def phase(kind):
+        rec = Recorder()
+
+        async def one(sim):
+            for _ in range(n):
+                if kind == 'heartbeat on a new connection':
+                    await sim.c.close()
+                    sim.c = conn(ws.port)
+                    await sim._request('heartbeats', 'POST',
+                                       '/core/heartbeat', b'{}', rec)
+                    continue
+                if kind == 'heartbeat':
+                    await sim._request('heartbeats', 'POST',
+                                       '/core/heartbeat', b'{}', rec)
+                    continue
+                await sim.send(bodies[sim.n % 2], rec)
+                if kind == 'frame+checkpoint':
+                    await sim.checkpoint(rec)
+        await asyncio.gather(*(one(s) for s in sims))
+        return rec
+
+    async def run():
+        for s in sims:
+            await s.c.open()
+        for kind in ('frame', 'frame+checkpoint', 'heartbeat',
+                     'heartbeat on a new connection'):
+            cmd0, cpu0 = commandstats(r), servers.cpu_seconds(pids)
+            rec = await phase(kind)
+            cpu = servers.cpu_seconds(pids) - cpu0
+            cmds = _diff(commandstats(r), cmd0)
+            cmds['info'] = cmds.get('info', 0) - 1  # the read itself
+            cmds = {k: v for k, v in cmds.items() if v > 0}
+            per = cores * n
+            out[kind] = {'cpu_ms': 1000 * cpu / per,
+                         'redis_commands': sum(cmds.values()) / per,
+                         'commands': {k: v / per for k, v in cmds.items()},
+                         'errors': len(rec.errors)}
+        for s in sims:
+            await s.close()
+    asyncio.run(run())
+    r.close()
+    pair = out.pop('frame+checkpoint')
+    out['checkpoint'] = {
+        'cpu_ms': pair['cpu_ms'] - out['frame']['cpu_ms'],
+        'redis_commands': pair['redis_commands']
+        - out['frame']['redis_commands'],
+        'commands': {k: v - out['frame']['commands'].get(k, 0)
+                     for k, v in pair['commands'].items()},
+        'errors': pair['errors']}
+    return out
+
+
+def hub_costs(cc, ws, body, assignments=200, idle_s=10.0):
+    """Hub (the CC's Redis) commands per assignment and per second with
+    nothing going on but the CC's background jobs on one WS; CC and WS
+    CPU per assignment."""
+    r = cc.redis()
+    cc_pids, ws_pids = servers.server_pids(cc), servers.server_pids(ws)
+    cmd0 = commandstats(r)
+    time.sleep(idle_s)
+    idle = _diff(commandstats(r), cmd0)
+    out = {'idle_commands_per_s': (sum(idle.values()) - 1) / idle_s,
+           'idle_commands': {k: v / idle_s for k, v in idle.items()}}
+
+    async def assign():
+        c = conn(cc.port)
+        errors = 0
+        for _ in range(assignments):
+            s, _ = await c.request('POST', '/core/assign', body)
+            errors += s != 200
+        await c.close()
+        return errors
+    cmd0 = commandstats(r)
+    cpu0 = [servers.cpu_seconds(p) for p in (cc_pids, ws_pids)]
+    t = time.perf_counter()
+    errors = asyncio.run(assign())
+    elapsed = time.perf_counter() - t
+    cpu = [servers.cpu_seconds(p) - c0 for p, c0 in zip((cc_pids, ws_pids),
+                                                        cpu0)]
+    cmds = _diff(commandstats(r), cmd0)
+    r.close()
+    # less what the background jobs did meanwhile
+    background = out['idle_commands_per_s'] * elapsed
+    out.update(
+        assign_errors=errors,
+        hub_commands_per_assignment=(sum(cmds.values()) - 1 - background)
+        / assignments,
+        assign_commands={k: v / assignments for k, v in cmds.items()},
+        cc_cpu_ms_per_assignment=1000 * cpu[0] / assignments,
+        ws_cpu_ms_per_assignment=1000 * cpu[1] / assignments)
+    return out
