@@ -241,12 +241,12 @@ def bench_costs(args, results, keep):
     and WS Redis commands per frame (10 and 100 KB), checkpoint and
     heartbeat; hub commands and CPU per assignment; hub commands per
     second of the CC's background jobs for one WS."""
-    n = 5 if args.quick else 30
+    n = 5 if args.quick else 100
     ws = keep(servers.start_ws(num_processes=2, heartbeat_increment=3600))
     row = {'workload': 'costs', 'processes': 2}
     for size in (10_000, 100_000):
         row['ws_%dk' % (size // 1000)] = workloads.request_costs(
-            ws, size, 8, n)
+            ws, size, 8, n, 50 if args.quick else 1000)
     cc = keep(servers.start_cc(num_processes=2))
     ws2 = keep(servers.start_ws(command_centers=command_centers(cc)))
     count = 50 if args.quick else 400

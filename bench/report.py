@@ -110,6 +110,10 @@ def rest(results):
         print('\nper-request costs (WS of 2 processes; CPU with its Redis):')
         for size in ('10k', '100k'):
             for kind, v in c['ws_%s' % size].items():
+                if kind == 'rss_kb_per_connection':
+                    print('  %-5s memory per idle connection %.0f KB'
+                          % (size, v))
+                    continue
                 print('  %-5s %-30s %6.2f ms CPU %5.1f WS Redis commands'
                       % (size, kind, v['cpu_ms'], v['redis_commands']))
         h = c['hub']
@@ -209,7 +213,7 @@ def error_count(results):
         c = results['costs']
         n += c['hub']['assign_errors'] + sum(
             v['errors'] for size in ('ws_10k', 'ws_100k')
-            for v in c[size].values())
+            for v in c[size].values() if isinstance(v, dict))
     for key in ('sweep', 'volunteers'):
         if results.get(key):
             n += results[key]['mismatches']

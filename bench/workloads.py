@@ -320,8 +320,9 @@ def volunteers(ws, cores, duration, frame_every_s, size,
                                for i, sim in enumerate(sims)))
         elapsed = time.perf_counter() - start
         cpu = servers.cpu_seconds(pids) - cpu0
-        for sim in sims:
-            await sim.close()
+        # all at once: one after the other, the last would wait past the
+        # WS's header_timeout on a slow machine and find itself hung up
+        await asyncio.gather(*(sim.close() for sim in sims))
         return rec, elapsed, cpu
     rec, elapsed, cpu = asyncio.run(run())
     out = rec.summary(elapsed)
@@ -627,14 +628,16 @@ def _diff(after, before):
             if after[k] - before.get(k, 0) > 0}
 
 
-def request_costs(ws, size, cores=8, n=30):
+def request_costs(ws, size, cores=8, n=30, idle_connections=0):
     """Server CPU (the WS's processes with its Redis) and the WS's Redis
     commands per request of each kind a core sends: a frame PUT, a
     checkpoint PUT (measured as frame + checkpoint pairs, less the
     frames), a heartbeat, and a heartbeat on a new TLS connection (what a
     core pays whose connection was dropped while idle). `cores` cores
-    send `n` of each, one kind after the other; the capacity model
-    (docs/capacity.md) is built on these."""
+    send `n` of each, one kind after the other; then `idle_connections`
+    more connections send one heartbeat each and stay open: the servers'
+    memory per connection. The capacity model (docs/capacity.md) is built
+    on these."""
     bodies = _frame_bodies(size)
     target, _, _ = asyncio.run(create_streams(ws.port, cores))
     tokens = asyncio.run(activate(ws.port, target, cores))
@@ -681,7 +684,17 @@ def request_costs(ws, size, cores=8, n=30):
                          'redis_commands': sum(cmds.values()) / per,
                          'commands': {k: v / per for k, v in cmds.items()},
                          'errors': len(rec.errors)}
-        for s in sims:
+        # memory: idle keep-alive connections, each after one heartbeat
+        rss0 = servers.rss_bytes(pids)
+        idle = [SimCore(conn(ws.port), sims[i % cores].auth[
+            'Authorization'], 10 ** 6) for i in range(idle_connections)]
+        for i in range(0, len(idle), 50):
+            await asyncio.gather(*(s._request(
+                'heartbeats', 'POST', '/core/heartbeat', b'{}', None)
+                for s in idle[i:i + 50]))
+        out['rss_kb_per_connection'] = (servers.rss_bytes(pids) - rss0) \
+            / 1024 / max(1, len(idle))
+        for s in sims + idle:
             await s.close()
     asyncio.run(run())
     r.close()
