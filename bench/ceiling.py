@@ -39,8 +39,9 @@ class Bare(tornado.web.RequestHandler):
 
 
 class Disk:
-    """One process's files under `folder`: an open append-only frames file
-    per core and that core's newest checkpoint file."""
+    """One process's files under `folder`: an append-only frames file per
+    core (open from its first frame to its next checkpoint) and that
+    core's newest checkpoint file."""
 
     def __init__(self, folder, threads):
         self.folder = folder
@@ -79,6 +80,12 @@ class Disk:
             os.close(dfd)
 
     async def checkpoint(self, core, body):
+        # the frames so far are the checkpoint's: their file is closed
+        # (and reopened by the next frame), so open files stay bounded by
+        # the cores between two checkpoints
+        f = self.frames.pop(core, None)
+        if f is not None:
+            f.close()
         self.count += 1
         path = os.path.join(self.folder, '%s.%d.ckpt' % (core, self.count))
         await asyncio.get_running_loop().run_in_executor(
