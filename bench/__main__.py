@@ -61,8 +61,9 @@ def interleave(fns, reps, settle=True):
     all of them alike. With `settle`, every rep starts with nothing dirty
     in the page cache (a sync, outside the measure, timed in the result
     as `settle_s`): else the frames a rep wrote are written back 30 s
-    later (vm.dirty_expire_centisecs), inside whichever rep runs then, and
-    its fsyncs wait behind them (bench/writeback.py shows it)."""
+    later (vm.dirty_expire_centisecs), inside whichever rep runs then,
+    whose fsyncs can wait behind them (docs/benchmarks.md, the slow
+    rep)."""
     runs = {name: [] for name in fns}
     order = list(fns)
     for _ in range(reps):
