@@ -77,6 +77,29 @@ class TestBenchSmoke(unittest.TestCase):
         self.assertEqual((row['streams'], row['active']), (2000, 100))
 
 
+    def test_quick_costs(self):
+        """The per-request costs behind docs/capacity.md are measured
+        without errors for every kind of request (figures unchecked)."""
+        out = tmpdir('bench')
+        p = subprocess.run(
+            [sys.executable, '-m', 'bench', '--quick', '--only', 'costs',
+             '--out', out],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        with open(os.path.join(out, 'results.json')) as f:
+            row = json.load(f)['costs']
+        for size in ('ws_10k', 'ws_100k'):
+            self.assertEqual(sorted(row[size]),
+                             ['checkpoint', 'frame', 'heartbeat',
+                              'heartbeat on a new connection',
+                              'rss_kb_per_connection'])
+            for kind in ('checkpoint', 'frame', 'heartbeat'):
+                self.assertEqual(row[size][kind]['errors'], 0)
+            self.assertGreater(row[size]['frame']['redis_commands'], 0)
+        self.assertEqual(row['hub']['assign_errors'], 0)
+        self.assertGreater(row['hub']['hub_commands_per_assignment'], 0)
+
+
 class TestDurableCeiling(unittest.TestCase):
     """The durable ceiling does the work it claims: every frame byte a
     core sent is in that core's file, and its newest checkpoint is on disk
@@ -118,25 +141,3 @@ class TestDurableCeiling(unittest.TestCase):
         finally:
             ceiling.stop()
         self.assertFalse(os.path.exists(ceiling.data))
-
-    def test_quick_costs(self):
-        """The per-request costs behind docs/capacity.md are measured
-        without errors for every kind of request (figures unchecked)."""
-        out = tmpdir('bench')
-        p = subprocess.run(
-            [sys.executable, '-m', 'bench', '--quick', '--only', 'costs',
-             '--out', out],
-            cwd=ROOT, capture_output=True, text=True, timeout=300)
-        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
-        with open(os.path.join(out, 'results.json')) as f:
-            row = json.load(f)['costs']
-        for size in ('ws_10k', 'ws_100k'):
-            self.assertEqual(sorted(row[size]),
-                             ['checkpoint', 'frame', 'heartbeat',
-                              'heartbeat on a new connection',
-                              'rss_kb_per_connection'])
-            for kind in ('checkpoint', 'frame', 'heartbeat'):
-                self.assertEqual(row[size][kind]['errors'], 0)
-            self.assertGreater(row[size]['frame']['redis_commands'], 0)
-        self.assertEqual(row['hub']['assign_errors'], 0)
-        self.assertGreater(row['hub']['hub_commands_per_assignment'], 0)
