@@ -196,6 +196,14 @@ WS = dict(COMMON, **{
     'register_retry_max_in_s': (float, 60.0),
     'max_frame_body_size': (int, 32 * 1024 * 1024),
     'max_checkpoint_body_size': (int, 64 * 1024 * 1024),
+    # Byte budgets, in decoded bytes (docs/limits.md): the frames buffered
+    # by one activation between checkpoints, one checkpoint's state files,
+    # and a stream's committed total (frames and states of every chunk).
+    # A real core stays far below: a 10,000-atom XTC frame is ~40 KB and
+    # the reference core checkpoints every 60 s; a state.xml is a few MB.
+    'max_buffer_bytes': (int, 1024 * 1024 * 1024),
+    'max_checkpoint_bytes': (int, 256 * 1024 * 1024),
+    'max_stream_bytes': (int, 64 * 1024 * 1024 * 1024),
     'max_frames_per_request': (int, 100000),
     'max_error_length': (int, 16 * 1024),
     'max_errors_log_size': (int, 1024 * 1024),

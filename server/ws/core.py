@@ -27,11 +27,11 @@ from server.web import (
     TooLarge,
     bounded,
     check_files,
-    decode_files,
+    decoded_size,
     decoded_streams,
     encoded_size,
 )
-from server.ws import locks, stream_record, streams
+from server.ws import budgets, locks, stream_record, streams
 from server.ws.storage import BufferLost, TooManyFiles, encode_sizes
 
 log = logging.getLogger('siegetank.ws.core')
@@ -241,7 +241,7 @@ class FrameHandler(LockedCoreHandler):
                     lambda budget: app.storage.append_frames(
                         held.sid, decoded_streams(files, budget), most,
                         held.sizes),
-                    threads.disk)
+                    threads.disk, room=budgets.frame_room(config, held))
             except TooManyFiles as e:
                 raise TooLarge(str(e))
             if not await held.done(held.record_frame(
@@ -272,14 +272,14 @@ class CheckpointHandler(LockedCoreHandler):
             if n == 0:
                 self.write_json({})  # nothing buffered: a retry, a no-op
                 return
-            await decode_files(app.config, files, keep=False)
+            state = await decoded_size(app.config, files,
+                                       budgets.checkpoint_room(app.config))
             meta = {'frames': n, 'reported_frames': reported,
                     'time': time.time()}
-            seq, total = await threads.disk(commit, app.storage, held.sid,
-                                            n, files, meta, held.sizes,
-                                            held.error_count != 0)
+            seq, total, stored = await threads.disk(
+                commit, app.storage, held, files, meta, state)
             new = max(total - held.frames, 0)
-            if not await held.done(held.record_commit(total, new)):
+            if not await held.done(held.record_commit(total, new, stored)):
                 if seq is not None:
                     await threads.disk(app.storage.uncommit, held.sid, seq)
                 raise LockLost(held.sid)
@@ -288,19 +288,26 @@ class CheckpointHandler(LockedCoreHandler):
         self.write_json({})
 
 
-def commit(storage, sid, n, files, meta, sizes, reset_errors):
-    """Commit; returns (the new chunk's seq or None, the stream's committed
-    frames as the disk has them). A buffer already gone (committed by a
-    request whose reply was lost before Redis heard of it) is not committed
-    twice. A successful checkpoint resets the error count (errors are
-    consecutive)."""
+def commit(storage, held, files, meta, state):
+    """Commit `held`'s buffer with `files` (`state`: their decoded bytes);
+    returns (the new chunk's seq or None, the stream's committed frames as
+    the disk has them, its committed bytes). A buffer already gone
+    (committed by a request whose reply was lost before Redis heard of it)
+    is not committed twice. A successful checkpoint resets the error count
+    (errors are consecutive)."""
+    sid = held.sid
     if storage.buffer_files(sid):
-        seq, total = storage.commit(sid, n, files, meta, sizes)
+        seq, total = storage.commit(sid, held.buffer_frames, files, meta,
+                                    held.sizes)
+        stored = held.committed_bytes
+        stored = (storage.committed_bytes(sid) if stored is None
+                  else stored + sum(held.sizes.values()) + state)
     else:
         seq, total = None, storage.committed_frames(sid)
-    if reset_errors:
+        stored = storage.committed_bytes(sid)
+    if held.error_count != 0:
         storage.update_stream_meta(sid, error_count=0)
-    return seq, total
+    return seq, total, stored
 
 
 class HeartbeatHandler(CoreHandler):

@@ -3,14 +3,16 @@ and every Lua step that changes it. Nothing else reads or writes a stream
 hash's fields by name.
 
 The hash holds: target_id, status (OK/STOPPED), frames (committed),
-error_count (consecutive error stops), creation_date, active (0/1), cc
-(the command center that made it; '' before owners were kept), tags (JSON,
-only if any); while active only (an idle stream keeps its hash small):
-token (hash of the live token), donor, client (who the CC assigned it to),
-start_time, buffer_frames, digest (of the last accepted frame body, see
-core.body_digest), sizes (the buffer's bytes per file counted so far, see
-storage.encode_sizes) and the session (see sessions.py): session,
-session_cc, engine, core_version, frames0 (committed frames at its start).
+error_count (consecutive error stops), creation_date, active (0/1), cc (the
+command center that made it; '' before owners were kept), tags (JSON, only
+if any), bytes (committed decoded bytes, budgets.py; absent after a rebuild
+until the next checkpoint counts them); while active only (an idle stream
+keeps its hash small): token (hash of the live token), donor, client (who
+the CC assigned it to), start_time, buffer_frames, digest (of the last
+accepted frame body, see core.body_digest), sizes (the buffer's bytes per
+file counted so far, see storage.encode_sizes) and the session (see
+sessions.py): session, session_cc, engine, core_version, frames0 (committed
+frames at its start).
 
 A step that moves a stream in or out of its target's queue names the
 target's keys (target_record.py) in its KEYS. The steps that start from a
@@ -412,20 +414,21 @@ class Hold(NamedTuple):
     error_count: str = '0'
     frames: str = '0'
     sizes: str = ''
+    committed_bytes: str = ''
 
 
 # One round trip for the start of a frame or checkpoint: the stream of a
 # live token, its lock taken, and what the request needs from its hash.
 # Nothing else changes: a request refused for its body leaves no trace.
 # Returns false (token not live), {sid, 0} (lock busy) or {sid, 1, digest,
-# buffer_frames, error_count, frames, sizes}. Walks from the token to the
-# stream's hash and lock.
+# buffer_frames, error_count, frames, sizes, bytes}. Walks from the token
+# to the stream's hash and lock.
 _HOLD = Script("""
 local sid = redis.call('GET', token_key)
 if not sid then return false end
 local s = redis.call('HMGET', string.format(stream, sid), 'active', 'token',
                      'digest', 'buffer_frames', 'error_count', 'frames',
-                     'sizes')
+                     'sizes', 'bytes')
 if s[1] ~= '1' or s[2] ~= token then return false end
 local exp = redis.call('ZSCORE', heartbeats, sid)
 if not exp or tonumber(exp) < tonumber(now) then return false end
@@ -434,7 +437,7 @@ if not redis.call('SET', string.format(lock, sid), holder, 'NX', 'PX',
   return {sid, 0}
 end
 return {sid, 1, s[3] or '', s[4] or '0', s[5] or '0', s[6] or '0',
-        s[7] or ''}
+        s[7] or '', s[8] or ''}
 """, keys=('token_key', 'heartbeats'), walks=('stream', 'lock'),
     args=('token', 'now', 'holder', 'ttl_ms'), returns=Hold)
 
@@ -467,14 +470,15 @@ return 1
     args=('holder', 'sid', 'expiry', 'frames', 'digest', 'sizes'))
 
 # The buffer is a chunk now: if the lock is still this request's, record
-# the committed count and free the stream (1); else change nothing (0).
+# the committed count and bytes and free the stream (1); else change
+# nothing (0).
 # The error count starts again (errors_by: who counted in it); the new
 # frames count in their minute.
 _COMMIT_DONE = Script("""
 if redis.call('GET', lock) ~= holder then return 0 end
 redis.call('ZADD', heartbeats, 'XX', 'GT', expiry, sid)
 redis.call('HSET', stream, 'frames', committed, 'buffer_frames', '0',
-           'digest', '', 'sizes', '', 'error_count', '0')
+           'digest', '', 'sizes', '', 'error_count', '0', 'bytes', bytes)
 if tonumber(new_frames) > 0 then
   redis.call('HINCRBY', frames_per_minute, minute, new_frames)
 end
@@ -482,7 +486,8 @@ redis.call('DEL', errors_by)
 redis.call('DEL', lock)
 return 1
 """, keys=('stream', 'lock', 'errors_by', 'heartbeats', 'frames_per_minute'),
-    args=('holder', 'sid', 'expiry', 'committed', 'minute', 'new_frames'))
+    args=('holder', 'sid', 'expiry', 'committed', 'minute', 'new_frames',
+          'bytes'))
 
 
 class Held:
@@ -499,6 +504,8 @@ class Held:
         self.error_count = int(got.error_count)
         self.frames = int(got.frames)
         self.sizes = decode_sizes(got.sizes)
+        self.committed_bytes = (int(got.committed_bytes)
+                                if got.committed_bytes else None)
 
     def _common(self) -> dict[str, Any]:
         keys = self.app.keys
@@ -513,9 +520,11 @@ class Held:
                                       digest=digest, sizes=sizes,
                                       **self._common()))
 
-    async def record_commit(self, committed: int, new_frames: int) -> bool:
+    async def record_commit(self, committed: int, new_frames: int,
+                            committed_bytes: int) -> bool:
         keys = self.app.keys
         return bool(await _COMMIT_DONE(
             self.app.fastredis, errors_by=keys.errors_by(self.sid),
             frames_per_minute=keys.frames_per_minute, minute=minute(),
-            committed=committed, new_frames=new_frames, **self._common()))
+            committed=committed, new_frames=new_frames,
+            bytes=committed_bytes, **self._common()))
