@@ -192,6 +192,11 @@ WS = dict(COMMON, **{
     'heartbeat_increment': (int, 900),
     'pulse_frequency_in_ms': (int, 1000),
     'max_stream_fails': (int, 10),
+    # An anonymous client's error stop (error_stops.py) keeps the stream
+    # out of its queue this long, doubled for each one since the stream's
+    # last checkpoint, at most max_error_backoff_in_s.
+    'error_backoff_in_s': (int, 60),
+    'max_error_backoff_in_s': (int, 3600),
     'min_free_disk_in_mb': (int, 512),
     'register_retry_max_in_s': (float, 60.0),
     'max_frame_body_size': (int, 32 * 1024 * 1024),

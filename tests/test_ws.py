@@ -27,7 +27,7 @@ from server import fastredis, signing, store
 from server.disk import publish_dir
 from server.fastredis import Multiplexed
 from server.lua import Script
-from server.ws import core, recovery
+from server.ws import core, recovery, stream_record
 from server.ws import storage as storage_module
 from server.ws.app import WorkServer
 from tools.testing import (
@@ -576,6 +576,38 @@ class TestCore(WSTestCase):
         info = self.info(sid)
         self.assertEqual((info['status'], info['error_count']), ('OK', 0))
         self.assertEqual(self.download(sid)[1], b'ok')
+
+    def test_anonymous_error_stops_back_off(self):
+        tid, sid = self.new_stream()
+        doubling = []
+        for i in range(3):
+            code, reply = self.cc('/streams/activate', 'POST', {
+                'target_id': tid, 'client': 'addr:198.51.%d.7' % i})
+            self.assertEqual(code, 200, reply)
+            self.fetch_json('/core/stop', 'PUT', {'error': b64(b'x')},
+                            token=reply['token'])
+            info = self.info(sid)
+            self.assertEqual((info['status'], info['error_count']),
+                             ('OK', 0))
+            # Out of its queue until the back-off ends.
+            self.assertEqual(self.cc('/streams/activate', 'POST',
+                                     {'target_id': tid})[0], 503)
+            until = self.run_sync(self.redis.zscore, self.app.keys.backoff,
+                                  sid)
+            doubling.append(until)
+            self.run_sync(self.redis.zadd, self.app.keys.backoff, {sid: 1})
+            self.assertEqual(self.run_sync(stream_record.requeue_due,
+                                           self.app), 1)
+        # 60, 120, 240 s from each stop.
+        self.assertGreater(doubling[2] - doubling[1], 100)
+        # Vouched ones count, once per /24.
+        for client in ('addr:198.51.0.7', 'addr:198.51.0.8',
+                       'addr:198.51.1.7'):
+            code, reply = self.cc('/streams/activate', 'POST', {
+                'target_id': tid, 'client': client, 'vouched': True})
+            self.fetch_json('/core/stop', 'PUT', {'error': b64(b'x')},
+                            token=reply['token'])
+        self.assertEqual(self.info(sid)['error_count'], 2)
 
     def test_heartbeat_expiry_requeues_and_kills_token(self):
         tid, sid = self.new_stream()

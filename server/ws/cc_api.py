@@ -94,7 +94,8 @@ class ActivateHandler(CCHandler):
                 self.cc,
                 f('engine', str, '', check=lambda v: len(v) <= 64),
                 f('core_version', (str, type(None)), '',
-                  check=lambda v: v is None or len(v) <= 64) or '')
+                  check=lambda v: v is None or len(v) <= 64) or '',
+                f('vouched', bool, False))
 
     async def post(self):
         """One activation (its fields in the body), or several at once

@@ -39,6 +39,9 @@ class Keys:
         # set: clients whose error stops count in the stream's error_count
         # (once each), emptied with it
         self.errors_by = Key(p + 'errors_by:%s')
+        # zset: stream id -> when its back-off after anonymous error stops
+        # ends and it goes back to its queue (error_stops.py)
+        self.backoff = p + 'backoff'
         # string: stream id of a live core token (by its sha256)
         self.token = Key(p + 'token:%s')
         # zset: active stream id -> expiry (unix time)
