@@ -834,6 +834,39 @@ class TestTwoCommandCenters(WSTestCase):
         self.assertEqual(self.cc('/streams/info/' + other,
                                  token=OTHER_PASS)[0], 200)
 
+    def test_each_cc_reports_only_its_own(self):
+        mine, s1 = self.new_stream()
+        _, s2 = self.new_stream(mine, with_target=False)
+        token, _ = self.activate(mine)
+        self.frame(token, b'f', n=3)
+        self.checkpoint(token, b's')
+        theirs = str(uuid.uuid4())
+        code, reply = self.cc('/streams', 'POST', {
+            'target_id': theirs, 'target_files': target_files(),
+            'stream_files': {'state.xml.gz.b64': gzb64(b'x')}},
+            token=OTHER_PASS)
+        self.assertEqual(code, 200, reply)
+        code, reply = self.cc('/streams/activate', 'POST',
+                              {'target_id': theirs}, token=OTHER_PASS)
+        other = reply['token']
+        self.frame(other, b'g', n=5)
+        self.checkpoint(other, b's')
+        self.fetch_json('/core/stop', 'PUT', {'error': b64(b'x')},
+                        token=other)
+        for token, tid, ok, active, frames, errors in (
+                (CC_PASS, mine, 1, 1, 3, 0),
+                (OTHER_PASS, theirs, 1, 0, 5, 1)):
+            code, report = self.cc('/stats/report', token=token)
+            self.assertEqual(code, 200, report)
+            self.assertEqual(list(report['targets']), [tid])
+            self.assertEqual(report['streams'], {
+                'ok': ok, 'active': active, 'stopped': 0})
+            minutes = report['per_minute'].values()
+            self.assertEqual(sum(m['frames'] for m in minutes), frames)
+            self.assertEqual(sum(m['errors'] for m in minutes), errors)
+            self.assertEqual({s['target_id'] for s in report['sessions']},
+                             {tid} if errors else set())
+
     def test_owner_survives_a_rebuild_from_disk(self):
         tid, sid = self.new_stream()
         recovery.prepare(self.settings, self.redis_server.url)

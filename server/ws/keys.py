@@ -63,7 +63,8 @@ class Keys:
         # by that CC, one entry each (see sessions.py), deleted once the CC
         # acknowledges them
         self.outbox = Key(kept + 'sessions:%s')
-        # hash: unix minute -> frames committed in it
-        self.frames_per_minute = kept + 'frames-per-minute'
-        # hash: unix minute -> error stops in it
-        self.errors_per_minute = kept + 'errors-per-minute'
+        # hash: unix minute -> frames committed in it by activations that
+        # CC asked for (each CC's report shows only its own)
+        self.frames_per_minute = Key(kept + 'frames-per-minute:%s')
+        # hash: unix minute -> error stops in it, likewise per CC
+        self.errors_per_minute = Key(kept + 'errors-per-minute:%s')

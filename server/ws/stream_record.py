@@ -141,16 +141,24 @@ async def creation_dates(app: Any, sids: list[str]) -> list[tuple[
             in zip(sids, await pipe.execute()) if date is not None]
 
 
+async def owners(app: Any, sids: list[str]) -> list[str]:
+    """The owner ('' if none was kept) of each of `sids`."""
+    pipe = app.redis.pipeline(transaction=False)
+    for sid in sids:
+        pipe.hget(app.keys.stream(sid), 'cc')
+    return [owner or '' for owner in await pipe.execute()]
+
+
 async def exists(app: Any, sid: str) -> bool:
     return bool(await app.redis.exists(app.keys.stream(sid)))
 
 
 # End the session of an active stream (sessions.py): its target's active
 # count goes down, an error stop is counted in its minute, and its record
-# goes to the outbox of the CC that asked for the activation. `committed`:
-# the committed frames now, '' for the hash's.
-END_KEYS = ('target_active', 'errors_per_minute')
-END_WALKS = ('outbox',)
+# goes to the outbox of the CC that asked for the activation (its minute
+# too). `committed`: the committed frames now, '' for the hash's.
+END_KEYS = ('target_active',)
+END_WALKS = ('outbox', 'errors_per_minute')
 END_ARGS = ('now', 'minute', 'reason', 'committed')
 END_SESSION = """
 local function end_session(key, sid)
@@ -161,7 +169,8 @@ local function end_session(key, sid)
     redis.call('HDEL', target_active, s[9])
   end
   if reason == 'error' then
-    redis.call('HINCRBY', errors_per_minute, minute, 1)
+    redis.call('HINCRBY', string.format(errors_per_minute, s[2] or ''),
+               minute, 1)
   end
   if not s[1] or s[1] == '' then return end
   local frames = (tonumber(committed) or tonumber(s[8]) or 0)
@@ -181,7 +190,7 @@ def end_values(keys: Keys, mode: str, committed: int | str = '',
     """What END_SESSION takes, for an end by `mode`."""
     now = time.time() if now is None else now
     return {'target_active': keys.target_active,
-            'errors_per_minute': keys.errors_per_minute,
+            'errors_per_minute': keys.errors_per_minute.template,
             'outbox': keys.outbox.template, 'now': repr(now),
             'minute': minute(now), 'reason': REASON_OF_MODE[mode],
             'committed': committed}
@@ -526,20 +535,24 @@ return 1
 # the committed count and bytes and free the stream (1); else change
 # nothing (0).
 # The error count and the back-off start again (errors_by: who counted in
-# it); the new frames count in their minute.
+# it); the new frames count in their minute, for the CC that asked for the
+# activation (walks to its per-minute hash).
 _COMMIT_DONE = Script("""
 if redis.call('GET', lock) ~= holder then return 0 end
+local cc = redis.call('HGET', stream, 'session_cc') or ''
 redis.call('ZADD', heartbeats, 'XX', 'GT', expiry, sid)
 redis.call('HSET', stream, 'frames', committed, 'buffer_frames', '0',
            'digest', '', 'sizes', '', 'error_count', '0', 'bytes', bytes)
 redis.call('HDEL', stream, 'backoffs')
 if tonumber(new_frames) > 0 then
-  redis.call('HINCRBY', frames_per_minute, minute, new_frames)
+  redis.call('HINCRBY', string.format(frames_per_minute, cc), minute,
+             new_frames)
 end
 redis.call('DEL', errors_by)
 redis.call('DEL', lock)
 return 1
-""", keys=('stream', 'lock', 'errors_by', 'heartbeats', 'frames_per_minute'),
+""", keys=('stream', 'lock', 'errors_by', 'heartbeats'),
+    walks=('frames_per_minute',),
     args=('holder', 'sid', 'expiry', 'committed', 'minute', 'new_frames',
           'bytes'))
 
@@ -579,6 +592,7 @@ class Held:
         keys = self.app.keys
         return bool(await _COMMIT_DONE(
             self.app.fastredis, errors_by=keys.errors_by(self.sid),
-            frames_per_minute=keys.frames_per_minute, minute=minute(),
+            frames_per_minute=keys.frames_per_minute.template,
+            minute=minute(),
             committed=committed, new_frames=new_frames,
             bytes=committed_bytes, **self._common()))
