@@ -154,6 +154,50 @@ class TestErrorStops(AbuseTestCase):
         self.assertEqual(self.streams(tid)[sid]['error_count'], 1)
 
 
+class TestVouchedDonors(AbuseTestCase):
+    """A donor with credited frames is vouched for: its error stops count
+    (once per donor); a donor without any backs the stream off."""
+    cc_conf = {'stats_interval_in_ms': 200}
+    ws_conf = {'max_stream_fails': 2, 'error_backoff_in_s': 1,
+               'max_error_backoff_in_s': 1}
+
+    def take(self, token, tid):
+        """An assignment of the target's stream, once it is free."""
+        return wait_for(lambda: (lambda r: r.status_code == 200 and r.json())(
+            self.assign(donor_token=token, target_id=tid)), 'the stream')
+
+    def test_donors_with_history_stop_a_stream(self):
+        tid, (sid,) = self.target(1)
+        error = base64.b64encode(b'NaN').decode()
+        donors = {}
+        for _ in range(2):
+            name = uuid.uuid4().hex[:8]
+            donors[name] = self.cc.request('POST', '/donors', {
+                'username': name, 'email': name + '@d.org',
+                'password': 'pw'}).json()['token']
+        # No history yet: their error stops only back the stream off.
+        for token in donors.values():
+            self.core('PUT', self.take(token, tid), '/core/stop',
+                      {'error': error})
+        self.assertEqual(self.streams(tid)[sid]['error_count'], 0)
+        for name, token in donors.items():
+            reply = self.take(token, tid)
+            self.core('PUT', reply, '/core/frame',
+                      {'files': {'f.b64': b64(b'x')}})
+            self.core('PUT', reply, '/core/checkpoint',
+                      {'files': {'state.xml.b64': b64(b'<S/>')}})
+            self.core('PUT', reply, '/core/stop', {})
+            wait_for(lambda: self.cc.request(
+                'GET', '/donors/stats/' + name).json()['frames'],
+                'frames credited to ' + name)
+        for token in donors.values():
+            self.core('PUT', self.take(token, tid), '/core/stop',
+                      {'error': error})
+        info = self.streams(tid)[sid]
+        self.assertEqual((info['status'], info['error_count']),
+                         ('STOPPED', 2))
+
+
 class TestHogging(AbuseTestCase):
     cc_conf = {'client_max_held_streams': 2, 'client_hold_in_s': 6}
     ws_conf = {'core_start_window_in_s': 2, 'first_heartbeat_window_in_s': 3}
