@@ -589,9 +589,11 @@ class TestCore(WSTestCase):
             info = self.info(sid)
             self.assertEqual((info['status'], info['error_count']),
                              ('OK', 0))
-            # Out of its queue until the back-off ends.
+            # Not handed out until the back-off ends; counted as queued.
             self.assertEqual(self.cc('/streams/activate', 'POST',
                                      {'target_id': tid})[0], 503)
+            self.assertEqual(self.cc('/stats/report')[1]['streams'],
+                             {'ok': 1, 'active': 0, 'stopped': 0})
             until = self.run_sync(self.redis.zscore, self.app.keys.backoff,
                                   sid)
             doubling.append(until)

@@ -31,7 +31,8 @@ class Keys:
         # target
         self.target_streams = Key(p + 'target:%s:streams')
         # zset: inactive OK streams of the target, scored by committed
-        # frames; activation pops the highest
+        # frames (one backed off: by minus the end of its back-off);
+        # activation pops the highest
         self.queue = Key(p + 'target:%s:queue')
         # hash: a stream's record; its fields, and every step that changes
         # them, are in stream_record.py
@@ -40,7 +41,7 @@ class Keys:
         # (once each), emptied with it
         self.errors_by = Key(p + 'errors_by:%s')
         # zset: stream id -> when its back-off after anonymous error stops
-        # ends and it goes back to its queue (error_stops.py)
+        # ends and it is scored by its frames again (error_stops.py)
         self.backoff = p + 'backoff'
         # string: stream id of a live core token (by its sha256)
         self.token = Key(p + 'token:%s')

@@ -213,7 +213,8 @@ def end_on_restart(redis: Any, keys: Keys, sid: str, frames: int) -> bool:
 
 
 # Pop the best OK inactive stream of a target and give it a fresh token;
-# none for a CC other than the one that made the target. Its session
+# none for a CC other than the one that made the target, none while the
+# best is backed off (a negative score, see _DEACTIVATE). Its session
 # starts. Walks from the queue's stream id to its hash and to the key of
 # its token.
 _ACTIVATE = Script("""
@@ -221,6 +222,10 @@ while true do
   local popped = redis.call('ZPOPMAX', queue)
   if #popped == 0 then return false end
   local sid = popped[1]
+  if tonumber(popped[2]) < 0 then  -- the best is backed off: all are
+    redis.call('ZADD', queue, popped[2], sid)
+    return false
+  end
   local key = string.format(stream, sid)
   local s = redis.call('HMGET', key, 'status', 'active', 'cc', 'frames')
   if s[3] and s[3] ~= '' and s[3] ~= cc then
@@ -275,10 +280,12 @@ class Deactivated(NamedTuple):
 # Modes: expire (only if still active and expired), stop (core stop),
 # error (core stop with an error: from a client that counts, see
 # error_stops.py, counted once per client, STOPPED at max_fails; from
-# another, the stream waits in `backoff` before its queue: base seconds,
-# doubled for each such stop since the last checkpoint, at most
-# max_backoff), halt (CC stop: STOPPED). An active stream's session ends
-# here. Walks to the key of the stream's token.
+# another, the stream is backed off: queued with the score -(when it ends),
+# below every stream ready to go (activation never takes one), and in
+# `backoff` until then: base seconds, doubled for each such stop since the
+# last checkpoint, at most max_backoff), halt (CC stop: STOPPED). An
+# active stream's session ends here. Walks to the key of the stream's
+# token.
 _DEACTIVATE = Script(END_SESSION + """
 local s = redis.call('HMGET', stream, 'active', 'token', 'status', 'frames',
                      'error_count', 'client', 'vouched')
@@ -322,7 +329,7 @@ if status ~= 'OK' then
   redis.call('ZREM', queue, sid)
   redis.call('ZREM', backoff, sid)
 elseif delay > 0 then
-  redis.call('ZREM', queue, sid)
+  redis.call('ZADD', queue, -(tonumber(now) + delay), sid)
   redis.call('ZADD', backoff, tonumber(now) + delay, sid)
 elseif not redis.call('ZSCORE', backoff, sid) then
   redis.call('ZADD', queue, s[4], sid)
@@ -351,9 +358,10 @@ async def deactivate(app: Any, sid: str, target_id: str, mode: str
     return done
 
 
-# Streams whose back-off is over go back to their queue (if still OK and
-# inactive), at most `most` a call. Walks from the stream id to its hash
-# and its target's queue. Returns how many were due.
+# Streams whose back-off is over are ready again: queued by their
+# committed frames (if still OK, inactive and queued), at most `most` a
+# call. Walks from the stream id to its hash and its target's queue.
+# Returns how many were due.
 _REQUEUE_DUE = Script("""
 local due = redis.call('ZRANGEBYSCORE', backoff, '-inf', now, 'LIMIT', 0,
                        tonumber(most))
@@ -362,7 +370,7 @@ for _, sid in ipairs(due) do
   local s = redis.call('HMGET', string.format(stream, sid), 'status',
                        'active', 'frames', 'target_id')
   if s[1] == 'OK' and s[2] == '0' and s[4] then
-    redis.call('ZADD', string.format(queue, s[4]), s[3], sid)
+    redis.call('ZADD', string.format(queue, s[4]), 'XX', s[3], sid)
   end
 end
 return #due
