@@ -8,6 +8,7 @@ Counted from the sizes Redis keeps (the buffer's per file, the committed
 total), so a retry that varies a byte is counted like any frame."""
 from typing import Any
 
+from server import threads
 from server.web import TooLarge
 
 
@@ -36,3 +37,14 @@ def checkpoint_room(config: Any) -> tuple[int, str]:
     """(bytes, why) a checkpoint's state files may decode to."""
     return (config['max_checkpoint_bytes'],
             'the limit per checkpoint, max_checkpoint_bytes')
+
+
+async def committed(app: Any, held: Any, seq: int | None, state: int) -> int:
+    """The stream's committed bytes after the checkpoint of `held` made
+    chunk `seq` (None: its buffer was committed already, by a request whose
+    record was lost) with `state` decoded bytes of files: counted on, or
+    read from the disk when Redis does not know them."""
+    if seq is not None and held.committed_bytes is not None:
+        return int(held.committed_bytes + sum(held.sizes.values()) + state)
+    found: int = await threads.disk(app.storage.committed_bytes, held.sid)
+    return found

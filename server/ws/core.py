@@ -276,8 +276,10 @@ class CheckpointHandler(LockedCoreHandler):
                                        budgets.checkpoint_room(app.config))
             meta = {'frames': n, 'reported_frames': reported,
                     'time': time.time()}
-            seq, total, stored = await threads.disk(
-                commit, app.storage, held, files, meta, state)
+            seq, total = await threads.disk(commit, app.storage, held.sid,
+                                            n, files, meta, held.sizes,
+                                            held.error_count != 0)
+            stored = await budgets.committed(app, held, seq, state)
             new = max(total - held.frames, 0)
             if not await held.done(held.record_commit(total, new, stored)):
                 if seq is not None:
@@ -288,26 +290,19 @@ class CheckpointHandler(LockedCoreHandler):
         self.write_json({})
 
 
-def commit(storage, held, files, meta, state):
-    """Commit `held`'s buffer with `files` (`state`: their decoded bytes);
-    returns (the new chunk's seq or None, the stream's committed frames as
-    the disk has them, its committed bytes). A buffer already gone
-    (committed by a request whose reply was lost before Redis heard of it)
-    is not committed twice. A successful checkpoint resets the error count
-    (errors are consecutive)."""
-    sid = held.sid
+def commit(storage, sid, n, files, meta, sizes, reset_errors):
+    """Commit; returns (the new chunk's seq or None, the stream's committed
+    frames as the disk has them). A buffer already gone (committed by a
+    request whose reply was lost before Redis heard of it) is not committed
+    twice. A successful checkpoint resets the error count (errors are
+    consecutive)."""
     if storage.buffer_files(sid):
-        seq, total = storage.commit(sid, held.buffer_frames, files, meta,
-                                    held.sizes)
-        stored = held.committed_bytes
-        stored = (storage.committed_bytes(sid) if stored is None
-                  else stored + sum(held.sizes.values()) + state)
+        seq, total = storage.commit(sid, n, files, meta, sizes)
     else:
         seq, total = None, storage.committed_frames(sid)
-        stored = storage.committed_bytes(sid)
-    if held.error_count != 0:
+    if reset_errors:
         storage.update_stream_meta(sid, error_count=0)
-    return seq, total, stored
+    return seq, total
 
 
 class HeartbeatHandler(CoreHandler):
