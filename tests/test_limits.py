@@ -24,6 +24,7 @@ from tornado.tcpclient import TCPClient
 
 from server.cc import keys as cc_keys
 from server.cc import workservers
+from server.ws import recovery
 from tests.test_cc import CCTestCase
 from tests.test_ws import CONF, WSTestCase
 from tools.testing import (
@@ -290,6 +291,22 @@ class TestByteBudgets(WSTestCase):
         code, reply = self.put_frame(token, 15 * MB, 11)
         self.assertEqual(code, 413, reply)
         self.assertEqual(self.info(sid)['frames'], 3)
+
+    def test_the_stream_total_survives_a_rebuild(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        for mark in (1, 2):
+            self.assertEqual(self.put_frame(token, 20 * MB, mark), (200, {}))
+        self.checkpoint(token, b's1')
+        # Redis rebuilt from the disk alone: the total is not indexed, the
+        # next checkpoint reads it from the chunks.
+        recovery.prepare(self.settings, self.redis_server.url)
+        token, _ = self.activate(tid)
+        self.assertEqual(self.put_frame(token, 15 * MB, 3), (200, {}))
+        self.checkpoint(token, b's2')
+        code, reply = self.put_frame(token, 15 * MB, 4)
+        self.assertEqual(code, 413, reply)
+        self.assertIn('max_stream_bytes', reply['error'])
 
 
 class TestHostileManagers(CCTestCase):
