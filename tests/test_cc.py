@@ -414,10 +414,12 @@ class TestRegistry(CCTestCase):
         self.assertEqual(self.fetch_json(path, 'PUT', token=admin),
                          (200, {}))
         self.assertEqual(sorted(self.status()), ['w2'])
-        # Not probed any more: no record comes back.
+        # Not probed any more: no record comes back; its pending deletions
+        # stay for when it does.
         self.sync(lambda: workservers.probe_all(self.app))
-        self.assertFalse(self.sync(lambda: self.redis.exists(
-            keys.ws('w1'), keys.ws_pending_deletes('w1'))))
+        self.assertFalse(self.sync(lambda: self.redis.exists(keys.ws('w1'))))
+        self.assertEqual(self.sync(lambda: self.redis.smembers(
+            keys.ws_pending_deletes('w1'))), {'t'})
         self.assertEqual(sorted(self.status()), ['w2'])
         # It may register again.
         self.assertEqual(self.register('w1')[0], 200)
@@ -1034,6 +1036,31 @@ class TestStreamsAndAssign(CCTestCase):
         self.assertEqual(c, 200)
         self.assertEqual(len(a.streams()), 1)
         a.start()
+        c, _ = self.fetch_json('/ws/register', 'PUT', a.register_body(),
+                               token=CC_PASS)
+        self.assertEqual(c, 200)
+        self.sync(lambda: self.app.flushing['a'])
+        self.assertEqual((a.streams(), a.targets()), ({}, {}))
+        self.assertEqual(self.sync(lambda: self.redis.smembers(
+            keys.ws_pending_deletes('a'))), set())
+
+    def test_removed_ws_gets_its_pending_deletions_back(self):
+        # Issue 22 point 8: a target deleted while its WS was down, the WS
+        # removed by an admin and restarted: it must not keep the target.
+        admin = self.add_manager('root@x.org', role='admin')
+        a = self.add_ws('a')
+        tid = self.post_target(self.joe)
+        self.post_stream(tid)
+        a.stop()
+        c, _ = self.fetch_json('/targets/delete/' + tid, 'PUT',
+                               token=self.joe)
+        self.assertEqual(c, 200)
+        for _ in range(self.settings['max_ws_fails']):
+            self.sync(lambda: workservers.record_failure(self.app, 'a'))
+        self.assertEqual(self.fetch_json('/ws/remove/a', 'PUT', token=admin),
+                         (200, {}))
+        a.start()
+        self.assertEqual(len(a.streams()), 1)
         c, _ = self.fetch_json('/ws/register', 'PUT', a.register_body(),
                                token=CC_PASS)
         self.assertEqual(c, 200)

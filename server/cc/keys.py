@@ -13,7 +13,8 @@ Target files live here too, not on a CC's disk: any CC host serves them.
                                after a goodbye), source (the address it
                                registered from); workservers.Workserver
     ws:<name>:pending_deletes  set of target ids deleted while the WS did
-                               not answer
+                               not answer; kept when the WS is removed
+                               (PUT /ws/remove), replayed if it comes back
     ws:<name>:abandoned        zset: stream id whose creation on the WS the
                                CC gave up on (no answer) -> when; deleted
                                there when it answers again

@@ -131,14 +131,17 @@ return 1
 _REGISTER_ARGS = ('url', 'http_port', 'source', 'register', 'name')
 
 _REMOVE = Script("""
--- Forget an offline WS. KEYS: ws, its pending deletions, workservers.
--- ARGV: name. Returns an Outcome: 1 done, 0 online, -1 unknown.
-local ws, pending, workservers = KEYS[1], KEYS[2], KEYS[3]
+-- Forget an offline WS; its pending deletions stay (keys.py), replayed
+-- when a WS of that name registers again, so a target deleted while it
+-- was down never comes back with it.
+-- KEYS: ws, workservers. ARGV: name. Returns an Outcome: 1 done,
+-- 0 online, -1 unknown.
+local ws, workservers = KEYS[1], KEYS[2]
 local name = ARGV[1]
 local online = redis.call('HGET', ws, 'online')
 if not online then return -1 end
 if online == '1' then return 0 end
-redis.call('DEL', ws, pending)
+redis.call('DEL', ws)
 redis.call('SREM', workservers, name)
 return 1
 """)
@@ -162,8 +165,8 @@ async def disconnect(app: Any, name: str, source: str) -> Outcome:
 
 async def remove(app: Any, name: str) -> Outcome:
     return Outcome(await _REMOVE(
-        app.redis, [keys.ws(name), keys.ws_pending_deletes(name),
-                    keys.WORKSERVERS], argv(_REMOVE_ARGS, name=name)))
+        app.redis, [keys.ws(name), keys.WORKSERVERS],
+        argv(_REMOVE_ARGS, name=name)))
 
 
 def read(pipe: Any, name: str) -> None:
