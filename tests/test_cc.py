@@ -492,8 +492,12 @@ class TestTargets(CCTestCase):
         self.assertEqual(self.fetch_json('/targets', token=self.bob)[1],
                          {'targets': sorted([t2, t3])})
         self.assertEqual(self.fetch_json('/targets', token='junk')[0], 401)
-        # public info needs no token, private does
-        self.info(t2)
+        # public info needs no token, private does; the owner's email only
+        # to the owner and admins
+        self.assertNotIn('owner', self.info(t2))
+        self.assertNotIn('owner', self.info(t2, self.joe))
+        self.assertEqual(self.info(t2, self.bob)['owner'], 'bob@x.org')
+        self.assertEqual(self.info(t2, self.admin)['owner'], 'bob@x.org')
         c, body = self.fetch_json('/targets/info/' + t1)
         self.assertError(c, 401, body)
         self.info(t1, self.admin)
@@ -506,7 +510,7 @@ class TestTargets(CCTestCase):
             'stage': 'public', 'engine_versions': ['6.0', '6.1']},
             token=self.joe)
         self.assertEqual(c, 200, body)
-        after = self.info(tid)
+        after = self.info(tid, self.joe)
         self.assertEqual(after['stage'], 'public')
         self.assertEqual(after['engine_versions'], ['6.0', '6.1'])
         for same in ('options', 'description', 'weight', 'allowed_ws',

@@ -406,14 +406,20 @@ class TargetsHandler(APIHandler):
 class TargetInfoHandler(APIHandler):
     @allow('manager', 'anyone')
     async def get(self, target_id: str) -> None:
-        """A private target to its owner (and admins) only."""
+        """A private target to its owner (and admins) only; `owner` only
+        to them too."""
         target = await owned(self.application, target_id, None)
         if target.stage == 'private':
             if self.caller is None:
                 raise APIError(401, 'target %s is private' % target_id)
             await owned(self.application, target_id, self.caller)
         counts = await stream_counts(self.application, target_id)
-        self.write_json(target.info(sorted(counts)))
+        info = target.info(sorted(counts))
+        caller = self.caller
+        if caller is None or not (caller.is_admin
+                                  or caller.email == target.owner):
+            del info['owner']  # a manager's email is not public
+        self.write_json(info)
 
 
 class TargetUpdateHandler(APIHandler):
