@@ -7,13 +7,16 @@ import base64
 import gzip
 import json
 import os
+import uuid
+from unittest import mock
 
 from tornado.httpclient import AsyncHTTPClient
 
 from server import store
-from server.cc import accounts, keys, workservers
+from server.cc import accounts, keys, reconcile, workservers
 from server.cc.app import CommandCenter
 from server.lua import Script
+from server.ws import streams as ws_streams
 from tests.inprocess_ws import InProcessWS
 from tools.testing import CC_PASS, AppTestCase, RedisTestCase, certs
 
@@ -1099,3 +1102,55 @@ class TestStreamsAndAssign(CCTestCase):
         self.assertEqual(self.sync(lambda: self.redis.keys('*' + tid + '*')),
                          [])
         self.assertEqual(self.sync(lambda: self.redis.keys('stream:*')), [])
+
+
+class TestRogueWorkserver(TestStreamsAndAssign):
+    """A WS that holds the cc_pass and lies: the real WS of this process
+    with one of its answers replaced (issue 22)."""
+
+    def test_listing_keeps_only_streams_placed_there(self):
+        a = self.add_ws('a')
+        self.add_ws('b')
+        tid = self.post_target(self.joe)
+        sids = [self.post_stream(tid) for _ in range(4)]
+        on_a = sorted(s for s in sids if s.endswith(':a'))
+        on_b = sorted(s for s in sids if s.endswith(':b'))
+        real = ws_streams.target_streams
+
+        async def lying(app, target_id, cc):
+            listing = await real(app, target_id, cc)
+            if app is a.app:
+                entry = {'status': 'OK', 'frames': 0, 'error_count': 0,
+                         'active': False, 'tags': {}}
+                listing['../../../../../../../y'] = entry
+                listing['/etc/passwd'] = entry
+                listing[on_b[0]] = entry  # another WS's stream
+                listing['%s:a' % uuid.uuid4()] = entry  # never placed
+                listing[on_a[0]] = 'not an object'
+            return listing
+
+        with mock.patch.object(ws_streams, 'target_streams', lying):
+            c, body = self.fetch_json('/targets/streams/' + tid,
+                                      token=self.joe)
+        self.assertEqual(c, 200, body)
+        self.assertEqual(sorted(body['a']), on_a[1:])
+        self.assertEqual(sorted(body['b']), on_b)
+
+    def test_reconciliation_adopts_nothing_malformed(self):
+        a = self.add_ws('a')
+        tid = self.post_target(self.joe)
+        sid = self.post_stream(tid)
+        real = ws_streams.all_streams
+        bad = ['../../../../../../../y', '%s:b' % uuid.uuid4(), 'x:a']
+
+        async def lying(app, cc):
+            listing = await real(app, cc)
+            listing.update({s: 0 for s in bad})
+            listing['%s:a' % uuid.uuid4()] = 'yesterday'
+            return listing
+
+        with mock.patch.object(ws_streams, 'all_streams', lying):
+            self.sync(lambda: reconcile.reconcile_ws(self.app, 'a'))
+        self.assertEqual(self.sync(lambda: self.redis.smembers(
+            keys.target_streams(tid))), {sid})
+        self.assertEqual(len(a.streams()), 1)

@@ -13,6 +13,7 @@ from server import store
 from server.cc import keys, workservers
 from server.lua import Script
 from server.store import argv
+from server.web import STREAM_ID
 
 
 @dataclass(frozen=True)
@@ -234,3 +235,16 @@ async def on_ws(redis: Any, ws: str) -> dict[str, StreamRecord]:
             sid = key[len(prefix):]
             found[sid] = StreamRecord.from_hash(sid, h)
     return found
+
+
+async def placed_on(app: Any, target_id: str, ws: str,
+                    stream_ids: list[str]) -> set[str]:
+    """Those of `stream_ids` that are well formed and that the CC placed
+    (or adopted) on `ws` for the target: what a WS may list of it."""
+    suffix = ':' + ws
+    ids = [s for s in stream_ids if isinstance(s, str)
+           and STREAM_ID.fullmatch(s) and s.endswith(suffix)]
+    if not ids:
+        return set()
+    known = await app.redis.smismember(keys.target_streams(target_id), ids)
+    return {s for s, k in zip(ids, known) if k}

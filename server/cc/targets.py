@@ -25,7 +25,7 @@ from typing import Any
 from redis.exceptions import WatchError
 
 from server import peer, store
-from server.cc import keys, workservers
+from server.cc import keys, stream_map, workservers
 from server.cc.accounts import Manager, valid_weight
 from server.lua import Script
 from server.web import (
@@ -493,7 +493,22 @@ class TargetStreamsHandler(APIHandler):
             log.warning('streams of %s on %s: %d %s', target_id, ws_name,
                         reply.code, reply.error)
             return None
-        return reply.body
+        return await self._placed(ws_name, target_id, reply.body)
+
+    async def _placed(self, ws_name: str, target_id: str,
+                      listing: dict[str, Any]) -> dict[str, Any]:
+        """Only the streams the CC placed on that WS: a rogue or broken WS
+        cannot slip other ids (a path, another WS's stream) to clients."""
+        placed = await stream_map.placed_on(self.application, target_id,
+                                            ws_name, list(listing))
+        kept = {sid: info for sid, info in listing.items()
+                if sid in placed and isinstance(info, dict)}
+        if len(kept) != len(listing):
+            dropped = sorted(set(listing) - set(kept))
+            log.warning('streams of %s on %s: %d unknown or malformed '
+                        'dropped, first %r', target_id, ws_name,
+                        len(dropped), dropped[0][:100])
+        return kept
 
 
 default_handlers = [
