@@ -181,6 +181,8 @@ CC = dict(COMMON, **{
     'require_core_keys': (bool, False),
     # How often the CC pulls sessions and counts from each WS (collect.py).
     'stats_interval_in_ms': (int, 5000),
+    # A session record a WS reports with more frames counts for nobody.
+    'max_frames_per_session': (int, 1000000),
 })
 
 # A target file is one Redis value: at most proto-max-bulk-len (512 MB).

@@ -7,15 +7,17 @@ import base64
 import gzip
 import json
 import os
+import time
 import uuid
 from unittest import mock
 
 from tornado.httpclient import AsyncHTTPClient
 
 from server import store
-from server.cc import accounts, keys, reconcile, workservers
+from server.cc import accounts, collect, keys, reconcile, workservers
 from server.cc.app import CommandCenter
 from server.lua import Script
+from server.ws import sessions as ws_sessions
 from server.ws import streams as ws_streams
 from tests.inprocess_ws import InProcessWS
 from tools.testing import CC_PASS, AppTestCase, RedisTestCase, certs
@@ -1154,3 +1156,60 @@ class TestRogueWorkserver(TestStreamsAndAssign):
         self.assertEqual(self.sync(lambda: self.redis.smembers(
             keys.target_streams(tid))), {sid})
         self.assertEqual(len(a.streams()), 1)
+
+    def test_reports_are_checked(self):
+        a = self.add_ws('a')
+        tid = self.post_target(self.joe, stage='public')
+        other = self.post_target(self.joe, stage='public')  # none on a
+        sids = [self.post_stream(tid) for _ in range(2)]
+        now = time.time()
+
+        def record(sid, frames, **more):
+            r = {'id': uuid.uuid4().hex, 'donor': '', 'engine': 'openmm',
+                 'core_version': '1', 'target_id': tid, 'stream_id': sid,
+                 'start': repr(now - 60), 'end': repr(now),
+                 'reason': 'stop', 'frames': frames}
+            r.update(more)
+            return r
+        bogus = [record(sids[0], 10 ** 15),
+                 record('%s:a' % uuid.uuid4(), 5),   # never placed
+                 record(sids[1], 4, target_id=other),  # not its target
+                 record(sids[1], 3)]                 # the honest one
+
+        async def outbox():
+            for r in bogus:
+                await a.redis.xadd(a.keys.outbox(self.settings['name']), r)
+        self.sync(outbox)
+
+        async def summary(app):
+            return ['x'], {
+                tid: {'queued': 10 ** 15, 'active': 'many', 'stopped': -1},
+                other: {'queued': 7, 'active': 7, 'stopped': 7},
+                str(uuid.uuid4()): {'queued': 1, 'active': 1, 'stopped': 1},
+                '../x': 5}
+
+        async def per_minute(app):
+            return {str(int(now // 60)): {'frames': 10 ** 15, 'errors': 'x'},
+                    'soon': {'frames': 1}, '99999999999': 3}
+
+        with mock.patch.object(ws_sessions, 'summary', summary), \
+                mock.patch.object(ws_sessions, 'per_minute', per_minute):
+            self.sync(lambda: collect.pull(self.app, 'a'))
+        c, status = self.fetch_json('/status')
+        self.assertEqual(c, 200, status)
+        self.assertEqual(status['streams'], {
+            'total': 2, 'active': 0, 'idle': 2, 'stopped': 0})
+        self.assertEqual(status['targets'], {
+            tid: {'queued': 2, 'active': 0},
+            other: {'queued': 0, 'active': 0}})
+        self.assertLessEqual(max(status['history']['frames']), 2 * 60)
+        self.assertEqual(status['history']['errors'], [0] * 60)
+        c, stats = self.fetch_json('/targets/stats/' + tid, token=self.joe)
+        self.assertEqual((c, stats['frames'], stats['sessions']), (200, 3, 1))
+        c, stats = self.fetch_json('/targets/stats/' + other, token=self.joe)
+        self.assertEqual((c, stats['frames']), (200, 0))
+        # reports in Redis from before these checks do not break /status
+        self.sync(lambda: self.redis.hset(keys.ws_report('a'), mapping={
+            'streams': '[1]', 'targets': '"x"', 'per_minute': '{',
+            'disk_free_mb': 'many'}))
+        self.assertEqual(self.fetch_json('/status')[0], 200)

@@ -25,12 +25,14 @@ async def pull(app: Any, name: str) -> int:
             log.warning('report of %s: %d %s', name, reply.code, reply.error)
             return new
         await reports.keep(app.redis, name, reply.body)
-        sessions = reply.body.get('sessions') or []
-        if not sessions:
+        sessions = reply.body.get('sessions')
+        if not sessions or not isinstance(sessions, list):
             return new
-        new += await stats.store(app.redis, name, sessions)
+        new += await stats.store(app.redis, name, sessions,
+                                 app.config['max_frames_per_session'])
+        entries = [s.get('entry') for s in sessions if isinstance(s, dict)]
         ack = await workservers.request(app, name, 'PUT', '/stats/ack', {
-            'entries': [s.get('entry') for s in sessions]})
+            'entries': entries})
         if ack.code != 200:
             log.warning('ack to %s: %d %s', name, ack.code, ack.error)
             return new

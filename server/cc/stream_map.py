@@ -248,3 +248,29 @@ async def placed_on(app: Any, target_id: str, ws: str,
         return set()
     known = await app.redis.smismember(keys.target_streams(target_id), ids)
     return {s for s, k in zip(ids, known) if k}
+
+
+async def counts_on(redis: Any, ws: str,
+                    target_ids: list[str]) -> dict[str, int]:
+    """{target id: streams the CC placed on `ws`} of those targets that
+    have any there (a WS's report counts no other)."""
+    if not target_ids:
+        return {}
+    pipe = redis.pipeline(transaction=False)
+    for tid in target_ids:
+        pipe.hget(keys.target_ws(tid), ws)
+    return {tid: int(n) for tid, n in zip(target_ids, await pipe.execute())
+            if n and int(n) > 0}
+
+
+async def targets_of(redis: Any, ws: str,
+                     stream_ids: list[str]) -> dict[str, str]:
+    """{stream id: target id} of those streams the CC placed on `ws`."""
+    if not stream_ids:
+        return {}
+    pipe = redis.pipeline(transaction=False)
+    for sid in stream_ids:
+        pipe.hmget(keys.stream(sid), 'target_id', 'ws')
+    return {sid: tid for sid, (tid, on) in zip(stream_ids,
+                                               await pipe.execute())
+            if tid is not None and on == ws}
