@@ -159,6 +159,10 @@ CC = dict(COMMON, **{
     'signed_url_lifetime_in_s': (int, 3600),
     'max_files_per_target': (int, 64),
     'max_streams_per_target': (int, 100000),
+    # Bytes of target files (as sent) a manager may keep in the hub store,
+    # and all managers together: 507 past them (targets.py).
+    'max_target_bytes_per_manager': (int, 1024 * 1024 * 1024),
+    'max_target_bytes_total': (int, 8 * 1024 * 1024 * 1024),
     # How often each WS's streams are compared with the CC's map.
     'reconcile_interval_in_s': (float, 300.0),
     # Periodic jobs (probes, deletion replays) run in the one CC process

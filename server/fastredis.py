@@ -27,6 +27,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ConnectionError,
     NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
     TimeoutError,
@@ -94,6 +95,8 @@ def parse(buf, pos):
             return BusyLoadingError(message), pos
         if message.startswith('READONLY'):
             return ReadOnlyError(message), pos
+        if message.startswith('OOM'):  # at maxmemory: a 507
+            return OutOfMemoryError(message), pos
         return ResponseError(message), pos
     raise ConnectionError('unexpected reply from Redis: %r' % kind)
 

@@ -251,6 +251,10 @@ def redis_url(settings, embedded=None):
 # failover: the request fails with a 503 and Retry-After (server.web).
 DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
         redis.exceptions.ReadOnlyError)
+# Redis at its `maxmemory` (noeviction, docs/operations.md) refusing a
+# write: the request fails with a 507 (server.web), nothing half-written
+# that a client relies on.
+FULL = (redis.exceptions.OutOfMemoryError,)
 CONNECT_TIMEOUT = 2.0   # defaults of redis_connect_timeout_in_s and
 COMMAND_TIMEOUT = 5.0   # redis_timeout_in_s (server.config)
 

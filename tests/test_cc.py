@@ -1213,3 +1213,66 @@ class TestRogueWorkserver(TestStreamsAndAssign):
             'streams': '[1]', 'targets': '"x"', 'per_minute': '{',
             'disk_free_mb': 'many'}))
         self.assertEqual(self.fetch_json('/status')[0], 200)
+
+
+class TestTargetQuotas(CCTestCase):
+    conf = {'max_target_bytes_per_manager': 3 * 1024 * 1024,
+            'max_target_bytes_total': 9 * 512 * 1024}
+
+    def setUp(self):
+        super().setUp()
+        self.joe = self.add_manager('joe@x.org')
+        self.bob = self.add_manager('bob@x.org')
+
+    def big(self, token, code, mib=1):
+        text = base64.b64encode(os.urandom(mib * 768 * 1024)).decode()
+        return self.post_target(token, code, files={'a.b64': text})
+
+    def used_memory(self):
+        return self.sync(lambda: self.redis.info('memory'))['used_memory']
+
+    def test_quota_per_manager_and_in_all(self):
+        joes = [self.big(self.joe, 200) for _ in range(2)]
+        before = self.used_memory()
+        c, body = self.fetch_json('/targets', 'POST', {
+            'engine': 'openmm', 'engine_versions': ['6.0'],
+            'files': {'a.b64': base64.b64encode(
+                os.urandom(2 * 768 * 1024)).decode()}}, token=self.joe)
+        self.assertError(c, 507, body)
+        self.assertIn('manager', body['error'])
+        self.assertLess(self.used_memory() - before, 512 * 1024)
+        bobs = [self.big(self.bob, 200) for _ in range(2)]
+        c, body = self.fetch_json('/targets', 'POST', {
+            'engine': 'openmm', 'engine_versions': ['6.0'],
+            'files': {'a.b64': 'AAAA' * 230000}}, token=self.bob)
+        self.assertError(c, 507, body)
+        self.assertIn('full', body['error'])
+        # deleting gives the bytes back
+        for tid, token in [(t, self.joe) for t in joes] + [(bobs[0],
+                                                             self.bob)]:
+            self.assertEqual(self.fetch_json('/targets/delete/' + tid, 'PUT',
+                                             token=token)[0], 200)
+        self.big(self.joe, 200, mib=2)
+        self.assertEqual(self.sync(lambda: self.redis.hgetall(
+            keys.TARGET_BYTES)), {'joe@x.org': str(2 * 1024 * 1024 + 5),
+                                  'bob@x.org': str(1024 * 1024 + 5)})
+
+
+class TestStoreFull(CCTestCase):
+
+    def test_a_full_store_is_a_507(self):
+        joe = self.add_manager('joe@x.org')
+        used = self.sync(lambda: self.redis.info('memory'))['used_memory']
+        sync = store.connect_sync(self.redis_server.url)
+        try:
+            sync.config_set('maxmemory', used + 256 * 1024)
+            c, body = self.fetch_json('/targets', 'POST', {
+                'engine': 'openmm', 'engine_versions': ['6.0'],
+                'files': {'a.b64': base64.b64encode(
+                    os.urandom(1024 * 1024)).decode()}}, token=joe)
+            self.assertError(c, 507, body)
+            self.assertIn('full', body['error'])
+        finally:
+            sync.config_set('maxmemory', 0)
+            sync.close()
+        self.assertEqual(self.sync(lambda: self.redis.keys('target:*')), [])

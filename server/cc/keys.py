@@ -39,6 +39,10 @@ Target files live here too, not on a CC's disk: any CC host serves them.
     target:<id>:files          hash: file name -> the file as the manager
                                sent it (JSON string text), so that every
                                CC host serves and forwards it
+    target_bytes               hash: manager email -> bytes of its targets'
+                               files (with those being created), the
+                               per-manager quota (targets.py)
+    target_bytes:all           string: the same summed over every manager
     lease:jobs                 string: "host:pid:random" of the CC process
                                running the periodic jobs (probes, deletion
                                replays), expiring (server/lease.py)
@@ -133,6 +137,8 @@ donor_token = Key('donor_token:%s')
 TARGETS = 'targets'
 target = Key('target:%s')
 target_files = Key('target:%s:files')
+TARGET_BYTES = 'target_bytes'
+TARGET_BYTES_ALL = 'target_bytes:all'
 owner_targets = EmailKey('manager:%s:targets')
 stage_targets = Key('targets:stage:%s')
 target_ws = Key('target:%s:ws')
