@@ -172,10 +172,13 @@ CC = dict(COMMON, **{
     # replicas have them (WAIT); default 1 with Sentinel, else 0 (no WAIT).
     'redis_wait_replicas': (int, None),
     'redis_wait_timeout_in_ms': (int, 1000),
-    # Abuse controls of /core/assign, per client (donor, else address):
-    # assignments in their early window held at once, and per minute.
+    # Abuse controls of /core/assign, per client (a core key with limits,
+    # else donor, else address): streams held at once (a hold ends with
+    # its session, at the latest after client_hold_max_in_s; one whose
+    # session the WS does not name after client_hold_in_s), and per minute.
     'client_max_held_streams': (int, 32),
     'client_hold_in_s': (int, 420),
+    'client_hold_max_in_s': (int, 86400),
     'client_assigns_per_minute': (int, 120),
     # Failed logins allowed per account and per address in a window.
     'login_fails_per_account': (int, 10),

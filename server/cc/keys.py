@@ -56,12 +56,17 @@ Target files live here too, not on a CC's disk: any CC host serves them.
     login_fails:<scope>:<name> string with a TTL: failed logins of an
                                account (scope manager or donor) or an
                                address (scope addr) in the current window
-    client:<client>:held       zset: a client's assignments still counted
-                               as held -> when they stop counting (unix);
-                               a client is 'donor:<username>' or
-                               'addr:<ip>' (an IPv6 address by its /64)
+    client:<client>:held       zset: a client's holds (a session id, or an
+                               assignment's uuid until its activation
+                               names its session) -> when they stop
+                               counting at the latest (unix); a client
+                               is 'key:<core key id>', 'donor:<username>'
+                               or 'addr:<ip>' (an IPv6 address by its /64)
     client:<client>:rate       string with a TTL: assignments the client
                                asked for in the current minute
+    hold:<session id>          string with a TTL: the client whose hold
+                               the session is (a member of its held set),
+                               until the session's record comes (assign.py)
 
 Core keys (corekeys.py), stored hashed like tokens:
 
@@ -150,6 +155,7 @@ stream = Key('stream:%s')
 login_fails = Key('login_fails:%s:%s')
 client_held = Key('client:%s:held')
 client_rate = Key('client:%s:rate')
+hold = Key('hold:%s')
 
 # core keys
 CORE_KEYS = 'core_keys'
