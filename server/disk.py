@@ -7,9 +7,10 @@ import errno
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 
 
-def fsync_dir(path):
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -17,7 +18,8 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def write_file(path, data, sync=True, mode=0o666):
+def write_file(path: str, data: bytes | str, sync: bool = True,
+               mode: int = 0o666) -> None:
     """Create `path` with `data` (str is UTF-8), fsynced unless `sync` is
     false; `mode` before the umask."""
     if isinstance(data, str):
@@ -30,7 +32,7 @@ def write_file(path, data, sync=True, mode=0o666):
             os.fsync(f.fileno())
 
 
-def unlink(path):
+def unlink(path: str) -> None:
     """Remove a file if it is there."""
     try:
         os.unlink(path)
@@ -38,7 +40,7 @@ def unlink(path):
         pass
 
 
-def atomic_write(path, data, mode=0o666):
+def atomic_write(path: str, data: bytes | str, mode: int = 0o666) -> None:
     """Replace `path` by `data` as one step that survives a crash. A mode
     stricter than the default is set exactly (a file holding a secret)."""
     tmp = '%s.tmp-%s' % (path, uuid.uuid4().hex)
@@ -53,21 +55,22 @@ def atomic_write(path, data, mode=0o666):
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def publish_dir(tmp, final):
+def publish_dir(tmp: str, final: str) -> None:
     """fsync the built directory `tmp` and rename it to `final`
     (FileExistsError if `final` exists)."""
-    for folder, dirs, _ in os.walk(tmp, topdown=False):
+    for folder, _dirs, _files in os.walk(tmp, topdown=False):
         fsync_dir(folder)
     try:
         os.rename(tmp, final)
     except OSError as e:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise FileExistsError(e.errno, 'exists', final)
+            raise FileExistsError(e.errno, 'exists', final) from e
         raise
     fsync_dir(os.path.dirname(final))
 
 
-def build_dir(parent, final, fill):
+def build_dir(parent: str, final: str,
+              fill: Callable[[str], object]) -> None:
     """Build a directory under a temporary name in `parent` with
     `fill(tmp)`, then publish it as `final` in one step."""
     tmp = os.path.join(parent, '.tmp-%s' % uuid.uuid4().hex)
@@ -80,6 +83,6 @@ def build_dir(parent, final, fill):
         raise
 
 
-def read_text(path):
+def read_text(path: str) -> str:
     with open(path, 'rb') as f:
         return f.read().decode('utf-8')

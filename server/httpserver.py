@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 import weakref
+from typing import Any
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
@@ -51,7 +52,9 @@ class Server(HTTPServer):
             else min(body_grace, body_timeout or body_grace)
         # Seconds of credit a received byte gives (0: no minimum rate).
         self.per_byte = 1.0 / min_body_rate if min_body_rate else 0.0
-        self.deadlines = weakref.WeakKeyDictionary()  # connection -> time
+        # connection -> time
+        self.deadlines: weakref.WeakKeyDictionary[Any, float] = \
+            weakref.WeakKeyDictionary()
         self.sweeper = PeriodicCallback(self.sweep, 1000 * SWEEP_S)
         self.sweeper.start()
 
@@ -70,7 +73,7 @@ class Server(HTTPServer):
         try:
             client = await asyncio.wait_for(proxy.read_header(connection),
                                             self.header_timeout)
-        except (asyncio.TimeoutError, OSError, proxy.BadHeader) as e:
+        except (TimeoutError, OSError, proxy.BadHeader) as e:
             log.info('connection of proxy %s closed: %s', address[0],
                      str(e) or type(e).__name__)
             connection.close()
@@ -109,11 +112,11 @@ class _Phases(httputil.HTTPMessageDelegate):
     def __init__(self, server, conn, delegate, request_conn):
         self.server, self.conn, self.delegate = server, conn, delegate
         self.last = None  # the body's hard deadline, while it comes
-        self.context = getattr(request_conn, 'context', None)
+        self.context: Any = getattr(request_conn, 'context', None)
 
     def headers_received(self, start_line, headers):
         server = self.server
-        peer = getattr(self.context, 'address', None)
+        peer: Any = getattr(self.context, 'address', None)
         if getattr(peer, 'proxy', None) and not peer.declared:
             # A balancer that terminated TLS: its X-Forwarded-For, per
             # request (the connection's context is shared by them).

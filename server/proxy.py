@@ -79,7 +79,7 @@ def parse_v1(line):
     try:
         parts = line[:-2].decode('ascii').split(' ')
     except UnicodeDecodeError:
-        raise BadHeader('PROXY v1 header is not ASCII')
+        raise BadHeader('PROXY v1 header is not ASCII') from None
     if parts[:2] == ['PROXY', 'UNKNOWN']:
         return None
     if len(parts) != 6 or parts[0] != 'PROXY' \
@@ -90,7 +90,7 @@ def parse_v1(line):
         ipaddress.ip_address(parts[3])
         port = int(parts[4])
     except ValueError:
-        raise BadHeader('malformed PROXY v1 addresses')
+        raise BadHeader('malformed PROXY v1 addresses') from None
     if ip.version != (4 if parts[1] == 'TCP4' else 6) \
             or not 0 <= port <= 65535:
         raise BadHeader('malformed PROXY v1 addresses')
@@ -126,7 +126,11 @@ async def _readable(sock):
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
     fd = sock.fileno()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
     try:
         await ready
     finally:

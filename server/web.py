@@ -23,6 +23,7 @@ import tornado.web
 from tornado.web import HTTPError
 
 from server import metrics, store, threads, tls
+from server.config import Settings
 
 
 def _no_constant(name):
@@ -37,12 +38,12 @@ def _no_constant(name):
 try:  # strict: no NaN/Infinity, no lone surrogates, bounded depth
     from orjson import loads as json_loads
 except ImportError:
-    def json_loads(raw):
+    def json_loads(raw):  # type: ignore[misc]
         return json.loads(raw, parse_constant=_no_constant)
 try:
     from pybase64 import b64decode
 except ImportError:
-    b64decode = base64.b64decode
+    b64decode = base64.b64decode  # type: ignore[assignment]
 
 access_log = logging.getLogger('siegetank.access')
 app_log = logging.getLogger('siegetank')
@@ -147,7 +148,8 @@ def _inflate(name, data, budget):
             try:
                 part = inflater.decompress(data, INFLATE_STEP)
             except zlib.error:
-                raise APIError(400, 'file %s.gz.b64 is not valid gzip' % name)
+                raise APIError(400, 'file %s.gz.b64 is not valid gzip'
+                               % name) from None
             data = inflater.unconsumed_tail
             if not part and not data:
                 raise APIError(400, 'file %s.gz.b64 is not valid gzip '
@@ -182,7 +184,7 @@ def decode_pieces(name, value, budget):
     try:
         data = b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, 'file %s.b64 is not valid base64' % name)
+        raise APIError(400, 'file %s.b64 is not valid base64' % name) from None
     if name.endswith('.gz'):
         return name[:-3], _inflate(name[:-3], data, budget)
     return name, _whole(name, data, budget)
@@ -289,8 +291,8 @@ async def bounded(config, encoded, work, pool=threads.cpu):
     small (a thread hop costs more), else in `pool`. Work cut short on the
     loop (Offload) is done again in the pool, so it must undo itself when
     it raises."""
-    per_file = config['max_decoded_file_size']
-    total = config['max_decoded_request_size']
+    per_file = config.max_decoded_file_size_in_bytes
+    total = config.max_decoded_request_size_in_bytes
     if encoded <= INLINE_DECODE_MAX:
         try:
             return work(Budget(min(per_file, INLINE_DECODE_MAX),
@@ -318,12 +320,14 @@ class App(tornado.web.Application):
     registrations happen once across processes."""
 
     holder = ''  # this worker's mark on what it holds (runner sets it)
+    config: Settings
+    redis: Any  # a redis.asyncio client
 
     def __init__(self, handlers, settings, redis, task_id=0):
         self.config = settings
         self.redis = redis
         self.task_id = task_id
-        self.client_ssl = tls.client_context(settings['ssl_ca_certs'])
+        self.client_ssl = tls.client_context(settings.ssl_ca_certs)
         self.route_names = metrics.route_names(handlers)
         check_permissions(handlers)
         super().__init__(handlers, default_handler_class=NotFoundHandler,
@@ -360,18 +364,19 @@ def http_server_options(settings):
     `min_body_rate_in_bytes_per_s` after `body_grace_in_s`). Bodies are
     bounded per endpoint by APIHandler, which refuses early with a JSON
     413; the server-wide bound only has to be above every endpoint's."""
-    return {'header_timeout': settings['header_timeout_in_s'],
-            'body_timeout': settings['body_timeout_in_s'],
-            'body_grace': settings['body_grace_in_s'],
-            'min_body_rate': settings['min_body_rate_in_bytes_per_s'],
-            'trusted_proxies': settings['trusted_proxies'],
-            'max_body_size': max(settings[k] for k in BODY_LIMITS
-                                 if k in settings) + 1}
+    return {'header_timeout': settings.header_timeout_in_s,
+            'body_timeout': settings.body_timeout_in_s,
+            'body_grace': settings.body_grace_in_s,
+            'min_body_rate': settings.min_body_rate_in_bytes_per_s,
+            'trusted_proxies': settings.trusted_proxies,
+            'max_body_size': max(getattr(settings, k) for k in BODY_LIMITS
+                                 if settings.applies(k)) + 1}
 
 
 # The config keys of the body limits; an endpoint names its own.
-BODY_LIMITS = ('max_small_body_size', 'max_body_size',
-               'max_frame_body_size', 'max_checkpoint_body_size')
+BODY_LIMITS = ('max_small_body_size_in_bytes', 'max_body_size_in_bytes',
+               'max_frame_body_size_in_bytes',
+               'max_checkpoint_body_size_in_bytes')
 
 
 def log_request(handler):
@@ -530,7 +535,7 @@ def _after_body(method, parse):
         if inspect.isawaitable(result):
             result = await result
         return result
-    wrapper.after_body = True
+    wrapper.after_body = True  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -551,13 +556,16 @@ class APIHandler(tornado.web.RequestHandler):
     endpoint's limit (LINGER_MAX when it was too long), so the client
     reads the reply, then the connection is closed."""
 
-    body_limit = 'max_small_body_size'
-    _body = None
-    _declared = None  # the Content-Length, if any
+    body_limit = 'max_small_body_size_in_bytes'
+    # The server's App (cc/app.py or ws/app.py): what a handler reads
+    # beyond `config` and `redis` is the app's own.
+    application: Any
+    _body: Any = None
+    _declared: int | None = None  # the Content-Length, if any
+    _chunks: list[bytes] | None = []  # replaced per request (prepare)
     body_md5 = None
     refused = False
     body_read = False
-    application: Any  # the server's App (CommandCenter or WorkServer)
     caller: Caller = None  # who the method's @allow recognised
     resource: Any = None  # what its owner check loaded
 
@@ -571,11 +579,11 @@ class APIHandler(tornado.web.RequestHandler):
                                                                 'post')))
 
     @property
-    def redis(self):
+    def redis(self) -> Any:
         return self.application.redis
 
     @property
-    def config(self):
+    def config(self) -> Settings:
         return self.application.config
 
     def set_default_headers(self):
@@ -588,10 +596,11 @@ class APIHandler(tornado.web.RequestHandler):
     async def prepare(self):
         self._chunks = []
         self._size = 0
-        self._limit = self.config[self.body_limit]
+        self._limit = getattr(self.config, self.body_limit)
         # Bodies are measured here and as they come (data_received, also
         # for chunked ones), not by Tornado, which would answer a bare 400.
-        self.request.connection.set_max_body_size(1 << 62)
+        connection: Any = self.request.connection  # an HTTP1Connection
+        connection.set_max_body_size(1 << 62)
         length = self.request.headers.get('Content-Length', '')
         if length.isascii() and length.isdigit():
             self._declared = int(length) if len(length) < 19 else 1 << 62
@@ -661,20 +670,21 @@ class APIHandler(tornado.web.RequestHandler):
         if self._size > self._limit:
             return self.refuse(TooLarge('body is over the limit of %d bytes'
                                         % self._limit))
+        assert self._chunks is not None  # None only once refused
         self._chunks.append(chunk)
         return None
 
     def body_received(self):
         """The whole body is in: keep it as request.body, check its
         Content-MD5, parse it."""
-        self.request.body = b''.join(self._chunks)
-        self._chunks = None
+        self.request.body = b''.join(self._chunks or ())
+        self._chunks = []
         md5 = self.request.headers.get('Content-MD5')
         if md5 is not None:
             self.body_md5 = hashlib.md5(self.request.body).hexdigest()
             if self.body_md5 != md5.strip().lower():
                 raise APIError(400, 'Content-MD5 does not match body')
-        self.body
+        _ = self.body  # parsed now: bad JSON is a 400 before the handler
 
     @property
     def body(self):
@@ -687,7 +697,7 @@ class APIHandler(tornado.web.RequestHandler):
                 try:
                     self._body = json_loads(raw)
                 except (ValueError, UnicodeDecodeError, RecursionError):
-                    raise APIError(400, 'body is not valid JSON')
+                    raise APIError(400, 'body is not valid JSON') from None
                 if not isinstance(self._body, dict):
                     raise APIError(400, 'body must be a JSON object')
                 if _has_lone_surrogate(self._body):
@@ -802,7 +812,7 @@ class HealthHandler(APIHandler):
             await self.redis.ping()
         except store.DOWN as e:
             raise APIError(503, 'store down: redis is not reachable (%s)'
-                           % (str(e) or type(e).__name__))
-        self.write_json({'name': self.config['name'],
-                         'kind': self.config['kind'],
+                           % (str(e) or type(e).__name__)) from e
+        self.write_json({'name': self.config.name,
+                         'kind': self.config.kind,
                          'store': 'up', 'time': time.time()})

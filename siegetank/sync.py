@@ -144,7 +144,7 @@ def fetch_file(stream, filename, path, progress=None):
     except requests.RequestException as e:
         raise SiegetankError('sync of %s of stream %s interrupted (%s); sync '
                              'again to resume' % (filename, stream.id,
-                                                  _why(e)))
+                                                  _why(e))) from e
     finally:
         reply.close()
     done = '%s.done-%d' % (path, offset)

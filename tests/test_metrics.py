@@ -41,7 +41,7 @@ def requests_of(sample, route, status='200', method='GET'):
 
 def served_by(server, route):
     """The pids whose own counter file has requests of `route`."""
-    folder = os.path.join(server.settings['data_folder'], 'prometheus')
+    folder = os.path.join(server.settings.data_folder, 'prometheus')
     pids = set()
     for f in os.listdir(folder):
         if f.startswith('counter_'):

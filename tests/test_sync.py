@@ -85,7 +85,7 @@ class SyncTestCase(unittest.TestCase):
 
     def committed(self, sid, name='frames.dat'):
         """The stream's committed bytes of `name`, read from the WS's disk."""
-        root = os.path.join(self.ws.settings['data_folder'], 'streams', sid,
+        root = os.path.join(self.ws.settings.data_folder, 'streams', sid,
                             'chunks')
         data = b''
         for chunk in sorted(os.listdir(root)):
@@ -109,7 +109,7 @@ class SyncTestCase(unittest.TestCase):
         id), holding `frames` committed frames."""
         target, sids = self.cluster.synthetic_target(streams=2)
         sids = sorted(sids)
-        for sid, n in zip(sids, frames):
+        for sid, n in zip(sids, frames, strict=True):
             self.run_frames(target, sid, n)
         return target, sids
 

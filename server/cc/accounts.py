@@ -116,8 +116,8 @@ async def _create(app: Any, account_key: str, unique_keys: dict[str, str],
         [name, '1' if bootstrap else '0',
          '1' if fields.get('role') == 'admin' else '0',
          *unique_keys.values(), *chain.from_iterable(fields.items())],
-        app.config['redis_wait_replicas'],
-        app.config['redis_wait_timeout_in_ms'])
+        app.config.redis_wait_replicas,
+        app.config.redis_wait_timeout_in_ms)
     if created == -1:
         raise BootstrapClosed()
     return created == 1
@@ -288,8 +288,8 @@ async def login(handler: APIHandler, scope: str, name: str, account_key: str,
                 keys.login_fails('addr', handler.request.remote_ip)]
     wait = await _LOGIN_BLOCKED(redis, counters, argv(
         _LOGIN_BLOCKED_ARGS,
-        account_budget=config['login_fails_per_account'],
-        address_budget=config['login_fails_per_address']))
+        account_budget=config.login_fails_per_account,
+        address_budget=config.login_fails_per_address))
     if wait:
         raise too_many('too many failed logins for this account or address;'
                        ' retry later', wait)
@@ -297,7 +297,7 @@ async def login(handler: APIHandler, scope: str, name: str, account_key: str,
                                 password)
     if token is None:
         await _LOGIN_FAILED(redis, counters, argv(
-            _LOGIN_FAILED_ARGS, window_s=config['login_fail_window_in_s']))
+            _LOGIN_FAILED_ARGS, window_s=config.login_fail_window_in_s))
         raise APIError(401, 'wrong %s or password'
                        % ('email' if scope == 'manager' else 'username'))
     await redis.delete(counters[0])
@@ -341,7 +341,7 @@ class Bootstrap:
 async def _bootstrap(handler: APIHandler,
                      rule: Permission) -> Bootstrap | None:
     """Anyone from loopback while `allow_loopback_bootstrap` is on."""
-    if handler.config['allow_loopback_bootstrap'] \
+    if handler.config.allow_loopback_bootstrap \
             and not handler.via_proxy \
             and is_loopback(handler.request.remote_ip or ''):
         return Bootstrap()
@@ -378,7 +378,7 @@ class ManagersHandler(APIHandler):
                 bootstrap=isinstance(self.caller, Bootstrap))
         except BootstrapClosed:
             raise APIError(401, 'an admin exists: an admin token is '
-                           'required to create managers')
+                           'required to create managers') from None
         if token is None:
             raise APIError(409, 'manager %s already exists' % email)
         log.info('created %s %s', role, email)

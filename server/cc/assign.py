@@ -221,7 +221,7 @@ class Admitted:
                     hold=keys.hold(session), member=self.member,
                     session=session, client=self.client,
                     now=repr(time.time()),
-                    hold_max_s=app.config['client_hold_max_in_s'])
+                    hold_max_s=app.config.client_hold_max_in_s)
 
 
 async def release(redis, sessions):
@@ -240,8 +240,8 @@ def limits(app, key):
     core_key role's CoreKeyUse, or None): a key made with limits counts as
     one client with its own; else the anonymous limits."""
     config = app.config
-    held, per_minute = (config['client_max_held_streams'],
-                        config['client_assigns_per_minute'])
+    held, per_minute = (config.client_max_held_streams,
+                        config.client_assigns_per_minute)
     if key is None or key.limits is None:
         return '', held, per_minute
     return ('key:%s' % key.key_id, key.limits.get('held', held),
@@ -267,7 +267,7 @@ async def candidates(app, engine, version, stages, target_id, donor_token,
             if donor_token else '', address=client_of(address),
             now=repr(time.time()), held_template=keys.client_held.template,
             rate_template=keys.client_rate.template,
-            max_held=max_held, hold_s=config['client_hold_in_s'],
+            max_held=max_held, hold_s=config.client_hold_in_s,
             max_per_minute=max_per_minute, member=member,
             key_client=key_client))
     if donor is None:

@@ -30,7 +30,7 @@ async def pull(app: Any, name: str) -> int:
         if not sessions or not isinstance(sessions, list):
             return new
         new += await stats.store(app.redis, name, sessions,
-                                 app.config['max_frames_per_session'])
+                                 app.config.max_frames_per_session)
         await assign.release(app.redis, [s.get('id') for s in sessions
                                          if isinstance(s, dict)])
         entries = [s.get('entry') for s in sessions if isinstance(s, dict)]

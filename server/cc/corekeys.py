@@ -137,7 +137,7 @@ async def listing(redis: Any) -> dict[str, dict[str, Any]]:
     for key_id in ids:
         pipe.hgetall(keys.core_key(key_id))
     out = {}
-    for key_id, h in zip(ids, await pipe.execute()):
+    for key_id, h in zip(ids, await pipe.execute(), strict=True):
         if h:
             out[key_id] = CoreKey.from_hash(key_id, h).listed()
     return out
@@ -159,7 +159,7 @@ async def _core_key(handler: APIHandler,
     updated) for a missing, unknown or revoked key."""
     key = handler.token()
     if key is None:
-        if handler.config['require_core_keys']:
+        if handler.config.require_core_keys:
             raise APIError(401, 'this command center requires a core key '
                            '(Authorization): %s' % UPDATE)
         return None

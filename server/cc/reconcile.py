@@ -133,7 +133,7 @@ async def reconcile_ws(app: Any, ws: str) -> None:
     known = await stream_map.on_ws(app.redis, ws)
     abandoned = dict(await app.redis.zrange(keys.ws_abandoned(ws), 0, -1,
                                             withscores=True))
-    grace = time.time() - 3 * app.config['ws_timeout_in_s']
+    grace = time.time() - 3 * app.config.ws_timeout_in_s
     for sid in sorted(set(on_ws) - set(known)):
         if sid in abandoned:
             await _delete_abandoned(app, ws, sid, abandoned[sid])

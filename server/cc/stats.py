@@ -160,7 +160,7 @@ async def top_donors(redis, n):
     sessions = await pipe.execute() if rows else []
     return [{'username': name, 'frames': int(frames),
              'sessions': int(s or 0)}
-            for (name, frames), s in zip(rows, sessions)]
+            for (name, frames), s in zip(rows, sessions, strict=True)]
 
 
 async def target(redis, target_id, active_cores):

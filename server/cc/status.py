@@ -13,6 +13,7 @@ everything, independent of how many streams there are.
 import collections
 import logging
 import time
+from typing import Any
 
 from server import store
 from server.cc import keys, reports, workservers
@@ -87,9 +88,9 @@ async def status(redis, admin=False):
     pipe.smembers(keys.stage_targets('public'))
     replies = await pipe.execute()
     public = replies.pop()
-    history = {'start': minutes[0] * 60,
+    history: dict = {'start': minutes[0] * 60,
                'frames': [0] * HISTORY, 'errors': [0] * HISTORY}
-    for what, counts in zip(COUNTED, replies[3 * len(names):]):
+    for what, counts in zip(COUNTED, replies[3 * len(names):], strict=True):
         history[what] = [_int_or_zero(c) for c in counts]
     totals = {'ok': 0, 'active': 0, 'stopped': 0}
     targets = {tid: {'queued': 0, 'active': 0} for tid in public}
@@ -114,7 +115,7 @@ async def status(redis, admin=False):
             history['errors'][j] += c.get('errors', 0)
             frames += c.get('frames', 0)
             errors += c.get('errors', 0)
-        entry = {'online': ws.online,
+        entry: dict[str, Any] = {'online': ws.online,
                  'last_seen': rep.time,
                  'streams': {s: streams.get(s, 0) for s in totals},
                  'disk_free_mb': rep.disk_free_mb}

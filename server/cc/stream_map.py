@@ -171,7 +171,7 @@ async def reserve(app: Any, target_id: str, skip: list[str],
                     keys.target_ws_files(tid), keys.WORKSERVERS],
         argv(_RESERVE_ARGS, ws_template=keys.ws.template,
              offset=random.randrange(1 << 30),
-             max_streams=app.config['max_streams_per_target'],
+             max_streams=app.config.max_streams_per_target,
              skip=json.dumps(skip), allowed=json.dumps(allowed)))
     if reserved is None:
         raise TargetGone(tid)
@@ -198,8 +198,8 @@ async def record(app: Any, stream_id: str, target_id: str, ws: str) -> bool:
         [keys.target(tid), keys.stream(stream_id), keys.target_streams(tid),
          keys.target_ws_files(tid)],
         argv(_RECORD_ARGS, stream_id=stream_id, target_id=tid, ws=ws),
-        app.config['redis_wait_replicas'],
-        app.config['redis_wait_timeout_in_ms']))
+        app.config.redis_wait_replicas,
+        app.config.redis_wait_timeout_in_ms))
 
 
 async def adopt(app: Any, stream_id: str, target_id: str, ws: str) -> int:
@@ -247,7 +247,7 @@ async def placed_on(app: Any, target_id: str, ws: str,
     if not ids:
         return set()
     known = await app.redis.smismember(keys.target_streams(target_id), ids)
-    return {s for s, k in zip(ids, known) if k}
+    return {s for s, k in zip(ids, known, strict=True) if k}
 
 
 async def counts_on(redis: Any, ws: str,
@@ -259,7 +259,8 @@ async def counts_on(redis: Any, ws: str,
     pipe = redis.pipeline(transaction=False)
     for tid in target_ids:
         pipe.hget(keys.target_ws(tid), ws)
-    return {tid: int(n) for tid, n in zip(target_ids, await pipe.execute())
+    counts = await pipe.execute()
+    return {tid: int(n) for tid, n in zip(target_ids, counts, strict=True)
             if n and int(n) > 0}
 
 
@@ -271,6 +272,6 @@ async def targets_of(redis: Any, ws: str,
     pipe = redis.pipeline(transaction=False)
     for sid in stream_ids:
         pipe.hmget(keys.stream(sid), 'target_id', 'ws')
-    return {sid: tid for sid, (tid, on) in zip(stream_ids,
-                                               await pipe.execute())
+    found = await pipe.execute()
+    return {sid: tid for sid, (tid, on) in zip(stream_ids, found, strict=True)
             if tid is not None and on == ws}

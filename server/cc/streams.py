@@ -54,7 +54,7 @@ async def _create_on(app: Any, ws: str, base: str,
             if attempt == 0:
                 continue
             await reconcile.abandon(app.redis, ws, body['creation_id'])
-            raise PlacementFailed(str(e))
+            raise PlacementFailed(str(e)) from e
         if reply.code >= 500:
             await reconcile.abandon(app.redis, ws, body['creation_id'])
         return reply
@@ -100,11 +100,12 @@ async def place(app: Any, target: Target, files: dict[str, str],
             slot = await stream_map.reserve(app, tid, failed,
                                             target.allowed_ws or [])
         except stream_map.TargetGone:
-            raise APIError(404, 'no such target %s' % tid)
+            raise APIError(404, 'no such target %s' % tid) from None
         except stream_map.TargetFull:
-            raise APIError(409, 'target %s has %d streams: the most a target '
-                           'may have' % (tid, app.config[
-                               'max_streams_per_target']))
+            raise APIError(409, 'target %s has %d streams: the most a '
+                           'target may have'
+                           % (tid, app.config.max_streams_per_target)) \
+                from None
         if slot is None:
             raise APIError(503, 'no online workserver can take a stream of '
                            'target %s' % tid)
@@ -150,7 +151,7 @@ async def relay(app: Any, method: str, stream_id: str, path: str) -> Any:
     try:
         reply = await workservers.request(app, ws, method, path)
     except peer.PeerError:
-        raise APIError(503, 'workserver %s unreachable' % ws)
+        raise APIError(503, 'workserver %s unreachable' % ws) from None
     if reply.code == 200 and isinstance(reply.body, dict):
         return reply
     if reply.code in (400, 404, 409):
@@ -160,7 +161,7 @@ async def relay(app: Any, method: str, stream_id: str, path: str) -> Any:
 
 
 class PostStreamHandler(APIHandler):
-    body_limit = 'max_body_size'
+    body_limit = 'max_body_size_in_bytes'
 
     @allow('manager')
     async def post(self) -> None:
@@ -170,7 +171,7 @@ class PostStreamHandler(APIHandler):
         target = await targets.owned(self.application, target_id,
                                      self.caller)
         await targets.validate_files(self.config, files,
-                                     self.config['max_files_per_request'])
+                                     self.config.max_files_per_request)
         stream_id = await place(self.application, target, files, tags)
         log.info('stream %s of target %s placed', stream_id, target_id)
         self.write_json({'stream_id': stream_id})
@@ -211,8 +212,8 @@ class StreamDownloadHandler(APIHandler):
         base = await workservers.base_url(self.application, ws)
         if base is None:
             raise APIError(503, 'workserver %s is unknown' % ws)
-        query = signing.query(self.config['cc_pass'], stream_id, filename,
-                              self.config['signed_url_lifetime_in_s'])
+        query = signing.query(self.config.cc_pass, stream_id, filename,
+                              self.config.signed_url_lifetime_in_s)
         self.set_header('Location', '%s/streams/%s/%s?%s'
                         % (base, stream_id, filename, query))
         self.write_json({}, status=307)

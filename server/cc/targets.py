@@ -194,18 +194,18 @@ async def take_bytes(app: Any, owner: str, size: int) -> None:
     over = await _TAKE_BYTES(
         app.redis, per_manager=keys.TARGET_BYTES, total=keys.TARGET_BYTES_ALL,
         owner=owner, size=size,
-        max_manager=config['max_target_bytes_per_manager'],
-        max_total=config['max_target_bytes_total'])
+        max_manager=config.max_target_files_per_manager_in_bytes,
+        max_total=config.max_target_files_total_in_bytes)
     if over == 1:
         raise APIError(507, 'target files of %s would take more than the '
                        '%d bytes a manager may keep (this target: %d bytes);'
                        ' delete targets first'
-                       % (owner, config['max_target_bytes_per_manager'],
+                       % (owner, config.max_target_files_per_manager_in_bytes,
                           size))
     if over == 2:
         raise APIError(507, 'the store of target files is full (%d bytes '
                        'in all); retry later or ask the operators'
-                       % config['max_target_bytes_total'])
+                       % config.max_target_files_total_in_bytes)
 
 
 async def give_bytes(app: Any, owner: str, size: int) -> None:
@@ -239,14 +239,14 @@ async def read_files(app, target_id, names):
     values = await app.redis.hmget(keys.target_files(target_id), names)
     if any(v is None for v in values):
         raise APIError(404, 'target %s was deleted' % target_id)
-    return dict(zip(names, values))
+    return dict(zip(names, values, strict=True))
 
 
 def import_disk_files(settings, redis_url):
     """A CC before the shared store kept target files in
     data_folder/targets/<id>/: put those of targets that still exist into
     Redis (unless there already), then remove the folders. Runs at start."""
-    folder = os.path.join(settings['data_folder'], 'targets')
+    folder = os.path.join(settings.data_folder, 'targets')
     if not os.path.isdir(folder):
         return
     redis = store.connect_sync(redis_url)
@@ -357,8 +357,8 @@ async def create(app: Any, owner: str, fields: dict[str, Any],
             [keys.target(tid), keys.TARGETS, keys.owner_targets(owner),
              keys.stage_targets(target.stage), keys.target_files(tid)],
             [tid, *chain.from_iterable(target.to_hash().items())],
-            app.config['redis_wait_replicas'],
-            app.config['redis_wait_timeout_in_ms'])
+            app.config.redis_wait_replicas,
+            app.config.redis_wait_timeout_in_ms)
     except BaseException:
         # Refused (e.g. the store at its maxmemory) or cancelled: nothing
         # of it stays, and its bytes are not counted.
@@ -458,7 +458,7 @@ async def flush_pending(app, ws_name):
 
 
 class TargetsHandler(APIHandler):
-    body_limit = 'max_body_size'
+    body_limit = 'max_body_size_in_bytes'
 
     @allow('manager', 'anyone')
     async def get(self) -> None:
@@ -475,7 +475,7 @@ class TargetsHandler(APIHandler):
         fields = await read_fields(self, tuple(FIELDS), creating=True)
         files = self.field('files', dict, {})
         await validate_files(self.config, files,
-                             self.config['max_files_per_target'],
+                             self.config.max_files_per_target,
                              allow_empty=True)
         target_id = await create(self.application, self.caller.email,
                                  fields, files)
@@ -553,10 +553,11 @@ class TargetStreamsHandler(APIHandler):
         names = sorted(await stream_counts(self.application, target_id))
         replies = await asyncio.gather(*(
             self._ask(name, target_id) for name in names))
-        down = [n for n, r in zip(names, replies) if r is None]
+        down = [n for n, r in zip(names, replies, strict=True) if r is None]
         if down:
             self.set_header('X-Unreachable-Workservers', ','.join(down))
-        self.write_json({n: r or {} for n, r in zip(names, replies)})
+        self.write_json({n: r or {}
+                         for n, r in zip(names, replies, strict=True)})
 
     async def _ask(self, ws_name: str, target_id: str) -> Any:
         """The WS's listing, {} if it holds none, None if it failed."""

@@ -182,7 +182,8 @@ async def load_all(redis: Any) -> dict[str, Workserver]:
     for name in names:
         read(pipe, name)
     return {name: Workserver.from_hash(name, h)
-            for name, h in zip(names, await pipe.execute()) if h}
+            for name, h in zip(names, await pipe.execute(), strict=True)
+            if h}
 
 
 async def status(app: Any) -> dict[str, dict[str, Any]]:
@@ -200,7 +201,7 @@ async def online(app: Any) -> list[str]:
 async def record_failure(app: Any, name: str) -> int:
     """Count a failure; `max_ws_fails` in a row take the WS offline."""
     return await _FAIL(app.redis, [keys.ws(name)], argv(
-        _FAIL_ARGS, max_fails=app.config['max_ws_fails']))
+        _FAIL_ARGS, max_fails=app.config.max_ws_fails))
 
 
 async def record_success(app: Any, name: str) -> None:
@@ -227,10 +228,10 @@ async def request(app: Any, name: str, method: str, path: str,
     url = base or await base_url(app, name)
     if url is None:
         raise peer.PeerError('unknown workserver %s' % name)
-    timeout = timeout or app.config['ws_timeout_in_s']
+    timeout = timeout or app.config.ws_timeout_in_s
     try:
         reply = await peer.call(app.client_ssl, method, url + path, body,
-                                auth=app.config['cc_pass'], timeout=timeout,
+                                auth=app.config.cc_pass, timeout=timeout,
                                 raw=raw)
     except peer.PeerError:
         await record_failure(app, name)
@@ -248,7 +249,7 @@ async def probe_all(app: Any) -> None:
     async def probe(name: str) -> None:
         try:
             reply = await request(app, name, 'GET', '/',
-                                  timeout=min(app.config['ws_timeout_in_s'],
+                                  timeout=min(app.config.ws_timeout_in_s,
                                               5.0))
             if reply.code == 200:
                 await record_success(app, name)
@@ -262,7 +263,7 @@ async def probe_all(app: Any) -> None:
 @role('ws', 'missing or wrong cc_pass')
 async def _workserver(handler: APIHandler, rule: Permission) -> str | None:
     """A WS: the caller presents this CC's `cc_pass` (constant time)."""
-    if tokens.matches_any(handler.token(), [handler.config['cc_pass']]):
+    if tokens.matches_any(handler.token(), [handler.config.cc_pass]):
         return 'ws'
     return None
 

@@ -24,14 +24,14 @@ from server.ws import streams
 
 def cc_passes(config):
     """The passes of every configured command center."""
-    return [cc['pass'] for cc in config['command_centers'].values()]
+    return [cc['pass'] for cc in config.command_centers.values()]
 
 
 def cc_named(config, token):
     """The name of the configured command center whose pass `token` is,
     or None (every pass compared, in constant time)."""
     found = None
-    for name, cc in sorted(config['command_centers'].items()):
+    for name, cc in sorted(config.command_centers.items()):
         if tokens.matches_any(token, [cc['pass']]) and found is None:
             found = name
     return found
@@ -58,7 +58,7 @@ class CCHandler(APIHandler):
 
 
 class StreamsHandler(CCHandler):
-    body_limit = 'max_body_size'
+    body_limit = 'max_body_size_in_bytes'
 
     @allow('cc')
     async def get(self):
@@ -69,7 +69,7 @@ class StreamsHandler(CCHandler):
     @allow('cc')
     async def post(self):
         tid = self.target_id()
-        most = self.config['max_files_per_request']
+        most = self.config.max_files_per_request
         stream_files = check_files(self.field('stream_files', dict),
                                    'stream_files', max_files=most)
         target_files = self.field('target_files', dict, None)

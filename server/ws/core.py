@@ -173,6 +173,7 @@ class LockedCoreHandler(CoreHandler):
     async def locked_stream(self):
         """The token's stream (a Held), its lock held for the block."""
         held = self.held
+        assert held is not None  # authenticate() found it
         held.in_use = True
         try:
             yield held
@@ -183,11 +184,11 @@ class LockedCoreHandler(CoreHandler):
             tid = await streams.target_of(self.application, held.sid)
             await streams.deactivate(self.application, held.sid, tid, 'stop')
             raise APIError(409, 'the stream\'s buffer was lost; this '
-                           'activation is over, ask for a new one')
+                           'activation is over, ask for a new one') from e
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise APIError(503, 'workserver disk is full; nothing '
-                               'was stored, retry later')
+                               'was stored, retry later') from e
             raise
         finally:
             await held.release()
@@ -229,18 +230,18 @@ def body_digest(handler):
 
 
 class FrameHandler(LockedCoreHandler):
-    body_limit = 'max_frame_body_size'
+    body_limit = 'max_frame_body_size_in_bytes'
 
     @allow('core')
     async def put(self):
         app = self.application
         config = app.config
-        most = config['max_files_per_request']
+        most = config.max_files_per_request
         files = check_files(self.field('files', dict), max_files=most)
         n = self.field('frames', int, 1)
-        if not 1 <= n <= config['max_frames_per_request']:
+        if not 1 <= n <= config.max_frames_per_request:
             raise APIError(400, 'frames must be from 1 to %d'
-                           % config['max_frames_per_request'])
+                           % config.max_frames_per_request)
         md5 = body_digest(self)
         async with self.locked_stream() as held:
             if held.digest == md5:
@@ -256,7 +257,7 @@ class FrameHandler(LockedCoreHandler):
                         held.sizes),
                     threads.disk)
             except TooManyFiles as e:
-                raise TooLarge(str(e))
+                raise TooLarge(str(e)) from e
             if not await held.done(held.record_frame(
                     n, md5, encode_sizes(sizes))):
                 raise LockLost(held.sid)
@@ -269,7 +270,7 @@ MAX_REPORTED_FRAMES = 2 ** 53
 
 
 class CheckpointHandler(LockedCoreHandler):
-    body_limit = 'max_checkpoint_body_size'
+    body_limit = 'max_checkpoint_body_size_in_bytes'
 
     @allow('core')
     async def put(self):
@@ -278,7 +279,7 @@ class CheckpointHandler(LockedCoreHandler):
         the chunk's meta.json; the buffer's count is what counts."""
         app = self.application
         files = check_files(self.field('files', dict),
-                            max_files=app.config['max_files_per_request'])
+                            max_files=app.config.max_files_per_request)
         reported = self.field('frames', (int, float), None,
                               check=lambda v: 0 <= v <= MAX_REPORTED_FRAMES)
         async with self.locked_stream() as held:
@@ -321,7 +322,7 @@ class HeartbeatHandler(CoreHandler):
     @allow('core')
     async def post(self):
         await live_stream(self.application, self.token(),
-                          self.config['heartbeat_increment'])
+                          self.config.heartbeat_increment_in_s)
         self.write_json({})
 
 
@@ -332,7 +333,7 @@ def error_text(error, limit):
         text = base64.b64decode(error, validate=True).decode(
             'utf-8', errors='replace')
     except (binascii.Error, ValueError):
-        raise APIError(400, 'error must be base64')
+        raise APIError(400, 'error must be base64') from None
     text = text.rstrip('\n')
     if len(text) > limit:
         text = '[%d characters cut]\n%s' % (len(text) - limit, text[-limit:])
@@ -345,17 +346,17 @@ class CoreStopHandler(LockedCoreHandler):
         app = self.application
         error = self.field('error', str, None)
         if error is not None:
-            error = error_text(error, app.config['max_error_length'])
+            error = error_text(error, app.config.max_error_length_in_chars)
         async with self.locked_stream() as held:
             sid = held.sid
             tid = await streams.target_of(app, sid)
             if error is not None:
-                stamp = datetime.datetime.now(datetime.timezone.utc)
+                stamp = datetime.datetime.now(datetime.UTC)
                 await threads.disk(app.storage.append_error, sid,
                                    '--- %s\n%s\n' % (
                                        stamp.isoformat(timespec='seconds'),
                                        error),
-                                   app.config['max_errors_log_size'])
+                                   app.config.max_errors_log_size_in_bytes)
             await streams.deactivate(app, sid, tid,
                                      'stop' if error is None else 'error')
         self.write_json({})

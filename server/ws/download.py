@@ -91,7 +91,7 @@ class DownloadHandler(APIHandler):
         _, owner = await stream_record.target_and_owner(self.application,
                                                         stream_id)
         if owner:
-            cc = config['command_centers'].get(owner)
+            cc = config.command_centers.get(owner)
             passes = [cc['pass']] if cc else []
         else:  # unknown, or made before owners were kept
             passes = cc_passes(config)
@@ -143,10 +143,11 @@ class DownloadHandler(APIHandler):
                 f = await threads.disk(open, path, 'rb')
             except FileNotFoundError:
                 if not sent:
-                    raise APIError(404, 'stream %s was deleted' % stream_id)
+                    raise APIError(404, 'stream %s was deleted'
+                                   % stream_id) from None
                 log.info('download of %s ended after %d bytes: the stream '
                          'was deleted', stream_id, sent)
-                self.request.connection.close()
+                self.request.connection.close()  # type: ignore[union-attr]
                 return
             try:
                 while length > 0:

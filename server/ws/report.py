@@ -15,8 +15,8 @@ ENTRY = re.compile(r'(\d{1,20})-(\d{1,20})')
 def is_entry(e):
     """A Redis stream entry id: two unsigned 64-bit numbers (Redis refuses
     any other in XDEL, which would be a 500)."""
-    m = isinstance(e, str) and ENTRY.fullmatch(e)
-    return bool(m) and all(int(n) < 2 ** 64 for n in m.groups())
+    m = ENTRY.fullmatch(e) if isinstance(e, str) else None
+    return m is not None and all(int(n) < 2 ** 64 for n in m.groups())
 
 
 def _record(entry_id, fields):

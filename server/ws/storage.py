@@ -234,7 +234,7 @@ class Storage:
                     fd = os.open(path, os.O_WRONLY | os.O_APPEND)
                 except FileNotFoundError:
                     if want:
-                        raise BufferLost(stream_id, name)
+                        raise BufferLost(stream_id, name) from None
                     fd = self._new_buffer_file(stream_id, path, max_files)
                 try:
                     have = os.fstat(fd).st_size
