@@ -750,7 +750,7 @@ class APIHandler(tornado.web.RequestHandler):
         exc = kwargs.get('exc_info', (None, None, None))[1]
         if isinstance(exc, store.DOWN):
             status_code = 503
-        elif isinstance(exc, store.FULL):
+        elif store.full(exc):
             status_code = 507
         super().send_error(status_code, **kwargs)
 
@@ -763,7 +763,7 @@ class APIHandler(tornado.web.RequestHandler):
         elif isinstance(exc, store.DOWN):
             reason = 'the store is down (%s), retry later' % (
                 str(exc) or type(exc).__name__)
-        elif isinstance(exc, store.FULL):
+        elif store.full(exc):
             reason = 'the store is full (at its maxmemory): nothing was ' \
                      'stored; retry later or ask the operators'
         elif isinstance(exc, HTTPError) or exc is None:
@@ -785,7 +785,7 @@ class APIHandler(tornado.web.RequestHandler):
                             shown(self.request.method, 16),
                             shown(self.request.path), value)
             return
-        if isinstance(value, store.FULL):
+        if store.full(value):
             app_log.error('%s %s: store full (maxmemory): %s',
                           shown(self.request.method, 16),
                           shown(self.request.path), shown(str(value)))

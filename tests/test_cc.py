@@ -1272,6 +1272,15 @@ class TestStoreFull(CCTestCase):
                     os.urandom(1024 * 1024)).decode()}}, token=joe)
             self.assertError(c, 507, body)
             self.assertIn('full', body['error'])
+            # Past it: writes in Lua scripts (the quota's) are refused too.
+            sync.config_set('maxmemory', used // 2)
+            c, body = self.fetch_json('/targets', 'POST', {
+                'engine': 'openmm', 'engine_versions': ['6.0'],
+                'files': {'a.b64': 'AAAA'}}, token=joe)
+            self.assertError(c, 507, body)
+            c, body = self.fetch_json('/donors', 'POST', {
+                'username': 'jesse', 'email': 'jv@x.org', 'password': 'pw'})
+            self.assertError(c, 507, body)
         finally:
             sync.config_set('maxmemory', 0)
             sync.close()
