@@ -37,8 +37,9 @@ lint: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m tools.demo
 
-# The researcher's example: least-counts adaptive sampling against plain
-# MD with real OpenMM cores; a plot and an MSM land in data/adaptive/.
+# The researcher's example: 3 replicates of adaptive sampling against plain
+# MD with real OpenMM cores (about 14 minutes on 2 shared cores); the
+# replicate table, plots and an MSM land in data/adaptive/.
 adaptive: $(VENV)/.installed
 	$(PY) -m tools.adaptive_demo
 

@@ -26,7 +26,6 @@ from server import tokens
 from server.cc import keys
 from server.cc.targets import ENGINE
 from server.lua import Script
-from server.store import argv
 from server.web import APIError, APIHandler, Permission, allow, role
 
 log = logging.getLogger('siegetank.cc.corekeys')
@@ -94,23 +93,28 @@ class CoreKey:
         return found
 
 
+class Use(NamedTuple):
+    """_USE's verdict, and the engine, id and limits (JSON or '') of a LIVE
+    key."""
+    verdict: int
+    engine: str | None = None
+    key_id: str | None = None
+    limits: str = ''
+
+
 _USE = Script("""
 -- The key's engine, and its last use recorded, in one step.
--- KEYS: core_key_hash. ARGV: core_key_template, now.
--- Returns {0} unknown, {1} revoked, {2, engine, key id, limits (JSON or
--- '')}.
-local key_hash = KEYS[1]
-local core_key_template, now = unpack(ARGV)
-local id = redis.call('GET', key_hash)
+-- Returns {0} unknown, {1} revoked, {2, engine, key id, limits} (a Use).
+local id = redis.call('GET', core_key_hash)
 if not id then return {0} end
-local key = string.format(core_key_template, id)
+local key = string.format(core_key, id)
 local k = redis.call('HMGET', key, 'engine', 'revoked', 'limits')
 if not k[1] then return {0} end
 if k[2] == '1' then return {1} end
 redis.call('HSET', key, 'last_used', now)
 return {2, k[1], id, k[3] or ''}
-""")
-_USE_ARGS = ('core_key_template', 'now')
+""", keys=('core_key_hash',), walks=('core_key',), args=('now',),
+    returns=Use)
 UNKNOWN, REVOKED, LIVE = 0, 1, 2  # _USE's verdicts
 
 
@@ -163,16 +167,17 @@ async def _core_key(handler: APIHandler,
             raise APIError(401, 'this command center requires a core key '
                            '(Authorization): %s' % UPDATE)
         return None
-    found = await _USE(handler.redis, [keys.core_key_hash(
-        tokens.token_hash(key))], argv(
-            _USE_ARGS, core_key_template=keys.core_key.template,
-            now=repr(time.time())))
-    if found[0] == UNKNOWN:
+    found: Use = await _USE(
+        handler.redis, core_key_hash=keys.core_key_hash(
+            tokens.token_hash(key)),
+        core_key=keys.core_key.template, now=repr(time.time()))
+    if found.verdict == UNKNOWN:
         raise APIError(401, 'unknown core key: %s' % UPDATE)
-    if found[0] == REVOKED:
+    if found.verdict == REVOKED:
         raise APIError(401, 'this core key has been revoked: %s' % UPDATE)
-    _, engine, key_id, limits = found
-    return CoreKeyUse(engine, key_id, json.loads(limits) if limits else None)
+    assert found.engine is not None and found.key_id is not None  # LIVE
+    return CoreKeyUse(found.engine, found.key_id,
+                      json.loads(found.limits) if found.limits else None)
 
 
 class KeysHandler(APIHandler):
