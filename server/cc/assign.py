@@ -291,7 +291,8 @@ async def candidates(app, engine, version, stages, target_id, donor_token,
 async def activate(app, ws, base, target_id, admitted, core=None):
     """A token from `ws` (at `base`) for a free stream of the target, or
     None; the client holds it until its session ends. The WS learns who
-    the client is (error stops count once per client and stream); `core`
+    the client is (error stops count once per network or donor and
+    stream, if `core` says `vouched`); `core`
     ({engine, core_version}) goes into the session record. Batched with
     other assignments' (activations.py)."""
     body = dict(core or {}, target_id=target_id, client=admitted.client)
@@ -306,22 +307,35 @@ async def activate(app, ws, base, target_id, admitted, core=None):
     return token
 
 
+async def vouched(app, admitted, keyed):
+    """Whether the WS may count this client's error stops toward stopping
+    a stream (server/ws/error_stops.py): a core key, or a donor with
+    credited frames."""
+    if keyed:
+        return True
+    return admitted.donor is not None and bool(await app.redis.zscore(
+        keys.DONORS_BY_FRAMES, admitted.donor))
+
+
 async def assign(app, engine, version, stages, donor_token, address,
                  target_id=None, core_version=None, key=None):
     """(token, url, options) of an activated stream, or None when nothing
     is free. Options stay the JSON text the target stored (no decoding and
-    encoding again)."""
+    encoding again). `key`: the core key the core came with (corekeys
+    CoreKeyUse), or None."""
     admitted, found = await candidates(app, engine, version, stages,
                                        target_id, donor_token, address, key)
     found = {tid: (weight, options, ws)
              for tid, weight, options, ws in found}
     try:
+        core = {'engine': engine, 'core_version': core_version or ''}
+        if found and await vouched(app, admitted, key is not None):
+            core['vouched'] = True
         for tid in weighted_order({tid: c[0] for tid, c in found.items()}):
             _, options, ws = found[tid]
             for name in weighted_order({n: c for n, (c, _) in ws.items()}):
                 base = ws[name][1]
-                token = await activate(app, name, base, tid, admitted, {
-                    'engine': engine, 'core_version': core_version or ''})
+                token = await activate(app, name, base, tid, admitted, core)
                 if token is not None:
                     admitted = None
                     return token, base + '/core/start', options
