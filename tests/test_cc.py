@@ -1181,14 +1181,14 @@ class TestRogueWorkserver(TestStreamsAndAssign):
                 await a.redis.xadd(a.keys.outbox(self.settings['name']), r)
         self.sync(outbox)
 
-        async def summary(app):
+        async def summary(app, cc=None):
             return ['x'], {
                 tid: {'queued': 10 ** 15, 'active': 'many', 'stopped': -1},
                 other: {'queued': 7, 'active': 7, 'stopped': 7},
                 str(uuid.uuid4()): {'queued': 1, 'active': 1, 'stopped': 1},
                 '../x': 5}
 
-        async def per_minute(app):
+        async def per_minute(app, cc):
             return {str(int(now // 60)): {'frames': 10 ** 15, 'errors': 'x'},
                     'soon': {'frames': 1}, '99999999999': 3}
 
