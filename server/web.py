@@ -769,6 +769,8 @@ class APIHandler(tornado.web.RequestHandler):
         exc = kwargs.get('exc_info', (None, None, None))[1]
         if isinstance(exc, store.DOWN):
             status_code = 503
+        elif store.full(exc):
+            status_code = 507
         super().send_error(status_code, **kwargs)
 
     def write_error(self, status_code, **kwargs):
@@ -780,6 +782,9 @@ class APIHandler(tornado.web.RequestHandler):
         elif isinstance(exc, store.DOWN):
             reason = 'the store is down (%s), retry later' % (
                 str(exc) or type(exc).__name__)
+        elif store.full(exc):
+            reason = 'the store is full (at its maxmemory): nothing was ' \
+                     'stored; retry later or ask the operators'
         elif isinstance(exc, HTTPError) or exc is None:
             reason = self._reason
         else:
@@ -798,6 +803,11 @@ class APIHandler(tornado.web.RequestHandler):
             app_log.warning('%s %s: store down: %s',
                             shown(self.request.method, 16),
                             shown(self.request.path), value)
+            return
+        if store.full(value):
+            app_log.error('%s %s: store full (maxmemory): %s',
+                          shown(self.request.method, 16),
+                          shown(self.request.path), shown(str(value)))
             return
         app_log.error('uncaught exception in %s %s',
                       shown(self.request.method, 16),

@@ -223,11 +223,14 @@ class Client:
         by_end_reason} of one of your targets."""
         return self.json('GET', '/targets/stats/' + target_id)
 
-    def create_core_key(self, engine, description=''):
+    def create_core_key(self, engine, description='', limits=None):
         """(admin) A new core key for `engine`: {key, key_id}; the key is
-        shown only this once."""
-        return self.post('/engines/keys', {'engine': engine,
-                                           'description': description})
+        shown only this once. `limits` ({held, per_minute}): its cores
+        count as one client with these assignment limits."""
+        body = {'engine': engine, 'description': description}
+        if limits is not None:
+            body['limits'] = limits
+        return self.post('/engines/keys', body)
 
     def core_keys(self):
         """(admin) {key_id: {engine, description, creation_date,

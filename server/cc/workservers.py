@@ -131,15 +131,17 @@ return 1
     args=('url', 'http_port', 'source', 'register', 'name'))
 
 _REMOVE = Script("""
--- Forget an offline WS (pending: its pending deletions).
+-- Forget an offline WS; its pending deletions stay (keys.py), replayed
+-- when a WS of that name registers again, so a target deleted while it
+-- was down never comes back with it.
 -- Returns an Outcome: 1 done, 0 online, -1 unknown.
 local online = redis.call('HGET', ws, 'online')
 if not online then return -1 end
 if online == '1' then return 0 end
-redis.call('DEL', ws, pending)
+redis.call('DEL', ws)
 redis.call('SREM', workservers, name)
 return 1
-""", keys=('ws', 'pending', 'workservers'), args=('name',))
+""", keys=('ws', 'workservers'), args=('name',))
 
 _DRAIN = Script("""
 -- Set or clear the drain of a known WS. Returns 1, or 0 for an unknown WS.
@@ -166,8 +168,8 @@ async def disconnect(app: Any, name: str, source: str) -> Outcome:
 
 async def remove(app: Any, name: str) -> Outcome:
     return Outcome(await _REMOVE(
-        app.redis, ws=keys.ws(name), pending=keys.ws_pending_deletes(name),
-        workservers=keys.WORKSERVERS, name=name))
+        app.redis, ws=keys.ws(name), workservers=keys.WORKSERVERS,
+        name=name))
 
 
 async def drain(app: Any, name: str, on: bool) -> bool:
