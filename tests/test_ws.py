@@ -27,7 +27,9 @@ from server import fastredis, signing, store
 from server.disk import publish_dir
 from server.fastredis import Multiplexed
 from server.lua import Script
-from server.ws import core, recovery
+from server.sessions_common import REASONS
+from server.tokens import token_hash
+from server.ws import core, recovery, stream_record
 from server.ws import storage as storage_module
 from server.ws.app import WorkServer
 from tools.testing import (
@@ -614,6 +616,46 @@ class TestCore(WSTestCase):
         self.frame(token2, b'next')
         self.checkpoint(token2, b's2')
         self.assertEqual(self.download(sid)[1], b'committednext')
+
+    def test_a_dead_token_says_why_its_activation_ended(self):
+        """The 401 of a token whose activation is over names the reason
+        (`ended`), so a core tells a manager's stop from its own failure;
+        a token never seen gets no reason."""
+        self.assertEqual(set(core.ENDED_MESSAGES), set(REASONS))
+        tid, sid = self.new_stream()
+        for _ in range(2):
+            self.new_stream(tid, with_target=False)
+
+        def ended(token, path='/core/heartbeat', method='POST'):
+            code, reply = self.fetch_json(path, method, {}, token=token)
+            self.assertEqual(code, 401, reply)
+            self.assertIn('error', reply)
+            return reply.get('ended')
+
+        halted, hsid = self.activate(tid)
+        self.cc('/streams/stop/' + hsid, 'PUT')
+        self.assertEqual(ended(halted), 'manager_stop')
+        self.assertEqual(ended(halted, '/core/frame', 'PUT'), 'manager_stop')
+        stopped, _ = self.activate(tid)
+        self.assertEqual(self.fetch_json('/core/stop', 'PUT', {},
+                                         token=stopped), (200, {}))
+        self.assertEqual(ended(stopped, '/core/stop', 'PUT'), 'stop')
+        silent, ssid = self.activate(tid)
+        self.run_sync(self.redis.zadd, self.app.keys.heartbeats,
+                      {ssid: time.time() - 1})
+        self.run_sync(core.sweep, self.app)
+        self.assertEqual(ended(silent), 'expiry')
+        deleted, dsid = self.activate(tid)
+        self.cc('/streams/delete/' + dsid, 'PUT')
+        self.assertEqual(ended(deleted, '/core/checkpoint', 'PUT'),
+                         'deletion')
+        self.assertIsNone(ended('never-issued'))
+        # It is kept until the token would have expired and a grace more.
+        ttl = self.run_sync(self.redis.ttl, self.app.keys.ended(
+            token_hash(halted)))
+        self.assertGreater(ttl, stream_record.ENDED_GRACE_S)
+        self.assertLessEqual(ttl, stream_record.ENDED_GRACE_S
+                             + self.app.config.core_start_window_in_s)
 
     def test_core_endpoints_need_a_live_token(self):
         tid, sid = self.new_stream()

@@ -64,3 +64,7 @@ class Keys:
         self.frames_per_minute = kept + 'frames-per-minute'
         # hash: unix minute -> error stops in it
         self.errors_per_minute = kept + 'errors-per-minute'
+        # string: why the activation of a core token (by its sha256) ended,
+        # a sessions_common reason, kept a while after the end so that
+        # the core's next request is told (a manager's stop is no error)
+        self.ended = Key(kept + 'ended:%s')

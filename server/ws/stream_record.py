@@ -143,19 +143,29 @@ async def exists(app: Any, sid: str) -> bool:
 
 
 # End the session of an active stream (sessions.py): its target's active
-# count goes down, an error stop is counted in its minute, and its record
-# goes to the outbox of the CC that asked for the activation. `committed`:
-# the committed frames now, '' for the hash's.
-END_KEYS = ('target_active', 'errors_per_minute')
-END_WALKS = ('outbox',)
-END_ARGS = ('now', 'minute', 'reason', 'committed')
+# count goes down, an error stop is counted in its minute, the reason is
+# kept by its token (keys.ended) until the token would have expired and
+# ENDED_GRACE_S more, so the core's next request is told why (a manager's
+# stop is no error), and its record goes to the outbox of the CC that
+# asked for the activation. `committed`: the committed frames now, '' for
+# the hash's. Run before the stream leaves `heartbeats`.
+ENDED_GRACE_S = 600
+END_KEYS = ('heartbeats', 'target_active', 'errors_per_minute')
+END_WALKS = ('outbox', 'ended')
+END_ARGS = ('now', 'minute', 'reason', 'committed', 'ended_grace_s')
 END_SESSION = """
 local function end_session(key, sid)
   local s = redis.call('HMGET', key, 'session', 'session_cc', 'donor',
                        'engine', 'core_version', 'start_time', 'frames0',
-                       'frames', 'target_id')
+                       'frames', 'target_id', 'token')
   if s[9] and redis.call('HINCRBY', target_active, s[9], -1) <= 0 then
     redis.call('HDEL', target_active, s[9])
+  end
+  if s[10] and s[10] ~= '' then
+    local expiry = tonumber(redis.call('ZSCORE', heartbeats, sid) or now)
+    local left = math.max(0, math.ceil(expiry - tonumber(now)))
+    redis.call('SET', string.format(ended, s[10]), reason, 'EX',
+               left + tonumber(ended_grace_s))
   end
   if reason == 'error' then
     redis.call('HINCRBY', errors_per_minute, minute, 1)
@@ -177,11 +187,13 @@ def end_values(keys: Keys, mode: str, committed: int | str = '',
                now: float | None = None) -> dict[str, Any]:
     """What END_SESSION takes, for an end by `mode`."""
     now = time.time() if now is None else now
-    return {'target_active': keys.target_active,
+    return {'heartbeats': keys.heartbeats,
+            'target_active': keys.target_active,
             'errors_per_minute': keys.errors_per_minute,
-            'outbox': keys.outbox.template, 'now': repr(now),
-            'minute': minute(now), 'reason': REASON_OF_MODE[mode],
-            'committed': committed}
+            'outbox': keys.outbox.template, 'ended': keys.ended.template,
+            'now': repr(now), 'minute': minute(now),
+            'reason': REASON_OF_MODE[mode], 'committed': committed,
+            'ended_grace_s': ENDED_GRACE_S}
 
 
 _END_ON_RESTART = Script(END_SESSION + """
@@ -300,8 +312,8 @@ else
   redis.call('ZREM', queue, sid)
 end
 return {was_active, status, errors}
-""", keys=('stream', 'heartbeats', 'active', 'queue', 'errors_by')
-    + END_KEYS, walks=('token_key',) + END_WALKS,
+""", keys=('stream', 'active', 'queue', 'errors_by') + END_KEYS,
+    walks=('token_key',) + END_WALKS,
     args=('sid', 'mode', 'max_fails') + END_ARGS,
     returns=Deactivated)
 
@@ -312,8 +324,8 @@ async def deactivate(app: Any, sid: str, target_id: str, mode: str
     expire and not expired)."""
     keys = app.keys
     done: Deactivated | None = await _DEACTIVATE(
-        app.fastredis, stream=keys.stream(sid), heartbeats=keys.heartbeats,
-        active=keys.active, queue=keys.queue(target_id),
+        app.fastredis, stream=keys.stream(sid), active=keys.active,
+        queue=keys.queue(target_id),
         errors_by=keys.errors_by(sid), token_key=keys.token.template,
         sid=sid, mode=mode, max_fails=app.config.max_stream_fails,
         **end_values(keys, mode))
@@ -360,8 +372,8 @@ if left == 0 then
   redis.call('SREM', targets, target_id)
 end
 return left
-""", keys=('stream', 'target_streams', 'queue', 'heartbeats', 'active',
-           'targets', 'errors_by') + END_KEYS,
+""", keys=('stream', 'target_streams', 'queue', 'active', 'targets',
+           'errors_by') + END_KEYS,
     walks=('token_key',) + END_WALKS, args=('sid', 'target_id') + END_ARGS)
 
 
@@ -369,11 +381,18 @@ def drop(conn: Any, keys: Keys, sid: str, target_id: str) -> Any:
     """Run _DROP over `conn` (sync: the count; async: an awaitable)."""
     return _DROP(conn, stream=keys.stream(sid),
                  target_streams=keys.target_streams(target_id),
-                 queue=keys.queue(target_id), heartbeats=keys.heartbeats,
-                 active=keys.active, targets=keys.targets,
+                 queue=keys.queue(target_id), active=keys.active,
+                 targets=keys.targets,
                  errors_by=keys.errors_by(sid),
                  token_key=keys.token.template, sid=sid,
                  target_id=target_id, **end_values(keys, 'delete'))
+
+
+async def ended(app: Any, token_hash: str) -> str | None:
+    """Why the activation of a core token (by its hash) ended, if it ended
+    lately (END_SESSION keeps it): a sessions_common reason, or None."""
+    reason: str | None = await app.redis.get(app.keys.ended(token_hash))
+    return reason
 
 
 # The stream of a live token; with `extend` ('' for none) also pushes its

@@ -104,7 +104,8 @@ def main(argv=None):
     heartbeats.close()
     total = {k: sum(c.stats[k] for c in cores) for k in cores[0].stats}
     print('core: %(frames)d frames, %(checkpoints)d checkpoints, '
-          '%(streams)d streams, %(errors)d errors, %(retries)d retries'
+          '%(streams)d streams (%(stopped_by_manager)d stopped by the '
+          'manager), %(errors)d errors, %(retries)d retries'
           % total, file=sys.stderr)
     if fatal:
         print('core: %s' % fatal[0], file=sys.stderr)
