@@ -224,7 +224,9 @@ class Heartbeats:
                 log.info('heartbeat failed, will retry: %s', e)
                 delay = min(interval, 5.0)
             except Permanent as e:
-                (log.info if e.by_manager else log.warning)(
+                # BY_CORE: this heartbeat crossed the core's own stop.
+                (log.warning if e.ended not in BY_CORE + BY_MANAGER
+                 else log.info)(
                     'heartbeat refused (%s): stream %s lost', e,
                     activation.stream_id)
                 activation.ended = e.ended
