@@ -905,8 +905,9 @@ class TestDelete(WSTestCase):
         self.assertEqual(self.ws_keys(), [])
         self.assertEqual([p for p, v in self.disk_dump().items()
                           if v is not None], [])
-        self.assertEqual(self.fetch_json('/core/heartbeat', 'POST', {},
-                                         token=token)[0], 401)
+        code, reply = self.fetch_json('/core/heartbeat', 'POST', {},
+                                      token=token)
+        self.assertEqual((code, reply['ended']), (401, 'deletion'))
         self.assertEqual(self.cc('/targets/streams/' + tid)[0], 404)
 
 
