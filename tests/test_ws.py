@@ -640,6 +640,8 @@ class TestCore(WSTestCase):
         self.assertEqual(self.fetch_json('/core/stop', 'PUT', {},
                                          token=stopped), (200, {}))
         self.assertEqual(ended(stopped, '/core/stop', 'PUT'), 'stop')
+        self.assertLessEqual(self.run_sync(self.redis.ttl, self.app.keys.ended(
+            token_hash(stopped))), stream_record.STOP_KEPT_S)
         silent, ssid = self.activate(tid)
         self.run_sync(self.redis.zadd, self.app.keys.heartbeats,
                       {ssid: time.time() - 1})

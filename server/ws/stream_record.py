@@ -144,15 +144,20 @@ async def exists(app: Any, sid: str) -> bool:
 
 # End the session of an active stream (sessions.py): its target's active
 # count goes down, an error stop is counted in its minute, the reason is
-# kept by its token (keys.ended) until the token would have expired and
-# ENDED_GRACE_S more, so the core's next request is told why (a manager's
-# stop is no error), and its record goes to the outbox of the CC that
-# asked for the activation. `committed`: the committed frames now, '' for
-# the hash's. Run before the stream leaves `heartbeats`.
+# kept by its token (keys.ended) so the core's next request is told why (a
+# manager's stop is no error), and its record goes to the outbox of the CC
+# that asked for the activation. `committed`: the committed frames now, ''
+# for the hash's. Run before the stream leaves `heartbeats`.
+# The reason is kept until the token would have expired and ENDED_GRACE_S
+# more (the core's next request comes before then); a core's own stop
+# only STOP_KEPT_S (for a retry of it), so a fleet of short sessions does
+# not fill Redis.
 ENDED_GRACE_S = 600
+STOP_KEPT_S = 60
 END_KEYS = ('heartbeats', 'target_active', 'errors_per_minute')
 END_WALKS = ('outbox', 'ended')
-END_ARGS = ('now', 'minute', 'reason', 'committed', 'ended_grace_s')
+END_ARGS = ('now', 'minute', 'reason', 'committed', 'ended_grace_s',
+            'stop_kept_s')
 END_SESSION = """
 local function end_session(key, sid)
   local s = redis.call('HMGET', key, 'session', 'session_cc', 'donor',
@@ -162,10 +167,13 @@ local function end_session(key, sid)
     redis.call('HDEL', target_active, s[9])
   end
   if s[10] and s[10] ~= '' then
-    local expiry = tonumber(redis.call('ZSCORE', heartbeats, sid) or now)
-    local left = math.max(0, math.ceil(expiry - tonumber(now)))
-    redis.call('SET', string.format(ended, s[10]), reason, 'EX',
-               left + tonumber(ended_grace_s))
+    local kept = tonumber(stop_kept_s)
+    if reason ~= 'stop' and reason ~= 'error' then
+      local expiry = tonumber(redis.call('ZSCORE', heartbeats, sid) or now)
+      kept = math.max(0, math.ceil(expiry - tonumber(now)))
+             + tonumber(ended_grace_s)
+    end
+    redis.call('SET', string.format(ended, s[10]), reason, 'EX', kept)
   end
   if reason == 'error' then
     redis.call('HINCRBY', errors_per_minute, minute, 1)
@@ -193,7 +201,7 @@ def end_values(keys: Keys, mode: str, committed: int | str = '',
             'outbox': keys.outbox.template, 'ended': keys.ended.template,
             'now': repr(now), 'minute': minute(now),
             'reason': REASON_OF_MODE[mode], 'committed': committed,
-            'ended_grace_s': ENDED_GRACE_S}
+            'ended_grace_s': ENDED_GRACE_S, 'stop_kept_s': STOP_KEPT_S}
 
 
 _END_ON_RESTART = Script(END_SESSION + """
