@@ -34,7 +34,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy server siegetank
 
 # The main job on one machine: embedded Redis, dev certs, CC, WS, cores.
-demo: $(VENV)/.installed
+demo: setup
 	$(PY) -m tools.demo
 
 # The researcher's example: 3 replicates of adaptive sampling against plain

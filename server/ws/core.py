@@ -29,12 +29,12 @@ from server.web import (
     allow,
     bounded,
     check_files,
-    decode_files,
+    decoded_size,
     decoded_streams,
     encoded_size,
     role,
 )
-from server.ws import locks, stream_record, streams
+from server.ws import budgets, locks, stream_record, streams
 from server.ws.storage import BufferLost, TooManyFiles, encode_sizes
 
 log = logging.getLogger('siegetank.ws.core')
@@ -280,7 +280,7 @@ class FrameHandler(LockedCoreHandler):
                     lambda budget: app.storage.append_frames(
                         held.sid, decoded_streams(files, budget), most,
                         held.sizes),
-                    threads.disk)
+                    threads.disk, room=budgets.frame_room(config, held))
             except TooManyFiles as e:
                 raise TooLarge(str(e)) from e
             if not await held.done(held.record_frame(
@@ -312,14 +312,16 @@ class CheckpointHandler(LockedCoreHandler):
             if n == 0:
                 self.write_json({})  # nothing buffered: a retry, a no-op
                 return
-            await decode_files(app.config, files, keep=False)
+            state = await decoded_size(app.config, files,
+                                       budgets.checkpoint_room(app.config))
             meta = {'frames': n, 'reported_frames': reported,
                     'time': time.time()}
             seq, total = await threads.disk(commit, app.storage, held.sid,
                                             n, files, meta, held.sizes,
                                             held.error_count != 0)
+            stored = await budgets.committed(app, held, seq, state)
             new = max(total - held.frames, 0)
-            if not await held.done(held.record_commit(total, new)):
+            if not await held.done(held.record_commit(total, new, stored)):
                 if seq is not None:
                     await threads.disk(app.storage.uncommit, held.sid, seq)
                 raise LockLost(held.sid)
