@@ -24,6 +24,7 @@ import sys
 import time
 import zlib
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -195,8 +196,13 @@ class Client:
 
     # -- command center ---------------------------------------------------
     def workserver_status(self):
-        """{ws_name: {url, http_port, online}}"""
+        """{ws_name: {url, http_port, online, draining}}"""
         return self.json('GET', '/ws/status', auth=False)
+
+    def drain_workserver(self, name, drain=True):
+        """(admin) Put a WS in drain (no new streams nor activations; its
+        running cores go on) or, with drain=False, take it out."""
+        self.put('/ws/drain/' + quote(name, safe=''), {'drain': drain})
 
     # -- fleet and stats (API.md, second round) --------------------------
     def status(self):

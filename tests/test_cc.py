@@ -383,7 +383,8 @@ class TestRegistry(CCTestCase):
                                   '127.0.0.2')
         self.assertError(code, 409, body)
         self.assertEqual(self.status()['w1'], {
-            'url': '127.0.0.1', 'http_port': 1, 'online': True})
+            'url': '127.0.0.1', 'http_port': 1, 'online': True,
+            'draining': False})
         # Its own address refreshes it; offline, the name may move.
         self.assertEqual(self.register('w1', port=1)[0], 200)
         for _ in range(self.settings.max_ws_fails):
@@ -422,6 +423,30 @@ class TestRegistry(CCTestCase):
         # It may register again.
         self.assertEqual(self.register('w1')[0], 200)
         self.assertEqual(sorted(self.status()), ['w1', 'w2'])
+
+
+    def test_drain_survives_registration_not_removal(self):
+        admin = self.add_manager('root@x.org', role='admin')
+        self.register('w1')
+        body = json.dumps({'drain': True})
+        self.assertEqual(self.fetch_json('/ws/drain/w1', 'PUT', body=body,
+                                         token=admin), (200, {}))
+        self.assertTrue(self.status()['w1']['draining'])
+        self.assertTrue(self.fetch_json('/status')[1]['workservers']['w1'][
+            'draining'])
+        # A restart of the WS (registering again) keeps it draining.
+        self.ws_call('/ws/disconnect', {'name': 'w1'})
+        self.assertEqual(self.register('w1')[0], 200)
+        self.assertTrue(self.status()['w1']['draining'])
+        self.fetch_json('/ws/drain/w1', 'PUT', token=admin,
+                        body=json.dumps({'drain': False}))
+        self.assertFalse(self.status()['w1']['draining'])
+        self.fetch_json('/ws/drain/w1', 'PUT', body=body, token=admin)
+        # Removal forgets it with the rest of the record.
+        self.ws_call('/ws/disconnect', {'name': 'w1'})
+        self.fetch_json('/ws/remove/w1', 'PUT', token=admin)
+        self.register('w1')
+        self.assertFalse(self.status()['w1']['draining'])
 
 
 class TestTargets(CCTestCase):
@@ -980,6 +1005,32 @@ class TestStreamsAndAssign(CCTestCase):
         self.assertTrue(self.fetch_json('/ws/status')[1]['b']['online'])
         got = {b.stream_of(self.assign()['token']) for _ in range(2)}
         self.assertEqual(got, {s for s in sids if s.endswith(':b')})
+
+    def test_draining_ws_gets_no_streams_nor_activations(self):
+        a, b = self.add_ws('a'), self.add_ws('b')
+        admin = self.add_manager('root@x.org', role='admin')
+        tid = self.post_target(self.joe, stage='public')
+        sids = {self.post_stream(tid) for _ in range(4)}
+        self.assertEqual(self.fetch_json('/ws/drain/b', 'PUT', {
+            'drain': True}, token=admin), (200, {}))
+        sids |= {self.post_stream(tid) for _ in range(3)}
+        on_a = {s for s in sids if s.endswith(':a')}
+        self.assertEqual(len(on_a), 5)
+        got = {a.stream_of(self.assign()['token']) for _ in range(5)}
+        self.assertEqual(got, on_a)
+        self.assign(503)  # b's two idle streams are not handed out
+        # A target only b may hold waits.
+        only_b = self.post_target(self.joe, allowed_ws=['b'])
+        c, body = self.fetch_json('/streams', 'POST', {
+            'target_id': only_b, 'files': {'state.xml': 'x'}},
+            token=self.joe)
+        self.assertError(c, 503, body)
+        self.assertIn('draining', body['error'])
+        # Undrained, b serves again.
+        self.fetch_json('/ws/drain/b', 'PUT', {'drain': False}, token=admin)
+        got = {b.stream_of(self.assign()['token']) for _ in range(2)}
+        self.assertEqual(got, sids - on_a)
+        self.post_stream(only_b)
 
     def test_weighted_choice(self):
         """Weight 0.001 vs 1000: the heavy target is chosen first."""

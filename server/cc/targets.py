@@ -225,6 +225,12 @@ async def load(app: Any, target_id: str) -> Target | None:
     return Target.from_hash(target_id, h) if h else None
 
 
+def read_label(pipe: Any, target_id: str) -> None:
+    """Queue the read of what names a target to people on `pipe`: its
+    reply is [description, owner] (None, None for a deleted target)."""
+    pipe.hmget(keys.target(target_id), 'description', 'owner')
+
+
 async def owned(app: Any, target_id: str, manager: Manager | None) -> Target:
     """The target if its id is well formed (400) and it exists (404), and
     `manager` owns it or is an admin (403); None: any caller may see it."""
