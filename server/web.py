@@ -54,12 +54,14 @@ RETRY_AFTER_S = 5  # Retry-After of a 503 while the store is down
 
 class APIError(HTTPError):
     """A refusal with a message for the client. The message goes to the JSON
-    body, never into the status line (it may quote client input)."""
+    body, never into the status line (it may quote client input).
+    `fields`: more of the body, for a client that acts on them."""
 
-    def __init__(self, status, message, headers=None):
+    def __init__(self, status, message, headers=None, fields=None):
         super().__init__(status)
         self.message = message
         self.headers = headers or {}
+        self.fields = fields or {}
 
 
 # Characters of a client's value (a path, an id, a name) quoted in a log
@@ -669,7 +671,7 @@ class APIHandler(tornado.web.RequestHandler):
         self.clear()
         self.set_header('Connection', 'close')
         self.set_status(error.status_code)
-        data = json.dumps({'error': error.message}).encode()
+        data = json.dumps(dict(error.fields, error=error.message)).encode()
         self.set_header('Content-Length', len(data))
         self.write(data)
         if length == 0 or (length is None and 'chunked' not in
@@ -775,8 +777,10 @@ class APIHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code, **kwargs):
         exc = kwargs.get('exc_info', (None, None, None))[1]
+        fields: dict[str, Any] = {}
         if isinstance(exc, APIError):
             reason = exc.message
+            fields = exc.fields
             for name, value in exc.headers.items():
                 self.set_header(name, value)
         elif isinstance(exc, store.DOWN):
@@ -794,7 +798,7 @@ class APIHandler(tornado.web.RequestHandler):
         reason = shown(reason, MESSAGE_MAX)
         self._error_message = reason
         self.set_header('Content-Type', 'application/json; charset=UTF-8')
-        self.finish(json.dumps({'error': reason}))
+        self.finish(json.dumps(dict(fields, error=reason)))
 
     def log_exception(self, typ, value, tb):
         if isinstance(value, HTTPError):

@@ -28,6 +28,7 @@ dipeptide in implicit solvent (amber14 + OBC2, no box).
 5. stops everything and checks that no process is left.
 """
 import os
+import re
 import shutil
 import signal
 import sys
@@ -84,6 +85,26 @@ def start_cores(procs, arm, address, ca, target_id, key):
 def stop_cores(procs, cores):
     for c in cores:
         procs.stop(c)
+
+
+# What core_summary reads of a core's summary line (siegetank.core
+# __main__.SUMMARY).
+CORE_SUMMARY = re.compile(r'core: .* (\d+) streams \((\d+) stopped by the '
+                          r'manager\), (\d+) errors')
+
+
+def core_summary(procs, cores):
+    """(streams, stopped by the manager, errors) of stopped cores, summed
+    from the summary line each printed in its log on exit. The sampler and
+    the budget stop streams all the time: those are no errors."""
+    total = [0, 0, 0]
+    for c in cores:
+        with open(os.path.join(procs.folder, c.demo_name + '.log')) as f:
+            found = CORE_SUMMARY.findall(f.read())
+        if found:
+            total = [t + int(n) for t, n in zip(total, found[-1],
+                                                 strict=True)]
+    return tuple(total)
 
 
 def total_frames(target):
@@ -247,6 +268,9 @@ def replicate(r, admin, key, procs, address, ca, summary, built, initial,
             r + 1, budget.committed, out['plain']['rate'], sampler.frames,
             out['adaptive']['rate'], len(rounds) - 1, overhead,
             overhead / max(1, len(rounds) - 1), len(sampler.parents)))
+    say('replicate %d cores: %s' % (r + 1, '; '.join(
+        '%s %d streams (%d stopped by the manager), %d errors'
+        % ((arm,) + core_summary(procs, cores[arm])) for arm in targets)))
     return out
 
 
