@@ -136,11 +136,13 @@ return 2
 ADOPTED, KNOWN, NO_TARGET = 2, 1, 0  # what adopt did
 
 _FORGET = Script("""
--- Forget a deleted stream; the WS drops a target with its last stream,
--- so then it no longer holds the target's files either. streams:
--- target_streams; counts: target_ws; with_files: target_ws_files.
--- Returns 1, 0 if the stream was not known.
+-- Forget a deleted stream, leaving its tombstone (gone, for GONE_KEPT_S);
+-- the WS drops a target with its last stream, so then it no longer holds
+-- the target's files either. streams: target_streams; counts: target_ws;
+-- with_files: target_ws_files. Returns 1, 0 if the stream was not known.
+local tid = redis.call('HGET', stream, 'target_id')
 if redis.call('DEL', stream) == 0 then return 0 end
+if tid then redis.call('SET', gone, tid, 'EX', gone_kept_s) end
 redis.call('SREM', streams, stream_id)
 if redis.call('EXISTS', target) == 1 then
   if redis.call('HINCRBY', counts, ws, -1) <= 0 then
@@ -149,8 +151,13 @@ if redis.call('EXISTS', target) == 1 then
   end
 end
 return 1
-""", keys=('stream', 'streams', 'counts', 'with_files', 'target'),
-    args=('stream_id', 'ws'))
+""", keys=('stream', 'gone', 'streams', 'counts', 'with_files', 'target'),
+    args=('stream_id', 'ws', 'gone_kept_s'))
+
+# How long the CC still credits the session records of a stream it forgot
+# (deleted): they come with the WS's next reports, within seconds, or
+# once a WS that was down is back.
+GONE_KEPT_S = 7 * 24 * 3600
 
 
 async def reserve(app: Any, target_id: str, skip: list[str],
@@ -207,9 +214,17 @@ async def forget(app: Any, record: StreamRecord) -> None:
     tid = record.target_id
     await _FORGET(
         app.redis, stream=keys.stream(record.stream_id),
+        gone=keys.stream_gone(record.stream_id),
         streams=keys.target_streams(tid), counts=keys.target_ws(tid),
         with_files=keys.target_ws_files(tid), target=keys.target(tid),
-        stream_id=record.stream_id, ws=record.ws)
+        stream_id=record.stream_id, ws=record.ws, gone_kept_s=GONE_KEPT_S)
+
+
+def forget_in(pipe: Any, stream_id: str, target_id: str) -> None:
+    """Queue forgetting a stream of a target being deleted whole (its
+    target's sets go with it), leaving its tombstone as `forget` does."""
+    pipe.delete(keys.stream(stream_id))
+    pipe.set(keys.stream_gone(stream_id), target_id, ex=GONE_KEPT_S)
 
 
 async def load(app: Any, stream_id: str) -> StreamRecord | None:
@@ -259,12 +274,22 @@ async def counts_on(redis: Any, ws: str,
 
 async def targets_of(redis: Any, ws: str,
                      stream_ids: list[str]) -> dict[str, str]:
-    """{stream id: target id} of those streams the CC placed on `ws`."""
+    """{stream id: target id} of those streams the CC placed on `ws`,
+    also those it forgot lately (their tombstone: a stream id ends with
+    its WS's name)."""
     if not stream_ids:
         return {}
     pipe = redis.pipeline(transaction=False)
     for sid in stream_ids:
         pipe.hmget(keys.stream(sid), 'target_id', 'ws')
+        pipe.get(keys.stream_gone(sid))
     found = await pipe.execute()
-    return {sid: tid for sid, (tid, on) in zip(stream_ids, found, strict=True)
-            if tid is not None and on == ws}
+    placed = {}
+    for i, sid in enumerate(stream_ids):
+        (tid, on), gone = found[2 * i], found[2 * i + 1]
+        if tid is not None and on == ws:
+            placed[sid] = tid
+        elif tid is None and gone is not None \
+                and sid.rpartition(':')[2] == ws:
+            placed[sid] = gone
+    return placed

@@ -407,7 +407,7 @@ async def _forget(redis, target_id):
                 pipe.multi()
                 pipe.delete(*watched, keys.target_files(target_id))
                 for sid in sids:
-                    pipe.delete(keys.stream(sid))
+                    stream_map.forget_in(pipe, sid, target_id)
                 pipe.srem(keys.TARGETS, target_id)
                 pipe.srem(keys.owner_targets(owner), target_id)
                 for s in STAGES:
