@@ -278,7 +278,7 @@ async def validate_files(config, files, max_files, what='files',
 async def check_allowed_ws(app, names):
     if not all(isinstance(n, str) for n in names):
         raise APIError(400, 'allowed_ws must be a list of workserver names')
-    known = await app.redis.smembers(keys.WORKSERVERS)
+    known = await workservers.names(app.redis)
     unknown = sorted(set(names) - set(known))
     if unknown:
         raise APIError(400, 'unknown workserver(s): %s' % ', '.join(unknown))
