@@ -1249,8 +1249,8 @@ class TestRogueWorkserver(TestStreamsAndAssign):
         self.assertEqual(status['streams'], {
             'total': 2, 'active': 0, 'idle': 2, 'stopped': 0})
         self.assertEqual(status['targets'], {
-            tid: {'queued': 2, 'active': 0},
-            other: {'queued': 0, 'active': 0}})
+            tid: {'queued': 2, 'active': 0, 'description': 'top secret'},
+            other: {'queued': 0, 'active': 0, 'description': 'top secret'}})
         self.assertLessEqual(max(status['history']['frames']), 2 * 60)
         self.assertEqual(status['history']['errors'], [0] * 60)
         c, stats = self.fetch_json('/targets/stats/' + tid, token=self.joe)
