@@ -150,6 +150,7 @@ target_ws = Key('target:%s:ws')
 target_ws_files = Key('target:%s:ws_files')
 target_streams = Key('target:%s:streams')
 stream = Key('stream:%s')
+forgotten_stream = Key('forgotten_stream:%s')
 
 # abuse controls
 login_fails = Key('login_fails:%s:%s')

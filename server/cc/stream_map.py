@@ -139,8 +139,12 @@ _FORGET = Script("""
 -- Forget a deleted stream; the WS drops a target with its last stream,
 -- so then it no longer holds the target's files either. streams:
 -- target_streams; counts: target_ws; with_files: target_ws_files.
--- Returns 1, 0 if the stream was not known.
+-- Its target and WS are kept a while in `forgotten` (the WS reports the
+-- session the deletion ended later). Returns 1, 0 if the stream was not
+-- known.
 if redis.call('DEL', stream) == 0 then return 0 end
+redis.call('HSET', forgotten, 'target_id', target_id, 'ws', ws)
+redis.call('EXPIRE', forgotten, kept_s)
 redis.call('SREM', streams, stream_id)
 if redis.call('EXISTS', target) == 1 then
   if redis.call('HINCRBY', counts, ws, -1) <= 0 then
@@ -149,8 +153,14 @@ if redis.call('EXISTS', target) == 1 then
   end
 end
 return 1
-""", keys=('stream', 'streams', 'counts', 'with_files', 'target'),
-    args=('stream_id', 'ws'))
+""", keys=('stream', 'streams', 'counts', 'with_files', 'target',
+           'forgotten'),
+    args=('stream_id', 'target_id', 'ws', 'kept_s'))
+
+# How long a deleted stream still counts as placed on its WS for the
+# session records it reports (stats.placed): a WS's outbox is pulled every
+# few seconds, and kept while the CC cannot reach it.
+FORGOTTEN_KEPT_S = 7 * 86400
 
 
 async def reserve(app: Any, target_id: str, skip: list[str],
@@ -209,7 +219,9 @@ async def forget(app: Any, record: StreamRecord) -> None:
         app.redis, stream=keys.stream(record.stream_id),
         streams=keys.target_streams(tid), counts=keys.target_ws(tid),
         with_files=keys.target_ws_files(tid), target=keys.target(tid),
-        stream_id=record.stream_id, ws=record.ws)
+        forgotten=keys.forgotten_stream(record.stream_id),
+        stream_id=record.stream_id, target_id=tid, ws=record.ws,
+        kept_s=FORGOTTEN_KEPT_S)
 
 
 async def load(app: Any, stream_id: str) -> StreamRecord | None:
@@ -259,12 +271,18 @@ async def counts_on(redis: Any, ws: str,
 
 async def targets_of(redis: Any, ws: str,
                      stream_ids: list[str]) -> dict[str, str]:
-    """{stream id: target id} of those streams the CC placed on `ws`."""
+    """{stream id: target id} of those streams the CC placed on `ws`, or
+    did until it deleted them lately (FORGOTTEN_KEPT_S)."""
     if not stream_ids:
         return {}
     pipe = redis.pipeline(transaction=False)
     for sid in stream_ids:
         pipe.hmget(keys.stream(sid), 'target_id', 'ws')
-    found = await pipe.execute()
-    return {sid: tid for sid, (tid, on) in zip(stream_ids, found, strict=True)
-            if tid is not None and on == ws}
+        pipe.hmget(keys.forgotten_stream(sid), 'target_id', 'ws')
+    found = iter(await pipe.execute())
+    placed = {}
+    for sid, now, before in zip(stream_ids, found, found, strict=True):
+        tid, on = now if now[0] is not None else before
+        if tid is not None and on == ws:
+            placed[sid] = tid
+    return placed
