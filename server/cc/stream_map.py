@@ -269,6 +269,35 @@ async def counts_on(redis: Any, ws: str,
             if n and int(n) > 0}
 
 
+async def stream_counts(app: Any, target_id: str) -> dict[str, int]:
+    """{ws: number of the target's streams there} (only positive)."""
+    counts = await app.redis.hgetall(keys.target_ws(target_id))
+    return {ws: int(c) for ws, c in counts.items() if int(c) > 0}
+
+
+def of_target(target_id: str) -> tuple[str, ...]:
+    """The keys of a target's part of the map, for a deletion to WATCH
+    with the target's own (targets.py)."""
+    tid = target_id
+    return (keys.target_ws(tid), keys.target_ws_files(tid),
+            keys.target_streams(tid))
+
+
+async def target_holders(pipe: Any, target_id: str) -> tuple[set, set]:
+    """(the WS that hold anything of the target, its stream ids), read on
+    a pipeline that WATCHes `of_target`."""
+    ws = set(await pipe.hkeys(keys.target_ws(target_id)))
+    ws |= set(await pipe.smembers(keys.target_ws_files(target_id)))
+    return ws, set(await pipe.smembers(keys.target_streams(target_id)))
+
+
+def drop_target(pipe: Any, target_id: str, stream_ids: Any) -> None:
+    """Queue on a MULTI pipeline the removal of the target's part of the
+    map and of its streams' records."""
+    pipe.delete(*of_target(target_id),
+                *(keys.stream(sid) for sid in stream_ids))
+
+
 async def targets_of(redis: Any, ws: str,
                      stream_ids: list[str]) -> dict[str, str]:
     """{stream id: target id} of those streams the CC placed on `ws`, or
