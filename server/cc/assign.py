@@ -29,7 +29,6 @@ WS gone for good). An activation whose session the WS does not name (an
 older WS) counts `client_hold_in_s` seconds (its early windows). An
 assignment that found nothing (503) does not count as held.
 """
-import ipaddress
 import json
 import random
 import time
@@ -45,6 +44,7 @@ from server.cc import (
     workservers,
 )
 from server.lua import Script
+from server.sessions_common import network_of
 from server.tokens import token_hash
 from server.web import APIError, APIHandler, allow, check_target_id, too_many
 
@@ -193,17 +193,13 @@ return n
 
 def client_of(address):
     """Who an anonymous core is, for the abuse controls: its address, an
-    IPv6 one by its /64 (one host often has a whole /64)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    IPv6 one by its /64 (sessions_common.network_of)."""
+    net = network_of(address, 32)
+    if net is None:
         return 'addr:%s' % address
-    if ip.version == 6:
-        if ip.ipv4_mapped is not None:
-            return 'addr:%s' % ip.ipv4_mapped
-        return 'addr:%s/64' % ipaddress.ip_network(
-            (ip, 64), strict=False).network_address
-    return 'addr:%s' % ip
+    if net.version == 6:
+        return 'addr:%s/64' % net.network_address
+    return 'addr:%s' % net.network_address
 
 
 class Admitted:
