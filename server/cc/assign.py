@@ -40,6 +40,7 @@ from server.cc import (
     corekeys,  # noqa: F401 (the 'core_key' role)
     keys,
     status,
+    stream_map,
     targets,
     workservers,
 )
@@ -82,7 +83,7 @@ _CANDIDATES = Script("""
 -- session). Each candidate is a target
 -- whose engine and versions match, with streams on an online WS:
 -- {target_id, weight, options, ws, count, url, port, ws, count, ...}.
-""" + targets.MATCH_LUA + workservers.ADDRESS_LUA + """
+""" + targets.MATCH_LUA + workservers.ADDRESS_LUA + stream_map.COUNTS_LUA + """
 now, max_held, hold_s = tonumber(now), tonumber(max_held), tonumber(hold_s)
 max_per_minute = tonumber(max_per_minute)
 local donor = ''
@@ -133,7 +134,7 @@ for _, tid in ipairs(ids) do
                                        engine, version)
   if weight then
     local entry = {tid, weight, options}
-    local counts = redis.call('HGETALL', string.format(target_ws, tid))
+    local counts = ws_counts(string.format(target_ws, tid))
     for i = 1, #counts, 2 do
       local name, n = counts[i], tonumber(counts[i + 1])
       if n and n > 0 then

@@ -54,6 +54,15 @@ class Reserved(NamedTuple):
     has_files: int
 
 
+# A Lua function for the assignment's script (spliced at its top): the
+# target's streams per WS from its counts at `key` (`target:<id>:ws`), as
+# HGETALL gives them (name, count, name, count...; a count may be 0).
+COUNTS_LUA = """
+local function ws_counts(key)
+  return redis.call('HGETALL', key)
+end
+"""
+
 _RESERVE = Script("""
 -- Reserve one stream slot on the online WS holding fewest streams of the
 -- target, in one step. counts: target_ws (per-WS counts); with_files:
