@@ -8,7 +8,6 @@ import contextlib
 import io
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import numpy as np
 from siegetank import adaptive, build_target
 from siegetank.core import Core, make_engine, openmm_engine
 from tests.cluster import Cluster
-from tools.testing import ROOT, tmpdir, wait_for
+from tools.testing import ROOT, stop_core, tmpdir, wait_for
 
 
 def built_target(folder):
@@ -272,8 +271,7 @@ class TestAdaptiveLoop(unittest.TestCase):
             more = again.run(n_rounds=1, progress=False)
             again.stop_all()
         finally:
-            core.send_signal(signal.SIGTERM)
-            _, core_err = core.communicate(timeout=60)
+            core_err = stop_core(core)
         self.assertEqual(core.returncode, 0, core_err)
         # The sampler stopped stream after stream under the core: its
         # manager's stops, no errors (the core's summary, the CC's stats).

@@ -15,17 +15,27 @@ from bench import servers, workloads
 from tools.testing import ROOT, tmpdir
 
 
+def quick(*args):
+    """`python -m bench --quick` with these arguments (exit code 0
+    asserted by the caller) into a fresh folder: (process, results or
+    None, the folder)."""
+    out = tmpdir('bench')
+    p = subprocess.run(
+        [sys.executable, '-m', 'bench', '--quick', *args, '--out', out],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    results = None
+    if p.returncode == 0:
+        with open(os.path.join(out, 'results.json')) as f:
+            results = json.load(f)
+    return p, results, out
+
+
 class TestBenchSmoke(unittest.TestCase):
 
     def test_quick_frames_and_activations(self):
-        out = tmpdir('bench')
-        p = subprocess.run(
-            [sys.executable, '-m', 'bench', '--quick', '--only', 'frames',
-             '--only', 'activations', '--duration', '0.3', '--out', out],
-            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        p, results, out = quick('--only', 'frames', '--only', 'activations',
+                                '--duration', '0.3')
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
-        with open(os.path.join(out, 'results.json')) as f:
-            results = json.load(f)
         # 10 KB and 100 KB, 1 and 8 cores, with 1 and with 2 processes
         self.assertEqual(sorted((r['processes'], r['size'], r['cores'])
                                 for r in results['frames']),
@@ -49,14 +59,9 @@ class TestBenchSmoke(unittest.TestCase):
         """The paced workload of many cores: every frame sent is
         acknowledged, reported and served; the CPU per core-hour is
         reported (its value unchecked)."""
-        out = tmpdir('bench')
-        p = subprocess.run(
-            [sys.executable, '-m', 'bench', '--quick', '--only', 'volunteers',
-             '--out', out], cwd=ROOT, capture_output=True, text=True,
-            timeout=300)
+        p, results, _ = quick('--only', 'volunteers')
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
-        with open(os.path.join(out, 'results.json')) as f:
-            row = json.load(f)['volunteers']
+        row = results['volunteers']
         self.assertEqual((row['cores'], row['errors'], row['mismatches']),
                          (100, 0, 0))
         self.assertGreaterEqual(row['frames'], 100 * 10)
@@ -66,28 +71,17 @@ class TestBenchSmoke(unittest.TestCase):
     def test_quick_status(self):
         """The /status workload: the CC's report of the WS reaches every
         stream made, and /status answers (figures unchecked)."""
-        out = tmpdir('bench')
-        p = subprocess.run(
-            [sys.executable, '-m', 'bench', '--quick', '--only', 'status',
-             '--out', out],
-            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        p, results, _ = quick('--only', 'status')
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
-        with open(os.path.join(out, 'results.json')) as f:
-            row = json.load(f)['status']
+        row = results['status']
         self.assertEqual((row['streams'], row['active']), (2000, 100))
-
 
     def test_quick_costs(self):
         """The per-request costs behind docs/capacity.md are measured
         without errors for every kind of request (figures unchecked)."""
-        out = tmpdir('bench')
-        p = subprocess.run(
-            [sys.executable, '-m', 'bench', '--quick', '--only', 'costs',
-             '--out', out],
-            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        p, results, _ = quick('--only', 'costs')
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
-        with open(os.path.join(out, 'results.json')) as f:
-            row = json.load(f)['costs']
+        row = results['costs']
         for size in ('ws_10k', 'ws_100k'):
             self.assertEqual(sorted(row[size]),
                              ['checkpoint', 'frame', 'heartbeat',

@@ -1086,7 +1086,9 @@ class TestStreamsAndAssign(CCTestCase):
         self.assertEqual(self.sync(lambda: self.redis.smembers(
             keys.ws_pending_deletes('b'))), set())
 
-    def test_reregistration_finishes_pending_deletion(self):
+    def delete_while_down(self):
+        """A WS 'a' with a stream whose target is deleted while it is
+        down."""
         a = self.add_ws('a')
         tid = self.post_target(self.joe)
         self.post_stream(tid)
@@ -1094,8 +1096,10 @@ class TestStreamsAndAssign(CCTestCase):
         c, _ = self.fetch_json('/targets/delete/' + tid, 'PUT',
                                token=self.joe)
         self.assertEqual(c, 200)
-        self.assertEqual(len(a.streams()), 1)
-        a.start()
+        return a
+
+    def assert_registration_deletes(self, a):
+        """'a' registers again and is told to delete what it kept."""
         c, _ = self.fetch_json('/ws/register', 'PUT', a.register_body(),
                                token=CC_PASS)
         self.assertEqual(c, 200)
@@ -1104,30 +1108,24 @@ class TestStreamsAndAssign(CCTestCase):
         self.assertEqual(self.sync(lambda: self.redis.smembers(
             keys.ws_pending_deletes('a'))), set())
 
+    def test_reregistration_finishes_pending_deletion(self):
+        a = self.delete_while_down()
+        self.assertEqual(len(a.streams()), 1)
+        a.start()
+        self.assert_registration_deletes(a)
+
     def test_removed_ws_gets_its_pending_deletions_back(self):
         # Issue 22 point 8: a target deleted while its WS was down, the WS
         # removed by an admin and restarted: it must not keep the target.
         admin = self.add_manager('root@x.org', role='admin')
-        a = self.add_ws('a')
-        tid = self.post_target(self.joe)
-        self.post_stream(tid)
-        a.stop()
-        c, _ = self.fetch_json('/targets/delete/' + tid, 'PUT',
-                               token=self.joe)
-        self.assertEqual(c, 200)
+        a = self.delete_while_down()
         for _ in range(self.settings.max_ws_fails):
             self.sync(lambda: workservers.record_failure(self.app, 'a'))
         self.assertEqual(self.fetch_json('/ws/remove/a', 'PUT', token=admin),
                          (200, {}))
         a.start()
         self.assertEqual(len(a.streams()), 1)
-        c, _ = self.fetch_json('/ws/register', 'PUT', a.register_body(),
-                               token=CC_PASS)
-        self.assertEqual(c, 200)
-        self.sync(lambda: self.app.flushing['a'])
-        self.assertEqual((a.streams(), a.targets()), ({}, {}))
-        self.assertEqual(self.sync(lambda: self.redis.smembers(
-            keys.ws_pending_deletes('a'))), set())
+        self.assert_registration_deletes(a)
 
     def test_deleted_while_placing_is_undone(self):
         """A target deleted between reservation and record: the stream the
@@ -1250,9 +1248,9 @@ class TestRogueWorkserver(TestStreamsAndAssign):
         self.assertEqual(c, 200, status)
         self.assertEqual(status['streams'], {
             'total': 2, 'active': 0, 'idle': 2, 'stopped': 0})
-        self.assertEqual({t: (v['queued'], v['active'])
-                          for t, v in status['targets'].items()},
-                         {tid: (2, 0), other: (0, 0)})
+        self.assertEqual(status['targets'], {
+            tid: {'queued': 2, 'active': 0, 'description': 'top secret'},
+            other: {'queued': 0, 'active': 0, 'description': 'top secret'}})
         self.assertLessEqual(max(status['history']['frames']), 2 * 60)
         self.assertEqual(status['history']['errors'], [0] * 60)
         c, stats = self.fetch_json('/targets/stats/' + tid, token=self.joe)

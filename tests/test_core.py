@@ -7,7 +7,6 @@ import asyncio
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import tornado.web
 from server import tls
 from siegetank import files as wire
 from siegetank.core import Backoff, Core, Fatal, make_engine, synthetic
-from tools.testing import ROOT, certs, free_port, wait_for
+from tools.testing import ROOT, certs, free_port, stop_core, wait_for
 
 
 class Script:
@@ -341,12 +340,8 @@ class TestCoreProcess(unittest.TestCase):
                 wait_for(lambda: len({c[1] for c in script.seen('frame')})
                          == 2, 'frames of two streams')
                 self.assertEqual(script.seen('checkpoint'), [])
-                p.send_signal(signal.SIGTERM)
-                _, err = p.communicate(timeout=60)
             finally:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+                err = stop_core(p)
             self.assertEqual(p.returncode, 0, err)
             for token in ('token-1', 'token-2'):
                 mine = [c[0] for c in script.calls if c[1] == token]

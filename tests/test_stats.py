@@ -5,7 +5,6 @@ WS crash, a CC restart, an expiry and a manager's stop."""
 import base64
 import gzip
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import requests
 
 from siegetank.core import Core, make_engine, synthetic
 from tests.cluster import Cluster
-from tools.testing import ROOT, certs, wait_for
+from tools.testing import ROOT, certs, stop_core, wait_for
 
 
 def b64(data):
@@ -250,12 +249,8 @@ class TestManagerStops(unittest.TestCase):
             c.admin.stream(wait_for(working, 'a first stream')).stop()
             c.admin.stream(wait_for(working, 'a second stream')).delete()
             wait_for(working, 'a third stream')
-            core.send_signal(signal.SIGTERM)
-            _, err = core.communicate(timeout=60)
         finally:
-            if core.poll() is None:
-                core.kill()
-                core.communicate()
+            err = stop_core(core)
         self.assertEqual(core.returncode, 0, err)
         summary = err.strip().splitlines()[-1]
         self.assertIn(' 3 streams (2 stopped by the manager), 0 errors',

@@ -38,12 +38,14 @@ import time
 import requests
 
 from server import processes
+from server.cc import keys
 from tools.testing import (
     CC_PASS,
     ServerProcess,
     TimedOut,
     certs,
     command_centers,
+    online,
     wait_for,
 )
 
@@ -306,12 +308,8 @@ class Chaos:
             except requests.RequestException:
                 return False
 
-        def online():
-            r = self.http.get(self.cc.url + '/ws/status', timeout=5)
-            state = r.json().get(self.ws.name) if r.status_code == 200 \
-                else None
-            return state is not None and state['online']
-        wait_for(lambda: up(self.cc) and up(self.ws) and online(),
+        wait_for(lambda: up(self.cc) and up(self.ws)
+                 and online(self.cc, self.ws.name),
                  'the CC and the WS answering, the WS online', timeout,
                  errors=(requests.RequestException, ValueError))
 
@@ -356,8 +354,9 @@ class Chaos:
         """(CC's streams, WS's streams) as sets of ids."""
         cc_redis = self.cc.redis()
         try:
-            cc = {k[len('stream:'):] for k in
-                  cc_redis.scan_iter(match='stream:*', count=1000)}
+            prefix = keys.stream('')
+            cc = {k[len(prefix):] for k in
+                  cc_redis.scan_iter(match=keys.stream('*'), count=1000)}
         finally:
             cc_redis.close()
         r = self.http.get(self.ws.url + '/streams', timeout=30,
@@ -583,7 +582,7 @@ class Chaos:
         r = self.cc.redis()
         try:
             lines.append('reconciliation repairs: %s'
-                         % (r.hgetall('reconcile:stats') or {}))
+                         % (r.hgetall(keys.RECONCILE_STATS) or {}))
         finally:
             r.close()
         kinds = collections.Counter(what for what, _ in self.ledger.failures)

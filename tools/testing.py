@@ -112,6 +112,20 @@ def wait_for(check, what='a condition', timeout=60, errors=(),
         time.sleep(interval)
 
 
+def stop_core(process, timeout=60):
+    """SIGTERM a core process (its clean stop: checkpoints, stops, the
+    summary) and wait; killed if it is still running after `timeout`.
+    Returns its stderr."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return err
+
+
 def command_centers(cc=None, cc_pass=CC_PASS):
     """A WS's `command_centers` setting: the CC process `cc`, or (None) one
     CC that never answers, for a WS tested alone."""

@@ -31,6 +31,7 @@ from tools.testing import (
     ROOT,
     ServerProcess,
     command_centers,
+    online,
     tmpdir,
     wait_for,
 )
@@ -97,13 +98,8 @@ class Upgrade(chaos.Chaos):
     def wait_healthy(self, timeout=90):
         """Both WS online (chaos checks its one)."""
         super().wait_healthy(timeout)
-
-        def online():
-            r = self.http.get(self.cc.url + '/ws/status', timeout=5)
-            state = r.json().get(self.ws2.name) if r.status_code == 200 \
-                else None
-            return state is not None and state['online']
-        wait_for(online, 'the second WS online', timeout,
+        wait_for(lambda: online(self.cc, self.ws2.name),
+                 'the second WS online', timeout,
                  errors=(requests.RequestException, ValueError))
 
     def stop(self):

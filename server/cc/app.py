@@ -127,13 +127,9 @@ class CommandCenter(App):
 
     async def stream_counts(self):
         """Streams by state, summed over the WS's last reports."""
-        names = await self.redis.smembers(keys.WORKSERVERS)
-        pipe = self.redis.pipeline(transaction=False)
-        for name in names:
-            reports.read(pipe, name)
         totals = {'ok': 0, 'active': 0, 'stopped': 0}
-        for h in await pipe.execute() if names else []:
-            for state, n in reports.Report.from_hash(h).streams.items():
+        for report in await reports.load_all(self.redis):
+            for state, n in report.streams.items():
                 if state in totals:
                     totals[state] += n
         return totals

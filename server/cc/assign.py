@@ -29,7 +29,6 @@ WS gone for good). An activation whose session the WS does not name (an
 older WS) counts `client_hold_in_s` seconds (its early windows). An
 assignment that found nothing (503) does not count as held.
 """
-import ipaddress
 import json
 import random
 import time
@@ -41,10 +40,12 @@ from server.cc import (
     corekeys,  # noqa: F401 (the 'core_key' role)
     keys,
     status,
+    stream_map,
     targets,
     workservers,
 )
 from server.lua import Script
+from server.sessions_common import network_of
 from server.tokens import token_hash
 from server.web import APIError, APIHandler, allow, check_target_id, too_many
 
@@ -82,7 +83,7 @@ _CANDIDATES = Script("""
 -- session). Each candidate is a target
 -- whose engine and versions match, with streams on an online WS:
 -- {target_id, weight, options, ws, count, url, port, ws, count, ...}.
-""" + targets.MATCH_LUA + workservers.ADDRESS_LUA + """
+""" + targets.MATCH_LUA + workservers.ADDRESS_LUA + stream_map.COUNTS_LUA + """
 now, max_held, hold_s = tonumber(now), tonumber(max_held), tonumber(hold_s)
 max_per_minute = tonumber(max_per_minute)
 local donor = ''
@@ -133,7 +134,7 @@ for _, tid in ipairs(ids) do
                                        engine, version)
   if weight then
     local entry = {tid, weight, options}
-    local counts = redis.call('HGETALL', string.format(target_ws, tid))
+    local counts = ws_counts(string.format(target_ws, tid))
     for i = 1, #counts, 2 do
       local name, n = counts[i], tonumber(counts[i + 1])
       if n and n > 0 then
@@ -193,17 +194,13 @@ return n
 
 def client_of(address):
     """Who an anonymous core is, for the abuse controls: its address, an
-    IPv6 one by its /64 (one host often has a whole /64)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    IPv6 one by its /64 (sessions_common.network_of)."""
+    net = network_of(address, 32)
+    if net is None:
         return 'addr:%s' % address
-    if ip.version == 6:
-        if ip.ipv4_mapped is not None:
-            return 'addr:%s' % ip.ipv4_mapped
-        return 'addr:%s/64' % ipaddress.ip_network(
-            (ip, 64), strict=False).network_address
-    return 'addr:%s' % ip
+    if net.version == 6:
+        return 'addr:%s/64' % net.network_address
+    return 'addr:%s' % net.network_address
 
 
 class Admitted:

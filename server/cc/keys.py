@@ -51,10 +51,6 @@ Target files live here too, not on a CC's disk: any CC host serves them.
     target:<id>:ws_files       set of the WS that hold the target's files
     target:<id>:streams        set of the target's stream ids
     stream:<id>                hash: target_id, ws (stream_map.py)
-    stream_gone:<id>           string with a TTL: the target id of a stream
-                               the CC forgot (deleted), so the session
-                               records of its last activations, collected
-                               later, still count (stats.placed)
     admins                     set of the admins' emails (once not empty,
                                loopback bootstrap of managers is closed)
     login_fails:<scope>:<name> string with a TTL: failed logins of an
@@ -154,7 +150,7 @@ target_ws = Key('target:%s:ws')
 target_ws_files = Key('target:%s:ws_files')
 target_streams = Key('target:%s:streams')
 stream = Key('stream:%s')
-stream_gone = Key('stream_gone:%s')
+forgotten_stream = Key('forgotten_stream:%s')
 
 # abuse controls
 login_fails = Key('login_fails:%s:%s')

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.cc import keys, stream_map
+from server.cc import keys, stream_map, workservers
 from server.sessions_common import MINUTES_KEPT, minute
 from server.web import TARGET_ID
 
@@ -63,6 +63,16 @@ def read(pipe: Any, name: str) -> None:
     """Queue the read of a WS's last report on `pipe`; its reply goes to
     `Report.from_hash`."""
     pipe.hgetall(keys.ws_report(name))
+
+
+async def load_all(redis: Any) -> list[Report]:
+    """The last report of every known WS (an empty one if none yet)."""
+    names = await workservers.names(redis)
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        read(pipe, name)
+    return [Report.from_hash(h) for h in
+            (await pipe.execute() if names else [])]
 
 
 def _count(value: Any) -> int:

@@ -139,6 +139,23 @@ async def store(redis, ws_name, records, max_frames):
         log_max=SESSION_LOG_MAX)
 
 
+def read_ws(pipe, name):
+    """Queue the read of what a WS's stored sessions added up to on
+    `pipe`; its reply goes to `ws_recorded`."""
+    pipe.hgetall(keys.ws_stats(name))
+
+
+def ws_recorded(h):
+    """{sessions_recorded, frames_recorded} of a `read_ws` reply."""
+    def count(name):
+        try:
+            return int(h.get(name) or 0)
+        except ValueError:
+            return 0
+    return {'sessions_recorded': count('sessions'),
+            'frames_recorded': count('frames')}
+
+
 async def donor(redis, username):
     """{frames, sessions, last_seen, targets} (targets: how many targets
     the donor worked on), None for an unknown donor."""
@@ -187,13 +204,8 @@ async def target(redis, target_id, active_cores):
 
 async def active_cores(redis, target_id):
     """Cores on the target now, from the last report of every WS."""
-    names = sorted(await redis.smembers(keys.WORKSERVERS))
-    pipe = redis.pipeline(transaction=False)
-    for name in names:
-        reports.read(pipe, name)
-    return sum(reports.Report.from_hash(h).targets.get(
-        target_id, {}).get('active', 0)
-        for h in (await pipe.execute() if names else []))
+    return sum(report.targets.get(target_id, {}).get('active', 0)
+              for report in await reports.load_all(redis))
 
 
 class DonorStatsHandler(APIHandler):

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from server import store
-from server.cc import keys, reports, workservers
+from server.cc import keys, reports, stats, workservers
 from server.cc import targets as target_records
 from server.sessions_common import MINUTES_KEPT, minute
 from server.web import APIHandler, allow
@@ -75,12 +75,12 @@ def _int_or_zero(value):
 async def status(redis, admin=False):
     now = minute()
     minutes = list(range(now - HISTORY + 1, now + 1))
-    names = sorted(await redis.smembers(keys.WORKSERVERS))
+    names = await workservers.names(redis)
     pipe = redis.pipeline(transaction=False)
     for name in names:
         workservers.read(pipe, name)
         reports.read(pipe, name)
-        pipe.hgetall(keys.ws_stats(name))
+        stats.read_ws(pipe, name)
     for what in COUNTED:
         pipe.hmget(keys.per_minute(what), minutes)
     pipe.smembers(keys.stage_targets('public'))
@@ -124,8 +124,7 @@ async def status(redis, admin=False):
                 'url': ws.url, 'http_port': ws.http_port or None,
                 'fails': ws.fails,
                 'frames_last_hour': frames, 'errors_last_hour': errors,
-                'sessions_recorded': _int_or_zero(recorded.get('sessions')),
-                'frames_recorded': _int_or_zero(recorded.get('frames'))}
+                **stats.ws_recorded(recorded)}
         by_name[name] = entry
     await _label(redis, targets, admin)
     return {

@@ -54,6 +54,15 @@ class Reserved(NamedTuple):
     has_files: int
 
 
+# A Lua function for the assignment's script (spliced at its top): the
+# target's streams per WS from its counts at `key` (`target:<id>:ws`), as
+# HGETALL gives them (name, count, name, count...; a count may be 0).
+COUNTS_LUA = """
+local function ws_counts(key)
+  return redis.call('HGETALL', key)
+end
+"""
+
 _RESERVE = Script("""
 -- Reserve one stream slot on the online WS holding fewest streams of the
 -- target, in one step. counts: target_ws (per-WS counts); with_files:
@@ -136,13 +145,15 @@ return 2
 ADOPTED, KNOWN, NO_TARGET = 2, 1, 0  # what adopt did
 
 _FORGET = Script("""
--- Forget a deleted stream, leaving its tombstone (gone, for GONE_KEPT_S);
--- the WS drops a target with its last stream, so then it no longer holds
--- the target's files either. streams: target_streams; counts: target_ws;
--- with_files: target_ws_files. Returns 1, 0 if the stream was not known.
-local tid = redis.call('HGET', stream, 'target_id')
+-- Forget a deleted stream; the WS drops a target with its last stream,
+-- so then it no longer holds the target's files either. streams:
+-- target_streams; counts: target_ws; with_files: target_ws_files.
+-- Its target and WS are kept a while in `forgotten` (the WS reports the
+-- session the deletion ended later). Returns 1, 0 if the stream was not
+-- known.
 if redis.call('DEL', stream) == 0 then return 0 end
-if tid then redis.call('SET', gone, tid, 'EX', gone_kept_s) end
+redis.call('HSET', forgotten, 'target_id', target_id, 'ws', ws)
+redis.call('EXPIRE', forgotten, kept_s)
 redis.call('SREM', streams, stream_id)
 if redis.call('EXISTS', target) == 1 then
   if redis.call('HINCRBY', counts, ws, -1) <= 0 then
@@ -151,13 +162,14 @@ if redis.call('EXISTS', target) == 1 then
   end
 end
 return 1
-""", keys=('stream', 'gone', 'streams', 'counts', 'with_files', 'target'),
-    args=('stream_id', 'ws', 'gone_kept_s'))
+""", keys=('stream', 'streams', 'counts', 'with_files', 'target',
+           'forgotten'),
+    args=('stream_id', 'target_id', 'ws', 'kept_s'))
 
-# How long the CC still credits the session records of a stream it forgot
-# (deleted): they come with the WS's next reports, within seconds, or
-# once a WS that was down is back.
-GONE_KEPT_S = 7 * 24 * 3600
+# How long a deleted stream still counts as placed on its WS for the
+# session records it reports (stats.placed): a WS's outbox is pulled every
+# few seconds, and kept while the CC cannot reach it.
+FORGOTTEN_KEPT_S = 7 * 86400
 
 
 async def reserve(app: Any, target_id: str, skip: list[str],
@@ -214,17 +226,11 @@ async def forget(app: Any, record: StreamRecord) -> None:
     tid = record.target_id
     await _FORGET(
         app.redis, stream=keys.stream(record.stream_id),
-        gone=keys.stream_gone(record.stream_id),
         streams=keys.target_streams(tid), counts=keys.target_ws(tid),
         with_files=keys.target_ws_files(tid), target=keys.target(tid),
-        stream_id=record.stream_id, ws=record.ws, gone_kept_s=GONE_KEPT_S)
-
-
-def forget_in(pipe: Any, stream_id: str, target_id: str) -> None:
-    """Queue forgetting a stream of a target being deleted whole (its
-    target's sets go with it), leaving its tombstone as `forget` does."""
-    pipe.delete(keys.stream(stream_id))
-    pipe.set(keys.stream_gone(stream_id), target_id, ex=GONE_KEPT_S)
+        forgotten=keys.forgotten_stream(record.stream_id),
+        stream_id=record.stream_id, target_id=tid, ws=record.ws,
+        kept_s=FORGOTTEN_KEPT_S)
 
 
 async def load(app: Any, stream_id: str) -> StreamRecord | None:
@@ -272,24 +278,49 @@ async def counts_on(redis: Any, ws: str,
             if n and int(n) > 0}
 
 
+async def stream_counts(app: Any, target_id: str) -> dict[str, int]:
+    """{ws: number of the target's streams there} (only positive)."""
+    counts = await app.redis.hgetall(keys.target_ws(target_id))
+    return {ws: int(c) for ws, c in counts.items() if int(c) > 0}
+
+
+def of_target(target_id: str) -> tuple[str, ...]:
+    """The keys of a target's part of the map, for a deletion to WATCH
+    with the target's own (targets.py)."""
+    tid = target_id
+    return (keys.target_ws(tid), keys.target_ws_files(tid),
+            keys.target_streams(tid))
+
+
+async def target_holders(pipe: Any, target_id: str) -> tuple[set, set]:
+    """(the WS that hold anything of the target, its stream ids), read on
+    a pipeline that WATCHes `of_target`."""
+    ws = set(await pipe.hkeys(keys.target_ws(target_id)))
+    ws |= set(await pipe.smembers(keys.target_ws_files(target_id)))
+    return ws, set(await pipe.smembers(keys.target_streams(target_id)))
+
+
+def drop_target(pipe: Any, target_id: str, stream_ids: Any) -> None:
+    """Queue on a MULTI pipeline the removal of the target's part of the
+    map and of its streams' records."""
+    pipe.delete(*of_target(target_id),
+                *(keys.stream(sid) for sid in stream_ids))
+
+
 async def targets_of(redis: Any, ws: str,
                      stream_ids: list[str]) -> dict[str, str]:
-    """{stream id: target id} of those streams the CC placed on `ws`,
-    also those it forgot lately (their tombstone: a stream id ends with
-    its WS's name)."""
+    """{stream id: target id} of those streams the CC placed on `ws`, or
+    did until it deleted them lately (FORGOTTEN_KEPT_S)."""
     if not stream_ids:
         return {}
     pipe = redis.pipeline(transaction=False)
     for sid in stream_ids:
         pipe.hmget(keys.stream(sid), 'target_id', 'ws')
-        pipe.get(keys.stream_gone(sid))
-    found = await pipe.execute()
+        pipe.hmget(keys.forgotten_stream(sid), 'target_id', 'ws')
+    found = iter(await pipe.execute())
     placed = {}
-    for i, sid in enumerate(stream_ids):
-        (tid, on), gone = found[2 * i], found[2 * i + 1]
+    for sid, now, before in zip(stream_ids, found, found, strict=True):
+        tid, on = now if now[0] is not None else before
         if tid is not None and on == ws:
             placed[sid] = tid
-        elif tid is None and gone is not None \
-                and sid.rpartition(':')[2] == ws:
-            placed[sid] = gone
     return placed

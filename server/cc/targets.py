@@ -278,7 +278,7 @@ async def validate_files(config, files, max_files, what='files',
 async def check_allowed_ws(app, names):
     if not all(isinstance(n, str) for n in names):
         raise APIError(400, 'allowed_ws must be a list of workserver names')
-    known = await app.redis.smembers(keys.WORKSERVERS)
+    known = await workservers.names(app.redis)
     unknown = sorted(set(names) - set(known))
     if unknown:
         raise APIError(400, 'unknown workserver(s): %s' % ', '.join(unknown))
@@ -334,12 +334,6 @@ async def read_fields(handler: APIHandler, names: list[str] | tuple[str, ...],
     return values
 
 
-async def stream_counts(app, target_id):
-    """{ws: number of the target's streams there} (only positive)."""
-    counts = await app.redis.hgetall(keys.target_ws(target_id))
-    return {ws: int(c) for ws, c in counts.items() if int(c) > 0}
-
-
 async def create(app: Any, owner: str, fields: dict[str, Any],
                  files: dict[str, str]) -> str:
     """Files first, with an expiry (a CC dying before the next step leaves
@@ -390,8 +384,7 @@ async def _forget(redis, target_id):
     quotas; returns (owner, ws names that hold anything of it) or None if
     it was already gone. Each of those WS gets a pending deletion, cleared
     once it confirms."""
-    watched = (keys.target(target_id), keys.target_ws(target_id),
-               keys.target_ws_files(target_id), keys.target_streams(target_id))
+    watched = (keys.target(target_id), *stream_map.of_target(target_id))
     async with redis.pipeline(transaction=True) as pipe:
         while True:
             try:
@@ -400,14 +393,11 @@ async def _forget(redis, target_id):
                                                'owner', 'file_bytes')
                 if owner is None:
                     return None
-                ws = set(await pipe.hkeys(keys.target_ws(target_id)))
-                ws |= set(await pipe.smembers(
-                    keys.target_ws_files(target_id)))
-                sids = await pipe.smembers(keys.target_streams(target_id))
+                ws, sids = await stream_map.target_holders(pipe, target_id)
                 pipe.multi()
-                pipe.delete(*watched, keys.target_files(target_id))
-                for sid in sids:
-                    stream_map.forget_in(pipe, sid, target_id)
+                pipe.delete(keys.target(target_id),
+                            keys.target_files(target_id))
+                stream_map.drop_target(pipe, target_id, sids)
                 pipe.srem(keys.TARGETS, target_id)
                 pipe.srem(keys.owner_targets(owner), target_id)
                 for s in STAGES:
@@ -499,7 +489,7 @@ class TargetInfoHandler(APIHandler):
             if self.caller is None:
                 raise APIError(401, 'target %s is private' % target_id)
             await owned(self.application, target_id, self.caller)
-        counts = await stream_counts(self.application, target_id)
+        counts = await stream_map.stream_counts(self.application, target_id)
         info = target.info(sorted(counts))
         caller = self.caller
         if caller is None or not (caller.is_admin
@@ -556,7 +546,8 @@ class TargetStreamsHandler(APIHandler):
 
     @allow('manager', owner=owns_target)
     async def get(self, target_id: str) -> None:
-        names = sorted(await stream_counts(self.application, target_id))
+        names = sorted(await stream_map.stream_counts(self.application,
+                                                      target_id))
         replies = await asyncio.gather(*(
             self._ask(name, target_id) for name in names))
         down = [n for n, r in zip(names, replies, strict=True) if r is None]

@@ -184,14 +184,19 @@ def read(pipe: Any, name: str) -> None:
     pipe.hgetall(keys.ws(name))
 
 
+async def names(redis: Any) -> list[str]:
+    """The names of every known WS, sorted."""
+    return sorted(await redis.smembers(keys.WORKSERVERS))
+
+
 async def load_all(redis: Any) -> dict[str, Workserver]:
     """{name: Workserver} of every known WS."""
-    names = sorted(await redis.smembers(keys.WORKSERVERS))
+    names_ = await names(redis)
     pipe = redis.pipeline(transaction=False)
-    for name in names:
+    for name in names_:
         read(pipe, name)
     return {name: Workserver.from_hash(name, h)
-            for name, h in zip(names, await pipe.execute(), strict=True)
+            for name, h in zip(names_, await pipe.execute(), strict=True)
             if h}
 
 
@@ -253,7 +258,7 @@ async def request(app: Any, name: str, method: str, path: str,
 async def probe_all(app: Any) -> None:
     """GET / on every WS at once; each result moves its fail count, and a
     WS that answers gets `app.ws_back(name)` to catch up."""
-    names = await app.redis.smembers(keys.WORKSERVERS)
+    known = await names(app.redis)
 
     async def probe(name: str) -> None:
         try:
@@ -266,7 +271,7 @@ async def probe_all(app: Any) -> None:
         except peer.PeerError as e:
             log.info('probe of %s failed: %s', name, e)
 
-    await asyncio.gather(*(probe(n) for n in names))
+    await asyncio.gather(*(probe(n) for n in known))
 
 
 @role('ws', 'missing or wrong cc_pass')

@@ -8,7 +8,7 @@ backs the stream off instead (stream_record._DEACTIVATE): it goes back to
 its queue only after a delay that doubles with each such stop since the
 last checkpoint, capped. An activation without `client` (a caller that
 did not say) counts as before: every error stop counts."""
-import ipaddress
+from server.sessions_common import network_of
 
 
 def network(client: str) -> str:
@@ -16,19 +16,8 @@ def network(client: str) -> str:
     `addr:<ipv6 /64>`): a donor is itself, an address its /24 (IPv4) or
     /64 (IPv6)."""
     kind, _, who = client.partition(':')
-    if kind != 'addr':
-        return client
-    try:
-        net = ipaddress.ip_network(who, strict=False)
-    except ValueError:
-        return client
-    if isinstance(net, ipaddress.IPv6Network) and \
-            net.network_address.ipv4_mapped is not None:
-        net = ipaddress.ip_network(net.network_address.ipv4_mapped)
-    prefix = 24 if net.version == 4 else 64
-    if net.prefixlen > prefix:
-        net = net.supernet(new_prefix=prefix)
-    return 'net:%s' % net
+    net = network_of(who, 24) if kind == 'addr' else None
+    return client if net is None else 'net:%s' % net
 
 
 def voice(client: str | None, vouched: bool) -> tuple[str, bool]:

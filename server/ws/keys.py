@@ -58,6 +58,8 @@ class Keys:
         # zset: holders of a shared hold on the target (creations of
         # streams of a target that exists) -> expiry (ms)
         self.target_users = Key(p + 'lock:target-users:%s')
+        # SCAN pattern of the three kinds of lock above
+        self.any_lock = p + 'lock:*'
         # hash: target id -> number of its streams active now
         self.target_active = p + 'target-active'
         # Records (see the top). stream: ended sessions of activations asked

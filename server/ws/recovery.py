@@ -135,7 +135,7 @@ def free_dead_holder(settings: Any, redis_url: str, prefix: str) -> int:
     freed = 0
     try:
         stream_lock = keys.stream_lock('')
-        for key in redis.scan_iter(match=keys.prefix + 'lock:*', count=1000):
+        for key in redis.scan_iter(match=keys.any_lock, count=1000):
             if key.startswith(keys.target_users('')):
                 members = [m for m in redis.zrange(key, 0, -1)
                            if m.startswith(prefix)]
