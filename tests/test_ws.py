@@ -24,11 +24,9 @@ from tornado.simple_httpclient import HTTPStreamClosedError
 from tornado.testing import ExpectLog
 
 from server import fastredis, signing, store
-from server.disk import publish_dir
 from server.fastredis import Multiplexed
 from server.lua import Script
 from server.ws import core, recovery
-from server.ws import storage as storage_module
 from server.ws.app import WorkServer
 from tools.testing import (
     CC_PASS,
@@ -1041,16 +1039,16 @@ class TestRecovery(WSTestCase):
         self.frame(token, b'two')
         storage = self.app.storage
 
-        def broken(tmp, final):
+        def broken(paths):
             raise OSError(28, 'No space left on device')
-        storage_module.publish_dir = broken
+        storage.durable.sync = broken
         try:
             code, reply = self.fetch_json('/core/checkpoint', 'PUT', {
                 'files': {'state.xml.gz.b64': gzb64(b's2')}}, token=token)
             self.assertEqual(code, 503)
             self.assertIn('disk is full', reply['error'])
         finally:
-            storage_module.publish_dir = publish_dir
+            del storage.durable.sync
         self.assertEqual(self.download(sid)[1], b'one')
         self.assertEqual(len(storage.chunks(sid)), 1)
         self.assertEqual(storage.buffer_files(sid), ['frames.xtc'])

@@ -14,12 +14,32 @@ Layout under `data_folder`:
                                                newest; rotated at a size)
 
 Every directory that must appear whole (a target, a stream, a chunk) is
-built under a temporary name, its files and itself fsynced, then renamed
-into place and its parent fsynced: the rename is the commit. After a crash
-a chunk is there entirely or not at all; temporary directories, buffers and
-the trash are garbage and are removed on start. Committed frames = sum of
-the chunks' n; the restart point = the newest chunk's state files; a
-download = that file of every chunk in seq order.
+built under a temporary name, made durable, then renamed into place and
+the rename made durable: the rename is the commit. After a crash a chunk
+is there entirely or not at all; temporary directories, buffers and the
+trash are garbage and are removed on start. Committed frames = sum of the
+chunks' n; the restart point = the newest chunk's state files; a download
+= that file of every chunk in seq order.
+
+A checkpoint (`commit`) writes nothing durable until it has built its
+chunk: the buffer's files are renamed into it, the state files and
+meta.json written to the page cache. Then two flushes, each shared by
+every checkpoint of the process due at that moment (disk.GroupSync: one
+syncfs of the data folder's filesystem per step, whatever the number of
+files):
+  1. before the rename: the chunk's files (their data) and its three
+     directories (their entries) are on disk, else a crash after the
+     rename reached the disk could leave a published chunk with missing
+     or short files;
+  2. after the rename: the chunk's entry in chunks/ is on disk before
+     Redis counts its frames and the core hears they are safe, else a
+     crash would lose frames the core was told were kept.
+Nothing else is flushed: frame appends go to the page cache (a crash
+discards the buffer anyway, and the core's activation with it), and the
+buffer's own entries never matter after a crash. Today's cost: 2 flushes
+per checkpoint at most, fewer when checkpoints come together (the second
+flush of one batch is the first of the next); it was 7 fsyncs (one per
+frame file, per state file, meta.json, the 3 directories, chunks/).
 
 Everything here blocks. Handlers call it in a thread (`threads.disk`),
 except a small frame's append (`append_frames`), which runs on the event
@@ -34,10 +54,10 @@ import time
 import uuid
 
 from server.disk import (
+    GroupSync,
     atomic_write,
     build_dir,
     fsync_dir,
-    publish_dir,
     read_text,
     unlink,
     write_file,
@@ -82,6 +102,7 @@ class Storage:
         self.targets = os.path.join(self.root, 'targets')
         self.streams = os.path.join(self.root, 'streams')
         self.trash = os.path.join(self.root, 'trash')
+        self.durable = GroupSync(self.root)
 
     def ensure(self):
         for folder in (self.targets, self.streams, self.trash):
@@ -341,9 +362,10 @@ class Storage:
 
     def commit(self, stream_id, nframes, state_files, meta, recorded):
         """Make the buffer (holding `nframes` frames, `recorded` sizes) and
-        `state_files` {name: str} the stream's newest chunk, crash-safely.
-        The caller holds the stream's lock. Returns (the chunk's seq, the
-        stream's committed frames with it)."""
+        `state_files` {name: str} the stream's newest chunk, crash-safely
+        (the protocol at the top). The caller holds the stream's lock.
+        Returns (the chunk's seq, the stream's committed frames with
+        it)."""
         self.trim_buffer(stream_id, recorded)
         seq, total = self.head(stream_id)
         seq += 1
@@ -351,21 +373,27 @@ class Storage:
         buffer = self.buffer_dir(stream_id)
         final = os.path.join(folder, '%010d-%d' % (seq, nframes))
         tmp = os.path.join(folder, '.tmp-%s' % uuid.uuid4().hex)
-        os.makedirs(os.path.join(tmp, 'frames'))
-        os.mkdir(os.path.join(tmp, 'state'))
+        frames, state = os.path.join(tmp, 'frames'), os.path.join(tmp,
+                                                                  'state')
+        os.makedirs(frames)
+        os.mkdir(state)
         moved = []
         try:
             for name in sorted(os.listdir(buffer)):
                 src = os.path.join(buffer, name)
-                dst = os.path.join(tmp, 'frames', name)
+                dst = os.path.join(frames, name)
                 os.rename(src, dst)
                 moved.append((src, dst))
-                with open(dst, 'rb') as f:
-                    os.fsync(f.fileno())
-            for name, value in state_files.items():
-                write_file(os.path.join(tmp, 'state', name), value)
-            write_file(os.path.join(tmp, 'meta.json'), json.dumps(meta))
-            publish_dir(tmp, final)
+            written = [os.path.join(state, name) for name in state_files]
+            for path, value in zip(written, state_files.values()):
+                write_file(path, value, sync=False)
+            written.append(os.path.join(tmp, 'meta.json'))
+            write_file(written[-1], json.dumps(meta), sync=False)
+            # Flush 1: the chunk's files and entries are on disk before
+            # the rename that publishes it can be.
+            self.durable.sync([dst for _, dst in moved] + written
+                              + [frames, state, tmp])
+            os.rename(tmp, final)
         except BaseException:
             for src, dst in moved:  # give the buffer back for a retry
                 try:
@@ -374,6 +402,9 @@ class Storage:
                     pass
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        # Flush 2: the rename is on disk before Redis counts the frames
+        # and the core hears they are safe.
+        self.durable.sync([folder])
         return seq, total + nframes
 
     def uncommit(self, stream_id, seq):
