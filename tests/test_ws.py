@@ -13,6 +13,7 @@ import os
 import time
 import uuid
 from typing import NamedTuple
+from unittest import mock
 
 from redis.exceptions import (
     BusyLoadingError,
@@ -26,7 +27,7 @@ from tornado.testing import ExpectLog
 from server import fastredis, signing, store
 from server.fastredis import Multiplexed
 from server.lua import Script
-from server.ws import core, recovery
+from server.ws import core, locks, recovery
 from server.ws.app import WorkServer
 from tools.testing import (
     CC_PASS,
@@ -1115,17 +1116,27 @@ class TestLockLost(WSTestCase):
         self.addCleanup(setattr, storage, name, real)
         return give_back
 
-    def test_frame_not_counted(self):
+    def test_frame_waits_for_the_fence(self):
+        """A frame that finds the stream's lock held once it is appended
+        (a checkpoint, stop, deletion or repair under way) is cut back and
+        waits; it is counted once the lock is free, or is a 503 with
+        nothing stored past the wait."""
         tid, sid = self.new_stream()
         token, _ = self.activate(tid)
         self.frame(token, b'one')
+        buffer = os.path.join(self.app.storage.buffer_dir(sid), 'frames.xtc')
         give_back = self.steal_lock_during('append_frames')
-        reply = self.frame(token, b'two', code=503)
+        with mock.patch.object(locks, 'LOCK_WAIT_S', 0.3):
+            reply = self.frame(token, b'two', code=503)
         self.assertIn('retry', reply['error'])
         give_back(sid)
         self.assertEqual(self.redis_dump()[self.app.keys.stream(sid)]
                          ['buffer_frames'], '1')
-        self.frame(token, b'two')  # the retry
+        with open(buffer, 'rb') as f:
+            self.assertEqual(f.read(), b'one')
+        give_back = self.steal_lock_during('append_frames')
+        self.io_loop.call_later(0.3, give_back, sid)
+        self.frame(token, b'two')  # waits, then is counted once
         self.checkpoint(token, b's1')
         self.assertEqual(self.download(sid)[1], b'onetwo')
         self.assertEqual(self.info(sid)['frames'], 2)

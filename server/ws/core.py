@@ -32,7 +32,12 @@ from server.web import (
     encoded_size,
 )
 from server.ws import locks, stream_record, streams
-from server.ws.storage import BufferLost, TooManyFiles, encode_sizes
+from server.ws.storage import (
+    BufferLost,
+    TooManyFiles,
+    decode_sizes,
+    encode_sizes,
+)
 
 log = logging.getLogger('siegetank.ws.core')
 
@@ -139,10 +144,10 @@ class CoreHandler(APIHandler):
 
 
 class LockedCoreHandler(CoreHandler):
-    """Frames, checkpoints, stops: the token is checked and the stream's
-    lock taken in one round trip before the body is read (the frame path
-    costs no extra trip); the lock is freed when the request ends, also
-    when its body is refused or never comes."""
+    """Checkpoints, stops: the token is checked and the stream's lock
+    taken in one round trip before the body is read; the lock is freed
+    when the request ends, also when its body is refused or never
+    comes."""
 
     held = None
 
@@ -216,8 +221,65 @@ def body_digest(handler):
     return hashlib.sha1(handler.request.body).hexdigest()
 
 
-class FrameHandler(LockedCoreHandler):
+TOKEN_CACHE_S = 30.0   # a frame trusts a token seen live this long
+TOKEN_CACHE_MAX = 100_000
+
+
+class LiveTokens:
+    """Tokens this worker saw live lately, {hash: (sid, until)}: a frame's
+    token is checked from here before its body is read (a 401 for one
+    never seen live), in Redis when it is not here; the frame's one round
+    trip (stream_record.record_frame) checks it again either way, so a
+    token ended meanwhile is a 401 once the body is in."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[str, float]] = {}
+
+    def get(self, hashed: str) -> str | None:
+        got = self.seen.get(hashed)
+        if got is None:
+            return None
+        if got[1] < time.monotonic():
+            del self.seen[hashed]
+            return None
+        return got[0]
+
+    def add(self, hashed: str, sid: str) -> None:
+        now = time.monotonic()
+        if len(self.seen) >= TOKEN_CACHE_MAX:
+            self.seen = {h: v for h, v in self.seen.items() if v[1] >= now}
+            if len(self.seen) >= TOKEN_CACHE_MAX:
+                self.seen.clear()
+        self.seen[hashed] = (sid, now + TOKEN_CACHE_S)
+
+    def forget(self, hashed: str) -> None:
+        self.seen.pop(hashed, None)
+
+
+def live_tokens(app: Any) -> LiveTokens:
+    tokens: LiveTokens | None = getattr(app, 'live_tokens', None)
+    if tokens is None:
+        tokens = app.live_tokens = LiveTokens()
+    return tokens
+
+
+class FrameHandler(CoreHandler):
+    """A frame costs one Redis round trip: appended to the buffer under the
+    buffer's lock (storage.lock_buffer, no Redis lock), then recorded by
+    one script that refuses if the token died or another writer of the
+    buffer holds the stream's lock, and the append is cut back then."""
     body_limit = 'max_frame_body_size'
+
+    async def authenticate(self):
+        token = self.token()
+        if not token:
+            raise APIError(401, 'missing core token')
+        self.hashed = token_hash(token)
+        tokens = live_tokens(self.application)
+        self.sid = tokens.get(self.hashed)
+        if self.sid is None:
+            self.sid = await live_stream(self.application, token)
+            tokens.add(self.hashed, self.sid)
 
     async def put(self):
         app = self.application
@@ -229,26 +291,85 @@ class FrameHandler(LockedCoreHandler):
             raise APIError(400, 'frames must be from 1 to %d'
                            % config['max_frames_per_request'])
         md5 = body_digest(self)
-        async with self.locked_stream() as held:
-            if held.digest == md5:
-                self.write_json({})  # a retry of the accepted frame
-                return
-            # Past the sizes Redis counted, the buffer is cut first; bytes
-            # appended whose count is lost are cut by the next request.
+        storage, sid = app.storage, self.sid
+
+        async def attempt() -> str | None:
+            fd = storage.lock_buffer(sid, wait=False)
+            if fd is None:
+                return None
             try:
-                sizes = await bounded(
-                    config, encoded_size(files),
-                    lambda budget: app.storage.append_frames(
-                        held.sid, decoded_streams(files, budget), most,
-                        held.sizes),
+                return await self.append(files, n, md5)
+            finally:
+                storage.unlock_buffer(fd)
+        try:
+            done = await locks.wait_turn(attempt, lambda: 'stream %s' % sid,
+                                         locks.LOCK_WAIT_S)
+        except FileNotFoundError:  # the stream's folder: deleted
+            live_tokens(app).forget(self.hashed)
+            raise APIError(401, 'unknown or expired core token')
+        except BufferLost as e:
+            await self.end_lost(e)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise APIError(503, 'workserver disk is full; nothing '
+                               'was stored, retry')
+            raise
+        if done == 'ok':
+            metrics.count('frames_received', n)
+        self.write_json({})
+
+    async def append(self, files, n, md5):
+        """With the buffer's lock held: append and record (ok), or find the
+        body is the frame last accepted (retry), or the stream's lock held
+        (None: try again); the append is cut back unless recorded. A
+        buffer longer than Redis counted (a frame whose record was lost) is
+        cut to the count and the frame appended again."""
+        app = self.application
+        storage, sid = app.storage, self.sid
+        for _ in range(3):
+            before = storage.buffer_sizes(sid)
+            try:
+                after = await bounded(
+                    app.config, encoded_size(files),
+                    lambda budget: storage.append_frames(
+                        sid, decoded_streams(files, budget),
+                        app.config['max_files_per_request'], before),
                     threads.disk)
             except TooManyFiles as e:
                 raise TooLarge(str(e))
-            if not await held.done(held.record_frame(
-                    n, md5, encode_sizes(sizes))):
-                raise LockLost(held.sid)
-        metrics.count('frames_received', n)
-        self.write_json({})
+            # Redis down: the outcome is unknown, the bytes stay (the next
+            # frame's record tells whether Redis counted them).
+            got = await stream_record.record_frame(
+                app, self.hashed, sid, n, md5, encode_sizes(before),
+                encode_sizes(after))
+            if got.outcome == 'ok':
+                return 'ok'
+            if got.outcome in ('cut', 'retry'):
+                storage.trim_buffer(sid, decode_sizes(got.sizes))
+                if got.outcome == 'retry':
+                    return 'retry'
+                continue
+            storage.trim_buffer(sid, before)
+            if got.outcome == 'busy':
+                return None
+            live_tokens(app).forget(self.hashed)
+            raise APIError(401, 'unknown or expired core token')
+        raise APIError(503, 'the buffer of stream %s keeps changing; '
+                       'nothing was stored, retry' % sid)
+
+    async def end_lost(self, error):
+        """Bytes Redis counted are gone from the disk: this activation
+        cannot be committed whole. It ends (if still this token's); the
+        core asks again."""
+        app, sid = self.application, self.sid
+        log.error('%s: the activation is ended', error)
+        async with locks.stream_locked(app, sid):
+            if await stream_record.live(app, self.hashed,
+                                        time.time()) == sid:
+                tid = await streams.target_of(app, sid)
+                await streams.deactivate(app, sid, tid, 'stop')
+        raise APIError(409, 'the stream\'s buffer was lost; this '
+                       'activation is over, ask for a new one')
 
 
 # What a checkpoint's `frames` may be: a count a JSON double holds exactly.
@@ -294,10 +415,11 @@ def commit(storage, sid, n, files, meta, sizes, reset_errors):
     request whose reply was lost before Redis heard of it) is not committed
     twice. A successful checkpoint resets the error count (errors are
     consecutive)."""
-    if storage.buffer_files(sid):
-        seq, total = storage.commit(sid, n, files, meta, sizes)
-    else:
-        seq, total = None, storage.committed_frames(sid)
+    with storage.buffer_locked(sid):
+        if storage.buffer_files(sid):
+            seq, total = storage.commit(sid, n, files, meta, sizes)
+        else:
+            seq, total = None, storage.committed_frames(sid)
     if reset_errors:
         storage.update_stream_meta(sid, error_count=0)
     return seq, total

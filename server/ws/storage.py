@@ -8,6 +8,8 @@ Layout under `data_folder`:
                                                status, error_count, tags
                                                (if any); seed files
     streams/<sid>/buffer/<name>                uncommitted frames (decoded)
+    streams/<sid>/buffer.lock                  the buffer's lock (an flock:
+                                               see lock_buffer)
     streams/<sid>/chunks/<seq>-<n>/frames/<name>, state/<name>, meta.json
                                                one committed checkpoint
     streams/<sid>/errors.log, errors.log.1     messages of error stops (the
@@ -46,6 +48,8 @@ except a small frame's append (`append_frames`), which runs on the event
 loop when its body is small enough to decode there (web.bounded: a thread
 hop costs more than the write to the page cache); a large one goes to the
 disk pool."""
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -195,7 +199,8 @@ class Storage:
         return True
 
     def remove_stream(self, stream_id):
-        self._remove(self.stream_dir(stream_id))
+        with self.buffer_locked(stream_id):
+            self._remove(self.stream_dir(stream_id))
 
     def _remove(self, path):
         """Move to the trash in one step (the disk no longer holds it, even
@@ -281,8 +286,12 @@ class Storage:
 
     def trim_buffer(self, stream_id, recorded):
         """Make the buffer exactly what Redis counted: files it does not
-        know are removed, longer ones cut; BufferLost if one is short."""
+        know are removed, longer ones cut; BufferLost if one is short. An
+        empty count leaves no buffer folder."""
         folder = self.buffer_dir(stream_id)
+        if not recorded:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
         for name in self.buffer_files(stream_id):
             path = os.path.join(folder, name)
             if name not in recorded:
@@ -323,7 +332,53 @@ class Storage:
             return []
 
     def discard_buffer(self, stream_id):
-        shutil.rmtree(self.buffer_dir(stream_id), ignore_errors=True)
+        with self.buffer_locked(stream_id):
+            shutil.rmtree(self.buffer_dir(stream_id), ignore_errors=True)
+
+    # The buffer's lock: every writer of a stream's buffer holds it (frames
+    # for their append and its record in Redis, checkpoints, deactivations,
+    # deletions, the master's repair). An flock of `buffer.lock` in the
+    # stream's folder, so it is shared by the worker processes and freed
+    # by the kernel when its holder dies.
+
+    def lock_buffer(self, stream_id, wait=True):
+        """The fd of the held lock (give it to unlock_buffer); None if
+        busy and not `wait`; FileNotFoundError if the stream is gone."""
+        fd = os.open(os.path.join(self.stream_dir(stream_id), 'buffer.lock'),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def unlock_buffer(fd):
+        os.close(fd)  # the flock goes with its last fd
+
+    @contextlib.contextmanager
+    def buffer_locked(self, stream_id):
+        """The buffer's lock held for the block (waits; a stream whose
+        folder is gone has no buffer to guard)."""
+        try:
+            fd = self.lock_buffer(stream_id)
+        except FileNotFoundError:
+            fd = None
+        try:
+            yield
+        finally:
+            if fd is not None:
+                self.unlock_buffer(fd)
+
+    def buffer_sizes(self, stream_id):
+        """{name: bytes} of the buffer's files as the disk has them."""
+        folder = self.buffer_dir(stream_id)
+        return {name: os.path.getsize(os.path.join(folder, name))
+                for name in self.buffer_files(stream_id)}
 
     def _chunk_names(self, stream_id):
         """The names of the committed chunks, unordered."""
@@ -363,7 +418,8 @@ class Storage:
     def commit(self, stream_id, nframes, state_files, meta, recorded):
         """Make the buffer (holding `nframes` frames, `recorded` sizes) and
         `state_files` {name: str} the stream's newest chunk, crash-safely
-        (the protocol at the top). The caller holds the stream's lock.
+        (the protocol at the top). The caller holds the stream's lock and
+        its buffer's.
         Returns (the chunk's seq, the stream's committed frames with
         it)."""
         self.trim_buffer(stream_id, recorded)
@@ -410,16 +466,17 @@ class Storage:
     def uncommit(self, stream_id, seq):
         """Undo the commit of chunk `seq` (the newest): its frames go back
         to the buffer, the chunk away, as one rename first."""
-        newest = self.newest_chunk(stream_id)
-        if newest is None or newest[0] != seq:
-            return False
-        folder = self.chunks_dir(stream_id)
-        tmp = os.path.join(folder, '.tmp-%s' % uuid.uuid4().hex)
-        os.rename(newest[1], tmp)
-        fsync_dir(folder)
-        restore_frames(tmp, self.buffer_dir(stream_id))
-        shutil.rmtree(tmp, ignore_errors=True)
-        return True
+        with self.buffer_locked(stream_id):
+            newest = self.newest_chunk(stream_id)
+            if newest is None or newest[0] != seq:
+                return False
+            folder = self.chunks_dir(stream_id)
+            tmp = os.path.join(folder, '.tmp-%s' % uuid.uuid4().hex)
+            os.rename(newest[1], tmp)
+            fsync_dir(folder)
+            restore_frames(tmp, self.buffer_dir(stream_id))
+            shutil.rmtree(tmp, ignore_errors=True)
+            return True
 
     def restore_interrupted(self, stream_id):
         """Frames a commit had moved out of the buffer when its process
@@ -427,15 +484,16 @@ class Storage:
         chunk is removed. Only while the dead holder's lock is still
         held."""
         folder = self.chunks_dir(stream_id)
-        try:
-            names = os.listdir(folder)
-        except FileNotFoundError:
-            return
-        for name in names:
-            if name.startswith('.tmp-'):
-                tmp = os.path.join(folder, name)
-                restore_frames(tmp, self.buffer_dir(stream_id))
-                shutil.rmtree(tmp, ignore_errors=True)
+        with self.buffer_locked(stream_id):
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                return
+            for name in names:
+                if name.startswith('.tmp-'):
+                    tmp = os.path.join(folder, name)
+                    restore_frames(tmp, self.buffer_dir(stream_id))
+                    shutil.rmtree(tmp, ignore_errors=True)
 
     def stream_files(self, stream_id):
         """The seed files with the newest checkpoint's files in place of
@@ -476,7 +534,7 @@ class Storage:
                     shutil.rmtree(os.path.join(parent, name),
                                   ignore_errors=True)
         for sid in self.stream_ids():
-            self.discard_buffer(sid)
+            shutil.rmtree(self.buffer_dir(sid), ignore_errors=True)
             folder = self.stream_dir(sid)
             for name in os.listdir(folder):
                 if '.tmp-' in name:  # an interrupted stream.json rewrite
