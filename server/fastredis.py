@@ -99,14 +99,41 @@ def parse(buf, pos):
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self):
+    """`waiters` (futures of the commands in flight, in order) and `sent`
+    (when each was sent, loop time): one watchdog per connection, not a
+    timer per command, fails them all once the oldest has waited past
+    `timeout` (a timer per command was a twentieth of a frame's CPU)."""
+
+    def __init__(self, timeout=None):
         self.transport = None
         self.waiters = collections.deque()
+        self.sent = collections.deque()
         self.buf = bytearray()
         self.closed = False
+        self.timeout = timeout
+        self.watchdog = None
 
     def connection_made(self, transport):
         self.transport = transport
+        if self.timeout:
+            self._watch()
+
+    def _watch(self):
+        loop = asyncio.get_running_loop()
+        self.watchdog = loop.call_later(self.timeout / 4, self._check)
+
+    def _check(self):
+        if self.closed:
+            return
+        if self.sent and asyncio.get_running_loop().time() - self.sent[0] \
+                >= self.timeout:
+            # Redis is stuck (paused, swapping): drop the connection, so
+            # every command in flight fails now and the next connects anew.
+            self.transport.abort()
+            self._fail(TimeoutError('no reply from Redis in %gs'
+                                    % self.timeout))
+            return
+        self._watch()
 
     def data_received(self, data):
         self.buf += data
@@ -115,6 +142,7 @@ class _Protocol(asyncio.Protocol):
             while pos < len(self.buf):
                 value, pos = parse(self.buf, pos)
                 waiter = self.waiters.popleft()
+                self.sent.popleft()
                 if waiter.done():  # its request was cancelled meanwhile
                     continue
                 if isinstance(value, Exception):  # an error reply
@@ -133,6 +161,9 @@ class _Protocol(asyncio.Protocol):
 
     def _fail(self, error):
         self.closed = True
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        self.sent.clear()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -172,14 +203,17 @@ class Multiplexed:
     async def _connect(self):
         loop = asyncio.get_running_loop()
         protocol = None
+
+        def made():
+            return _Protocol(self.timeout)
         try:
             async with _bounded(self.connect_timeout):
                 if self.path:
                     _, protocol = await loop.create_unix_connection(
-                        _Protocol, self.path)
+                        made, self.path)
                 else:
                     _, protocol = await loop.create_connection(
-                        _Protocol, self.host, self.port, ssl=self.ssl,
+                        made, self.host, self.port, ssl=self.ssl,
                         server_hostname=self.host if self.ssl else None)
                 hello = []
                 if self.password:
@@ -211,26 +245,20 @@ class Multiplexed:
 
     @staticmethod
     def _send(protocol, args):
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         protocol.waiters.append(waiter)
+        protocol.sent.append(loop.time())
         protocol.transport.write(encode(args))
         return waiter
 
     async def execute(self, *args):
+        """The reply; TimeoutError once the connection's watchdog finds a
+        command unanswered past the timeout (see _Protocol)."""
         protocol = await self._protocol()
         if protocol.closed:
             raise ConnectionError('connection to Redis lost')
-        waiter = self._send(protocol, args)
-        try:
-            async with _bounded(self.timeout):
-                return await waiter
-        except asyncio.TimeoutError:
-            # Redis is stuck (paused, swapping): drop the connection, so
-            # every command in flight fails now and the next connects anew.
-            protocol.transport.abort()
-            protocol._fail(TimeoutError('no reply from Redis in %gs'
-                                        % self.timeout))
-            raise TimeoutError('no reply from Redis in %gs' % self.timeout)
+        return await self._send(protocol, args)
 
     async def evalsha(self, sha, numkeys, *rest):
         return await self.execute('EVALSHA', sha, numkeys, *rest)

@@ -18,6 +18,7 @@ import time
 import zlib
 
 import tornado.web
+from tornado import httputil
 from tornado.web import HTTPError
 
 from server import metrics, store, threads, tls, tokens
@@ -305,9 +306,18 @@ class App(tornado.web.Application):
         self.task_id = task_id
         self.client_ssl = tls.client_context(settings['ssl_ca_certs'])
         self.route_names = metrics.route_names(handlers)
+        self.exact_routes = exact_routes(handlers)
         super().__init__(handlers, default_handler_class=NotFoundHandler,
                          log_function=log_request, compress_response=False,
                          serve_traceback=False)
+
+    def find_handler(self, request, **kwargs):
+        """A plain path (the core endpoints) by one dict lookup; the rest
+        by Tornado's rules, in order."""
+        handler = self.exact_routes.get(request.path)
+        if handler is not None:
+            return self.get_handler_delegate(request, handler)
+        return super().find_handler(request, **kwargs)
 
     async def on_start(self):
         """Start background jobs (worker 0)."""
@@ -330,6 +340,33 @@ class App(tornado.web.Application):
     async def stream_counts(self):
         """{state: streams} for the metrics (monitor.py)."""
         return {}
+
+
+_PLAIN = re.compile(r'[/A-Za-z0-9_]+')
+
+
+def exact_routes(handlers):
+    """{path: handler class} of the routes whose pattern is a plain path
+    and which no route before them would take (Tornado's first match)."""
+    exact = {}
+    for i, (pattern, handler, *rest) in enumerate(handlers):
+        if rest or not _PLAIN.fullmatch(pattern):
+            continue
+        if not any(re.fullmatch(p[0], pattern) for p in handlers[:i]):
+            exact[pattern] = handler
+    return exact
+
+
+_date = (0, '')
+
+
+def http_date():
+    """The Date header's value, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, httputil.format_timestamp(now))
+    return _date[1]
 
 
 def http_server_options(settings):
@@ -453,9 +490,16 @@ class APIHandler(tornado.web.RequestHandler):
     def config(self):
         return self.application.config
 
-    def set_default_headers(self):
-        self.set_header('Content-Type', 'application/json; charset=UTF-8')
-        self.clear_header('Server')
+    def clear(self):
+        """Tornado's, with JSON and no Server header from the start and the
+        Date formatted once a second (it was 3% of a frame's CPU)."""
+        self._headers = httputil.HTTPHeaders({
+            'Content-Type': 'application/json; charset=UTF-8',
+            'Date': http_date()})
+        self.set_default_headers()
+        self._write_buffer = []
+        self._status_code = 200
+        self._reason = httputil.responses[200]
 
     def check_xsrf_cookie(self):
         pass

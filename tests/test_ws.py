@@ -21,6 +21,7 @@ from redis.exceptions import (
     ReadOnlyError,
     ResponseError,
 )
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from tornado.simple_httpclient import HTTPStreamClosedError
 from tornado.testing import ExpectLog
 
@@ -1226,6 +1227,28 @@ class TestMultiplexedRedis(RedisTestCase):
                 except ConnectionError:
                     await asyncio.sleep(0.01)
         self.assertEqual(self.io_loop.run_sync(go), ['c', 6])
+
+    def test_a_stuck_redis_fails_every_command_in_flight(self):
+        """A Redis that accepts and never answers: the connection's
+        watchdog fails every command in flight with TimeoutError (a
+        store-down 503) and drops the connection."""
+        async def go():
+            server = await asyncio.start_server(
+                lambda r, w: None, '127.0.0.1', 0)
+            port = server.sockets[0].getsockname()[1]
+            mux = Multiplexed(port=port, timeout=0.2)
+            try:
+                got = await asyncio.gather(
+                    *(mux.execute('PING') for _ in range(3)),
+                    return_exceptions=True)
+                self.assertTrue(mux.protocol.closed)
+                return got
+            finally:
+                mux.close()
+                server.close()
+        got = self.io_loop.run_sync(go)
+        self.assertEqual([type(e) for e in got], [RedisTimeoutError] * 3)
+        self.assertTrue(all(isinstance(e, store.DOWN) for e in got))
 
 
 class Pair(NamedTuple):
