@@ -52,10 +52,13 @@ def bench_frames(args, results, keep):
                                    heartbeat_increment=3600))
         for size in sizes:
             for c in levels:
-                ours = repeat(lambda: workloads.frames_ws(
-                    ws, size, c, args.duration), args.reps)
-                ceil = repeat(lambda: workloads.frames_ceiling(
-                    ceiling, size, c, args.duration), args.reps)
+                ours = repeat(lambda ws=ws, size=size, c=c:
+                              workloads.frames_ws(ws, size, c,
+                                                  args.duration), args.reps)
+                ceil = repeat(lambda ceiling=ceiling, size=size, c=c:
+                              workloads.frames_ceiling(ceiling, size, c,
+                                                       args.duration),
+                              args.reps)
                 row = summarize('frames', {'processes': processes,
                                            'size': size, 'cores': c},
                                 ours, ceil)
@@ -121,7 +124,7 @@ def bench_assignments(args, results, keep):
         out = workloads.assignments(cc.port, cc_pids + ws_pids, 32,
                                     args.duration, body)
         after = [servers.cpu_seconds(p) for p in (cc_pids, ws_pids)]
-        for k, b, a in zip(('cc', 'ws'), before, after):
+        for k, b, a in zip(('cc', 'ws'), before, after, strict=True):
             split[k] += 1000 * (a - b)
         return out
     runs = repeat(run, args.reps)

@@ -14,7 +14,7 @@ from tornado.process import fork_processes
 
 class Bare(tornado.web.RequestHandler):
     def _ok(self, *args):
-        self.request.body  # the body was read by the server already
+        # the body was read by the server already (request.body)
         self.set_header('Content-Type', 'application/json')
         self.finish(b'{}')
 

@@ -112,7 +112,7 @@ class Recorder:
             self.errors.append(status)
 
     def summary(self, elapsed, since=None, until=None):
-        lat = [lt for lt, t in zip(self.latencies, self.stamps)
+        lat = [lt for lt, t in zip(self.latencies, self.stamps, strict=True)
                if (since is None or t >= since)
                and (until is None or t <= until)]
         lat.sort()

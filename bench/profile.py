@@ -87,7 +87,7 @@ def top(paths, n=25):
     print('%d samples; top own | top inclusive' % total)
     a = sorted(own.items(), key=lambda kv: -kv[1])[:n]
     b = sorted(incl.items(), key=lambda kv: -kv[1])[:n]
-    for (fa, ka), (fb, kb) in zip(a, b):
+    for (fa, ka), (fb, kb) in zip(a, b, strict=False):
         print('%5.1f%% %-60s | %5.1f%% %s' % (
             100.0 * ka / total, fa[:60], 100.0 * kb / total, fb[:70]))
 

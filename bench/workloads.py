@@ -145,7 +145,7 @@ async def verify_frames(port, tokens, acked, size):
     download holds. Returns the number of mismatches."""
     c = conn(port)
     bad = 0
-    for (token, sid), frames in zip(tokens, acked):
+    for (_token, sid), frames in zip(tokens, acked, strict=True):
         s, b = await c.request('GET', '/streams/info/%s' % sid, b'',
                                {'Authorization': CC_PASS})
         info = json.loads(b)

@@ -10,9 +10,11 @@ import shutil
 import threading
 import uuid
 import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
 
 
-def fsync_dir(path):
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -20,7 +22,8 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def write_file(path, data, sync=True, mode=0o666):
+def write_file(path: str, data: bytes | str, sync: bool = True,
+               mode: int = 0o666) -> None:
     """Create `path` with `data` (str is UTF-8), fsynced unless `sync` is
     false; `mode` before the umask."""
     if isinstance(data, str):
@@ -33,7 +36,7 @@ def write_file(path, data, sync=True, mode=0o666):
             os.fsync(f.fileno())
 
 
-def unlink(path):
+def unlink(path: str) -> None:
     """Remove a file if it is there."""
     try:
         os.unlink(path)
@@ -41,7 +44,7 @@ def unlink(path):
         pass
 
 
-def atomic_write(path, data, mode=0o666):
+def atomic_write(path: str, data: bytes | str, mode: int = 0o666) -> None:
     """Replace `path` by `data` as one step that survives a crash. A mode
     stricter than the default is set exactly (a file holding a secret)."""
     tmp = '%s.tmp-%s' % (path, uuid.uuid4().hex)
@@ -56,21 +59,22 @@ def atomic_write(path, data, mode=0o666):
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def publish_dir(tmp, final):
+def publish_dir(tmp: str, final: str) -> None:
     """fsync the built directory `tmp` and rename it to `final`
     (FileExistsError if `final` exists)."""
-    for folder, dirs, _ in os.walk(tmp, topdown=False):
+    for folder, _dirs, _files in os.walk(tmp, topdown=False):
         fsync_dir(folder)
     try:
         os.rename(tmp, final)
     except OSError as e:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise FileExistsError(e.errno, 'exists', final)
+            raise FileExistsError(e.errno, 'exists', final) from e
         raise
     fsync_dir(os.path.dirname(final))
 
 
-def build_dir(parent, final, fill):
+def build_dir(parent: str, final: str,
+              fill: Callable[[str], object]) -> None:
     """Build a directory under a temporary name in `parent` with
     `fill(tmp)`, then publish it as `final` in one step."""
     tmp = os.path.join(parent, '.tmp-%s' % uuid.uuid4().hex)
@@ -83,12 +87,12 @@ def build_dir(parent, final, fill):
         raise
 
 
-def read_text(path):
+def read_text(path: str) -> str:
     with open(path, 'rb') as f:
         return f.read().decode('utf-8')
 
 
-def _syncfs_call():
+def _syncfs_call() -> Any:
     """libc's syncfs(2) (Linux), or None."""
     try:
         call = ctypes.CDLL(None, use_errno=True).syncfs
@@ -99,6 +103,17 @@ def _syncfs_call():
 
 
 _SYNCFS = _syncfs_call()
+
+
+class _Job:
+    """One caller's paths, woken when the step that took them is done."""
+
+    __slots__ = ('paths', 'done', 'error')
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self.done = threading.Event()
+        self.error: OSError | None = None
 
 
 class GroupSync:
@@ -114,26 +129,30 @@ class GroupSync:
     flush, whatever the number of paths); where syncfs is missing, an
     fsync of each path, files before directories, each directory once."""
 
-    def __init__(self, root, use_syncfs=True):
+    def __init__(self, root: str, use_syncfs: bool = True) -> None:
         self.root = root
         self.use_syncfs = use_syncfs and _SYNCFS is not None
         self.steps = 0  # flushes run by this process (measurement)
         self._reset()
         ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: ref() and ref()._reset())
 
-    def _reset(self):
+        def after_fork() -> None:
+            group = ref()
+            if group is not None:
+                group._reset()
+        os.register_at_fork(after_in_child=after_fork)
+
+    def _reset(self) -> None:
         """A fresh queue and no thread (after a fork: the child has no
         commit thread and may have inherited a held lock)."""
         self._cond = threading.Condition()
-        self._queue = []
-        self._thread = None
+        self._queue: list[_Job] = []
+        self._thread: threading.Thread | None = None
 
-    def sync(self, paths):
+    def sync(self, paths: Iterable[str]) -> None:
         """Return once every path in `paths` (files, directories, all under
         `root`) is durable; the step's OSError if it failed."""
-        done = threading.Event()
-        job = [list(paths), done, None]
+        job = _Job(list(paths))
         with self._cond:
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -141,11 +160,11 @@ class GroupSync:
                 self._thread.start()
             self._queue.append(job)
             self._cond.notify()
-        done.wait()
-        if job[2] is not None:
-            raise job[2]
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
 
-    def _run(self):
+    def _run(self) -> None:
         while True:
             with self._cond:
                 while not self._queue:
@@ -153,14 +172,14 @@ class GroupSync:
                 batch, self._queue = self._queue, []
             error = None
             try:
-                self._step([p for job in batch for p in job[0]])
+                self._step([p for job in batch for p in job.paths])
             except OSError as e:
                 error = e
             for job in batch:
-                job[2] = error
-                job[1].set()
+                job.error = error
+                job.done.set()
 
-    def _step(self, paths):
+    def _step(self, paths: list[str]) -> None:
         self.steps += 1
         if self.use_syncfs:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)

@@ -18,8 +18,14 @@ client does (host and port or unix socket, TLS, user, password, db).
 Scripts run by SHA1 and are loaded again if Redis lost its script cache.
 Everything else uses the app's redis-py client.
 """
+from __future__ import annotations
+
 import asyncio
+import builtins
 import collections
+import ssl as ssl_module
+from collections.abc import Sequence
+from typing import Any
 
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
@@ -34,14 +40,11 @@ from redis.exceptions import (
 
 from server import store
 
-if hasattr(asyncio, 'timeout'):  # Python 3.11+: a timer, not a task
-    _bounded = asyncio.timeout
-else:
-    import async_timeout
-    _bounded = async_timeout.timeout
+# A timer, not a task (Python 3.11+).
+_bounded = asyncio.timeout
 
 
-def encode(args):
+def encode(args: Sequence[Any]) -> bytes:
     out = [b'*%d\r\n' % len(args)]
     for a in args:
         if not isinstance(a, bytes):
@@ -54,7 +57,7 @@ class _Incomplete(Exception):
     pass
 
 
-def parse(buf, pos):
+def parse(buf: bytearray | bytes, pos: int) -> tuple[Any, int]:
     """One RESP2 reply from `buf` at `pos`: (value, next pos); raises
     _Incomplete if more bytes are needed. Error replies are returned as
     exception instances (a Redis loading its data or read-only as the
@@ -104,25 +107,28 @@ class _Protocol(asyncio.Protocol):
     timer per command, fails them all once the oldest has waited past
     `timeout` (a timer per command was a twentieth of a frame's CPU)."""
 
-    def __init__(self, timeout=None):
-        self.transport = None
-        self.waiters = collections.deque()
-        self.sent = collections.deque()
+    def __init__(self, timeout: float | None = None) -> None:
+        self.transport: Any = None  # an asyncio.Transport once connected
+        self.waiters: collections.deque[asyncio.Future[Any]] = \
+            collections.deque()
+        self.sent: collections.deque[float] = collections.deque()
         self.buf = bytearray()
         self.closed = False
         self.timeout = timeout
-        self.watchdog = None
+        self.watchdog: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport):
+    def connection_made(self, transport: Any) -> None:
         self.transport = transport
         if self.timeout:
             self._watch()
 
-    def _watch(self):
+    def _watch(self) -> None:
+        assert self.timeout
         loop = asyncio.get_running_loop()
         self.watchdog = loop.call_later(self.timeout / 4, self._check)
 
-    def _check(self):
+    def _check(self) -> None:
+        assert self.timeout
         if self.closed:
             return
         if self.sent and asyncio.get_running_loop().time() - self.sent[0] \
@@ -135,7 +141,7 @@ class _Protocol(asyncio.Protocol):
             return
         self._watch()
 
-    def data_received(self, data):
+    def data_received(self, data: bytes) -> None:
         self.buf += data
         pos = 0
         try:
@@ -156,10 +162,10 @@ class _Protocol(asyncio.Protocol):
             self._fail(ConnectionError('bad reply from Redis: %s' % e))
         del self.buf[:pos]
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: Exception | None) -> None:
         self._fail(ConnectionError('connection to Redis lost: %s' % exc))
 
-    def _fail(self, error):
+    def _fail(self, error: Exception) -> None:
         self.closed = True
         if self.watchdog is not None:
             self.watchdog.cancel()
@@ -174,18 +180,20 @@ class Multiplexed:
     """One Redis connection shared by every request of a process (and
     event loop). Made lazily on the first command."""
 
-    def __init__(self, host='127.0.0.1', port=6379, password=None,
-                 username=None, db=0, path=None, ssl=None,
-                 connect_timeout=store.CONNECT_TIMEOUT,
-                 timeout=store.COMMAND_TIMEOUT):
+    def __init__(self, host: str = '127.0.0.1', port: int = 6379,
+                 password: str | None = None, username: str | None = None,
+                 db: int = 0, path: str | None = None,
+                 ssl: ssl_module.SSLContext | None = None,
+                 connect_timeout: float = store.CONNECT_TIMEOUT,
+                 timeout: float = store.COMMAND_TIMEOUT) -> None:
         self.host, self.port, self.path, self.ssl = host, port, path, ssl
         self.db, self.username, self.password = db, username, password
         self.connect_timeout, self.timeout = connect_timeout, timeout
-        self.protocol = None
-        self.connecting = None
+        self.protocol: _Protocol | None = None
+        self.connecting: asyncio.Future[_Protocol] | None = None
 
     @classmethod
-    def like(cls, redis):
+    def like(cls, redis: Any) -> Multiplexed:
         """Connect where and as the redis-py client `redis` connects, with
         its timeouts."""
         pool = redis.connection_pool
@@ -200,11 +208,11 @@ class Multiplexed:
                    or store.CONNECT_TIMEOUT,
                    timeout=kw.get('socket_timeout') or store.COMMAND_TIMEOUT)
 
-    async def _connect(self):
+    async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         protocol = None
 
-        def made():
+        def made() -> _Protocol:
             return _Protocol(self.timeout)
         try:
             async with _bounded(self.connect_timeout):
@@ -215,7 +223,7 @@ class Multiplexed:
                     _, protocol = await loop.create_connection(
                         made, self.host, self.port, ssl=self.ssl,
                         server_hostname=self.host if self.ssl else None)
-                hello = []
+                hello: list[tuple[Any, ...]] = []
                 if self.password:
                     hello.append(('AUTH', self.username, self.password)
                                  if self.username else ('AUTH', self.password))
@@ -223,17 +231,17 @@ class Multiplexed:
                     hello.append(('SELECT', self.db))
                 for command in hello:
                     await self._send(protocol, command)
-        except (asyncio.TimeoutError, ResponseError) as e:
+        except (builtins.TimeoutError, ResponseError) as e:
             if protocol is not None:
                 protocol.transport.abort()
             if isinstance(e, ResponseError):
-                raise ConnectionError('Redis refused us: %s' % e)
+                raise ConnectionError('Redis refused us: %s' % e) from e
             raise TimeoutError('no connection to Redis in %gs'
-                               % self.connect_timeout)
+                               % self.connect_timeout) from e
         self.protocol = protocol
         return protocol
 
-    async def _protocol(self):
+    async def _protocol(self) -> _Protocol:
         if self.protocol is not None and not self.protocol.closed:
             return self.protocol
         if self.connecting is None or self.connecting.done():
@@ -241,10 +249,11 @@ class Multiplexed:
         try:
             return await asyncio.shield(self.connecting)
         except OSError as e:
-            raise ConnectionError('cannot connect to Redis: %s' % e)
+            raise ConnectionError('cannot connect to Redis: %s' % e) from e
 
     @staticmethod
-    def _send(protocol, args):
+    def _send(protocol: _Protocol,
+              args: Sequence[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         protocol.waiters.append(waiter)
@@ -252,7 +261,7 @@ class Multiplexed:
         protocol.transport.write(encode(args))
         return waiter
 
-    async def execute(self, *args):
+    async def execute(self, *args: Any) -> Any:
         """The reply; TimeoutError once the connection's watchdog finds a
         command unanswered past the timeout (see _Protocol)."""
         protocol = await self._protocol()
@@ -260,19 +269,19 @@ class Multiplexed:
             raise ConnectionError('connection to Redis lost')
         return await self._send(protocol, args)
 
-    async def evalsha(self, sha, numkeys, *rest):
+    async def evalsha(self, sha: str, numkeys: int, *rest: Any) -> Any:
         return await self.execute('EVALSHA', sha, numkeys, *rest)
 
-    async def eval(self, source, numkeys, *rest):
+    async def eval(self, source: str, numkeys: int, *rest: Any) -> Any:
         return await self.execute('EVAL', source, numkeys, *rest)
 
-    def close(self):
+    def close(self) -> None:
         if self.protocol is not None and self.protocol.transport is not None:
             self.protocol.transport.close()
         self.protocol = None
 
 
-def hot_path(redis):
+def hot_path(redis: Any) -> Any:
     """The connection for a process's hot-path scripts: a Multiplexed one
     to where the redis-py client `redis` connects; behind Sentinel the
     client itself (the primary moves, and redis-py asks the sentinels)."""
@@ -281,7 +290,7 @@ def hot_path(redis):
     return Multiplexed.like(redis)
 
 
-async def close(redis, hot):
+async def close(redis: Any, hot: Any) -> None:
     """Close a connection `hot_path(redis)` made."""
     if hot is not redis:
         hot.close()

@@ -8,7 +8,7 @@ last successful renewal, which is before Redis lets the key expire, so two
 holders never overlap (short of a process frozen for longer than a lease).
 A holder that dies stops renewing: another takes the lease once the key
 expires, within one lease and one renewal period. A clean stop releases it
-at once. While nobody holds it, the jobs do not run (see README).
+at once. While nobody holds it, the jobs do not run (see docs/deployment.md).
 """
 import asyncio
 import logging
@@ -16,6 +16,7 @@ import os
 import secrets
 import socket
 import time
+from typing import Any
 
 import redis.exceptions
 
@@ -45,20 +46,20 @@ return 0
 
 
 class Lease:
-    def __init__(self, redis, key, ttl_ms):
+    def __init__(self, redis: Any, key: str, ttl_ms: int) -> None:
         self.redis = redis
         self.key = key
         self.ttl_ms = ttl_ms
         self.id = '%s:%d:%s' % (socket.gethostname(), os.getpid(),
                                 secrets.token_hex(4))
         self.until = 0.0      # monotonic time our hold ends
-        self.task = None
+        self.task: asyncio.Future[None] | None = None
 
     @property
-    def held(self):
+    def held(self) -> bool:
         return time.monotonic() < self.until
 
-    async def refresh(self):
+    async def refresh(self) -> bool:
         """Take or renew the lease once; returns whether we hold it. A
         store error leaves the hold to run out by itself."""
         started = time.monotonic()
@@ -74,15 +75,15 @@ class Lease:
                      self.id)
         return bool(ok)
 
-    async def _run(self):
+    async def _run(self) -> None:
         while True:
             await self.refresh()
             await asyncio.sleep(self.ttl_ms / 3000.0)
 
-    def start(self):
+    def start(self) -> None:
         self.task = asyncio.ensure_future(self._run())
 
-    async def stop(self):
+    async def stop(self) -> None:
         """Stop renewing and release the lease so another takes it now."""
         if self.task is not None:
             self.task.cancel()
@@ -94,15 +95,15 @@ class Lease:
                 log.warning('lease %s not released: %s', self.key, e)
 
 
-def holder(redis, key, servers):
+def holder(redis: Any, key: str, servers: dict[str, int]) -> str | None:
     """Which of `servers` ({name: server pid}) holds the lease `key`, by
     the pid in its value (a worker of that server, or the server itself);
     None if none does. For the demo and the tests (sync client)."""
     value = redis.get(key) or ''
     try:
         pid = int(value.split(':')[-2])
-        parent = int(processes.stat(pid)[processes.PARENT])
-    except (IndexError, ValueError, TypeError):
+        parent = int(processes.stat(pid)[processes.PARENT])  # type: ignore[index]
+    except (IndexError, ValueError, TypeError):  # gone: stat() is None
         return None
     return next((name for name, p in servers.items() if p in (pid, parent)),
                 None)

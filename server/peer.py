@@ -19,17 +19,24 @@ CC -> WS writes that matter, activate and place, then leave at worst a
 stream unused until its heartbeat expires). Nothing else is retried: not
 a timeout, not a refusal, not a failure on a new connection.
 """
+from __future__ import annotations
+
 import asyncio
 import json
 import select
 import socket
+import ssl
 import time
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from tornado import httputil, netutil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
+
+T = TypeVar('T')
 
 IDLE_MAX = 64      # idle connections kept per peer and process
 IDLE_TTL = 30.0    # seconds; under the peers' idle timeout (60 s default)
@@ -46,13 +53,14 @@ class PeerError(Exception):
 
 
 class PeerReply:
-    def __init__(self, code, body, headers=None):
+    def __init__(self, code: int, body: Any,
+                 headers: httputil.HTTPHeaders | None = None) -> None:
         self.code = code
         self.body = body
-        self.headers = headers or {}
+        self.headers = headers or httputil.HTTPHeaders()
 
     @property
-    def error(self):
+    def error(self) -> str:
         if isinstance(self.body, dict):
             return self.body.get('error', '')
         return ''
@@ -61,27 +69,30 @@ class PeerReply:
 class _Response(httputil.HTTPMessageDelegate):
     """Collects one response; `started` tells whether the peer answered."""
 
-    def __init__(self):
-        self.start_line = None
-        self.headers = None
-        self.chunks = []
+    def __init__(self) -> None:
+        self.start_line: httputil.ResponseStartLine | None = None
+        self.headers: httputil.HTTPHeaders | None = None
+        self.chunks: list[bytes] = []
         self.complete = False
 
-    def headers_received(self, start_line, headers):
+    def headers_received(self, start_line: Any,
+                         headers: httputil.HTTPHeaders) -> None:
         self.start_line = start_line
         self.headers = headers
 
-    def data_received(self, chunk):
+    def data_received(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
 
-    def finish(self):
+    def finish(self) -> None:
         self.complete = True
 
-    def on_connection_close(self):
+    def on_connection_close(self) -> None:
         pass
 
-    def reusable(self):
+    def reusable(self) -> bool:
         """The peer framed the body and did not ask to close."""
+        if self.start_line is None or self.headers is None:
+            return False
         h, code = self.headers, self.start_line.code
         return (self.start_line.version == 'HTTP/1.1'
                 and h.get('Connection', '').lower() != 'close'
@@ -90,7 +101,7 @@ class _Response(httputil.HTTPMessageDelegate):
                      or code in (204, 304)))
 
 
-def _readable(stream):
+def _readable(stream: IOStream) -> bool:
     """An idle connection has nothing to read; anything (EOF, a TLS alert)
     means the peer closed it."""
     try:
@@ -104,10 +115,12 @@ def _readable(stream):
 class _Resolved(netutil.Resolver):
     """The addresses a lookup already found, for TCPClient."""
 
-    def initialize(self, found):
+    def initialize(self, found: Iterable[tuple[Any, ...]]) -> None:
         self.found = [(family, address) for family, _, _, _, address in found]
 
-    async def resolve(self, host, port, family=socket.AF_UNSPEC):
+    async def resolve(self, host: str, port: int,
+                      family: socket.AddressFamily = socket.AF_UNSPEC
+                      ) -> list[tuple[int, Any]]:
         return [(f, a) for f, a in self.found
                 if family == socket.AF_UNSPEC or f == family]
 
@@ -115,12 +128,13 @@ class _Resolved(netutil.Resolver):
 class _Pool:
     """Idle keep-alive connections to one peer, most recent last."""
 
-    def __init__(self, host, port, ssl_ctx):
+    def __init__(self, host: str, port: int,
+                 ssl_ctx: ssl.SSLContext | None) -> None:
         self.host, self.port, self.ssl_ctx = host, port, ssl_ctx
-        self.idle = []
+        self.idle: list[tuple[IOStream, float]] = []
         self.opened = 0  # connections ever opened (tests and benchmarks)
 
-    def take(self):
+    def take(self) -> IOStream | None:
         """A live idle connection, or None."""
         now = time.monotonic()
         while self.idle:
@@ -132,7 +146,7 @@ class _Pool:
             return stream
         return None
 
-    async def connect(self, timeout):
+    async def connect(self, timeout: float) -> IOStream:
         # The name is resolved here, under the caller's time bound: given a
         # timeout, TCPClient resolves under its own, and a lookup failing
         # after it (a name that does not resolve, slowly) is logged as an
@@ -147,7 +161,7 @@ class _Pool:
         self.opened += 1
         return stream
 
-    def give_back(self, stream):
+    def give_back(self, stream: IOStream) -> None:
         if stream.closed():
             return
         if len(self.idle) >= IDLE_MAX:
@@ -155,16 +169,18 @@ class _Pool:
             return
         self.idle.append((stream, time.monotonic()))
 
-    def close(self):
+    def close(self) -> None:
         for stream, _ in self.idle:
             stream.close()
         self.idle = []
 
 
-_pools = {}  # event loop -> {(host, port, ssl context): _Pool}
+# event loop -> {(host, port, ssl context): _Pool}
+_pools: dict[asyncio.AbstractEventLoop,
+             dict[tuple[str, int, ssl.SSLContext | None], _Pool]] = {}
 
 
-def _drop(loop):
+def _drop(loop: asyncio.AbstractEventLoop) -> None:
     """Forget the pools of a loop that is gone (tests run one per test);
     its sockets are closed directly, the loop cannot do it any more."""
     for pool in _pools.pop(loop).values():
@@ -175,7 +191,7 @@ def _drop(loop):
                 pass
 
 
-def pool(host, port, ssl_ctx):
+def pool(host: str, port: int, ssl_ctx: ssl.SSLContext | None) -> _Pool:
     """This loop's pool for a peer, made on first use."""
     loop = asyncio.get_running_loop()
     pools = _pools.get(loop)
@@ -190,27 +206,27 @@ def pool(host, port, ssl_ctx):
     return p
 
 
-def close_idle():
+def close_idle() -> None:
     """Close every idle connection of the running loop (on shutdown)."""
     for p in _pools.pop(asyncio.get_running_loop(), {}).values():
         p.close()
 
 
-if hasattr(asyncio, 'timeout'):  # Python 3.11+: no extra task per call
-    async def _bounded(coro, timeout):
-        async with asyncio.timeout(timeout):
-            return await coro
-else:
-    _bounded = asyncio.wait_for
+async def _bounded(coro: Awaitable[T], timeout: float) -> T:
+    """`await coro` within `timeout` s (no extra task, unlike wait_for)."""
+    async with asyncio.timeout(timeout):
+        return await coro
 
 
-def _describe(e):
+def _describe(e: BaseException) -> str:
     """What went wrong, rather than Tornado's bare 'Stream is closed'."""
     real = getattr(e, 'real_error', None)
     return str(real or e) or type(e).__name__
 
 
-async def _exchange(stream, start_line, headers, data, response):
+async def _exchange(stream: IOStream, start_line: httputil.RequestStartLine,
+                    headers: httputil.HTTPHeaders, data: bytes | None,
+                    response: _Response) -> None:
     conn = HTTP1Connection(stream, True, _PARAMS)
     conn.write_headers(start_line, headers, data)
     conn.finish()
@@ -219,7 +235,9 @@ async def _exchange(stream, start_line, headers, data, response):
         raise StreamClosedError()
 
 
-async def _fetch(p, start_line, headers, data, timeout):
+async def _fetch(p: _Pool, start_line: httputil.RequestStartLine,
+                 headers: httputil.HTTPHeaders, data: bytes | None,
+                 timeout: float) -> _Response:
     """The response, over a pooled or a new connection; a reused
     connection found closed before any reply is replaced once."""
     stream = p.take()
@@ -235,7 +253,7 @@ async def _fetch(p, start_line, headers, data, timeout):
             if reused and response.start_line is None:
                 stream, reused = None, False
                 continue
-            raise PeerError('connection closed: %s' % _describe(e))
+            raise PeerError('connection closed: %s' % _describe(e)) from e
         except BaseException:  # cancelled by the timeout, bad framing
             stream.close()
             raise
@@ -246,8 +264,9 @@ async def _fetch(p, start_line, headers, data, timeout):
         return response
 
 
-async def call(ssl_ctx, method, url, body=None, auth=None, timeout=10.0,
-               raw=False):
+async def call(ssl_ctx: ssl.SSLContext | None, method: str, url: str,
+               body: Any = None, auth: str | None = None,
+               timeout: float = 10.0, raw: bool = False) -> PeerReply:
     """`method` `url` with a JSON body; returns a PeerReply (any HTTP status).
     Raises PeerError when the peer is unreachable or does not answer within
     `timeout` seconds (connecting included)."""
@@ -255,7 +274,7 @@ async def call(ssl_ctx, method, url, body=None, auth=None, timeout=10.0,
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == 'https' else 80)
     except ValueError as e:  # a registration we could not have accepted
-        raise PeerError('%s %s: bad URL: %s' % (method, url, e))
+        raise PeerError('%s %s: bad URL: %s' % (method, url, e)) from e
     if not parts.hostname:
         raise PeerError('%s %s: bad URL: no host' % (method, url))
     path = (parts.path or '/') + ('?' + parts.query if parts.query else '')
@@ -277,12 +296,14 @@ async def call(ssl_ctx, method, url, body=None, auth=None, timeout=10.0,
         response = await _bounded(
             _fetch(p, start_line, headers, data, timeout), timeout)
     except PeerError as e:
-        raise PeerError('%s %s: %s' % (method, url, e))
-    except asyncio.TimeoutError:
-        raise PeerError('%s %s: no answer in %gs' % (method, url, timeout))
+        raise PeerError('%s %s: %s' % (method, url, e)) from e
+    except TimeoutError:
+        raise PeerError('%s %s: no answer in %gs'
+                        % (method, url, timeout)) from None
     except Exception as e:  # refused, TLS failure, DNS, malformed reply
-        raise PeerError('%s %s: %s' % (method, url, _describe(e)))
+        raise PeerError('%s %s: %s' % (method, url, _describe(e))) from e
     content = b''.join(response.chunks)
+    assert response.start_line is not None  # complete: it was read
     code = response.start_line.code
     if raw:
         return PeerReply(code, content, response.headers)
@@ -290,5 +311,5 @@ async def call(ssl_ctx, method, url, body=None, auth=None, timeout=10.0,
         parsed = json.loads(content) if content else {}
     except ValueError:
         raise PeerError('%s %s: reply is not JSON (HTTP %d)'
-                        % (method, url, code))
+                        % (method, url, code)) from None
     return PeerReply(code, parsed, response.headers)

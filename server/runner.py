@@ -50,15 +50,15 @@ async def _serve(settings, app_class, sockets, ssl_ctx, redis_url, task_id,
         loop.add_signal_handler(sig, stopping.set)
     if task_id == 0:
         await app.on_start()
-    log.info('%s %s worker %d serving https on port %d', settings['kind'],
-             settings['name'], task_id, settings['internal_http_port'])
+    log.info('%s %s worker %d serving https on port %d', settings.kind,
+             settings.name, task_id, settings.internal_http_port)
     await stopping.wait()
     server.stop()
     if task_id == 0:
         await app.on_stop()
     try:
         await asyncio.wait_for(server.close_all_connections(), 5)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     await app.close()
     await redis.aclose()
@@ -106,7 +106,7 @@ def _supervise(n, start_child, embedded=None, worker_died=None):
     is being restarted by this very loop) are tried again every
     quarter second meanwhile."""
     children = {}
-    stopping = []
+    stopping: list[int] = []  # the signal that stops us, once received
     generation = [0]
     unfreed = {}  # holder prefix of a dead worker -> first try (monotonic)
 
@@ -201,19 +201,19 @@ def main(kind, app_class, argv=None):
     except config.ConfigError as e:
         print('config error: %s' % e, file=sys.stderr)
         return 2
-    setup_logging(settings['log_level'])
+    setup_logging(settings.log_level)
     # Everything this server and its Redis write (AOF, password, streams,
     # targets, dev keys) is for this user alone: 0600 files, 0700 folders.
     os.umask(0o077)
     if tls.ensure_for_settings(settings):
         log.info('generated dev certificates in %s',
-                 os.path.dirname(settings['ssl_certfile']))
+                 os.path.dirname(settings.ssl_certfile))
     ssl_ctx = tls.server_context(settings)
-    os.makedirs(settings['data_folder'], exist_ok=True)
-    os.chmod(settings['data_folder'], 0o700)
+    os.makedirs(settings.data_folder, exist_ok=True)
+    os.chmod(settings.data_folder, 0o700)
     metrics.prepare(settings)
-    sockets = bind_sockets(settings['internal_http_port'],
-                           settings['bind_address'] or None,
+    sockets = bind_sockets(settings.internal_http_port,
+                           settings.bind_address or None,
                            reuse_port=False)
     embedded = store.start_embedded(settings)
     redis_url = store.redis_url(settings, embedded)
@@ -226,10 +226,10 @@ def main(kind, app_class, argv=None):
 
         def worker_died(prefix):
             app_class.worker_died(settings, redis_url, prefix)
-        _supervise(settings['num_processes'], start_child, embedded,
+        _supervise(settings.num_processes, start_child, embedded,
                    worker_died)
     finally:
         if embedded is not None:
             embedded.stop()
-        log.info('%s %s stopped', kind, settings['name'])
+        log.info('%s %s stopped', kind, settings.name)
     return 0

@@ -17,13 +17,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 import redis
 from server.processes import alive
@@ -102,8 +104,8 @@ class RedisServer:
 
     @classmethod
     def from_settings(cls, settings):
-        opts = dict(settings['redis_options'])
-        folder = os.path.join(settings['data_folder'], 'redis')
+        opts = dict(settings.redis_options)
+        folder = os.path.join(settings.data_folder, 'redis')
         return cls(folder, opts.pop('port'), **opts)
 
     @property
@@ -157,19 +159,19 @@ class RedisServer:
         # The password goes in on stdin ('-', last): a command line is
         # public (ps).
         args.append('-')
-        self.process = subprocess.Popen(
+        self.process = process = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
-        self.process.stdin.write(b'requirepass "%s"\n'
-                                 % self.password.encode())
-        self.process.stdin.close()
+        assert process.stdin is not None and process.stderr is not None
+        process.stdin.write(b'requirepass "%s"\n' % self.password.encode())
+        process.stdin.close()
         client = redis.Redis(port=self.port, password=self.password,
                              socket_timeout=1)
         deadline = time.monotonic() + timeout
         try:
             while True:
-                if self.process.poll() is not None:
-                    err = self.process.stderr.read().decode(errors='replace')
+                if process.poll() is not None:
+                    err = process.stderr.read().decode(errors='replace')
                     raise RuntimeError('redis-server exited at start (port '
                                        '%d): %s; see %s' % (self.port,
                                                             err.strip(),
@@ -195,6 +197,7 @@ class RedisServer:
 
     def reaped(self, status):
         """Our owner's wait() collected the process (it died)."""
+        assert self.process is not None
         self.process.returncode = status
         self.process.stderr.close()
 
@@ -222,10 +225,20 @@ class Key:
         return self.template % ids
 
 
+def argv(names: Sequence[str], **values: object) -> list[object]:
+    """A script's ARGV in the order its header names them (`names`), built
+    by name: a name missing or one too many is a TypeError, not a value
+    read from the wrong place."""
+    if set(values) != set(names):
+        raise TypeError('ARGV %s given for %s' % (sorted(values),
+                                                  list(names)))
+    return [values[name] for name in names]
+
+
 def start_embedded(settings):
     """Start the embedded Redis if the settings ask for one; returns it or
     None (redis_url given)."""
-    if settings.get('redis_url'):
+    if settings.redis_url:
         return None
     server = RedisServer.from_settings(settings)
     server.start()
@@ -233,7 +246,7 @@ def start_embedded(settings):
 
 
 def redis_url(settings, embedded=None):
-    return settings['redis_url'] or embedded.url
+    return settings.redis_url or embedded.url
 
 
 # Redis unreachable, paused, loading its AOF, or a replica after a
@@ -246,8 +259,8 @@ COMMAND_TIMEOUT = 5.0   # redis_timeout_in_s (server.config)
 
 def timeouts(settings):
     """(connect, command) timeouts in seconds from a server's settings."""
-    return (settings.get('redis_connect_timeout_in_s', CONNECT_TIMEOUT),
-            settings.get('redis_timeout_in_s', COMMAND_TIMEOUT))
+    return (settings.redis_connect_timeout_in_s,
+            settings.redis_timeout_in_s)
 
 
 SENTINEL_SCHEME = 'redis+sentinel://'
@@ -298,7 +311,8 @@ class _SentinelRedis(redis.asyncio.Redis):
         owner = self.auto_close_connection_pool
         await super().aclose(*args, **kwargs)
         if owner:
-            await self.connection_pool.sentinel_manager.aclose()
+            pool: Any = self.connection_pool  # a SentinelConnectionPool
+            await pool.sentinel_manager.aclose()
 
 
 def _sentinel(module, url, connect_timeout, timeout):
@@ -332,7 +346,7 @@ def connect(url, max_connections=256, connect_timeout=CONNECT_TIMEOUT,
     options = dict(decode_responses=True, max_connections=max_connections,
                    timeout=30, socket_timeout=timeout,
                    socket_connect_timeout=connect_timeout,
-                   retry=Retry(NoBackoff(), 0))
+                   retry=AsyncRetry(NoBackoff(), 0))
     if url.startswith(SENTINEL_SCHEME):
         manager, master, kwargs = _sentinel(redis.asyncio.sentinel, url,
                                             connect_timeout, timeout)

@@ -5,15 +5,20 @@ import asyncio
 import concurrent.futures
 import functools
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar('T')
 
 
 class Pool:
-    def __init__(self, size, name):
+    def __init__(self, size: int, name: str) -> None:
         self.size = size
         self.name = name
-        self.executor = None
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
 
-    async def __call__(self, func, *args, **kwargs):
+    async def __call__(self, func: Callable[..., T], *args: Any,
+                       **kwargs: Any) -> T:
         """Run `func(*args, **kwargs)` in this pool, off the event loop."""
         if self.executor is None:
             self.executor = concurrent.futures.ThreadPoolExecutor(

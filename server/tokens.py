@@ -3,19 +3,20 @@ as its SHA-256, and shared passes are compared in constant time."""
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterable
 
 
-def token_hash(token):
+def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode('utf-8')).hexdigest()
 
 
-def new_token():
+def new_token() -> tuple[str, str]:
     """(token, its hash): 256 random bits, hex (safe as a CLI argument)."""
     token = secrets.token_hex(32)
     return token, token_hash(token)
 
 
-def matches_any(token, passes):
+def matches_any(token: str | None, passes: Iterable[str]) -> bool:
     """True if `token` is one of `passes`; the time taken does not tell
     which, nor how much of one matched."""
     given = (token or '').encode('utf-8')

@@ -16,12 +16,15 @@ import logging
 import re
 import time
 import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import tornado.web
 from tornado import httputil
 from tornado.web import HTTPError
 
-from server import metrics, store, threads, tls, tokens
+from server import metrics, store, threads, tls
+from server.config import Settings
 
 
 def _no_constant(name):
@@ -36,12 +39,12 @@ def _no_constant(name):
 try:  # strict: no NaN/Infinity, no lone surrogates, bounded depth
     from orjson import loads as json_loads
 except ImportError:
-    def json_loads(raw):
+    def json_loads(raw):  # type: ignore[misc]
         return json.loads(raw, parse_constant=_no_constant)
 try:
     from pybase64 import b64decode
 except ImportError:
-    b64decode = base64.b64decode
+    b64decode = base64.b64decode  # type: ignore[assignment]
 
 access_log = logging.getLogger('siegetank.access')
 app_log = logging.getLogger('siegetank')
@@ -58,6 +61,21 @@ class APIError(HTTPError):
         super().__init__(status)
         self.message = message
         self.headers = headers or {}
+
+
+# Characters of a client's value (a path, an id, a name) quoted in a log
+# line or an error, and of a whole error message: a 60 KB path must not
+# cost 60 KB of log (or of reply) per request.
+SHOWN_MAX = 200
+MESSAGE_MAX = 1024
+
+
+def shown(value, limit=SHOWN_MAX):
+    """`value` as text cut to `limit` characters, saying how long it was."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return text
+    return '%s...(%d characters)' % (text[:limit], len(text))
 
 
 def too_many(message, retry_after):
@@ -80,8 +98,9 @@ class TooLarge(APIError):
 def check_file_name(name):
     if not isinstance(name, str) or not FILE_NAME.fullmatch(name) \
             or name in ('.', '..') or '..' in name:
-        raise APIError(400, 'bad file name %r: plain names of '
-                        '[A-Za-z0-9._-], at most 128 characters' % (name,))
+        raise APIError(400, 'bad file name %s: plain names of '
+                        '[A-Za-z0-9._-], at most 128 characters'
+                        % shown(repr(name)))
     return name
 
 
@@ -130,7 +149,8 @@ def _inflate(name, data, budget):
             try:
                 part = inflater.decompress(data, INFLATE_STEP)
             except zlib.error:
-                raise APIError(400, 'file %s.gz.b64 is not valid gzip' % name)
+                raise APIError(400, 'file %s.gz.b64 is not valid gzip'
+                               % name) from None
             data = inflater.unconsumed_tail
             if not part and not data:
                 raise APIError(400, 'file %s.gz.b64 is not valid gzip '
@@ -165,7 +185,7 @@ def decode_pieces(name, value, budget):
     try:
         data = b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, 'file %s.b64 is not valid base64' % name)
+        raise APIError(400, 'file %s.b64 is not valid base64' % name) from None
     if name.endswith('.gz'):
         return name[:-3], _inflate(name[:-3], data, budget)
     return name, _whole(name, data, budget)
@@ -208,13 +228,15 @@ STREAM_ID = re.compile(r'%s:[A-Za-z0-9._-]{1,64}' % _UUID4)
 
 def check_target_id(target_id):
     if not isinstance(target_id, str) or not TARGET_ID.fullmatch(target_id):
-        raise APIError(400, 'malformed target id %r' % (target_id,))
+        raise APIError(400, 'malformed target id %s'
+                        % shown(repr(target_id)))
     return target_id
 
 
 def check_stream_id(stream_id):
     if not isinstance(stream_id, str) or not STREAM_ID.fullmatch(stream_id):
-        raise APIError(400, 'malformed stream id %r' % (stream_id,))
+        raise APIError(400, 'malformed stream id %s'
+                        % shown(repr(stream_id)))
     return stream_id
 
 
@@ -270,8 +292,8 @@ async def bounded(config, encoded, work, pool=threads.cpu):
     small (a thread hop costs more), else in `pool`. Work cut short on the
     loop (Offload) is done again in the pool, so it must undo itself when
     it raises."""
-    per_file = config['max_decoded_file_size']
-    total = config['max_decoded_request_size']
+    per_file = config.max_decoded_file_size_in_bytes
+    total = config.max_decoded_request_size_in_bytes
     if encoded <= INLINE_DECODE_MAX:
         try:
             return work(Budget(min(per_file, INLINE_DECODE_MAX),
@@ -299,14 +321,17 @@ class App(tornado.web.Application):
     registrations happen once across processes."""
 
     holder = ''  # this worker's mark on what it holds (runner sets it)
+    config: Settings
+    redis: Any  # a redis.asyncio client
 
     def __init__(self, handlers, settings, redis, task_id=0):
         self.config = settings
         self.redis = redis
         self.task_id = task_id
-        self.client_ssl = tls.client_context(settings['ssl_ca_certs'])
+        self.client_ssl = tls.client_context(settings.ssl_ca_certs)
         self.route_names = metrics.route_names(handlers)
         self.exact_routes = exact_routes(handlers)
+        check_permissions(handlers)
         super().__init__(handlers, default_handler_class=NotFoundHandler,
                          log_function=log_request, compress_response=False,
                          serve_traceback=False)
@@ -372,24 +397,30 @@ def http_date():
 def http_server_options(settings):
     """Options of a server's httpserver.Server: slow clients are cut (the
     headers of a request, or the wait for the next one, within
-    `header_timeout_in_s`; its body within `body_timeout_in_s`). Bodies are
+    `header_timeout_in_s`; its body within `body_timeout_in_s`, and at
+    `min_body_rate_in_bytes_per_s` after `body_grace_in_s`). Bodies are
     bounded per endpoint by APIHandler, which refuses early with a JSON
     413; the server-wide bound only has to be above every endpoint's."""
-    return {'header_timeout': settings['header_timeout_in_s'],
-            'body_timeout': settings['body_timeout_in_s'],
-            'max_body_size': max(settings[k] for k in BODY_LIMITS
-                                 if k in settings) + 1}
+    return {'header_timeout': settings.header_timeout_in_s,
+            'body_timeout': settings.body_timeout_in_s,
+            'body_grace': settings.body_grace_in_s,
+            'min_body_rate': settings.min_body_rate_in_bytes_per_s,
+            'trusted_proxies': settings.trusted_proxies,
+            'max_body_size': max(getattr(settings, k) for k in BODY_LIMITS
+                                 if settings.applies(k)) + 1}
 
 
 # The config keys of the body limits; an endpoint names its own.
-BODY_LIMITS = ('max_small_body_size', 'max_body_size',
-               'max_frame_body_size', 'max_checkpoint_body_size')
+BODY_LIMITS = ('max_small_body_size_in_bytes', 'max_body_size_in_bytes',
+               'max_frame_body_size_in_bytes',
+               'max_checkpoint_body_size_in_bytes')
 
 
 def log_request(handler):
     """Level by status; the path without its query (signed URLs carry a
-    signature there) and never a header, so no credential reaches the log.
-    Every request is counted in the metrics by its route."""
+    signature there) and never a header, so no credential reaches the log;
+    the path and the message cut (`shown`). Every request is counted in
+    the metrics by its route."""
     status = handler.get_status()
     req = handler.request
     metrics.get().observe_request(
@@ -402,9 +433,11 @@ def log_request(handler):
     else:
         level = logging.ERROR
     if access_log.isEnabledFor(level):
-        access_log.log(level, '%d %s %s %.1fms %s', status, req.method,
-                       req.path, 1000.0 * req.request_time(),
-                       getattr(handler, '_error_message', ''))
+        access_log.log(level, '%d %s %s %.1fms %s', status,
+                       shown(req.method, 16), shown(req.path),
+                       1000.0 * req.request_time(),
+                       shown(getattr(handler, '_error_message', ''),
+                             MESSAGE_MAX))
 
 
 def _has_lone_surrogate(obj):
@@ -427,6 +460,100 @@ def _has_lone_surrogate(obj):
     return False
 
 
+# Who may call an endpoint is declared on its method: `@allow('manager')`.
+# A role names a kind of caller; its check (registered with `@role` by the
+# module that owns that credential) reads the request's headers and
+# returns who the caller is, None when the request carries no credential
+# of that kind, or raises APIError (401, 403) for one that is wrong or not
+# enough. 'anyone' is every caller.
+Caller = Any
+RoleCheck = Callable[['APIHandler', 'Permission'], Awaitable[Caller]]
+OwnerCheck = Callable[['APIHandler', Caller], Awaitable[Any]]
+_ROLES: dict[str, tuple[RoleCheck, str]] = {}
+ANYONE = object()  # what the 'anyone' role returns: no one in particular
+
+
+def role(name: str, missing: str) -> Callable[[RoleCheck], RoleCheck]:
+    """Register the check of role `name`; `missing` is the 401 message
+    when a rule's first role is this one and no role recognised the
+    caller."""
+    def register(check: RoleCheck) -> RoleCheck:
+        _ROLES[name] = (check, missing)
+        return check
+    return register
+
+
+async def _anyone(handler: 'APIHandler', rule: 'Permission') -> object:
+    return ANYONE
+
+
+role('anyone', '')(_anyone)
+
+
+class Permission:
+    """The rule of one method: the roles that may call it, tried in order
+    (the first that recognises the caller decides), then `owner`, which
+    checks that caller against the resource of the path (its 400, 404,
+    403) and returns it as `handler.resource`. `purpose` completes the
+    refusal of a caller of the wrong role ('only an admin may ...')."""
+
+    def __init__(self, roles: tuple[str, ...], owner: OwnerCheck | None,
+                 purpose: str) -> None:
+        if not roles:
+            raise TypeError('@allow needs at least one role')
+        self.roles, self.owner, self.purpose = roles, owner, purpose
+
+    def checks(self) -> list[tuple[RoleCheck, str]]:
+        try:
+            return [_ROLES[name] for name in self.roles]
+        except KeyError as e:
+            raise TypeError('no role %s is registered' % e) from None
+
+    async def check(self, handler: 'APIHandler') -> None:
+        for check, _ in self.checks():
+            caller = await check(handler, self)
+            if caller is not None:
+                break
+        else:
+            raise APIError(401, self.checks()[0][1])
+        handler.caller = None if caller is ANYONE else caller
+        if self.owner is not None:
+            handler.resource = await self.owner(handler, handler.caller)
+
+
+Method = TypeVar('Method', bound=Callable[..., Any])
+
+
+def allow(*roles: str, owner: OwnerCheck | None = None,
+          purpose: str = 'do this') -> Callable[[Method], Method]:
+    """Declare who may call the handler method it decorates (see
+    Permission); checked from the headers before the body is read."""
+    def declare(method: Method) -> Method:
+        method.permission = Permission(roles, owner, purpose)  # type: ignore[attr-defined]
+        return method
+    return declare
+
+
+HTTP_METHODS = ('get', 'head', 'post', 'put', 'delete', 'patch', 'options')
+
+
+def check_permissions(handlers: list[Any]) -> None:
+    """Every method of every routed handler declares who may call it, with
+    roles that exist: a server with one that does not fails to start."""
+    for route in handlers:
+        cls = route[1]
+        for name in HTTP_METHODS:
+            method = getattr(cls, name, None)
+            if method is None or method is getattr(tornado.web.RequestHandler,
+                                                    name, None):
+                continue
+            rule = getattr(method, 'permission', None)
+            if rule is None:
+                raise TypeError('%s.%s declares no @allow'
+                                % (cls.__name__, name))
+            rule.checks()
+
+
 def _after_body(method, parse):
     """Wrap an HTTP method to run once the body is in: not at all for a
     request refused before (the reply is out: finish it), and for PUT and
@@ -445,7 +572,7 @@ def _after_body(method, parse):
         if inspect.isawaitable(result):
             result = await result
         return result
-    wrapper.after_body = True
+    wrapper.after_body = True  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -460,18 +587,24 @@ class APIHandler(tornado.web.RequestHandler):
     """Base of every JSON endpoint. The body is streamed in, so that in
     `prepare`, before any byte of it is read, a declared Content-Length
     over this endpoint's limit (`body_limit`, a config key) is a 413 and
-    `authenticate()` runs (401, 403); a body that turns out longer
-    (chunked) is a 413 at the limit. A refusal is answered at once; the
+    the method's `@allow` rule is checked (401, 403); a body that turns out
+    longer (chunked) is a 413 at the limit. A refusal is answered at once; the
     rest of the body is then read and dropped (never kept) up to the
     endpoint's limit (LINGER_MAX when it was too long), so the client
     reads the reply, then the connection is closed."""
 
-    body_limit = 'max_small_body_size'
-    _body = None
-    _declared = None  # the Content-Length, if any
+    body_limit = 'max_small_body_size_in_bytes'
+    # The server's App (cc/app.py or ws/app.py): what a handler reads
+    # beyond `config` and `redis` is the app's own.
+    application: Any
+    _body: Any = None
+    _declared: int | None = None  # the Content-Length, if any
+    _chunks: list[bytes] | None = []  # replaced per request (prepare)
     body_md5 = None
     refused = False
     body_read = False
+    caller: Caller = None  # who the method's @allow recognised
+    resource: Any = None  # what its owner check loaded
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -483,11 +616,11 @@ class APIHandler(tornado.web.RequestHandler):
                                                                 'post')))
 
     @property
-    def redis(self):
+    def redis(self) -> Any:
         return self.application.redis
 
     @property
-    def config(self):
+    def config(self) -> Settings:
         return self.application.config
 
     def clear(self):
@@ -507,10 +640,11 @@ class APIHandler(tornado.web.RequestHandler):
     async def prepare(self):
         self._chunks = []
         self._size = 0
-        self._limit = self.config[self.body_limit]
+        self._limit = getattr(self.config, self.body_limit)
         # Bodies are measured here and as they come (data_received, also
         # for chunked ones), not by Tornado, which would answer a bare 400.
-        self.request.connection.set_max_body_size(1 << 62)
+        connection: Any = self.request.connection  # an HTTP1Connection
+        connection.set_max_body_size(1 << 62)
         length = self.request.headers.get('Content-Length', '')
         if length.isascii() and length.isdigit():
             self._declared = int(length) if len(length) < 19 else 1 << 62
@@ -518,13 +652,25 @@ class APIHandler(tornado.web.RequestHandler):
             if self._declared is not None and self._declared > self._limit:
                 raise TooLarge('body of %s bytes is over the limit of %d '
                                'bytes' % (length, self._limit))
-            await self.authenticate()
+            await self.check_permission()
         except APIError as e:
             await self.refuse(e)
 
-    async def authenticate(self):
-        """Check the credentials from the headers, before the body is read
-        (401/403); subclasses that need any override it."""
+    async def check_permission(self) -> None:
+        """The `@allow` rule of the HTTP method called, from the headers
+        (401, 403, and the owner's 400/404); a method without one is
+        refused (403): nothing is open by omission. A method the handler
+        does not have is let through to Tornado's 405."""
+        name = (self.request.method or '').lower()
+        method = getattr(type(self), name, None)
+        if method is None or method is getattr(tornado.web.RequestHandler,
+                                                name, None):
+            return
+        rule = getattr(method, 'permission', None)
+        if rule is None:
+            raise APIError(403, 'no one may call %s %s'
+                           % (self.request.method, self.request.path))
+        await rule.check(self)
 
     def finish(self, chunk=None):
         if not self.body_read:
@@ -538,7 +684,8 @@ class APIHandler(tornado.web.RequestHandler):
         comes (at most a bound of it: see the class) and the request ends
         with it. Returns the flush of the reply."""
         self.refused = True
-        self._error_message = error.message
+        self._error_message = error.message = shown(error.message,
+                                                    MESSAGE_MAX)
         self._chunks = None
         length = self._declared
         self._linger = length if length is not None \
@@ -567,20 +714,21 @@ class APIHandler(tornado.web.RequestHandler):
         if self._size > self._limit:
             return self.refuse(TooLarge('body is over the limit of %d bytes'
                                         % self._limit))
+        assert self._chunks is not None  # None only once refused
         self._chunks.append(chunk)
         return None
 
     def body_received(self):
         """The whole body is in: keep it as request.body, check its
         Content-MD5, parse it."""
-        self.request.body = b''.join(self._chunks)
-        self._chunks = None
+        self.request.body = b''.join(self._chunks or ())
+        self._chunks = []
         md5 = self.request.headers.get('Content-MD5')
         if md5 is not None:
             self.body_md5 = hashlib.md5(self.request.body).hexdigest()
             if self.body_md5 != md5.strip().lower():
                 raise APIError(400, 'Content-MD5 does not match body')
-        self.body
+        _ = self.body  # parsed now: bad JSON is a 400 before the handler
 
     @property
     def body(self):
@@ -593,7 +741,7 @@ class APIHandler(tornado.web.RequestHandler):
                 try:
                     self._body = json_loads(raw)
                 except (ValueError, UnicodeDecodeError, RecursionError):
-                    raise APIError(400, 'body is not valid JSON')
+                    raise APIError(400, 'body is not valid JSON') from None
                 if not isinstance(self._body, dict):
                     raise APIError(400, 'body must be a JSON object')
                 if _has_lone_surrogate(self._body):
@@ -619,6 +767,14 @@ class APIHandler(tornado.web.RequestHandler):
         if check is not None and not check(value):
             raise APIError(400, 'field %s has an invalid value' % name)
         return value
+
+    @property
+    def via_proxy(self):
+        """True if the request came through a `trusted_proxies` balancer
+        (its remote_ip is then the client it names: server/proxy.py)."""
+        context = getattr(self.request.connection, 'context', None)
+        return getattr(getattr(context, 'address', None), 'proxy',
+                       None) is not None
 
     def token(self):
         """The credential in `Authorization` (bare, or `Bearer <token>`)."""
@@ -655,6 +811,7 @@ class APIHandler(tornado.web.RequestHandler):
             reason = 'internal server error'
         if status_code == 503:
             self.set_header('Retry-After', str(RETRY_AFTER_S))
+        reason = shown(reason, MESSAGE_MAX)
         self._error_message = reason
         self.set_header('Content-Type', 'application/json; charset=UTF-8')
         self.finish(json.dumps({'error': reason}))
@@ -663,46 +820,33 @@ class APIHandler(tornado.web.RequestHandler):
         if isinstance(value, HTTPError):
             return  # an expected refusal; log_request reports it
         if isinstance(value, store.DOWN):  # one line, no traceback
-            app_log.warning('%s %s: store down: %s', self.request.method,
-                            self.request.path, value)
+            app_log.warning('%s %s: store down: %s',
+                            shown(self.request.method, 16),
+                            shown(self.request.path), value)
             return
-        app_log.error('uncaught exception in %s %s', self.request.method,
-                      self.request.path, exc_info=(typ, value, tb))
-
-
-class PeerHandler(APIHandler):
-    """Base of the endpoints one server calls on the other with a shared
-    pass (`Authorization: <cc_pass>`), compared in constant time."""
-
-    def peer_passes(self):
-        """The passes a caller may present; each server names its own (none
-        here: a handler that names none refuses every caller)."""
-        return ()
-
-    def is_peer(self):
-        return tokens.matches_any(self.token(), self.peer_passes())
-
-    async def authenticate(self):
-        if not self.is_peer():
-            raise APIError(401, 'missing or wrong cc_pass')
+        app_log.error('uncaught exception in %s %s',
+                      shown(self.request.method, 16),
+                      shown(self.request.path), exc_info=(typ, value, tb))
 
 
 class NotFoundHandler(APIHandler):
     async def prepare(self):
-        raise APIError(404, 'no such endpoint: %s %s'
-                        % (self.request.method, self.request.path))
+        # The path is not quoted: the request log shows it already.
+        raise APIError(404, 'no such endpoint for %s at this path'
+                        % shown(self.request.method, 16))
 
 
 class HealthHandler(APIHandler):
     """GET /: 200 while this server and its Redis answer, else a 503 that
     says the store is down (bounded by the Redis timeouts)."""
 
-    async def get(self):
+    @allow('anyone')
+    async def get(self) -> None:
         try:
             await self.redis.ping()
         except store.DOWN as e:
             raise APIError(503, 'store down: redis is not reachable (%s)'
-                           % (str(e) or type(e).__name__))
-        self.write_json({'name': self.config['name'],
-                         'kind': self.config['kind'],
+                           % (str(e) or type(e).__name__)) from e
+        self.write_json({'name': self.config.name,
+                         'kind': self.config.kind,
                          'store': 'up', 'time': time.time()})

@@ -297,6 +297,7 @@ class Sampler:
 
     def frame(self, sid, index):
         path = os.path.join(self.folder, 'streams', sid, self.filename)
+        assert self.cache is not None, 'update() first'
         return read_frames(path, self.cache.topology, index, 1)
 
     def seed_from(self, sid, index, tags):

@@ -18,6 +18,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from siegetank import files as wire
 from siegetank.client import Client, Progress, SiegetankError
@@ -27,7 +29,7 @@ class UsageError(Exception):
     pass
 
 
-def config_path():
+def config_path() -> str:
     if os.environ.get('SIEGETANK_CONFIG'):
         return os.environ['SIEGETANK_CONFIG']
     base = os.environ.get('XDG_CONFIG_HOME') or os.path.join(
@@ -35,24 +37,24 @@ def config_path():
     return os.path.join(base, 'siegetank', 'config.json')
 
 
-def load_config():
+def load_config() -> dict[str, Any]:
     try:
         with open(config_path()) as f:
             return json.load(f)
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        raise UsageError('cannot read %s: %s' % (config_path(), e))
+        raise UsageError('cannot read %s: %s' % (config_path(), e)) from e
 
 
-def save_config(conf):
+def save_config(conf: dict[str, Any]) -> None:
     """Write the config readable by the user only (it holds a token)."""
     path = config_path()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     wire.write_json(path, conf, mode=0o600)
 
 
-def client(args, need_token=True):
+def client(args: argparse.Namespace, need_token: bool = True) -> Client:
     conf = load_config()
     cc = args.cc or conf.get('cc')
     if not cc:
@@ -66,45 +68,47 @@ def client(args, need_token=True):
     return Client(cc, token=token, ca=ca)
 
 
-def out(args, data, text=None):
+def out(args: argparse.Namespace, data: Any, text: str | None = None
+        ) -> None:
     if args.json or text is None:
         print(json.dumps(data, indent=1, sort_keys=True))
     else:
         print(text)
 
 
-def table(rows, headers, rule=False):
+def table(rows: Iterable[Sequence[Any]], headers: Sequence[str],
+          rule: bool = False) -> str:
     """Rows under headers in left-aligned columns (a line of dashes under
     the headers with `rule`)."""
-    rows = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
               for i, h in enumerate(headers)]
     fmt = '  '.join('%%-%ds' % w for w in widths)
     lines = [fmt % tuple(headers)]
     if rule:
         lines.append('  '.join('-' * w for w in widths))
-    return '\n'.join(lines + [fmt % tuple(r) for r in rows])
+    return '\n'.join(lines + [fmt % tuple(r) for r in cells])
 
 
-def parse_json(text, what):
+def parse_json(text: str, what: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise UsageError('%s is not valid JSON: %s' % (what, e))
+        raise UsageError('%s is not valid JSON: %s' % (what, e)) from e
     if not isinstance(value, dict):
         raise UsageError('%s must be a JSON object' % what)
     return value
 
 
-def read_files(paths):
+def read_files(paths: Iterable[str]) -> dict[str, bytes]:
     try:
         return wire.read_for_upload(paths)
     except (OSError, ValueError) as e:
-        raise UsageError(str(e))
+        raise UsageError(str(e)) from e
 
 
 # -- commands -----------------------------------------------------------------
-def cmd_login(args):
+def cmd_login(args: argparse.Namespace) -> None:
     conf = load_config()
     cc = args.cc or conf.get('cc')
     if not cc:
@@ -125,14 +129,14 @@ def cmd_login(args):
     print('logged in to %s (token saved in %s)' % (cc, config_path()))
 
 
-def cmd_logout(args):
+def cmd_logout(args: argparse.Namespace) -> None:
     conf = load_config()
     conf.pop('token', None)
     save_config(conf)
     print('logged out')
 
 
-def cmd_account(args):
+def cmd_account(args: argparse.Namespace) -> None:
     c = client(args, need_token=False)
     if args.kind == 'manager':
         token = c.create_manager(args.email, args.password, args.role,
@@ -142,7 +146,7 @@ def cmd_account(args):
     out(args, {'token': token}, token)
 
 
-def cmd_ws_status(args):
+def cmd_ws_status(args: argparse.Namespace) -> None:
     status = client(args, need_token=False).workserver_status()
     out(args, status, table(
         [(n, '%s:%s' % (s.get('url'), s.get('http_port')),
@@ -151,14 +155,14 @@ def cmd_ws_status(args):
                                                'status')))
 
 
-def _ago(t):
+def _ago(t: float | None) -> str:
     if t is None:
         return 'never'
     s = max(0.0, time.time() - t)
     return '%d s ago' % s if s < 90 else '%d min ago' % (s / 60)
 
 
-def status_text(st):
+def status_text(st: dict[str, Any]) -> str:
     """The figures of /status (those of the dashboard) as tables."""
     ws = st['workservers']
     admin = any('detail' in w for w in ws.values())
@@ -196,12 +200,12 @@ def status_text(st):
     return '\n'.join(parts)
 
 
-def cmd_status(args):
+def cmd_status(args: argparse.Namespace) -> None:
     st = client(args, need_token=False).status()
     out(args, st, status_text(st))
 
 
-def cmd_donor_stats(args):
+def cmd_donor_stats(args: argparse.Namespace) -> None:
     st = client(args, need_token=False).donor_stats(args.username)
     out(args, st, table([(args.username, st['frames'], st['sessions'],
                           st['targets'], _ago(st['last_seen']))],
@@ -209,14 +213,14 @@ def cmd_donor_stats(args):
                          'last seen')))
 
 
-def cmd_top_donors(args):
+def cmd_top_donors(args: argparse.Namespace) -> None:
     donors = client(args, need_token=False).top_donors(args.top)
     out(args, donors, table([(i + 1, d['username'], d['frames'],
                               d['sessions']) for i, d in enumerate(donors)],
                             ('#', 'donor', 'frames', 'sessions')))
 
 
-def cmd_target_stats(args):
+def cmd_target_stats(args: argparse.Namespace) -> None:
     st = client(args).target_stats(args.target)
     rows = [(k, st[k]) for k in ('frames', 'sessions', 'active_cores',
                                  'donors', 'frames_last_24h')]
@@ -225,13 +229,13 @@ def cmd_target_stats(args):
     out(args, st, table(rows, (args.target, '')))
 
 
-def cmd_keys_create(args):
+def cmd_keys_create(args: argparse.Namespace) -> None:
     made = client(args).create_core_key(args.engine, args.description)
     out(args, made, 'core key %s for %s (shown only now):\n%s'
         % (made['key_id'], args.engine, made['key']))
 
 
-def cmd_keys_list(args):
+def cmd_keys_list(args: argparse.Namespace) -> None:
     found = client(args).core_keys()
     out(args, found, table(
         [(k, v['engine'], v['description'], _date(v['creation_date']),
@@ -239,20 +243,20 @@ def cmd_keys_list(args):
         ('key id', 'engine', 'description', 'created', 'last used')))
 
 
-def cmd_keys_revoke(args):
+def cmd_keys_revoke(args: argparse.Namespace) -> None:
     c = client(args)
     for key_id in args.key_ids:
         c.revoke_core_key(key_id)
         print('revoked %s' % key_id)
 
 
-def _date(t):
+def _date(t: float | None) -> str:
     if t is None:
         return 'never'
     return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))
 
 
-def cmd_targets_list(args):
+def cmd_targets_list(args: argparse.Namespace) -> None:
     c = client(args, need_token=False)
     ids = c.target_ids()
     if args.json:
@@ -267,13 +271,13 @@ def cmd_targets_list(args):
                        'description')))
 
 
-def cmd_targets_info(args):
+def cmd_targets_info(args: argparse.Namespace) -> None:
     info = client(args, need_token=False).load_target(args.target).info()
     out(args, info, '\n'.join('%-16s %s' % (k, json.dumps(v) if isinstance(
         v, (dict, list)) else v) for k, v in sorted(info.items())))
 
 
-def cmd_targets_create(args):
+def cmd_targets_create(args: argparse.Namespace) -> None:
     options = parse_json(args.options, '--options') if args.options else {}
     if args.steps_per_frame is not None:
         options['steps_per_frame'] = args.steps_per_frame
@@ -285,7 +289,7 @@ def cmd_targets_create(args):
     out(args, {'target_id': t.id}, t.id)
 
 
-def cmd_targets_update(args):
+def cmd_targets_update(args: argparse.Namespace) -> None:
     fields = {}
     for key in ('stage', 'description', 'weight', 'allowed_ws'):
         if getattr(args, key) is not None:
@@ -300,21 +304,21 @@ def cmd_targets_update(args):
     print('updated %s' % args.target)
 
 
-def cmd_targets_delete(args):
+def cmd_targets_delete(args: argparse.Namespace) -> None:
     c = client(args)
     for tid in args.targets:
         c.load_target(tid).delete()
         print('deleted %s' % tid)
 
 
-def cmd_targets_download(args):
+def cmd_targets_download(args: argparse.Namespace) -> None:
     path = args.output or args.filename
     data = client(args).load_target(args.target).download(args.filename,
                                                           path)
     print('%s: %d bytes' % (path, len(data)))
 
 
-def cmd_streams_list(args):
+def cmd_streams_list(args: argparse.Namespace) -> None:
     target = client(args).load_target(args.target)
     info = target.stream_info()
     if target.unreachable:
@@ -328,12 +332,12 @@ def cmd_streams_list(args):
         ('stream', 'status', 'frames', 'errors', 'active', 'tags')))
 
 
-def format_tags(tags):
+def format_tags(tags: dict[str, str] | None) -> str:
     return ','.join('%s=%s' % kv for kv in sorted((tags or {}).items()))
 
 
-def parse_tags(pairs):
-    tags = {}
+def parse_tags(pairs: Iterable[str] | None) -> dict[str, str]:
+    tags: dict[str, str] = {}
     for pair in pairs or ():
         name, eq, value = pair.partition('=')
         if not eq or not name:
@@ -342,7 +346,7 @@ def parse_tags(pairs):
     return tags
 
 
-def cmd_streams_add(args):
+def cmd_streams_add(args: argparse.Namespace) -> None:
     c = client(args)
     target = c.load_target(args.target)
     tags = parse_tags(args.tag)
@@ -358,15 +362,16 @@ def cmd_streams_add(args):
         out(args, ids)
 
 
-def cmd_streams_info(args):
+def cmd_streams_info(args: argparse.Namespace) -> None:
     info = client(args).stream(args.stream).info()
     if not args.json:
         info['tags'] = format_tags(info.get('tags'))
     out(args, info, '\n'.join('%-14s %s' % kv for kv in sorted(info.items())))
 
 
-def _each_stream(action, verb):
-    def run(args):
+def _each_stream(action: str, verb: str
+                 ) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
         c = client(args)
         for sid in args.streams:
             getattr(c.stream(sid), action)()
@@ -374,7 +379,7 @@ def _each_stream(action, verb):
     return run
 
 
-def cmd_streams_download(args):
+def cmd_streams_download(args: argparse.Namespace) -> None:
     path = args.output or args.filename
     size = client(args).stream(args.stream).download(
         args.filename, path, resume=not args.no_resume,
@@ -382,11 +387,11 @@ def cmd_streams_download(args):
     print('%s: %d bytes' % (path, size))
 
 
-def cmd_sync(args):
+def cmd_sync(args: argparse.Namespace) -> None:
     target = client(args).load_target(args.target)
     bar = None if args.quiet else Progress('sync %s' % args.target[:8])
 
-    def on_stream(i, n, sid):
+    def on_stream(i: int, n: int, sid: str) -> None:
         if bar:
             bar.label = 'sync %s: stream %d/%d' % (args.target[:8], i + 1, n)
     result = target.sync(args.folder, args.file or ('frames.xtc',),
@@ -402,7 +407,8 @@ def cmd_sync(args):
 
 
 # -- parser -------------------------------------------------------------------
-def _group(sub, name, help, dest=None, metavar='ACTION'):
+def _group(sub: Any, name: str, help: str, dest: str | None = None,
+           metavar: str = 'ACTION') -> Any:
     """`siegetank NAME ACTION ...`: a command whose actions follow it."""
     group = sub.add_parser(name, help=help).add_subparsers(
         dest=dest or name + '_command', metavar=metavar)
@@ -410,7 +416,9 @@ def _group(sub, name, help, dest=None, metavar='ACTION'):
     return group
 
 
-def _command(sub, name, help, func, *positional):
+def _command(sub: Any, name: str, help: str,
+             func: Callable[[argparse.Namespace], None],
+             *positional: str) -> argparse.ArgumentParser:
     """A command (or action) that runs `func`, with these positional
     arguments; options are added to what it returns."""
     p = sub.add_parser(name, help=help)
@@ -420,7 +428,7 @@ def _command(sub, name, help, func, *positional):
     return p
 
 
-def _add_account_commands(sub):
+def _add_account_commands(sub: Any) -> None:
     acc = _group(sub, 'account', 'create accounts', dest='kind',
                  metavar='KIND')
     s = _command(acc, 'manager', 'create a manager or admin (needs an admin '
@@ -434,7 +442,7 @@ def _add_account_commands(sub):
         s.add_argument(option, required=True)
 
 
-def _add_fleet_commands(sub):
+def _add_fleet_commands(sub: Any) -> None:
     ws = _group(sub, 'ws', 'workservers')
     _command(ws, 'status', 'workservers and whether they are online',
              cmd_ws_status)
@@ -455,7 +463,7 @@ def _add_fleet_commands(sub):
         'key_ids', nargs='+', metavar='KEY_ID')
 
 
-def _add_target_commands(sub):
+def _add_target_commands(sub: Any) -> None:
     tg = _group(sub, 'targets', 'targets')
     _command(tg, 'list', 'your targets (public ones when logged out)',
              cmd_targets_list)
@@ -491,7 +499,7 @@ def _add_target_commands(sub):
              'target', 'filename').add_argument('-o', '--output')
 
 
-def _add_stream_commands(sub):
+def _add_stream_commands(sub: Any) -> None:
     st = _group(sub, 'streams', 'streams')
     _command(st, 'list', 'a target\'s streams', cmd_streams_list, 'target')
     s = _command(st, 'add', 'add one stream per FILE (e.g. a state.xml, sent '
@@ -525,7 +533,7 @@ def _add_stream_commands(sub):
                    help='no progress bar')
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='siegetank', description=__doc__.split(
         '\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--cc', help='command center host:port (saved by login)')
@@ -547,7 +555,7 @@ def build_parser():
     return p
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

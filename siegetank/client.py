@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import zlib
+from typing import Any
 
 import requests
 
@@ -30,6 +31,9 @@ from siegetank import files as wire
 from siegetank import sync as syncing
 
 DEFAULT_TIMEOUT = 60
+RETRIES = 3     # tries again of a 503 or a connection not made
+MAX_WAIT = 30   # s, the longest wait before one of them
+IDEMPOTENT = ('GET', 'HEAD', 'PUT', 'DELETE')
 
 
 class SiegetankError(Exception):
@@ -98,8 +102,12 @@ class Client:
     https:// URL); `ca` the CA bundle to verify it (and the workservers it
     redirects downloads to) against; `token` a manager token."""
 
-    def __init__(self, cc, token=None, ca=None, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, cc, token=None, ca=None, timeout=DEFAULT_TIMEOUT,
+                 retries=RETRIES, max_wait=MAX_WAIT):
         self.cc = cc
+        self.retries = retries
+        self.max_wait = max_wait
+        self.sleep = time.sleep
         self.url = _base_url(cc)
         self.token = token
         if ca is not None and not os.path.isfile(ca):
@@ -113,21 +121,34 @@ class Client:
     def request(self, method, path, body=None, auth=True, stream=False,
                 headers=None, ok=(200,)):
         """The reply of one request; SiegetankError unless its status is in
-        `ok`."""
+        `ok`. A 503 (the server did nothing: its store is away, or a
+        balancer has no CC up) and a connection that could not be made are
+        tried again, up to `retries` times, after what Retry-After says
+        (else 1, 2, 4... s), never more than `max_wait` s at a time; a
+        connection lost after the request went out only for idempotent
+        methods (a POST may have been done)."""
         headers = dict(headers or {})
         if auth and self.token:
             headers['Authorization'] = self.token
         if body is None and method in ('PUT', 'POST'):
             body = {}
-        try:
-            reply = self.session.request(
-                method, self.url + path, json=body, headers=headers,
-                verify=self.verify, timeout=self.timeout, stream=stream)
-        except requests.exceptions.SSLError as e:
-            raise SiegetankError('TLS verification of %s failed (%s): give '
-                                 'the right CA bundle' % (self.cc, _why(e)))
-        except requests.RequestException as e:
-            raise SiegetankError('cannot reach %s: %s' % (self.cc, _why(e)))
+        for attempt in range(self.retries + 1):
+            try:
+                reply = self.session.request(
+                    method, self.url + path, json=body, headers=headers,
+                    verify=self.verify, timeout=self.timeout, stream=stream)
+            except requests.RequestException as e:
+                message, retry = _failure(self.cc, e, method)
+                if not retry or attempt == self.retries:
+                    raise SiegetankError(message) from e
+                self.sleep(min(2 ** attempt, self.max_wait))
+                continue
+            if reply.status_code == 503 and attempt < self.retries:
+                wait = _retry_after(reply, 2 ** attempt)
+                reply.close()
+                self.sleep(min(wait, self.max_wait))
+                continue
+            break
         if reply.status_code not in ok:
             message = _error_of(reply)
             reply.close()
@@ -140,8 +161,8 @@ class Client:
         try:
             return reply.json() if reply.content else {}
         except ValueError:
-            raise SiegetankError('%s %s: the reply is not JSON' % (method,
-                                                                   path))
+            raise SiegetankError('%s %s: the reply is not JSON'
+                                 % (method, path)) from None
 
     def get(self, path):
         return self.json('GET', path)
@@ -266,6 +287,46 @@ def _why(error):
     return text.strip('"\'() ')[:200]
 
 
+def _failure(cc, error, method):
+    """(message, retryable) for a request that got no reply: a
+    certificate that does not verify, a port that does not speak TLS and a
+    name that does not resolve are final; a connection refused, timed out
+    or closed during the handshake (a balancer with no CC up) is not."""
+    why = _why(error)
+    text = repr(error)
+    if isinstance(error, requests.exceptions.SSLError):
+        if 'CERTIFICATE_VERIFY_FAILED' in text or 'match' in text:
+            return ('TLS verification of %s failed (%s): give the right CA '
+                    'bundle' % (cc, why)), False
+        if 'WRONG_VERSION_NUMBER' in text or 'record layer' in text:
+            return ('%s does not speak TLS (%s): is it the HTTPS port of a '
+                    'command center?' % (cc, why)), False
+        return ('%s closed the connection during the TLS handshake (%s): '
+                'no command center answers behind it' % (cc, why)), True
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return ('no answer from %s (connect timed out): unreachable, or '
+                'a firewall drops the connection' % cc), True
+    if isinstance(error, requests.exceptions.ConnectionError):
+        if 'refused' in text:
+            return ('no command center answers at %s (connection refused): '
+                    'is it running, and is that its address and port?'
+                    % cc), True
+        if 'resolve' in text or 'Name or service' in text:
+            return 'cannot resolve %s (%s)' % (cc, why), False
+        if 'NewConnectionError' in text:
+            return 'cannot reach %s: %s' % (cc, why), True
+    # Reset or closed: a balancer with no CC up, or a CC that stopped.
+    return ('%s closed the connection (%s): no command center answered '
+            'the request' % (cc, why), method in IDEMPOTENT)
+
+
+def _retry_after(reply, default):
+    try:
+        return max(0, int(reply.headers.get('Retry-After', '')))
+    except ValueError:
+        return default
+
+
 def _error_of(reply):
     try:
         return '%d %s' % (reply.status_code, reply.json()['error'])
@@ -279,7 +340,10 @@ class Remote:
     """What a target and a stream share: an id, and an info dict read from
     the CC at `INFO_PATH` + id."""
 
-    INFO_PATH = None
+    INFO_PATH = ''
+    client: Client
+    _id: str
+    _info: Any  # the info dict, None until read
 
     @property
     def id(self):
@@ -299,9 +363,9 @@ def info_fields(*names):
     info (read through its `_field`)."""
     def decorate(cls):
         for name in names:
-            setattr(cls, name, property(
-                lambda self, name=name: self._field(name),
-                doc='`%s` of the info' % name))
+            def get(self, name=name):
+                return self._field(name)
+            setattr(cls, name, property(get, doc='`%s` of the info' % name))
         return cls
     return decorate
 
@@ -378,7 +442,7 @@ class Target(Remote):
             gathered = reply.json()
         except ValueError:
             raise SiegetankError('GET /targets/streams: the reply is not '
-                                 'JSON')
+                                 'JSON') from None
         out = {}
         for ws, streams in gathered.items():
             for sid, info in streams.items():
@@ -494,7 +558,8 @@ class Stream(Remote):
                 bar.close()
         except requests.RequestException as e:
             raise SiegetankError('download of %s interrupted (%s); run it '
-                                 'again to resume' % (filename, _why(e)))
+                                 'again to resume'
+                                 % (filename, _why(e))) from e
         finally:
             reply.close()
         return os.path.getsize(path)

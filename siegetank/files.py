@@ -5,9 +5,35 @@ import base64
 import gzip
 import json
 import os
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+# The servers' id and file name grammar (server/web.py; a test checks they
+# agree), whole-string: what a client joins into a local path must match
+# it, so a hostile server cannot name a path outside the folder.
+_UUID4 = (r'[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}'
+          r'-[0-9a-f]{12}')
+TARGET_ID = re.compile(_UUID4)
+STREAM_ID = re.compile(r'%s:[A-Za-z0-9._-]{1,64}' % _UUID4)
+FILE_NAME = re.compile(r'[A-Za-z0-9._-]{1,128}')
 
 
-def encode(name, data):
+def safe_target_id(value: object) -> bool:
+    return isinstance(value, str) and bool(TARGET_ID.fullmatch(value))
+
+
+def safe_stream_id(value: object) -> bool:
+    return isinstance(value, str) and bool(STREAM_ID.fullmatch(value))
+
+
+def safe_file_name(value: object) -> bool:
+    """A plain name of the servers' grammar: no '..', never '.'."""
+    return isinstance(value, str) and bool(FILE_NAME.fullmatch(value)) \
+        and '..' not in value and value != '.'
+
+
+def encode(name: str, data: bytes | str) -> str:
     """The JSON string for file `name` holding `data` (bytes or str)."""
     if isinstance(data, str):
         data = data.encode()
@@ -18,7 +44,7 @@ def encode(name, data):
     return data.decode()
 
 
-def decode(name, text):
+def decode(name: str, text: str | bytes) -> bytes:
     """The bytes of file `name` from its JSON string."""
     data = text.encode() if isinstance(text, str) else text
     if name.endswith('.b64'):
@@ -28,34 +54,25 @@ def decode(name, text):
     return data
 
 
-def encode_files(files):
+def encode_files(files: Mapping[str, bytes | str]) -> dict[str, str]:
     """{name: bytes} -> {name: JSON string}."""
     return {name: encode(name, data) for name, data in files.items()}
 
 
-def decode_files(files):
+def decode_files(files: Mapping[str, str | bytes]) -> dict[str, bytes]:
     return {name: decode(name, text) for name, text in files.items()}
 
 
-def plain_name(name):
-    """`frames.xtc.gz.b64` -> `frames.xtc`: the name a file is stored and
-    downloaded under once its transport suffixes are stripped."""
-    for suffix in ('.b64', '.gz'):
-        if name.endswith(suffix):
-            name = name[:-len(suffix)]
-    return name
-
-
-def wire_name(path):
+def wire_name(path: str) -> str:
     """Name a local file is sent under: compressed (`.gz.b64`) unless the
     file is already transport-encoded (ends in `.b64`)."""
     name = os.path.basename(path)
     return name if name.endswith('.b64') else name + '.gz.b64'
 
 
-def read_for_upload(paths):
+def read_for_upload(paths: Iterable[str]) -> dict[str, bytes]:
     """{wire name: bytes} for local files; a `.b64` file is sent verbatim."""
-    out = {}
+    out: dict[str, bytes] = {}
     for path in paths:
         name = wire_name(path)
         with open(path, 'rb') as f:
@@ -68,7 +85,7 @@ def read_for_upload(paths):
     return out
 
 
-def write_json(path, data, mode=0o666):
+def write_json(path: str, data: Any, mode: int = 0o666) -> None:
     """Replace `path` by `data` as JSON in one step that survives a crash
     (a temporary file, fsynced, renamed). A stricter `mode` is set exactly
     (the CLI's config holds a token)."""

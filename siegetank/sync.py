@@ -22,15 +22,23 @@ killed at any instant resumes: a `.part` continues its download from where
 it stopped, a `.done` is appended again from `offset` (NAME is cut back to
 it first). So NAME is always a prefix of the committed trajectory made of
 whole commits, and after a completed sync it is byte-identical to it.
+
+Nothing a server names reaches a path unchecked: stream ids and file names
+must match the servers' grammar (siegetank.files) whole, else the entry is
+skipped with a warning (a hostile CC or WS could list `../../x` or an
+absolute path).
 """
 import glob
 import json
+import logging
 import os
 import re
 
 import requests
 
-from siegetank.files import write_json
+from siegetank.files import safe_file_name, safe_stream_id, write_json
+
+log = logging.getLogger('siegetank.sync')
 
 TAIL = re.compile(r'\.(part|done)-(\d+)$')
 CHUNK = 1 << 16
@@ -136,7 +144,7 @@ def fetch_file(stream, filename, path, progress=None):
     except requests.RequestException as e:
         raise SiegetankError('sync of %s of stream %s interrupted (%s); sync '
                              'again to resume' % (filename, stream.id,
-                                                  _why(e)))
+                                                  _why(e))) from e
     finally:
         reply.close()
     done = '%s.done-%d' % (path, offset)
@@ -180,9 +188,25 @@ def topology_file(target):
     """The name of the target file that holds its topology (a PDB), or
     None."""
     for name in sorted(target.reload_info().get('files') or ()):
-        if name.split('.')[:2] == ['topology', 'pdb']:
+        if not safe_file_name(name):
+            log.warning('target %s lists a file named %r: not a plain '
+                        'name, skipped', target.id, name)
+        elif name.split('.')[:2] == ['topology', 'pdb']:
             return name
     return None
+
+
+def checked_listing(listing):
+    """The entries of a target's stream listing whose id is a stream id
+    and whose info is an object; the others are skipped with a warning."""
+    out = {}
+    for sid, info in listing.items():
+        if safe_stream_id(sid) and isinstance(info, dict):
+            out[sid] = info
+        else:
+            log.warning('the server lists a stream %r: not a stream id (or '
+                        'no info), skipped', sid)
+    return out
 
 
 def sync_target(target, folder, filenames=('frames.xtc',), progress=None,
@@ -205,12 +229,12 @@ def sync_target(target, folder, filenames=('frames.xtc',), progress=None,
         meta = {'target_id': target.id, 'topology':
                 'topology.pdb' if top else None}
         write_json(meta_path, meta)
-    listing = target.stream_info()
+    listing = checked_listing(target.stream_info())
     grown = []
     for sid, info in sorted(listing.items()):
         sub = os.path.join(folder, 'streams', sid)
         record = read_json(os.path.join(sub, 'stream.json')) or {}
-        if record.get('frames') != info['frames'] \
+        if record.get('frames') != info.get('frames') \
                 or pending(sub, filenames):
             grown.append(sid)
     received = 0
@@ -231,6 +255,11 @@ def local_streams(folder):
     for path in sorted(glob.glob(os.path.join(folder, 'streams', '*',
                                               'stream.json'))):
         record = read_json(path)
-        if record:
+        if not isinstance(record, dict):
+            continue
+        if safe_stream_id(record.get('stream_id')):
             out[record['stream_id']] = record
+        else:
+            log.warning('%s names stream %r: not a stream id, skipped',
+                        path, record.get('stream_id'))
     return out

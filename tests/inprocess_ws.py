@@ -54,9 +54,9 @@ class InProcessWS:
             'ws', name=name, redis_url=redis_url, redis_options=None,
             command_centers={cc_name: {'url': '127.0.0.1:%d' % cc_port,
                                        'pass': cc_pass}})
-        self.port = self.settings['internal_http_port']
+        self.port = self.settings.internal_http_port
         self.keys = Keys(name)
-        self.storage = Storage(self.settings['data_folder'])
+        self.storage = Storage(self.settings.data_folder)
         self.calls = []
         self.app = None
         self.server = None
@@ -89,7 +89,7 @@ class InProcessWS:
 
     def register_body(self):
         """What the WS's own registration sends to PUT /ws/register."""
-        ext = self.settings['external_options']
+        ext = self.settings.external_options
         return {'name': self.name, 'url': ext['external_url'],
                 'http_port': ext['external_http_port']}
 

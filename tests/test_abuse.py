@@ -3,13 +3,16 @@ ws.py processes: error stops that halt a target, a burst of assignments
 that hogs every stream, assignment floods, and streams taken but never
 worked on. Each test starts its own CC and WS with the limits it needs.
 """
+import asyncio
 import base64
 import concurrent.futures
+import os
 import unittest
 import uuid
 
 import requests
 
+from tests.test_limits import trickle
 from tools.testing import (
     CC_PASS,
     ServerProcess,
@@ -175,6 +178,76 @@ class TestAssignRate(AbuseTestCase):
         donor = self.donor()
         self.assertEqual(self.assign(donor_token=donor).status_code, 503)
         self.assertEqual(self.assign(donor_token='nope').status_code, 401)
+
+
+class TestSlowBody(AbuseTestCase):
+    """Issue 22, point 12: a frame dripped on a live core token is cut
+    once it falls under the minimum rate after the grace, long before
+    `body_timeout_in_s`, and the stream's lock is freed with it."""
+
+    ws_conf = {'body_timeout_in_s': 600, 'body_grace_in_s': 4,
+               'min_body_rate_in_bytes_per_s': 100}
+
+    def test_a_drip_is_cut_and_the_lock_freed(self):
+        self.target(1)
+        r = self.assign()
+        self.assertEqual(r.status_code, 200, r.text)
+        reply = r.json()
+        sid = self.core('GET', reply, '/core/start').json()['stream_id']
+        head = ('PUT /core/frame HTTP/1.1\r\nHost: x\r\nAuthorization: '
+                '%s\r\nContent-Length: 100000\r\n\r\n{' % reply['token']
+                ).encode()
+        frame = {'files': {'f.b64': b64(b'x')}}
+        # 1 byte every 2 s, for at most 60 s (a tenth of the body timeout).
+        pieces = asyncio.run(trickle(self.ws.port, head, b' ', every=2,
+                                     most=30))
+        self.assertIsNotNone(pieces, 'the drip was never cut')
+        r = self.core('PUT', reply, '/core/frame', frame)
+        self.assertEqual(r.status_code, 200, r.text)
+
+        async def drip_and_frame():
+            # Half the minimum rate (cut some seconds after the grace);
+            # meanwhile a frame of the same core waits for the lock the
+            # drip holds, longer than its own grace: the wait does not
+            # count against its body.
+            drip = asyncio.ensure_future(trickle(
+                self.ws.port, head, b' ' * 100, every=2, most=30))
+            await asyncio.sleep(0.5)
+            waiting = asyncio.get_running_loop().run_in_executor(
+                None, self.core, 'PUT', reply, '/core/frame', frame)
+            return await drip, await waiting
+        pieces, waited = asyncio.run(drip_and_frame())
+        self.assertIsNotNone(pieces, 'the drip was never cut')
+        self.assertEqual(waited.status_code, 200, waited.text)
+        r = self.core('PUT', reply, '/core/frame', frame)
+        self.assertEqual(r.status_code, 200, r.text)
+        self.assertIn(sid, self.active())
+
+
+class TestLogAmplification(unittest.TestCase):
+    """Issue 22, point 9: a request's path and the values its refusal
+    quotes reach the log cut to a bounded length, once."""
+
+    def test_long_paths_and_values_are_logged_cut(self):
+        with ServerProcess('cc') as cc:
+            admin = cc.request('POST', '/managers', {
+                'email': 'admin@x.org', 'password': 'pw',
+                'role': 'admin'}).json()['token']
+            before = os.path.getsize(cc.log_path)
+            n = 20
+            for i in range(n):
+                r = cc.request('GET', '/%d/' % i + 'a' * 60000)
+                self.assertEqual(r.status_code, 404)
+                self.assertLess(len(r.content), 2048)
+                r = cc.request('POST', '/streams', {
+                    'target_id': 'b' * 60000, 'files': {}}, token=admin)
+                self.assertEqual(r.status_code, 400)
+                self.assertLess(len(r.content), 2048)
+            cc.stop()
+            grown = os.path.getsize(cc.log_path) - before
+            self.assertLess(grown, 2 * n * 1024, cc.read_log()[-3000:])
+            # Each 404's path once (cut), not again in its message.
+            self.assertEqual(cc.read_log().count('a' * 100), n)
 
 
 if __name__ == '__main__':

@@ -79,7 +79,7 @@ class CCTestCase(AppTestCase):
     def add_ws(self, name):
         """A real WS, started and registered with this CC."""
         ws = InProcessWS(name, self.redis_server.url, self.io_loop,
-                         self.settings['name'], self.get_http_port())
+                         self.settings.name, self.get_http_port())
         self.workservers.append(ws.start())
         c, body = self.fetch_json('/ws/register', 'PUT', ws.register_body(),
                                   token=CC_PASS)
@@ -386,7 +386,7 @@ class TestRegistry(CCTestCase):
             'url': '127.0.0.1', 'http_port': 1, 'online': True})
         # Its own address refreshes it; offline, the name may move.
         self.assertEqual(self.register('w1', port=1)[0], 200)
-        for _ in range(self.settings['max_ws_fails']):
+        for _ in range(self.settings.max_ws_fails):
             self.sync(lambda: workservers.record_failure(self.app, 'w1'))
         self.assertEqual(self.register('w1', '127.0.0.2', port=2)[0], 200)
         self.assertEqual(self.status()['w1']['http_port'], 2)
@@ -450,7 +450,7 @@ class TestTargets(CCTestCase):
         self.assertEqual(sorted(self.sync(lambda: self.redis.hkeys(
             keys.target_files(tid)))), info['files'])
         self.assertFalse(os.path.exists(os.path.join(
-            self.settings['data_folder'], 'targets')))
+            self.settings.data_folder, 'targets')))
         # the file as it was sent
         r = self.fetch('/targets/%s/system.xml.b64' % tid,
                        headers={'Authorization': self.joe})
@@ -462,7 +462,7 @@ class TestTargets(CCTestCase):
         from server.cc import targets
         tid = self.post_target(self.joe)
         self.sync(lambda: self.redis.delete(keys.target_files(tid)))
-        root = os.path.join(self.settings['data_folder'], 'targets')
+        root = os.path.join(self.settings.data_folder, 'targets')
         for folder, files in ((tid, TARGET_FILES),
                               ('gone', {'x.b64': B64})):
             os.makedirs(os.path.join(root, folder))
@@ -1054,7 +1054,7 @@ class TestStreamsAndAssign(CCTestCase):
                                    tags):
             sid = await real_post(app, ws, base, has_files, target, files,
                                   tags)
-            await targets.delete(app, target['target_id'])
+            await targets.delete(app, target.target_id)
             return sid
         streams._post_to = post_then_delete
         try:

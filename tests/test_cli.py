@@ -114,8 +114,9 @@ class TestLogin(CLITestCase):
                            env=env, capture_output=True, text=True,
                            timeout=60)
         self.assertEqual(p.returncode, 1)
-        self.assertEqual(p.stderr.strip(), 'siegetank: cannot reach '
-                         '127.0.0.1:1: [Errno 111] Connection refused')
+        self.assertEqual(p.stderr.strip(), 'siegetank: no command center '
+                         'answers at 127.0.0.1:1 (connection refused): is '
+                         'it running, and is that its address and port?')
 
 
 class TestCommands(CLITestCase):

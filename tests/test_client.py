@@ -2,8 +2,13 @@
 the 2014 module-level names, targets, streams, downloads (resumed with
 Range through the CC's redirect to the WS), and TLS that only trusts the
 CA it is given."""
+import http.server
+import json
 import os
 import shutil
+import socket
+import ssl
+import threading
 import unittest
 import uuid
 
@@ -12,7 +17,7 @@ from siegetank import client as client_module
 from siegetank.client import Client, SiegetankError
 from siegetank.core import synthetic
 from tests.cluster import Cluster
-from tools.testing import certs, tmpdir
+from tools.testing import certs, free_port, tmpdir
 
 
 class ClientTestCase(unittest.TestCase):
@@ -286,3 +291,135 @@ class TestUnreachableWorkserver(unittest.TestCase):
                              [s for s in ids if s.endswith(':' + down.name)])
         finally:
             cluster.stop()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Answers each request with the next of the server's `replies`
+    ((status, headers)); the last one forever."""
+
+    def do_GET(self):
+        self.server.seen.append(self.path)
+        status, headers = self.server.replies[
+            min(len(self.server.seen), len(self.server.replies)) - 1]
+        body = json.dumps({'error': 'store unavailable'} if status != 200
+                          else {'ok': True}).encode()
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_PUT = do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+class TestRetries(unittest.TestCase):
+    """Bounded retries of 503 and of connections that could not be made,
+    waiting what Retry-After says; a clear error for each way of not
+    reaching a CC. The waits are recorded, not slept."""
+
+    def serve(self, *replies, tls=True):
+        server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        server.replies, server.seen = replies, []
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(certs()['cert'], certs()['key'])
+            server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return server
+
+    def client(self, port, **kwargs):
+        c = Client('127.0.0.1:%d' % port, ca=certs()['ca'], **kwargs)
+        c.waits = []
+        c.sleep = c.waits.append
+        return c
+
+    def test_503_is_retried_after_retry_after(self):
+        server = self.serve((503, {'Retry-After': '2'}),
+                            (503, {'Retry-After': '3'}), (200, {}))
+        c = self.client(server.server_address[1])
+        self.assertEqual(c.json('GET', '/x'), {'ok': True})
+        self.assertEqual(c.waits, [2, 3])
+        self.assertEqual(len(server.seen), 3)
+        # A POST too: a 503 means the server did not do it.
+        server.seen.clear()
+        self.assertEqual(c.json('POST', '/y'), {'ok': True})
+        self.assertEqual(len(server.seen), 3)
+
+    def test_retries_are_bounded(self):
+        server = self.serve((503, {'Retry-After': '100000'}))
+        c = self.client(server.server_address[1], retries=3)
+        with self.assertRaises(SiegetankError) as e:
+            c.get('/x')
+        self.assertEqual(e.exception.status, 503)
+        self.assertIn('store unavailable', str(e.exception))
+        self.assertEqual(len(server.seen), 4)
+        # A Retry-After beyond reason is capped.
+        self.assertEqual(c.waits, [c.max_wait] * 3)
+        # Other errors are not retried.
+        server = self.serve((404, {}))
+        c = self.client(server.server_address[1])
+        with self.assertRaises(SiegetankError) as e:
+            c.get('/x')
+        self.assertEqual((e.exception.status, len(server.seen), c.waits),
+                         (404, 1, []))
+
+    def test_no_cc_listening(self):
+        c = self.client(free_port(), retries=2)
+        with self.assertRaises(SiegetankError) as e:
+            c.get('/x')
+        message = str(e.exception)
+        self.assertIn('connection refused', message)
+        self.assertNotIn('TLS', message)
+        self.assertIsNone(e.exception.status)
+        self.assertEqual(len(c.waits), 2)
+
+    def test_closed_during_handshake(self):
+        """What a balancer with no CC behind it does: accepts, closes."""
+        listener = socket.socket()
+        listener.bind(('127.0.0.1', 0))
+        listener.listen(16)
+        self.addCleanup(listener.close)
+
+        def accept_and_close():
+            while True:
+                try:
+                    listener.accept()[0].close()
+                except OSError:
+                    return
+        threading.Thread(target=accept_and_close, daemon=True).start()
+        c = self.client(listener.getsockname()[1], retries=1)
+        with self.assertRaises(SiegetankError) as e:
+            c.get('/x')
+        message = str(e.exception)
+        self.assertIn('closed the connection', message)
+        self.assertNotIn('verification', message)
+        self.assertEqual(len(c.waits), 1)
+
+    def test_wrong_ca_is_a_certificate_error(self):
+        server = self.serve((200, {}))
+        other = tmpdir('otherca')
+        from server import tls
+        tls.ensure_dev_certs(os.path.join(other, 's.pem'),
+                             os.path.join(other, 's.key'),
+                             os.path.join(other, 'ca.pem'))
+        c = Client('127.0.0.1:%d' % server.server_address[1],
+                   ca=os.path.join(other, 'ca.pem'))
+        c.sleep = self.fail   # not retried
+        with self.assertRaises(SiegetankError) as e:
+            c.get('/x')
+        self.assertIn('TLS verification', str(e.exception))
+        self.assertEqual(server.seen, [])
+
+    def test_plain_http_port(self):
+        server = self.serve((200, {}), tls=False)
+        c = self.client(server.server_address[1], retries=0)
+        with self.assertRaises(SiegetankError) as e:
+            c.get('/x')
+        self.assertIn('not speak TLS', str(e.exception))

@@ -1,4 +1,5 @@
 """Configuration: a bad key stops start-up with one line naming it."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -20,9 +21,9 @@ class TestConfig(unittest.TestCase):
     def test_shipped_configs_are_valid(self):
         cc = config.load(os.path.join(ROOT, 'cc.conf'), 'cc')
         ws = config.load(os.path.join(ROOT, 'ws.conf'), 'ws')
-        self.assertEqual(cc['name'], 'mengsk')
-        self.assertIn('mengsk', ws['command_centers'])
-        self.assertEqual(ws['external_options']['external_http_port'], 8960)
+        self.assertEqual(cc.name, 'mengsk')
+        self.assertIn('mengsk', ws.command_centers)
+        self.assertEqual(ws.external_options['external_http_port'], 8960)
 
     def test_dev_cc_pass_only_on_loopback(self):
         """The shipped confs listen on loopback, so their dev cc_pass
@@ -60,9 +61,9 @@ class TestConfig(unittest.TestCase):
                           data_folder='here')
         s = config.load(path, 'cc')
         folder = os.path.dirname(path)
-        self.assertEqual(s['ssl_certfile'],
+        self.assertEqual(s.ssl_certfile,
                          os.path.join(folder, 'certs/x.pem'))
-        self.assertEqual(s['data_folder'], os.path.join(folder, 'here'))
+        self.assertEqual(s.data_folder, os.path.join(folder, 'here'))
 
     def assertConfigError(self, path, kind, *words, overrides=()):
         with self.assertRaises(config.ConfigError) as cm:
@@ -97,6 +98,18 @@ class TestConfig(unittest.TestCase):
             write_conf('ws', redis_options={'port': 1, 'colour': 'red'}),
             'ws', "redis_options['colour']")
 
+    def test_proxies_and_body_rate(self):
+        self.assertConfigError(write_conf('cc', trusted_proxies=['nope']),
+                               'cc', 'trusted_proxies', 'nope')
+        self.assertConfigError(write_conf('ws', trusted_proxies='10.0.0.1'),
+                               'ws', 'trusted_proxies')
+        for key in ('body_grace_in_s', 'min_body_rate_in_bytes_per_s'):
+            self.assertConfigError(write_conf('ws', **{key: -1}), 'ws', key)
+        s = config.load(write_conf('cc', trusted_proxies=['10.0.0.2',
+                                                          '2001:db8::/64']),
+                        'cc')
+        self.assertEqual(s['trusted_proxies'], ['10.0.0.2', '2001:db8::/64'])
+
     def test_bad_name(self):
         for name in ('a b', 'ws*', 'x' * 65, '', 'a:b'):
             self.assertConfigError(write_conf('ws', name=name), 'ws', 'name')
@@ -108,9 +121,9 @@ class TestConfig(unittest.TestCase):
     def test_sentinel_store(self):
         url = 'redis+sentinel://:pw@h1,h2:26380/hub/2'
         s = config.load(write_conf('cc', redis_url=url), 'cc')
-        self.assertEqual(s['redis_wait_replicas'], 1)
-        self.assertEqual(config.load(write_conf('cc'), 'cc')[
-            'redis_wait_replicas'], 0)
+        self.assertEqual(s.redis_wait_replicas, 1)
+        self.assertEqual(
+            config.load(write_conf('cc'), 'cc').redis_wait_replicas, 0)
         self.assertConfigError(write_conf('ws', redis_url=url), 'ws',
                                'command center only')
         self.assertConfigError(write_conf(
@@ -125,8 +138,8 @@ class TestConfig(unittest.TestCase):
         path = write_conf('cc')
         s = config.load(path, 'cc', ['--max_ws_fails=7', '--name=hub',
                                      '--allow-loopback-bootstrap=False'])
-        self.assertEqual((s['max_ws_fails'], s['name'],
-                          s['allow_loopback_bootstrap']), (7, 'hub', False))
+        self.assertEqual((s.max_ws_fails, s.name,
+                          s.allow_loopback_bootstrap), (7, 'hub', False))
         self.assertConfigError(path, 'cc', 'max_ws_fails',
                                overrides=['--max_ws_fails=many'])
         self.assertConfigError(path, 'cc', 'unknown key bogus',
@@ -145,3 +158,59 @@ class TestConfig(unittest.TestCase):
         self.assertEqual(len(lines), 1, p.stderr)
         self.assertIn('heartbeat_increment', lines[0])
         self.assertIn(path, lines[0])
+
+    def test_settings_are_typed_and_frozen(self):
+        s = config.load(write_conf('ws', heartbeat_increment=60,
+                                   register_retry_max_in_s=2), 'ws')
+        self.assertIsInstance(s, config.Settings)
+        self.assertEqual(s.heartbeat_increment_in_s, 60)
+        self.assertIsInstance(s.register_retry_max_in_s, float)
+        self.assertEqual(s.kind, 'ws')
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            s.name = 'other'  # type: ignore[misc]
+        self.assertEqual(s.replace(name='other').name, 'other')
+        self.assertTrue(s.applies('command_centers'))
+        self.assertFalse(s.applies('cc_pass'))
+
+    def test_units_in_names_and_old_keys(self):
+        """Every duration and size says its unit; a product-card key
+        without one is still read, in the .conf and on the command line,
+        and may not be given twice under both names."""
+        units = ('_in_s', '_in_ms', '_in_mb', '_in_bytes', '_in_chars')
+        for f in dataclasses.fields(config.Settings):
+            if any(w in f.name for w in ('timeout', 'interval', 'window',
+                                         'lease', 'size', 'length',
+                                         'increment', 'lifetime')):
+                self.assertTrue(f.name.endswith(units), f.name)
+        old = config.Settings.old_keys()
+        self.assertEqual(old['heartbeat_increment'],
+                         'heartbeat_increment_in_s')
+        self.assertEqual(old['max_body_size'], 'max_body_size_in_bytes')
+        self.assertEqual(old['pulse_frequency_in_ms'], 'pulse_interval_in_ms')
+        path = write_conf('ws', heartbeat_increment=60, max_body_size=1000,
+                          pulse_frequency_in_ms=250)
+        s = config.load(path, 'ws')
+        self.assertEqual((s.heartbeat_increment_in_s, s.max_body_size_in_bytes,
+                          s.pulse_interval_in_ms), (60, 1000, 250))
+        s = config.load(path, 'ws', ['--heartbeat_increment_in_s=30',
+                                     '--max_body_size=2000'])
+        self.assertEqual((s.heartbeat_increment_in_s,
+                          s.max_body_size_in_bytes), (30, 2000))
+        s = config.load(write_conf('ws', max_body_size_in_bytes=5), 'ws',
+                        ['--heartbeat_increment=45'])
+        self.assertEqual((s.heartbeat_increment_in_s,
+                          s.max_body_size_in_bytes), (45, 5))
+        self.assertConfigError(
+            write_conf('ws', heartbeat_increment=1,
+                       heartbeat_increment_in_s=2), 'ws',
+            'heartbeat_increment', 'heartbeat_increment_in_s', 'one setting')
+        self.assertConfigError(write_conf('ws', max_body_size=0), 'ws',
+                               'max_body_size must be > 0')
+        self.assertConfigError(write_conf('ws', heartbeat_increment=1.5),
+                               'ws', 'heartbeat_increment must be int')
+
+    def test_keys_of_the_other_kind_are_unknown(self):
+        self.assertConfigError(write_conf('ws', cc_pass='x'), 'ws',
+                               'unknown key cc_pass')
+        self.assertConfigError(write_conf('cc', heartbeat_increment=9), 'cc',
+                               'unknown key heartbeat_increment')

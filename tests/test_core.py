@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import unittest
+from types import SimpleNamespace
 
 import tornado.httpserver
 import tornado.web
@@ -101,8 +102,8 @@ class FakeServer:
             asyncio.set_event_loop(asyncio.new_event_loop())
             self.loop = asyncio.get_event_loop()
             c = certs()
-            ctx = tls.server_context({'ssl_certfile': c['cert'],
-                                      'ssl_key': c['key']})
+            ctx = tls.server_context(SimpleNamespace(
+                ssl_certfile=c['cert'], ssl_key=c['key']))
             app = tornado.web.Application([
                 (r'/core/(assign|start|frame|checkpoint|heartbeat|stop)',
                  Handler, {'script': self.script, 'server': self})])
@@ -188,7 +189,7 @@ class TestCoreLoop(unittest.TestCase):
         self.assertEqual(stats['frames'], 3)
         d = sleep.delays
         self.assertEqual(len(d), 5)
-        for got, cap in zip(d[:4], (1, 2, 4, 8)):
+        for got, cap in zip(d[:4], (1, 2, 4, 8), strict=True):
             self.assertTrue(cap / 2 <= got <= cap, d)
         self.assertLessEqual(d[4], 1.0)   # reset after the assignment
         frames = self.script.seen('frame')

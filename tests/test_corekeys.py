@@ -38,9 +38,11 @@ class TestCoreKeys(unittest.TestCase):
         c = self.cluster
         manager = c.client(c.admin.create_manager('m@keys.org', 'pw'))
         for client, status in ((manager, 403), (c.client(), 401)):
-            for call in (lambda: client.create_core_key('synthetic'),
+            for call in (lambda client=client: client.create_core_key(
+                             'synthetic'),
                          client.core_keys,
-                         lambda: client.revoke_core_key('0' * 16)):
+                         lambda client=client: client.revoke_core_key(
+                             '0' * 16)):
                 with self.assertRaises(SiegetankError) as e:
                     call()
                 self.assertEqual(e.exception.status, status)

@@ -161,7 +161,7 @@ class TestRedisKilled(WSFixture, unittest.TestCase):
     def test_redis_back_empty_the_ws_indexes_its_disk_again(self):
         self.start_ws()
         self.assertEqual(self.frame(b'lost').status_code, 200)  # buffered
-        folder = os.path.join(self.ws.settings['data_folder'], 'redis')
+        folder = os.path.join(self.ws.settings.data_folder, 'redis')
         pid = self.ws.redis_pid()
         os.kill(self.ws.process.pid, signal.SIGSTOP)
         try:
@@ -390,7 +390,7 @@ class TestDeathMidDeletion(WSFixture, unittest.TestCase):
         redis.set(keys.stream_lock('elsewhere'), prefix + 'c')
         redis.zadd(keys.target_users(other), {prefix + 'd': 2 ** 50})
         self.assertEqual(redis.hget(keys.stream(self.sid), 'active'), '1')
-        Storage(self.ws.settings['data_folder']).remove_stream(self.sid)
+        Storage(self.ws.settings.data_folder).remove_stream(self.sid)
         url = store.RedisServer.from_settings(self.ws.settings).url
         self.assertEqual(recovery.free_dead_holder(self.ws.settings, url,
                                                    prefix), 4)

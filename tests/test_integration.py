@@ -55,7 +55,7 @@ class TestIntegration(unittest.TestCase):
         for ws in (self.ws1, self.ws2):
             if ws.process.poll() is not None:
                 ws.start()
-            wait_for(lambda: online(self.cc, ws.name),
+            wait_for(lambda ws=ws: online(self.cc, ws.name),
                      'WS %s online' % ws.name)
         self.version = uuid.uuid4().hex[:8]
 

@@ -187,9 +187,9 @@ class TestHostileCores(WSTestCase):
 
     def test_error_text_capped_and_errors_log_rotated(self):
         tid, sid = self.new_stream()
-        folder = os.path.join(self.settings['data_folder'], 'streams', sid)
+        folder = os.path.join(self.settings.data_folder, 'streams', sid)
         text = 'x' * 500 + 'the cause'
-        for i in range(12):
+        for _i in range(12):
             token, _ = self.activate(tid)
             code, reply = self.put('/core/stop', {'error': b64(
                 text.encode())}, token)
@@ -258,8 +258,8 @@ class TestHostileManagers(CCTestCase):
             self.assertIn(word, reply['error'])
         self.assertEqual(self.dbsize(), size)
         self.assertFalse(os.listdir(os.path.join(
-            self.settings['data_folder'], 'targets'))
-            if os.path.isdir(os.path.join(self.settings['data_folder'],
+            self.settings.data_folder, 'targets'))
+            if os.path.isdir(os.path.join(self.settings.data_folder,
                                           'targets')) else [])
         tid = self.post_target(token)
         self.add_ws('w1')

@@ -41,7 +41,7 @@ def requests_of(sample, route, status='200', method='GET'):
 
 def served_by(server, route):
     """The pids whose own counter file has requests of `route`."""
-    folder = os.path.join(server.settings['data_folder'], 'prometheus')
+    folder = os.path.join(server.settings.data_folder, 'prometheus')
     pids = set()
     for f in os.listdir(folder):
         if f.startswith('counter_'):
@@ -172,6 +172,19 @@ class TestMetricsRestartAndAccess(unittest.TestCase):
             return
         with ServerProcess('cc', metrics_allow=[address + '/32']) as cc:
             self.assertEqual(self.status_from(cc, address), 200)
+
+    def test_body_on_metrics_is_answered(self):
+        # A GET /metrics with a body once got no reply and a traceback
+        # (the async base prepare was not awaited).
+        for kind in ('cc', 'ws'):
+            with ServerProcess(kind) as server:
+                r = server.session.get(server.url + '/metrics', data='x' * 10,
+                                       timeout=10)
+                self.assertEqual(r.status_code, 200, r.text)
+                self.assertIn('siegetank_http_requests_total', r.text)
+                server.stop()
+                self.assertNotIn('Traceback', server.read_log())
+                self.assertNotIn('never awaited', server.read_log())
 
     def status_from(self, server, address):
         """Status of /metrics asked from a non-loopback address (the

@@ -189,7 +189,7 @@ class TestTwoCommandCenters(unittest.TestCase):
                          404)
         # (the only folder is the per-process scratch of /metrics)
         for cc in (self.a, self.b):
-            self.assertEqual(sorted(os.listdir(cc.settings['data_folder'])),
+            self.assertEqual(sorted(os.listdir(cc.settings.data_folder)),
                              ['prometheus'])
 
     def holder(self):
@@ -263,7 +263,7 @@ class TestTwoCommandCenters(unittest.TestCase):
         finally:
             self.redis.start()
         for cc in (self.a, self.b):
-            wait_for(lambda: cc.request('GET', '/targets', token=joe)
+            wait_for(lambda cc=cc: cc.request('GET', '/targets', token=joe)
                      .status_code == 200, 'the CC back on its store')
             self.assertNotIn('Traceback', cc.read_log())
             self.assertNotIn(' 500 ', cc.read_log())

@@ -6,6 +6,7 @@ import gc
 import os
 import socket
 import time
+from types import SimpleNamespace
 from unittest import mock
 
 from tornado.httpserver import HTTPServer
@@ -49,9 +50,9 @@ class PeerTestCase(AsyncTestCase):
 
     def serve(self, sockets, certfile=None, keyfile=None):
         c = certs()
-        server_ctx = tls.server_context({
-            'ssl_certfile': certfile or c['cert'],
-            'ssl_key': keyfile or c['key']})
+        server_ctx = tls.server_context(SimpleNamespace(
+            ssl_certfile=certfile or c['cert'],
+            ssl_key=keyfile or c['key']))
         server = HTTPServer(Application([(r'/', Echo, {'state': self.state})]),
                             ssl_options=server_ctx)
         server.add_sockets(sockets)

@@ -145,11 +145,13 @@ class TestSessionStats(unittest.TestCase):
             'ws_restart': 1, 'expiry': 1, 'manager_stop': 1})
 
         def frames_of(name):
-            return sum(r['frames'] for (t, _), r in zip(plan, results)
+            return sum(r['frames'] for (t, _), r in zip(plan, results,
+                                                        strict=True)
                        if t == tokens[name])
 
         def sessions_of(name):
-            return sum(r['streams'] for (t, _), r in zip(plan, results)
+            return sum(r['streams'] for (t, _), r in zip(plan, results,
+                                                         strict=True)
                        if t == tokens[name])
 
         anon = c.client()
@@ -207,7 +209,8 @@ class TestSessionStats(unittest.TestCase):
 
 
 def frames_of_anonymous(plan, results):
-    return sum(r['frames'] for (t, _), r in zip(plan, results) if t is None)
+    return sum(r['frames'] for (t, _), r in zip(plan, results, strict=True)
+               if t is None)
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ import os
 import signal
 import unittest
 import uuid
+import warnings
 
 import redis
 from server import processes, store
@@ -135,8 +136,11 @@ class TestServerProcessTree(unittest.TestCase):
         self.assertIn(redis_pid, workers)
         self.assertEqual(server.stop(), 0, server.read_log())
         for pid in workers:
-            self.assertTrue(wait_for(lambda: not alive(pid)),
+            self.assertTrue(wait_for(lambda pid=pid: not alive(pid)),
                             'pid %d left behind' % pid)
+        # Its start, requests and stop printed no warning (a synchronous
+        # Retry given to the asyncio client used to, in every worker).
+        self.assertNotIn('Warning', server.read_log())
 
     def test_single_process_sigterm(self):
         server = ServerProcess('cc').start()
@@ -169,7 +173,7 @@ class TestServerProcessTree(unittest.TestCase):
                 'stream_files': {'state.xml': 's'},
                 'target_files': {'system.xml': 'x'}}, token='test-cc-pass')
             self.assertEqual(r.status_code, 200, r.text)
-            data = server.settings['data_folder']
+            data = server.settings.data_folder
             self.assertEqual(mode(data), 0o700)
             for root, dirs, files in os.walk(data):
                 for d in dirs:
@@ -189,6 +193,18 @@ class TestServerProcessTree(unittest.TestCase):
         server.kill(with_redis=False)
         self.assertTrue(wait_for(lambda: not alive(redis_pid)),
                         'redis-server outlived its killed owner')
+
+
+class TestConnect(unittest.TestCase):
+
+    def test_no_warning(self):
+        """The asyncio clients get an asyncio Retry: no conversion warning
+        at each server start."""
+        for url in ('redis://127.0.0.1:1/0', 'redis+sentinel://h1,h2/hub'):
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter('always')
+                store.connect(url)
+            self.assertEqual([str(w.message) for w in seen], [], url)
 
 
 class TestSentinelURL(unittest.TestCase):

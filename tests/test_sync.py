@@ -5,19 +5,24 @@ none, a sync killed with SIGKILL mid-transfer or mid-append resumes and
 ends byte-identical to the WS's committed frames, and the CLI."""
 import contextlib
 import glob
+import http.server
 import io
 import json
+import logging
 import os
 import re
+import ssl
 import subprocess
 import sys
+import threading
 import unittest
+import uuid
 
-from siegetank import cli
-from siegetank.client import SiegetankError
+from siegetank import cli, files, sync
+from siegetank.client import Client, SiegetankError
 from siegetank.core import make_engine, synthetic
 from tests.cluster import Cluster
-from tools.testing import ROOT, tmpdir
+from tools.testing import ROOT, certs, tmpdir
 
 FRAME_BYTES = 32768
 SENT = re.compile(r'sent (\d+) bytes of (\S+) of stream (\S+) '
@@ -80,7 +85,7 @@ class SyncTestCase(unittest.TestCase):
 
     def committed(self, sid, name='frames.dat'):
         """The stream's committed bytes of `name`, read from the WS's disk."""
-        root = os.path.join(self.ws.settings['data_folder'], 'streams', sid,
+        root = os.path.join(self.ws.settings.data_folder, 'streams', sid,
                             'chunks')
         data = b''
         for chunk in sorted(os.listdir(root)):
@@ -104,7 +109,7 @@ class SyncTestCase(unittest.TestCase):
         id), holding `frames` committed frames."""
         target, sids = self.cluster.synthetic_target(streams=2)
         sids = sorted(sids)
-        for sid, n in zip(sids, frames):
+        for sid, n in zip(sids, frames, strict=True):
             self.run_frames(target, sid, n)
         return target, sids
 
@@ -292,6 +297,112 @@ class TestSync(SyncTestCase):
             del os.environ['SIEGETANK_CONFIG']
         for s in (a, b):
             self.assertEqual(self.local(out_dir, s), self.committed(s))
+
+
+class Hostile(http.server.BaseHTTPRequestHandler):
+    """A command center that lists stream ids meant to escape the sync
+    folder (relative and absolute) next to one valid id, names a target
+    file that is no plain name, and serves the same bytes for every
+    file."""
+
+    listing = {}
+
+    def do_GET(self):
+        if self.path.startswith('/targets/info/'):
+            body = json.dumps({'files': ['topology.pdb/../../../t.pdb']})
+        elif self.path.startswith('/targets/streams/'):
+            body = json.dumps({'ws1': self.listing})
+        else:
+            body = 'EVIL'
+        data = body.encode()
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+class TestHostileListing(unittest.TestCase):
+    """Issue 22, point 1: ids and names from a server are checked with the
+    servers' grammar before they touch the disk."""
+
+    def test_escaping_ids_are_skipped(self):
+        root = tmpdir('victim')
+        folder = os.path.join(root, 'a', 'b', 'target')
+        absolute = os.path.join(root, 'abs')
+        good = str(uuid.uuid4()) + ':ws1'
+        entry = {'frames': 1, 'status': 'OK', 'tags': {}}
+        Hostile.listing = {'../../../x': entry, absolute: entry,
+                           '../../' + good: entry, good: entry}
+        httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Hostile)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(certs()['cert'], certs()['key'])
+        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(httpd.server_close)
+        self.addCleanup(httpd.shutdown)
+        client = Client('127.0.0.1:%d' % httpd.server_address[1],
+                        token='t', ca=certs()['ca'])
+        said = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: said.append(record.getMessage())
+        log = logging.getLogger('siegetank')
+        log.addHandler(handler)
+        try:
+            result = client.load_target(str(uuid.uuid4())).sync(folder)
+        finally:
+            log.removeHandler(handler)
+        written = [os.path.join(d, f) for d, _, files in os.walk(root)
+                   for f in files]
+        self.assertTrue(written)
+        for path in written:
+            self.assertTrue(path.startswith(folder + os.sep), path)
+        self.assertFalse(os.path.exists(os.path.join(folder,
+                                                     'topology.pdb')))
+        self.assertEqual(result['grown'], [good])
+        self.assertEqual(sorted(result['streams']), [good])
+        with open(os.path.join(folder, 'streams', good, 'frames.xtc')) as f:
+            self.assertEqual(f.read(), 'EVIL')
+        said = '\n'.join(said)
+        self.assertIn('../../../x', said)
+        self.assertIn('topology.pdb/../../../t.pdb', said)
+
+    def test_local_streams_skips_bad_ids(self):
+        folder = tmpdir('local')
+        good = str(uuid.uuid4()) + ':ws1'
+        for sid, name in ((good, 'g'), ('../../x', 'b')):
+            os.makedirs(os.path.join(folder, 'streams', name))
+            with open(os.path.join(folder, 'streams', name, 'stream.json'),
+                      'w') as f:
+                json.dump({'stream_id': sid}, f)
+        with self.assertLogs('siegetank', 'WARNING'):
+            self.assertEqual(list(sync.local_streams(folder)), [good])
+
+    def test_grammar_is_the_servers(self):
+        from server import web
+        for ours, theirs in ((files.TARGET_ID, web.TARGET_ID),
+                             (files.STREAM_ID, web.STREAM_ID),
+                             (files.FILE_NAME, web.FILE_NAME)):
+            self.assertEqual(ours.pattern, theirs.pattern)
+        tid = str(uuid.uuid4())
+        for name in ('frames.xtc', 'state.xml.gz.b64', '.', '..', 'a..b',
+                     '', 'a/b', 'x' * 129, '\u00e9', tid):
+            server_ok = True
+            try:
+                web.check_file_name(name)
+            except web.APIError:
+                server_ok = False
+            self.assertEqual(files.safe_file_name(name), server_ok, name)
+        for sid in (tid + ':ws1', tid, tid + ':', tid + ':a/b',
+                    '../' + tid + ':w', tid.upper() + ':w'):
+            self.assertEqual(files.safe_stream_id(sid),
+                             bool(web.STREAM_ID.fullmatch(sid)), sid)
+        for t in (tid, tid + '\n', 'x', tid[:-1]):
+            self.assertEqual(files.safe_target_id(t),
+                             bool(web.TARGET_ID.fullmatch(t)), t)
 
 
 def run_cli(*argv):

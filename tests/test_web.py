@@ -13,48 +13,86 @@ from server.web import (
     Budget,
     HealthHandler,
     TooLarge,
+    allow,
     check_files,
+    check_permissions,
     decode_files,
     gunzip,
+    role,
 )
 from tools.testing import AppTestCase, raw_exchange
 
 
 class Echo(APIHandler):
+    @allow('anyone')
     def put(self):
         n = self.field('n', int)
         tags = self.field('tags', list, default=[])
         self.write_json({'n': n, 'tags': tags, 'token': self.token()})
 
+    @allow('anyone')
     def get(self):
         raise RuntimeError('a bug, not bad input')
 
 
 class Files(APIHandler):
-    body_limit = 'max_body_size'
+    body_limit = 'max_body_size_in_bytes'
 
+    @allow('anyone')
     async def put(self):
         files = check_files(self.field('files', dict), max_files=3)
         decoded, = await decode_files(self.config, files)
         self.write_json({k: v.decode() for k, v in decoded.items()})
 
 
+@role('test_ok', 'bad token')
+async def _ok(handler, rule):
+    """Only the token `ok` passes; another token is refused."""
+    if handler.token() not in (None, 'ok'):
+        raise APIError(401, 'bad token')
+    return handler.token()
+
+
 class Guarded(APIHandler):
-    """Credentials checked before the body: only the token `ok` passes."""
+    """Credentials checked before the body."""
 
-    async def authenticate(self):
-        if self.token() != 'ok':
-            raise APIError(401, 'bad token')
-
+    @allow('test_ok')
     def put(self):
         self.write_json({'n': self.field('n', int)})
+
+
+async def _own(handler, caller):
+    """The path's name must be the caller's."""
+    if handler.path_args[0] != caller:
+        raise APIError(403, 'not yours')
+    return {'name': caller}
+
+
+class Owned(APIHandler):
+    @allow('test_ok', owner=_own)
+    def put(self, name):
+        self.write_json(self.resource)
+
+    @allow('test_ok', 'anyone')
+    def get(self, name):
+        self.write_json({'caller': self.caller})
+
+
+class Undeclared(APIHandler):
+    """Names no permission: no one may call it."""
+
+    def put(self):
+        self.write_json({'opened': True})
 
 
 class TestApp(App):
     def __init__(self, settings, redis, task_id=0):
         super().__init__([(r'/', HealthHandler), (r'/echo', Echo),
-                          (r'/files', Files), (r'/guarded', Guarded)],
+                          (r'/files', Files), (r'/guarded', Guarded),
+                          (r'/owned/([^/]+)', Owned)],
                          settings, redis, task_id)
+        # Past the start-up check, as a handler added later would be.
+        self.add_handlers(r'.*', [(r'/undeclared', Undeclared)])
 
 
 class TestBaseHandler(AppTestCase):
@@ -76,6 +114,13 @@ class TestBaseHandler(AppTestCase):
         # Each endpoint its own limit: /files takes 100000.
         self.assertEqual(self.fetch_json('/files', 'PUT', {'files': {
             'a': 'x' * 2000}})[0], 200)
+
+    def test_metrics_body_over_limit_is_413(self):
+        """/metrics runs the base prepare (its own awaited it not: no
+        body limit, a 500 on any body)."""
+        code, body = self.fetch_json('/metrics', 'POST', {'x': 'y' * 2000})
+        self.assertEqual(code, 413)
+        self.assertIn('over the limit of 1000', body['error'])
 
     def test_declared_length_over_limit_is_refused_unread(self):
         # Only the head is sent: the 413 comes without waiting for a body
@@ -115,6 +160,36 @@ class TestBaseHandler(AppTestCase):
                                          token='ok'), (200, {'n': 1}))
         self.assertEqual(self.fetch_json('/guarded', 'PUT', '{',
                                          token='ok')[0], 400)
+
+    def test_a_method_naming_no_permission_is_closed(self):
+        with self.assertRaisesRegex(TypeError, 'Undeclared.put declares no'):
+            check_permissions([(r'/undeclared', Undeclared)])
+        with self.assertRaisesRegex(TypeError, 'no role'):
+            check_permissions([(r'/x', type('X', (APIHandler,), {
+                'get': allow('no_such_role')(lambda self: None)}))])
+        status, _, body = self.raw(
+            'PUT /undeclared HTTP/1.1\r\nHost: x\r\nContent-Length: 900')
+        self.assertEqual(status, 403)
+        self.assertIn('no one may call PUT /undeclared',
+                      json.loads(body)['error'])
+        # A method the handler does not have is still Tornado's 405.
+        self.assertEqual(self.fetch_json('/guarded', 'GET')[0], 405)
+
+    def test_roles_in_order_then_the_owner_before_the_body(self):
+        # A token is optional where 'anyone' follows, but checked if sent.
+        self.assertEqual(self.fetch_json('/owned/x'), (200, {'caller': None}))
+        self.assertEqual(self.fetch_json('/owned/x', token='ok'),
+                         (200, {'caller': 'ok'}))
+        self.assertEqual(self.fetch_json('/owned/x', token='nope'),
+                         (401, {'error': 'bad token'}))
+        # The owner check runs from the headers too: refused unread.
+        status, _, body = self.raw(
+            'PUT /owned/other HTTP/1.1\r\nHost: x\r\nAuthorization: ok'
+            '\r\nContent-Length: 900')
+        self.assertEqual((status, json.loads(body)),
+                         (403, {'error': 'not yours'}))
+        self.assertEqual(self.fetch_json('/owned/ok', 'PUT', {}, token='ok'),
+                         (200, {'name': 'ok'}))
 
     def test_health(self):
         code, body = self.fetch_json('/')

@@ -145,7 +145,7 @@ class WSTestCase(AppTestCase):
         return self.io_loop.run_sync(dump)
 
     def disk_dump(self):
-        root = self.settings['data_folder']
+        root = self.settings.data_folder
         out = {}
         for folder, dirs, files in os.walk(root):
             for d in dirs:
@@ -164,9 +164,9 @@ class TestStreams(WSTestCase):
 
     def test_post_stream_stores_files_and_queues(self):
         tid, sid = self.new_stream()
-        self.assertTrue(sid.endswith(':' + self.settings['name']))
+        self.assertTrue(sid.endswith(':' + self.settings.name))
         uuid.UUID(sid.split(':')[0])
-        folder = self.settings['data_folder']
+        folder = self.settings.data_folder
         with open(os.path.join(folder, 'streams', sid, 'seed',
                                'state.xml.gz.b64')) as f:
             self.assertEqual(gzip.decompress(base64.b64decode(f.read())),
@@ -234,7 +234,7 @@ class TestStreams(WSTestCase):
                                  token='Bearer ' + CC_PASS)[0], 200)
 
     def test_unknown_stream_and_target(self):
-        sid = '%s:%s' % (uuid.uuid4(), self.settings['name'])
+        sid = '%s:%s' % (uuid.uuid4(), self.settings.name)
         for path, method in [('/streams/info/', 'GET'),
                              ('/streams/start/', 'PUT'),
                              ('/streams/stop/', 'PUT'),
@@ -361,7 +361,7 @@ class TestActivation(WSTestCase):
 
     def test_disk_guard(self):
         tid, sid = self.new_stream()
-        self.app.config['min_free_disk_in_mb'] = 1 << 40
+        self.app.config = self.app.config.replace(min_free_disk_in_mb=1 << 40)
         before = self.snapshot()
         for path, body in [('/streams', {
                 'target_id': tid, 'stream_files': {
@@ -371,7 +371,7 @@ class TestActivation(WSTestCase):
             self.assertEqual(code, 503)
             self.assertIn('disk', reply['error'])
         self.assertEqual(self.snapshot(), before)
-        self.app.config['min_free_disk_in_mb'] = 1
+        self.app.config = self.app.config.replace(min_free_disk_in_mb=1)
         self.activate(tid)
 
 
@@ -561,7 +561,7 @@ class TestCore(WSTestCase):
         self.assertEqual(self.info(sid)['error_count'], 0)
         self.assertEqual(self.app.storage.stream_meta(sid)['error_count'], 0)
         self.fetch_json('/core/stop', 'PUT', {}, token=token)
-        for i in range(3):  # max_stream_fails = 3
+        for _i in range(3):  # max_stream_fails = 3
             token, _ = self.activate(tid)
             self.fetch_json('/core/stop', 'PUT', {'error': b64(b'bad')},
                             token=token)

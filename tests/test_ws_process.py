@@ -121,7 +121,7 @@ class TestCrashes(unittest.TestCase):
         ws.request('PUT', '/core/frame', {'files': {
             'frames.xtc.b64': b64(b'bystander')}}, token=token)
         ws.request('PUT', '/core/checkpoint', {'files': seed}, token=token)
-        chunks = os.path.join(ws.settings['data_folder'], 'streams', sid,
+        chunks = os.path.join(ws.settings.data_folder, 'streams', sid,
                               'chunks')
         acked, sent, report = 0, {0}, []
         try:
@@ -245,7 +245,7 @@ class TestRestarts(unittest.TestCase):
             for entry in streams.values():
                 entry['active'] = False  # cores die with the WS
         self.ws.kill()
-        aof = glob.glob(os.path.join(self.ws.settings['data_folder'],
+        aof = glob.glob(os.path.join(self.ws.settings.data_folder,
                                      'redis', '*.aof'))
         self.assertTrue(aof)
         for path in aof:

@@ -129,7 +129,8 @@ def plot(path, plain, adaptive_, curves):
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     bins = np.linspace(-180, 180, 360 // GRID_DEG + 1)
     for ax, (name, angles) in zip(axes[:2], (('plain MD', plain),
-                                             ('adaptive', adaptive_))):
+                                             ('adaptive', adaptive_)),
+                                  strict=True):
         h, _, _ = np.histogram2d(angles[:, 0], angles[:, 1], bins=[bins,
                                                                    bins])
         img = ax.imshow(np.log10(h.T + 1), origin='lower', cmap='viridis',

@@ -229,7 +229,7 @@ class Manager(threading.Thread):
 
 
 class Chaos:
-    def __init__(self, seed, n_streams=6, n_cores=4):
+    def __init__(self, seed, n_streams=6, n_cores=4, cc_processes=1):
         self.rng = random.Random(seed)
         self.seed = seed
         self.ledger = Ledger()
@@ -241,7 +241,8 @@ class Chaos:
                                 # the cores share one address and re-ask
                                 # after every kill: no abuse limits here
                                 client_assigns_per_minute=1000000,
-                                client_max_held_streams=1000000)
+                                client_max_held_streams=1000000,
+                                num_processes=cc_processes)
         self.ws = ServerProcess('ws', command_centers=command_centers(self.cc),
                                 num_processes=2,
                                 heartbeat_increment=HEARTBEAT_S,
@@ -370,7 +371,8 @@ class Chaos:
         the CC's map equals the WS's streams (within a few reconciliations)."""
         self.wait_healthy()
         for sid in self.streams:
-            wait_for(lambda: self.check_download(self.http, sid, quiet=True),
+            wait_for(lambda sid=sid: self.check_download(
+                self.http, sid, quiet=True),
                      'a download of %s' % sid, 60,
                      errors=(requests.RequestException,))
         self.manager.paused.set()
@@ -404,7 +406,7 @@ class Chaos:
             # a 503 (a store the last kill restarted) is retried, as in
             # check(); only what a download serves can fail it
             try:
-                wait_for(lambda: self.check_download(
+                wait_for(lambda sid=sid: self.check_download(
                     self.http, sid, quiet=True, full=True),
                     'a download of %s' % sid, 60,
                     errors=(requests.RequestException,))
@@ -477,7 +479,7 @@ class Chaos:
 
     def tmp_chunks(self):
         """Whether an interrupted commit left a temporary chunk."""
-        root = os.path.join(self.ws.settings['data_folder'], 'streams')
+        root = os.path.join(self.ws.settings.data_folder, 'streams')
         for sid in self.streams:
             folder = os.path.join(root, sid, 'chunks')
             try:
@@ -536,7 +538,7 @@ class Chaos:
         names = list(VICTIMS)
         weights = [VICTIMS[n] for n in names]
         done = 0
-        for point in range(points):
+        for _point in range(points):
             if time.monotonic() > deadline:
                 print('time bound reached after %d kill points' % done)
                 break

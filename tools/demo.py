@@ -158,14 +158,14 @@ def setup_servers(procs, ws_names=('firebat', 'marauder'), shared=None):
         ws_confs.append(ws)
 
     from siegetank.client import Client
-    for label, cc in zip(CC_NAMES, ccs):
+    for label, cc in zip(CC_NAMES, ccs, strict=True):
         address = cc_address(cc)
         anon = Client(address, ca=ca)
         procs.start(label, [sys.executable, 'cc.py', '--config',
                             os.path.join(run, label + '.conf')])
-        wait_for(lambda: anon.session.get('https://%s/' % address, verify=ca,
-                                          timeout=2).ok, 'the command center',
-                 errors=STARTING, interval=0.1)
+        wait_for(lambda anon=anon, address=address: anon.session.get(
+            'https://%s/' % address, verify=ca, timeout=2).ok,
+            'the command center', errors=STARTING, interval=0.1)
         say('command center %s up at https://%s (%s, dev CA %s)' % (
             label, address, 'Redis shared by every CC at %s' % shared.url
             if shared else 'embedded Redis on port %d'
@@ -252,7 +252,8 @@ def run_cores(procs, target, labels, address, ca, donors, key):
                     labels.get(victim, victim), HEARTBEAT_INCREMENT))
             spare = start_core(procs, CORES + 1, address, ca, None, key)
             cores.append(spare)
-            wait_for(lambda: stream_of(spare), 'the new core to start',
+            wait_for(lambda spare=spare: stream_of(spare),
+                     'the new core to start',
                      errors=STARTING, interval=0.1)
             say('started %s as a replacement: it got stream %s, the only '
                 'one free' % (spare.demo_name,
@@ -324,7 +325,8 @@ def run_cluster_cores(procs, target, labels, addresses, ca, donor, key,
             spare = start_core(procs, CORES + 1, addresses[1], ca, donor,
                                key)
             cores.append(spare)
-            wait_for(lambda: stream_of(spare), 'the new core to start',
+            wait_for(lambda spare=spare: stream_of(spare),
+                     'the new core to start',
                      errors=STARTING, interval=0.1)
             say('started %s through cc-b: it got stream %s, the only one '
                 'free' % (spare.demo_name, labels.get(stream_of(spare))))

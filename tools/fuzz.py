@@ -137,7 +137,7 @@ def operations(kind):
     return [r.ok() for r in schema.get_all_operations()]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def document(kind):
     with open(DOCS[kind]) as f:
         return yaml.safe_load(f)

@@ -234,16 +234,22 @@ class ServerProcess:
     """A real `cc.py` or `ws.py` process with its own conf and embedded
     Redis. `start()` waits until `GET /` answers over verified HTTPS."""
 
-    def __init__(self, kind, **values):
+    def __init__(self, kind, conf_text=None, **values):
         self.kind = kind
         self.folder = tmpdir(kind)
-        self.conf_path = write_conf(kind, folder=self.folder, **values)
+        if conf_text is None:
+            self.conf_path = write_conf(kind, folder=self.folder, **values)
+        else:   # a given configuration (a restore: another's, edited)
+            self.conf_path = os.path.join(self.folder, kind + '.conf')
+            with open(self.conf_path, 'w') as f:
+                f.write(conf_text)
         self.settings = config.load(self.conf_path, kind)
-        self.name = self.settings['name']
-        self.port = self.settings['internal_http_port']
+        self.name = self.settings.name
+        self.port = self.settings.internal_http_port
         self.url = 'https://127.0.0.1:%d' % self.port
         self.log_path = os.path.join(self.folder, 'server.log')
         self.process = None
+        self.root = ROOT   # the checkout it runs from (an upgrade: another)
         self.session = requests.Session()
         self.session.trust_env = False  # else REQUESTS_CA_BUNDLE wins
         self.session.verify = certs()['ca']
@@ -251,9 +257,9 @@ class ServerProcess:
     def start(self, timeout=30, extra_args=()):
         self.log = open(self.log_path, 'ab')
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, self.kind + '.py'),
+            [sys.executable, os.path.join(self.root, self.kind + '.py'),
              '--config', self.conf_path] + list(extra_args),
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -276,7 +282,7 @@ class ServerProcess:
             return f.read().decode(errors='replace')
 
     def redis_pid(self):
-        path = os.path.join(self.settings['data_folder'], 'redis',
+        path = os.path.join(self.settings.data_folder, 'redis',
                             'redis.pid')
         try:
             with open(path) as f:

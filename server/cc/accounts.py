@@ -22,15 +22,19 @@ import logging
 import math
 import re
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 
 from redis.exceptions import WatchError
 
 from server import store, threads
 from server.cc import keys
 from server.lua import Script
+from server.store import argv
 from server.tokens import new_token, token_hash
-from server.web import APIError, APIHandler, too_many
+from server.web import APIError, APIHandler, Permission, allow, role, too_many
 
 log = logging.getLogger('siegetank.cc.accounts')
 
@@ -41,12 +45,12 @@ USERNAME = re.compile(r'[A-Za-z0-9._@+-]{1,64}')
 MAX_PASSWORD = 1024
 
 
-def _scrypt(password, salt, n, r, p):
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     return hashlib.scrypt(password.encode('utf-8'), salt=salt, n=n, r=r, p=p,
                           maxmem=64 * 1024 * 1024, dklen=32)
 
 
-async def hash_password(password):
+async def hash_password(password: str) -> str:
     """'scrypt$n$r$p$salt$hash' (hex), computed off the loop."""
     salt = secrets.token_bytes(16)
     digest = await threads.cpu(_scrypt, password, salt, **SCRYPT)
@@ -60,13 +64,14 @@ DUMMY_HASH = 'scrypt$%d$%d$%d$%s$%s' % (SCRYPT['n'], SCRYPT['r'], SCRYPT['p'],
                                         '00' * 16, '00' * 32)
 
 
-async def check_password(password, stored):
+async def check_password(password: str, stored: str) -> bool:
     try:
         _, n, r, p, salt, digest = stored.split('$')
-        n, r, p, salt = int(n), int(r), int(p), bytes.fromhex(salt)
+        cost = int(n), int(r), int(p)
+        salt_bytes = bytes.fromhex(salt)
     except (AttributeError, ValueError):
         return False
-    got = await threads.cpu(_scrypt, password, salt, n, r, p)
+    got = await threads.cpu(_scrypt, password, salt_bytes, *cost)
     return hmac.compare_digest(got.hex(), digest)
 
 
@@ -74,27 +79,32 @@ class BootstrapClosed(Exception):
     """An admin exists: accounts are made with an admin token now."""
 
 
-# Create an account unless it or a unique key exists, in one step. KEYS:
-# the account, its unique keys (a donor's email), the token key, the set
-# of admins. ARGV: the name the token leads to, '1' for a bootstrap (no
-# token: refused, -1, once an admin exists), '1' if it is an admin (then
-# it joins the set), one value per unique key, field/value pairs.
 _CREATE = Script("""
+-- Create an account unless it or a unique key exists, in one step.
+-- KEYS: account, the unique keys (k of them: a donor's email), token (the
+-- key of its token hash), admins.
+-- ARGV: name (what the token leads to), bootstrap ('1': made without a
+-- token, refused once an admin exists), admin ('1': it joins admins),
+-- the k unique keys' values, then the account's field/value pairs.
+-- Returns 1 created, 0 taken, -1 bootstrap closed.
 local n = #KEYS
-if ARGV[2] == '1' and redis.call('SCARD', KEYS[n]) > 0 then return -1 end
+local account, token, admins = KEYS[1], KEYS[n - 1], KEYS[n]
+local name, bootstrap, admin = ARGV[1], ARGV[2], ARGV[3]
+if bootstrap == '1' and redis.call('SCARD', admins) > 0 then return -1 end
 for i = 1, n - 2 do
   if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
 end
 for i = 2, n - 2 do redis.call('SET', KEYS[i], ARGV[i + 2]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, n + 1))
-redis.call('SET', KEYS[n - 1], ARGV[1])
-if ARGV[3] == '1' then redis.call('SADD', KEYS[n], ARGV[1]) end
+redis.call('HSET', account, unpack(ARGV, n + 1))
+redis.call('SET', token, name)
+if admin == '1' then redis.call('SADD', admins, name) end
 return 1
 """)
 
 
-async def _create(app, account_key, unique_keys, fields, token_key, name,
-                  bootstrap=False):
+async def _create(app: Any, account_key: str, unique_keys: dict[str, str],
+                  fields: dict[str, str], token_key: str, name: str,
+                  bootstrap: bool = False) -> bool:
     """Create the account hash unless it or one of `unique_keys` exists;
     returns False on a duplicate. `token_key` -> `name` is the login. A
     manager made by `bootstrap` (no token) raises BootstrapClosed once an
@@ -106,14 +116,16 @@ async def _create(app, account_key, unique_keys, fields, token_key, name,
         [name, '1' if bootstrap else '0',
          '1' if fields.get('role') == 'admin' else '0',
          *unique_keys.values(), *chain.from_iterable(fields.items())],
-        app.config['redis_wait_replicas'],
-        app.config['redis_wait_timeout_in_ms'])
+        app.config.redis_wait_replicas,
+        app.config.redis_wait_timeout_in_ms)
     if created == -1:
         raise BootstrapClosed()
     return created == 1
 
 
-async def _rotate(redis, account_key, token_key_of, name, new_hash):
+async def _rotate(redis: Any, account_key: str,
+                  token_key_of: Callable[[str], str], name: str,
+                  new_hash: str) -> None:
     """Point a fresh token at the account and drop the old one, atomically."""
     async with redis.pipeline(transaction=True) as pipe:
         while True:
@@ -131,19 +143,23 @@ async def _rotate(redis, account_key, token_key_of, name, new_hash):
                 continue
 
 
+@dataclass(frozen=True)
 class Manager:
-    def __init__(self, email, role, weight=1.0):
-        self.email = email
-        self.role = role
-        self.weight = weight
+    """Who a manager token stands for: the record `manager:<email id>`
+    less its secrets (password, token hash), which stay in this module."""
+
+    email: str
+    role: str  # one of ROLES
+    weight: float = 1.0
 
     @property
-    def is_admin(self):
+    def is_admin(self) -> bool:
         return self.role == 'admin'
 
 
-async def create_manager(app, email, password, role, weight,
-                         bootstrap=False):
+async def create_manager(app: Any, email: str, password: str, role: str,
+                         weight: float, bootstrap: bool = False
+                         ) -> str | None:
     """Returns the new token, or None if the email is taken; raises
     BootstrapClosed for a `bootstrap` creation once an admin exists."""
     token, th = new_token()
@@ -154,7 +170,7 @@ async def create_manager(app, email, password, role, weight,
     return token if ok else None
 
 
-def backfill_admins(redis):
+def backfill_admins(redis: Any) -> None:
     """Admins made before the admins set existed join it (sync, at start),
     so that an upgraded CC closes its bootstrap too."""
     pattern = keys.manager.template % '*'
@@ -163,7 +179,9 @@ def backfill_admins(redis):
             redis.sadd(keys.admins, redis.hget(key, 'email'))
 
 
-async def _authenticate(redis, account_key, token_key_of, name, password):
+async def _authenticate(redis: Any, account_key: str,
+                        token_key_of: Callable[[str], str], name: str,
+                        password: str) -> str | None:
     """A new token (the old one dropped) for the right password, else
     None; managers and donors alike. An unknown account costs the same
     scrypt as a wrong password."""
@@ -176,32 +194,39 @@ async def _authenticate(redis, account_key, token_key_of, name, password):
     return token
 
 
-# The manager of a token hash in one step. KEYS: the token key. ARGV: the
-# manager key template. Returns {email, role, weight} or nil.
 _MANAGER_OF = Script("""
-local email = redis.call('GET', KEYS[1])
+-- The manager of a token hash in one step.
+-- KEYS: manager_token. ARGV: manager_template.
+-- Returns {email, role, weight} or nil.
+local token = KEYS[1]
+local manager_template = ARGV[1]
+local email = redis.call('GET', token)
 if not email then return false end
-local h = redis.call('HMGET', string.format(ARGV[1], redis.sha1hex(email)),
+local h = redis.call('HMGET', string.format(manager_template,
+                                            redis.sha1hex(email)),
                      'role', 'weight')
 if not h[1] then return false end
 return {email, h[1], h[2] or '1'}
 """)
+_MANAGER_OF_ARGS = ('manager_template',)
 
 
-async def manager_of(app, token):
+async def manager_of(app: Any, token: str | None) -> Manager | None:
     """The Manager a token belongs to, or None."""
     if not token:
         return None
     found = await _MANAGER_OF(app.redis,
                               [keys.manager_token(token_hash(token))],
-                              [keys.manager.template])
+                              argv(_MANAGER_OF_ARGS,
+                                   manager_template=keys.manager.template))
     if found is None:
         return None
     email, role, weight = found
     return Manager(email, role, float(weight))
 
 
-async def create_donor(app, username, email, password):
+async def create_donor(app: Any, username: str, email: str,
+                       password: str) -> str | None:
     """Returns the new token, or None if the username or email is taken."""
     token, th = new_token()
     fields = {'username': username, 'email': email,
@@ -212,17 +237,19 @@ async def create_donor(app, username, email, password):
     return token if ok else None
 
 
-async def donor_of(app, token):
+async def donor_of(app: Any, token: str | None) -> str | None:
     """The donor username a token belongs to, or None."""
     if not token:
         return None
     return await app.redis.get(keys.donor_token(token_hash(token)))
 
 
-# Failed logins: refused while the account's or the address's count in
-# this window is at its budget. KEYS: account counter, address counter.
-# ARGV: account budget, address budget. Returns the seconds to wait, or 0.
 _LOGIN_BLOCKED = Script("""
+-- Failed logins: refused while the account's or the address's count in
+-- this window is at its budget.
+-- KEYS: account_fails, address_fails (counters).
+-- ARGV: account_budget, address_budget (in the order of KEYS).
+-- Returns the seconds to wait, or 0.
 for i = 1, 2 do
   local n = tonumber(redis.call('GET', KEYS[i]) or '0')
   if n >= tonumber(ARGV[i]) then
@@ -232,19 +259,26 @@ end
 return 0
 """)
 
-# Count a failed login against both; each count lives for the window from
-# its first failure. ARGV: window seconds.
 _LOGIN_FAILED = Script("""
+-- Count a failed login against both; each count lives for the window
+-- from its first failure.
+-- KEYS: account_fails, address_fails. ARGV: window_s. Returns 1.
+local window_s = ARGV[1]
 for i = 1, 2 do
   if redis.call('INCR', KEYS[i]) == 1 or redis.call('TTL', KEYS[i]) < 0 then
-    redis.call('EXPIRE', KEYS[i], ARGV[1])
+    redis.call('EXPIRE', KEYS[i], window_s)
   end
 end
 return 1
 """)
 
 
-async def login(handler, scope, name, account_key, token_key_of, password):
+_LOGIN_BLOCKED_ARGS = ('account_budget', 'address_budget')
+_LOGIN_FAILED_ARGS = ('window_s',)
+
+
+async def login(handler: APIHandler, scope: str, name: str, account_key: str,
+                token_key_of: Callable[[str], str], password: str) -> str:
     """A fresh token, or 401 for a wrong name or password, or 429 (with
     Retry-After, before any scrypt) once the account or the caller's
     address has used its failure budget; a success clears the account's
@@ -252,83 +286,78 @@ async def login(handler, scope, name, account_key, token_key_of, password):
     config, redis = handler.config, handler.redis
     counters = [keys.login_fails(scope, name),
                 keys.login_fails('addr', handler.request.remote_ip)]
-    wait = await _LOGIN_BLOCKED(redis, counters, [
-        config['login_fails_per_account'], config['login_fails_per_address']])
+    wait = await _LOGIN_BLOCKED(redis, counters, argv(
+        _LOGIN_BLOCKED_ARGS,
+        account_budget=config.login_fails_per_account,
+        address_budget=config.login_fails_per_address))
     if wait:
         raise too_many('too many failed logins for this account or address;'
                        ' retry later', wait)
     token = await _authenticate(redis, account_key, token_key_of, name,
                                 password)
     if token is None:
-        await _LOGIN_FAILED(redis, counters,
-                            [config['login_fail_window_in_s']])
+        await _LOGIN_FAILED(redis, counters, argv(
+            _LOGIN_FAILED_ARGS, window_s=config.login_fail_window_in_s))
         raise APIError(401, 'wrong %s or password'
                        % ('email' if scope == 'manager' else 'username'))
     await redis.delete(counters[0])
     return token
 
 
-def is_loopback(address):
+def is_loopback(address: str) -> bool:
     try:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
 
 
-class AccountHandler(APIHandler):
-    """Base of every handler that knows managers. Before the body is read,
-    a token given is checked (401 if unknown) and one is required for the
-    HTTP methods in `manager_methods`."""
-
-    manager_methods = ()
-    _manager = False  # not looked up yet
-
-    async def authenticate(self):
-        if self.token() is not None \
-                or self.request.method in self.manager_methods:
-            await self.require_manager()
-
-    async def manager(self):
-        """The caller's Manager, None without a token; 401 for an unknown
-        token. Looked up once per request."""
-        if self._manager is False:
-            token = self.token()
-            m = None if token is None \
-                else await manager_of(self.application, token)
-            if token is not None and m is None:
-                raise APIError(401, 'unknown or expired manager token')
-            self._manager = m
-        return self._manager
-
-    async def require_manager(self):
-        m = await self.manager()
-        if m is None:
-            raise APIError(401, 'a manager token is required')
-        return m
-
-    async def require_creator(self):
-        """Who may create accounts: an admin from anywhere (returns False),
-        anyone from loopback while bootstrap is allowed (returns True: a
-        bootstrap, which for managers closes once an admin exists)."""
-        m = await self.manager()
-        if m is not None:
-            if not m.is_admin:
-                raise APIError(403, 'only an admin may create accounts')
-            return False
-        if self.config['allow_loopback_bootstrap'] \
-                and is_loopback(self.request.remote_ip):
-            return True
-        raise APIError(401, 'an admin token is required')
-
-    def password(self):
-        return self.field('password', str,
-                          check=lambda p: 0 < len(p) <= MAX_PASSWORD)
-
-    def email(self):
-        return self.field('email', str, check=EMAIL.fullmatch).lower()
+@role('manager', 'a manager token is required')
+async def _manager(handler: APIHandler, rule: Permission) -> Manager | None:
+    """The Manager of the token in `Authorization`; None without one, 401
+    for a token no manager has."""
+    token = handler.token()
+    if token is None:
+        return None
+    found = await manager_of(handler.application, token)
+    if found is None:
+        raise APIError(401, 'unknown or expired manager token')
+    return found
 
 
-def valid_weight(w):
+@role('admin', 'an admin token is required')
+async def _admin(handler: APIHandler, rule: Permission) -> Manager | None:
+    """A manager whose role is admin; another manager is a 403."""
+    found = await _manager(handler, rule)
+    if found is not None and not found.is_admin:
+        raise APIError(403, 'only an admin may %s' % rule.purpose)
+    return found
+
+
+class Bootstrap:
+    """The caller of a loopback bootstrap (no token): see the module."""
+
+
+@role('bootstrap', 'a token is required')
+async def _bootstrap(handler: APIHandler,
+                     rule: Permission) -> Bootstrap | None:
+    """Anyone from loopback while `allow_loopback_bootstrap` is on."""
+    if handler.config.allow_loopback_bootstrap \
+            and not handler.via_proxy \
+            and is_loopback(handler.request.remote_ip or ''):
+        return Bootstrap()
+    return None
+
+
+def password_field(handler: APIHandler) -> str:
+    return handler.field('password', str,
+                         check=lambda p: 0 < len(p) <= MAX_PASSWORD)
+
+
+def email_field(handler: APIHandler) -> str:
+    return handler.field('email', str, check=EMAIL.fullmatch).lower()
+
+
+def valid_weight(w: float) -> bool:
     """Weights (of managers and targets) are finite, positive, bounded."""
     try:
         return math.isfinite(w) and 0 < w <= 1e6
@@ -336,53 +365,44 @@ def valid_weight(w):
         return False
 
 
-class CreatorHandler(AccountHandler):
-    """Account creation: the creator is checked before the body;
-    `self.bootstrap` tells a loopback bootstrap from an admin."""
-
-    async def authenticate(self):
-        self.bootstrap = await self.require_creator()
-
-
-class ManagersHandler(CreatorHandler):
-    async def post(self):
-        email = self.email()
-        password = self.password()
+class ManagersHandler(APIHandler):
+    @allow('admin', 'bootstrap', purpose='create accounts')
+    async def post(self) -> None:
+        email = email_field(self)
+        password = password_field(self)
         role = self.field('role', str, check=lambda r: r in ROLES)
         weight = self.field('weight', (int, float), 1, check=valid_weight)
         try:
-            token = await create_manager(self.application, email, password,
-                                         role, weight, self.bootstrap)
+            token = await create_manager(
+                self.application, email, password, role, weight,
+                bootstrap=isinstance(self.caller, Bootstrap))
         except BootstrapClosed:
             raise APIError(401, 'an admin exists: an admin token is '
-                           'required to create managers')
+                           'required to create managers') from None
         if token is None:
             raise APIError(409, 'manager %s already exists' % email)
         log.info('created %s %s', role, email)
         self.write_json({'token': token})
 
 
-class LoginHandler(AccountHandler):
+class ManagerAuthHandler(APIHandler):
     """Logging in takes no token (a stale one sent along is ignored)."""
 
-    async def authenticate(self):
-        pass
-
-
-class ManagerAuthHandler(LoginHandler):
-    async def post(self):
-        email = self.email()
-        password = self.password()
+    @allow('anyone')
+    async def post(self) -> None:
+        email = email_field(self)
+        password = password_field(self)
         token = await login(self, 'manager', email, keys.manager(email),
                             keys.manager_token, password)
         self.write_json({'token': token})
 
 
-class DonorsHandler(CreatorHandler):
-    async def post(self):
+class DonorsHandler(APIHandler):
+    @allow('admin', 'bootstrap', purpose='create accounts')
+    async def post(self) -> None:
         username = self.field('username', str, check=USERNAME.fullmatch)
-        email = self.email()
-        password = self.password()
+        email = email_field(self)
+        password = password_field(self)
         token = await create_donor(self.application, username, email,
                                    password)
         if token is None:
@@ -391,10 +411,11 @@ class DonorsHandler(CreatorHandler):
         self.write_json({'token': token})
 
 
-class DonorAuthHandler(LoginHandler):
-    async def post(self):
+class DonorAuthHandler(APIHandler):
+    @allow('anyone')
+    async def post(self) -> None:
         username = self.field('username', str, check=USERNAME.fullmatch)
-        password = self.password()
+        password = password_field(self)
         token = await login(self, 'donor', username, keys.donor(username),
                             keys.donor_token, password)
         self.write_json({'token': token})

@@ -47,7 +47,7 @@ class Activations:
                 except Exception:
                     log.exception('activations on %s failed', ws)
                     tokens = [None] * len(batch)
-                for (_, _, future), token in zip(batch, tokens):
+                for (_, _, future), token in zip(batch, tokens, strict=True):
                     if not future.done():
                         future.set_result(token)
         finally:

@@ -6,7 +6,6 @@ and the jobs run in the one process holding the jobs lease
 (server/lease.py)."""
 import asyncio
 import collections
-import json
 import logging
 
 from tornado.ioloop import PeriodicCallback
@@ -21,6 +20,7 @@ from server.cc import (
     dashboard,
     keys,
     reconcile,
+    reports,
     stats,
     status,
     streams,
@@ -35,7 +35,7 @@ log = logging.getLogger('siegetank.cc')
 
 class CommandCenter(App):
     def __init__(self, settings, redis, task_id=0):
-        handlers = [(r'/', HealthHandler)]
+        handlers: list[tuple] = [(r'/', HealthHandler)]
         handlers += stats.default_handlers  # before /targets/:id/:file
         handlers += accounts.default_handlers
         handlers += targets.default_handlers
@@ -48,13 +48,15 @@ class CommandCenter(App):
         handlers += dashboard.default_handlers
         super().__init__(handlers, settings, redis, task_id)
         self.lease = Lease(redis, keys.JOBS_LEASE,
-                           settings['jobs_lease_in_ms'])
+                           settings.jobs_lease_in_ms)
         # The assignment's script runs over this (see fastredis.py).
         self.fastredis = fastredis.hot_path(redis)
         self.activations = activations.Activations(self)
         self.periodic = []
         self.flushing = {}
-        self.counted = collections.Counter()  # status.count, every worker
+        # status.count, every worker: (what, minute) -> count
+        self.counted: collections.Counter[tuple[str, int]] = \
+            collections.Counter()
         self.counts_flusher = PeriodicCallback(
             lambda: status.flush(self), status.FLUSH_MS)
         self.counts_flusher.start()
@@ -105,11 +107,11 @@ class CommandCenter(App):
 
     async def on_start(self):
         self.lease.start()
-        self.every(self.config['ws_probe_interval_in_ms'],
+        self.every(self.config.ws_probe_interval_in_ms,
                    workservers.probe_all)
-        self.every(1000 * self.config['reconcile_interval_in_s'],
+        self.every(1000 * self.config.reconcile_interval_in_s,
                    reconcile.reconcile)
-        self.every(self.config['stats_interval_in_ms'], collect.collect_all)
+        self.every(self.config.stats_interval_in_ms, collect.collect_all)
 
     async def on_stop(self):
         for callback in self.periodic:
@@ -128,13 +130,18 @@ class CommandCenter(App):
         names = await self.redis.smembers(keys.WORKSERVERS)
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
-            pipe.hget(keys.ws_report(name), 'streams')
+            reports.read(pipe, name)
         totals = {'ok': 0, 'active': 0, 'stopped': 0}
-        for raw in await pipe.execute() if names else []:
-            for state, n in json.loads(raw or '{}').items():
+        for h in await pipe.execute() if names else []:
+            for state, n in reports.Report.from_hash(h).streams.items():
                 if state in totals:
                     totals[state] += n
         return totals
+
+    async def workservers_up(self) -> dict[str, int]:
+        """{ws name: 1 if online, else 0}, for /metrics."""
+        return {name: int(ws.online) for name, ws in
+                (await workservers.load_all(self.redis)).items()}
 
 
 def main(argv=None):

@@ -31,10 +31,17 @@ import time
 import uuid
 
 from server import metrics
-from server.cc import corekeys, keys, status, targets
+from server.cc import (
+    corekeys,  # noqa: F401 (the 'core_key' role)
+    keys,
+    status,
+    targets,
+    workservers,
+)
 from server.lua import Script
+from server.store import argv
 from server.tokens import token_hash
-from server.web import APIError, APIHandler, check_target_id, too_many
+from server.web import APIError, APIHandler, allow, check_target_id, too_many
 
 
 def weighted_order(weights):
@@ -46,52 +53,57 @@ def weighted_order(weights):
     return [item for _, item in keyed]
 
 
-# Admission and every candidate in one round trip. KEYS: the stage index
-# sets to draw from. ARGV: engine, engine_version, the key templates of a
-# target, its per-WS counts and a WS, a named target id or '', the key of
-# the donor's token or '', then the client's address, now, the templates
-# of a client's held set and rate counter, max held, hold seconds, max per
-# minute, and a fresh member for the held set.
-# Returns {donor, candidates, retry_after, client}: donor is '' when not
-# asked, nil for an unknown token, else the username; the client is
-# 'donor:<username>' or the address; retry_after > 0 means refused (429):
-# the client holds max held assignments still in their early window, or
-# asked max per minute this minute. Admitted, the assignment is held
-# (until now + hold seconds, or until given back). Each candidate is a
-# target whose engine and versions match, with streams on an online WS:
-# {target_id, weight, options, ws, count, url, port, ws, count, ...}.
 _CANDIDATES = Script("""
-local engine, version = ARGV[1], ARGV[2]
+-- Admission and every candidate in one round trip.
+-- KEYS: the stage index sets to draw from.
+-- ARGV: engine, version, target_template, target_ws_template,
+-- ws_template, target_id (a named target or ''), donor_token_key (the key
+-- of the donor's token or ''), address (the client's), now,
+-- held_template, rate_template (a client's held set and rate counter),
+-- max_held, hold_s, max_per_minute, member (fresh, for the held set).
+-- Returns {donor, candidates, retry_after, client}: donor is '' when not
+-- asked, nil for an unknown token, else the username; the client is
+-- 'donor:<username>' or the address; retry_after > 0 means refused (429):
+-- the client holds max_held assignments still in their early window, or
+-- asked max_per_minute this minute. Admitted, the assignment is held
+-- (until now + hold_s, or until given back). Each candidate is a target
+-- whose engine and versions match, with streams on an online WS:
+-- {target_id, weight, options, ws, count, url, port, ws, count, ...}.
+""" + targets.MATCH_LUA + workservers.ADDRESS_LUA + """
+local engine, version, target_template, target_ws_template, ws_template,
+  target_id, donor_token_key, address, now, held_template, rate_template,
+  max_held, hold_s, max_per_minute, member = unpack(ARGV)
+now, max_held, hold_s = tonumber(now), tonumber(max_held), tonumber(hold_s)
+max_per_minute = tonumber(max_per_minute)
 local donor = ''
-if ARGV[7] ~= '' then
-  donor = redis.call('GET', ARGV[7])
+if donor_token_key ~= '' then
+  donor = redis.call('GET', donor_token_key)
   if not donor then return {false, {}, 0, ''} end
 end
-local client = ARGV[8]
+local client = address
 if donor ~= '' then client = 'donor:' .. donor end
-local now = tonumber(ARGV[9])
-local held = string.format(ARGV[10], client)
+local held = string.format(held_template, client)
 redis.call('ZREMRANGEBYSCORE', held, '-inf', now)
-if redis.call('ZCARD', held) >= tonumber(ARGV[12]) then
+if redis.call('ZCARD', held) >= max_held then
   local first = redis.call('ZRANGE', held, 0, 0, 'WITHSCORES')
   return {donor, {}, math.max(1, math.ceil(tonumber(first[2]) - now)), client}
 end
-local rate = string.format(ARGV[11], client)
+local rate = string.format(rate_template, client)
 local asked = redis.call('INCR', rate)
 local ttl = redis.call('TTL', rate)
 if ttl < 0 then
   redis.call('EXPIRE', rate, 60)
   ttl = 60
 end
-if asked > tonumber(ARGV[14]) then return {donor, {}, ttl, client} end
-redis.call('ZADD', held, now + tonumber(ARGV[13]), ARGV[15])
-redis.call('EXPIRE', held, tonumber(ARGV[13]) + 1)
+if asked > max_per_minute then return {donor, {}, ttl, client} end
+redis.call('ZADD', held, now + hold_s, member)
+redis.call('EXPIRE', held, hold_s + 1)
 local ids
-if ARGV[6] ~= '' then
+if target_id ~= '' then
   ids = {}
   for i = 1, #KEYS do
-    if redis.call('SISMEMBER', KEYS[i], ARGV[6]) == 1 then
-      ids = {ARGV[6]}
+    if redis.call('SISMEMBER', KEYS[i], target_id) == 1 then
+      ids = {target_id}
       break
     end
   end
@@ -101,31 +113,25 @@ end
 local ws_info = {}
 local result = {}
 for _, tid in ipairs(ids) do
-  local t = redis.call('HMGET', string.format(ARGV[3], tid), 'engine',
-                       'engine_versions', 'weight', 'options')
-  local matches = false
-  if t[1] == engine and t[2] then
-    for _, v in ipairs(cjson.decode(t[2])) do
-      if v == version then matches = true break end
-    end
-  end
-  if matches then
-    local entry = {tid, t[3], t[4]}
-    local counts = redis.call('HGETALL', string.format(ARGV[4], tid))
+  local weight, options = target_match(string.format(target_template, tid),
+                                       engine, version)
+  if weight then
+    local entry = {tid, weight, options}
+    local counts = redis.call('HGETALL', string.format(target_ws_template,
+                                                       tid))
     for i = 1, #counts, 2 do
       local name, n = counts[i], tonumber(counts[i + 1])
       if n and n > 0 then
         local w = ws_info[name]
         if w == nil then
-          w = redis.call('HMGET', string.format(ARGV[5], name), 'online',
-                         'url', 'http_port')
+          w = {ws_address(string.format(ws_template, name))}
           ws_info[name] = w
         end
-        if w[1] == '1' then
+        if w[1] then
           entry[#entry + 1] = name
           entry[#entry + 1] = n
+          entry[#entry + 1] = w[1]
           entry[#entry + 1] = w[2]
-          entry[#entry + 1] = w[3]
         end
       end
     end
@@ -134,6 +140,11 @@ for _, tid in ipairs(ids) do
 end
 return {donor, result, 0, client}
 """)
+_CANDIDATES_ARGS = (
+    'engine', 'version', 'target_template', 'target_ws_template',
+    'ws_template', 'target_id', 'donor_token_key', 'address', 'now',
+    'held_template', 'rate_template', 'max_held', 'hold_s', 'max_per_minute',
+    'member')
 
 
 def client_of(address):
@@ -172,23 +183,28 @@ async def candidates(app, engine, version, stages, target_id, donor_token,
     config = app.config
     member = uuid.uuid4().hex
     donor, rows, retry, client = await _CANDIDATES(
-        app.fastredis, [keys.stage_targets(s) for s in stages],
-        [engine, version, keys.target.template, keys.target_ws.template,
-         keys.ws.template, target_id or '',
-         keys.donor_token(token_hash(donor_token))
-         if donor_token else '', client_of(address), repr(time.time()),
-         keys.client_held.template, keys.client_rate.template,
-         config['client_max_held_streams'], config['client_hold_in_s'],
-         config['client_assigns_per_minute'], member])
+        app.fastredis, [keys.stage_targets(s) for s in stages], argv(
+            _CANDIDATES_ARGS, engine=engine, version=version,
+            target_template=keys.target.template,
+            target_ws_template=keys.target_ws.template,
+            ws_template=keys.ws.template, target_id=target_id or '',
+            donor_token_key=keys.donor_token(token_hash(donor_token))
+            if donor_token else '', address=client_of(address),
+            now=repr(time.time()), held_template=keys.client_held.template,
+            rate_template=keys.client_rate.template,
+            max_held=config.client_max_held_streams,
+            hold_s=config.client_hold_in_s,
+            max_per_minute=config.client_assigns_per_minute,
+            member=member))
     if donor is None:
         raise APIError(401, 'unknown donor token')
     if retry:
         raise too_many('too many assignments for %s: at most %d held in '
                        'their first %d s and %d per minute; retry later'
                        % ('this donor' if donor else 'this address',
-                          config['client_max_held_streams'],
-                          config['client_hold_in_s'],
-                          config['client_assigns_per_minute']), retry)
+                          config.client_max_held_streams,
+                          config.client_hold_in_s,
+                          config.client_assigns_per_minute), retry)
     result = []
     for row in rows:
         ws = {row[i]: (int(row[i + 1]), 'https://%s:%s' % (row[i + 2],
@@ -241,7 +257,9 @@ class AssignHandler(APIHandler):
                    else 'refused')
         metrics.count('assignments', label=outcome)
 
-    async def post(self):
+    @allow('core_key', 'anyone')
+    async def post(self) -> None:
+        """A core key, if one is sent or required (corekeys.py)."""
         try:
             await self.assign()
         except APIError as e:
@@ -250,14 +268,10 @@ class AssignHandler(APIHandler):
             raise
         status.count(self.application, 'assignments')
 
-    async def authenticate(self):
-        """The core key, from the headers before the body (401)."""
-        self.key_engine = await corekeys.engine_of(self)
-
     def core_engine(self):
         """The engine: the core key's (a body engine that differs is a
         400), else the body's (2014 cores, keys not required)."""
-        engine = self.key_engine
+        engine = self.caller  # the core key's engine, or None
         said = self.field('engine', str, None, check=targets.ENGINE.fullmatch)
         if engine is None:
             if said is None:
@@ -284,7 +298,7 @@ class AssignHandler(APIHandler):
             target = await targets.load(self.application, target_id)
             if target is None:
                 raise APIError(404, 'no such target %s' % target_id)
-            if target['stage'] == 'private':
+            if target.stage == 'private':
                 raise APIError(403, 'target %s is private' % target_id)
             # Naming a beta target is asking for beta.
             stages = ('public', 'beta')

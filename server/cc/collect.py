@@ -5,30 +5,18 @@ between the two gets them again and stores them once, by session id), and
 its counts (streams by state and per target, disk free, frames and error
 stops per minute), kept as the WS's last report for /status.
 """
-import json
 import logging
-import time
+from typing import Any
 
 from server import peer
-from server.cc import keys, stats, status, workservers
+from server.cc import reports, stats, status, workservers
 
 log = logging.getLogger('siegetank.cc.collect')
 
 ROUNDS_MAX = 20   # reports per WS and pull while its outbox stays full
 
 
-async def report(app, name, reply):
-    """Keep the counts of a report as the WS's last one."""
-    body = reply.body
-    await app.redis.hset(keys.ws_report(name), mapping={
-        'time': repr(time.time()),
-        'disk_free_mb': float(body.get('disk_free_mb', 0)),
-        'streams': json.dumps(body.get('streams', {})),
-        'targets': json.dumps(body.get('targets', {})),
-        'per_minute': json.dumps(body.get('per_minute', {}))})
-
-
-async def pull(app, name):
+async def pull(app: Any, name: str) -> int:
     """Sessions and counts of one WS; returns how many new sessions."""
     new = 0
     for _ in range(ROUNDS_MAX):
@@ -36,7 +24,7 @@ async def pull(app, name):
         if reply.code != 200 or not isinstance(reply.body, dict):
             log.warning('report of %s: %d %s', name, reply.code, reply.error)
             return new
-        await report(app, name, reply)
+        await reports.keep(app.redis, name, reply.body)
         sessions = reply.body.get('sessions') or []
         if not sessions:
             return new
@@ -49,11 +37,9 @@ async def pull(app, name):
     return new
 
 
-async def collect_all(app):
+async def collect_all(app: Any) -> None:
     await status.forget_old_minutes(app.redis)
-    for name, ws in sorted((await workservers.status(app)).items()):
-        if not ws['online']:
-            continue
+    for name in await workservers.online(app):
         try:
             await pull(app, name)
         except peer.PeerError as e:

@@ -13,12 +13,15 @@ import logging
 import re
 import secrets
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from server import tokens
-from server.cc import accounts, keys
+from server.cc import keys
 from server.cc.targets import ENGINE
 from server.lua import Script
-from server.web import APIError
+from server.store import argv
+from server.web import APIError, APIHandler, Permission, allow, role
 
 log = logging.getLogger('siegetank.cc.corekeys')
 
@@ -26,36 +29,74 @@ KEY_ID = re.compile(r'[0-9a-f]{16}')
 
 UPDATE = 'this core is outdated or not an official build: update it'
 
-# The key's engine, and its last use recorded, in one step. Returns
-# {0} unknown, {1} revoked, {2, engine}.
+
+@dataclass(frozen=True)
+class CoreKey:
+    """The record `core_key:<id>` (keys.py); a revoked key is kept so its
+    cores hear why they are refused."""
+
+    key_id: str
+    engine: str
+    description: str
+    creation_date: float
+    last_used: float | None
+    revoked: bool = False
+
+    @classmethod
+    def from_hash(cls, key_id: str, h: dict[str, str]) -> 'CoreKey':
+        return cls(key_id, h['engine'], h['description'],
+                   float(h['creation_date']),
+                   float(h['last_used']) if h['last_used'] else None,
+                   h.get('revoked') == '1')
+
+    def to_hash(self) -> dict[str, str]:
+        return {'engine': self.engine, 'description': self.description,
+                'creation_date': repr(self.creation_date),
+                'last_used': '' if self.last_used is None
+                else repr(self.last_used),
+                'revoked': '1' if self.revoked else '0'}
+
+    def listed(self) -> dict[str, Any]:
+        """As GET /engines/keys lists it."""
+        return {'engine': self.engine, 'description': self.description,
+                'creation_date': self.creation_date,
+                'last_used': self.last_used}
+
+
 _USE = Script("""
-local id = redis.call('GET', KEYS[1])
+-- The key's engine, and its last use recorded, in one step.
+-- KEYS: core_key_hash. ARGV: core_key_template, now.
+-- Returns {0} unknown, {1} revoked, {2, engine}.
+local key_hash = KEYS[1]
+local core_key_template, now = unpack(ARGV)
+local id = redis.call('GET', key_hash)
 if not id then return {0} end
-local key = string.format(ARGV[1], id)
+local key = string.format(core_key_template, id)
 local k = redis.call('HMGET', key, 'engine', 'revoked')
 if not k[1] then return {0} end
 if k[2] == '1' then return {1} end
-redis.call('HSET', key, 'last_used', ARGV[2])
+redis.call('HSET', key, 'last_used', now)
 return {2, k[1]}
 """)
+_USE_ARGS = ('core_key_template', 'now')
+UNKNOWN, REVOKED, LIVE = 0, 1, 2  # _USE's verdicts
 
 
-async def create(redis, engine, description):
+async def create(redis: Any, engine: str, description: str) -> tuple[str, str]:
     """(key_id, key)."""
     key, key_hash = tokens.new_token()
-    key_id = secrets.token_hex(8)
+    record = CoreKey(secrets.token_hex(8), engine, description, time.time(),
+                     None)
+    key_id = record.key_id
     pipe = redis.pipeline(transaction=True)
-    pipe.hset(keys.core_key(key_id), mapping={
-        'engine': engine, 'description': description,
-        'creation_date': repr(time.time()), 'last_used': '',
-        'revoked': '0'})
+    pipe.hset(keys.core_key(key_id), mapping=record.to_hash())
     pipe.set(keys.core_key_hash(key_hash), key_id)
     pipe.sadd(keys.CORE_KEYS, key_id)
     await pipe.execute()
     return key_id, key
 
 
-async def listing(redis):
+async def listing(redis: Any) -> dict[str, dict[str, Any]]:
     """{key_id: {engine, description, creation_date, last_used}} of the
     live keys."""
     ids = sorted(await redis.smembers(keys.CORE_KEYS))
@@ -63,17 +104,13 @@ async def listing(redis):
     for key_id in ids:
         pipe.hgetall(keys.core_key(key_id))
     out = {}
-    for key_id, h in zip(ids, await pipe.execute()):
+    for key_id, h in zip(ids, await pipe.execute(), strict=True):
         if h:
-            out[key_id] = {
-                'engine': h['engine'], 'description': h['description'],
-                'creation_date': float(h['creation_date']),
-                'last_used': float(h['last_used']) if h['last_used']
-                else None}
+            out[key_id] = CoreKey.from_hash(key_id, h).listed()
     return out
 
 
-async def revoke(redis, key_id):
+async def revoke(redis: Any, key_id: str) -> bool:
     """False for an unknown or already revoked key."""
     if not await redis.srem(keys.CORE_KEYS, key_id):
         return False
@@ -81,39 +118,35 @@ async def revoke(redis, key_id):
     return True
 
 
-async def engine_of(handler):
+@role('core_key', 'a core key is required')
+async def _core_key(handler: APIHandler, rule: Permission) -> str | None:
     """The engine of the core key in `Authorization`, None when there is
     none and none is required; 401 (saying the core must be updated) for
     a missing, unknown or revoked key."""
     key = handler.token()
     if key is None:
-        if handler.config['require_core_keys']:
+        if handler.config.require_core_keys:
             raise APIError(401, 'this command center requires a core key '
                            '(Authorization): %s' % UPDATE)
         return None
     found = await _USE(handler.redis, [keys.core_key_hash(
-        tokens.token_hash(key))], [keys.core_key.template, repr(time.time())])
-    if found[0] == 0:
+        tokens.token_hash(key))], argv(
+            _USE_ARGS, core_key_template=keys.core_key.template,
+            now=repr(time.time())))
+    if found[0] == UNKNOWN:
         raise APIError(401, 'unknown core key: %s' % UPDATE)
-    if found[0] == 1:
+    if found[0] == REVOKED:
         raise APIError(401, 'this core key has been revoked: %s' % UPDATE)
     return found[1]
 
 
-class AdminHandler(accounts.AccountHandler):
-    """Core keys are an admin's business only."""
-
-    async def authenticate(self):
-        m = await self.require_manager()
-        if not m.is_admin:
-            raise APIError(403, 'only an admin may manage core keys')
-
-
-class KeysHandler(AdminHandler):
-    async def get(self):
+class KeysHandler(APIHandler):
+    @allow('admin', purpose='manage core keys')
+    async def get(self) -> None:
         self.write_json(await listing(self.redis))
 
-    async def post(self):
+    @allow('admin', purpose='manage core keys')
+    async def post(self) -> None:
         engine = self.field('engine', str, check=ENGINE.fullmatch)
         description = self.field('description', str, '',
                                  check=lambda d: len(d) <= 1024)
@@ -122,8 +155,9 @@ class KeysHandler(AdminHandler):
         self.write_json({'key': key, 'key_id': key_id})
 
 
-class RevokeHandler(AdminHandler):
-    async def put(self, key_id):
+class RevokeHandler(APIHandler):
+    @allow('admin', purpose='manage core keys')
+    async def put(self, key_id: str) -> None:
         if not (KEY_ID.fullmatch(key_id)
                 and await revoke(self.redis, key_id)):
             raise APIError(404, 'no live core key %s' % key_id)

@@ -7,7 +7,7 @@ the tab's sessionStorage, sent as Authorization) adds the per-WS detail.
 """
 import os
 
-from server.web import APIError, APIHandler
+from server.web import APIError, APIHandler, allow
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'static')
 FILES = {'dashboard.html': 'text/html; charset=UTF-8',
@@ -25,7 +25,8 @@ def _read(name):
 
 
 class DashboardHandler(APIHandler):
-    async def get(self, name='dashboard.html'):
+    @allow('anyone')
+    async def get(self, name: str = 'dashboard.html') -> None:
         if name not in FILES:
             raise APIError(404, 'no such dashboard file %s' % name)
         self.set_header('Content-Type', FILES[name])

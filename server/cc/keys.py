@@ -10,7 +10,8 @@ Target files live here too, not on a CC's disk: any CC host serves them.
     workservers                set of ws names
     ws:<name>                  hash: url, http_port, online ('1'/'0'),
                                fails (consecutive), disconnected ('1'
-                               after a goodbye)
+                               after a goodbye), source (the address it
+                               registered from); workservers.Workserver
     ws:<name>:pending_deletes  set of target ids deleted while the WS did
                                not answer
     ws:<name>:abandoned        zset: stream id whose creation on the WS the
@@ -30,6 +31,7 @@ Target files live here too, not on a CC's disk: any CC host serves them.
     target:<id>                hash: owner, description, creation_date,
                                stage, engine, weight and JSON fields
                                engine_versions, allowed_ws, options, files
+                               (targets.Target)
     manager:<email id>:targets set of the target ids a manager owns
     targets:stage:<stage>      set of the target ids in a stage (private,
                                beta, public)
@@ -43,7 +45,7 @@ Target files live here too, not on a CC's disk: any CC host serves them.
                                streams on it (placed or being placed)
     target:<id>:ws_files       set of the WS that hold the target's files
     target:<id>:streams        set of the target's stream ids
-    stream:<id>                hash: target_id, ws
+    stream:<id>                hash: target_id, ws (stream_map.py)
     admins                     set of the admins' emails (once not empty,
                                loopback bootstrap of managers is closed)
     login_fails:<scope>:<name> string with a TTL: failed logins of an

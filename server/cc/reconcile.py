@@ -16,24 +16,13 @@
 """
 import logging
 import time
+from typing import Any
 
 from server import peer
-from server.cc import keys, workservers
-from server.lua import Script
+from server.cc import keys, stream_map, workservers
+from server.cc.stream_map import StreamRecord
 
 log = logging.getLogger('siegetank.cc.reconcile')
-
-# Adopt a WS's stream the CC does not know: record it and count it on its
-# WS. 0: no such target; 1: known already; 2: adopted.
-_ADOPT = Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
-redis.call('HSET', KEYS[2], 'target_id', ARGV[2], 'ws', ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[3])
-redis.call('HINCRBY', KEYS[5], ARGV[3], 1)
-return 2
-""")
 
 
 # An abandoned creation the WS still does not have after this long was
@@ -41,18 +30,19 @@ return 2
 ABANDONED_KEPT_S = 600
 
 
-async def abandon(redis, ws, creation_id):
+async def abandon(redis: Any, ws: str, creation_id: str) -> None:
     sid = '%s:%s' % (creation_id, ws)
     await redis.zadd(keys.ws_abandoned(ws), {sid: time.time()})
     log.warning('creation of stream %s abandoned (no answer); it is '
                 'deleted on %s if it was made', sid, ws)
 
 
-async def _count(app, what, n=1):
+async def _count(app: Any, what: str, n: int = 1) -> None:
     await app.redis.hincrby(keys.RECONCILE_STATS, what, n)
 
 
-async def _delete_abandoned(app, ws, sid, since):
+async def _delete_abandoned(app: Any, ws: str, sid: str,
+                            since: float) -> None:
     """Delete it on the WS if it is there. A 404 keeps the entry a while:
     the creation may still be under way there."""
     try:
@@ -68,26 +58,14 @@ async def _delete_abandoned(app, ws, sid, since):
         await _count(app, 'abandoned_deleted')
 
 
-async def flush_abandoned(app, ws):
+async def flush_abandoned(app: Any, ws: str) -> None:
     """Delete on `ws` the streams whose creation was abandoned."""
     for sid, since in await app.redis.zrange(keys.ws_abandoned(ws), 0, -1,
                                              withscores=True):
         await _delete_abandoned(app, ws, sid, since)
 
 
-async def _cc_streams(redis, ws):
-    """{stream id: record} of the streams the CC places on `ws`."""
-    prefix = keys.stream('')
-    found = {}
-    async for key in redis.scan_iter(match=keys.stream('*:' + ws),
-                                     count=1000):
-        record = await redis.hgetall(key)
-        if record.get('ws') == ws:
-            found[key[len(prefix):]] = record
-    return found
-
-
-async def _adopt(app, ws, sid):
+async def _adopt(app: Any, ws: str, sid: str) -> None:
     try:
         reply = await workservers.request(app, ws, 'GET',
                                           '/streams/info/%s' % sid)
@@ -96,34 +74,34 @@ async def _adopt(app, ws, sid):
     if reply.code != 200 or not isinstance(reply.body, dict):
         return
     tid = reply.body.get('target_id')
-    done = await _ADOPT(app.redis, [
-        keys.target(tid), keys.stream(sid), keys.target_streams(tid),
-        keys.target_ws_files(tid), keys.target_ws(tid)], [sid, tid, ws])
-    if done == 2:
+    if not isinstance(tid, str):
+        return
+    done = await stream_map.adopt(app, sid, tid, ws)
+    if done == stream_map.ADOPTED:
         log.warning('stream %s of target %s on %s was unknown to the CC: '
                     'adopted', sid, tid, ws)
         await _count(app, 'adopted')
-    elif done == 0:
+    elif done == stream_map.NO_TARGET:
         log.error('stream %s on %s belongs to target %s, unknown to the CC:'
                   ' left alone (delete it on the WS if it is garbage)',
                   sid, ws, tid)
         await _count(app, 'unknown_target')
 
 
-async def _forget_lost(app, ws, sid, record):
-    from server.cc.streams import forget  # streams imports this module
+async def _forget_lost(app: Any, ws: str, sid: str,
+                       record: StreamRecord) -> None:
     try:
         reply = await workservers.request(app, ws, 'GET',
                                           '/streams/info/%s' % sid)
     except peer.PeerError:
         return
     if reply.code == 404:
-        await forget(app, sid, record)
+        await stream_map.forget(app, record)
         log.error('stream %s is gone from %s: forgotten by the CC', sid, ws)
         await _count(app, 'forgotten')
 
 
-async def reconcile_ws(app, ws):
+async def reconcile_ws(app: Any, ws: str) -> None:
     """Compare one WS's streams with the CC's map and repair."""
     try:
         reply = await workservers.request(app, ws, 'GET', '/streams')
@@ -136,10 +114,10 @@ async def reconcile_ws(app, ws):
     on_ws = reply.body.get('streams', {})
     # Read after the WS's list: a stream placed meanwhile is in both or
     # in ours only (then confirmed with the WS before it is forgotten).
-    known = await _cc_streams(app.redis, ws)
+    known = await stream_map.on_ws(app.redis, ws)
     abandoned = dict(await app.redis.zrange(keys.ws_abandoned(ws), 0, -1,
                                             withscores=True))
-    grace = time.time() - 3 * app.config['ws_timeout_in_s']
+    grace = time.time() - 3 * app.config.ws_timeout_in_s
     for sid in sorted(set(on_ws) - set(known)):
         if sid in abandoned:
             await _delete_abandoned(app, ws, sid, abandoned[sid])
@@ -149,8 +127,7 @@ async def reconcile_ws(app, ws):
         await _forget_lost(app, ws, sid, known[sid])
 
 
-async def reconcile(app):
+async def reconcile(app: Any) -> None:
     """Every online WS, one after the other."""
-    for ws, state in sorted((await workservers.status(app)).items()):
-        if state['online']:
-            await reconcile_ws(app, ws)
+    for ws in await workservers.online(app):
+        await reconcile_ws(app, ws)

@@ -16,9 +16,9 @@ import math
 import time
 
 from server.cc import accounts, keys
-from server.cc.targets import TargetHandler
+from server.cc.targets import owns_target
 from server.lua import Script
-from server.web import APIError, APIHandler
+from server.web import APIError, APIHandler, allow
 
 SEEN_TTL_S = 7 * 86400       # a repeated record arrives within minutes
 SESSION_LOG_MAX = 100000     # records kept in the log (oldest dropped)
@@ -133,7 +133,7 @@ async def top_donors(redis, n):
     sessions = await pipe.execute() if rows else []
     return [{'username': name, 'frames': int(frames),
              'sessions': int(s or 0)}
-            for (name, frames), s in zip(rows, sessions)]
+            for (name, frames), s in zip(rows, sessions, strict=True)]
 
 
 async def target(redis, target_id, active_cores):
@@ -168,7 +168,8 @@ async def active_cores(redis, target_id):
 
 
 class DonorStatsHandler(APIHandler):
-    async def get(self, username):
+    @allow('anyone')
+    async def get(self, username: str) -> None:
         if not accounts.USERNAME.fullmatch(username):
             raise APIError(400, 'bad username %r' % username)
         found = await donor(self.redis, username)
@@ -178,7 +179,8 @@ class DonorStatsHandler(APIHandler):
 
 
 class TopDonorsHandler(APIHandler):
-    async def get(self):
+    @allow('anyone')
+    async def get(self) -> None:
         raw = self.get_query_argument('top', '10')
         if not raw.isdigit() or not 1 <= int(raw) <= TOP_MAX:
             raise APIError(400, 'top must be an integer from 1 to %d'
@@ -186,9 +188,9 @@ class TopDonorsHandler(APIHandler):
         self.write_json({'donors': await top_donors(self.redis, int(raw))})
 
 
-class TargetStatsHandler(TargetHandler):
-    async def get(self, target_id):
-        await self.owned_target(target_id)
+class TargetStatsHandler(APIHandler):
+    @allow('manager', owner=owns_target)
+    async def get(self, target_id: str) -> None:
         self.write_json(await target(
             self.redis, target_id, await active_cores(self.redis, target_id)))
 

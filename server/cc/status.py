@@ -11,12 +11,13 @@ target. An admin also gets `detail` per WS. Cost: one round trip for
 everything, independent of how many streams there are.
 """
 import collections
-import json
 import logging
 import time
+from typing import Any
 
 from server import store
-from server.cc import accounts, keys
+from server.cc import keys, reports, workservers
+from server.web import APIHandler, allow
 
 log = logging.getLogger('siegetank.cc.status')
 
@@ -79,30 +80,31 @@ async def status(redis, admin=False):
     names = sorted(await redis.smembers(keys.WORKSERVERS))
     pipe = redis.pipeline(transaction=False)
     for name in names:
-        pipe.hgetall(keys.ws(name))
-        pipe.hgetall(keys.ws_report(name))
+        workservers.read(pipe, name)
+        reports.read(pipe, name)
         pipe.hgetall(keys.ws_stats(name))
     for what in COUNTED:
         pipe.hmget(keys.per_minute(what), minutes)
     pipe.smembers(keys.stage_targets('public'))
     replies = await pipe.execute()
     public = replies.pop()
-    history = {'start': minutes[0] * 60,
+    history: dict = {'start': minutes[0] * 60,
                'frames': [0] * HISTORY, 'errors': [0] * HISTORY}
-    for what, counts in zip(COUNTED, replies[3 * len(names):]):
+    for what, counts in zip(COUNTED, replies[3 * len(names):], strict=True):
         history[what] = [_int_or_zero(c) for c in counts]
     totals = {'ok': 0, 'active': 0, 'stopped': 0}
     targets = {tid: {'queued': 0, 'active': 0} for tid in public}
-    workservers = {}
+    by_name = {}
     for i, name in enumerate(names):
-        ws, rep, recorded = replies[3 * i:3 * i + 3]
-        if not ws:
+        record, rep, recorded = replies[3 * i:3 * i + 3]
+        if not record:
             continue
-        streams = json.loads(rep.get('streams') or '{}')
-        per_minute = json.loads(rep.get('per_minute') or '{}')
+        ws = workservers.Workserver.from_hash(name, record)
+        rep = reports.Report.from_hash(rep)
+        streams, per_minute = rep.streams, rep.per_minute
         for state in totals:
             totals[state] += streams.get(state, 0)
-        for tid, c in json.loads(rep.get('targets') or '{}').items():
+        for tid, c in rep.targets.items():
             if tid in targets:
                 targets[tid]['queued'] += c.get('queued', 0)
                 targets[tid]['active'] += c.get('active', 0)
@@ -113,23 +115,20 @@ async def status(redis, admin=False):
             history['errors'][j] += c.get('errors', 0)
             frames += c.get('frames', 0)
             errors += c.get('errors', 0)
-        entry = {'online': ws.get('online') == '1',
-                 'last_seen': float(rep['time']) if rep.get('time')
-                 else None,
+        entry: dict[str, Any] = {'online': ws.online,
+                 'last_seen': rep.time,
                  'streams': {s: streams.get(s, 0) for s in totals},
-                 'disk_free_mb': float(rep['disk_free_mb'])
-                 if rep.get('disk_free_mb') else None}
+                 'disk_free_mb': rep.disk_free_mb}
         if admin:
             entry['detail'] = {
-                'url': ws.get('url'), 'http_port': int(ws['http_port'])
-                if ws.get('http_port') else None,
-                'fails': _int_or_zero(ws.get('fails')),
+                'url': ws.url, 'http_port': ws.http_port or None,
+                'fails': ws.fails,
                 'frames_last_hour': frames, 'errors_last_hour': errors,
                 'sessions_recorded': _int_or_zero(recorded.get('sessions')),
                 'frames_recorded': _int_or_zero(recorded.get('frames'))}
-        workservers[name] = entry
+        by_name[name] = entry
     return {
-        'workservers': workservers,
+        'workservers': by_name,
         'streams': {'total': sum(totals.values()), 'active': totals['active'],
                     'idle': totals['ok'], 'stopped': totals['stopped']},
         'cores_active': totals['active'],
@@ -138,9 +137,10 @@ async def status(redis, admin=False):
         'history': history, 'targets': targets, 'time': time.time()}
 
 
-class StatusHandler(accounts.AccountHandler):
-    async def get(self):
-        m = await self.manager()  # 401 for an unknown token
+class StatusHandler(APIHandler):
+    @allow('manager', 'anyone')
+    async def get(self) -> None:
+        m = self.caller
         self.write_json(await status(self.redis, m is not None
                                      and m.is_admin))
 

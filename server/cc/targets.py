@@ -17,16 +17,22 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from itertools import chain
+from typing import Any
 
 from redis.exceptions import WatchError
 
 from server import peer, store
 from server.cc import keys, workservers
-from server.cc.accounts import AccountHandler, valid_weight
+from server.cc.accounts import Manager, valid_weight
 from server.lua import Script
 from server.web import (
+    REQUIRED,
     APIError,
+    APIHandler,
+    allow,
     check_file_name,
     check_files,
     check_target_id,
@@ -37,29 +43,124 @@ log = logging.getLogger('siegetank.cc.targets')
 
 STAGES = ('private', 'beta', 'public')
 ENGINE = re.compile(r'[A-Za-z0-9._-]{1,64}')
-JSON_FIELDS = ('engine_versions', 'allowed_ws', 'options', 'files')
+
+
+def valid_versions(v: list[Any]) -> bool:
+    return 0 < len(v) <= 64 and all(isinstance(x, str) and 0 < len(x) <= 64
+                                    for x in v)
+
+
+# What a manager sets, checked the same way on creation and update:
+# name -> (type, default on creation (REQUIRED: must be given), check).
+Rule = tuple[Any, Any, Callable[[Any], Any] | None]
+FIELDS: dict[str, Rule] = {
+    'description': (str, '', None),
+    'engine': (str, REQUIRED, ENGINE.fullmatch),
+    'engine_versions': (list, REQUIRED, valid_versions),
+    'options': (dict, {}, None),
+    'stage': (str, 'private', lambda s: s in STAGES),
+    'weight': ((int, float), 1, valid_weight),
+    'allowed_ws': (list, [], None),
+}
 UPDATABLE = ('stage', 'allowed_ws', 'engine_versions', 'description',
              'options', 'weight')
 
-# A target becomes visible with its files made permanent. KEYS: the
-# target, every target, the owner's, the stage's, its files. ARGV: the
-# target id, then the record's field/value pairs.
+
+@dataclass
+class Target:
+    """The record `target:<id>` (keys.py): only this module reads or writes
+    its fields; the assignment's Lua reaches them through MATCH_LUA."""
+
+    target_id: str
+    owner: str
+    engine: str
+    engine_versions: list[str]
+    description: str = ''
+    stage: str = 'private'
+    weight: float = 1.0
+    allowed_ws: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # names, sorted
+    creation_date: float = 0.0
+
+    JSON = ('engine_versions', 'allowed_ws', 'options', 'files')
+
+    @classmethod
+    def from_hash(cls, target_id: str, h: dict[str, str]) -> 'Target':
+        return cls(target_id=target_id, owner=h['owner'],
+                   engine=h['engine'], description=h['description'],
+                   stage=h['stage'], weight=float(h['weight']),
+                   creation_date=float(h['creation_date']),
+                   **{f: json.loads(h[f]) for f in cls.JSON})
+
+    def to_hash(self) -> dict[str, str]:
+        return {'owner': self.owner, 'creation_date': repr(self.creation_date),
+                'description': self.description, 'stage': self.stage,
+                'engine': self.engine, 'weight': repr(float(self.weight)),
+                **{f: json.dumps(getattr(self, f)) for f in self.JSON}}
+
+    def info(self, striated_ws: list[str]) -> dict[str, Any]:
+        """GET /targets/info/:id."""
+        return {'description': self.description, 'owner': self.owner,
+                'creation_date': self.creation_date, 'stage': self.stage,
+                'allowed_ws': self.allowed_ws, 'striated_ws': striated_ws,
+                'engine': self.engine,
+                'engine_versions': self.engine_versions,
+                'files': self.files, 'options': self.options,
+                'weight': self.weight}
+
+
+def _stored(name: str, value: Any) -> str:
+    """A field's value as the target hash holds it."""
+    if name in Target.JSON:
+        return json.dumps(value)
+    if name == 'weight':
+        return repr(float(value))
+    return value
+
+
+# A Lua function for the assignment's script (spliced at its top): the
+# weight and options (JSON text) of the target at `key` if its engine is
+# `engine` and its engine_versions hold `version`, else nil.
+MATCH_LUA = """
+local function target_match(key, engine, version)
+  local t = redis.call('HMGET', key, 'engine', 'engine_versions', 'weight',
+                       'options')
+  if t[1] ~= engine or not t[2] then return nil end
+  for _, v in ipairs(cjson.decode(t[2])) do
+    if v == version then return t[3], t[4] end
+  end
+  return nil
+end
+"""
+
 _CREATE = Script("""
-redis.call('PERSIST', KEYS[5])
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-for i = 2, 4 do redis.call('SADD', KEYS[i], ARGV[1]) end
+-- A target becomes visible with its files made permanent.
+-- KEYS: target, targets, owner_targets, stage_targets, target_files.
+-- ARGV: target_id, then the record's field/value pairs. Returns 1.
+local target, all, owned, staged, files = unpack(KEYS)
+local target_id = ARGV[1]
+redis.call('PERSIST', files)
+redis.call('HSET', target, unpack(ARGV, 2))
+for _, set in ipairs({all, owned, staged}) do
+  redis.call('SADD', set, target_id)
+end
 return 1
 """)
 UNCLAIMED_FILES_MS = 24 * 3600 * 1000
 
-# Change only the given fields, and the stage index with the stage, unless
-# the target was deleted meanwhile.
 _UPDATE = Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+-- Change only the given fields, and the stage index with the stage,
+-- unless the target was deleted meanwhile.
+-- KEYS: target, then (a stage change) every stage's set and the new
+-- stage's set. ARGV: target_id, then field/value pairs.
+-- Returns 1, or 0 for a target that is gone.
+local target, target_id = KEYS[1], ARGV[1]
+if redis.call('EXISTS', target) == 0 then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', target, ARGV[i], ARGV[i + 1]) end
 if #KEYS > 1 then
-  for i = 2, #KEYS - 1 do redis.call('SREM', KEYS[i], ARGV[1]) end
-  redis.call('SADD', KEYS[#KEYS], ARGV[1])
+  for i = 2, #KEYS - 1 do redis.call('SREM', KEYS[i], target_id) end
+  redis.call('SADD', KEYS[#KEYS], target_id)
 end
 return 1
 """)
@@ -73,14 +174,14 @@ async def read_files(app, target_id, names):
     values = await app.redis.hmget(keys.target_files(target_id), names)
     if any(v is None for v in values):
         raise APIError(404, 'target %s was deleted' % target_id)
-    return dict(zip(names, values))
+    return dict(zip(names, values, strict=True))
 
 
 def import_disk_files(settings, redis_url):
     """A CC before the shared store kept target files in
     data_folder/targets/<id>/: put those of targets that still exist into
     Redis (unless there already), then remove the folders. Runs at start."""
-    folder = os.path.join(settings['data_folder'], 'targets')
+    folder = os.path.join(settings.data_folder, 'targets')
     if not os.path.isdir(folder):
         return
     redis = store.connect_sync(redis_url)
@@ -110,11 +211,6 @@ async def validate_files(config, files, max_files, what='files',
     await decode_files(config, files, keep=False)
 
 
-def valid_versions(v):
-    return 0 < len(v) <= 64 and all(isinstance(x, str) and 0 < len(x) <= 64
-                                    for x in v)
-
-
 async def check_allowed_ws(app, names):
     if not all(isinstance(n, str) for n in names):
         raise APIError(400, 'allowed_ws must be a list of workserver names')
@@ -125,17 +221,47 @@ async def check_allowed_ws(app, names):
     return sorted(set(names))
 
 
-async def load(app, target_id):
-    """The target as a dict (JSON fields decoded), or None."""
+async def load(app: Any, target_id: str) -> Target | None:
     h = await app.redis.hgetall(keys.target(target_id))
-    if not h:
-        return None
-    for f in JSON_FIELDS:
-        h[f] = json.loads(h[f])
-    h['weight'] = float(h['weight'])
-    h['creation_date'] = float(h['creation_date'])
-    h['target_id'] = target_id
-    return h
+    return Target.from_hash(target_id, h) if h else None
+
+
+async def owned(app: Any, target_id: str, manager: Manager | None) -> Target:
+    """The target if its id is well formed (400) and it exists (404), and
+    `manager` owns it or is an admin (403); None: any caller may see it."""
+    check_target_id(target_id)
+    target = await load(app, target_id)
+    if target is None:
+        raise APIError(404, 'no such target %s' % target_id)
+    if manager is not None and not manager.is_admin \
+            and target.owner != manager.email:
+        raise APIError(403, 'target %s belongs to another manager'
+                       % target_id)
+    return target
+
+
+async def owns_target(handler: APIHandler, manager: Manager) -> Target:
+    """`@allow(..., owner=owns_target)`: the target of the path's first
+    argument, the caller's own (or any, for an admin)."""
+    return await owned(handler.application, handler.path_args[0], manager)
+
+
+async def read_fields(handler: APIHandler, names: list[str] | tuple[str, ...],
+                      creating: bool) -> dict[str, Any]:
+    """The target fields `names` of the body, each checked by its rule in
+    FIELDS (400); on creation the absent take their defaults."""
+    values = {}
+    for name in names:
+        kind, default, check = FIELDS[name]
+        values[name] = handler.field(name, kind,
+                                     default if creating else REQUIRED,
+                                     check=check)
+    if 'weight' in values:
+        values['weight'] = float(values['weight'])
+    if 'allowed_ws' in values:
+        values['allowed_ws'] = await check_allowed_ws(handler.application,
+                                                      values['allowed_ws'])
+    return values
 
 
 async def stream_counts(app, target_id):
@@ -144,47 +270,38 @@ async def stream_counts(app, target_id):
     return {ws: int(c) for ws, c in counts.items() if int(c) > 0}
 
 
-async def create(app, owner, fields, files):
+async def create(app: Any, owner: str, fields: dict[str, Any],
+                 files: dict[str, str]) -> str:
     """Files first, with an expiry (a CC dying before the next step leaves
     nothing behind for long), then the target in one step that makes them
     permanent, acknowledged by `redis_wait_replicas` replicas."""
-    target_id = str(uuid.uuid4())
-    record = {'owner': owner, 'creation_date': repr(time.time()),
-              'description': fields['description'], 'stage': fields['stage'],
-              'engine': fields['engine'], 'weight': repr(fields['weight']),
-              'engine_versions': json.dumps(fields['engine_versions']),
-              'allowed_ws': json.dumps(fields['allowed_ws']),
-              'options': json.dumps(fields['options']),
-              'files': json.dumps(sorted(files))}
+    target = Target(target_id=str(uuid.uuid4()), owner=owner,
+                    creation_date=time.time(), files=sorted(files), **fields)
+    tid = target.target_id
     if files:
         pipe = app.redis.pipeline(transaction=True)
-        pipe.hset(keys.target_files(target_id), mapping=files)
-        pipe.pexpire(keys.target_files(target_id), UNCLAIMED_FILES_MS)
+        pipe.hset(keys.target_files(tid), mapping=files)
+        pipe.pexpire(keys.target_files(tid), UNCLAIMED_FILES_MS)
         await pipe.execute()
     await store.acknowledged(
         app.redis, _CREATE,
-        [keys.target(target_id), keys.TARGETS, keys.owner_targets(owner),
-         keys.stage_targets(fields['stage']), keys.target_files(target_id)],
-        [target_id, *chain.from_iterable(record.items())],
-        app.config['redis_wait_replicas'],
-        app.config['redis_wait_timeout_in_ms'])
-    return target_id
+        [keys.target(tid), keys.TARGETS, keys.owner_targets(owner),
+         keys.stage_targets(target.stage), keys.target_files(tid)],
+        [tid, *chain.from_iterable(target.to_hash().items())],
+        app.config.redis_wait_replicas,
+        app.config.redis_wait_timeout_in_ms)
+    return tid
 
 
-async def update(app, target_id, changes):
-    """Apply `changes` (already validated); False if the target is gone."""
-    argv = [target_id]
-    for name, value in changes.items():
-        if name in JSON_FIELDS:
-            value = json.dumps(value)
-        elif name == 'weight':
-            value = repr(float(value))
-        argv += [name, value]
+async def update(app: Any, target_id: str, changes: dict[str, Any]) -> bool:
+    """Apply `changes` (read by read_fields); False if the target is gone."""
+    pairs = [(name, _stored(name, value)) for name, value in changes.items()]
     ks = [keys.target(target_id)]
     if 'stage' in changes:
         ks += [keys.stage_targets(s) for s in STAGES]
         ks.append(keys.stage_targets(changes['stage']))
-    return bool(await _UPDATE(app.redis, ks, argv))
+    return bool(await _UPDATE(app.redis, ks,
+                              [target_id, *chain.from_iterable(pairs)]))
 
 
 async def _forget(redis, target_id):
@@ -260,35 +377,12 @@ async def flush_pending(app, ws_name):
                  sum(results), len(results))
 
 
-class TargetHandler(AccountHandler):
-    """Target lookup with the ownership rule of every manager action."""
+class TargetsHandler(APIHandler):
+    body_limit = 'max_body_size_in_bytes'
 
-    manager_methods = ('GET', 'PUT', 'POST')
-
-    async def target(self, target_id, manager=None):
-        """The target if it exists (404) and `manager` owns it or is admin
-        (403); `manager` None means any caller may see it."""
-        check_target_id(target_id)
-        target = await load(self.application, target_id)
-        if target is None:
-            raise APIError(404, 'no such target %s' % target_id)
-        if manager is not None and not manager.is_admin \
-                and target['owner'] != manager.email:
-            raise APIError(403, 'target %s belongs to another manager'
-                           % target_id)
-        return target
-
-    async def owned_target(self, target_id):
-        manager = await self.require_manager()
-        return await self.target(target_id, manager)
-
-
-class TargetsHandler(TargetHandler):
-    manager_methods = ('POST',)
-    body_limit = 'max_body_size'
-
-    async def get(self):
-        manager = await self.manager()
+    @allow('manager', 'anyone')
+    async def get(self) -> None:
+        manager = self.caller
         if manager is not None:
             ids = await self.redis.smembers(keys.owner_targets(manager.email))
         else:
@@ -296,55 +390,35 @@ class TargetsHandler(TargetHandler):
                                           keys.stage_targets('beta'))
         self.write_json({'targets': sorted(ids)})
 
-    async def post(self):
-        manager = await self.require_manager()
-        fields = {
-            'description': self.field('description', str, ''),
-            'engine': self.field('engine', str, check=ENGINE.fullmatch),
-            'engine_versions': self.field('engine_versions', list,
-                                          check=valid_versions),
-            'options': self.field('options', dict, {}),
-            'stage': self.field('stage', str, 'private',
-                                check=lambda s: s in STAGES),
-            'weight': float(self.field('weight', (int, float), 1,
-                                       check=valid_weight)),
-            'allowed_ws': await check_allowed_ws(
-                self.application, self.field('allowed_ws', list, [])),
-        }
+    @allow('manager')
+    async def post(self) -> None:
+        fields = await read_fields(self, tuple(FIELDS), creating=True)
         files = self.field('files', dict, {})
         await validate_files(self.config, files,
-                             self.config['max_files_per_target'],
+                             self.config.max_files_per_target,
                              allow_empty=True)
-        target_id = await create(self.application, manager.email, fields,
-                                 files)
-        log.info('%s created target %s', manager.email, target_id)
+        target_id = await create(self.application, self.caller.email,
+                                 fields, files)
+        log.info('%s created target %s', self.caller.email, target_id)
         self.write_json({'target_id': target_id})
 
 
-class TargetInfoHandler(TargetHandler):
-    manager_methods = ()
-
-    async def get(self, target_id):
-        target = await self.target(target_id)
-        if target['stage'] == 'private':
-            manager = await self.manager()
-            if manager is None:
+class TargetInfoHandler(APIHandler):
+    @allow('manager', 'anyone')
+    async def get(self, target_id: str) -> None:
+        """A private target to its owner (and admins) only."""
+        target = await owned(self.application, target_id, None)
+        if target.stage == 'private':
+            if self.caller is None:
                 raise APIError(401, 'target %s is private' % target_id)
-            await self.target(target_id, manager)
+            await owned(self.application, target_id, self.caller)
         counts = await stream_counts(self.application, target_id)
-        self.write_json({
-            'description': target['description'], 'owner': target['owner'],
-            'creation_date': target['creation_date'],
-            'stage': target['stage'], 'allowed_ws': target['allowed_ws'],
-            'striated_ws': sorted(counts), 'engine': target['engine'],
-            'engine_versions': target['engine_versions'],
-            'files': target['files'], 'options': target['options'],
-            'weight': target['weight']})
+        self.write_json(target.info(sorted(counts)))
 
 
-class TargetUpdateHandler(TargetHandler):
-    async def put(self, target_id):
-        await self.owned_target(target_id)
+class TargetUpdateHandler(APIHandler):
+    @allow('manager', owner=owns_target)
+    async def put(self, target_id: str) -> None:
         unknown = sorted(set(self.body) - set(UPDATABLE))
         if unknown:
             raise APIError(400, 'field(s) %s cannot be updated'
@@ -352,40 +426,26 @@ class TargetUpdateHandler(TargetHandler):
         if not self.body:
             raise APIError(400, 'nothing to update: give any of %s'
                            % ', '.join(UPDATABLE))
-        checks = {
-            'stage': (str, lambda s: s in STAGES),
-            'engine_versions': (list, valid_versions),
-            'description': (str, None),
-            'options': (dict, None),
-            'weight': ((int, float), valid_weight),
-            'allowed_ws': (list, None),
-        }
-        changes = {}
-        for name in self.body:
-            kind, check = checks[name]
-            changes[name] = self.field(name, kind, check=check)
-        if 'allowed_ws' in changes:
-            changes['allowed_ws'] = await check_allowed_ws(
-                self.application, changes['allowed_ws'])
+        changes = await read_fields(self, list(self.body), creating=False)
         if not await update(self.application, target_id, changes):
             raise APIError(404, 'no such target %s' % target_id)
         self.write_json({})
 
 
-class TargetDeleteHandler(TargetHandler):
-    async def put(self, target_id):
-        await self.owned_target(target_id)
+class TargetDeleteHandler(APIHandler):
+    @allow('manager', owner=owns_target)
+    async def put(self, target_id: str) -> None:
         if not await delete(self.application, target_id):
             raise APIError(404, 'no such target %s' % target_id)
         log.info('deleted target %s', target_id)
         self.write_json({})
 
 
-class TargetFileHandler(TargetHandler):
-    async def get(self, target_id, filename):
-        target = await self.owned_target(target_id)
+class TargetFileHandler(APIHandler):
+    @allow('manager', owner=owns_target)
+    async def get(self, target_id: str, filename: str) -> None:
         check_file_name(filename)
-        if filename not in target['files']:
+        if filename not in self.resource.files:
             raise APIError(404, 'target %s has no file %s'
                            % (target_id, filename))
         data = await self.redis.hget(keys.target_files(target_id), filename)
@@ -396,23 +456,24 @@ class TargetFileHandler(TargetHandler):
         self.finish(data.encode('utf-8'))
 
 
-class TargetStreamsHandler(TargetHandler):
+class TargetStreamsHandler(APIHandler):
     """Every stream of a target, asked of each WS holding some at once.
     The reply keeps the 2014 shape `{ws: {stream_id: info}}` that clients
     iterate; a WS that does not answer is `{}` there and is named in the
     `X-Unreachable-Workservers` header (comma separated), not an error."""
 
-    async def get(self, target_id):
-        await self.owned_target(target_id)
+    @allow('manager', owner=owns_target)
+    async def get(self, target_id: str) -> None:
         names = sorted(await stream_counts(self.application, target_id))
         replies = await asyncio.gather(*(
             self._ask(name, target_id) for name in names))
-        down = [n for n, r in zip(names, replies) if r is None]
+        down = [n for n, r in zip(names, replies, strict=True) if r is None]
         if down:
             self.set_header('X-Unreachable-Workservers', ','.join(down))
-        self.write_json({n: r or {} for n, r in zip(names, replies)})
+        self.write_json({n: r or {}
+                         for n, r in zip(names, replies, strict=True)})
 
-    async def _ask(self, ws_name, target_id):
+    async def _ask(self, ws_name: str, target_id: str) -> Any:
         """The WS's listing, {} if it holds none, None if it failed."""
         try:
             reply = await workservers.request(

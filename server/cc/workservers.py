@@ -15,135 +15,220 @@ probed nor listed; its streams stay on its disk and come back with it if it
 registers again.
 """
 import asyncio
+import enum
 import logging
 import re
+from dataclasses import dataclass
+from typing import Any
 
-from server import peer
+from server import peer, tokens
 from server.cc import keys
-from server.cc.accounts import AccountHandler
 from server.config import is_host, port_number
 from server.lua import Script
-from server.web import APIError, APIHandler, PeerHandler
+from server.store import argv
+from server.web import APIError, APIHandler, Permission, allow, role
 
 log = logging.getLogger('siegetank.cc.ws')
 
 WS_NAME = re.compile(r'[A-Za-z0-9._-]{1,64}')
 
-# Count a failure and take the WS offline at the threshold, atomically
-# (nothing for a WS removed meanwhile).
-_FAIL = Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local fails = redis.call('HINCRBY', KEYS[1], 'fails', 1)
-if fails >= tonumber(ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'online', '0')
+
+@dataclass(frozen=True)
+class Workserver:
+    """The record `ws:<name>` (keys.py). Only this module reads or writes
+    its fields; the Lua of other records reaches it through ADDRESS_LUA."""
+
+    name: str
+    url: str
+    http_port: int
+    online: bool
+    fails: int  # consecutive failed probes and requests
+    disconnected: bool  # said goodbye: offline until it registers again
+    source: str  # the address it registered from
+
+    @classmethod
+    def from_hash(cls, name: str, h: dict[str, str]) -> 'Workserver':
+        return cls(name=name, url=h.get('url', ''),
+                   http_port=_int(h.get('http_port')),
+                   online=h.get('online') == '1', fails=_int(h.get('fails')),
+                   disconnected=h.get('disconnected') == '1',
+                   source=h.get('source', ''))
+
+    @property
+    def base(self) -> str:
+        return 'https://%s:%s' % (self.url, self.http_port)
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
+
+
+class Outcome(enum.IntEnum):
+    """What a registration, goodbye or removal did (its script's result)."""
+    DONE = 1
+    REFUSED = 0  # online from another address, or (removal) still online
+    UNKNOWN = -1
+
+
+# A Lua function for the scripts of other records (spliced at their top)
+# that need a WS's address: url and http_port of the WS at `key` while it
+# is online, else nil.
+ADDRESS_LUA = """
+local function ws_address(key)
+  local w = redis.call('HMGET', key, 'online', 'url', 'http_port')
+  if w[1] ~= '1' then return nil end
+  return w[2], w[3]
 end
+"""
+
+_FAIL = Script("""
+-- Count a failure; at the threshold the WS goes offline (nothing for a
+-- WS removed meanwhile). KEYS: ws. ARGV: max_fails. Returns the count.
+local ws = KEYS[1]
+local max_fails = tonumber(ARGV[1])
+if redis.call('EXISTS', ws) == 0 then return 0 end
+local fails = redis.call('HINCRBY', ws, 'fails', 1)
+if fails >= max_fails then redis.call('HSET', ws, 'online', '0') end
 return fails
 """)
+_FAIL_ARGS = ('max_fails',)
 
-# A WS that answers is online again (fails reset), unless it said goodbye.
 _SUCCESS = Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'fails', 0)
-if redis.call('HGET', KEYS[1], 'disconnected') ~= '1' then
-  redis.call('HSET', KEYS[1], 'online', 1)
+-- A WS that answers is online again (fails reset), unless it said
+-- goodbye. KEYS: ws. ARGV: none. Returns 1, or 0 for an unknown WS.
+local ws = KEYS[1]
+if redis.call('EXISTS', ws) == 0 then return 0 end
+redis.call('HSET', ws, 'fails', 0)
+if redis.call('HGET', ws, 'disconnected') ~= '1' then
+  redis.call('HSET', ws, 'online', 1)
 end
 return 1
 """)
 
-
-# Register (ARGV[4] == '1') or disconnect a WS from the address ARGV[3],
-# unless it is online and registered from another address: then 0.
-# KEYS: the WS, the set of every WS. ARGV: url, http_port, source, register,
-# name. Disconnecting an unknown WS is -1.
 _REGISTER = Script("""
-local h = redis.call('HMGET', KEYS[1], 'online', 'source')
-if ARGV[4] ~= '1' and not h[1] then return -1 end
-if h[1] == '1' and h[2] and h[2] ~= '' and h[2] ~= ARGV[3] then return 0 end
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 'url', ARGV[1], 'http_port', ARGV[2],
-             'online', 1, 'fails', 0, 'disconnected', 0, 'source', ARGV[3])
-  redis.call('SADD', KEYS[2], ARGV[5])
+-- Register (register == '1') or disconnect the WS from address `source`,
+-- unless it is online and registered from another address.
+-- KEYS: ws, workservers. ARGV: url, http_port, source, register, name.
+-- Returns an Outcome: 1 done, 0 online elsewhere, -1 (disconnecting) an
+-- unknown WS.
+local ws, workservers = KEYS[1], KEYS[2]
+local url, http_port, source, register, name = unpack(ARGV)
+local h = redis.call('HMGET', ws, 'online', 'source')
+if register ~= '1' and not h[1] then return -1 end
+if h[1] == '1' and h[2] and h[2] ~= '' and h[2] ~= source then return 0 end
+if register == '1' then
+  redis.call('HSET', ws, 'url', url, 'http_port', http_port, 'online', 1,
+             'fails', 0, 'disconnected', 0, 'source', source)
+  redis.call('SADD', workservers, name)
 else
-  redis.call('HSET', KEYS[1], 'online', 0, 'disconnected', 1)
+  redis.call('HSET', ws, 'online', 0, 'disconnected', 1)
 end
 return 1
 """)
+_REGISTER_ARGS = ('url', 'http_port', 'source', 'register', 'name')
 
-# Forget an offline WS: 1 done, 0 online, -1 unknown. KEYS: the WS, its
-# pending deletions, the set of every WS. ARGV: name.
 _REMOVE = Script("""
-local online = redis.call('HGET', KEYS[1], 'online')
+-- Forget an offline WS. KEYS: ws, its pending deletions, workservers.
+-- ARGV: name. Returns an Outcome: 1 done, 0 online, -1 unknown.
+local ws, pending, workservers = KEYS[1], KEYS[2], KEYS[3]
+local name = ARGV[1]
+local online = redis.call('HGET', ws, 'online')
 if not online then return -1 end
 if online == '1' then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('DEL', ws, pending)
+redis.call('SREM', workservers, name)
 return 1
 """)
+_REMOVE_ARGS = ('name',)
 
 
-async def register(app, name, url, http_port, source):
+async def register(app: Any, name: str, url: str, http_port: int | str,
+                   source: str) -> bool:
     """False if `name` is online from another address than `source`."""
-    return await _REGISTER(app.redis, [keys.ws(name), keys.WORKSERVERS],
-                           [url, http_port, source, '1', name]) == 1
+    return await _REGISTER(app.redis, [keys.ws(name), keys.WORKSERVERS], argv(
+        _REGISTER_ARGS, url=url, http_port=http_port, source=source,
+        register='1', name=name)) == Outcome.DONE
 
 
-async def disconnect(app, name, source):
-    """1 done, 0 online from another address, -1 unknown WS."""
-    return await _REGISTER(app.redis, [keys.ws(name), keys.WORKSERVERS],
-                           ['', '', source, '0', name])
+async def disconnect(app: Any, name: str, source: str) -> Outcome:
+    return Outcome(await _REGISTER(
+        app.redis, [keys.ws(name), keys.WORKSERVERS], argv(
+            _REGISTER_ARGS, url='', http_port='', source=source,
+            register='0', name=name)))
 
 
-async def remove(app, name):
-    """1 done, 0 still online, -1 unknown WS."""
-    return await _REMOVE(app.redis, [keys.ws(name),
-                                     keys.ws_pending_deletes(name),
-                                     keys.WORKSERVERS], [name])
+async def remove(app: Any, name: str) -> Outcome:
+    return Outcome(await _REMOVE(
+        app.redis, [keys.ws(name), keys.ws_pending_deletes(name),
+                    keys.WORKSERVERS], argv(_REMOVE_ARGS, name=name)))
 
 
-async def status(app):
-    """{name: {url, http_port, online}} for every known WS."""
-    names = sorted(await app.redis.smembers(keys.WORKSERVERS))
-    pipe = app.redis.pipeline(transaction=False)
+def read(pipe: Any, name: str) -> None:
+    """Queue the read of a WS's record on `pipe`; its reply goes to
+    `Workserver.from_hash` (empty: unknown WS)."""
+    pipe.hgetall(keys.ws(name))
+
+
+async def load_all(redis: Any) -> dict[str, Workserver]:
+    """{name: Workserver} of every known WS."""
+    names = sorted(await redis.smembers(keys.WORKSERVERS))
+    pipe = redis.pipeline(transaction=False)
     for name in names:
-        pipe.hgetall(keys.ws(name))
-    result = {}
-    for name, h in zip(names, await pipe.execute()):
-        if h:
-            result[name] = {'url': h['url'], 'http_port': int(h['http_port']),
-                            'online': h.get('online') == '1'}
-    return result
+        read(pipe, name)
+    return {name: Workserver.from_hash(name, h)
+            for name, h in zip(names, await pipe.execute(), strict=True)
+            if h}
 
 
-async def record_failure(app, name):
+async def status(app: Any) -> dict[str, dict[str, Any]]:
+    """{name: {url, http_port, online}} for every known WS."""
+    return {name: {'url': w.url, 'http_port': w.http_port,
+                   'online': w.online}
+            for name, w in (await load_all(app.redis)).items()}
+
+
+async def online(app: Any) -> list[str]:
+    """The names of the online WS, sorted."""
+    return [n for n, w in (await load_all(app.redis)).items() if w.online]
+
+
+async def record_failure(app: Any, name: str) -> int:
     """Count a failure; `max_ws_fails` in a row take the WS offline."""
-    return await _FAIL(app.redis, [keys.ws(name)],
-                       [app.config['max_ws_fails']])
+    return await _FAIL(app.redis, [keys.ws(name)], argv(
+        _FAIL_ARGS, max_fails=app.config.max_ws_fails))
 
 
-async def record_success(app, name):
+async def record_success(app: Any, name: str) -> None:
     """A WS that answers is online again, unless it said goodbye."""
     await _SUCCESS(app.redis, [keys.ws(name)])
 
 
-async def base_url(app, name):
-    h = await app.redis.hmget(keys.ws(name), 'url', 'http_port')
-    if h[0] is None:
-        return None
-    return 'https://%s:%s' % (h[0], h[1])
+async def load(redis: Any, name: str) -> Workserver | None:
+    h = await redis.hgetall(keys.ws(name))
+    return Workserver.from_hash(name, h) if h else None
 
 
-async def request(app, name, method, path, body=None, timeout=None,
-                  raw=False, base=None):
+async def base_url(app: Any, name: str) -> str | None:
+    found = await load(app.redis, name)
+    return found.base if found is not None else None
+
+
+async def request(app: Any, name: str, method: str, path: str,
+                  body: Any = None, timeout: float | None = None,
+                  raw: bool = False, base: str | None = None) -> Any:
     """A CC -> WS call carrying `cc_pass`; unreachable or 5xx (other than
     503 'nothing free') counts toward `max_ws_fails`. Raises PeerError.
     `base` is the WS's base URL when the caller has just read it."""
     url = base or await base_url(app, name)
     if url is None:
         raise peer.PeerError('unknown workserver %s' % name)
-    timeout = timeout or app.config['ws_timeout_in_s']
+    timeout = timeout or app.config.ws_timeout_in_s
     try:
         reply = await peer.call(app.client_ssl, method, url + path, body,
-                                auth=app.config['cc_pass'], timeout=timeout,
+                                auth=app.config.cc_pass, timeout=timeout,
                                 raw=raw)
     except peer.PeerError:
         await record_failure(app, name)
@@ -153,15 +238,15 @@ async def request(app, name, method, path, body=None, timeout=None,
     return reply
 
 
-async def probe_all(app):
+async def probe_all(app: Any) -> None:
     """GET / on every WS at once; each result moves its fail count, and a
     WS that answers gets `app.ws_back(name)` to catch up."""
     names = await app.redis.smembers(keys.WORKSERVERS)
 
-    async def probe(name):
+    async def probe(name: str) -> None:
         try:
             reply = await request(app, name, 'GET', '/',
-                                  timeout=min(app.config['ws_timeout_in_s'],
+                                  timeout=min(app.config.ws_timeout_in_s,
                                               5.0))
             if reply.code == 200:
                 await record_success(app, name)
@@ -172,19 +257,22 @@ async def probe_all(app):
     await asyncio.gather(*(probe(n) for n in names))
 
 
-class WSHandler(PeerHandler):
-    """Endpoints a WS calls with the CC's `cc_pass`."""
-
-    def peer_passes(self):
-        return [self.config['cc_pass']]
-
-    def ws_name(self):
-        return self.field('name', str, check=WS_NAME.fullmatch)
+@role('ws', 'missing or wrong cc_pass')
+async def _workserver(handler: APIHandler, rule: Permission) -> str | None:
+    """A WS: the caller presents this CC's `cc_pass` (constant time)."""
+    if tokens.matches_any(handler.token(), [handler.config.cc_pass]):
+        return 'ws'
+    return None
 
 
-class WSRegisterHandler(WSHandler):
-    async def put(self):
-        name = self.ws_name()
+def ws_name(handler: APIHandler) -> str:
+    return handler.field('name', str, check=WS_NAME.fullmatch)
+
+
+class WSRegisterHandler(APIHandler):
+    @allow('ws')
+    async def put(self) -> None:
+        name = ws_name(self)
         url = self.field('url', str)
         if not is_host(url):
             raise APIError(400, 'url must be a host name or IPv4 address '
@@ -193,7 +281,7 @@ class WSRegisterHandler(WSHandler):
         if port is None:
             raise APIError(400, 'http_port must be a port number (1-65535)')
         if not await register(self.application, name, url, port,
-                              self.request.remote_ip):
+                              self.request.remote_ip or ''):
             raise APIError(409, 'workserver %s is online from another '
                            'address' % name)
         self.application.ws_back(name)
@@ -201,37 +289,37 @@ class WSRegisterHandler(WSHandler):
         self.write_json({})
 
 
-class WSDisconnectHandler(WSHandler):
-    async def put(self):
-        name = self.ws_name()
+class WSDisconnectHandler(APIHandler):
+    @allow('ws')
+    async def put(self) -> None:
+        name = ws_name(self)
         done = await disconnect(self.application, name,
-                                self.request.remote_ip)
-        if done == -1:
+                                self.request.remote_ip or '')
+        if done is Outcome.UNKNOWN:
             raise APIError(404, 'unknown workserver %s' % name)
-        if done == 0:
+        if done is Outcome.REFUSED:
             raise APIError(409, 'workserver %s is online from another '
                            'address' % name)
         log.info('workserver %s disconnected', name)
         self.write_json({})
 
 
-class WSRemoveHandler(AccountHandler):
-    async def put(self, name):
-        manager = await self.require_manager()
-        if not manager.is_admin:
-            raise APIError(403, 'only an admin may remove a workserver')
+class WSRemoveHandler(APIHandler):
+    @allow('admin', purpose='remove a workserver')
+    async def put(self, name: str) -> None:
         done = await remove(self.application, name)
-        if done == -1:
+        if done is Outcome.UNKNOWN:
             raise APIError(404, 'unknown workserver %s' % name)
-        if done == 0:
+        if done is Outcome.REFUSED:
             raise APIError(409, 'workserver %s is online: it can be removed '
                            'once offline' % name)
-        log.info('workserver %s removed by %s', name, manager.email)
+        log.info('workserver %s removed by %s', name, self.caller.email)
         self.write_json({})
 
 
 class WSStatusHandler(APIHandler):
-    async def get(self):
+    @allow('anyone')
+    async def get(self) -> None:
         self.write_json(await status(self.application))
 
 

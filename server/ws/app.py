@@ -25,17 +25,17 @@ log = logging.getLogger('siegetank.ws')
 
 class WorkServer(App):
     def __init__(self, settings, redis, task_id=0):
-        handlers = [(r'/', HealthHandler)]
+        handlers: list[tuple] = [(r'/', HealthHandler)]
         handlers += cc_api.default_handlers
         handlers += download.default_handlers  # after /streams/<command>/..
         handlers += core.default_handlers
         handlers += report.default_handlers
         handlers += monitor.default_handlers
         super().__init__(handlers, settings, redis, task_id)
-        self.keys = Keys(settings['name'])
+        self.keys = Keys(settings.name)
         # Hot-path scripts run over this (see fastredis.py).
         self.fastredis = fastredis.hot_path(redis)
-        self.storage = Storage(settings['data_folder'])
+        self.storage = Storage(settings.data_folder)
         self.storage.ensure()
         self.tasks = []
         self.pulse = None
@@ -57,11 +57,11 @@ class WorkServer(App):
         recovery.free_dead_holder(settings, redis_url, prefix)
 
     async def on_start(self):
-        for name, cc in self.config['command_centers'].items():
+        for name, cc in self.config.command_centers.items():
             self.tasks.append(asyncio.ensure_future(
                 registration.register_forever(self, name, cc)))
         self.pulse = PeriodicCallback(self.on_pulse,
-                                      self.config['pulse_frequency_in_ms'])
+                                      self.config.pulse_interval_in_ms)
         self.pulse.start()
 
     async def on_pulse(self):

@@ -9,58 +9,67 @@ from server.sessions_common import MAX_ACTIVATIONS
 from server.web import (
     TARGET_ID,
     APIError,
-    PeerHandler,
+    APIHandler,
+    Permission,
+    allow,
     check_files,
     check_stream_id,
     check_tags,
     check_target_id,
     decode_files,
+    role,
 )
 from server.ws import streams
 
 
 def cc_passes(config):
     """The passes of every configured command center."""
-    return [cc['pass'] for cc in config['command_centers'].values()]
+    return [cc['pass'] for cc in config.command_centers.values()]
 
 
 def cc_named(config, token):
     """The name of the configured command center whose pass `token` is,
     or None (every pass compared, in constant time)."""
     found = None
-    for name, cc in sorted(config['command_centers'].items()):
+    for name, cc in sorted(config.command_centers.items()):
         if tokens.matches_any(token, [cc['pass']]) and found is None:
             found = name
     return found
 
 
-class CCHandler(PeerHandler):
-    """Endpoints for the command centers: `Authorization: <cc_pass>`.
-    `self.cc` is the caller's name: a stream or target is only for the
-    command center that made it (404 or 403 for the others)."""
+@role('cc', 'missing or wrong cc_pass')
+async def _command_center(handler: APIHandler, rule: Permission) -> str | None:
+    """A configured command center: `Authorization: <its cc_pass>`; its
+    name is the caller."""
+    return cc_named(handler.config, handler.token())
 
-    def peer_passes(self):
-        return cc_passes(self.config)
 
-    async def authenticate(self):
-        await super().authenticate()
-        self.cc = cc_named(self.config, self.token())
+class CCHandler(APIHandler):
+    """Endpoints for the command centers (`@allow('cc')`). `self.cc` is
+    the caller's name: a stream or target is only for the command center
+    that made it (404 or 403 for the others)."""
+
+    @property
+    def cc(self) -> str:
+        return self.caller
 
     def target_id(self):
         return self.field('target_id', str, check=TARGET_ID.fullmatch)
 
 
 class StreamsHandler(CCHandler):
-    body_limit = 'max_body_size'
+    body_limit = 'max_body_size_in_bytes'
 
+    @allow('cc')
     async def get(self):
         """{streams: {stream_id: creation_date}} (for reconciliation)."""
         self.write_json({'streams': await streams.all_streams(
             self.application, self.cc)})
 
+    @allow('cc')
     async def post(self):
         tid = self.target_id()
-        most = self.config['max_files_per_request']
+        most = self.config.max_files_per_request
         stream_files = check_files(self.field('stream_files', dict),
                                    'stream_files', max_files=most)
         target_files = self.field('target_files', dict, None)
@@ -96,6 +105,7 @@ class ActivateHandler(CCHandler):
                 f('core_version', (str, type(None)), '',
                   check=lambda v: v is None or len(v) <= 64) or '')
 
+    @allow('cc')
     async def post(self):
         """One activation (its fields in the body), or several at once
         (`activations`: a list of such objects), each its own atomic step,
@@ -129,6 +139,7 @@ class StreamCommandHandler(CCHandler):
     COMMANDS = {'start': streams.start_stream, 'stop': streams.stop_stream,
                 'delete': streams.delete_stream}
 
+    @allow('cc')
     async def put(self, command, stream_id):
         await self.COMMANDS[command](self.application,
                                      check_stream_id(stream_id), self.cc)
@@ -136,18 +147,21 @@ class StreamCommandHandler(CCHandler):
 
 
 class StreamInfoHandler(CCHandler):
+    @allow('cc')
     async def get(self, stream_id):
         self.write_json(await streams.stream_info(
             self.application, check_stream_id(stream_id), self.cc))
 
 
 class TargetStreamsHandler(CCHandler):
+    @allow('cc')
     async def get(self, target_id):
         self.write_json(await streams.target_streams(
             self.application, check_target_id(target_id), self.cc))
 
 
 class DeleteTargetHandler(CCHandler):
+    @allow('cc')
     async def put(self, target_id):
         await streams.delete_target(self.application,
                                     check_target_id(target_id), self.cc)
@@ -155,6 +169,7 @@ class DeleteTargetHandler(CCHandler):
 
 
 class ActiveStreamsHandler(CCHandler):
+    @allow('cc')
     async def get(self):
         self.write_json(await streams.active_streams(self.application,
                                                      self.cc))

@@ -24,12 +24,15 @@ from server.tokens import token_hash
 from server.web import (
     APIError,
     APIHandler,
+    Permission,
     TooLarge,
+    allow,
     bounded,
     check_files,
     decode_files,
     decoded_streams,
     encoded_size,
+    role,
 )
 from server.ws import locks, stream_record, streams
 from server.ws.storage import (
@@ -104,6 +107,14 @@ class Held(stream_record.Held):
 _abandoned: set[asyncio.Future[None]] = set()  # release tasks in flight
 
 
+@role('core', 'missing core token')
+async def _core(handler: Any, rule: Permission) -> str | None:
+    """A core with a live stream token; what the token opens (the stream,
+    its lock, its start window) is the handler's `authenticate`."""
+    await handler.authenticate()
+    return handler.token()
+
+
 class CoreHandler(APIHandler):
     """Endpoints for cores: `Authorization: <stream token>`, checked from
     the headers before the body is read, so a missing or unknown token is
@@ -167,6 +178,7 @@ class LockedCoreHandler(CoreHandler):
     async def locked_stream(self):
         """The token's stream (a Held), its lock held for the block."""
         held = self.held
+        assert held is not None  # authenticate() found it
         held.in_use = True
         try:
             yield held
@@ -177,11 +189,11 @@ class LockedCoreHandler(CoreHandler):
             tid = await streams.target_of(self.application, held.sid)
             await streams.deactivate(self.application, held.sid, tid, 'stop')
             raise APIError(409, 'the stream\'s buffer was lost; this '
-                           'activation is over, ask for a new one')
+                           'activation is over, ask for a new one') from e
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise APIError(503, 'workserver disk is full; nothing '
-                               'was stored, retry later')
+                               'was stored, retry later') from e
             raise
         finally:
             await held.release()
@@ -196,6 +208,7 @@ class CoreStartHandler(CoreHandler):
             self.application, self.token(),
             streams.early_windows(self.config)[1])
 
+    @allow('core')
     async def get(self):
         app = self.application
         sid = self.sid
@@ -268,7 +281,7 @@ class FrameHandler(CoreHandler):
     buffer's lock (storage.lock_buffer, no Redis lock), then recorded by
     one script that refuses if the token died or another writer of the
     buffer holds the stream's lock, and the append is cut back then."""
-    body_limit = 'max_frame_body_size'
+    body_limit = 'max_frame_body_size_in_bytes'
 
     async def authenticate(self):
         token = self.token()
@@ -276,20 +289,22 @@ class FrameHandler(CoreHandler):
             raise APIError(401, 'missing core token')
         self.hashed = token_hash(token)
         tokens = live_tokens(self.application)
-        self.sid = tokens.get(self.hashed)
-        if self.sid is None:
-            self.sid = await live_stream(self.application, token)
-            tokens.add(self.hashed, self.sid)
+        sid = tokens.get(self.hashed)
+        if sid is None:
+            sid = await live_stream(self.application, token)
+            tokens.add(self.hashed, sid)
+        self.sid = sid
 
+    @allow('core')
     async def put(self):
         app = self.application
         config = app.config
-        most = config['max_files_per_request']
+        most = config.max_files_per_request
         files = check_files(self.field('files', dict), max_files=most)
         n = self.field('frames', int, 1)
-        if not 1 <= n <= config['max_frames_per_request']:
+        if not 1 <= n <= config.max_frames_per_request:
             raise APIError(400, 'frames must be from 1 to %d'
-                           % config['max_frames_per_request'])
+                           % config.max_frames_per_request)
         md5 = body_digest(self)
         storage, sid = app.storage, self.sid
 
@@ -304,15 +319,15 @@ class FrameHandler(CoreHandler):
         try:
             done = await locks.wait_turn(attempt, lambda: 'stream %s' % sid,
                                          locks.LOCK_WAIT_S)
-        except FileNotFoundError:  # the stream's folder: deleted
+        except FileNotFoundError as e:  # the stream's folder: deleted
             live_tokens(app).forget(self.hashed)
-            raise APIError(401, 'unknown or expired core token')
+            raise APIError(401, 'unknown or expired core token') from e
         except BufferLost as e:
             await self.end_lost(e)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise APIError(503, 'workserver disk is full; nothing '
-                               'was stored, retry')
+                               'was stored, retry') from e
             raise
         if done == 'ok':
             metrics.count('frames_received', n)
@@ -328,15 +343,16 @@ class FrameHandler(CoreHandler):
         storage, sid = app.storage, self.sid
         for _ in range(3):
             before = storage.buffer_sizes(sid)
+
+            def work(budget, before=before):
+                return storage.append_frames(
+                    sid, decoded_streams(files, budget),
+                    app.config.max_files_per_request, before)
             try:
-                after = await bounded(
-                    app.config, encoded_size(files),
-                    lambda budget: storage.append_frames(
-                        sid, decoded_streams(files, budget),
-                        app.config['max_files_per_request'], before),
-                    threads.disk)
+                after = await bounded(app.config, encoded_size(files), work,
+                                      threads.disk)
             except TooManyFiles as e:
-                raise TooLarge(str(e))
+                raise TooLarge(str(e)) from e
             # Redis down: the outcome is unknown, the bytes stay (the next
             # frame's record tells whether Redis counted them).
             got = await stream_record.record_frame(
@@ -369,7 +385,7 @@ class FrameHandler(CoreHandler):
                 tid = await streams.target_of(app, sid)
                 await streams.deactivate(app, sid, tid, 'stop')
         raise APIError(409, 'the stream\'s buffer was lost; this '
-                       'activation is over, ask for a new one')
+                       'activation is over, ask for a new one') from error
 
 
 # What a checkpoint's `frames` may be: a count a JSON double holds exactly.
@@ -377,15 +393,16 @@ MAX_REPORTED_FRAMES = 2 ** 53
 
 
 class CheckpointHandler(LockedCoreHandler):
-    body_limit = 'max_checkpoint_body_size'
+    body_limit = 'max_checkpoint_body_size_in_bytes'
 
+    @allow('core')
     async def put(self):
         """Commit the buffer with the sent state. `frames` (later cores:
         their own count of frames since the last checkpoint) is recorded in
         the chunk's meta.json; the buffer's count is what counts."""
         app = self.application
         files = check_files(self.field('files', dict),
-                            max_files=app.config['max_files_per_request'])
+                            max_files=app.config.max_files_per_request)
         reported = self.field('frames', (int, float), None,
                               check=lambda v: 0 <= v <= MAX_REPORTED_FRAMES)
         async with self.locked_stream() as held:
@@ -426,9 +443,10 @@ def commit(storage, sid, n, files, meta, sizes, reset_errors):
 
 
 class HeartbeatHandler(CoreHandler):
+    @allow('core')
     async def post(self):
         await live_stream(self.application, self.token(),
-                          self.config['heartbeat_increment'])
+                          self.config.heartbeat_increment_in_s)
         self.write_json({})
 
 
@@ -439,7 +457,7 @@ def error_text(error, limit):
         text = base64.b64decode(error, validate=True).decode(
             'utf-8', errors='replace')
     except (binascii.Error, ValueError):
-        raise APIError(400, 'error must be base64')
+        raise APIError(400, 'error must be base64') from None
     text = text.rstrip('\n')
     if len(text) > limit:
         text = '[%d characters cut]\n%s' % (len(text) - limit, text[-limit:])
@@ -447,21 +465,22 @@ def error_text(error, limit):
 
 
 class CoreStopHandler(LockedCoreHandler):
+    @allow('core')
     async def put(self):
         app = self.application
         error = self.field('error', str, None)
         if error is not None:
-            error = error_text(error, app.config['max_error_length'])
+            error = error_text(error, app.config.max_error_length_in_chars)
         async with self.locked_stream() as held:
             sid = held.sid
             tid = await streams.target_of(app, sid)
             if error is not None:
-                stamp = datetime.datetime.now(datetime.timezone.utc)
+                stamp = datetime.datetime.now(datetime.UTC)
                 await threads.disk(app.storage.append_error, sid,
                                    '--- %s\n%s\n' % (
                                        stamp.isoformat(timespec='seconds'),
                                        error),
-                                   app.config['max_errors_log_size'])
+                                   app.config.max_errors_log_size_in_bytes)
             await streams.deactivate(app, sid, tid,
                                      'stop' if error is None else 'error')
         self.write_json({})

@@ -5,11 +5,20 @@ download logs the bytes it sent: what researchers' syncs cost."""
 import logging
 import os
 import re
+from typing import Any
 
 from tornado.iostream import StreamClosedError
 
 from server import signing, threads
-from server.web import APIError, APIHandler, check_file_name, check_stream_id
+from server.web import (
+    APIError,
+    APIHandler,
+    Permission,
+    allow,
+    check_file_name,
+    check_stream_id,
+    role,
+)
 from server.ws import stream_record
 from server.ws.cc_api import cc_named, cc_passes
 from server.ws.streams import target_of
@@ -62,6 +71,14 @@ def read_at(f, offset, length):
     return os.pread(f.fileno(), length, offset)
 
 
+@role('signed_url', 'missing cc_pass or signed URL')
+async def _signed(handler: Any, rule: Permission) -> str:
+    """The command center that made the stream (its cc_pass) or a signed
+    URL of it: the handler's `authenticate`."""
+    await handler.authenticate()
+    return 'signed'
+
+
 class DownloadHandler(APIHandler):
     async def authenticate(self):
         """Names checked (400), then 401 unless the caller has a cc_pass or
@@ -74,7 +91,7 @@ class DownloadHandler(APIHandler):
         _, owner = await stream_record.target_and_owner(self.application,
                                                         stream_id)
         if owner:
-            cc = config['command_centers'].get(owner)
+            cc = config.command_centers.get(owner)
             passes = [cc['pass']] if cc else []
         else:  # unknown, or made before owners were kept
             passes = cc_passes(config)
@@ -90,6 +107,7 @@ class DownloadHandler(APIHandler):
         if not signing.valid(passes, stream_id, filename, expires, sig):
             raise APIError(401, 'bad or expired download signature')
 
+    @allow('signed_url')
     async def get(self, stream_id, filename):
         await target_of(self.application, stream_id)
         parts = await threads.disk(self.application.storage.download_parts,
@@ -125,10 +143,11 @@ class DownloadHandler(APIHandler):
                 f = await threads.disk(open, path, 'rb')
             except FileNotFoundError:
                 if not sent:
-                    raise APIError(404, 'stream %s was deleted' % stream_id)
+                    raise APIError(404, 'stream %s was deleted'
+                                   % stream_id) from None
                 log.info('download of %s ended after %d bytes: the stream '
                          'was deleted', stream_id, sent)
-                self.request.connection.close()
+                self.request.connection.close()  # type: ignore[union-attr]
                 return
             try:
                 while length > 0:

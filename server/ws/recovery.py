@@ -78,11 +78,11 @@ def rebuild(storage: Storage, keys: Keys,
 
 
 def prepare(settings: Any, redis_url: str) -> None:
-    storage = Storage(settings['data_folder'])
+    storage = Storage(settings.data_folder)
     connect_timeout, timeout = store.timeouts(settings)
     redis = store.connect_sync(redis_url, connect_timeout, max(timeout, 60))
     try:
-        counts = rebuild(storage, Keys(settings['name']), redis)
+        counts = rebuild(storage, Keys(settings.name), redis)
     finally:
         redis.close()
     log.info('recovered %d targets, %d streams, %d committed frames from %s',
@@ -128,8 +128,8 @@ def free_dead_holder(settings: Any, redis_url: str, prefix: str) -> int:
     come back to the buffer (Redis' sizes cut off any uncounted bytes on
     the next request), and a stream it had taken off the disk (an
     interrupted deletion) leaves the index too."""
-    keys = Keys(settings['name'])
-    storage = Storage(settings['data_folder'])
+    keys = Keys(settings.name)
+    storage = Storage(settings.data_folder)
     connect_timeout, timeout = store.timeouts(settings)
     redis = store.connect_sync(redis_url, connect_timeout, timeout)
     freed = 0

@@ -18,8 +18,8 @@ def _url(cc):
 
 async def register_forever(app, cc_name, cc):
     """Runs until cancelled."""
-    ext = app.config['external_options']
-    body = {'name': app.config['name'], 'url': ext['external_url'],
+    ext = app.config.external_options
+    body = {'name': app.config.name, 'url': ext['external_url'],
             'http_port': ext['external_http_port']}
     delay = 1.0
     while True:
@@ -37,7 +37,7 @@ async def register_forever(app, cc_name, cc):
                       cc_name, reply.code, reply.error)
         except peer.PeerError as e:
             log.warning('command center %s unreachable: %s', cc_name, e)
-        delay = min(max(delay * 2, 1.0), app.config['register_retry_max_in_s'])
+        delay = min(max(delay * 2, 1.0), app.config.register_retry_max_in_s)
         await asyncio.sleep(delay)
 
 
@@ -45,9 +45,9 @@ async def disconnect_all(app):
     async def bye(cc_name, cc):
         try:
             await peer.call(app.client_ssl, 'PUT', _url(cc) + '/ws/disconnect',
-                            {'name': app.config['name']}, auth=cc['pass'],
+                            {'name': app.config.name}, auth=cc['pass'],
                             timeout=3)
         except peer.PeerError as e:
             log.warning('could not disconnect from %s: %s', cc_name, e)
     await asyncio.gather(*(bye(n, cc) for n, cc in
-                           app.config['command_centers'].items()))
+                           app.config.command_centers.items()))

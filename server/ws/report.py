@@ -4,7 +4,7 @@ it stored (`PUT /stats/ack`). See sessions.py for the protocol."""
 import re
 import time
 
-from server.web import APIError
+from server.web import APIError, allow
 from server.ws import sessions
 from server.ws.cc_api import CCHandler
 
@@ -15,8 +15,8 @@ ENTRY = re.compile(r'(\d{1,20})-(\d{1,20})')
 def is_entry(e):
     """A Redis stream entry id: two unsigned 64-bit numbers (Redis refuses
     any other in XDEL, which would be a 500)."""
-    m = isinstance(e, str) and ENTRY.fullmatch(e)
-    return bool(m) and all(int(n) < 2 ** 64 for n in m.groups())
+    m = ENTRY.fullmatch(e) if isinstance(e, str) else None
+    return m is not None and all(int(n) < 2 ** 64 for n in m.groups())
 
 
 def _record(entry_id, fields):
@@ -33,6 +33,7 @@ class ReportHandler(CCHandler):
     """GET /stats/report: the calling CC's ended sessions (oldest first,
     at most REPORT_MAX) and this WS's counts."""
 
+    @allow('cc')
     async def get(self):
         app = self.application
         name = self.cc
@@ -49,6 +50,7 @@ class ReportHandler(CCHandler):
 class AckHandler(CCHandler):
     """PUT /stats/ack {entries: [...]}: the CC stored these records."""
 
+    @allow('cc')
     async def put(self):
         entries = self.field('entries', list, check=lambda e: len(e) <= 10000)
         if not all(is_entry(e) for e in entries):

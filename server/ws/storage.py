@@ -260,7 +260,7 @@ class Storage:
                     fd = os.open(path, os.O_WRONLY | os.O_APPEND)
                 except FileNotFoundError:
                     if want:
-                        raise BufferLost(stream_id, name)
+                        raise BufferLost(stream_id, name) from None
                     fd = self._new_buffer_file(stream_id, path, max_files)
                 try:
                     have = os.fstat(fd).st_size
@@ -441,7 +441,8 @@ class Storage:
                 os.rename(src, dst)
                 moved.append((src, dst))
             written = [os.path.join(state, name) for name in state_files]
-            for path, value in zip(written, state_files.values()):
+            for path, value in zip(written, state_files.values(),
+                                   strict=True):
                 write_file(path, value, sync=False)
             written.append(os.path.join(tmp, 'meta.json'))
             write_file(written[-1], json.dumps(meta), sync=False)

@@ -111,7 +111,7 @@ async def read_many(app: Any, sids: list[str]) -> list[tuple[str,
     for sid in sids:
         pipe.hgetall(app.keys.stream(sid))
     return [(sid, StreamFields.of(h))
-            for sid, h in zip(sids, await pipe.execute()) if h]
+            for sid, h in zip(sids, await pipe.execute(), strict=True) if h]
 
 
 async def target_and_owner(app: Any, sid: str) -> tuple[str | None,
@@ -134,7 +134,8 @@ async def creation_dates(app: Any, sids: list[str]) -> list[tuple[
     for sid in sids:
         pipe.hmget(app.keys.stream(sid), 'creation_date', 'cc')
     return [(sid, float(date), owner or '') for sid, (date, owner)
-            in zip(sids, await pipe.execute()) if date is not None]
+            in zip(sids, await pipe.execute(), strict=True)
+            if date is not None]
 
 
 async def exists(app: Any, sid: str) -> bool:
@@ -314,7 +315,7 @@ async def deactivate(app: Any, sid: str, target_id: str, mode: str
         app.fastredis, stream=keys.stream(sid), heartbeats=keys.heartbeats,
         active=keys.active, queue=keys.queue(target_id),
         errors_by=keys.errors_by(sid), token_key=keys.token.template,
-        sid=sid, mode=mode, max_fails=app.config['max_stream_fails'],
+        sid=sid, mode=mode, max_fails=app.config.max_stream_fails,
         **end_values(keys, mode))
     return done
 
@@ -493,7 +494,7 @@ async def record_frame(app: Any, token_hash: str, sid: str, frames: int,
         app.fastredis, stream=keys.stream(sid),
         lock=keys.stream_lock(sid), heartbeats=keys.heartbeats,
         token=token_hash, sid=sid, now=repr(now),
-        expiry=repr(now + app.config['heartbeat_increment']),
+        expiry=repr(now + app.config.heartbeat_increment_in_s),
         frames=frames, digest=digest, before=before, after=after)
     return got
 
@@ -533,7 +534,7 @@ class Held:
 
     def _common(self) -> dict[str, Any]:
         keys = self.app.keys
-        expiry = time.time() + self.app.config['heartbeat_increment']
+        expiry = time.time() + self.app.config.heartbeat_increment_in_s
         return {'stream': keys.stream(self.sid), 'lock': self.lock,
                 'heartbeats': keys.heartbeats, 'holder': self.holder,
                 'sid': self.sid, 'expiry': repr(expiry)}

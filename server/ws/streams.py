@@ -25,7 +25,7 @@ from server.ws.stream_record import foreign
 
 def check_disk(app: Any) -> None:
     """Refuse new work before the disk is too full to take it."""
-    floor = app.config['min_free_disk_in_mb']
+    floor = app.config.min_free_disk_in_mb
     free = app.storage.free_mb()
     if free < floor:
         raise APIError(503, 'workserver disk is nearly full (%.0f MB free, '
@@ -59,7 +59,7 @@ async def create_stream(app: Any, target_id: str,
     (its reply was lost) finds the stream made the first time instead of
     making a second one. The stream and a new target record `cc`, the
     command center that asked: only it may use them from then on."""
-    stream_id = '%s:%s' % (creation_id or uuid.uuid4(), app.config['name'])
+    stream_id = '%s:%s' % (creation_id or uuid.uuid4(), app.config.name)
     if creation_id is not None:
         made = await _made_before(app, target_id, stream_id, cc)
         if made:
@@ -147,9 +147,9 @@ def early_windows(config: Any) -> tuple[float, float]:
     """(start, first heartbeat) windows in seconds: how long a new token
     may take to reach /core/start, then to send its first heartbeat or
     frame; never longer than heartbeat_increment."""
-    hb = config['heartbeat_increment']
-    return (min(config['core_start_window_in_s'], hb),
-            min(config['first_heartbeat_window_in_s'], hb))
+    hb = config.heartbeat_increment_in_s
+    return (min(config.core_start_window_in_s, hb),
+            min(config.first_heartbeat_window_in_s, hb))
 
 
 async def activate(app: Any, target_id: str, donor_id: str | None,

@@ -15,7 +15,10 @@ Failure policy, written for thousands of volunteer machines:
 - fatal (the CC refuses the core's own request on assign: 400/401/403/404,
   e.g. an unknown donor token): the core exits with the server's message.
 """
+from __future__ import annotations
+
 import base64
+import functools
 import hashlib
 import heapq
 import json
@@ -24,6 +27,8 @@ import random
 import threading
 import time
 import traceback
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -33,6 +38,29 @@ from siegetank import files as wire
 log = logging.getLogger('siegetank.core')
 CORE_VERSION = '1.0'
 TRANSIENT_CODES = (429, 502, 503, 504)
+T = TypeVar('T')
+Files = dict[str, bytes]
+
+
+class Run(Protocol):
+    """One stream's simulation, as an engine's `start` returns it."""
+
+    def next_frame(self, stop: threading.Event) -> tuple[Files, int] | None:
+        ...
+
+    def checkpoint(self) -> Files: ...
+
+    def close(self) -> None: ...
+
+
+class Engine(Protocol):
+    """What a core runs (siegetank.core.synthetic, openmm_engine)."""
+
+    name: str
+    version: str
+
+    def start(self, stream_files: Files, target_files: Files,
+              options: Mapping[str, Any]) -> Run: ...
 
 
 class Transient(Exception):
@@ -42,7 +70,7 @@ class Transient(Exception):
 class Permanent(Exception):
     """The server said no; retrying the same request will not help."""
 
-    def __init__(self, status, message):
+    def __init__(self, status: int, message: str) -> None:
         super().__init__('%s %s' % (status, message))
         self.status = status
         self.message = message
@@ -58,38 +86,41 @@ class Backoff:
     `sleep(seconds, stop)` is injectable for tests; it returns True if
     `stop` was set meanwhile."""
 
-    def __init__(self, first=1.0, cap=300.0, sleep=None, rng=None):
+    def __init__(self, first: float = 1.0, cap: float = 300.0,
+                 sleep: Callable[[float, threading.Event], bool] | None
+                 = None, rng: random.Random | None = None) -> None:
         self.first = first
         self.cap = cap
         self.attempt = 0
         self.sleep = sleep or (lambda seconds, stop: stop.wait(seconds))
         self.rng = rng or random.Random()
 
-    def next_delay(self):
+    def next_delay(self) -> float:
         delay = min(self.cap, self.first * 2 ** self.attempt)
         self.attempt += 1
         return delay * self.rng.uniform(0.5, 1.0)
 
-    def wait(self, stop):
+    def wait(self, stop: threading.Event) -> bool:
         """Sleep the next delay; False if `stop` was set meanwhile."""
         return not self.sleep(self.next_delay(), stop)
 
-    def reset(self):
+    def reset(self) -> None:
         self.attempt = 0
 
 
-def _error_of(reply):
+def _error_of(reply: requests.Response) -> str:
     try:
         return reply.json()['error']
     except (ValueError, KeyError, TypeError):
         return (reply.text or reply.reason or '').strip()[:200]
 
 
-def call(session, method, url, token=None, body=None, verify=True,
-         timeout=30):
+def call(session: requests.Session, method: str, url: str,
+         token: str | None = None, body: Any = None,
+         verify: bool | str = True, timeout: float = 30) -> Any:
     """One HTTPS request; returns the JSON reply (or {}), raises Transient
     or Permanent."""
-    headers = {}
+    headers: dict[str, str] = {}
     data = None
     if token:
         headers['Authorization'] = token
@@ -101,9 +132,9 @@ def call(session, method, url, token=None, body=None, verify=True,
         reply = session.request(method, url, data=data, headers=headers,
                                 verify=verify, timeout=timeout)
     except (requests.ConnectionError, requests.Timeout) as e:
-        raise Transient('%s %s: %s' % (method, url, type(e).__name__))
+        raise Transient('%s %s: %s' % (method, url, type(e).__name__)) from e
     except requests.RequestException as e:
-        raise Transient('%s %s: %s' % (method, url, e))
+        raise Transient('%s %s: %s' % (method, url, e)) from e
     if reply.status_code in TRANSIENT_CODES:
         raise Transient('%s %s: %d %s' % (method, url, reply.status_code,
                                           _error_of(reply)))
@@ -117,7 +148,7 @@ def call(session, method, url, token=None, body=None, verify=True,
     try:
         return reply.json()
     except ValueError:
-        raise Transient('%s %s: reply is not JSON' % (method, url))
+        raise Transient('%s %s: reply is not JSON' % (method, url)) from None
 
 
 class Heartbeats:
@@ -126,32 +157,33 @@ class Heartbeats:
     need one thread, not thousands. A permanent failure (token expired or
     stream gone) flags the activation as lost."""
 
-    def __init__(self, verify=True, timeout=30):
+    def __init__(self, verify: bool | str = True,
+                 timeout: float = 30) -> None:
         self.verify = verify
         self.timeout = timeout
         self.session = requests.Session()
         self.session.trust_env = False  # REQUESTS_CA_BUNDLE must not win
-        self.heap = []
+        self.heap: list[tuple[float, int, Activation, float]] = []
         self.cond = threading.Condition()
         self.closed = False
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name='siegetank-heartbeats')
         self.thread.start()
 
-    def add(self, activation, interval):
+    def add(self, activation: Activation, interval: float) -> None:
         with self.cond:
             heapq.heappush(self.heap, (time.monotonic() + interval,
                                        id(activation), activation, interval))
             self.cond.notify()
 
-    def close(self):
+    def close(self) -> None:
         with self.cond:
             self.closed = True
             self.cond.notify()
         self.thread.join()
         self.session.close()
 
-    def _run(self):
+    def _run(self) -> None:
         while True:
             with self.cond:
                 while not self.closed and (
@@ -184,14 +216,14 @@ class Heartbeats:
 class Activation:
     """One stream worked on by one core, from /core/start to /core/stop."""
 
-    def __init__(self, token, url):
+    def __init__(self, token: str, url: str) -> None:
         parts = urlsplit(url)
         if parts.scheme != 'https' or not parts.netloc:
             raise Permanent(0, 'assignment url %r is not https' % url)
         self.base = 'https://' + parts.netloc
         self.token = token
-        self.stream_id = None
-        self.target_id = None
+        self.stream_id: str | None = None
+        self.target_id: str | None = None
         self.frames = 0
         self.heartbeats = 0
         self.lost = False
@@ -204,12 +236,19 @@ class Core:
     """One core: loops over assignments until `stop` is set or it has sent
     `max_frames` frames. `stats` counts what it did."""
 
-    def __init__(self, cc, engine, ca=None, donor_token=None, target_id=None,
-                 stage=None, checkpoint_every=60.0, heartbeat_every=60.0,
-                 max_frames=None, timeout=30, backoff=None, stop=None,
-                 heartbeats=None, name='core', core_key=None):
+    def __init__(self, cc: str, engine: Engine, ca: str | None = None,
+                 donor_token: str | None = None,
+                 target_id: str | None = None, stage: str | None = None,
+                 checkpoint_every: float = 60.0,
+                 heartbeat_every: float = 60.0,
+                 max_frames: int | None = None, timeout: float = 30,
+                 backoff: Backoff | None = None,
+                 stop: threading.Event | None = None,
+                 heartbeats: Heartbeats | None = None, name: str = 'core',
+                 core_key: str | None = None) -> None:
         self.cc = cc if cc.startswith('https://') else 'https://' + cc
-        self.engine, self.verify = engine, ca or True
+        self.engine = engine
+        self.verify: bool | str = ca or True
         self.donor_token = donor_token
         self.core_key = core_key  # sent as Authorization on assign (2015)
         # what to ask for: a target (else any), a stage (else public)
@@ -226,14 +265,16 @@ class Core:
         self.session.trust_env = False  # REQUESTS_CA_BUNDLE must not win
         self.stats = {'frames': 0, 'checkpoints': 0, 'streams': 0,
                       'errors': 0, 'retries': 0}
-        self.current = None
+        self.current: Activation | None = None
 
     # -- plumbing ---------------------------------------------------------
-    def _call(self, method, url, token=None, body=None):
+    def _call(self, method: str, url: str, token: str | None = None,
+              body: Any = None) -> Any:
         return call(self.session, method, url, token, body, self.verify,
                     self.timeout)
 
-    def _retry(self, what, fn, finishing=False):
+    def _retry(self, what: str, fn: Callable[[], T],
+               finishing: bool = False) -> T | None:
         """fn() until it does not raise Transient. Gives up (returns None)
         when the core is stopping, except while `finishing` (the final
         checkpoint and stop), which get a few quick attempts."""
@@ -255,13 +296,13 @@ class Core:
                     return None
 
     @property
-    def finished(self):
+    def finished(self) -> bool:
         return self.stop.is_set() or (
             self.max_frames is not None
             and self.stats['frames'] >= self.max_frames)
 
     # -- protocol ---------------------------------------------------------
-    def assign(self):
+    def assign(self) -> Any:
         body = {'engine': self.engine.name,
                 'engine_version': self.engine.version,
                 'core_version': CORE_VERSION}
@@ -277,10 +318,10 @@ class Core:
         except Permanent as e:
             if e.status in (400, 401, 403, 404):
                 raise Fatal('the command center refused this core: %s'
-                            % e.message)
+                            % e.message) from e
             raise
 
-    def run(self):
+    def run(self) -> dict[str, int]:
         """Work until stopped; returns stats. Raises Fatal."""
         try:
             while not self.finished:
@@ -301,13 +342,13 @@ class Core:
                 self.heartbeats.close()
         return self.stats
 
-    def work(self, assignment):
+    def work(self, assignment: Any) -> None:
         """One activation: start, frames, checkpoints, stop."""
         try:
             token, url = assignment['token'], assignment['url']
         except (KeyError, TypeError):
             raise Permanent(0, 'assignment without token/url: %r'
-                            % (assignment,))
+                            % (assignment,)) from None
         act = self.current = Activation(token, url)
         start = self._retry('start', lambda: self._call(
             'GET', act.base + '/core/start', token))
@@ -318,7 +359,7 @@ class Core:
         self.stats['streams'] += 1
         log.info('%s: working on stream %s', self.name, act.stream_id)
         self.heartbeats.add(act, self.heartbeat_every)
-        run = None
+        run: Run | None = None
         try:
             try:
                 files = start.get('files') or dict(
@@ -344,7 +385,7 @@ class Core:
                 run.close()
             self.current = None
 
-    def _frames(self, act, run):
+    def _frames(self, act: Activation, run: Run) -> None:
         last_checkpoint = time.monotonic()
         while not self.finished and not act.lost:
             produced = run.next_frame(self.stop)
@@ -352,8 +393,9 @@ class Core:
                 break
             frame_files, n = produced
             body = {'files': wire.encode_files(frame_files), 'frames': n}
-            if self._retry('frame', lambda: self._call(
-                    'PUT', act.base + '/core/frame', act.token, body)) is None:
+            send = functools.partial(self._call, 'PUT',
+                                     act.base + '/core/frame', act.token, body)
+            if self._retry('frame', send) is None:
                 act.unsent = True  # the state is ahead of the sent frames
                 break
             act.frames += n
@@ -366,7 +408,8 @@ class Core:
             raise Permanent(401, 'stream %s lost (heartbeat refused)'
                             % act.stream_id)
 
-    def _checkpoint(self, act, run, finishing=False):
+    def _checkpoint(self, act: Activation, run: Run,
+                    finishing: bool = False) -> None:
         body = {'files': wire.encode_files(run.checkpoint()),
                 'frames': act.buffered}
         if self._retry('checkpoint', lambda: self._call(
@@ -375,7 +418,7 @@ class Core:
             act.buffered = 0
             self.stats['checkpoints'] += 1
 
-    def _finish(self, act, run):
+    def _finish(self, act: Activation, run: Run) -> None:
         """Checkpoint the frames sent since the last checkpoint (if any),
         then give the stream back. If the WS
         cannot be reached now, the stream comes back when its token
@@ -393,7 +436,7 @@ class Core:
         log.info('%s: stopped stream %s after %d frames', self.name,
                  act.stream_id, act.frames)
 
-    def _fail(self, act, message):
+    def _fail(self, act: Activation, message: str) -> None:
         """The engine failed: report it so the WS counts it (and stops a
         stream that keeps failing), then take a fresh assignment."""
         self.stats['errors'] += 1
