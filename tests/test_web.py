@@ -115,13 +115,6 @@ class TestBaseHandler(AppTestCase):
         self.assertEqual(self.fetch_json('/files', 'PUT', {'files': {
             'a': 'x' * 2000}})[0], 200)
 
-    def test_metrics_body_over_limit_is_413(self):
-        """/metrics runs the base prepare (its own awaited it not: no
-        body limit, a 500 on any body)."""
-        code, body = self.fetch_json('/metrics', 'POST', {'x': 'y' * 2000})
-        self.assertEqual(code, 413)
-        self.assertIn('over the limit of 1000', body['error'])
-
     def test_declared_length_over_limit_is_refused_unread(self):
         # Only the head is sent: the 413 comes without waiting for a body
         # (before, up to 1 GiB was read and dropped first).
