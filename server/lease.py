@@ -25,24 +25,24 @@ from server.lua import Script
 
 log = logging.getLogger('siegetank.lease')
 
-# Take the lease if free, or renew it if ours. KEYS: the lease. ARGV: our
-# id, the lease in ms. Returns 1 if we hold it now.
 _TAKE = Script("""
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+-- Take the lease if free, or renew it if ours (id: ours). Returns 1 if we
+-- hold it now.
+if redis.call('SET', lease, id, 'NX', 'PX', ttl_ms) then return 1 end
+if redis.call('GET', lease) == id then
+  redis.call('PEXPIRE', lease, ttl_ms)
   return 1
 end
 return 0
-""")
+""", keys=('lease',), args=('id', 'ttl_ms'))
 
-# Give the lease up if it is still ours.
 _RELEASE = Script("""
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+-- Give the lease up if it is still ours.
+if redis.call('GET', lease) == id then
+  return redis.call('DEL', lease)
 end
 return 0
-""")
+""", keys=('lease',), args=('id',))
 
 
 class Lease:
@@ -65,7 +65,8 @@ class Lease:
         started = time.monotonic()
         was = self.held
         try:
-            ok = await _TAKE(self.redis, [self.key], [self.id, self.ttl_ms])
+            ok = await _TAKE(self.redis, lease=self.key, id=self.id,
+                             ttl_ms=self.ttl_ms)
         except redis.exceptions.RedisError as e:
             log.warning('lease %s not renewed: %s', self.key, e)
             return self.held
@@ -90,7 +91,7 @@ class Lease:
         if self.held:
             self.until = 0.0
             try:
-                await _RELEASE(self.redis, [self.key], [self.id])
+                await _RELEASE(self.redis, lease=self.key, id=self.id)
             except redis.exceptions.RedisError as e:
                 log.warning('lease %s not released: %s', self.key, e)
 

@@ -14,6 +14,9 @@ name, here and nowhere else:
     HOLD = Script('...', keys=('token',), args=('now',), walks=('stream',))
     got = await HOLD(conn, token=..., now=..., stream=keys.stream.template)
 
+The last name of `keys` or of `args` may be starred ('*stages'): it takes
+a list (any length, maybe empty) and the body reads it as a Lua table.
+
 `returns` turns a table reply into a typed record (a NamedTuple or
 dataclass, called with the table's items); other replies come back as
 Redis gave them (Lua false is None).
@@ -21,8 +24,7 @@ Redis gave them (Lua false is None).
 The connection is always the caller's explicit first argument: the sync
 redis-py client (the call returns the reply), the asyncio one or a server's
 multiplexed hot-path connection (server/fastredis.py; the call returns an
-awaitable). Scripts built without names are called with positional lists,
-`script(conn, keys, args)`."""
+awaitable)."""
 import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,26 +38,50 @@ LUA_WORDS = frozenset((
     'not or repeat return then true until while').split())
 
 
+def _bare(name: str) -> str:
+    return name[1:] if name.startswith('*') else name
+
+
+def _check(names: Sequence[str], group: str) -> None:
+    for i, name in enumerate(names):
+        if name.startswith('*') and i != len(names) - 1:
+            raise ValueError('only the last of %s may take a list: %r'
+                             % (group, name))
+
+
 def _header(keys: Sequence[str], walks: Sequence[str],
             args: Sequence[str]) -> str:
-    names = list(keys) + list(walks) + list(args)
+    _check(keys, 'keys')
+    _check(args, 'args')
+    names = [_bare(n) for n in list(keys) + list(walks) + list(args)]
+    if any(n.startswith('*') for n in walks):
+        raise ValueError('walks cannot take a list: %r' % (walks,))
     for name in names:
         if not name.isidentifier() or name in LUA_WORDS:
             raise ValueError('not a Lua name: %r' % name)
     if len(set(names)) != len(names):
         raise ValueError('a name is used twice: %r' % names)
+
+    def said(group: Sequence[str]) -> str:
+        return ', '.join(_bare(n) + ('...' if n.startswith('*') else '')
+                         for n in group)
+
+    def bound(group: Sequence[str], table: str, first: int) -> list[str]:
+        return ['local %s = {unpack(%s, %d)}' % (n[1:], table, i + first)
+                if n.startswith('*') else
+                'local %s = %s[%d]' % (n, table, i + first)
+                for i, n in enumerate(group)]
+
     lines = []
     if keys:
-        lines.append('-- KEYS: ' + ', '.join(keys))
+        lines.append('-- KEYS: ' + said(keys))
     if walks:
         lines.append("-- ARGV: key templates ('%s': an id the script reads): "
-                     + ', '.join(walks))
+                     + said(walks))
     if args:
-        lines.append('-- ARGV: ' + ', '.join(args))
-    for i, name in enumerate(keys):
-        lines.append('local %s = KEYS[%d]' % (name, i + 1))
-    for i, name in enumerate(list(walks) + list(args)):
-        lines.append('local %s = ARGV[%d]' % (name, i + 1))
+        lines.append('-- ARGV: ' + said(args))
+    lines += bound(keys, 'KEYS', 1)
+    lines += bound(list(walks) + list(args), 'ARGV', 1)
     return '\n'.join(lines) + '\n' if lines else ''
 
 
@@ -77,33 +103,36 @@ class Script:
     def __init__(self, text: str, keys: Sequence[str] = (),
                  args: Sequence[str] = (), walks: Sequence[str] = (),
                  returns: Callable[..., Any] | None = None) -> None:
+        self.text = _header(keys, walks, args) + text
         self.keys, self.walks, self.args = tuple(keys), tuple(walks), \
             tuple(args)
-        self.named = bool(keys or walks or args)
-        self.text = _header(self.keys, self.walks, self.args) + text
         self.sha = hashlib.sha1(self.text.encode('utf-8')).hexdigest()
         self.returns = returns
 
+    @staticmethod
+    def _values(names: Sequence[str], named: dict[str, Any]) -> list[Any]:
+        values: list[Any] = []
+        for name in names:
+            if name.startswith('*'):
+                values.extend(named[name[1:]])
+            else:
+                values.append(named[name])
+        return values
+
     def bind(self, named: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         """(KEYS, ARGV) from keyword arguments; every name, no other."""
-        expected = self.keys + self.walks + self.args
+        expected = [_bare(n) for n in self.keys + self.walks + self.args]
         if set(named) != set(expected):
             raise TypeError('script takes %s; got %s'
                             % (sorted(expected), sorted(named)))
         for name, value in named.items():
             if value is None:
                 raise TypeError('script argument %s is None' % name)
-        return ([named[k] for k in self.keys],
-                [named[a] for a in self.walks + self.args])
+        return (self._values(self.keys, named),
+                self._values(self.walks + self.args, named))
 
-    def __call__(self, conn: Any, keys: Sequence[Any] | None = None,
-                 args: Sequence[Any] | None = None, **named: Any) -> Any:
-        if named or (self.named and keys is None and args is None):
-            if keys is not None or args is not None:
-                raise TypeError('give KEYS and ARGV by name or as lists, '
-                                'not both')
-            keys, args = self.bind(named)
-        keys, args = list(keys or ()), list(args or ())
+    def __call__(self, conn: Any, **named: Any) -> Any:
+        keys, args = self.bind(named)
         if _is_sync(conn):
             return self._typed(self._run_sync(conn, keys, args))
         return self._run_async(conn, keys, args)

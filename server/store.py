@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -225,16 +224,6 @@ class Key:
         return self.template % ids
 
 
-def argv(names: Sequence[str], **values: object) -> list[object]:
-    """A script's ARGV in the order its header names them (`names`), built
-    by name: a name missing or one too many is a TypeError, not a value
-    read from the wrong place."""
-    if set(values) != set(names):
-        raise TypeError('ARGV %s given for %s' % (sorted(values),
-                                                  list(names)))
-    return [values[name] for name in names]
-
-
 def start_embedded(settings):
     """Start the embedded Redis if the settings ask for one; returns it or
     None (redis_url given)."""
@@ -368,19 +357,20 @@ def connect_sync(url, connect_timeout=CONNECT_TIMEOUT,
     return redis.Redis.from_url(url, **options)
 
 
-async def acknowledged(redis_client, script, keys, args, replicas,
-                       timeout_ms):
-    """Run a write `script`, then WAIT until `replicas` replicas have it
-    (on the same connection: WAIT counts that connection's writes), so
+async def acknowledged(redis_client, script, replicas, timeout_ms, /,
+                       **named):
+    """Run a write `script` (its KEYS and ARGV `named`), then WAIT until
+    `replicas` replicas have it (on the same connection: WAIT counts that
+    connection's writes), so
     that a primary failover right after the reply cannot lose it. It waits
     for the replicas connected now, at most `replicas`: a primary left
     without replicas (just after a failover) acknowledges alone, and one
     whose replica lags past `timeout_ms` too; both are logged. A CC keeps
     working rather than refuse accounts while its replicas are down."""
     if not replicas:
-        return await script(redis_client, keys, args)
+        return await script(redis_client, **named)
     async with redis_client.client() as conn:
-        result = await script(conn, keys, args)
+        result = await script(conn, **named)
         connected = (await conn.info('replication')).get('connected_slaves',
                                                           0)
         wanted = min(replicas, int(connected))

@@ -29,21 +29,13 @@ import requests
 
 from siegetank import files as wire
 from siegetank import sync as syncing
+from siegetank.errors import SiegetankError
+from siegetank.errors import why as _why
 
 DEFAULT_TIMEOUT = 60
 RETRIES = 3     # tries again of a 503 or a connection not made
 MAX_WAIT = 30   # s, the longest wait before one of them
 IDEMPOTENT = ('GET', 'HEAD', 'PUT', 'DELETE')
-
-
-class SiegetankError(Exception):
-    """A request that did not succeed: `status` (None when the server could
-    not be reached) and the server's `message`."""
-
-    def __init__(self, message, status=None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def _base_url(cc):
@@ -277,14 +269,6 @@ class Client:
     def verify_token(self):
         """Raise SiegetankError unless the token is accepted."""
         self.get('/targets')
-
-
-def _why(error):
-    """The useful tail of a requests/urllib3 exception message."""
-    text = str(error.args[0] if error.args else error)
-    if 'Caused by' in text:
-        text = text.split('Caused by', 1)[1].split(': ')[-1]
-    return text.strip('"\'() ')[:200]
 
 
 def _failure(cc, error, method):

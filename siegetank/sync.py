@@ -36,6 +36,7 @@ import re
 
 import requests
 
+from siegetank.errors import SiegetankError, why
 from siegetank.files import safe_file_name, safe_stream_id, write_json
 
 log = logging.getLogger('siegetank.sync')
@@ -95,7 +96,6 @@ def fetch_file(stream, filename, path, progress=None):
     """Bring `path` up to the committed bytes of the stream's `filename`;
     returns the number of bytes received. `progress(n)` is called with
     each block's size."""
-    from siegetank.client import SiegetankError, _why
     offset, have = _settle(path)
     start = offset + have
     reply = stream.client.request(
@@ -144,7 +144,7 @@ def fetch_file(stream, filename, path, progress=None):
     except requests.RequestException as e:
         raise SiegetankError('sync of %s of stream %s interrupted (%s); sync '
                              'again to resume' % (filename, stream.id,
-                                                  _why(e))) from e
+                                                  why(e))) from e
     finally:
         reply.close()
     done = '%s.done-%d' % (path, offset)
@@ -214,13 +214,11 @@ def sync_target(target, folder, filenames=('frames.xtc',), progress=None,
     """Sync every stream of `target` under `folder` (see the module doc).
     Returns {'bytes': received, 'grown': [stream ids fetched],
     'streams': {stream id: listing entry}}."""
-    from siegetank.client import Stream
     os.makedirs(os.path.join(folder, 'streams'), exist_ok=True)
     meta_path = os.path.join(folder, 'target.json')
     meta = read_json(meta_path)
     if meta is None or meta.get('target_id') != target.id:
         if meta is not None:
-            from siegetank.client import SiegetankError
             raise SiegetankError('%s holds target %s, not %s' % (
                 folder, meta.get('target_id'), target.id))
         top = topology_file(target)
@@ -241,7 +239,7 @@ def sync_target(target, folder, filenames=('frames.xtc',), progress=None,
     for i, sid in enumerate(grown):
         if on_stream:
             on_stream(i, len(grown), sid)
-        received += sync_stream(Stream(target.client, sid, listing[sid]),
+        received += sync_stream(target.client.stream(sid),
                                 os.path.join(folder, 'streams', sid),
                                 filenames, dict(listing[sid],
                                                 target_id=target.id),

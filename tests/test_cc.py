@@ -110,12 +110,12 @@ class TestScripts(RedisTestCase):
     def test_script_survives_a_script_flush(self):
         """Called by SHA; a Redis that lost its script cache (restart,
         SCRIPT FLUSH) gets the text again."""
-        script = Script("return {KEYS[1], ARGV[1]}")
+        script = Script("return {k, a}", keys=('k',), args=('a',))
 
         async def run():
-            first = await script(self.redis, ['k'], ['a'])
+            first = await script(self.redis, k='k', a='a')
             await self.redis.script_flush()
-            return first, await script(self.redis, ['k'], ['b'])
+            return first, await script(self.redis, k='k', a='b')
         self.assertEqual(self.io_loop.run_sync(run), (['k', 'a'],
                                                       ['k', 'b']))
 

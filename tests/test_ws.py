@@ -1185,7 +1185,8 @@ class TestMultiplexedRedis(RedisTestCase):
     commands under concurrency, errors, lost script cache, lost
     connection."""
 
-    ECHO = Script("return {KEYS[1], tonumber(ARGV[1]) * 2}")
+    ECHO = Script("return {key, tonumber(n) * 2}", keys=('key',),
+                  args=('n',))
 
     def setUp(self):
         super().setUp()
@@ -1207,23 +1208,23 @@ class TestMultiplexedRedis(RedisTestCase):
     def test_concurrent_calls_get_their_own_replies(self):
         async def go():
             return await asyncio.gather(*(
-                self.ECHO(self.mux, ['k%d' % i], [i]) for i in range(300)))
+                self.ECHO(self.mux, key='k%d' % i, n=i) for i in range(300)))
         replies = self.io_loop.run_sync(go)
         self.assertEqual(replies, [['k%d' % i, 2 * i] for i in range(300)])
 
     def test_errors_and_lost_script_cache_and_connection(self):
         async def go():
             with self.assertRaises(ResponseError):
-                await Script("return redis.call('NOPE')")(self.mux, [])
-            self.assertEqual(await self.ECHO(self.mux, ['a'], [1]), ['a', 2])
+                await Script("return redis.call('NOPE')")(self.mux)
+            self.assertEqual(await self.ECHO(self.mux, key='a', n=1), ['a', 2])
             await self.redis.script_flush()  # NOSCRIPT: loaded again
-            self.assertEqual(await self.ECHO(self.mux, ['b'], [2]), ['b', 4])
+            self.assertEqual(await self.ECHO(self.mux, key='b', n=2), ['b', 4])
             await self.redis.client_kill_filter(skipme=True,
                                                 _type='normal')
             # The next command after the loss connects again.
             for _ in range(50):
                 try:
-                    return await self.ECHO(self.mux, ['c'], [3])
+                    return await self.ECHO(self.mux, key='c', n=3)
                 except ConnectionError:
                     await asyncio.sleep(0.01)
         self.assertEqual(self.io_loop.run_sync(go), ['c', 6])
@@ -1291,3 +1292,17 @@ class TestNamedScript(RedisTestCase):
             Script('return 1', keys=('end',))
         with self.assertRaises(ValueError):
             Script('return 1', keys=('a',), args=('a',))
+        with self.assertRaises(ValueError):
+            Script('return 1', keys=('*a', 'b'))
+
+    def test_a_starred_name_takes_a_list(self):
+        """The last key or arg starred takes a list of any length."""
+        both = Script('return {#sets, sets[1] or false, first, #rest}',
+                      keys=('*sets',), args=('first', '*rest'))
+        sync = store.connect_sync(self.redis_server.url)
+        self.addCleanup(sync.close)
+        self.assertEqual(both(sync, sets=['s1', 's2'], first='f', rest=[]),
+                         [2, 's1', 'f', 0])
+        self.assertEqual(both(sync, sets=[], first='f', rest=['a', 'b']),
+                         [0, None, 'f', 2])
+        self.assertIn('-- KEYS: sets...\n', both.text)

@@ -32,7 +32,6 @@ from redis.exceptions import WatchError
 from server import store, threads
 from server.cc import keys
 from server.lua import Script
-from server.store import argv
 from server.tokens import new_token, token_hash
 from server.web import APIError, APIHandler, Permission, allow, role, too_many
 
@@ -81,43 +80,41 @@ class BootstrapClosed(Exception):
 
 _CREATE = Script("""
 -- Create an account unless it or a unique key exists, in one step.
--- KEYS: account, the unique keys (k of them: a donor's email), token (the
--- key of its token hash), admins.
--- ARGV: name (what the token leads to), bootstrap ('1': made without a
--- token, refused once an admin exists), admin ('1': it joins admins),
--- the k unique keys' values, then the account's field/value pairs.
+-- token: the key of its token hash; name: what the token leads to;
+-- bootstrap '1': made without a token, refused once an admin exists;
+-- admin '1': it joins admins; uniques: keys that must not exist (a
+-- donor's email), set to `name`; fields: the account's field/value pairs.
 -- Returns 1 created, 0 taken, -1 bootstrap closed.
-local n = #KEYS
-local account, token, admins = KEYS[1], KEYS[n - 1], KEYS[n]
-local name, bootstrap, admin = ARGV[1], ARGV[2], ARGV[3]
 if bootstrap == '1' and redis.call('SCARD', admins) > 0 then return -1 end
-for i = 1, n - 2 do
-  if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
+if redis.call('EXISTS', account) == 1 then return 0 end
+for _, unique in ipairs(uniques) do
+  if redis.call('EXISTS', unique) == 1 then return 0 end
 end
-for i = 2, n - 2 do redis.call('SET', KEYS[i], ARGV[i + 2]) end
-redis.call('HSET', account, unpack(ARGV, n + 1))
+for _, unique in ipairs(uniques) do redis.call('SET', unique, name) end
+redis.call('HSET', account, unpack(fields))
 redis.call('SET', token, name)
 if admin == '1' then redis.call('SADD', admins, name) end
 return 1
-""")
+""", keys=('account', 'token', 'admins', '*uniques'),
+    args=('name', 'bootstrap', 'admin', '*fields'))
 
 
-async def _create(app: Any, account_key: str, unique_keys: dict[str, str],
+async def _create(app: Any, account_key: str, unique_keys: list[str],
                   fields: dict[str, str], token_key: str, name: str,
                   bootstrap: bool = False) -> bool:
-    """Create the account hash unless it or one of `unique_keys` exists;
-    returns False on a duplicate. `token_key` -> `name` is the login. A
-    manager made by `bootstrap` (no token) raises BootstrapClosed once an
-    admin exists; a new admin joins the admins set, in the same step. The
-    reply waits for `redis_wait_replicas` replicas (store.acknowledged)."""
+    """Create the account hash unless it or one of `unique_keys` exists
+    (they lead to `name` then); returns False on a duplicate. `token_key`
+    -> `name` is the login. A manager made by `bootstrap` (no token) raises
+    BootstrapClosed once an admin exists; a new admin joins the admins set,
+    in the same step. The reply waits for `redis_wait_replicas` replicas
+    (store.acknowledged)."""
     created = await store.acknowledged(
-        app.redis, _CREATE,
-        [account_key, *unique_keys, token_key, keys.admins],
-        [name, '1' if bootstrap else '0',
-         '1' if fields.get('role') == 'admin' else '0',
-         *unique_keys.values(), *chain.from_iterable(fields.items())],
-        app.config.redis_wait_replicas,
-        app.config.redis_wait_timeout_in_ms)
+        app.redis, _CREATE, app.config.redis_wait_replicas,
+        app.config.redis_wait_timeout_in_ms, account=account_key,
+        token=token_key, admins=keys.admins, uniques=unique_keys,
+        name=name, bootstrap='1' if bootstrap else '0',
+        admin='1' if fields.get('role') == 'admin' else '0',
+        fields=list(chain.from_iterable(fields.items())))
     if created == -1:
         raise BootstrapClosed()
     return created == 1
@@ -165,7 +162,7 @@ async def create_manager(app: Any, email: str, password: str, role: str,
     token, th = new_token()
     fields = {'email': email, 'role': role, 'weight': repr(float(weight)),
               'password': await hash_password(password), 'token': th}
-    ok = await _create(app, keys.manager(email), {}, fields,
+    ok = await _create(app, keys.manager(email), [], fields,
                        keys.manager_token(th), email, bootstrap)
     return token if ok else None
 
@@ -194,35 +191,30 @@ async def _authenticate(redis: Any, account_key: str,
     return token
 
 
+def _found_manager(email: str, role: str, weight: str) -> Manager:
+    return Manager(email, role, float(weight))
+
+
 _MANAGER_OF = Script("""
 -- The manager of a token hash in one step.
--- KEYS: manager_token. ARGV: manager_template.
--- Returns {email, role, weight} or nil.
-local token = KEYS[1]
-local manager_template = ARGV[1]
+-- Returns {email, role, weight} (a Manager) or nil.
 local email = redis.call('GET', token)
 if not email then return false end
-local h = redis.call('HMGET', string.format(manager_template,
-                                            redis.sha1hex(email)),
+local h = redis.call('HMGET', string.format(manager, redis.sha1hex(email)),
                      'role', 'weight')
 if not h[1] then return false end
 return {email, h[1], h[2] or '1'}
-""")
-_MANAGER_OF_ARGS = ('manager_template',)
+""", keys=('token',), walks=('manager',), returns=_found_manager)
 
 
 async def manager_of(app: Any, token: str | None) -> Manager | None:
     """The Manager a token belongs to, or None."""
     if not token:
         return None
-    found = await _MANAGER_OF(app.redis,
-                              [keys.manager_token(token_hash(token))],
-                              argv(_MANAGER_OF_ARGS,
-                                   manager_template=keys.manager.template))
-    if found is None:
-        return None
-    email, role, weight = found
-    return Manager(email, role, float(weight))
+    found: Manager | None = await _MANAGER_OF(
+        app.redis, token=keys.manager_token(token_hash(token)),
+        manager=keys.manager.template)
+    return found
 
 
 async def create_donor(app: Any, username: str, email: str,
@@ -232,7 +224,7 @@ async def create_donor(app: Any, username: str, email: str,
     fields = {'username': username, 'email': email,
               'password': await hash_password(password), 'token': th}
     ok = await _create(app, keys.donor(username),
-                       {keys.donor_email(email): username}, fields,
+                       [keys.donor_email(email)], fields,
                        keys.donor_token(th), username)
     return token if ok else None
 
@@ -246,35 +238,28 @@ async def donor_of(app: Any, token: str | None) -> str | None:
 
 _LOGIN_BLOCKED = Script("""
 -- Failed logins: refused while the account's or the address's count in
--- this window is at its budget.
--- KEYS: account_fails, address_fails (counters).
--- ARGV: account_budget, address_budget (in the order of KEYS).
--- Returns the seconds to wait, or 0.
-for i = 1, 2 do
-  local n = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if n >= tonumber(ARGV[i]) then
-    return math.max(redis.call('TTL', KEYS[i]), 1)
+-- this window is at its budget. Returns the seconds to wait, or 0.
+for _, c in ipairs({{account_fails, account_budget},
+                    {address_fails, address_budget}}) do
+  local n = tonumber(redis.call('GET', c[1]) or '0')
+  if n >= tonumber(c[2]) then
+    return math.max(redis.call('TTL', c[1]), 1)
   end
 end
 return 0
-""")
+""", keys=('account_fails', 'address_fails'),
+    args=('account_budget', 'address_budget'))
 
 _LOGIN_FAILED = Script("""
 -- Count a failed login against both; each count lives for the window
--- from its first failure.
--- KEYS: account_fails, address_fails. ARGV: window_s. Returns 1.
-local window_s = ARGV[1]
-for i = 1, 2 do
-  if redis.call('INCR', KEYS[i]) == 1 or redis.call('TTL', KEYS[i]) < 0 then
-    redis.call('EXPIRE', KEYS[i], window_s)
+-- from its first failure. Returns 1.
+for _, fails in ipairs({account_fails, address_fails}) do
+  if redis.call('INCR', fails) == 1 or redis.call('TTL', fails) < 0 then
+    redis.call('EXPIRE', fails, window_s)
   end
 end
 return 1
-""")
-
-
-_LOGIN_BLOCKED_ARGS = ('account_budget', 'address_budget')
-_LOGIN_FAILED_ARGS = ('window_s',)
+""", keys=('account_fails', 'address_fails'), args=('window_s',))
 
 
 async def login(handler: APIHandler, scope: str, name: str, account_key: str,
@@ -284,23 +269,23 @@ async def login(handler: APIHandler, scope: str, name: str, account_key: str,
     address has used its failure budget; a success clears the account's
     count."""
     config, redis = handler.config, handler.redis
-    counters = [keys.login_fails(scope, name),
-                keys.login_fails('addr', handler.request.remote_ip)]
-    wait = await _LOGIN_BLOCKED(redis, counters, argv(
-        _LOGIN_BLOCKED_ARGS,
-        account_budget=config.login_fails_per_account,
-        address_budget=config.login_fails_per_address))
+    counters = {'account_fails': keys.login_fails(scope, name),
+                'address_fails': keys.login_fails(
+                    'addr', handler.request.remote_ip)}
+    wait = await _LOGIN_BLOCKED(
+        redis, **counters, account_budget=config.login_fails_per_account,
+        address_budget=config.login_fails_per_address)
     if wait:
         raise too_many('too many failed logins for this account or address;'
                        ' retry later', wait)
     token = await _authenticate(redis, account_key, token_key_of, name,
                                 password)
     if token is None:
-        await _LOGIN_FAILED(redis, counters, argv(
-            _LOGIN_FAILED_ARGS, window_s=config.login_fail_window_in_s))
+        await _LOGIN_FAILED(redis, **counters,
+                            window_s=config.login_fail_window_in_s)
         raise APIError(401, 'wrong %s or password'
                        % ('email' if scope == 'manager' else 'username'))
-    await redis.delete(counters[0])
+    await redis.delete(counters['account_fails'])
     return token
 
 

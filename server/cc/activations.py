@@ -14,10 +14,9 @@ import logging
 
 from server import peer
 from server.cc import workservers
+from server.sessions_common import MAX_ACTIVATIONS
 
 log = logging.getLogger('siegetank.cc.activations')
-
-MAX_BATCH = 64  # the WS's bound (ws/cc_api.MAX_ACTIVATIONS)
 
 
 class Activations:
@@ -40,8 +39,8 @@ class Activations:
     async def _send_all(self, ws):
         try:
             while self.pending.get(ws):
-                batch = self.pending[ws][:MAX_BATCH]
-                del self.pending[ws][:MAX_BATCH]
+                batch = self.pending[ws][:MAX_ACTIVATIONS]
+                del self.pending[ws][:MAX_ACTIVATIONS]
                 try:
                     tokens = await self._call(ws, batch)
                 except Exception:

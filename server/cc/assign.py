@@ -29,6 +29,7 @@ import json
 import random
 import time
 import uuid
+from typing import Any, NamedTuple
 
 from server import metrics
 from server.cc import (
@@ -39,7 +40,6 @@ from server.cc import (
     workservers,
 )
 from server.lua import Script
-from server.store import argv
 from server.tokens import token_hash
 from server.web import APIError, APIHandler, allow, check_target_id, too_many
 
@@ -53,14 +53,20 @@ def weighted_order(weights):
     return [item for _, item in keyed]
 
 
+class Admission(NamedTuple):
+    """_CANDIDATES' reply (see there)."""
+    donor: str | None
+    rows: list[list[Any]]
+    retry_after: int
+    client: str
+
+
 _CANDIDATES = Script("""
 -- Admission and every candidate in one round trip.
--- KEYS: the stage index sets to draw from.
--- ARGV: engine, version, target_template, target_ws_template,
--- ws_template, target_id (a named target or ''), donor_token_key (the key
--- of the donor's token or ''), address (the client's), now,
--- held_template, rate_template (a client's held set and rate counter),
--- max_held, hold_s, max_per_minute, member (fresh, for the held set).
+-- stages: the stage index sets to draw from; target_id: a named target or
+-- ''; donor_hash: the hash of the donor's token or ''; address: the
+-- client's; client_held, client_rate: a client's held set and rate
+-- counter; member: fresh, for the held set.
 -- Returns {donor, candidates, retry_after, client}: donor is '' when not
 -- asked, nil for an unknown token, else the username; the client is
 -- 'donor:<username>' or the address; retry_after > 0 means refused (429):
@@ -70,25 +76,22 @@ _CANDIDATES = Script("""
 -- whose engine and versions match, with streams on an online WS:
 -- {target_id, weight, options, ws, count, url, port, ws, count, ...}.
 """ + targets.MATCH_LUA + workservers.ADDRESS_LUA + """
-local engine, version, target_template, target_ws_template, ws_template,
-  target_id, donor_token_key, address, now, held_template, rate_template,
-  max_held, hold_s, max_per_minute, member = unpack(ARGV)
 now, max_held, hold_s = tonumber(now), tonumber(max_held), tonumber(hold_s)
 max_per_minute = tonumber(max_per_minute)
 local donor = ''
-if donor_token_key ~= '' then
-  donor = redis.call('GET', donor_token_key)
+if donor_hash ~= '' then
+  donor = redis.call('GET', string.format(donor_token, donor_hash))
   if not donor then return {false, {}, 0, ''} end
 end
 local client = address
 if donor ~= '' then client = 'donor:' .. donor end
-local held = string.format(held_template, client)
+local held = string.format(client_held, client)
 redis.call('ZREMRANGEBYSCORE', held, '-inf', now)
 if redis.call('ZCARD', held) >= max_held then
   local first = redis.call('ZRANGE', held, 0, 0, 'WITHSCORES')
   return {donor, {}, math.max(1, math.ceil(tonumber(first[2]) - now)), client}
 end
-local rate = string.format(rate_template, client)
+local rate = string.format(client_rate, client)
 local asked = redis.call('INCR', rate)
 local ttl = redis.call('TTL', rate)
 if ttl < 0 then
@@ -101,30 +104,29 @@ redis.call('EXPIRE', held, hold_s + 1)
 local ids
 if target_id ~= '' then
   ids = {}
-  for i = 1, #KEYS do
-    if redis.call('SISMEMBER', KEYS[i], target_id) == 1 then
+  for _, stage in ipairs(stages) do
+    if redis.call('SISMEMBER', stage, target_id) == 1 then
       ids = {target_id}
       break
     end
   end
 else
-  ids = redis.call('SUNION', unpack(KEYS))
+  ids = redis.call('SUNION', unpack(stages))
 end
 local ws_info = {}
 local result = {}
 for _, tid in ipairs(ids) do
-  local weight, options = target_match(string.format(target_template, tid),
+  local weight, options = target_match(string.format(target, tid),
                                        engine, version)
   if weight then
     local entry = {tid, weight, options}
-    local counts = redis.call('HGETALL', string.format(target_ws_template,
-                                                       tid))
+    local counts = redis.call('HGETALL', string.format(target_ws, tid))
     for i = 1, #counts, 2 do
       local name, n = counts[i], tonumber(counts[i + 1])
       if n and n > 0 then
         local w = ws_info[name]
         if w == nil then
-          w = {ws_address(string.format(ws_template, name))}
+          w = {ws_address(string.format(ws, name))}
           ws_info[name] = w
         end
         if w[1] then
@@ -139,12 +141,12 @@ for _, tid in ipairs(ids) do
   end
 end
 return {donor, result, 0, client}
-""")
-_CANDIDATES_ARGS = (
-    'engine', 'version', 'target_template', 'target_ws_template',
-    'ws_template', 'target_id', 'donor_token_key', 'address', 'now',
-    'held_template', 'rate_template', 'max_held', 'hold_s', 'max_per_minute',
-    'member')
+""", keys=('*stages',),
+    walks=('target', 'target_ws', 'ws', 'donor_token', 'client_held',
+           'client_rate'),
+    args=('engine', 'version', 'target_id', 'donor_hash', 'address', 'now',
+          'max_held', 'hold_s', 'max_per_minute', 'member'),
+    returns=Admission)
 
 
 def client_of(address):
@@ -182,20 +184,19 @@ async def candidates(app, engine, version, stages, target_id, donor_token,
     for a client over its limits."""
     config = app.config
     member = uuid.uuid4().hex
-    donor, rows, retry, client = await _CANDIDATES(
-        app.fastredis, [keys.stage_targets(s) for s in stages], argv(
-            _CANDIDATES_ARGS, engine=engine, version=version,
-            target_template=keys.target.template,
-            target_ws_template=keys.target_ws.template,
-            ws_template=keys.ws.template, target_id=target_id or '',
-            donor_token_key=keys.donor_token(token_hash(donor_token))
-            if donor_token else '', address=client_of(address),
-            now=repr(time.time()), held_template=keys.client_held.template,
-            rate_template=keys.client_rate.template,
-            max_held=config.client_max_held_streams,
-            hold_s=config.client_hold_in_s,
-            max_per_minute=config.client_assigns_per_minute,
-            member=member))
+    got: Admission = await _CANDIDATES(
+        app.fastredis, stages=[keys.stage_targets(s) for s in stages],
+        target=keys.target.template, target_ws=keys.target_ws.template,
+        ws=keys.ws.template, donor_token=keys.donor_token.template,
+        client_held=keys.client_held.template,
+        client_rate=keys.client_rate.template, engine=engine,
+        version=version, target_id=target_id or '',
+        donor_hash=token_hash(donor_token) if donor_token else '',
+        address=client_of(address), now=repr(time.time()),
+        max_held=config.client_max_held_streams,
+        hold_s=config.client_hold_in_s,
+        max_per_minute=config.client_assigns_per_minute, member=member)
+    donor, retry = got.donor, got.retry_after
     if donor is None:
         raise APIError(401, 'unknown donor token')
     if retry:
@@ -206,12 +207,12 @@ async def candidates(app, engine, version, stages, target_id, donor_token,
                           config.client_hold_in_s,
                           config.client_assigns_per_minute), retry)
     result = []
-    for row in rows:
+    for row in got.rows:
         ws = {row[i]: (int(row[i + 1]), 'https://%s:%s' % (row[i + 2],
                                                            row[i + 3]))
               for i in range(3, len(row), 4)}
         result.append((row[0], float(row[1]), row[2], ws))
-    return Admitted(donor or None, client, member), result
+    return Admitted(donor or None, got.client, member), result
 
 
 async def activate(app, ws, base, target_id, admitted, core=None):

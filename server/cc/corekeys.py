@@ -14,13 +14,12 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from server import tokens
 from server.cc import keys
 from server.cc.targets import ENGINE
 from server.lua import Script
-from server.store import argv
 from server.web import APIError, APIHandler, Permission, allow, role
 
 log = logging.getLogger('siegetank.cc.corekeys')
@@ -63,22 +62,25 @@ class CoreKey:
                 'last_used': self.last_used}
 
 
+class Use(NamedTuple):
+    """_USE's verdict, and the engine of a LIVE key."""
+    verdict: int
+    engine: str | None = None
+
+
 _USE = Script("""
 -- The key's engine, and its last use recorded, in one step.
--- KEYS: core_key_hash. ARGV: core_key_template, now.
--- Returns {0} unknown, {1} revoked, {2, engine}.
-local key_hash = KEYS[1]
-local core_key_template, now = unpack(ARGV)
-local id = redis.call('GET', key_hash)
+-- Returns {0} unknown, {1} revoked, {2, engine} (a Use).
+local id = redis.call('GET', core_key_hash)
 if not id then return {0} end
-local key = string.format(core_key_template, id)
+local key = string.format(core_key, id)
 local k = redis.call('HMGET', key, 'engine', 'revoked')
 if not k[1] then return {0} end
 if k[2] == '1' then return {1} end
 redis.call('HSET', key, 'last_used', now)
 return {2, k[1]}
-""")
-_USE_ARGS = ('core_key_template', 'now')
+""", keys=('core_key_hash',), walks=('core_key',), args=('now',),
+    returns=Use)
 UNKNOWN, REVOKED, LIVE = 0, 1, 2  # _USE's verdicts
 
 
@@ -129,15 +131,15 @@ async def _core_key(handler: APIHandler, rule: Permission) -> str | None:
             raise APIError(401, 'this command center requires a core key '
                            '(Authorization): %s' % UPDATE)
         return None
-    found = await _USE(handler.redis, [keys.core_key_hash(
-        tokens.token_hash(key))], argv(
-            _USE_ARGS, core_key_template=keys.core_key.template,
-            now=repr(time.time())))
-    if found[0] == UNKNOWN:
+    found: Use = await _USE(
+        handler.redis, core_key_hash=keys.core_key_hash(
+            tokens.token_hash(key)),
+        core_key=keys.core_key.template, now=repr(time.time()))
+    if found.verdict == UNKNOWN:
         raise APIError(401, 'unknown core key: %s' % UPDATE)
-    if found[0] == REVOKED:
+    if found.verdict == REVOKED:
         raise APIError(401, 'this core key has been revoked: %s' % UPDATE)
-    return found[1]
+    return found.engine
 
 
 class KeysHandler(APIHandler):

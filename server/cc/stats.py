@@ -18,48 +18,44 @@ import time
 from server.cc import accounts, keys
 from server.cc.targets import owns_target
 from server.lua import Script
+from server.sessions_common import REASONS, SESSION_FIELDS
 from server.web import APIError, APIHandler, allow
 
 SEEN_TTL_S = 7 * 86400       # a repeated record arrives within minutes
 SESSION_LOG_MAX = 100000     # records kept in the log (oldest dropped)
 TOP_MAX = 1000
-REASONS = ('stop', 'error', 'expiry', 'manager_stop', 'deletion',
-           'ws_restart')
-FIELDS = ('id', 'donor', 'engine', 'core_version', 'target_id',
-          'stream_id', 'start', 'end', 'reason', 'frames')
-
-# ARGV: ws name, JSON list of records, seen TTL, log max length, then the
-# key templates. Returns how many records were new.
 _STORE = Script("""
-local ws = ARGV[1]
+-- Store a batch of session records (JSON list) from the WS `ws`: each
+-- new one (seen for seen_ttl_s by its id) goes into the session log (at
+-- most log_max long) and its aggregates. Returns how many were new.
 local new = 0
-for _, r in ipairs(cjson.decode(ARGV[2])) do
-  if redis.call('SET', string.format(ARGV[5], r.id), '1', 'NX', 'EX',
-                ARGV[3]) then
+for _, r in ipairs(cjson.decode(records)) do
+  if redis.call('SET', string.format(session_seen, r.id), '1', 'NX', 'EX',
+                seen_ttl_s) then
     new = new + 1
     local frames = r.frames
-    local t = string.format(ARGV[6], r.target_id)
+    local t = string.format(target_stats, r.target_id)
     redis.call('HINCRBY', t, 'frames', frames)
     redis.call('HINCRBY', t, 'sessions', 1)
     redis.call('HINCRBY', t, 'end:' .. r.reason, 1)
-    redis.call('HINCRBY', string.format(ARGV[7], r.target_id),
+    redis.call('HINCRBY', string.format(target_hours, r.target_id),
                tostring(math.floor(r['end'] / 3600)), frames)
-    local w = string.format(ARGV[8], ws)
+    local w = string.format(ws_stats, ws)
     redis.call('HINCRBY', w, 'frames', frames)
     redis.call('HINCRBY', w, 'sessions', 1)
     if r.donor ~= '' then
-      local d = string.format(ARGV[9], r.donor)
+      local d = string.format(donor_stats, r.donor)
       redis.call('HINCRBY', d, 'frames', frames)
       redis.call('HINCRBY', d, 'sessions', 1)
       local last = tonumber(redis.call('HGET', d, 'last_seen') or '0')
       if r['end'] > last then
         redis.call('HSET', d, 'last_seen', string.format('%.3f', r['end']))
       end
-      redis.call('SADD', string.format(ARGV[10], r.donor), r.target_id)
-      redis.call('SADD', string.format(ARGV[11], r.target_id), r.donor)
-      redis.call('ZINCRBY', ARGV[12], frames, r.donor)
+      redis.call('SADD', string.format(donor_targets, r.donor), r.target_id)
+      redis.call('SADD', string.format(target_donors, r.target_id), r.donor)
+      redis.call('ZINCRBY', donors_by_frames, frames, r.donor)
     end
-    redis.call('XADD', ARGV[13], 'MAXLEN', '~', ARGV[4], '*',
+    redis.call('XADD', sessions, 'MAXLEN', '~', log_max, '*',
                'id', r.id, 'donor', r.donor, 'engine', r.engine,
                'core_version', r.core_version, 'target_id', r.target_id,
                'stream_id', r.stream_id, 'ws', ws,
@@ -69,14 +65,17 @@ for _, r in ipairs(cjson.decode(ARGV[2])) do
   end
 end
 return new
-""")
+""", keys=('donors_by_frames', 'sessions'),
+    walks=('session_seen', 'target_stats', 'target_hours', 'ws_stats',
+           'donor_stats', 'donor_targets', 'target_donors'),
+    args=('ws', 'records', 'seen_ttl_s', 'log_max'))
 
 
 def clean(record):
     """A session record from a WS with the types the Lua step relies on,
     or None if it is not one."""
     try:
-        r = {f: record[f] for f in FIELDS}
+        r = {f: record[f] for f in SESSION_FIELDS}
         for f in ('id', 'engine', 'core_version', 'target_id', 'stream_id'):
             if not isinstance(r[f], str) or len(r[f]) > 200:
                 return None
@@ -100,12 +99,17 @@ async def store(redis, ws_name, records):
     good = [r for r in map(clean, records) if r is not None]
     if not good:
         return 0
-    return await _STORE(redis, [], [
-        ws_name, json.dumps(good), SEEN_TTL_S, SESSION_LOG_MAX,
-        keys.session_seen.template, keys.target_stats.template,
-        keys.target_hours.template, keys.ws_stats.template,
-        keys.donor_stats.template, keys.donor_targets.template,
-        keys.target_donors.template, keys.DONORS_BY_FRAMES, keys.SESSIONS])
+    return await _STORE(
+        redis, donors_by_frames=keys.DONORS_BY_FRAMES, sessions=keys.SESSIONS,
+        session_seen=keys.session_seen.template,
+        target_stats=keys.target_stats.template,
+        target_hours=keys.target_hours.template,
+        ws_stats=keys.ws_stats.template,
+        donor_stats=keys.donor_stats.template,
+        donor_targets=keys.donor_targets.template,
+        target_donors=keys.target_donors.template, ws=ws_name,
+        records=json.dumps(good), seen_ttl_s=SEEN_TTL_S,
+        log_max=SESSION_LOG_MAX)
 
 
 async def donor(redis, username):

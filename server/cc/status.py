@@ -17,18 +17,13 @@ from typing import Any
 
 from server import store
 from server.cc import keys, reports, workservers
+from server.sessions_common import MINUTES_KEPT, minute
 from server.web import APIHandler, allow
 
 log = logging.getLogger('siegetank.cc.status')
 
 HISTORY = 60
-KEPT_MINUTES = 120
 COUNTED = ('assignments', 'no_work')
-
-
-def minute(t=None):
-    return int((time.time() if t is None else t) // 60)
-
 
 FLUSH_MS = 1000  # how often a worker adds its counts to the store
 
@@ -58,8 +53,8 @@ async def flush(app):
 
 
 async def forget_old_minutes(redis):
-    """Drop counts older than KEPT_MINUTES (run by the periodic collect)."""
-    oldest = minute() - KEPT_MINUTES
+    """Drop counts older than MINUTES_KEPT (run by the periodic collect)."""
+    oldest = minute() - MINUTES_KEPT
     for what in COUNTED:
         old = [m for m in await redis.hkeys(keys.per_minute(what))
                if int(m) < oldest]

@@ -135,35 +135,34 @@ end
 """
 
 _CREATE = Script("""
--- A target becomes visible with its files made permanent.
--- KEYS: target, targets, owner_targets, stage_targets, target_files.
--- ARGV: target_id, then the record's field/value pairs. Returns 1.
-local target, all, owned, staged, files = unpack(KEYS)
-local target_id = ARGV[1]
+-- A target becomes visible with its files made permanent: it joins
+-- every target's set (all), its owner's (owned) and its stage's (staged).
+-- fields: the record's field/value pairs. Returns 1.
 redis.call('PERSIST', files)
-redis.call('HSET', target, unpack(ARGV, 2))
+redis.call('HSET', target, unpack(fields))
 for _, set in ipairs({all, owned, staged}) do
   redis.call('SADD', set, target_id)
 end
 return 1
-""")
+""", keys=('target', 'all', 'owned', 'staged', 'files'),
+    args=('target_id', '*fields'))
 UNCLAIMED_FILES_MS = 24 * 3600 * 1000
 
 _UPDATE = Script("""
--- Change only the given fields, and the stage index with the stage,
--- unless the target was deleted meanwhile.
--- KEYS: target, then (a stage change) every stage's set and the new
--- stage's set. ARGV: target_id, then field/value pairs.
+-- Change only the given fields (field/value pairs), and the stage index
+-- with the stage, unless the target was deleted meanwhile. stages: none,
+-- or (a stage change) every stage's set and then the new stage's set.
 -- Returns 1, or 0 for a target that is gone.
-local target, target_id = KEYS[1], ARGV[1]
 if redis.call('EXISTS', target) == 0 then return 0 end
-for i = 2, #ARGV, 2 do redis.call('HSET', target, ARGV[i], ARGV[i + 1]) end
-if #KEYS > 1 then
-  for i = 2, #KEYS - 1 do redis.call('SREM', KEYS[i], target_id) end
-  redis.call('SADD', KEYS[#KEYS], target_id)
+for i = 1, #fields, 2 do
+  redis.call('HSET', target, fields[i], fields[i + 1])
+end
+if #stages > 0 then
+  for i = 1, #stages - 1 do redis.call('SREM', stages[i], target_id) end
+  redis.call('SADD', stages[#stages], target_id)
 end
 return 1
-""")
+""", keys=('target', '*stages'), args=('target_id', '*fields'))
 
 
 async def read_files(app, target_id, names):
@@ -284,24 +283,25 @@ async def create(app: Any, owner: str, fields: dict[str, Any],
         pipe.pexpire(keys.target_files(tid), UNCLAIMED_FILES_MS)
         await pipe.execute()
     await store.acknowledged(
-        app.redis, _CREATE,
-        [keys.target(tid), keys.TARGETS, keys.owner_targets(owner),
-         keys.stage_targets(target.stage), keys.target_files(tid)],
-        [tid, *chain.from_iterable(target.to_hash().items())],
-        app.config.redis_wait_replicas,
-        app.config.redis_wait_timeout_in_ms)
+        app.redis, _CREATE, app.config.redis_wait_replicas,
+        app.config.redis_wait_timeout_in_ms, target=keys.target(tid),
+        all=keys.TARGETS, owned=keys.owner_targets(owner),
+        staged=keys.stage_targets(target.stage),
+        files=keys.target_files(tid), target_id=tid,
+        fields=list(chain.from_iterable(target.to_hash().items())))
     return tid
 
 
 async def update(app: Any, target_id: str, changes: dict[str, Any]) -> bool:
     """Apply `changes` (read by read_fields); False if the target is gone."""
     pairs = [(name, _stored(name, value)) for name, value in changes.items()]
-    ks = [keys.target(target_id)]
+    stages = []
     if 'stage' in changes:
-        ks += [keys.stage_targets(s) for s in STAGES]
-        ks.append(keys.stage_targets(changes['stage']))
-    return bool(await _UPDATE(app.redis, ks,
-                              [target_id, *chain.from_iterable(pairs)]))
+        stages = [keys.stage_targets(s) for s in STAGES]
+        stages.append(keys.stage_targets(changes['stage']))
+    return bool(await _UPDATE(
+        app.redis, target=keys.target(target_id), stages=stages,
+        target_id=target_id, fields=list(chain.from_iterable(pairs))))
 
 
 async def _forget(redis, target_id):

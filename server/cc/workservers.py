@@ -25,7 +25,6 @@ from server import peer, tokens
 from server.cc import keys
 from server.config import is_host, port_number
 from server.lua import Script
-from server.store import argv
 from server.web import APIError, APIHandler, Permission, allow, role
 
 log = logging.getLogger('siegetank.cc.ws')
@@ -86,36 +85,29 @@ end
 
 _FAIL = Script("""
 -- Count a failure; at the threshold the WS goes offline (nothing for a
--- WS removed meanwhile). KEYS: ws. ARGV: max_fails. Returns the count.
-local ws = KEYS[1]
-local max_fails = tonumber(ARGV[1])
+-- WS removed meanwhile). Returns the count.
 if redis.call('EXISTS', ws) == 0 then return 0 end
 local fails = redis.call('HINCRBY', ws, 'fails', 1)
-if fails >= max_fails then redis.call('HSET', ws, 'online', '0') end
+if fails >= tonumber(max_fails) then redis.call('HSET', ws, 'online', '0') end
 return fails
-""")
-_FAIL_ARGS = ('max_fails',)
+""", keys=('ws',), args=('max_fails',))
 
 _SUCCESS = Script("""
 -- A WS that answers is online again (fails reset), unless it said
--- goodbye. KEYS: ws. ARGV: none. Returns 1, or 0 for an unknown WS.
-local ws = KEYS[1]
+-- goodbye. Returns 1, or 0 for an unknown WS.
 if redis.call('EXISTS', ws) == 0 then return 0 end
 redis.call('HSET', ws, 'fails', 0)
 if redis.call('HGET', ws, 'disconnected') ~= '1' then
   redis.call('HSET', ws, 'online', 1)
 end
 return 1
-""")
+""", keys=('ws',))
 
 _REGISTER = Script("""
 -- Register (register == '1') or disconnect the WS from address `source`,
 -- unless it is online and registered from another address.
--- KEYS: ws, workservers. ARGV: url, http_port, source, register, name.
 -- Returns an Outcome: 1 done, 0 online elsewhere, -1 (disconnecting) an
 -- unknown WS.
-local ws, workservers = KEYS[1], KEYS[2]
-local url, http_port, source, register, name = unpack(ARGV)
 local h = redis.call('HMGET', ws, 'online', 'source')
 if register ~= '1' and not h[1] then return -1 end
 if h[1] == '1' and h[2] and h[2] ~= '' and h[2] ~= source then return 0 end
@@ -127,43 +119,40 @@ else
   redis.call('HSET', ws, 'online', 0, 'disconnected', 1)
 end
 return 1
-""")
-_REGISTER_ARGS = ('url', 'http_port', 'source', 'register', 'name')
+""", keys=('ws', 'workservers'),
+    args=('url', 'http_port', 'source', 'register', 'name'))
 
 _REMOVE = Script("""
--- Forget an offline WS. KEYS: ws, its pending deletions, workservers.
--- ARGV: name. Returns an Outcome: 1 done, 0 online, -1 unknown.
-local ws, pending, workservers = KEYS[1], KEYS[2], KEYS[3]
-local name = ARGV[1]
+-- Forget an offline WS (pending: its pending deletions).
+-- Returns an Outcome: 1 done, 0 online, -1 unknown.
 local online = redis.call('HGET', ws, 'online')
 if not online then return -1 end
 if online == '1' then return 0 end
 redis.call('DEL', ws, pending)
 redis.call('SREM', workservers, name)
 return 1
-""")
-_REMOVE_ARGS = ('name',)
+""", keys=('ws', 'pending', 'workservers'), args=('name',))
 
 
 async def register(app: Any, name: str, url: str, http_port: int | str,
                    source: str) -> bool:
     """False if `name` is online from another address than `source`."""
-    return await _REGISTER(app.redis, [keys.ws(name), keys.WORKSERVERS], argv(
-        _REGISTER_ARGS, url=url, http_port=http_port, source=source,
-        register='1', name=name)) == Outcome.DONE
+    return await _REGISTER(
+        app.redis, ws=keys.ws(name), workservers=keys.WORKSERVERS, url=url,
+        http_port=http_port, source=source, register='1',
+        name=name) == Outcome.DONE
 
 
 async def disconnect(app: Any, name: str, source: str) -> Outcome:
     return Outcome(await _REGISTER(
-        app.redis, [keys.ws(name), keys.WORKSERVERS], argv(
-            _REGISTER_ARGS, url='', http_port='', source=source,
-            register='0', name=name)))
+        app.redis, ws=keys.ws(name), workservers=keys.WORKSERVERS, url='',
+        http_port='', source=source, register='0', name=name))
 
 
 async def remove(app: Any, name: str) -> Outcome:
     return Outcome(await _REMOVE(
-        app.redis, [keys.ws(name), keys.ws_pending_deletes(name),
-                    keys.WORKSERVERS], argv(_REMOVE_ARGS, name=name)))
+        app.redis, ws=keys.ws(name), pending=keys.ws_pending_deletes(name),
+        workservers=keys.WORKSERVERS, name=name))
 
 
 def read(pipe: Any, name: str) -> None:
@@ -197,13 +186,13 @@ async def online(app: Any) -> list[str]:
 
 async def record_failure(app: Any, name: str) -> int:
     """Count a failure; `max_ws_fails` in a row take the WS offline."""
-    return await _FAIL(app.redis, [keys.ws(name)], argv(
-        _FAIL_ARGS, max_fails=app.config.max_ws_fails))
+    return await _FAIL(app.redis, ws=keys.ws(name),
+                       max_fails=app.config.max_ws_fails)
 
 
 async def record_success(app: Any, name: str) -> None:
     """A WS that answers is online again, unless it said goodbye."""
-    await _SUCCESS(app.redis, [keys.ws(name)])
+    await _SUCCESS(app.redis, ws=keys.ws(name))
 
 
 async def load(redis: Any, name: str) -> Workserver | None:

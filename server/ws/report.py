@@ -4,6 +4,7 @@ it stored (`PUT /stats/ack`). See sessions.py for the protocol."""
 import re
 import time
 
+from server.sessions_common import SESSION_FIELDS
 from server.web import APIError, allow
 from server.ws import sessions
 from server.ws.cc_api import CCHandler
@@ -20,7 +21,9 @@ def is_entry(e):
 
 
 def _record(entry_id, fields):
-    rec = dict(fields)
+    """A session record as the CC reads it (cc/stats.py): SESSION_FIELDS
+    and the outbox entry to acknowledge, nothing else of the entry."""
+    rec = {f: fields.get(f) for f in SESSION_FIELDS}
     rec['entry'] = entry_id
     rec['frames'] = int(rec.get('frames', 0))
     for t in ('start', 'end'):
