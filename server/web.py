@@ -421,11 +421,16 @@ def log_request(handler):
     signature there) and never a header, so no credential reaches the log;
     the path and the message cut (`shown`). Every request is counted in
     the metrics by its route."""
-    status = handler.get_status()
     req = handler.request
-    metrics.get().observe_request(
-        handler.application.route_names.get(type(handler), 'unmatched'),
-        req.method, status, req.request_time())
+    log_line(handler.application.route_names.get(type(handler), 'unmatched'),
+             req.method, req.path, handler.get_status(), req.request_time(),
+             getattr(handler, '_error_message', ''))
+
+
+def log_line(route, method, path, status, seconds, message=''):
+    """The access log's line and the metrics of one request (log_request,
+    and the WS's frame path, which has no handler)."""
+    metrics.get().observe_request(route, method, status, seconds)
     if status < 400:
         level = logging.DEBUG
     elif status < 500:
@@ -434,10 +439,86 @@ def log_request(handler):
         level = logging.ERROR
     if access_log.isEnabledFor(level):
         access_log.log(level, '%d %s %s %.1fms %s', status,
-                       shown(req.method, 16), shown(req.path),
-                       1000.0 * req.request_time(),
-                       shown(getattr(handler, '_error_message', ''),
-                             MESSAGE_MAX))
+                       shown(method, 16), shown(path), 1000.0 * seconds,
+                       shown(message, MESSAGE_MAX))
+
+
+def error_reply(exc, http_reason=None):
+    """(status, message, headers) of the JSON error an exception is: an
+    APIError its own; a store that is down a 503 the client may retry;
+    Tornado's HTTPError `http_reason` (its status's name by default);
+    anything else a 500."""
+    headers: dict[str, str] = {}
+    reason = 'internal server error'
+    if isinstance(exc, APIError):
+        status, reason = exc.status_code, exc.message
+        headers.update(exc.headers)
+    elif isinstance(exc, store.DOWN):
+        status = 503
+        reason = 'the store is down (%s), retry later' % (
+            str(exc) or type(exc).__name__)
+    elif isinstance(exc, HTTPError):
+        status = exc.status_code
+        reason = http_reason or httputil.responses.get(status, 'Unknown')
+    else:
+        status = 500
+    if status == 503:
+        headers['Retry-After'] = str(RETRY_AFTER_S)
+    return status, shown(reason, MESSAGE_MAX), headers
+
+
+def credential(headers):
+    """The credential in `Authorization` (bare, or `Bearer <token>`)."""
+    value = headers.get('Authorization', '').strip()
+    if value[:7].lower() == 'bearer ':
+        value = value[7:].strip()
+    return value or None
+
+
+def checked_md5(headers, raw):
+    """The body's MD5 (hex) if the request sent Content-MD5, else None;
+    400 if it does not match."""
+    md5 = headers.get('Content-MD5')
+    if md5 is None:
+        return None
+    digest = hashlib.md5(raw).hexdigest()
+    if digest != md5.strip().lower():
+        raise APIError(400, 'Content-MD5 does not match body')
+    return digest
+
+
+def parse_body(raw):
+    """A request body as a JSON object; empty means {}; else a 400."""
+    if not raw or not raw.strip():
+        return {}
+    try:
+        body = json_loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise APIError(400, 'body is not valid JSON') from None
+    if not isinstance(body, dict):
+        raise APIError(400, 'body must be a JSON object')
+    if _has_lone_surrogate(body):
+        raise APIError(400, 'body has a string that is not valid Unicode '
+                       '(a lone surrogate escape)')
+    return body
+
+
+def get_field(body, name, kind, default=REQUIRED, check=None):
+    """A field of `body` of type `kind` (a type or tuple); 400 if missing
+    or mistyped, or if `check(value)` is false."""
+    if name not in body:
+        if default is REQUIRED:
+            raise APIError(400, 'missing field %s' % name)
+        return default
+    value = body[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds \
+            or not isinstance(value, kinds):
+        raise APIError(400, 'field %s must be %s' % (
+            name, ' or '.join(k.__name__ for k in kinds)))
+    if check is not None and not check(value):
+        raise APIError(400, 'field %s has an invalid value' % name)
+    return value
 
 
 def _has_lone_surrogate(obj):
@@ -723,50 +804,22 @@ class APIHandler(tornado.web.RequestHandler):
         Content-MD5, parse it."""
         self.request.body = b''.join(self._chunks or ())
         self._chunks = []
-        md5 = self.request.headers.get('Content-MD5')
-        if md5 is not None:
-            self.body_md5 = hashlib.md5(self.request.body).hexdigest()
-            if self.body_md5 != md5.strip().lower():
-                raise APIError(400, 'Content-MD5 does not match body')
+        self.body_md5 = checked_md5(self.request.headers, self.request.body)
         _ = self.body  # parsed now: bad JSON is a 400 before the handler
 
     @property
     def body(self):
         """The request body as a JSON object, parsed once; empty means {}."""
         if self._body is None:
-            raw = self.request.body
-            if not raw or not raw.strip():
-                self._body = {}
-            else:
-                try:
-                    self._body = json_loads(raw)
-                except (ValueError, UnicodeDecodeError, RecursionError):
-                    raise APIError(400, 'body is not valid JSON') from None
-                if not isinstance(self._body, dict):
-                    raise APIError(400, 'body must be a JSON object')
-                if _has_lone_surrogate(self._body):
-                    raise APIError(400, 'body has a string that is not '
-                                   'valid Unicode (a lone surrogate escape)')
+            self._body = parse_body(self.request.body)
         return self._body
 
     def field(self, name, kind, default=REQUIRED, check=None, body=None):
         """A body field of type `kind` (a type or tuple); 400 if missing or
         mistyped, or if `check(value)` is false. `body`: an object inside
         the body to read it from instead."""
-        body = self.body if body is None else body
-        if name not in body:
-            if default is REQUIRED:
-                raise APIError(400, 'missing field %s' % name)
-            return default
-        value = body[name]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds \
-                or not isinstance(value, kinds):
-            raise APIError(400, 'field %s must be %s' % (
-                name, ' or '.join(k.__name__ for k in kinds)))
-        if check is not None and not check(value):
-            raise APIError(400, 'field %s has an invalid value' % name)
-        return value
+        return get_field(self.body if body is None else body, name, kind,
+                         default, check)
 
     @property
     def via_proxy(self):
@@ -777,11 +830,7 @@ class APIHandler(tornado.web.RequestHandler):
                        None) is not None
 
     def token(self):
-        """The credential in `Authorization` (bare, or `Bearer <token>`)."""
-        value = self.request.headers.get('Authorization', '').strip()
-        if value[:7].lower() == 'bearer ':
-            value = value[7:].strip()
-        return value or None
+        return credential(self.request.headers)
 
     def write_json(self, obj, status=200):
         self.set_status(status)
@@ -798,20 +847,13 @@ class APIHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code, **kwargs):
         exc = kwargs.get('exc_info', (None, None, None))[1]
-        if isinstance(exc, APIError):
-            reason = exc.message
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
-        elif isinstance(exc, store.DOWN):
-            reason = 'the store is down (%s), retry later' % (
-                str(exc) or type(exc).__name__)
-        elif isinstance(exc, HTTPError) or exc is None:
-            reason = self._reason
-        else:
-            reason = 'internal server error'
+        status, reason, headers = error_reply(
+            exc if exc is not None else HTTPError(status_code),
+            self._reason)
+        for name, value in headers.items():
+            self.set_header(name, value)
         if status_code == 503:
             self.set_header('Retry-After', str(RETRY_AFTER_S))
-        reason = shown(reason, MESSAGE_MAX)
         self._error_message = reason
         self.set_header('Content-Type', 'application/json; charset=UTF-8')
         self.finish(json.dumps({'error': reason}))

@@ -624,6 +624,65 @@ class TestCore(WSTestCase):
             self.assertIn(b'error', r.body)
 
 
+class TestFramePath(WSTestCase):
+    """Frames of a token this worker saw live take the lean path (no
+    RequestHandler): the same replies, errors, log and metrics."""
+
+    def handled(self):
+        """Counts FrameHandler requests from now on."""
+        seen = []
+        real = core.FrameHandler.authenticate
+
+        async def authenticate(handler):
+            seen.append(1)
+            return await real(handler)
+        patch = mock.patch.object(core.FrameHandler, 'authenticate',
+                                  authenticate)
+        patch.start()
+        self.addCleanup(patch.stop)
+        return seen
+
+    def test_known_token_takes_the_lean_path(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        seen = self.handled()
+        self.frame(token, b'one')  # first: the handler, the token learnt
+        self.assertEqual(len(seen), 1)
+        r = self.fetch('/core/frame', method='PUT', body=json.dumps(
+            {'files': {'frames.xtc.b64': b64(b'two')}}),
+            headers={'Authorization': 'Bearer ' + token})
+        self.assertEqual((r.code, r.body), (200, b'{}'))
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(r.headers['Content-Type'],
+                         'application/json; charset=UTF-8')
+        self.assertIn('Date', r.headers)
+        self.assertNotIn('Server', r.headers)
+        # Bad bodies: the handler's JSON errors; nothing stored.
+        for body, headers, error in (
+                (b'{nope', {}, 'not valid JSON'),
+                (b'[]', {}, 'must be a JSON object'),
+                (b'{}', {}, 'missing field files'),
+                (b'{}', {'Content-MD5': 'ab' * 16}, 'Content-MD5')):
+            headers['Authorization'] = token
+            code, reply = self.fetch_json('/core/frame', 'PUT', body,
+                                          headers=headers)
+            self.assertEqual(code, 400)
+            self.assertIn(error, reply['error'])
+        self.frame(token, b'two')  # a retry of the accepted frame
+        self.assertEqual(len(seen), 1)
+        self.checkpoint(token, b's1')
+        self.assertEqual(self.download(sid)[1], b'onetwo')
+        # A token ended meanwhile: a 401 once the body is in.
+        self.assertEqual(self.cc('/streams/stop/' + sid, 'PUT'), (200, {}))
+        self.assertEqual(self.frame(token, b'x', code=401)['error'],
+                         'unknown or expired core token')
+        self.assertEqual(len(seen), 1)
+        self.assertFalse(os.path.exists(self.app.storage.buffer_dir(sid)))
+        # Now unknown again: the handler refuses it before its body.
+        self.frame(token, b'x', code=401)
+        self.assertEqual(len(seen), 2)
+
+
 class TestLostActivation(WSTestCase):
     """An activation whose reply never reached a core (the CC timed out,
     the connection was cut after the request was sent): its stream comes

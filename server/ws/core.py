@@ -32,6 +32,7 @@ from server.web import (
     decode_files,
     decoded_streams,
     encoded_size,
+    get_field,
     role,
 )
 from server.ws import locks, stream_record, streams
@@ -225,15 +226,6 @@ class CoreStartHandler(CoreHandler):
         self.finish(body)
 
 
-def body_digest(handler):
-    """What tells a retry from a new frame: the Content-MD5 already checked
-    (later cores send it), else the body's SHA-1 (a third cheaper than MD5
-    here). A core sends a retry the way it sent the original."""
-    if handler.body_md5 is not None:
-        return handler.body_md5
-    return hashlib.sha1(handler.request.body).hexdigest()
-
-
 TOKEN_CACHE_S = 30.0   # a frame trusts a token seen live this long
 TOKEN_CACHE_MAX = 100_000
 
@@ -276,116 +268,141 @@ def live_tokens(app: Any) -> LiveTokens:
     return tokens
 
 
+def frame_digest(md5: str | None, raw: bytes) -> str:
+    """What tells a retry from a new frame: the Content-MD5 already checked
+    (later cores send it), else the body's SHA-1 (a third cheaper than MD5
+    here). A core sends a retry the way it sent the original."""
+    return md5 if md5 is not None else hashlib.sha1(raw).hexdigest()
+
+
+def body_digest(handler):
+    return frame_digest(handler.body_md5, handler.request.body)
+
+
+async def frame_token(app: Any, token: str | None) -> tuple[str, str]:
+    """(hash, stream id) of a frame's token: from the tokens this worker
+    saw live lately, else checked in Redis (401)."""
+    if not token:
+        raise APIError(401, 'missing core token')
+    hashed = token_hash(token)
+    tokens = live_tokens(app)
+    sid = tokens.get(hashed)
+    if sid is None:
+        sid = await live_stream(app, token)
+        tokens.add(hashed, sid)
+    return hashed, sid
+
+
 class FrameHandler(CoreHandler):
+    """Frames whose token this worker has not seen live lately (the first
+    of an activation, a bad request); the others take the lean path
+    (ws/frame_path.py). Both run `store_frame`."""
+    body_limit = 'max_frame_body_size_in_bytes'
+
+    async def authenticate(self):
+        self.hashed, self.sid = await frame_token(self.application,
+                                                  self.token())
+
+    @allow('core')
+    async def put(self):
+        await store_frame(self.application, self.sid, self.hashed,
+                          self.body, body_digest(self))
+        self.write_json({})
+
+
+async def store_frame(app: Any, sid: str, hashed: str, body: dict[str, Any],
+                      digest: str) -> None:
     """A frame costs one Redis round trip: appended to the buffer under the
     buffer's lock (storage.lock_buffer, no Redis lock), then recorded by
     one script that refuses if the token died or another writer of the
     buffer holds the stream's lock, and the append is cut back then."""
-    body_limit = 'max_frame_body_size_in_bytes'
+    config = app.config
+    most = config.max_files_per_request
+    files = check_files(get_field(body, 'files', dict), max_files=most)
+    n = get_field(body, 'frames', int, 1)
+    if not 1 <= n <= config.max_frames_per_request:
+        raise APIError(400, 'frames must be from 1 to %d'
+                       % config.max_frames_per_request)
+    storage = app.storage
 
-    async def authenticate(self):
-        token = self.token()
-        if not token:
-            raise APIError(401, 'missing core token')
-        self.hashed = token_hash(token)
-        tokens = live_tokens(self.application)
-        sid = tokens.get(self.hashed)
-        if sid is None:
-            sid = await live_stream(self.application, token)
-            tokens.add(self.hashed, sid)
-        self.sid = sid
-
-    @allow('core')
-    async def put(self):
-        app = self.application
-        config = app.config
-        most = config.max_files_per_request
-        files = check_files(self.field('files', dict), max_files=most)
-        n = self.field('frames', int, 1)
-        if not 1 <= n <= config.max_frames_per_request:
-            raise APIError(400, 'frames must be from 1 to %d'
-                           % config.max_frames_per_request)
-        md5 = body_digest(self)
-        storage, sid = app.storage, self.sid
-
-        async def attempt() -> str | None:
-            fd = storage.lock_buffer(sid, wait=False)
-            if fd is None:
-                return None
-            try:
-                return await self.append(files, n, md5)
-            finally:
-                storage.unlock_buffer(fd)
+    async def attempt() -> str | None:
+        fd = storage.lock_buffer(sid, wait=False)
+        if fd is None:
+            return None
         try:
-            done = await locks.wait_turn(attempt, lambda: 'stream %s' % sid,
-                                         locks.LOCK_WAIT_S)
-        except FileNotFoundError as e:  # the stream's folder: deleted
-            live_tokens(app).forget(self.hashed)
-            raise APIError(401, 'unknown or expired core token') from e
-        except BufferLost as e:
-            await self.end_lost(e)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise APIError(503, 'workserver disk is full; nothing '
-                               'was stored, retry') from e
-            raise
-        if done == 'ok':
-            metrics.count('frames_received', n)
-        self.write_json({})
+            return await _append(app, sid, hashed, files, n, digest)
+        finally:
+            storage.unlock_buffer(fd)
+    try:
+        done = await locks.wait_turn(attempt, lambda: 'stream %s' % sid,
+                                     locks.LOCK_WAIT_S)
+    except FileNotFoundError as e:  # the stream's folder: deleted
+        live_tokens(app).forget(hashed)
+        raise APIError(401, 'unknown or expired core token') from e
+    except BufferLost as e:
+        await _end_lost(app, sid, hashed, e)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise APIError(503, 'workserver disk is full; nothing '
+                           'was stored, retry') from e
+        raise
+    if done == 'ok':
+        metrics.count('frames_received', n)
 
-    async def append(self, files, n, md5):
-        """With the buffer's lock held: append and record (ok), or find the
-        body is the frame last accepted (retry), or the stream's lock held
-        (None: try again); the append is cut back unless recorded. A
-        buffer longer than Redis counted (a frame whose record was lost) is
-        cut to the count and the frame appended again."""
-        app = self.application
-        storage, sid = app.storage, self.sid
-        for _ in range(3):
-            before = storage.buffer_sizes(sid)
 
-            def work(budget, before=before):
-                return storage.append_frames(
-                    sid, decoded_streams(files, budget),
-                    app.config.max_files_per_request, before)
-            try:
-                after = await bounded(app.config, encoded_size(files), work,
-                                      threads.disk)
-            except TooManyFiles as e:
-                raise TooLarge(str(e)) from e
-            # Redis down: the outcome is unknown, the bytes stay (the next
-            # frame's record tells whether Redis counted them).
-            got = await stream_record.record_frame(
-                app, self.hashed, sid, n, md5, encode_sizes(before),
-                encode_sizes(after))
-            if got.outcome == 'ok':
-                return 'ok'
-            if got.outcome in ('cut', 'retry'):
-                storage.trim_buffer(sid, decode_sizes(got.sizes))
-                if got.outcome == 'retry':
-                    return 'retry'
-                continue
-            storage.trim_buffer(sid, before)
-            if got.outcome == 'busy':
-                return None
-            live_tokens(app).forget(self.hashed)
-            raise APIError(401, 'unknown or expired core token')
-        raise APIError(503, 'the buffer of stream %s keeps changing; '
-                       'nothing was stored, retry' % sid)
+async def _append(app: Any, sid: str, hashed: str, files: dict[str, Any],
+                  n: int, digest: str) -> str | None:
+    """With the buffer's lock held: append and record (ok), or find the
+    body is the frame last accepted (retry), or the stream's lock held
+    (None: try again); the append is cut back unless recorded. A buffer
+    longer than Redis counted (a frame whose record was lost) is cut to
+    the count and the frame appended again."""
+    storage = app.storage
+    for _ in range(3):
+        before = storage.buffer_sizes(sid)
 
-    async def end_lost(self, error):
-        """Bytes Redis counted are gone from the disk: this activation
-        cannot be committed whole. It ends (if still this token's); the
-        core asks again."""
-        app, sid = self.application, self.sid
-        log.error('%s: the activation is ended', error)
-        async with locks.stream_locked(app, sid):
-            if await stream_record.live(app, self.hashed,
-                                        time.time()) == sid:
-                tid = await streams.target_of(app, sid)
-                await streams.deactivate(app, sid, tid, 'stop')
-        raise APIError(409, 'the stream\'s buffer was lost; this '
-                       'activation is over, ask for a new one') from error
+        def work(budget: Any, before: dict[str, int] = before) -> Any:
+            return storage.append_frames(
+                sid, decoded_streams(files, budget),
+                app.config.max_files_per_request, before)
+        try:
+            after = await bounded(app.config, encoded_size(files), work,
+                                  threads.disk)
+        except TooManyFiles as e:
+            raise TooLarge(str(e)) from e
+        # Redis down: the outcome is unknown, the bytes stay (the next
+        # frame's record tells whether Redis counted them).
+        got = await stream_record.record_frame(
+            app, hashed, sid, n, digest, encode_sizes(before),
+            encode_sizes(after))
+        if got.outcome == 'ok':
+            return 'ok'
+        if got.outcome in ('cut', 'retry'):
+            storage.trim_buffer(sid, decode_sizes(got.sizes))
+            if got.outcome == 'retry':
+                return 'retry'
+            continue
+        storage.trim_buffer(sid, before)
+        if got.outcome == 'busy':
+            return None
+        live_tokens(app).forget(hashed)
+        raise APIError(401, 'unknown or expired core token')
+    raise APIError(503, 'the buffer of stream %s keeps changing; nothing '
+                   'was stored, retry' % sid)
+
+
+async def _end_lost(app: Any, sid: str, hashed: str,
+                    error: BufferLost) -> None:
+    """Bytes Redis counted are gone from the disk: this activation cannot
+    be committed whole. It ends (if still this token's); the core asks
+    again."""
+    log.error('%s: the activation is ended', error)
+    async with locks.stream_locked(app, sid):
+        if await stream_record.live(app, hashed, time.time()) == sid:
+            tid = await streams.target_of(app, sid)
+            await streams.deactivate(app, sid, tid, 'stop')
+    raise APIError(409, 'the stream\'s buffer was lost; this activation '
+                   'is over, ask for a new one') from error
 
 
 # What a checkpoint's `frames` may be: a count a JSON double holds exactly.
