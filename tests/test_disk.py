@@ -6,7 +6,7 @@ import threading
 import unittest
 
 from server import disk
-from server.ws.storage import Storage
+from server.ws.storage import BufferBusy, Storage
 
 
 class SlowStep(disk.GroupSync):
@@ -123,3 +123,23 @@ class TestCheckpointFlushes(unittest.TestCase):
 
 if __name__ == '__main__':
     unittest.main()
+
+
+class TestBufferLock(unittest.TestCase):
+    """The buffer's flock: one holder at a time across fds (as across
+    processes); a waiter polls for a bounded time."""
+
+    def test_one_holder_and_a_bounded_wait(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root, True)
+        storage = Storage(root)
+        storage.create_stream('s', {'target_id': 't', 'creation_date': 0,
+                                    'status': 'OK', 'error_count': 0}, {})
+        held = storage.lock_buffer('s')
+        self.assertIsNone(storage.lock_buffer('s', wait=0))
+        with self.assertRaises(BufferBusy):
+            storage.lock_buffer('s', wait=0.05)
+        storage.unlock_buffer(held)
+        storage.unlock_buffer(storage.lock_buffer('s', wait=0))
+        with self.assertRaises(FileNotFoundError):
+            storage.lock_buffer('gone')

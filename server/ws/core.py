@@ -37,6 +37,7 @@ from server.web import (
 )
 from server.ws import locks, stream_record, streams
 from server.ws.storage import (
+    BufferBusy,
     BufferLost,
     TooManyFiles,
     decode_sizes,
@@ -191,6 +192,9 @@ class LockedCoreHandler(CoreHandler):
             await streams.deactivate(self.application, held.sid, tid, 'stop')
             raise APIError(409, 'the stream\'s buffer was lost; this '
                            'activation is over, ask for a new one') from e
+        except BufferBusy as e:
+            raise APIError(503, str(e) + '; nothing was stored, '
+                           'retry') from e
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise APIError(503, 'workserver disk is full; nothing '

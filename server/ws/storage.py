@@ -341,20 +341,35 @@ class Storage:
     # stream's folder, so it is shared by the worker processes and freed
     # by the kernel when its holder dies.
 
-    def lock_buffer(self, stream_id, wait=True):
-        """The fd of the held lock (give it to unlock_buffer); None if
-        busy and not `wait`; FileNotFoundError if the stream is gone."""
+    BUFFER_WAIT_S = 30.0  # a writer waits this long for the buffer's lock
+
+    def lock_buffer(self, stream_id, wait=BUFFER_WAIT_S):
+        """The fd of the held lock (give it to unlock_buffer); None if busy
+        and `wait` is 0; BufferBusy if still busy after `wait` seconds;
+        FileNotFoundError if the stream is gone. A wait polls rather than
+        blocks in the kernel: a disk thread blocked on the lock of a frame
+        that needs a disk thread to finish could, with the pool full of
+        such waits, never be woken."""
         fd = os.open(os.path.join(self.stream_dir(stream_id), 'buffer.lock'),
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + wait
+        delay = 0.001
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            return None
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    if not wait:
+                        os.close(fd)
+                        return None
+                    if time.monotonic() >= deadline:
+                        raise BufferBusy(stream_id) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
         except BaseException:
             os.close(fd)
             raise
-        return fd
 
     @staticmethod
     def unlock_buffer(fd):
@@ -552,6 +567,13 @@ class Storage:
 
     def stream_ids(self):
         return _names(self.streams)
+
+
+class BufferBusy(Exception):
+    """The buffer's lock stayed taken past the wait."""
+
+    def __init__(self, stream_id):
+        super().__init__('the buffer of stream %s stayed busy' % stream_id)
 
 
 class BufferLost(Exception):
