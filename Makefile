@@ -34,11 +34,12 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy server siegetank
 
 # The main job on one machine: embedded Redis, dev certs, CC, WS, cores.
-demo: $(VENV)/.installed
+demo: setup
 	$(PY) -m tools.demo
 
-# The researcher's example: least-counts adaptive sampling against plain
-# MD with real OpenMM cores; a plot and an MSM land in data/adaptive/.
+# The researcher's example: 3 replicates of adaptive sampling against plain
+# MD with real OpenMM cores (about 14 minutes on 2 shared cores); the
+# replicate table, plots and an MSM land in data/adaptive/.
 adaptive: $(VENV)/.installed
 	$(PY) -m tools.adaptive_demo
 

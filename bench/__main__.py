@@ -1,6 +1,6 @@
-"""`make bench`: measure the WS and CC against a bare Tornado ceiling measured
-in the same run and process mode, and report a table, a JSON file and a
-PNG plot under bench/results/.
+"""`make bench`: measure the WS and CC against a bare Tornado ceiling and a
+durable one (bench/ceiling.py) measured in the same run and process mode,
+and report a table, a JSON file and a PNG plot under bench/results/.
 
     python -m bench [--quick] [--processes N] [--out DIR]
 
@@ -17,12 +17,26 @@ import time
 from bench import report, servers, workloads
 from tools.testing import command_centers
 
-TARGETS = {  # ratio or absolute floor the issue asks for
-    'frames_10k': 0.7, 'frames_100k': 0.6, 'p99_vs_ceiling_10k': 1.5,
+TARGETS = {  # ratio or absolute floor/ceiling the issues ask for
+    # issue 21, at C = 32 (the most cores up to 32 measured) with the most
+    # processes measured (two by default)
+    'frames_10k_vs_durable': 0.8, 'frames_10k_vs_bare': 0.45,
+    'frames_100k_vs_durable': 0.9, 'p99_vs_durable': 2.0,
+    'cpu_ms_per_frame_10k': 0.45, 'volunteer_cpu_s_per_core_hour': 0.8,
     'activations': 0.6, 'assignments_per_s': 1000.0,
     'redis_bytes_per_stream': 1024.0, 'download_mb_per_s': 300.0,
     'status_p99_ms_100k': 50.0,
 }
+# What each frames run reports, per server and per repetition.
+FIGURES = ('rate', 'p50_ms', 'p99_ms', 'cpu_ms_per_request',
+           'cpu_ms_per_frame', 'checkpoints_p50_ms', 'checkpoints_p99_ms')
+REP_FIGURES = ('rate', 'cpu_ms_per_frame', 'checkpoints_p50_ms',
+               'checkpoints_p99_ms', 'server_cpu_share', 'host_idle_share',
+               'host_iowait_share', 'host_steal_share', 'settle_s',
+               'disk_write_mb_per_s', 'disk_busy_share',
+               'dirty_mb', 'writeback_mb', 'redis_commands_per_request',
+               'redis_aof_delayed_fsync', 'redis_aof_rewrites',
+               'redis_aof_mb')
 
 
 def median_spread(runs, key):
@@ -41,30 +55,61 @@ def repeat(fn, reps):
     return [fn() for _ in range(reps)]
 
 
+def interleave(fns, reps, settle=True):
+    """{name: [result of each rep]}: one rep of every server in turn, the
+    order rotated each rep, so that a slow moment of the machine falls on
+    all of them alike. With `settle`, every rep starts with nothing dirty
+    in the page cache (a sync, outside the measure, timed in the result
+    as `settle_s`): else the frames a rep wrote are written back 30 s
+    later (vm.dirty_expire_centisecs), inside whichever rep runs then,
+    whose fsyncs can wait behind them (docs/benchmarks.md, the slow
+    rep)."""
+    runs = {name: [] for name in fns}
+    order = list(fns)
+    for _ in range(reps):
+        for name in order:
+            t = time.perf_counter()
+            if settle:
+                os.sync()
+            settled = time.perf_counter() - t
+            runs[name].append(dict(fns[name](), settle_s=settled))
+        order = order[1:] + order[:1]
+    return runs
+
+
 def bench_frames(args, results, keep):
-    """Frame PUTs against the ceiling, with one and with two processes
-    each (or only --processes N)."""
+    """Frame PUTs of SimCores (a checkpoint and a heartbeat every 10
+    frames) against our WS, the bare ceiling and the durable one, with
+    one and with two processes each (or only --processes N)."""
     sizes = [10_000, 100_000]
-    levels = [1, 8] if args.quick else [1, 8, 32, 128]
+    levels = args.cores or ([1, 8] if args.quick else [1, 8, 32, 128])
     for processes in [args.processes] if args.processes else [1, 2]:
-        ceiling = keep(servers.Ceiling(processes))
+        bare = keep(servers.Ceiling(processes))
+        durable = keep(servers.Ceiling(processes, durable=True,
+                                       disk_threads=args.disk_threads))
         ws = keep(servers.start_ws(num_processes=processes,
                                    heartbeat_increment=3600))
         for size in sizes:
             for c in levels:
-                ours = repeat(lambda ws=ws, size=size, c=c:
-                              workloads.frames_ws(ws, size, c,
-                                                  args.duration), args.reps)
-                ceil = repeat(lambda ceiling=ceiling, size=size, c=c:
-                              workloads.frames_ceiling(ceiling, size, c,
-                                                       args.duration),
-                              args.reps)
+                def ours(ws=ws, size=size, c=c):
+                    return workloads.frames_ws(ws, size, c, args.duration)
+
+                def ceiling(server, size=size, c=c):
+                    return workloads.frames_ceiling(server, size, c,
+                                                    args.duration)
+
+                runs = interleave({
+                    'ours': ours,
+                    'bare': lambda ceiling=ceiling, bare=bare: ceiling(bare),
+                    'durable': lambda ceiling=ceiling, durable=durable:
+                        ceiling(durable)}, args.reps,
+                    settle=not args.no_settle)
                 row = summarize('frames', {'processes': processes,
                                            'size': size, 'cores': c},
-                                ours, ceil)
-                row['mismatches'] = sum(r['mismatches'] for r in ours)
+                                runs, FIGURES, REP_FIGURES)
+                row['mismatches'] = sum(r['mismatches'] for r in runs['ours'])
                 row['frames_committed'] = sum(r['frames_committed']
-                                              for r in ours)
+                                              for r in runs['ours'])
                 results['frames'].append(row)
                 report.print_row(row)
 
@@ -79,33 +124,43 @@ def bench_volunteers(args, results, keep):
     record(results, 'volunteers', row)
 
 
-def summarize(kind, params, ours, ceil):
+def summarize(kind, params, runs, figures=('rate', 'p99_ms',
+                                           'cpu_ms_per_request'),
+              rep_figures=()):
+    """One row: the median (and spread) of each figure per server, the
+    ratios of ours to each ceiling, and each rep's `rep_figures`."""
     row = dict(params, workload=kind)
-    for name, runs in (('ours', ours), ('ceiling', ceil)):
-        for key in ('rate', 'p99_ms', 'cpu_ms_per_request'):
-            med, lo, hi = median_spread(runs, key)
+    for name, rs in runs.items():
+        for key in figures:
+            med, lo, hi = median_spread(rs, key)
             row['%s_%s' % (name, key)] = med
             row['%s_%s_spread' % (name, key)] = [lo, hi]
-        row['%s_errors' % name] = sum(r['errors'] for r in runs)
-    row['ratio'] = row['ours_rate'] / row['ceiling_rate'] \
-        if row['ceiling_rate'] else None
+        row['%s_errors' % name] = sum(r['errors'] for r in rs)
+        if rep_figures:
+            row['%s_reps' % name] = [{k: r.get(k) for k in rep_figures}
+                                     for r in rs]
+    for name in runs:
+        if name != 'ours':
+            base = row['%s_rate' % name]
+            row['ratio_%s' % name] = row['ours_rate'] / base if base \
+                else None
     return row
 
 
 def bench_activations(args, results, keep):
     n = 300 if args.quick else 5000
-    ceiling = keep(servers.Ceiling(args.processes or 1))
+    bare = keep(servers.Ceiling(args.processes or 1))
     ws = keep(servers.start_ws(num_processes=args.processes or 1))
-    ours, ceil, creates = [], [], []
+    runs, creates = {'ours': [], 'bare': []}, []
     for _ in range(args.reps):
         target, _, rate = asyncio.run(workloads.create_streams(ws.port, n))
         creates.append(rate)
-        ours.append(workloads.activations(
+        runs['ours'].append(workloads.activations(
             ws.port, servers.server_pids(ws), n, 32, args.duration,
             target))
-        ceil.append(workloads.activations(
-            ceiling.port, ceiling.pids(), n, 32, args.duration))
-    row = summarize('activations', {'cores': 32}, ours, ceil)
+        runs['bare'].append(workloads.activations(
+            bare.port, bare.pids(), n, 32, args.duration))
+    row = summarize('activations', {'cores': 32}, runs)
     row['stream_create_rate'] = statistics.median(creates)
     record(results, 'activations', row)
 
@@ -187,10 +242,31 @@ def bench_status(args, results, keep):
     report.print_row(row)
 
 
+def bench_costs(args, results, keep):
+    """Per-request costs for the capacity model (docs/capacity.md): WS CPU
+    and WS Redis commands per frame (10 and 100 KB), checkpoint and
+    heartbeat; hub commands and CPU per assignment; hub commands per
+    second of the CC's background jobs for one WS."""
+    n = 5 if args.quick else 100
+    ws = keep(servers.start_ws(num_processes=2, heartbeat_increment=3600))
+    row = {'workload': 'costs', 'processes': 2}
+    for size in (10_000, 100_000):
+        row['ws_%dk' % (size // 1000)] = workloads.request_costs(
+            ws, size, 8, n, 50 if args.quick else 1000)
+    cc = keep(servers.start_cc(num_processes=2))
+    ws2 = keep(servers.start_ws(command_centers=command_centers(cc)))
+    count = 50 if args.quick else 400
+    body, _ = workloads.prepare_cc_target(cc, ws2, count)
+    row['hub'] = workloads.hub_costs(cc, ws2, body, count,
+                                     2.0 if args.quick else 15.0)
+    record(results, 'costs', row)
+
+
 WORKLOADS = {'frames': bench_frames, 'activations': bench_activations,
              'assignments': bench_assignments, 'downloads': bench_downloads,
              'scale': bench_scale, 'sweep': bench_sweep,
-             'status': bench_status, 'volunteers': bench_volunteers}
+             'status': bench_status, 'volunteers': bench_volunteers,
+             'costs': bench_costs}
 
 
 def main(argv=None):
@@ -199,6 +275,15 @@ def main(argv=None):
     p.add_argument('--processes', type=int,
                    help='frames and activations: this many processes '
                    '(default: frames with 1 and with 2, activations with 1)')
+    p.add_argument('--cores', type=int, action='append',
+                   help='frames: this many concurrent cores (repeatable; '
+                   'default 1, 8, 32, 128; --quick 1, 8)')
+    p.add_argument('--disk-threads', type=int, default=32,
+                   help='the durable ceiling\'s fsync threads per process '
+                   '(32: as many as the WS\'s disk pool)')
+    p.add_argument('--no-settle', action='store_true',
+                   help='frames: no sync before each rep (what a rep left '
+                   'dirty is written back inside a later one)')
     p.add_argument('--reps', type=int)
     p.add_argument('--duration', type=float)
     p.add_argument('--only', choices=sorted(WORKLOADS), action='append')

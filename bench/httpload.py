@@ -96,25 +96,30 @@ class Connection:
 
 
 class Recorder:
-    """Latencies and errors of one run; `window` limits what counts to a
-    time span (e.g. during a sweep)."""
+    """Latencies and errors of one run, each request of a `kind` (e.g.
+    'checkpoints'); `summary` can limit what counts to a time span (e.g.
+    during a sweep) or to one kind."""
 
     def __init__(self):
         self.latencies = []
         self.stamps = []
+        self.kinds = []
         self.errors = []
 
-    def add(self, started, status, ok=(200,)):
+    def add(self, started, status, ok=(200,), kind=None):
         now = time.perf_counter()
         self.latencies.append(now - started)
         self.stamps.append(now)
+        self.kinds.append(kind)
         if status not in ok:
             self.errors.append(status)
 
-    def summary(self, elapsed, since=None, until=None):
-        lat = [lt for lt, t in zip(self.latencies, self.stamps, strict=True)
+    def summary(self, elapsed, since=None, until=None, kind=None):
+        lat = [lt for lt, t, k in zip(self.latencies, self.stamps,
+                                           self.kinds, strict=True)
                if (since is None or t >= since)
-               and (until is None or t <= until)]
+               and (until is None or t <= until)
+               and (kind is None or k == kind)]
         lat.sort()
 
         def pct(p):

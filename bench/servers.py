@@ -1,8 +1,9 @@
 """Servers a benchmark run starts and measures: our CC/WS as real processes
-(with embedded Redis) and the bare Tornado ceiling, plus their CPU and
-memory as the OS sees them."""
+(with embedded Redis) and the bare and durable Tornado ceilings, plus their
+CPU and memory as the OS sees them."""
 import contextlib
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -18,6 +19,7 @@ from tools.testing import (
     certs,
     command_centers,
     free_port,
+    tmpdir,
 )
 
 
@@ -26,16 +28,24 @@ def client_ssl():
 
 
 class Ceiling:
-    """The bare handler server in its own process group."""
+    """A ceiling server (bench/ceiling.py) in its own process group: bare,
+    or `durable` with its files in a folder of its own, removed when it
+    stops."""
 
-    def __init__(self, processes=1):
+    def __init__(self, processes=1, durable=False, disk_threads=None):
         self.port = free_port()
+        self.durable = durable
         c = certs()
-        self.process = subprocess.Popen(
-            [sys.executable, '-m', 'bench.ceiling', '--port', str(self.port),
-             '--cert', c['cert'], '--key', c['key'],
-             '--processes', str(processes)],
-            cwd=ROOT, start_new_session=True)
+        args = [sys.executable, '-m', 'bench.ceiling', '--port',
+                str(self.port), '--cert', c['cert'], '--key', c['key'],
+                '--processes', str(processes)]
+        self.data = tmpdir('durable') if durable else None
+        if durable:
+            args += ['--data', self.data]
+            if disk_threads:
+                args += ['--disk-threads', str(disk_threads)]
+        self.process = subprocess.Popen(args, cwd=ROOT,
+                                        start_new_session=True)
         session = requests.Session()
         session.trust_env = False
         deadline = time.monotonic() + 30
@@ -55,6 +65,8 @@ class Ceiling:
     def stop(self):
         os.killpg(self.process.pid, signal.SIGTERM)
         self.process.wait(30)
+        if self.data:
+            shutil.rmtree(self.data, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,8 @@ import threading
 import time
 import uuid
 
+import psutil
+
 from bench import servers
 from bench.httpload import Connection, Recorder, run_cores, sink_get
 from server.ws.keys import Keys
@@ -97,7 +99,7 @@ class SimCore:
         t = time.perf_counter()
         s, _ = await self.c.request(method, path, body, self.auth)
         if rec is not None:
-            rec.add(t, s)
+            rec.add(t, s, kind=kind)
             self.counts[kind] += 1
         return s
 
@@ -126,13 +128,17 @@ class SimCore:
         await self.c.close()
 
 
-def frame_core(port, bodies, tokens, acked, heartbeat_every_s=1.0):
+def frame_core(port, bodies, tokens, acked, heartbeat_every_s=1.0,
+               sims=None):
     """A core as fast as it can: frames, a checkpoint every 10, a heartbeat
     every `heartbeat_every_s` seconds; `acked[i]` counts committed
-    (acknowledged) frames."""
+    (acknowledged) frames; each SimCore is added to `sims` (for its
+    counts)."""
     async def core(i, deadline, rec):
         sim = SimCore(conn(port), tokens[i][0] if tokens else None,
                       heartbeat_every_s)
+        if sims is not None:
+            sims.append(sim)
         while time.perf_counter() < deadline:
             await sim.send(bodies[sim.n % 2], rec)
         await sim.close()
@@ -158,13 +164,72 @@ async def verify_frames(port, tokens, acked, size):
     return bad
 
 
-def measure(pids, coro):
-    """Run `coro` returning (recorder, elapsed); add server CPU per request."""
+def _meminfo_kb(*names):
+    """Fields of /proc/meminfo in kB (Dirty, Writeback: what the page cache
+    still owes the disk); {} where there is no such file."""
+    try:
+        with open('/proc/meminfo') as f:
+            fields = dict(line.split(':', 1) for line in f)
+    except OSError:
+        return {}
+    return {n: int(fields[n].split()[0]) for n in names if n in fields}
+
+
+def _disk():
+    """(bytes written, ms the devices were busy) of the whole machine's
+    disks so far, from /proc/diskstats (zeros where there is none)."""
+    written = busy = 0
+    try:
+        with open('/proc/diskstats') as f:
+            for line in f:
+                x = line.split()
+                # whole disks only (vda, sda, nvme0n1), not partitions
+                if len(x) > 12 and not x[2].startswith(('loop', 'ram')) \
+                        and os.path.exists('/sys/block/%s' % x[2]):
+                    written += int(x[9]) * 512
+                    busy += int(x[12])
+    except OSError:
+        pass
+    return written, busy
+
+
+def measure(pids, coro, sims=None):
+    """Run `coro` returning (recorder, elapsed); add server CPU per request
+    (and per frame, with the SimCores in `sims`), the latency of each kind
+    of request, and what the whole machine did meanwhile (CPU busy, idle
+    and iowait shares, dirty page cache before and after): the evidence
+    for a rep that runs slower than its neighbours."""
     cpu0 = servers.cpu_seconds(pids)
+    host0 = psutil.cpu_times()
+    mem0 = _meminfo_kb('Dirty', 'Writeback')
+    disk0 = _disk()
     rec, elapsed = asyncio.run(coro)
+    disk1 = _disk()
     cpu = servers.cpu_seconds(pids) - cpu0
+    host1 = psutil.cpu_times()
+    mem1 = _meminfo_kb('Dirty', 'Writeback')
     out = rec.summary(elapsed)
     out['cpu_ms_per_request'] = 1000 * cpu / max(1, out['requests'])
+    out['server_cpu_share'] = cpu / elapsed / (psutil.cpu_count() or 1)
+    total = sum(host1) - sum(host0)
+    for field in ('idle', 'iowait', 'steal'):
+        if hasattr(host1, field) and total > 0:
+            out['host_%s_share' % field] = (
+                getattr(host1, field) - getattr(host0, field)) / total
+    out['disk_write_mb_per_s'] = (disk1[0] - disk0[0]) / 1e6 / elapsed
+    out['disk_busy_share'] = (disk1[1] - disk0[1]) / 1000 / elapsed
+    out['dirty_mb'] = [m.get('Dirty', 0) / 1024 for m in (mem0, mem1)]
+    out['writeback_mb'] = [m.get('Writeback', 0) / 1024
+                           for m in (mem0, mem1)]
+    if sims:
+        counts = {k: sum(sim.counts[k] for sim in sims)
+                  for k in sims[0].counts}
+        out.update(counts)
+        out['cpu_ms_per_frame'] = 1000 * cpu / max(1, counts['frames'])
+        for kind in counts:
+            k = rec.summary(elapsed, kind=kind)
+            out['%s_p50_ms' % kind] = k['p50_ms']
+            out['%s_p99_ms' % kind] = k['p99_ms']
     return out, rec, elapsed
 
 
@@ -173,19 +238,49 @@ def frames_ws(ws, size, cores, duration):
     target, ids, _ = asyncio.run(create_streams(ws.port, cores))
     tokens = asyncio.run(activate(ws.port, target, cores))
     acked = [0] * cores
+    sims = []
+    r = ws.redis()
+    before = _redis_figures(r)
     out, _, _ = measure(servers.server_pids(ws), run_cores(
-        cores, frame_core(ws.port, bodies, tokens, acked), duration))
+        cores, frame_core(ws.port, bodies, tokens, acked, sims=sims),
+        duration), sims)
+    after = _redis_figures(r)
+    r.close()
+    # the INFO read between counts one command
+    out['redis_commands_per_request'] = (
+        after['total_commands_processed'] - before[
+            'total_commands_processed'] - 1) / max(1, out['requests'])
+    for key in ('aof_delayed_fsync', 'aof_rewrites', 'total_forks'):
+        out['redis_' + key] = after.get(key, 0) - before.get(key, 0)
+    out['redis_aof_mb'] = after.get('aof_current_size', 0) / 1e6
     out['mismatches'] = asyncio.run(verify_frames(ws.port, tokens, acked,
                                                   size))
     out['frames_committed'] = sum(acked)
     return out
 
 
+def _redis_figures(r):
+    """The INFO fields that say what a WS's Redis did in a rep: commands,
+    and whether its append-only file was rewritten (a fork) or its
+    once-a-second fsync fell behind the disk (aof_delayed_fsync: writes
+    then wait for the disk)."""
+    info = r.info('all')
+    return {k: info.get(k, 0) for k in (
+        'total_commands_processed', 'aof_delayed_fsync', 'aof_rewrites',
+        'total_forks', 'aof_current_size')}
+
+
 def frames_ceiling(ceiling, size, cores, duration):
+    """The same cores against a ceiling; each sends its own Authorization
+    (the durable ceiling keeps a file per core by it)."""
     bodies = _frame_bodies(size)
     acked = [0] * cores
+    sims = []
+    run = uuid.uuid4().hex[:8]
+    tokens = [('%s-%d' % (run, i), None) for i in range(cores)]
     out, _, _ = measure(ceiling.pids(), run_cores(
-        cores, frame_core(ceiling.port, bodies, None, acked), duration))
+        cores, frame_core(ceiling.port, bodies, tokens, acked, sims=sims),
+        duration), sims)
     return out
 
 
@@ -225,8 +320,9 @@ def volunteers(ws, cores, duration, frame_every_s, size,
                                for i, sim in enumerate(sims)))
         elapsed = time.perf_counter() - start
         cpu = servers.cpu_seconds(pids) - cpu0
-        for sim in sims:
-            await sim.close()
+        # all at once: one after the other, the last would wait past the
+        # WS's header_timeout on a slow machine and find itself hung up
+        await asyncio.gather(*(sim.close() for sim in sims))
         return rec, elapsed, cpu
     rec, elapsed, cpu = asyncio.run(run())
     out = rec.summary(elapsed)
@@ -519,3 +615,136 @@ def fleet_status(cc, ws, streams, targets=20, active=1000, samples=300):
             'admin_median_ms': adm['/status'][0],
             'admin_p99_ms': adm['/status'][1],
             'health_median_ms': anon['/'][0], 'health_p99_ms': anon['/'][1]}
+
+
+def commandstats(r):
+    """{command: calls} of a Redis so far (INFO commandstats)."""
+    return {k[len('cmdstat_'):]: v['calls'] for k, v in
+            r.info('commandstats').items()}
+
+
+def _diff(after, before):
+    return {k: after[k] - before.get(k, 0) for k in after
+            if after[k] - before.get(k, 0) > 0}
+
+
+def request_costs(ws, size, cores=8, n=30, idle_connections=0):
+    """Server CPU (the WS's processes with its Redis) and the WS's Redis
+    commands per request of each kind a core sends: a frame PUT, a
+    checkpoint PUT (measured as frame + checkpoint pairs, less the
+    frames), a heartbeat, and a heartbeat on a new TLS connection (what a
+    core pays whose connection was dropped while idle). `cores` cores
+    send `n` of each, one kind after the other; then `idle_connections`
+    more connections send one heartbeat each and stay open: the servers'
+    memory per connection. The capacity model (docs/capacity.md) is built
+    on these."""
+    bodies = _frame_bodies(size)
+    target, _, _ = asyncio.run(create_streams(ws.port, cores))
+    tokens = asyncio.run(activate(ws.port, target, cores))
+    pids = servers.server_pids(ws)
+    r = ws.redis()
+    sims = [SimCore(conn(ws.port), t, 10 ** 6, checkpoint_every=10 ** 9)
+            for t, _ in tokens]
+    out = {}
+
+    async def phase(kind):
+        rec = Recorder()
+
+        async def one(sim):
+            for _ in range(n):
+                if kind == 'heartbeat on a new connection':
+                    await sim.c.close()
+                    sim.c = conn(ws.port)
+                    await sim._request('heartbeats', 'POST',
+                                       '/core/heartbeat', b'{}', rec)
+                    continue
+                if kind == 'heartbeat':
+                    await sim._request('heartbeats', 'POST',
+                                       '/core/heartbeat', b'{}', rec)
+                    continue
+                await sim.send(bodies[sim.n % 2], rec)
+                if kind == 'frame+checkpoint':
+                    await sim.checkpoint(rec)
+        await asyncio.gather(*(one(s) for s in sims))
+        return rec
+
+    async def run():
+        for s in sims:
+            await s.c.open()
+        for kind in ('frame', 'frame+checkpoint', 'heartbeat',
+                     'heartbeat on a new connection'):
+            cmd0, cpu0 = commandstats(r), servers.cpu_seconds(pids)
+            rec = await phase(kind)
+            cpu = servers.cpu_seconds(pids) - cpu0
+            cmds = _diff(commandstats(r), cmd0)
+            cmds['info'] = cmds.get('info', 0) - 1  # the read itself
+            cmds = {k: v for k, v in cmds.items() if v > 0}
+            per = cores * n
+            out[kind] = {'cpu_ms': 1000 * cpu / per,
+                         'redis_commands': sum(cmds.values()) / per,
+                         'commands': {k: v / per for k, v in cmds.items()},
+                         'errors': len(rec.errors)}
+        # memory: idle keep-alive connections, each after one heartbeat
+        rss0 = servers.rss_bytes(pids)
+        idle = [SimCore(conn(ws.port), sims[i % cores].auth[
+            'Authorization'], 10 ** 6) for i in range(idle_connections)]
+        for i in range(0, len(idle), 50):
+            await asyncio.gather(*(s._request(
+                'heartbeats', 'POST', '/core/heartbeat', b'{}', None)
+                for s in idle[i:i + 50]))
+        out['rss_kb_per_connection'] = (servers.rss_bytes(pids) - rss0) \
+            / 1024 / max(1, len(idle))
+        for s in sims + idle:
+            await s.close()
+    asyncio.run(run())
+    r.close()
+    pair = out.pop('frame+checkpoint')
+    out['checkpoint'] = {
+        'cpu_ms': pair['cpu_ms'] - out['frame']['cpu_ms'],
+        'redis_commands': pair['redis_commands']
+        - out['frame']['redis_commands'],
+        'commands': {k: v - out['frame']['commands'].get(k, 0)
+                     for k, v in pair['commands'].items()},
+        'errors': pair['errors']}
+    return out
+
+
+def hub_costs(cc, ws, body, assignments=200, idle_s=10.0):
+    """Hub (the CC's Redis) commands per assignment and per second with
+    nothing going on but the CC's background jobs on one WS; CC and WS
+    CPU per assignment."""
+    r = cc.redis()
+    cc_pids, ws_pids = servers.server_pids(cc), servers.server_pids(ws)
+    cmd0 = commandstats(r)
+    time.sleep(idle_s)
+    idle = _diff(commandstats(r), cmd0)
+    out = {'idle_commands_per_s': (sum(idle.values()) - 1) / idle_s,
+           'idle_commands': {k: v / idle_s for k, v in idle.items()}}
+
+    async def assign():
+        c = conn(cc.port)
+        errors = 0
+        for _ in range(assignments):
+            s, _ = await c.request('POST', '/core/assign', body)
+            errors += s != 200
+        await c.close()
+        return errors
+    cmd0 = commandstats(r)
+    cpu0 = [servers.cpu_seconds(p) for p in (cc_pids, ws_pids)]
+    t = time.perf_counter()
+    errors = asyncio.run(assign())
+    elapsed = time.perf_counter() - t
+    cpu = [servers.cpu_seconds(p) - c0
+           for p, c0 in zip((cc_pids, ws_pids), cpu0, strict=True)]
+    cmds = _diff(commandstats(r), cmd0)
+    r.close()
+    # less what the background jobs did meanwhile
+    background = out['idle_commands_per_s'] * elapsed
+    out.update(
+        assign_errors=errors,
+        hub_commands_per_assignment=(sum(cmds.values()) - 1 - background)
+        / assignments,
+        assign_commands={k: v / assignments for k, v in cmds.items()},
+        cc_cpu_ms_per_assignment=1000 * cpu[0] / assignments,
+        ws_cpu_ms_per_assignment=1000 * cpu[1] / assignments)
+    return out

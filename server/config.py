@@ -248,6 +248,19 @@ class Settings:
                                      old='pulse_frequency_in_ms')
     max_stream_fails: int = _key(10, kinds=WS, unset=10)
     min_free_disk_in_mb: int = _key(512, kinds=WS, unset=512)
+    # An anonymous client's error stop (ws/error_stops.py) keeps the stream
+    # out of its queue this long, doubled for each one since the stream's
+    # last checkpoint, at most max_error_backoff_in_s.
+    error_backoff_in_s: int = _key(60, kinds=WS, unset=60)
+    max_error_backoff_in_s: int = _key(3600, kinds=WS, unset=3600)
+    # Byte budgets, in decoded bytes (docs/limits.md): the frames buffered
+    # by one activation between checkpoints, one checkpoint's state files,
+    # and a stream's committed total (frames and states of every chunk).
+    # A real core stays far below: a 10,000-atom XTC frame is ~40 KB and
+    # the reference core checkpoints every 60 s; a state.xml is a few MB.
+    max_buffer_size_in_bytes: int = _key(1024 * MB, kinds=WS, unset=0)
+    max_checkpoint_size_in_bytes: int = _key(256 * MB, kinds=WS, unset=0)
+    max_stream_size_in_bytes: int = _key(64 * 1024 * MB, kinds=WS, unset=0)
     register_retry_max_in_s: float = _key(60.0, kinds=WS, unset=60.0)
     max_frame_body_size_in_bytes: int = _key(32 * MB, kinds=WS,
                                              unset=32 * MB,

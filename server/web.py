@@ -114,9 +114,13 @@ class Budget:
     the event loop: past it the decoding is redone in a thread with the
     real budget (Offload), instead of a 413."""
 
-    def __init__(self, per_file, total, inline=False):
-        self.per_file, self.inline = per_file, inline
+    def __init__(self, per_file, total, inline=False, why=None):
+        self.per_file, self.inline, self.why = per_file, inline, why
         self.total = self.left = total
+
+    @property
+    def spent(self):
+        return self.total - self.left
 
     def check(self, name, size):
         """`size` bytes of file `name` so far: still within both limits?"""
@@ -127,8 +131,10 @@ class Budget:
         if size > self.per_file:
             raise TooLarge('file %s decodes to over %d bytes (the limit '
                            'per file)' % (name, self.per_file))
-        raise TooLarge('the files decode to over %d bytes (the limit per '
-                       'request), file %s reaching it' % (self.total, name))
+        raise TooLarge('the files decode to over %d bytes (%s), file %s '
+                       'reaching it' % (self.total,
+                                        self.why or 'the limit per request',
+                                        name))
 
     def spend(self, name, size):
         self.check(name, size)
@@ -285,22 +291,26 @@ def _decode_all(groups, budget, keep):
 INLINE_DECODE_MAX = 256 * 1024  # bytes decoded on the event loop, at most
 
 
-async def bounded(config, encoded, work, pool=threads.cpu):
+async def bounded(config, encoded, work, pool=threads.cpu, room=None):
     """`work(budget)` with a Budget of the configured decoded sizes
-    (`max_decoded_file_size`, `max_decoded_request_size`): on the event
-    loop while `encoded` (bytes of file text) and what it decodes to are
-    small (a thread hop costs more), else in `pool`. Work cut short on the
-    loop (Offload) is done again in the pool, so it must undo itself when
-    it raises."""
+    (`max_decoded_file_size`, `max_decoded_request_size`), or less: `room`
+    (bytes, why) a tighter total (a byte budget, ws/budgets.py). On the
+    event loop while `encoded` (bytes of file text) and what it decodes to
+    are small (a thread hop costs more), else in `pool`. Work cut short on
+    the loop (Offload) is done again in the pool, so it must undo itself
+    when it raises."""
     per_file = config.max_decoded_file_size_in_bytes
-    total = config.max_decoded_request_size_in_bytes
+    total, why = config.max_decoded_request_size_in_bytes, None
+    if room is not None and room[0] < total:
+        total, why = room
     if encoded <= INLINE_DECODE_MAX:
         try:
             return work(Budget(min(per_file, INLINE_DECODE_MAX),
-                               min(total, INLINE_DECODE_MAX), inline=True))
+                               min(total, INLINE_DECODE_MAX), inline=True,
+                               why=why))
         except Offload:
             pass
-    return await pool(work, Budget(per_file, total))
+    return await pool(work, Budget(per_file, total, why=why))
 
 
 def encoded_size(*groups):
@@ -313,6 +323,15 @@ async def decode_files(config, *groups, keep=True):
     400 if two files of a group decode to the same name."""
     return await bounded(config, encoded_size(*groups),
                          lambda budget: _decode_all(groups, budget, keep))
+
+
+async def decoded_size(config, files, room=None):
+    """The bytes checked `files` decode to (nothing kept), within the
+    configured decoded sizes and `room` (see bounded)."""
+    def work(budget):
+        _decode_all([files], budget, False)
+        return budget.spent
+    return await bounded(config, encoded_size(files), work, room=room)
 
 
 class App(tornado.web.Application):

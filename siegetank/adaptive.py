@@ -9,14 +9,21 @@
   time, keeping every stream's features on disk (`features/<name>/<sid>.npy`
   in the sync folder);
 - `LeastCounts`: regular-space clustering with deeptime, grown round by
-  round with the new frames only (`partial_fit`), and the least-counts
-  choice of frames to seed from;
-- `Sampler`: the loop. A round seeds streams (tags `{parent, frame,
-  round}`), lets the cores run them to `frames_per_stream` committed frames
-  each (stopping every stream at its quota, so the cores move on), syncs,
-  featurizes and clusters the new frames, then extends the streams that
-  sit in a least-sampled cluster and leaves the over-sampled ones stopped;
-  fresh seeds fill up the rest of the next round.
+  round with the new frames only (`partial_fit`), and the choice of frames
+  to seed from by a score per cluster: `least_counts` (default) or any
+  callable, e.g. `fast(reward)` (FAST: a physical reward plus a count
+  bonus);
+- `Sampler`: the loop, lean: `in_flight` short streams are queued at any
+  time (more than the cores, so a core never waits for the researcher);
+  each is stopped at `frames_per_stream` committed frames, and as soon as
+  `refill` of them are done a round runs: sync, featurize and cluster the
+  new frames, seed as many fresh streams from the best-scored clusters
+  (tags `{parent, frame, round}`). `run(n_rounds)` with a progress bar,
+  `Sampler.resume(folder, ...)` after a crash or in a later session,
+  `rounds()`/`streams()` as pandas DataFrames;
+- `Budget`: a plain-MD control stopped at its frame budget;
+- `msm`: an MSM with deeptime (implied timescales against lag, a
+  Chapman-Kolmogorov test, Bayesian error bars).
 
 `make adaptive` (tools/adaptive_demo.py) runs it on alanine dipeptide
 against a plain-MD control.
@@ -166,11 +173,13 @@ class FeatureCache:
         except FileNotFoundError:
             return None
 
-    def update(self):
+    def update(self, streams=None):
         """{stream id: (first new frame, features of the new frames)} for
-        every stream with frames not featurized yet."""
+        every stream (or those of `streams`, e.g. the ones a sync grew) with
+        frames not featurized yet."""
         new = {}
-        for sid in syncing.local_streams(self.folder):
+        for sid in (syncing.local_streams(self.folder) if streams is None
+                    else streams):
             traj_path = os.path.join(self.folder, 'streams', sid,
                                      self.filename)
             if not os.path.exists(traj_path) or \
@@ -195,17 +204,49 @@ class FeatureCache:
 
 
 # -- clustering and choice --------------------------------------------------
+def least_counts(clusters):
+    """The least-counts score: the fewer frames a cluster holds, the
+    better a seed it is."""
+    return -clusters.counts.astype(np.float64)
+
+
+def fast(reward, counts_weight=1.0):
+    """A FAST-style score (Zimmerman & Bowman, JCTC 2015): `reward(centers)`
+    (one value per cluster center, higher is better: e.g. a distance to
+    pull apart) rescaled to [0, 1], plus `counts_weight` times the count
+    bonus 1/sqrt(counts) rescaled to [0, 1]."""
+    def score(clusters):
+        r = np.asarray(reward(clusters.centers), dtype=np.float64)
+        bonus = 1.0 / np.sqrt(np.maximum(clusters.counts, 1))
+        return _unit(r) + counts_weight * _unit(bonus)
+    score.__name__ = 'fast'
+    return score
+
+
+def _unit(x):
+    span = x.max() - x.min() if len(x) else 0.0
+    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+
 class LeastCounts:
     """Regular-space clusters (deeptime) of every frame seen, grown with
-    each batch of new frames, with per-cluster counts and members."""
+    each batch of new frames, with per-cluster counts and members; seeds
+    are chosen by `score(self)` (one value per cluster, highest first;
+    default `least_counts`)."""
 
-    def __init__(self, dmin=0.3, max_centers=5000):
+    def __init__(self, dmin=0.3, max_centers=5000, score=None):
         from deeptime.clustering import RegularSpace
         self.clustering = RegularSpace(dmin=dmin, max_centers=max_centers)
+        self.score = score or least_counts
         self.model = None
         self.counts = np.zeros(0, dtype=np.int64)
         self.members = []       # per cluster: [(stream id, frame)]
         self.last = {}          # stream id -> cluster of its latest frame
+
+    @property
+    def centers(self):
+        return self.model.cluster_centers if self.model is not None \
+            else np.zeros((0, 0))
 
     def add(self, sid, start, features):
         """Count the frames `start`.. of stream `sid`; returns their
@@ -225,69 +266,127 @@ class LeastCounts:
             self.last[sid] = int(labels[-1])
         return labels
 
-    def least(self, k, rng):
-        """The `k` clusters with the fewest frames (ties at random)."""
-        order = np.lexsort((rng.random(len(self.counts)), self.counts))
+    def best(self, k, rng):
+        """The `k` clusters of highest score (ties at random)."""
+        scores = np.asarray(self.score(self), dtype=np.float64)
+        if scores.shape != self.counts.shape:
+            raise ValueError('score returned %s values for %d clusters'
+                             % (scores.shape, len(self.counts)))
+        order = np.lexsort((rng.random(len(scores)), -scores))
         return [int(c) for c in order[:k]]
 
     def choose(self, k, rng):
         """`k` (stream id, frame) to seed from: a random frame of each of
-        the k least-counted clusters."""
+        the k best-scored clusters (cycling over them if there are fewer
+        clusters than k)."""
+        best = self.best(k, rng)
         return [self.members[c][rng.integers(len(self.members[c]))]
-                for c in self.least(k, rng)]
-
-    def under_sampled(self, sid, k):
-        """Whether stream `sid` ended in one of the `k` least-counted
-        clusters (ties count as in)."""
-        c = self.last.get(sid)
-        if c is None or not len(self.counts):
-            return False
-        return self.counts[c] <= np.sort(self.counts)[min(k, len(
-            self.counts)) - 1]
+                for c in (best[i % len(best)] for i in range(k))] \
+            if best else []
 
 
 # -- the loop ---------------------------------------------------------------
+STATE_FILE = 'sampler.json'
+SEEDS = 'seeds.txt'     # the integrator seeds of a stream (openmm_engine)
+
+
 class Sampler:
-    """Least-counts adaptive sampling on `target`, synced into `folder`.
-    Each round runs `streams_per_round` streams to `frames_per_stream`
-    committed frames each. `featurizer`: see FeatureCache; `clusters`: a
-    LeastCounts; `system`/`integrator`: the target's (seed_state);
-    `extend`: False to seed every stream of a round afresh."""
+    """Adaptive sampling on `target`, synced into `folder`. Keeps
+    `in_flight` streams queued or running; each runs `frames_per_stream`
+    committed frames and is stopped; every `refill` finished streams make a
+    round that seeds as many new ones from the best-scored clusters.
+    `featurizer`: see FeatureCache; `clusters`: a LeastCounts (its `score`
+    is the seed-choice hook); `system`/`integrator`: the target's
+    (seed_state); `watch`: callables run at every poll (e.g. a Budget).
+    The sync brings each stream's `filename` and its seeds.txt (the
+    integrator seed of every activation, to rerun it)."""
 
     def __init__(self, target, folder, featurizer, system, integrator,
-                 streams_per_round=4, frames_per_stream=50, clusters=None,
-                 seed=1, poll=0.5, filename='frames.xtc', log=None,
-                 extend=True):
+                 in_flight=6, frames_per_stream=10, refill=2, clusters=None,
+                 seed=1, poll=0.25, filename='frames.xtc', log=None,
+                 watch=()):
         self.target, self.folder = target, folder
-        # what a seed is made of, and how new frames are seen
         self.featurizer, self.system = featurizer, system
         self.integrator = integrator
-        self.streams_per_round = streams_per_round
+        self.in_flight, self.refill = in_flight, max(1, min(refill,
+                                                            in_flight))
         self.frames_per_stream = frames_per_stream
         self.clusters = clusters or LeastCounts()
         self.rng, self.seed = np.random.default_rng(seed), seed
-        self.poll, self.filename, self.extend = poll, filename, extend
+        self.poll, self.filename = poll, filename
         self.log = log or (lambda text: None)
+        self.watch = list(watch)
+        os.makedirs(folder, exist_ok=True)
         self.cache = None
         self.round = 0
-        self.live = []          # streams of the current round
+        self.live = {}          # stream id -> committed frames to stop at
+        self.done = []          # streams stopped at their quota
         self.seeds_made = 0
-        self.history = []       # per round: {round, seeded, extended, ...}
+        self.history = []       # per round: seeds, timings, counts
         self.arrivals = []      # per sync: {stream id: (first frame, n)}
+        self.parents = {}       # stream id -> (parent, frame, round)
+        self.polls = 0
 
+    # state on disk, so a sampler can be resumed from its folder
+    def settings(self):
+        return {'in_flight': self.in_flight, 'refill': self.refill,
+                'frames_per_stream': self.frames_per_stream,
+                'seed': self.seed, 'poll': self.poll,
+                'filename': self.filename}
+
+    def save(self):
+        """Write the sampler's state to folder/sampler.json (atomically)."""
+        state = {'settings': self.settings(), 'round': self.round,
+                 'live': self.live, 'done': self.done,
+                 'seeds_made': self.seeds_made, 'history': self.history,
+                 'arrivals': [{s: list(v) for s, v in a.items()}
+                              for a in self.arrivals],
+                 'parents': {s: list(v) for s, v in self.parents.items()},
+                 'rng': self.rng.bit_generator.state}
+        path = os.path.join(self.folder, STATE_FILE)
+        with open(path + '.tmp', 'w') as f:
+            json.dump(state, f)
+        os.replace(path + '.tmp', path)
+
+    @classmethod
+    def resume(cls, target, folder, featurizer, system, integrator,
+               clusters=None, log=None, watch=()):
+        """The sampler saved in `folder`, its clusters rebuilt from the
+        features cached there (frames in stream order, so the clusters may
+        differ from the first session's, not the frames)."""
+        with open(os.path.join(folder, STATE_FILE)) as f:
+            state = json.load(f)
+        self = cls(target, folder, featurizer, system, integrator,
+                   clusters=clusters, log=log, watch=watch,
+                   **state['settings'])
+        self.round, self.live = state['round'], state['live']
+        self.done, self.seeds_made = state['done'], state['seeds_made']
+        self.history = state['history']
+        self.arrivals = [{s: tuple(v) for s, v in a.items()}
+                         for a in state['arrivals']]
+        self.parents = {s: tuple(v) for s, v in state['parents'].items()}
+        self.rng.bit_generator.state = state['rng']
+        self.cache = FeatureCache(folder, featurizer, filename=self.filename)
+        for sid, feats in self.cache.all().items():
+            if len(feats):
+                self.clusters.add(sid, 0, feats)
+        return self
+
+    # the parts of a round
     def sync(self):
         """Sync the target, featurize and cluster only the new frames;
         returns the number of new frames."""
-        result = self.target.sync(self.folder, (self.filename,))
+        result = self.target.sync(self.folder, (self.filename, SEEDS))
         if self.cache is None:
             self.cache = FeatureCache(self.folder, self.featurizer,
                                       filename=self.filename)
-        new = self.cache.update()
+        new = self.cache.update(result['grown'])
         for sid, (start, feats) in sorted(new.items()):
             self.clusters.add(sid, start, feats)
         self.last_sync = result
-        self.arrivals.append({sid: (start, len(feats))
-                              for sid, (start, feats) in new.items()})
+        if new:
+            self.arrivals.append({sid: (start, len(feats))
+                                  for sid, (start, feats) in new.items()})
         return sum(len(f) for _, f in new.values())
 
     @property
@@ -300,86 +399,257 @@ class Sampler:
         assert self.cache is not None, 'update() first'
         return read_frames(path, self.cache.topology, index, 1)
 
-    def seed_from(self, sid, index, tags):
+    def add(self, state, parent, frame):
+        sid = self.target.add_stream({'state.xml.gz.b64': state}, tags={
+            'parent': parent, 'frame': str(frame),
+            'round': str(self.round)})
+        self.live[sid] = self.frames_per_stream
+        self.parents[sid] = (parent, frame, self.round)
+        return sid
+
+    def seed_from(self, sid, index):
         """A new stream of the target started from frame `index` of stream
         `sid` (fresh velocities: every seed its own random seed)."""
         self.seeds_made += 1
         state = seed_state(self.frame(sid, index), 0, self.system,
                            self.integrator,
                            seed=self.seed * 100003 + self.seeds_made)
-        return self.target.add_stream({'state.xml.gz.b64': state},
-                                      tags=tags)
+        return self.add(state, sid, index)
 
     def begin(self, initial):
-        """Round 0: `streams_per_round` streams from the structure(s) in the
-        mdtraj trajectory `initial`."""
-        self.live = seed_streams(self.target, initial, self.streams_per_round,
-                                 self.system, self.integrator, self.seed)
-        self.seeds_made = len(self.live)
-        self.history.append({'round': 0, 'seeded': list(self.live),
-                             'extended': [], 'clusters': 0})
-        return self.live
-
-    def start_round(self):
-        """Extend the live streams that ended under-sampled, stop (leave
-        stopped) the others, seed fresh streams from least-counted clusters
-        for the rest of the round; returns the round's stream ids."""
-        self.round += 1
-        k = self.streams_per_round
-        extended = [s for s in self.live if self.extend and
-                    self.clusters.under_sampled(s, k)][:k]
+        """Round 0: `in_flight` streams from the structure(s) in the mdtraj
+        trajectory `initial` (different velocities)."""
         seeded = []
-        for sid, index in self.clusters.choose(k - len(extended), self.rng):
-            seeded.append(self.seed_from(sid, index, {
-                'parent': sid, 'frame': str(index),
-                'round': str(self.round)}))
-        for sid in extended:
-            self.target.client.stream(sid).start()
-        self.history.append({'round': self.round, 'seeded': seeded,
-                             'extended': extended,
-                             'clusters': len(self.clusters.counts)})
-        self.log('round %d: %d new streams from least-counted clusters, %d '
-                 'extended, %d left stopped (over-sampled); %d clusters' % (
-                     self.round, len(seeded), len(extended),
-                     len(self.live) - len(extended),
-                     len(self.clusters.counts)))
-        self.live = extended + seeded
-        return self.live
+        for i in range(self.in_flight):
+            self.seeds_made += 1
+            state = seed_state(initial, i % initial.n_frames, self.system,
+                               self.integrator,
+                               seed=self.seed * 100003 + self.seeds_made)
+            seeded.append(self.add(state, 'initial', i % initial.n_frames))
+        self.history.append({'round': 0, 'seeded': seeded, 'frames': 0,
+                             'clusters': 0, 'time': time.time()})
+        self.save()
+        return seeded
 
-    def run_live(self, timeout=3600):
-        """Let the cores run the round's streams: each is stopped once it
-        has `frames_per_stream` more committed frames than at the round's
-        start; returns when all are."""
-        info = self.target.stream_info()
-        quota = {s: info.get(s, {}).get('frames', 0) + self.frames_per_stream
-                 for s in self.live}
-        left = set(self.live)
+    def wait(self, timeout=3600):
+        """Poll until at least `refill` live streams reached their quota
+        (stopping each as it does, so its core moves on to a queued one);
+        the watchers run at every poll. Returns the finished streams."""
+        finished = []
         deadline = time.monotonic() + timeout
-        while left:
-            for sid in sorted(left):
-                s = info.get(sid)
-                if s and s['frames'] >= quota[sid]:
-                    self.target.client.stream(sid).stop()
-                    left.discard(sid)
-            if not left:
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError('round %d: streams %s did not reach %d '
-                                   'frames' % (self.round, sorted(left),
-                                               self.frames_per_stream))
-            time.sleep(self.poll)
+        while True:
+            self.polls += 1
+            for w in self.watch:
+                w()
             info = self.target.stream_info()
+            for sid, quota in sorted(self.live.items()):
+                s = info.get(sid)
+                if s and s['frames'] >= quota:
+                    self.target.client.stream(sid).stop()
+                    finished.append(sid)
+                    del self.live[sid]
+            if len(finished) >= self.refill or (finished and not self.live):
+                self.done.extend(finished)
+                return finished
+            if not self.live:
+                return finished
+            if time.monotonic() > deadline:
+                raise TimeoutError('streams %s did not reach their quota'
+                                   % sorted(self.live))
+            time.sleep(self.poll)
 
     def step(self, initial=None):
-        """One round: start it (round 0 from `initial`), run it, sync and
-        cluster its frames; returns the new frames."""
-        if self.round == 0 and not self.history:
+        """One round: (round 0: seed from `initial`) wait for `refill`
+        streams to finish, sync and cluster the new frames, seed as many
+        new streams from the best-scored clusters. Returns the new
+        frames."""
+        if not self.history:
             self.begin(initial)
-        else:
-            self.start_round()
-        self.run_live()
-        return self.sync()
+        t = {'start': time.monotonic()}
+        finished = self.wait()
+        t['waited'] = time.monotonic()
+        new = self.sync()
+        t['synced'] = time.monotonic()
+        self.round += 1
+        picks = self.clusters.choose(self.in_flight - len(self.live),
+                                     self.rng)
+        if not picks and not self.live:
+            raise RuntimeError('nothing to run: no stream in flight and no '
+                               'frame to seed from')
+        seeded = [self.seed_from(sid, index) for sid, index in picks]
+        t['seeded'] = time.monotonic()
+        self.history.append({
+            'round': self.round, 'seeded': seeded, 'finished': finished,
+            'new_frames': new, 'frames': self.frames,
+            'clusters': len(self.clusters.counts), 'time': time.time(),
+            'wait_s': t['waited'] - t['start'],
+            'sync_cluster_s': t['synced'] - t['waited'],
+            'seed_s': t['seeded'] - t['synced']})
+        self.save()
+        self.log('round %d: %d streams done, %d new frames, %d clusters, '
+                 '%d new streams' % (self.round, len(finished), new,
+                                     len(self.clusters.counts), len(seeded)))
+        return new
 
-    def save_history(self):
-        with open(os.path.join(self.folder, 'rounds.json'), 'w') as f:
-            json.dump(self.history, f, indent=1)
+    def run(self, n_rounds=None, max_frames=None, initial=None,
+            progress=True):
+        """Rounds until `n_rounds` more are done or `max_frames` frames are
+        synced (at least one of them); `initial` for a fresh sampler.
+        `progress`: a tqdm bar (True), or False. Returns self.rounds()."""
+        if n_rounds is None and max_frames is None:
+            raise ValueError('give n_rounds or max_frames')
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=max_frames if n_rounds is None else n_rounds,
+                       unit='frames' if n_rounds is None else 'rounds',
+                       desc='adaptive', initial=self.frames if n_rounds
+                       is None else 0)
+        done = 0
+        try:
+            while (n_rounds is None or done < n_rounds) and (
+                    max_frames is None or self.frames < max_frames):
+                new = self.step(initial)
+                done += 1
+                if bar is not None:
+                    bar.update(1 if n_rounds is not None else new)
+                    bar.set_postfix(clusters=len(self.clusters.counts),
+                                    frames=self.frames)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.rounds()
+
+    def stop_all(self):
+        """Stop the streams still queued or running (end of a campaign)."""
+        for sid in list(self.live):
+            self.target.client.stream(sid).stop()
+        self.done.extend(self.live)
+        self.live = {}
+        self.save()
+
+    # results as tables
+    def rounds(self):
+        """One row per round: streams seeded, frames, clusters, and where
+        the time went (waiting for the cores, sync + featurize + cluster,
+        seeding)."""
+        import pandas
+        rows = [{k: (len(v) if isinstance(v, list) else v)
+                 for k, v in h.items()} for h in self.history]
+        return pandas.DataFrame(rows).set_index('round')
+
+    def streams(self):
+        """One row per stream: parent, frame, round, frames synced, the
+        cluster of its last frame."""
+        import pandas
+        feats = self.cache.all() if self.cache is not None else {}
+        rows = [{'stream': sid, 'parent': p, 'frame': f, 'round': r,
+                 'frames': len(feats.get(sid, ())),
+                 'last_cluster': self.clusters.last.get(sid, -1),
+                 'running': sid in self.live}
+                for sid, (p, f, r) in self.parents.items()]
+        return pandas.DataFrame(rows).set_index('stream')
+
+
+class Budget:
+    """A plain-MD control: `check()` stops `streams` of `target` once they
+    hold `frames` committed frames in all; call it often (a Sampler's
+    `watch`, or `wait()`). `done` once stopped."""
+
+    def __init__(self, target, streams, frames):
+        self.target, self.streams, self.frames = target, streams, frames
+        self.done = False
+        self.committed = 0
+
+    def check(self):
+        if self.done:
+            return True
+        info = self.target.stream_info()
+        self.committed = sum(info.get(s, {}).get('frames', 0)
+                             for s in self.streams)
+        if self.committed >= self.frames:
+            for sid in self.streams:
+                self.target.client.stream(sid).stop()
+            self.done = True
+        return self.done
+
+    __call__ = check
+
+    def wait(self, poll=0.25, timeout=3600):
+        deadline = time.monotonic() + timeout
+        while not self.check():
+            if time.monotonic() > deadline:
+                raise TimeoutError('budget of %d frames not reached'
+                                   % self.frames)
+            time.sleep(poll)
+
+
+# -- Markov state model -----------------------------------------------------
+def msm(trajs, n_states=40, lags=(1, 2, 5, 10, 20, 40), lag=10,
+        n_timescales=4, n_metastable=3, n_samples=100, seed=1,
+        ps_per_frame=1.0):
+    """An MSM of the feature trajectories `trajs` (a list of (frames, d)
+    arrays) with deeptime: k-means into `n_states` states, Bayesian MSMs
+    (effective counts, reversible, `n_samples` posterior samples) at each
+    of `lags` (frames) for the implied timescales, and at `lag` a
+    Chapman-Kolmogorov test against `n_metastable` PCCA+ sets. Returns a
+    dict: `timescales` [(mean, lower, upper) in ps] of the model at `lag`,
+    only those longer than the lag (shorter ones are not resolved), `its`
+    (deeptime ImpliedTimescales, frames), `ck` (ChapmanKolmogorovTest),
+    `states` (connected), `lag_ps`."""
+    from deeptime.clustering import KMeans
+    from deeptime.markov import TransitionCountEstimator
+    from deeptime.markov.msm import BayesianMSM
+    from deeptime.util.validation import implied_timescales
+    trajs = [np.ascontiguousarray(t, dtype=np.float64) for t in trajs
+             if len(t) > 1]
+    kmeans = KMeans(n_states, fixed_seed=seed, max_iter=100,
+                    init_strategy='kmeans++').fit(
+        np.concatenate(trajs)).fetch_model()
+    dtrajs = [kmeans.transform(t) for t in trajs]
+    lags = sorted(set(lags) | {lag})
+
+    def bayesian(tau):
+        counts = TransitionCountEstimator(tau, 'effective').fit(
+            dtrajs).fetch_model().submodel_largest()
+        return BayesianMSM(n_samples=n_samples, reversible=True).fit(
+            counts).fetch_model()
+
+    models = [bayesian(tau) for tau in lags
+              if max(len(d) for d in dtrajs) > 2 * tau]
+    chosen = models[[m.prior.lagtime for m in models].index(lag)]
+    stats = chosen.gather_stats('timescales', k=n_timescales)
+    timescales = [(float(m * ps_per_frame), float(lo * ps_per_frame),
+                   float(hi * ps_per_frame))
+                  for m, lo, hi in zip(stats.mean, stats.L, stats.R,
+                                       strict=True)
+                  if m > lag]
+    longer = [m for m in models if m.prior.lagtime >= lag]
+    ck = chosen.ck_test(longer, n_metastable)
+    return {'timescales': timescales, 'its': implied_timescales(
+        models, n_its=n_timescales), 'ck': ck,
+        'states': chosen.prior.n_states, 'lag_ps': lag * ps_per_frame,
+        'ps_per_frame': ps_per_frame, 'dtrajs': dtrajs}
+
+
+def plot_msm(result, its_png, ck_png):
+    """The implied timescales against lag (with the lag = timescale line
+    under which nothing is resolved) and the Chapman-Kolmogorov test."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from deeptime.plots import plot_ck_test, plot_implied_timescales
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    plot_implied_timescales(result['its'], ax=ax)
+    lags = result['its'].lagtimes
+    ax.plot(lags, lags, 'k--', label='timescale = lag')
+    ax.set_yscale('log')
+    ax.set_xlabel('lag (frames of %g ps)' % result['ps_per_frame'])
+    ax.set_ylabel('implied timescale (frames)')
+    ax.set_title('implied timescales (Bayesian MSM, 95%)')
+    fig.tight_layout()
+    fig.savefig(its_png, dpi=90)
+    plt.close(fig)
+    grid = plot_ck_test(result['ck'], xlabel='lag (frames)')
+    grid.figure.savefig(ck_png, dpi=90)
+    plt.close(grid.figure)

@@ -54,6 +54,8 @@ def build(out, streams=4, padding_nm=1.0, steps_per_frame=100, seed=1,
     integrator = openmm.LangevinMiddleIntegrator(
         TEMPERATURE * unit.kelvin, 1.0 / unit.picosecond,
         STEP_FS * unit.femtoseconds)
+    # The cores draw a fresh seed per activation (openmm_engine); this
+    # one only serves who runs integrator.xml as is.
     integrator.setRandomNumberSeed(seed)
     platform = openmm.Platform.getPlatformByName(
         'CPU' if 'CPU' in openmm_engine.platforms() else 'Reference')
@@ -74,7 +76,8 @@ def build(out, streams=4, padding_nm=1.0, steps_per_frame=100, seed=1,
                                            seed * 1000 + i + 1)
         context.setTime(0.0)
         state = context.getState(getPositions=True, getVelocities=True,
-                                 getParameters=True, enforcePeriodicBox=True)
+                                 getParameters=True,
+                                 enforcePeriodicBox=solvent == 'tip3p')
         folder = os.path.join(out, 'streams', str(i))
         os.makedirs(folder, exist_ok=True)
         _write(os.path.join(folder, 'state.xml'),

@@ -12,6 +12,7 @@ import uuid
 
 import requests
 
+from tests.test_balancer import exchange
 from tests.test_limits import trickle
 from tools.testing import (
     CC_PASS,
@@ -83,34 +84,118 @@ class AbuseTestCase(unittest.TestCase):
 
 
 class TestErrorStops(AbuseTestCase):
-    """Shipped defaults: the attack works within them."""
+    """Error stops STOP a stream only on the word of clients the CC vouches
+    for (a core key, a donor with credited frames), each network or donor
+    once; anonymous ones back the stream off (issue 22 point 4)."""
+    ws_conf = {'error_backoff_in_s': 1, 'max_error_backoff_in_s': 2}
 
-    def test_one_client_cannot_stop_a_target(self):
+    def assign_from(self, source, key=None, **fields):
+        body = {'engine': 'openmm', 'engine_version': self.version}
+        body.update(fields)
+        got = exchange(self.cc.port, source, 'POST', '/core/assign', body,
+                       headers={'Authorization': key} if key else None)
+        return got
+
+    def test_ten_anonymous_networks_cannot_stop_a_target(self):
         tid, sids = self.target(3)
         error = base64.b64encode(b'the GPU fell off').decode()
-        for _ in range(30):
-            r = self.assign()
-            self.assertEqual(r.status_code, 200, r.text)
-            r = self.core('PUT', r.json(), '/core/stop', {'error': error})
-            self.assertEqual(r.status_code, 200, r.text)
+        stops = 0
+        for i in range(90):  # ten /24s, each assigning and error-stopping
+            status, reply = self.assign_from('127.0.%d.1' % (i % 10 + 1))
+            self.assertIn(status, (200, 503), reply)
+            if status == 200:
+                r = self.core('PUT', reply, '/core/stop', {'error': error})
+                self.assertEqual(r.status_code, 200, r.text)
+                stops += 1
+        self.assertGreaterEqual(stops, 3)
         streams = self.streams(tid)
         self.assertEqual({s['status'] for s in streams.values()}, {'OK'})
-        self.assertEqual(max(s['error_count'] for s in streams.values()), 1)
-        # Another client's error on a stream counts as well.
-        r = self.assign(donor_token=self.donor())
-        sid = self.core('GET', r.json(), '/core/start').json()['stream_id']
-        self.core('PUT', r.json(), '/core/stop', {'error': error})
-        self.assertEqual(self.streams(tid)[sid]['error_count'], 2)
-        # A checkpoint ends the run of errors: the client counts again.
-        r = self.assign()
-        sid = self.core('GET', r.json(), '/core/start').json()['stream_id']
-        self.core('PUT', r.json(), '/core/frame',
+        self.assertEqual({s['error_count'] for s in streams.values()}, {0})
+        # Backed off, not stopped: an honest donor gets work again.
+        token = self.donor()
+        wait_for(lambda: self.assign(donor_token=token).status_code == 200,
+                 'an honest donor assigned')
+
+    def test_vouched_failures_still_stop_a_stream(self):
+        tid, (sid,) = self.target(1)
+        key = self.cc.request('POST', '/engines/keys', {
+            'engine': 'openmm'}, token=self.admin).json()['key']
+        error = base64.b64encode(b'NaN').decode()
+        # One network with a key counts once, however often it stops.
+        for _ in range(3):
+            status, reply = self.assign_from('127.0.1.1', key, target_id=tid)
+            self.assertEqual(status, 200, reply)
+            self.core('PUT', reply, '/core/stop', {'error': error})
+        self.assertEqual(self.streams(tid)[sid]['error_count'], 1)
+        for n in range(2, 11):  # max_stream_fails (10) networks
+            status, reply = self.assign_from('127.0.%d.1' % n, key,
+                                             target_id=tid)
+            self.assertEqual(status, 200, reply)
+            self.core('PUT', reply, '/core/stop', {'error': error})
+        info = self.streams(tid)[sid]
+        self.assertEqual((info['status'], info['error_count']),
+                         ('STOPPED', 10))
+
+    def test_a_checkpoint_ends_a_run_of_errors(self):
+        tid, (sid,) = self.target(1)
+        key = self.cc.request('POST', '/engines/keys', {
+            'engine': 'openmm'}, token=self.admin).json()['key']
+        error = base64.b64encode(b'NaN').decode()
+        status, reply = self.assign_from('127.0.1.1', key, target_id=tid)
+        self.core('PUT', reply, '/core/stop', {'error': error})
+        self.assertEqual(self.streams(tid)[sid]['error_count'], 1)
+        status, reply = self.assign_from('127.0.1.1', key, target_id=tid)
+        self.core('PUT', reply, '/core/frame',
                   {'files': {'f.b64': b64(b'x')}})
-        self.core('PUT', r.json(), '/core/checkpoint',
+        self.core('PUT', reply, '/core/checkpoint',
                   {'files': {'state.xml.b64': b64(b'<S/>')}})
         self.assertEqual(self.streams(tid)[sid]['error_count'], 0)
-        self.core('PUT', r.json(), '/core/stop', {'error': error})
+        self.core('PUT', reply, '/core/stop', {'error': error})
         self.assertEqual(self.streams(tid)[sid]['error_count'], 1)
+
+
+class TestVouchedDonors(AbuseTestCase):
+    """A donor with credited frames is vouched for: its error stops count
+    (once per donor); a donor without any backs the stream off."""
+    cc_conf = {'stats_interval_in_ms': 200}
+    ws_conf = {'max_stream_fails': 2, 'error_backoff_in_s': 1,
+               'max_error_backoff_in_s': 1}
+
+    def take(self, token, tid):
+        """An assignment of the target's stream, once it is free."""
+        return wait_for(lambda: (lambda r: r.status_code == 200 and r.json())(
+            self.assign(donor_token=token, target_id=tid)), 'the stream')
+
+    def test_donors_with_history_stop_a_stream(self):
+        tid, (sid,) = self.target(1)
+        error = base64.b64encode(b'NaN').decode()
+        donors = {}
+        for _ in range(2):
+            name = uuid.uuid4().hex[:8]
+            donors[name] = self.cc.request('POST', '/donors', {
+                'username': name, 'email': name + '@d.org',
+                'password': 'pw'}).json()['token']
+        # No history yet: their error stops only back the stream off.
+        for token in donors.values():
+            self.core('PUT', self.take(token, tid), '/core/stop',
+                      {'error': error})
+        self.assertEqual(self.streams(tid)[sid]['error_count'], 0)
+        for name, token in donors.items():
+            reply = self.take(token, tid)
+            self.core('PUT', reply, '/core/frame',
+                      {'files': {'f.b64': b64(b'x')}})
+            self.core('PUT', reply, '/core/checkpoint',
+                      {'files': {'state.xml.b64': b64(b'<S/>')}})
+            self.core('PUT', reply, '/core/stop', {})
+            wait_for(lambda name=name: self.cc.request(
+                'GET', '/donors/stats/' + name).json()['frames'],
+                'frames credited to ' + name)
+        for token in donors.values():
+            self.core('PUT', self.take(token, tid), '/core/stop',
+                      {'error': error})
+        info = self.streams(tid)[sid]
+        self.assertEqual((info['status'], info['error_count']),
+                         ('STOPPED', 2))
 
 
 class TestHogging(AbuseTestCase):

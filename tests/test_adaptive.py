@@ -1,16 +1,22 @@
 """siegetank.adaptive: seeding a stream from a committed frame (OpenMM),
-least-counts clustering, and two rounds of the adaptive loop on a real CC
+clustering and the seed-choice score hook (least counts, FAST), the MSM,
+the plain-MD Budget (synthetic cores), and the adaptive loop on a real CC
 and WS with a real OpenMM core process (alanine dipeptide in vacuum, 10
-steps per frame), synced and read back by mdtraj."""
+steps per frame): rounds, resume from the folder, pandas tables, progress
+bar, seeds recorded in the streams' files."""
+import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
+import threading
 import unittest
 
 import numpy as np
 
 from siegetank import adaptive, build_target
+from siegetank.core import Core, make_engine, openmm_engine
 from tests.cluster import Cluster
 from tools.testing import ROOT, tmpdir
 
@@ -95,20 +101,109 @@ class TestSeedState(unittest.TestCase):
 
 
 class TestLeastCounts(unittest.TestCase):
-    def test_least_counted_clusters_are_chosen(self):
+    def blobs(self, score=None):
         rng = np.random.default_rng(0)
-        lc = adaptive.LeastCounts(dmin=0.5)
+        lc = adaptive.LeastCounts(dmin=0.5, score=score)
         # Three well separated blobs with 20, 2 and 7 frames.
         blob = lambda c, n: c + 0.01 * rng.standard_normal((n, 2))  # noqa
         lc.add('s1', 0, np.concatenate([blob(0, 20), blob(5, 2)]))
         lc.add('s2', 0, blob(10, 7))
+        return lc, rng
+
+    def test_least_counted_clusters_are_chosen(self):
+        lc, rng = self.blobs()
         self.assertEqual(sorted(lc.counts), [2, 7, 20])
         picks = lc.choose(2, rng)
-        self.assertEqual(sorted(picks)[0][0], 's1')
         self.assertIn(picks[0], [('s1', 20), ('s1', 21)])
         self.assertEqual(picks[1][0], 's2')
-        self.assertTrue(lc.under_sampled('s2', 2))  # s2 ends in the 7s
-        self.assertFalse(lc.under_sampled('s2', 1))
+        # More seeds than clusters: the best ones again.
+        self.assertEqual(len(lc.choose(5, rng)), 5)
+
+    def test_a_custom_score_decides_the_seeds(self):
+        # Reward: the first feature of the center (the blob at 10 wins,
+        # then the one at 5), whatever the counts.
+        lc, rng = self.blobs(score=lambda c: c.centers[:, 0])
+        picks = lc.choose(2, rng)
+        self.assertEqual(picks[0][0], 's2')
+        self.assertIn(picks[1], [('s1', 20), ('s1', 21)])
+        bad, rng = self.blobs(score=lambda c: np.zeros(1))
+        with self.assertRaises(ValueError):
+            bad.choose(1, rng)
+
+    def test_fast_score_weighs_reward_and_counts(self):
+        # Reward favours the big blob at 0; with a heavy count bonus the
+        # 2-frame blob wins, with none the reward decides.
+        reward = lambda centers: -centers[:, 0]  # noqa
+        lc, rng = self.blobs(score=adaptive.fast(reward, 0.0))
+        self.assertEqual(lc.choose(1, rng)[0][1] < 20, True)
+        lc, rng = self.blobs(score=adaptive.fast(reward, 10.0))
+        self.assertIn(lc.choose(1, rng)[0], [('s1', 20), ('s1', 21)])
+
+
+class TestMSM(unittest.TestCase):
+    def test_timescales_longer_than_the_lag_with_error_bars(self):
+        # Two wells, rare hops (about every 100 frames), fast noise inside.
+        rng = np.random.default_rng(1)
+        trajs = []
+        for _ in range(6):
+            well = np.cumsum(rng.random(600) < 0.01) % 2
+            trajs.append((3.0 * well + 0.3 * rng.standard_normal(600))
+                         [:, None])
+        result = adaptive.msm(trajs, n_states=8, lags=(1, 2, 5, 10), lag=5,
+                              n_samples=20, ps_per_frame=2.0)
+        self.assertEqual(result['lag_ps'], 10.0)
+        self.assertGreaterEqual(len(result['timescales']), 1)
+        for mean, lower, upper in result['timescales']:
+            self.assertGreater(mean, result['lag_ps'])
+            self.assertLess(lower, mean)
+            self.assertGreater(upper, mean)
+        slowest = result['timescales'][0][0]
+        self.assertGreater(slowest, 40)     # ~50 frames = 100 ps
+        self.assertLess(slowest, 400)
+        self.assertEqual(list(result['its'].lagtimes), [1, 2, 5, 10])
+        self.assertTrue(result['its'].has_samples)
+        self.assertEqual(list(result['ck'].lagtimes)[:2], [0, 5])
+        folder = tmpdir('msm')
+        its, ck = (os.path.join(folder, n) for n in ('its.png', 'ck.png'))
+        adaptive.plot_msm(result, its, ck)
+        self.assertGreater(os.path.getsize(its), 1000)
+        self.assertGreater(os.path.getsize(ck), 1000)
+
+
+class TestBudget(unittest.TestCase):
+    """The plain-MD control stops at its frame budget, checked at every
+    poll (not only between adaptive rounds)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cluster = Cluster().start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.stop()
+
+    def test_plain_streams_stop_at_the_budget(self):
+        target, sids = self.cluster.synthetic_target(streams=2)
+        budget = adaptive.Budget(target, sids, 30)
+        stop = threading.Event()
+        core = Core(self.cluster.address, make_engine('synthetic', rate=20),
+                    ca=self.cluster.ca, target_id=target.id, stop=stop,
+                    checkpoint_every=0.1, backoff=None)
+        worker = threading.Thread(target=core.run)
+        worker.start()
+        try:
+            budget.wait(poll=0.05, timeout=120)
+        finally:
+            stop.set()
+            worker.join(60)
+        info = target.stream_info()
+        self.assertTrue(budget.done)
+        self.assertTrue(all(info[s]['status'] == 'STOPPED' for s in sids))
+        total = sum(info[s]['frames'] for s in sids)
+        self.assertGreaterEqual(budget.committed, 30)
+        # Stopped within a few frames of the budget (one core at 20 frames
+        # per second, committed every 0.1 s), not at a multiple of it.
+        self.assertLess(total, 60)
 
 
 class TestAdaptiveLoop(unittest.TestCase):
@@ -124,20 +219,8 @@ class TestAdaptiveLoop(unittest.TestCase):
     def tearDownClass(cls):
         cls.cluster.stop()
 
-    def test_two_rounds(self):
-        import mdtraj
-        admin = self.cluster.admin
-        target = admin.add_target(
-            options=self.summary['options'], engine='openmm',
-            engine_versions=self.summary['engine_versions'], stage='public',
-            files=build_target.target_files(self.built))
-        system, integrator = adaptive.load_engine_files(target)
-        synced = os.path.join(self.folder, 'synced')
-        sampler = adaptive.Sampler(
-            target, synced, adaptive.backbone_dihedrals, system, integrator,
-            streams_per_round=2, frames_per_stream=4, seed=3, poll=0.1,
-            clusters=adaptive.LeastCounts(dmin=0.2), extend=False)
-        core = subprocess.Popen(
+    def core(self, target):
+        return subprocess.Popen(
             [sys.executable, '-m', 'siegetank.core', '--cc',
              self.cluster.address, '--ca', self.cluster.ca, '--engine',
              'openmm', '--platform', 'CPU', '--threads', '1', '--target-id',
@@ -146,53 +229,135 @@ class TestAdaptiveLoop(unittest.TestCase):
             cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True)
+
+    def test_rounds_tables_resume_and_seeds(self):
+        import mdtraj
+        admin = self.cluster.admin
+        target = admin.add_target(
+            options=self.summary['options'], engine='openmm',
+            engine_versions=self.summary['engine_versions'], stage='public',
+            files=build_target.target_files(self.built))
+        system, integrator = adaptive.load_engine_files(target)
+        synced = os.path.join(self.folder, 'synced')
+        scored = []
+
+        def score(clusters):
+            scored.append(len(clusters.counts))
+            return adaptive.least_counts(clusters)
+
+        watched = []
+        sampler = adaptive.Sampler(
+            target, synced, adaptive.backbone_dihedrals, system, integrator,
+            in_flight=3, frames_per_stream=4, refill=2, seed=3, poll=0.1,
+            clusters=adaptive.LeastCounts(dmin=0.2, score=score),
+            watch=[lambda: watched.append(1)])
+        core = self.core(target)
+        err = io.StringIO()
         try:
             initial = mdtraj.load(os.path.join(self.built, 'topology.pdb'))
-            first = sampler.step(initial)
-            round0 = list(sampler.live)
-            second = sampler.step()
-            round1 = list(sampler.live)
+            with contextlib.redirect_stderr(err):
+                rounds = sampler.run(n_rounds=2, initial=initial)
+            # A new session: the sampler comes back from its folder.
+            again = adaptive.Sampler.resume(
+                target, synced, adaptive.backbone_dihedrals, system,
+                integrator, clusters=adaptive.LeastCounts(dmin=0.2))
+            self.assertEqual(again.round, 2)
+            self.assertEqual(again.live, sampler.live)
+            self.assertEqual(again.seeds_made, sampler.seeds_made)
+            self.assertEqual(again.frames, sampler.frames)
+            self.assertEqual(again.rng.bit_generator.state,
+                             sampler.rng.bit_generator.state)
+            more = again.run(n_rounds=1, progress=False)
+            again.stop_all()
         finally:
             core.send_signal(signal.SIGTERM)
-            _, err = core.communicate(timeout=60)
-        self.assertEqual(core.returncode, 0, err)
+            _, core_err = core.communicate(timeout=60)
+        self.assertEqual(core.returncode, 0, core_err)
 
+        # The progress bar, the score hook, the watchers at every poll.
+        self.assertIn('2/2', err.getvalue())
+        self.assertEqual(len(scored), 2)
+        self.assertEqual(len(watched), sampler.polls)
+        self.assertGreaterEqual(sampler.polls, 2)
+        # Tables: one row per round (round 0 seeded 3 streams; each later
+        # round as many as finished), one per stream.
+        self.assertEqual(list(rounds.index), [0, 1, 2])
+        self.assertEqual(list(more.index), [0, 1, 2, 3])
+        self.assertEqual(rounds.loc[0, 'seeded'], 3)
+        for r in (1, 2):
+            self.assertEqual(rounds.loc[r, 'seeded'],
+                             rounds.loc[r, 'finished'])
+            self.assertGreaterEqual(rounds.loc[r, 'finished'], 2)
+        self.assertTrue({'wait_s', 'sync_cluster_s', 'seed_s', 'frames',
+                         'clusters'} <= set(rounds.columns))
+        streams = again.streams()
         listing = target.stream_info()
-        self.assertGreaterEqual(first, 8)
-        self.assertGreaterEqual(second, 4)
-        self.assertEqual(sampler.frames, first + second)
-        for sid in round0:
-            self.assertEqual(listing[sid]['tags']['round'], '0')
-        seeded = sampler.history[1]['seeded']
-        self.assertEqual(sampler.history[1]['extended'], [])
-        self.assertEqual(sorted(seeded), sorted(round1))
-        self.assertEqual(len(seeded), 2)
-        for sid in seeded:
+        self.assertEqual(sorted(streams.index), sorted(listing))
+        for sid, row in streams.iterrows():
             tags = listing[sid]['tags']
-            self.assertEqual(tags['round'], '1')
-            self.assertIn(tags['parent'], round0)
-            self.assertLess(int(tags['frame']),
-                            listing[tags['parent']]['frames'])
-        # The last round's streams are stopped; each ran its quota.
-        for sid in round0 + round1:
+            self.assertEqual(tags['round'], str(row['round']))
+            self.assertEqual(tags['parent'], row['parent'])
             self.assertEqual(listing[sid]['status'], 'STOPPED')
-        for sid in round1:
-            self.assertGreaterEqual(listing[sid]['frames'], 4)
+            if row['parent'] != 'initial':
+                self.assertIn(row['parent'], listing)
+                self.assertLess(row['frame'],
+                                listing[row['parent']]['frames'])
+        self.assertEqual(sorted(streams['round'].unique()), [0, 1, 2, 3])
 
         # Synced files are the committed trajectories, read by mdtraj with
         # the topology the target carries.
+        again.sync()
         top = os.path.join(synced, 'topology.pdb')
-        self.assertTrue(os.path.exists(top))
-        cache = adaptive.FeatureCache(synced, adaptive.backbone_dihedrals)
-        feats = cache.all()
+        feats = again.cache.all()
         for sid, entry in listing.items():
+            if not entry['frames']:     # stopped before a core took it
+                continue
             traj = mdtraj.load(os.path.join(synced, 'streams', sid,
                                             'frames.xtc'), top=top)
             self.assertEqual(traj.n_frames, entry['frames'])
-            self.assertEqual(traj.n_atoms, self.summary['atoms'])
+            self.assertIsNone(traj.unitcell_vectors)
             self.assertTrue(np.all(np.diff(traj.time) > 0))
             np.testing.assert_allclose(
                 feats[sid], adaptive.backbone_dihedrals(traj), atol=1e-6)
-        # Nothing new: nothing featurized, no bytes moved.
-        self.assertEqual(cache.update(), {})
+        self.assertEqual(again.cache.update(), {})
         self.assertEqual(target.sync(synced)['bytes'], 0)
+
+        # Every stream's seeds.txt names the integrator seed of each of its
+        # activations; all differ.
+        seeds = []
+        for sid, entry in listing.items():
+            if not entry['frames']:
+                continue
+            with open(os.path.join(synced, 'streams', sid,
+                                   'seeds.txt')) as f:
+                found = openmm_engine.read_seeds(f.read())
+            self.assertGreaterEqual(len(found), 1)
+            self.assertEqual(found[0][0], 0)
+            seeds.extend(seed for _, seed in found)
+        self.assertEqual(len(seeds), len(set(seeds)))
+
+
+class TestDemoStatistics(unittest.TestCase):
+    """make adaptive's per-replicate numbers: basins first visited, and the
+    median and range with "not reached" ranked above any count."""
+
+    def test_first_visits(self):
+        from tools import adaptive_demo
+        angles = np.array([[-70.0, -40.0], [-70.0, 140.0], [-150.0, -170.0],
+                           [60.0, 40.0]])
+        self.assertEqual(adaptive_demo.first_visits(angles), {
+            'alphaR': 1, 'beta/PPII': 2, 'alphaL/C7ax': 4})
+        self.assertEqual(adaptive_demo.first_visits(angles[:2])[
+            'alphaL/C7ax'], None)
+
+    def test_median_and_range_count_not_reached(self):
+        from tools import adaptive_demo
+        self.assertEqual(adaptive_demo.med_range([3, 1, 2]), '2 [1-3]')
+        self.assertEqual(adaptive_demo.med_range([5, None, 1]),
+                         '5 [1-not reached]')
+        self.assertEqual(adaptive_demo.med_range([5, None, None]),
+                         'not reached [5-not reached]')
+        self.assertEqual(adaptive_demo.med_range([None, None]),
+                         'not reached (2/2)')
+        self.assertEqual(adaptive_demo.coverage_curve(np.array(
+            [[0.0, 0.0], [1.0, 1.0], [15.0, 0.0]])).tolist(), [1, 1, 2])

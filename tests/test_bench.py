@@ -2,12 +2,16 @@
 acknowledged is what the WS reports and what it serves, with zero errors,
 through the same code `make bench` runs. Its figures are not checked:
 timings belong to `make bench`, never to the tests."""
+import asyncio
+import base64
+import glob
 import json
 import os
 import subprocess
 import sys
 import unittest
 
+from bench import servers, workloads
 from tools.testing import ROOT, tmpdir
 
 
@@ -30,6 +34,14 @@ class TestBenchSmoke(unittest.TestCase):
         for row in results['frames']:
             self.assertEqual((row['ours_errors'], row['mismatches']), (0, 0))
             self.assertGreater(row['frames_committed'], 0)
+            # the same SimCore workload ran against both ceilings, in the
+            # same run, without errors, and each reports its CPU per frame
+            for name in ('ours', 'bare', 'durable'):
+                self.assertEqual(row['%s_errors' % name], 0, name)
+                self.assertEqual(len(row['%s_reps' % name]), 1, name)
+                self.assertGreater(row['%s_cpu_ms_per_frame' % name], 0)
+            self.assertIsNotNone(row['ratio_durable'])
+            self.assertIsNotNone(row['ratio_bare'])
         self.assertEqual(results['activations']['ours_errors'], 0)
         self.assertTrue(os.path.exists(os.path.join(out, 'frames.png')))
 
@@ -63,3 +75,69 @@ class TestBenchSmoke(unittest.TestCase):
         with open(os.path.join(out, 'results.json')) as f:
             row = json.load(f)['status']
         self.assertEqual((row['streams'], row['active']), (2000, 100))
+
+
+    def test_quick_costs(self):
+        """The per-request costs behind docs/capacity.md are measured
+        without errors for every kind of request (figures unchecked)."""
+        out = tmpdir('bench')
+        p = subprocess.run(
+            [sys.executable, '-m', 'bench', '--quick', '--only', 'costs',
+             '--out', out],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        with open(os.path.join(out, 'results.json')) as f:
+            row = json.load(f)['costs']
+        for size in ('ws_10k', 'ws_100k'):
+            self.assertEqual(sorted(row[size]),
+                             ['checkpoint', 'frame', 'heartbeat',
+                              'heartbeat on a new connection',
+                              'rss_kb_per_connection'])
+            for kind in ('checkpoint', 'frame', 'heartbeat'):
+                self.assertEqual(row[size][kind]['errors'], 0)
+            self.assertGreater(row[size]['frame']['redis_commands'], 0)
+        self.assertEqual(row['hub']['assign_errors'], 0)
+        self.assertGreater(row['hub']['hub_commands_per_assignment'], 0)
+
+
+class TestDurableCeiling(unittest.TestCase):
+    """The durable ceiling does the work it claims: every frame byte a
+    core sent is in that core's file, and its newest checkpoint is on disk
+    as sent (what makes its figures a fair bound)."""
+
+    def test_frames_appended_and_checkpoint_kept(self):
+        ceiling = servers.Ceiling(1, durable=True)
+        try:
+            data = [os.urandom(1000 + i) for i in range(3)]
+
+            async def core(token):
+                c = workloads.conn(ceiling.port)
+                auth = {'Authorization': token}
+                for d in data:
+                    s, b = await c.request('PUT', '/core/frame', json.dumps(
+                        {'files': {'frames.xtc.b64': base64.b64encode(
+                            d).decode()}}).encode(), auth)
+                    self.assertEqual((s, b), (200, b'{}'))
+                for _ in range(2):
+                    s, _ = await c.request('PUT', '/core/checkpoint',
+                                           workloads.CHECKPOINT, auth)
+                    self.assertEqual(s, 200)
+                await c.close()
+
+            async def both():
+                await asyncio.gather(core('one'), core('two'))
+            asyncio.run(both())
+            [folder] = glob.glob(os.path.join(ceiling.data, '*'))
+            frames = sorted(glob.glob(os.path.join(folder, '*.frames')))
+            checkpoints = sorted(glob.glob(os.path.join(folder, '*.ckpt')))
+            self.assertEqual(len(frames), 2)
+            for path in frames:
+                with open(path, 'rb') as f:
+                    self.assertEqual(f.read(), b''.join(data))
+            self.assertEqual(len(checkpoints), 2)  # the newest of each core
+            for path in checkpoints:
+                with open(path, 'rb') as f:
+                    self.assertEqual(f.read(), workloads.CHECKPOINT)
+        finally:
+            ceiling.stop()
+        self.assertFalse(os.path.exists(ceiling.data))

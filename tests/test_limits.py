@@ -24,6 +24,7 @@ from tornado.tcpclient import TCPClient
 
 from server.cc import keys as cc_keys
 from server.cc import workservers
+from server.ws import recovery
 from tests.test_cc import CCTestCase
 from tests.test_ws import CONF, WSTestCase
 from tools.testing import (
@@ -227,6 +228,87 @@ class TestHostileCores(WSTestCase):
             self.assertIn(code, (200, 416), header)
             if code == 200:
                 self.assertEqual(body, b'0123456789')
+
+
+MB = 1 << 20
+
+
+def folder_bytes(root):
+    return sum(os.path.getsize(os.path.join(d, f))
+               for d, _, names in os.walk(root) for f in names)
+
+
+def zeros_bomb(size, mark):
+    """base64 of gzip: `size` decoded bytes that differ from others' by
+    the first (`mark`), from a body of about size / 1000."""
+    return b64(gzip.compress(bytes([mark]) + b'\0' * (size - 1), 9))
+
+
+class TestByteBudgets(WSTestCase):
+    """Issue 22 point 2: per-activation and per-stream byte budgets in
+    decoded bytes; 413 past them and nothing stored."""
+    conf = dict(CONF, max_decoded_file_size=64 * MB,
+                max_decoded_request_size=64 * MB,
+                max_buffer_size_in_bytes=50 * MB,
+                max_checkpoint_size_in_bytes=MB,
+                max_stream_size_in_bytes=60 * MB)
+
+    def put_frame(self, token, size, mark):
+        return self.fetch_json('/core/frame', 'PUT', {'files': {
+            'frames.xtc.gz.b64': zeros_bomb(size, mark)}}, token=token)
+
+    def test_buffer_checkpoint_and_stream_budgets(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        root = self.app.storage.root
+        empty = folder_bytes(root)
+        for mark in (1, 2):  # 40 MB buffered
+            self.assertEqual(self.put_frame(token, 20 * MB, mark), (200, {}))
+        before = self.snapshot()
+        for mark in range(3, 8):  # each differs by a byte: still refused
+            code, reply = self.put_frame(token, 20 * MB, mark)
+            self.assertEqual(code, 413, reply)
+            self.assertIn('max_buffer_size_in_bytes', reply['error'])
+        self.assertEqual(self.snapshot(), before)
+        self.assertLessEqual(folder_bytes(root) - empty, 50 * MB)
+        # A checkpoint over its budget: 413, the buffer kept.
+        code, reply = self.fetch_json('/core/checkpoint', 'PUT', {'files': {
+            'state.xml.gz.b64': zeros_bomb(2 * MB, 1)}}, token=token)
+        self.assertEqual(code, 413, reply)
+        self.assertIn('max_checkpoint_size_in_bytes', reply['error'])
+        self.assertEqual(self.snapshot(), before)
+        self.checkpoint(token, b's1')
+        self.assertEqual(self.info(sid)['frames'], 2)
+        # The stream's total: 40 MB committed, 15 more fit, then no more.
+        self.assertEqual(self.put_frame(token, 15 * MB, 9), (200, {}))
+        self.checkpoint(token, b's2')
+        before = self.snapshot()
+        code, reply = self.put_frame(token, 15 * MB, 10)
+        self.assertEqual(code, 413, reply)
+        self.assertIn('max_stream_size_in_bytes', reply['error'])
+        self.assertEqual(self.snapshot(), before)
+        # A new activation of the same stream is bound by the same total.
+        self.fetch_json('/core/stop', 'PUT', {}, token=token)
+        token, _ = self.activate(tid)
+        code, reply = self.put_frame(token, 15 * MB, 11)
+        self.assertEqual(code, 413, reply)
+        self.assertEqual(self.info(sid)['frames'], 3)
+
+    def test_the_stream_total_survives_a_rebuild(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        for mark in (1, 2):
+            self.assertEqual(self.put_frame(token, 20 * MB, mark), (200, {}))
+        self.checkpoint(token, b's1')
+        # Redis rebuilt from the disk alone: the total is not indexed, the
+        # next checkpoint reads it from the chunks.
+        recovery.prepare(self.settings, self.redis_server.url)
+        token, _ = self.activate(tid)
+        self.assertEqual(self.put_frame(token, 15 * MB, 3), (200, {}))
+        self.checkpoint(token, b's2')
+        code, reply = self.put_frame(token, 15 * MB, 4)
+        self.assertEqual(code, 413, reply)
+        self.assertIn('max_stream_size_in_bytes', reply['error'])
 
 
 class TestHostileManagers(CCTestCase):

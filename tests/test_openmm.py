@@ -124,3 +124,129 @@ class TestOpenMMEndToEnd(unittest.TestCase):
             '/core/start', '/core/stop'), assigned['token'], {},
             verify=self.cluster.ca)
         target.delete()
+
+
+class TestEngineRuns(unittest.TestCase):
+    """The engine without servers: alanine dipeptide in implicit solvent
+    (OBC2, no cutoff, no box), a few frames on the Reference platform."""
+
+    @classmethod
+    def setUpClass(cls):
+        import openmm
+        cls.folder = tmpdir('openmm-engine')
+        cls.built = os.path.join(cls.folder, 'obc2')
+        build_target.build(cls.built, streams=1, solvent='obc2',
+                           steps_per_frame=STEPS_PER_FRAME)
+        cls.target_files = {
+            k: v for k, v in build_target.target_files(cls.built).items()
+            if k != 'topology.pdb.gz.b64'}
+        cls.seed_files = build_target.stream_seeds(cls.built)[0]
+        des = openmm.XmlSerializer.deserialize
+        cls.system = des(cls.target_files['system.xml.gz.b64'].decode())
+        state = des(cls.seed_files['state.xml.gz.b64'].decode())
+        from openmm import unit
+        # Far from the origin, so a wrap into any box would show.
+        xyz = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        cls.moved = xyz + 3.7
+        context = openmm.Context(cls.system, openmm.VerletIntegrator(0.001),
+                                 openmm.Platform.getPlatformByName(
+                                     'Reference'))
+        context.setState(state)
+        context.setPositions(cls.moved * unit.nanometer)
+        cls.seed_files = {'state.xml.gz.b64': openmm.XmlSerializer.serialize(
+            context.getState(getPositions=True, getVelocities=True,
+                             getParameters=True)).encode()}
+
+    def run_frames(self, n, stream_files=None):
+        from siegetank.core import openmm_engine
+        engine = openmm_engine.Engine('Reference')
+        run = engine.start(stream_files or self.seed_files,
+                           self.target_files,
+                           {'steps_per_frame': STEPS_PER_FRAME})
+        try:
+            frames = [run.next_frame(loop.threading.Event())[0]
+                      for _ in range(n)]
+            return run, frames, run.checkpoint()
+        finally:
+            run.close()
+
+    def xtc(self, frames):
+        import mdtraj
+        from mdtraj.formats import XTCTrajectoryFile
+        path = os.path.join(self.folder, 'frames-%s.xtc' % os.urandom(4).hex())
+        with open(path, 'wb') as f:
+            for files in frames:
+                f.write(files['frames.xtc.b64'])
+        with XTCTrajectoryFile(path) as f:
+            xyz, _, _, box = f.read()
+        traj = mdtraj.load(path, top=os.path.join(self.built, 'topology.pdb'))
+        return xyz, box, traj
+
+    def test_non_periodic_frames_have_no_box_and_are_not_wrapped(self):
+        import openmm
+        from openmm import unit
+        self.assertFalse(self.system.usesPeriodicBoundaryConditions())
+        run, frames, checkpoint = self.run_frames(3)
+        xyz, box, traj = self.xtc(frames)
+        self.assertFalse(np.any(box), box)
+        self.assertIsNone(traj.unitcell_vectors)
+        # The last frame is the simulation's own (unwrapped) positions: the
+        # checkpoint's, centroid included.
+        state = openmm.XmlSerializer.deserialize(
+            checkpoint['state.xml.gz.b64'].decode())
+        last = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        self.assertLess(np.abs(xyz[-1] - last).max(), 2e-3)
+        np.testing.assert_allclose(xyz[-1].mean(0), last.mean(0), atol=1e-3)
+        # Still near where it started (3.7 nm off the origin), not wrapped.
+        np.testing.assert_allclose(xyz[0].mean(0), self.moved.mean(0),
+                                   atol=0.05)
+
+    def test_every_activation_draws_its_own_seed_and_records_it(self):
+        from siegetank.core import openmm_engine
+        one, frames1, _ = self.run_frames(2)
+        two, frames2, _ = self.run_frames(2)
+        self.assertNotEqual(one.seed, two.seed)
+        # The first frame of an activation carries its seed, later ones not.
+        text = frames1[0]['seeds.txt.b64'].decode()
+        self.assertEqual(openmm_engine.read_seeds(text),
+                         [(0, one.seed)])
+        self.assertNotIn('seeds.txt.b64', frames1[1])
+        # Same start, different noise: different trajectories.
+        a, _, _ = self.xtc(frames1)
+        b, _, _ = self.xtc(frames2)
+        self.assertGreater(np.abs(a[-1] - b[-1]).max(), 1e-3)
+
+    def test_a_recorded_seed_reproduces_the_activation(self):
+        import openmm
+        from openmm import unit
+        run, frames, _ = self.run_frames(2)
+        (step, seed), = openmm_engine_seeds(frames)
+        integrator = openmm.XmlSerializer.deserialize(
+            self.target_files['integrator.xml.gz.b64'].decode())
+        integrator.setRandomNumberSeed(seed)
+        context = openmm.Context(self.system, integrator,
+                                 openmm.Platform.getPlatformByName(
+                                     'Reference'))
+        context.setState(openmm.XmlSerializer.deserialize(
+            self.seed_files['state.xml.gz.b64'].decode()))
+        integrator.step(2 * STEPS_PER_FRAME)
+        again = context.getState(getPositions=True).getPositions(
+            asNumpy=True).value_in_unit(unit.nanometer)
+        xyz, _, _ = self.xtc(frames)
+        self.assertEqual(step, 0)
+        self.assertLess(np.abs(xyz[-1] - again).max(), 2e-3)
+
+    def test_a_restart_draws_a_new_seed_recorded_at_its_step(self):
+        from siegetank.core import openmm_engine
+        first, _, checkpoint = self.run_frames(2)
+        second, frames, _ = self.run_frames(1, checkpoint)
+        self.assertNotEqual(first.seed, second.seed)
+        self.assertEqual(openmm_engine.read_seeds(
+            frames[0]['seeds.txt.b64'].decode()),
+            [(2 * STEPS_PER_FRAME, second.seed)])
+
+
+def openmm_engine_seeds(frames):
+    from siegetank.core import openmm_engine
+    return openmm_engine.read_seeds(b''.join(
+        f.get('seeds.txt.b64', b'') for f in frames).decode())

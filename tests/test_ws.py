@@ -28,7 +28,7 @@ from tornado.testing import ExpectLog
 from server import fastredis, signing, store
 from server.fastredis import Multiplexed
 from server.lua import Script
-from server.ws import core, locks, recovery
+from server.ws import core, locks, recovery, stream_record
 from server.ws.app import WorkServer
 from tools.testing import (
     CC_PASS,
@@ -577,6 +577,40 @@ class TestCore(WSTestCase):
         self.assertEqual((info['status'], info['error_count']), ('OK', 0))
         self.assertEqual(self.download(sid)[1], b'ok')
 
+    def test_anonymous_error_stops_back_off(self):
+        tid, sid = self.new_stream()
+        doubling = []
+        for i in range(3):
+            code, reply = self.cc('/streams/activate', 'POST', {
+                'target_id': tid, 'client': 'addr:198.51.%d.7' % i})
+            self.assertEqual(code, 200, reply)
+            self.fetch_json('/core/stop', 'PUT', {'error': b64(b'x')},
+                            token=reply['token'])
+            info = self.info(sid)
+            self.assertEqual((info['status'], info['error_count']),
+                             ('OK', 0))
+            # Not handed out until the back-off ends; counted as queued.
+            self.assertEqual(self.cc('/streams/activate', 'POST',
+                                     {'target_id': tid})[0], 503)
+            self.assertEqual(self.cc('/stats/report')[1]['streams'],
+                             {'ok': 1, 'active': 0, 'stopped': 0})
+            until = self.run_sync(self.redis.zscore, self.app.keys.backoff,
+                                  sid)
+            doubling.append(until)
+            self.run_sync(self.redis.zadd, self.app.keys.backoff, {sid: 1})
+            self.assertEqual(self.run_sync(stream_record.requeue_due,
+                                           self.app), 1)
+        # 60, 120, 240 s from each stop.
+        self.assertGreater(doubling[2] - doubling[1], 100)
+        # Vouched ones count, once per /24.
+        for client in ('addr:198.51.0.7', 'addr:198.51.0.8',
+                       'addr:198.51.1.7'):
+            code, reply = self.cc('/streams/activate', 'POST', {
+                'target_id': tid, 'client': client, 'vouched': True})
+            self.fetch_json('/core/stop', 'PUT', {'error': b64(b'x')},
+                            token=reply['token'])
+        self.assertEqual(self.info(sid)['error_count'], 2)
+
     def test_heartbeat_expiry_requeues_and_kills_token(self):
         tid, sid = self.new_stream()
         token, _ = self.activate(tid)
@@ -860,6 +894,39 @@ class TestTwoCommandCenters(WSTestCase):
         self.assertEqual(self.cc('/streams/info/' + other)[0], 404)
         self.assertEqual(self.cc('/streams/info/' + other,
                                  token=OTHER_PASS)[0], 200)
+
+    def test_each_cc_reports_only_its_own(self):
+        mine, s1 = self.new_stream()
+        _, s2 = self.new_stream(mine, with_target=False)
+        token, _ = self.activate(mine)
+        self.frame(token, b'f', n=3)
+        self.checkpoint(token, b's')
+        theirs = str(uuid.uuid4())
+        code, reply = self.cc('/streams', 'POST', {
+            'target_id': theirs, 'target_files': target_files(),
+            'stream_files': {'state.xml.gz.b64': gzb64(b'x')}},
+            token=OTHER_PASS)
+        self.assertEqual(code, 200, reply)
+        code, reply = self.cc('/streams/activate', 'POST',
+                              {'target_id': theirs}, token=OTHER_PASS)
+        other = reply['token']
+        self.frame(other, b'g', n=5)
+        self.checkpoint(other, b's')
+        self.fetch_json('/core/stop', 'PUT', {'error': b64(b'x')},
+                        token=other)
+        for token, tid, ok, active, frames, errors in (
+                (CC_PASS, mine, 1, 1, 3, 0),
+                (OTHER_PASS, theirs, 1, 0, 5, 1)):
+            code, report = self.cc('/stats/report', token=token)
+            self.assertEqual(code, 200, report)
+            self.assertEqual(list(report['targets']), [tid])
+            self.assertEqual(report['streams'], {
+                'ok': ok, 'active': active, 'stopped': 0})
+            minutes = report['per_minute'].values()
+            self.assertEqual(sum(m['frames'] for m in minutes), frames)
+            self.assertEqual(sum(m['errors'] for m in minutes), errors)
+            self.assertEqual({s['target_id'] for s in report['sessions']},
+                             {tid} if errors else set())
 
     def test_owner_survives_a_rebuild_from_disk(self):
         tid, sid = self.new_stream()

@@ -1,23 +1,28 @@
-"""`make adaptive`: least-counts adaptive sampling against plain MD, on the
-embedded default (a CC, a WS, real OpenMM cores), with alanine dipeptide in
-implicit solvent (amber14 + OBC2).
+"""`make adaptive`: adaptive sampling against plain MD, REPLICATES times
+each, on the embedded default (a CC, a WS, real OpenMM cores), with alanine
+dipeptide in implicit solvent (amber14 + OBC2, no box).
 
-1. starts the servers (tools.demo's orchestration) under data/adaptive/
-   and builds the target with OpenMM; two public targets get its files:
-   `adaptive` and `plain`;
-2. runs CORES OpenMM cores on each target at once. plain: CORES streams
-   from the minimized structure (different velocities), left to run.
-   adaptive: rounds of siegetank.adaptive.Sampler (STREAMS streams of
-   FRAMES_PER_STREAM frames each; between rounds a sync, featurization of
-   the new frames only, regular-space clustering, least-counts seeding with
-   tags {parent, frame, round}, over-sampled streams left stopped). Each
-   arm stops at TOTAL_FRAMES committed frames;
-3. syncs both targets (a repeated sync shows how many bytes it moved: none),
-   and compares the first TOTAL_FRAMES frames of each: phi/psi histograms
-   and cells visited on a fixed 10-degree grid against frames, plotted to
-   data/adaptive/adaptive.png, and the coverage ratio adaptive / plain;
-4. estimates an MSM with deeptime from all synced frames of both arms and
-   prints its slowest implied timescales;
+1. starts the servers once (tools.demo's orchestration) under
+   data/adaptive/, the CC's anonymous assignment limits lifted (the demo's
+   cores are the researcher's own) and builds the target with OpenMM;
+2. per replicate, two public targets, `plain-<r>` and `adaptive-<r>`, each
+   run by CORES OpenMM cores at once, with replicate-specific seeds. plain:
+   CORES streams from the minimized structure (different velocities),
+   stopped at TOTAL_FRAMES committed frames (checked at every poll of the
+   adaptive loop). adaptive: siegetank.adaptive.Sampler: IN_FLIGHT short
+   streams of FRAMES_PER_STREAM frames queued at any time, every REFILL
+   finished ones replaced by seeds from the best-scored regular-space
+   clusters (sin/cos phi/psi; SCORE: FAST-style, distance from the start
+   plus a count bonus, or least counts), to TOTAL_FRAMES frames. Settings
+   can be overridden from the environment (ADAPTIVE_REPLICATES,
+   ADAPTIVE_FRAMES, ADAPTIVE_SCORE, ...) for quick trials;
+3. per replicate and arm, in arrival order of the first TOTAL_FRAMES
+   frames: phi/psi cells visited (10-degree grid), frames until the first
+   visit to each metastable basin, frames per wall-second; the replicate
+   table with median and range; plots in data/adaptive/;
+4. an MSM with deeptime from every synced frame of both arms: implied
+   timescales against lag (plot), Bayesian error bars, only timescales
+   longer than the lag, a Chapman-Kolmogorov test (plot);
 5. stops everything and checks that no process is left.
 """
 import os
@@ -34,30 +39,41 @@ ROOT = demo.ROOT
 RUN = os.path.join(ROOT, 'data', 'adaptive')
 CORES = 2                  # per arm
 SOLVENT = 'obc2'           # see build_target.SOLVENTS
-DMIN = 0.3                 # regular-space clusters on sin/cos(phi, psi)
 STEPS_PER_FRAME = 500      # 1 ps per frame (2 fs steps)
-STREAMS = 4                # adaptive streams per round
-FRAMES_PER_STREAM = 25     # committed frames of each per round
-TOTAL_FRAMES = 1500        # per arm
+REPLICATES = int(os.environ.get('ADAPTIVE_REPLICATES', 3))
+TOTAL_FRAMES = int(os.environ.get('ADAPTIVE_FRAMES', 800))  # per arm
+DMIN = float(os.environ.get('ADAPTIVE_DMIN', 0.15))  # sin/cos(phi, psi)
+IN_FLIGHT = int(os.environ.get('ADAPTIVE_IN_FLIGHT', 8))  # streams
+FRAMES_PER_STREAM = int(os.environ.get('ADAPTIVE_FPS', 5))  # per stream
+SCORE = os.environ.get('ADAPTIVE_SCORE', 'least-counts')  # or fast
+FAST_COUNTS_WEIGHT = float(os.environ.get('ADAPTIVE_FAST_WEIGHT', 1.0))
+REFILL = int(os.environ.get('ADAPTIVE_REFILL', 3))  # finished per round
 GRID_DEG = 10              # coverage cells: 36 x 36 on phi/psi
-MSM_CLUSTERS = 40
-MSM_LAG = 5                # frames
+# Metastable basins on phi/psi (degrees): (phi range, psi ranges).
+BASINS = {'alphaR': ((-180, 0), ((-100, 50),)),
+          'beta/PPII': ((-180, 0), ((50, 180), (-180, -100))),
+          'alphaL/C7ax': ((0, 120), ((-180, 180),))}
+MSM_STATES = 40
+MSM_LAGS = (1, 2, 5, 10, 20, 50)
+MSM_LAG = 10               # frames
+LIMITS_OFF = {'client_max_held_streams': 1000000,
+              'client_assigns_per_minute': 1000000}
 
 T0 = time.monotonic()
-
-
 def say(text):
     print('[%5.1fs] %s' % (time.monotonic() - T0, text), flush=True)
 
 
 def start_cores(procs, arm, address, ca, target_id, key):
-    """`key`: the core key the CC requires (passed in the environment)."""
+    """`key`: the core key the CC requires (passed in the environment).
+    Both arms alike: a checkpoint every 0.25 s (a 22-atom state), so a
+    stream stopped at its quota loses little uncommitted work."""
     return [procs.start('%s-core%d' % (arm, i + 1), [
         sys.executable, '-m', 'siegetank.core', '--cc', address, '--ca', ca,
         '--engine', 'openmm', '--platform', 'CPU', '--threads', '1',
-        '--target-id', target_id, '--checkpoint-every', '1',
-        '--heartbeat-every', '5', '--backoff-first', '0.2',
-        '--backoff-max', '1'], {'SIEGETANK_CORE_KEY': key})
+        '--target-id', target_id, '--checkpoint-every', '0.25',
+        '--heartbeat-every', '5', '--backoff-first', '0.05',
+        '--backoff-max', '0.5'], {'SIEGETANK_CORE_KEY': key})
         for i in range(CORES)]
 
 
@@ -68,18 +84,6 @@ def stop_cores(procs, cores):
 
 def total_frames(target):
     return sum(s['frames'] for s in target.stream_info().values())
-
-
-def run_plain(target, streams, check):
-    """Plain MD: wait until the streams hold TOTAL_FRAMES committed frames,
-    then stop them. Called between adaptive rounds (returns True when
-    done)."""
-    if total_frames(target) < TOTAL_FRAMES:
-        check()
-        return False
-    for sid in streams:
-        target.client.stream(sid).stop()
-    return True
 
 
 def cells(angles):
@@ -122,6 +126,18 @@ def ordered_angles(folder, arrivals=None):
     return np.array(out).reshape(-1, 2)
 
 
+def first_visits(angles):
+    """{basin: frames until its first visit (1-based), None if never}."""
+    out = {}
+    for name, ((lo, hi), psis) in BASINS.items():
+        inside = (angles[:, 0] > lo) & (angles[:, 0] < hi) & np.any(
+            [(angles[:, 1] >= a) & (angles[:, 1] < b) for a, b in psis],
+            axis=0)
+        hits = np.flatnonzero(inside)
+        out[name] = int(hits[0]) + 1 if len(hits) else None
+    return out
+
+
 def plot(path, plain, adaptive_, curves):
     import matplotlib
     matplotlib.use('Agg')
@@ -135,43 +151,114 @@ def plot(path, plain, adaptive_, curves):
                                                                    bins])
         img = ax.imshow(np.log10(h.T + 1), origin='lower', cmap='viridis',
                         extent=(-180, 180, -180, 180), aspect='equal')
-        ax.set_title('%s: %d frames, %d cells' % (
+        ax.set_title('%s, all replicates: %d frames, %d cells' % (
             name, len(angles), int((h > 0).sum())))
         ax.set_xlabel('phi (deg)')
         ax.set_ylabel('psi (deg)')
         fig.colorbar(img, ax=ax, label='log10(frames + 1)')
-    for name, curve in curves.items():
-        axes[2].plot(np.arange(1, len(curve) + 1), curve, label=name)
+    for (name, runs), color in zip(curves.items(), ('C0', 'C1'), strict=False):
+        for i, curve in enumerate(runs):
+            axes[2].plot(np.arange(1, len(curve) + 1), curve, color=color,
+                         alpha=0.8, lw=1, label=name if i == 0 else None)
     axes[2].set_xlabel('committed frames')
     axes[2].set_ylabel('phi/psi cells visited (%d deg grid)' % GRID_DEG)
     axes[2].legend()
-    axes[2].set_title('coverage')
+    axes[2].set_title('coverage, %d replicates per arm' % len(
+        curves['plain MD']))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def msm_timescales(folders, ps_per_frame, n=4):
-    """Slowest implied timescales (ps) of an MSM of every synced stream:
-    k-means on the dihedral features, sliding counts at MSM_LAG frames,
-    reversible maximum likelihood on the largest connected set."""
-    from deeptime.clustering import KMeans
-    from deeptime.markov import TransitionCountEstimator
-    from deeptime.markov.msm import MaximumLikelihoodMSM
-
+def score(initial):
+    """The seed choice: least counts, or (SCORE=fast) FAST-style: reward
+    the distance from the starting structure in the feature space, plus
+    the 1/sqrt(counts) bonus."""
     from siegetank import adaptive
-    trajs = []
-    for folder in folders:
-        cache = adaptive.FeatureCache(folder, adaptive.backbone_dihedrals)
-        cache.update()
-        trajs.extend(f for f in cache.all().values() if len(f) > MSM_LAG)
-    kmeans = KMeans(MSM_CLUSTERS, fixed_seed=1, max_iter=100).fit(
-        np.concatenate(trajs)).fetch_model()
-    dtrajs = [kmeans.transform(t) for t in trajs]
-    counts = TransitionCountEstimator(MSM_LAG, 'sliding').fit(
-        dtrajs).fetch_model().submodel_largest()
-    msm = MaximumLikelihoodMSM(reversible=True).fit(counts).fetch_model()
-    return msm.timescales(n) * ps_per_frame, msm.n_states, len(dtrajs)
+    if SCORE == 'least-counts':
+        return adaptive.least_counts
+    start = adaptive.backbone_dihedrals(initial)[0]
+    return adaptive.fast(lambda centers: np.linalg.norm(centers - start,
+                                                        axis=1),
+                         FAST_COUNTS_WEIGHT)
+
+
+def replicate(r, admin, key, procs, address, ca, summary, built, initial,
+              system, integrator):
+    """One replicate of both arms; returns {arm: {angles, rate, ...}}."""
+    from siegetank import adaptive, build_target
+    targets = {arm: admin.add_target(
+        options=summary['options'], engine='openmm',
+        engine_versions=summary['engine_versions'],
+        description='alanine dipeptide, %s, replicate %d' % (arm, r),
+        stage='public', files=build_target.target_files(built))
+        for arm in ('plain', 'adaptive')}
+    folders = {arm: os.path.join(RUN, 'sync', '%s-%d' % (arm, r))
+               for arm in targets}
+    plain_streams = adaptive.seed_streams(targets['plain'], initial, CORES,
+                                          system, integrator,
+                                          seed=1000 + r)
+    budget = adaptive.Budget(targets['plain'], plain_streams, TOTAL_FRAMES)
+    sampler = adaptive.Sampler(
+        targets['adaptive'], folders['adaptive'], adaptive.backbone_dihedrals,
+        system, integrator, in_flight=IN_FLIGHT,
+        frames_per_stream=FRAMES_PER_STREAM, refill=REFILL, seed=2000 + r,
+        clusters=adaptive.LeastCounts(DMIN, score=score(initial)), poll=0.2,
+        watch=[budget])
+    sampler.begin(initial)
+    cores = {arm: start_cores(procs, '%s%d' % (arm, r), address, ca,
+                              targets[arm].id, key) for arm in targets}
+    t0 = time.monotonic()
+    ended = {}
+
+    def check():
+        for c in cores['plain'] + cores['adaptive']:
+            if c.poll() is not None and c.returncode != 0:
+                raise SystemExit('adaptive: %s exited with %s, see its log'
+                                 % (c.demo_name, c.returncode))
+        if budget.done and 'plain' not in ended:
+            ended['plain'] = time.monotonic()
+            stop_cores(procs, cores['plain'])
+
+    sampler.watch.append(check)
+    rounds = sampler.run(max_frames=TOTAL_FRAMES, progress=False)
+    ended['adaptive'] = time.monotonic()
+    sampler.stop_all()
+    stop_cores(procs, cores['adaptive'])
+    budget.wait(poll=0.2)
+    check()
+    stop_cores(procs, cores['plain'])
+    targets['plain'].sync(folders['plain'])
+    out = {}
+    for arm in targets:
+        angles = ordered_angles(folders[arm], sampler.arrivals
+                                if arm == 'adaptive' else None)
+        out[arm] = {'angles': angles, 'folder': folders[arm],
+                    'rate': (budget.committed if arm == 'plain'
+                             else sampler.frames) / (ended[arm] - t0)}
+    overhead = rounds[['sync_cluster_s', 'seed_s']].sum().sum()
+    say('replicate %d: plain %d frames at %.1f frames/s; adaptive %d '
+        'frames at %.1f frames/s, %d rounds (sync+featurize+cluster+seed '
+        '%.1f s in all, %.2f s per round), %d streams' % (
+            r + 1, budget.committed, out['plain']['rate'], sampler.frames,
+            out['adaptive']['rate'], len(rounds) - 1, overhead,
+            overhead / max(1, len(rounds) - 1), len(sampler.parents)))
+    return out
+
+
+def med_range(values, fmt='%d'):
+    """'median [min-max]'; None counts as not reached (above any value)."""
+    reached = [v for v in values if v is not None]
+    missing = len(values) - len(reached)
+    if not reached:
+        return 'not reached (%d/%d)' % (len(values), len(values))
+    ordered = sorted(reached) + [float('inf')] * missing
+    med = ordered[(len(ordered) - 1) // 2] if len(ordered) % 2 else \
+        (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+    text = ('not reached' if med == float('inf') else fmt % med) + \
+        ' [' + fmt % min(reached) + '-' + (
+            'not reached' if missing else fmt % max(reached)) + ']'
+    return text
 
 
 def run(procs):
@@ -179,7 +266,8 @@ def run(procs):
 
     from siegetank import adaptive, build_target
     from siegetank.client import Client
-    address, ca, confs = demo.setup_servers(procs, ws_names=('firebat',))
+    address, ca, confs = demo.setup_servers(procs, ws_names=('firebat',),
+                                            cc_settings=LIMITS_OFF)
     procs.confs = confs
     admin = Client(address, ca=ca)
     admin.token = admin.create_manager('admin@adaptive.local',
@@ -190,90 +278,98 @@ def run(procs):
                                  steps_per_frame=STEPS_PER_FRAME)
     ps = summary['ps_per_frame']
     say('built with OpenMM %s: alanine dipeptide, amber14 + OBC2 implicit '
-        'solvent (%d atoms), %g ps per frame' % (
+        'solvent (%d atoms), %g ps per frame; CC anonymous assignment '
+        'limits lifted for the demo cores' % (
             build_target.engine_version(), summary['atoms'], ps))
-    targets = {arm: admin.add_target(
-        options=summary['options'], engine='openmm',
-        engine_versions=summary['engine_versions'],
-        description='alanine dipeptide, %s' % arm, stage='public',
-        files=build_target.target_files(built)) for arm in ('plain',
-                                                            'adaptive')}
-    system, integrator = adaptive.load_engine_files(targets['adaptive'])
     initial = mdtraj.load(os.path.join(built, 'topology.pdb'))
-    folders = {arm: os.path.join(RUN, 'sync', arm) for arm in targets}
+    import openmm
+    des = openmm.XmlSerializer.deserialize
+    with open(os.path.join(built, 'system.xml')) as f:
+        system = des(f.read())
+    with open(os.path.join(built, 'integrator.xml')) as f:
+        integrator = des(f.read())
+    say('%d replicates per arm, %d OpenMM cores (CPU, 1 thread) per arm, '
+        'both arms at once; plain MD: %d streams from the minimized '
+        'structure; adaptive: %s, %d streams in flight of %d frames, a '
+        'round per %d finished, clusters dmin %g; %d frames per arm' % (
+            REPLICATES, CORES, CORES, SCORE if SCORE != 'fast' else
+            'FAST-style score (distance from the start + %g x count bonus)'
+            % FAST_COUNTS_WEIGHT, IN_FLIGHT, FRAMES_PER_STREAM, REFILL, DMIN,
+            TOTAL_FRAMES))
+    results = [replicate(r, admin, key, procs, address, ca, summary, built,
+                         initial, system, integrator)
+               for r in range(REPLICATES)]
 
-    plain_streams = adaptive.seed_streams(targets['plain'], initial, CORES,
-                                          system, integrator, seed=7)
-    sampler = adaptive.Sampler(
-        targets['adaptive'], folders['adaptive'], adaptive.backbone_dihedrals,
-        system, integrator, streams_per_round=STREAMS,
-        frames_per_stream=FRAMES_PER_STREAM, seed=11, log=say,
-        clusters=adaptive.LeastCounts(DMIN), poll=0.25)
-    sampler.begin(initial)
-    say('%d OpenMM cores (CPU, 1 thread) per arm; plain MD: %d streams from '
-        'the minimized structure; adaptive: rounds of %d streams x %d frames;'
-        ' each arm to %d frames' % (CORES, CORES, STREAMS, FRAMES_PER_STREAM,
-                                    TOTAL_FRAMES))
-    cores = {arm: start_cores(procs, arm, address, ca, targets[arm].id, key)
-             for arm in targets}
-
-    def check():
-        for c in cores['plain'] + cores['adaptive']:
-            if c.poll() is not None and c.returncode != 0:
-                raise SystemExit('adaptive: %s exited with %s, see its log'
-                                 % (c.demo_name, c.returncode))
-
-    plain_done = False
-    while True:
-        sampler.run_live()
-        check()
-        new = sampler.sync()
-        if not plain_done:
-            plain_done = run_plain(targets['plain'], plain_streams, check)
-            if plain_done:
-                stop_cores(procs, cores['plain'])
-                say('plain MD reached %d frames: its streams and cores '
-                    'stopped' % total_frames(targets['plain']))
-        say('adaptive: %d frames synced (%d new), %d clusters' % (
-            sampler.frames, new, len(sampler.clusters.counts)))
-        if sampler.frames >= TOTAL_FRAMES:
-            break
-        sampler.start_round()
-    stop_cores(procs, cores['adaptive'])
-    while not plain_done:
-        time.sleep(1)
-        plain_done = run_plain(targets['plain'], plain_streams, check)
-    stop_cores(procs, cores['plain'])
-    sampler.save_history()
-
-    t = time.monotonic()
-    first = targets['plain'].sync(folders['plain'])
-    say('plain synced: %d bytes in %.1f s' % (first['bytes'],
-                                              time.monotonic() - t))
-    again = {arm: targets[arm].sync(folders[arm])['bytes']
-             for arm in targets}
-    say('repeated sync of both targets: %d bytes moved' % sum(
-        again.values()))
-
-    angles = {'plain MD': ordered_angles(folders['plain']),
-              'adaptive': ordered_angles(folders['adaptive'],
-                                         sampler.arrivals)}
-    n = min(TOTAL_FRAMES, *(len(a) for a in angles.values()))
-    angles = {k: v[:n] for k, v in angles.items()}
-    curves = {k: coverage_curve(v) for k, v in angles.items()}
+    arms = (('plain MD', 'plain'), ('adaptive', 'adaptive'))
+    n = min(TOTAL_FRAMES, *(len(res[a]['angles']) for res in results
+                            for _, a in arms))
+    table = []
+    curves = {label: [] for label, _ in arms}
+    for r, res in enumerate(results):
+        for label, arm in arms:
+            angles = res[arm]['angles'][:n]
+            curve = coverage_curve(angles)
+            curves[label].append(curve)
+            table.append(dict(replicate=r + 1, arm=label, frames=n,
+                              cells=int(curve[-1]), rate=res[arm]['rate'],
+                              **first_visits(angles)))
+    print('\nreplicate  arm       frames  cells  frames/s  ' + '  '.join(
+        '%-12s' % b for b in BASINS) + '  (first visit, frames)')
+    for row in table:
+        print('%9d  %-8s  %6d  %5d  %8.1f  ' % (
+            row['replicate'], row['arm'], row['frames'], row['cells'],
+            row['rate']) + '  '.join('%-12s' % (
+                'not reached' if row[b] is None else row[b])
+                for b in BASINS))
+    print('median [range] over %d replicates:' % len(results))
+    for label, _ in arms:
+        rows = [t for t in table if t['arm'] == label]
+        print('  %-8s cells %s; frames/s %s; first visit: %s' % (
+            label, med_range([t['cells'] for t in rows]),
+            med_range([t['rate'] for t in rows], '%.1f'), '; '.join(
+                '%s %s' % (b, med_range([t[b] for t in rows]))
+                for b in BASINS)))
+    cells = {label: [t['cells'] for t in table if t['arm'] == label]
+             for label, _ in arms}
+    ratios = [a / p for a, p in zip(cells['adaptive'], cells['plain MD'],
+                                    strict=True)]
+    rates = [t['rate'] for t in table]
+    rate_ratios = [a / p for p, a in zip(rates[0::2], rates[1::2],
+                                         strict=True)]
+    print('coverage ratio adaptive/plain at %d frames: median %.2f [%.2f-'
+          '%.2f]; frames/s ratio: median %.2f [%.2f-%.2f]' % (
+              n, np.median(ratios), min(ratios), max(ratios),
+              np.median(rate_ratios), min(rate_ratios), max(rate_ratios)),
+          flush=True)
     png = os.path.join(RUN, 'adaptive.png')
-    plot(png, angles['plain MD'], angles['adaptive'], curves)
-    ratio = curves['adaptive'][-1] / curves['plain MD'][-1]
-    say('phi/psi cells visited in %d frames: adaptive %d, plain MD %d' % (
-        n, curves['adaptive'][-1], curves['plain MD'][-1]))
+    plot(png, np.concatenate([res['plain']['angles'][:n]
+                              for res in results]),
+         np.concatenate([res['adaptive']['angles'][:n] for res in results]),
+         curves)
     say('plot: %s' % os.path.relpath(png, ROOT))
-    timescales, states, ntraj = msm_timescales(folders.values(), ps)
-    say('MSM (deeptime, %d k-means states, lag %g ps, %d trajectories of '
-        'both arms; %d states connected): slowest implied timescales %s ps'
-        % (MSM_CLUSTERS, MSM_LAG * ps, ntraj, states,
-           ', '.join('%.1f' % x for x in timescales)))
-    print('coverage ratio adaptive/plain: %.2f' % ratio, flush=True)
-    return ratio
+
+    trajs = []
+    for res in results:
+        for _, arm in arms:
+            cache = adaptive.FeatureCache(res[arm]['folder'],
+                                          adaptive.backbone_dihedrals)
+            cache.update()
+            trajs.extend(cache.all().values())
+    t = time.monotonic()
+    model = adaptive.msm(trajs, n_states=MSM_STATES, lags=MSM_LAGS,
+                         lag=MSM_LAG, ps_per_frame=ps)
+    its_png = os.path.join(RUN, 'msm-its.png')
+    ck_png = os.path.join(RUN, 'msm-ck.png')
+    adaptive.plot_msm(model, its_png, ck_png)
+    say('MSM (deeptime, %d k-means states, %d connected, Bayesian, %d '
+        'trajectories of both arms, %.0f s): implied timescales longer than '
+        'the lag of %g ps, mean [95%% interval]: %s; plots %s, %s' % (
+            MSM_STATES, model['states'], len(trajs), time.monotonic() - t,
+            model['lag_ps'], ', '.join(
+                '%.0f [%.0f-%.0f] ps' % x for x in model['timescales'])
+            or 'none', os.path.relpath(its_png, ROOT),
+            os.path.relpath(ck_png, ROOT)))
+    return np.median(ratios)
 
 
 def main():

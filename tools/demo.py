@@ -109,10 +109,12 @@ def cc_address(conf):
     return '127.0.0.1:%d' % conf['internal_http_port']
 
 
-def setup_servers(procs, ws_names=('firebat', 'marauder'), shared=None):
+def setup_servers(procs, ws_names=('firebat', 'marauder'), shared=None,
+                  cc_settings=None):
     """Confs (under procs.folder), certificates, the CC (one per name in
     CC_NAMES, all on the Redis `shared` when given, an embedded Redis
-    each otherwise) and the named WS; returns (address of the first CC,
+    each otherwise; `cc_settings` over the shipped cc.conf) and the named
+    WS; returns (address of the first CC,
     CA, confs of the CCs then the WS)."""
     from server import store, tls
     run = procs.folder
@@ -134,6 +136,7 @@ def setup_servers(procs, ws_names=('firebat', 'marauder'), shared=None):
                   stats_interval_in_ms=1000, num_processes=1)
         if shared is not None:
             cc.update(redis_url=shared.url, redis_options=None)
+        cc.update(cc_settings or {})
         write_conf(os.path.join(run, label + '.conf'), 'cc', cc)
         ccs.append(cc)
     ws_confs = []

@@ -218,30 +218,43 @@ async def candidates(app, engine, version, stages, target_id, donor_token,
 async def activate(app, ws, base, target_id, admitted, core=None):
     """A token from `ws` (at `base`) for a free stream of the target, or
     None. The WS learns who the client is (error stops count once per
-    client and stream); `core` ({engine, core_version}) goes into the
-    session record. Batched with other assignments' (activations.py)."""
+    network or donor and stream, if `core` says `vouched`); `core`
+    ({engine, core_version}) goes into the session record. Batched with
+    other assignments' (activations.py)."""
     body = dict(core or {}, target_id=target_id, client=admitted.client)
     if admitted.donor is not None:
         body['donor_id'] = admitted.donor
     return await app.activations.activate(ws, base, body)
 
 
+async def vouched(app, admitted, keyed):
+    """Whether the WS may count this client's error stops toward stopping
+    a stream (server/ws/error_stops.py): a core key, or a donor with
+    credited frames."""
+    if keyed:
+        return True
+    return admitted.donor is not None and bool(await app.redis.zscore(
+        keys.DONORS_BY_FRAMES, admitted.donor))
+
+
 async def assign(app, engine, version, stages, donor_token, address,
-                 target_id=None, core_version=None):
+                 target_id=None, core_version=None, keyed=False):
     """(token, url, options) of an activated stream, or None when nothing
     is free. Options stay the JSON text the target stored (no decoding and
-    encoding again)."""
+    encoding again). `keyed`: the core came with a core key."""
     admitted, found = await candidates(app, engine, version, stages,
                                        target_id, donor_token, address)
     found = {tid: (weight, options, ws)
              for tid, weight, options, ws in found}
     try:
+        core = {'engine': engine, 'core_version': core_version or ''}
+        if found and await vouched(app, admitted, keyed):
+            core['vouched'] = True
         for tid in weighted_order({tid: c[0] for tid, c in found.items()}):
             _, options, ws = found[tid]
             for name in weighted_order({n: c for n, (c, _) in ws.items()}):
                 base = ws[name][1]
-                token = await activate(app, name, base, tid, admitted, {
-                    'engine': engine, 'core_version': core_version or ''})
+                token = await activate(app, name, base, tid, admitted, core)
                 if token is not None:
                     admitted = None
                     return token, base + '/core/start', options
@@ -305,7 +318,7 @@ class AssignHandler(APIHandler):
             stages = ('public', 'beta')
         found = await assign(self.application, engine, version, stages,
                              donor_token, self.request.remote_ip, target_id,
-                             core_version)
+                             core_version, self.caller is not None)
         if found is None:
             raise APIError(503, 'no stream available for %s %s'
                            % (engine, version))

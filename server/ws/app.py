@@ -17,6 +17,7 @@ from server.ws import (
     registration,
     report,
     sessions,
+    stream_record,
 )
 from server.ws.keys import Keys
 from server.ws.storage import Storage
@@ -76,13 +77,18 @@ class WorkServer(App):
 
     async def on_pulse(self):
         """Worker 0's periodic job: an index Redis lost is rebuilt, then
-        cores that went silent are swept."""
+        cores that went silent are swept and streams whose back-off is
+        over requeued."""
         try:
             await recovery.check_index(self)
         except store.DOWN as e:
             log.warning('redis down, pulse skipped: %s', e)
             return
         await core.sweep_safely(self)
+        try:
+            await stream_record.requeue_due(self)
+        except store.DOWN as e:
+            log.warning('back-offs not requeued, redis down: %s', e)
 
     async def stream_counts(self):
         return (await sessions.summary(self))[0]

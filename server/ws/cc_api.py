@@ -103,7 +103,8 @@ class ActivateHandler(CCHandler):
                 self.cc,
                 f('engine', str, '', check=lambda v: len(v) <= 64),
                 f('core_version', (str, type(None)), '',
-                  check=lambda v: v is None or len(v) <= 64) or '')
+                  check=lambda v: v is None or len(v) <= 64) or '',
+                f('vouched', bool, False))
 
     @allow('cc')
     async def post(self):

@@ -29,19 +29,18 @@ from server.web import (
     allow,
     bounded,
     check_files,
-    decode_files,
+    decoded_size,
     decoded_streams,
     encoded_size,
     get_field,
     role,
 )
-from server.ws import locks, stream_record, streams
+from server.ws import budgets, locks, stream_record, streams
 from server.ws.storage import (
     BufferBusy,
     BufferLost,
     TooManyFiles,
     decode_sizes,
-    encode_sizes,
 )
 
 log = logging.getLogger('siegetank.ws.core')
@@ -370,17 +369,23 @@ async def _append(app: Any, sid: str, hashed: str, files: dict[str, Any],
                 sid, decoded_streams(files, budget),
                 app.config.max_files_per_request, before)
         try:
-            after = await bounded(app.config, encoded_size(files), work,
-                                  threads.disk)
+            after = await bounded(
+                app.config, encoded_size(files), work, threads.disk,
+                room=budgets.frame_room(app.config,
+                                        sum(before.values())))
         except TooManyFiles as e:
             raise TooLarge(str(e)) from e
         # Redis down: the outcome is unknown, the bytes stay (the next
         # frame's record tells whether Redis counted them).
         got = await stream_record.record_frame(
-            app, hashed, sid, n, digest, encode_sizes(before),
-            encode_sizes(after))
+            app, hashed, sid, n, digest, before, after,
+            app.config.max_stream_size_in_bytes)
         if got.outcome == 'ok':
             return 'ok'
+        if got.outcome == 'full':
+            storage.trim_buffer(sid, before)
+            budgets.stream_full(app.config, sum(before.values())
+                                + int(got.committed_bytes or 0))
         if got.outcome in ('cut', 'retry'):
             storage.trim_buffer(sid, decode_sizes(got.sizes))
             if got.outcome == 'retry':
@@ -431,14 +436,16 @@ class CheckpointHandler(LockedCoreHandler):
             if n == 0:
                 self.write_json({})  # nothing buffered: a retry, a no-op
                 return
-            await decode_files(app.config, files, keep=False)
+            state = await decoded_size(app.config, files,
+                                       budgets.checkpoint_room(app.config))
             meta = {'frames': n, 'reported_frames': reported,
                     'time': time.time()}
             seq, total = await threads.disk(commit, app.storage, held.sid,
                                             n, files, meta, held.sizes,
                                             held.error_count != 0)
+            stored = await budgets.committed(app, held, seq, state)
             new = max(total - held.frames, 0)
-            if not await held.done(held.record_commit(total, new)):
+            if not await held.done(held.record_commit(total, new, stored)):
                 if seq is not None:
                     await threads.disk(app.storage.uncommit, held.sid, seq)
                 raise LockLost(held.sid)

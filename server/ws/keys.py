@@ -31,7 +31,8 @@ class Keys:
         # target
         self.target_streams = Key(p + 'target:%s:streams')
         # zset: inactive OK streams of the target, scored by committed
-        # frames; activation pops the highest
+        # frames (one backed off: by minus the end of its back-off);
+        # activation pops the highest
         self.queue = Key(p + 'target:%s:queue')
         # hash: a stream's record; its fields, and every step that changes
         # them, are in stream_record.py
@@ -39,6 +40,9 @@ class Keys:
         # set: clients whose error stops count in the stream's error_count
         # (once each), emptied with it
         self.errors_by = Key(p + 'errors_by:%s')
+        # zset: stream id -> when its back-off after anonymous error stops
+        # ends and it is scored by its frames again (error_stops.py)
+        self.backoff = p + 'backoff'
         # string: stream id of a live core token (by its sha256)
         self.token = Key(p + 'token:%s')
         # zset: active stream id -> expiry (unix time)
@@ -60,7 +64,8 @@ class Keys:
         # by that CC, one entry each (see sessions.py), deleted once the CC
         # acknowledges them
         self.outbox = Key(kept + 'sessions:%s')
-        # hash: unix minute -> frames committed in it
-        self.frames_per_minute = kept + 'frames-per-minute'
-        # hash: unix minute -> error stops in it
-        self.errors_per_minute = kept + 'errors-per-minute'
+        # hash: unix minute -> frames committed in it by activations that
+        # CC asked for (each CC's report shows only its own)
+        self.frames_per_minute = Key(kept + 'frames-per-minute:%s')
+        # hash: unix minute -> error stops in it, likewise per CC
+        self.errors_per_minute = Key(kept + 'errors-per-minute:%s')

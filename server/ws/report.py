@@ -34,7 +34,8 @@ def _record(entry_id, fields):
 
 class ReportHandler(CCHandler):
     """GET /stats/report: the calling CC's ended sessions (oldest first,
-    at most REPORT_MAX) and this WS's counts."""
+    at most REPORT_MAX) and its counts on this WS (its targets' streams,
+    its activations' frames and errors per minute): never another CC's."""
 
     @allow('cc')
     async def get(self):
@@ -42,12 +43,13 @@ class ReportHandler(CCHandler):
         name = self.cc
         entries = await app.redis.xrange(app.keys.outbox(name),
                                          count=REPORT_MAX)
-        totals, targets = await sessions.summary(app)
+        totals, targets = await sessions.summary(app, name)
         self.write_json({
             'sessions': [_record(e, f) for e, f in entries],
             'streams': totals, 'targets': targets,
             'disk_free_mb': round(app.storage.free_mb(), 1),
-            'per_minute': await sessions.per_minute(app), 'time': time.time()})
+            'per_minute': await sessions.per_minute(app, name),
+            'time': time.time()})
 
 
 class AckHandler(CCHandler):

@@ -18,7 +18,7 @@ from server import metrics, threads
 from server.sessions_common import REASON_OF_MODE
 from server.tokens import token_hash
 from server.web import APIError
-from server.ws import stream_record, target_record
+from server.ws import error_stops, stream_record, target_record
 from server.ws.locks import stream_locked, target_locked, target_shared
 from server.ws.stream_record import foreign
 
@@ -154,21 +154,24 @@ def early_windows(config: Any) -> tuple[float, float]:
 
 async def activate(app: Any, target_id: str, donor_id: str | None,
                    client: str | None, cc: str, engine: str = '',
-                   core_version: str = '') -> tuple[str, str]:
+                   core_version: str = '', vouched: bool = False
+                   ) -> tuple[str, str]:
     """(token, stream_id) of a freshly activated stream, or 503. The token
     lives for the start window only until it reaches /core/start (see
     core.py): an activation whose reply was lost (the CC timed out, the
     connection was cut), or a stream taken and never started, gives its
     stream back soon, not after a whole heartbeat. `client` (from the CC)
-    is who got it, for counting error stops; `cc` (which CC asked),
+    is who got it and `vouched` whether the CC vouches for it, for
+    counting error stops (error_stops.py); `cc` (which CC asked),
     `engine` and `core_version` go into its session."""
     check_disk(app)
     token = secrets.token_urlsafe(32)
     now = time.time()
+    client, vouched = error_stops.voice(client, vouched)
     sid = await stream_record.activate(
         app, target_id, token_hash(token),
         expiry=now + early_windows(app.config)[0], now=now,
-        donor=donor_id or '', client=client or '', cc=cc,
+        donor=donor_id or '', client=client, vouched=vouched, cc=cc,
         session=uuid.uuid4().hex, engine=engine, core_version=core_version)
     if not sid:
         raise APIError(503, 'no stream of target %s is free on this '

@@ -46,6 +46,15 @@ async def all_stream_ids(app: Any) -> list[str]:
     return sorted(set().union(*await pipe.execute()))
 
 
+async def one_stream_each(app: Any, tids: list[str]) -> list[str | None]:
+    """A stream of each target (None if it has none), one round trip."""
+    pipe = app.redis.pipeline(transaction=False)
+    for tid in tids:
+        pipe.srandmember(app.keys.target_streams(tid))
+    found: list[str | None] = await pipe.execute()
+    return found
+
+
 async def forget(app: Any, target_id: str) -> None:
     """The target leaves the index (its streams are gone already)."""
     keys = app.keys

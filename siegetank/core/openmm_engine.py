@@ -3,6 +3,17 @@ system.xml / integrator.xml and the stream's state.xml, runs
 `steps_per_frame` steps per frame, sends each frame as XTC (simulation time
 in the frame, so readers see time increase) and checkpoints as state.xml.
 
+Periodic systems are wrapped into their box and the box goes into each
+frame; a non-periodic one (implicit solvent, vacuum) gets neither: its
+coordinates are the simulation's own and the XTC carries no unit cell.
+
+Each activation draws a fresh random seed for the integrator (the target's
+integrator.xml holds one fixed seed, so every stream and every restart
+would replay the same noise). The first frame of an activation carries it
+in SEED_FILE, one line `step <step> seed <seed>`; frames files are
+concatenated on download, so `seeds.txt` of a stream lists the seed of
+every committed activation and the step it started from.
+
 OpenMM and mdtraj are imported lazily so the synthetic engine works
 without them."""
 import os
@@ -14,6 +25,7 @@ FRAME_FILE = 'frames.xtc.b64'
 STATE_FILE = 'state.xml.gz.b64'
 SYSTEM_FILE = 'system.xml.gz.b64'
 INTEGRATOR_FILE = 'integrator.xml.gz.b64'
+SEED_FILE = 'seeds.txt.b64'
 PREFERRED = ('CUDA', 'OpenCL', 'CPU', 'Reference')
 
 
@@ -38,6 +50,22 @@ def pick_platform(name=None):
                              % (name, ', '.join(present)))
         return name
     return next(p for p in PREFERRED if p in present)
+
+
+def new_seed():
+    """A random integrator seed in 1..2**31-1 (0 would let OpenMM pick one
+    it does not report)."""
+    return int.from_bytes(os.urandom(4), 'big') % (2 ** 31 - 1) + 1
+
+
+def read_seeds(text):
+    """[(step, seed)] of a stream's downloaded seeds.txt."""
+    out = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 4 and words[0] == 'step' and words[2] == 'seed':
+            out.append((int(words[1]), int(words[3])))
+    return out
 
 
 class Engine:
@@ -76,6 +104,12 @@ class Run:
         des = openmm.XmlSerializer.deserialize
         system = des(target_files[SYSTEM_FILE].decode())
         self.integrator = des(target_files[INTEGRATOR_FILE].decode())
+        self.seed = new_seed()
+        if hasattr(self.integrator, 'setRandomNumberSeed'):
+            self.integrator.setRandomNumberSeed(self.seed)
+        else:
+            self.seed = None    # a deterministic integrator: nothing drawn
+        self.periodic = system.usesPeriodicBoundaryConditions()
         state = des(stream_files[STATE_FILE].decode())
         platform = openmm.Platform.getPlatformByName(engine.platform)
         properties = {}
@@ -86,6 +120,7 @@ class Run:
         self.context.setState(state)
         self.step = int(round(state.getStepCount())) \
             if hasattr(state, 'getStepCount') else 0
+        self.first_step: int | None = self.step
         self.tmp = tempfile.mkdtemp(prefix='siegetank-openmm-')
 
     def next_frame(self, stop):
@@ -96,22 +131,30 @@ class Run:
         self.integrator.step(self.steps_per_frame)
         self.step += self.steps_per_frame
         state = self.context.getState(getPositions=True,
-                                      enforcePeriodicBox=True)
-        return {FRAME_FILE: self._xtc(state)}, 1
+                                      enforcePeriodicBox=self.periodic)
+        files = {FRAME_FILE: self._xtc(state)}
+        if self.seed is not None and self.first_step is not None:
+            files[SEED_FILE] = ('step %d seed %d\n' % (
+                self.first_step, self.seed)).encode()
+            self.first_step = None
+        return files, 1
 
     def _xtc(self, state):
         import numpy as np
         from openmm import unit
         xyz = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-        box = state.getPeriodicBoxVectors(asNumpy=True) \
-            .value_in_unit(unit.nanometer)
+        box = None
+        if self.periodic:
+            box = np.asarray([state.getPeriodicBoxVectors(asNumpy=True)
+                              .value_in_unit(unit.nanometer)],
+                             dtype=np.float32)
         time_ps = state.getTime().value_in_unit(unit.picosecond)
         path = os.path.join(self.tmp, 'frame.xtc')
         with self.xtc_file(path, 'w') as f:
             f.write(np.asarray([xyz], dtype=np.float32),
                     time=np.asarray([time_ps], dtype=np.float32),
                     step=np.asarray([self.step], dtype=np.int32),
-                    box=np.asarray([box], dtype=np.float32))
+                    box=box)
         with open(path, 'rb') as f:
             return f.read()
 
