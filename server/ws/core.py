@@ -362,7 +362,9 @@ async def _append(app: Any, sid: str, hashed: str, files: dict[str, Any],
     the count and the frame appended again."""
     storage = app.storage
     for _ in range(3):
-        before = storage.buffer_sizes(sid)
+        sizes = storage.buffer_sizes(sid)
+        had = sizes is not None  # a cut back leaves the folder as found
+        before = sizes or {}
 
         def work(budget: Any, before: dict[str, int] = before) -> Any:
             return storage.append_frames(
@@ -383,7 +385,7 @@ async def _append(app: Any, sid: str, hashed: str, files: dict[str, Any],
         if got.outcome == 'ok':
             return 'ok'
         if got.outcome == 'full':
-            storage.trim_buffer(sid, before)
+            storage.trim_buffer(sid, before, keep=had)
             budgets.stream_full(app.config, sum(before.values())
                                 + int(got.committed_bytes or 0))
         if got.outcome in ('cut', 'retry'):
@@ -391,7 +393,7 @@ async def _append(app: Any, sid: str, hashed: str, files: dict[str, Any],
             if got.outcome == 'retry':
                 return 'retry'
             continue
-        storage.trim_buffer(sid, before)
+        storage.trim_buffer(sid, before, keep=had)
         if got.outcome == 'busy':
             return None
         live_tokens(app).forget(hashed)

@@ -284,12 +284,12 @@ class Storage:
             raise
         return sizes
 
-    def trim_buffer(self, stream_id, recorded):
+    def trim_buffer(self, stream_id, recorded, keep=True):
         """Make the buffer exactly what Redis counted: files it does not
         know are removed, longer ones cut; BufferLost if one is short. An
-        empty count leaves no buffer folder."""
+        empty count with `keep` false leaves no buffer folder."""
         folder = self.buffer_dir(stream_id)
-        if not recorded:
+        if not recorded and not keep:
             shutil.rmtree(folder, ignore_errors=True)
             return
         for name in self.buffer_files(stream_id):
@@ -390,10 +390,15 @@ class Storage:
                 self.unlock_buffer(fd)
 
     def buffer_sizes(self, stream_id):
-        """{name: bytes} of the buffer's files as the disk has them."""
+        """{name: bytes} of the buffer's files as the disk has them; None
+        if there is no buffer folder."""
         folder = self.buffer_dir(stream_id)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return None
         return {name: os.path.getsize(os.path.join(folder, name))
-                for name in self.buffer_files(stream_id)}
+                for name in names}
 
     def _chunk_names(self, stream_id):
         """The names of the committed chunks, unordered."""
