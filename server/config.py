@@ -212,6 +212,12 @@ class Settings:
     signed_url_lifetime_in_s: int = _key(3600, kinds=CC, unset=3600)
     max_files_per_target: int = _key(64, kinds=CC, unset=64)
     max_streams_per_target: int = _key(100000, kinds=CC, unset=100000)
+    # Bytes of target files (as sent) a manager may keep in the hub store,
+    # and all managers together: 507 past them (targets.py).
+    max_target_files_per_manager_in_bytes: int = _key(
+        1024 * MB, kinds=CC, unset=1024 * MB)
+    max_target_files_total_in_bytes: int = _key(
+        8 * 1024 * MB, kinds=CC, unset=8 * 1024 * MB)
     # How often each WS's streams are compared with the CC's map.
     reconcile_interval_in_s: float = _key(300.0, kinds=CC, unset=300.0)
     # Periodic jobs (probes, deletion replays) run in the one CC process
@@ -222,10 +228,13 @@ class Settings:
     # 0 (no WAIT).
     redis_wait_replicas: int = _key(None, kinds=CC, unset=0)
     redis_wait_timeout_in_ms: int = _key(1000, kinds=CC, unset=1000)
-    # Abuse controls of /core/assign, per client (donor, else address):
-    # assignments in their early window held at once, and per minute.
+    # Abuse controls of /core/assign, per client (a core key with limits,
+    # else donor, else address): streams held at once (a hold ends with
+    # its session, at the latest after client_hold_max_in_s; one whose
+    # session the WS does not name after client_hold_in_s), and per minute.
     client_max_held_streams: int = _key(32, kinds=CC, unset=32)
     client_hold_in_s: int = _key(420, kinds=CC, unset=420)
+    client_hold_max_in_s: int = _key(86400, kinds=CC, unset=86400)
     client_assigns_per_minute: int = _key(120, kinds=CC, unset=120)
     # Failed logins allowed per account and per address in a window.
     login_fails_per_account: int = _key(10, kinds=CC, unset=10)
@@ -235,6 +244,8 @@ class Settings:
     require_core_keys: bool = _key(False, kinds=CC, unset=False)
     # How often the CC pulls sessions and counts from each WS (collect.py).
     stats_interval_in_ms: int = _key(5000, kinds=CC, unset=5000)
+    # A session record a WS reports with more frames counts for nobody.
+    max_frames_per_session: int = _key(1000000, kinds=CC, unset=1000000)
 
     # -- workserver
     external_options: dict[str, Any] = _key(kinds=WS, check=_external_options,

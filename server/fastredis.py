@@ -33,6 +33,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ConnectionError,
     NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
     TimeoutError,
@@ -97,6 +98,8 @@ def parse(buf: bytearray | bytes, pos: int) -> tuple[Any, int]:
             return BusyLoadingError(message), pos
         if message.startswith('READONLY'):
             return ReadOnlyError(message), pos
+        if message.startswith('OOM'):  # at maxmemory: a 507
+            return OutOfMemoryError(message), pos
         return ResponseError(message), pos
     raise ConnectionError('unexpected reply from Redis: %r' % kind)
 

@@ -242,6 +242,17 @@ def redis_url(settings, embedded=None):
 # failover: the request fails with a 503 and Retry-After (server.web).
 DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
         redis.exceptions.ReadOnlyError)
+
+
+def full(exc: BaseException) -> bool:
+    """Redis at its `maxmemory` (noeviction, docs/operations.md) refused
+    a write, a command's or one in a Lua script (a ResponseError quoting
+    the OOM error): the request fails with a 507 (server.web)."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or (
+        isinstance(exc, redis.exceptions.ResponseError)
+        and 'OOM command not allowed' in str(exc))
+
+
 CONNECT_TIMEOUT = 2.0   # defaults of redis_connect_timeout_in_s and
 COMMAND_TIMEOUT = 5.0   # redis_timeout_in_s (server.config)
 

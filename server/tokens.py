@@ -3,6 +3,7 @@ as its SHA-256, and shared passes are compared in constant time."""
 import hashlib
 import hmac
 import secrets
+import uuid
 from collections.abc import Iterable
 
 
@@ -13,6 +14,15 @@ def token_hash(token: str) -> str:
 def new_token() -> tuple[str, str]:
     """(token, its hash): 256 random bits, hex (safe as a CLI argument)."""
     token = secrets.token_hex(32)
+    return token, token_hash(token)
+
+
+def new_donor_token() -> tuple[str, str]:
+    """(token, its hash) in the form a 2014 core accepts: its
+    `--donor_token` must be 36 characters, a uuid4 (122 random bits, from
+    os.urandom). Tokens of the 64-hex form issued before keep working:
+    both are looked up by the same hash."""
+    token = str(uuid.uuid4())
     return token, token_hash(token)
 
 

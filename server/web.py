@@ -55,12 +55,14 @@ RETRY_AFTER_S = 5  # Retry-After of a 503 while the store is down
 
 class APIError(HTTPError):
     """A refusal with a message for the client. The message goes to the JSON
-    body, never into the status line (it may quote client input)."""
+    body, never into the status line (it may quote client input).
+    `fields`: more of the body, for a client that acts on them."""
 
-    def __init__(self, status, message, headers=None):
+    def __init__(self, status, message, headers=None, fields=None):
         super().__init__(status)
         self.message = message
         self.headers = headers or {}
+        self.fields = fields or {}
 
 
 # Characters of a client's value (a path, an id, a name) quoted in a log
@@ -463,19 +465,25 @@ def log_line(route, method, path, status, seconds, message=''):
 
 
 def error_reply(exc, http_reason=None):
-    """(status, message, headers) of the JSON error an exception is: an
-    APIError its own; a store that is down a 503 the client may retry;
-    Tornado's HTTPError `http_reason` (its status's name by default);
-    anything else a 500."""
+    """(status, message, headers, fields) of the JSON error an exception
+    is: an APIError its own (with its extra `fields`); a store that is
+    down a 503 the client may retry, one that is full a 507; Tornado's
+    HTTPError `http_reason` (its status's name by default); anything else
+    a 500."""
     headers: dict[str, str] = {}
+    fields: dict[str, Any] = {}
     reason = 'internal server error'
     if isinstance(exc, APIError):
-        status, reason = exc.status_code, exc.message
+        status, reason, fields = exc.status_code, exc.message, exc.fields
         headers.update(exc.headers)
     elif isinstance(exc, store.DOWN):
         status = 503
         reason = 'the store is down (%s), retry later' % (
             str(exc) or type(exc).__name__)
+    elif store.full(exc):
+        status = 507
+        reason = 'the store is full (at its maxmemory): nothing was ' \
+                 'stored; retry later or ask the operators'
     elif isinstance(exc, HTTPError):
         status = exc.status_code
         reason = http_reason or httputil.responses.get(status, 'Unknown')
@@ -483,7 +491,7 @@ def error_reply(exc, http_reason=None):
         status = 500
     if status == 503:
         headers['Retry-After'] = str(RETRY_AFTER_S)
-    return status, shown(reason, MESSAGE_MAX), headers
+    return status, shown(reason, MESSAGE_MAX), headers, fields
 
 
 def credential(headers):
@@ -794,7 +802,7 @@ class APIHandler(tornado.web.RequestHandler):
         self.clear()
         self.set_header('Connection', 'close')
         self.set_status(error.status_code)
-        data = json.dumps({'error': error.message}).encode()
+        data = json.dumps(dict(error.fields, error=error.message)).encode()
         self.set_header('Content-Length', len(data))
         self.write(data)
         if length == 0 or (length is None and 'chunked' not in
@@ -862,11 +870,13 @@ class APIHandler(tornado.web.RequestHandler):
         exc = kwargs.get('exc_info', (None, None, None))[1]
         if isinstance(exc, store.DOWN):
             status_code = 503
+        elif store.full(exc):
+            status_code = 507
         super().send_error(status_code, **kwargs)
 
     def write_error(self, status_code, **kwargs):
         exc = kwargs.get('exc_info', (None, None, None))[1]
-        status, reason, headers = error_reply(
+        _, reason, headers, fields = error_reply(
             exc if exc is not None else HTTPError(status_code),
             self._reason)
         for name, value in headers.items():
@@ -875,7 +885,7 @@ class APIHandler(tornado.web.RequestHandler):
             self.set_header('Retry-After', str(RETRY_AFTER_S))
         self._error_message = reason
         self.set_header('Content-Type', 'application/json; charset=UTF-8')
-        self.finish(json.dumps({'error': reason}))
+        self.finish(json.dumps(dict(fields, error=reason)))
 
     def log_exception(self, typ, value, tb):
         if isinstance(value, HTTPError):
@@ -884,6 +894,11 @@ class APIHandler(tornado.web.RequestHandler):
             app_log.warning('%s %s: store down: %s',
                             shown(self.request.method, 16),
                             shown(self.request.path), value)
+            return
+        if store.full(value):
+            app_log.error('%s %s: store full (maxmemory): %s',
+                          shown(self.request.method, 16),
+                          shown(self.request.path), shown(str(value)))
             return
         app_log.error('uncaught exception in %s %s',
                       shown(self.request.method, 16),

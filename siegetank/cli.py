@@ -146,13 +146,24 @@ def cmd_account(args: argparse.Namespace) -> None:
     out(args, {'token': token}, token)
 
 
+def _state(ws: dict[str, Any], offline: str = 'offline') -> str:
+    return ('online' if ws.get('online') else offline) \
+        + (', draining' if ws.get('draining') else '')
+
+
 def cmd_ws_status(args: argparse.Namespace) -> None:
     status = client(args, need_token=False).workserver_status()
     out(args, status, table(
-        [(n, '%s:%s' % (s.get('url'), s.get('http_port')),
-          'online' if s.get('online') else 'offline')
+        [(n, '%s:%s' % (s.get('url'), s.get('http_port')), _state(s))
          for n, s in sorted(status.items())], ('workserver', 'address',
                                                'status')))
+
+
+def cmd_ws_drain(args: argparse.Namespace) -> None:
+    client(args).drain_workserver(args.name, not args.undo)
+    print('%s: %s' % (args.name, 'no longer draining' if args.undo else
+                      'draining: no new work; stop or remove it once its '
+                      'active count in `siegetank status` is 0'))
 
 
 def _ago(t: float | None) -> str:
@@ -170,7 +181,7 @@ def status_text(st: dict[str, Any]) -> str:
             'disk free MB']
     rows = []
     for name, w in sorted(ws.items()):
-        row = [name, 'online' if w['online'] else 'OFFLINE',
+        row = [name, _state(w, 'OFFLINE'),
                _ago(w['last_seen']), w['streams']['ok'],
                w['streams']['active'], w['streams']['stopped'],
                '-' if w['disk_free_mb'] is None
@@ -194,9 +205,10 @@ def status_text(st: dict[str, Any]) -> str:
               ('last minute: errors', pm['errors'])]
     parts = [table(rows, head), '', table(totals, ('fleet', 'now'))]
     if st['targets']:
-        parts += ['', table([(t, c['queued'], c['active']) for t, c in
+        parts += ['', table([(c.get('description') or '-', t, c['queued'],
+                              c['active']) for t, c in
                              sorted(st['targets'].items())],
-                            ('public target', 'queued', 'active'))]
+                            ('public target', 'id', 'queued', 'active'))]
     return '\n'.join(parts)
 
 
@@ -446,6 +458,9 @@ def _add_fleet_commands(sub: Any) -> None:
     ws = _group(sub, 'ws', 'workservers')
     _command(ws, 'status', 'workservers and whether they are online',
              cmd_ws_status)
+    _command(ws, 'drain', 'stop giving a workserver new work (admin); its '
+             'running cores go on', cmd_ws_drain, 'name').add_argument(
+        '--undo', action='store_true', help='give it work again')
     _command(sub, 'status', 'the fleet: workservers, streams, cores, '
              'per-minute figures (admin: per-WS detail)', cmd_status)
     dn = _group(sub, 'donors', 'donor stats')

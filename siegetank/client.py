@@ -24,6 +24,7 @@ import sys
 import time
 import zlib
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -195,8 +196,13 @@ class Client:
 
     # -- command center ---------------------------------------------------
     def workserver_status(self):
-        """{ws_name: {url, http_port, online}}"""
+        """{ws_name: {url, http_port, online, draining}}"""
         return self.json('GET', '/ws/status', auth=False)
+
+    def drain_workserver(self, name, drain=True):
+        """(admin) Put a WS in drain (no new streams nor activations; its
+        running cores go on) or, with drain=False, take it out."""
+        self.put('/ws/drain/' + quote(name, safe=''), {'drain': drain})
 
     # -- fleet and stats (API.md, second round) --------------------------
     def status(self):
@@ -217,11 +223,14 @@ class Client:
         by_end_reason} of one of your targets."""
         return self.json('GET', '/targets/stats/' + target_id)
 
-    def create_core_key(self, engine, description=''):
+    def create_core_key(self, engine, description='', limits=None):
         """(admin) A new core key for `engine`: {key, key_id}; the key is
-        shown only this once."""
-        return self.post('/engines/keys', {'engine': engine,
-                                           'description': description})
+        shown only this once. `limits` ({held, per_minute}): its cores
+        count as one client with these assignment limits."""
+        body = {'engine': engine, 'description': description}
+        if limits is not None:
+            body['limits'] = limits
+        return self.post('/engines/keys', body)
 
     def core_keys(self):
         """(admin) {key_id: {engine, description, creation_date,

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import concurrent.futures
 import os
+import time
 import unittest
 import uuid
 
@@ -62,10 +63,10 @@ class AbuseTestCase(unittest.TestCase):
             'username': name, 'email': name + '@d.org',
             'password': 'pw'}).json()['token']
 
-    def assign(self, **fields):
+    def assign(self, key=None, **fields):
         body = {'engine': 'openmm', 'engine_version': self.version}
         body.update(fields)
-        return self.cc.request('POST', '/core/assign', body)
+        return self.cc.request('POST', '/core/assign', body, token=key)
 
     def core(self, method, reply, path, body=None):
         base = reply['url'].rsplit('/core/start', 1)[0]
@@ -245,6 +246,60 @@ class TestHogging(AbuseTestCase):
         self.assertEqual(self.core('POST', worker.json(), '/core/heartbeat',
                                    {}).status_code, 200)
         self.assertIn(wid, self.active())
+
+
+class TestHoldsWhileHeld(AbuseTestCase):
+    """Issue 22, point 3: holds count while the streams are held, not by
+    the age of their assignments; a core key may carry its own limits."""
+    cc_conf = {'client_max_held_streams': 2, 'client_hold_in_s': 2,
+               'stats_interval_in_ms': 200}
+
+    def take(self, key=None):
+        r = self.assign(key)
+        self.assertEqual(r.status_code, 200, r.text)
+        self.assertEqual(self.core('GET', r.json(), '/core/start')
+                         .status_code, 200)
+        return r.json()
+
+    def test_live_streams_stay_counted(self):
+        self.target(6)
+        held = [self.take() for _ in range(2)]
+        self.assertEqual(self.assign().status_code, 429)
+        # Kept alive past the old window (client_hold_in_s): still held.
+        for _ in range(3):
+            time.sleep(1)
+            for reply in held:
+                self.assertEqual(self.core('POST', reply, '/core/heartbeat',
+                                           {}).status_code, 200)
+        r = self.assign()
+        self.assertEqual(r.status_code, 429, r.text)
+        self.assertTrue(1 <= int(r.headers['Retry-After']) <= 2)
+        # A stream given back (its session's record reaches the CC) frees
+        # one hold.
+        self.assertEqual(self.core('PUT', held[0], '/core/stop', {})
+                         .status_code, 200)
+        wait_for(lambda: self.assign().status_code == 200,
+                 'the hold of the stopped stream to be given back')
+        self.assertEqual(self.assign().status_code, 429)
+        # A core key made with its own, higher limits counts as one client
+        # with those; a key made without keeps the anonymous ones.
+        r = self.cc.request('POST', '/engines/keys', {
+            'engine': 'openmm', 'limits': {'held': 3, 'per_minute': 50}},
+            token=self.admin)
+        self.assertEqual(r.status_code, 200, r.text)
+        key = r.json()['key']
+        listed = self.cc.request('GET', '/engines/keys', token=self.admin)
+        self.assertEqual(listed.json()[r.json()['key_id']]['limits'],
+                         {'held': 3, 'per_minute': 50})
+        for _ in range(3):
+            self.take(key)
+        r = self.assign(key)
+        self.assertEqual(r.status_code, 429, r.text)
+        self.assertIn('core key', r.json()['error'])
+        for bad in ({'held': 0}, {'held': True}, {'other': 1}, [3]):
+            r = self.cc.request('POST', '/engines/keys', {
+                'engine': 'openmm', 'limits': bad}, token=self.admin)
+            self.assertEqual(r.status_code, 400, r.text)
 
 
 class TestAssignRate(AbuseTestCase):

@@ -7,18 +7,20 @@ bar, seeds recorded in the streams' files."""
 import contextlib
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import unittest
+from types import SimpleNamespace
 
 import numpy as np
 
 from siegetank import adaptive, build_target
 from siegetank.core import Core, make_engine, openmm_engine
 from tests.cluster import Cluster
-from tools.testing import ROOT, tmpdir
+from tools.testing import ROOT, tmpdir, wait_for
 
 
 def built_target(folder):
@@ -273,6 +275,19 @@ class TestAdaptiveLoop(unittest.TestCase):
             core.send_signal(signal.SIGTERM)
             _, core_err = core.communicate(timeout=60)
         self.assertEqual(core.returncode, 0, core_err)
+        # The sampler stopped stream after stream under the core: its
+        # manager's stops, no errors (the core's summary, the CC's stats).
+        streams, by_manager, errors = map(int, re.search(
+            r'(\d+) streams \((\d+) stopped by the manager\), (\d+) '
+            r'errors', core_err.decode()).groups())
+        self.assertEqual(errors, 0, core_err)
+        self.assertGreaterEqual(by_manager, 4)
+        stats = wait_for(lambda: (lambda st: st if st['sessions'] >= streams
+                                  else None)(admin.target_stats(target.id)),
+                         'the sessions recorded', timeout=60)
+        self.assertNotIn('error', stats['by_end_reason'])
+        self.assertGreaterEqual(stats['by_end_reason']['manager_stop'],
+                                by_manager)
 
         # The progress bar, the score hook, the watchers at every poll.
         self.assertIn('2/2', err.getvalue())
@@ -349,6 +364,26 @@ class TestDemoStatistics(unittest.TestCase):
             'alphaR': 1, 'beta/PPII': 2, 'alphaL/C7ax': 4})
         self.assertEqual(adaptive_demo.first_visits(angles[:2])[
             'alphaL/C7ax'], None)
+
+    def test_core_summaries_are_read_from_the_logs(self):
+        """The demo sums the summary line (siegetank.core's SUMMARY) each
+        core wrote in its log; a core that wrote none counts nothing."""
+        from siegetank.core.__main__ import SUMMARY
+        from tools import adaptive_demo
+        folder = tmpdir('summaries')
+        lines = {'a': {'frames': 90, 'checkpoints': 9, 'streams': 28,
+                       'stopped_by_manager': 27, 'errors': 1, 'retries': 3},
+                 'b': {'frames': 10, 'checkpoints': 2, 'streams': 5,
+                       'stopped_by_manager': 4, 'errors': 0, 'retries': 0}}
+        for name, stats in lines.items():
+            with open(os.path.join(folder, name + '.log'), 'w') as f:
+                f.write('... INFO working on stream s1\n%s\n'
+                        % (SUMMARY % stats))
+        with open(os.path.join(folder, 'c.log'), 'w') as f:
+            f.write('killed before its summary\n')
+        cores = [SimpleNamespace(demo_name=n) for n in ('a', 'b', 'c')]
+        self.assertEqual(adaptive_demo.core_summary(
+            SimpleNamespace(folder=folder), cores), (33, 31, 1))
 
     def test_median_and_range_count_not_reached(self):
         from tools import adaptive_demo

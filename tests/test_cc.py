@@ -7,13 +7,18 @@ import base64
 import gzip
 import json
 import os
+import time
+import uuid
+from unittest import mock
 
 from tornado.httpclient import AsyncHTTPClient
 
 from server import store
-from server.cc import accounts, keys, workservers
+from server.cc import accounts, collect, keys, reconcile, workservers
 from server.cc.app import CommandCenter
 from server.lua import Script
+from server.ws import sessions as ws_sessions
+from server.ws import streams as ws_streams
 from tests.inprocess_ws import InProcessWS
 from tools.testing import CC_PASS, AppTestCase, RedisTestCase, certs
 
@@ -383,7 +388,8 @@ class TestRegistry(CCTestCase):
                                   '127.0.0.2')
         self.assertError(code, 409, body)
         self.assertEqual(self.status()['w1'], {
-            'url': '127.0.0.1', 'http_port': 1, 'online': True})
+            'url': '127.0.0.1', 'http_port': 1, 'online': True,
+            'draining': False})
         # Its own address refreshes it; offline, the name may move.
         self.assertEqual(self.register('w1', port=1)[0], 200)
         for _ in range(self.settings.max_ws_fails):
@@ -414,14 +420,40 @@ class TestRegistry(CCTestCase):
         self.assertEqual(self.fetch_json(path, 'PUT', token=admin),
                          (200, {}))
         self.assertEqual(sorted(self.status()), ['w2'])
-        # Not probed any more: no record comes back.
+        # Not probed any more: no record comes back; its pending deletions
+        # stay for when it does.
         self.sync(lambda: workservers.probe_all(self.app))
-        self.assertFalse(self.sync(lambda: self.redis.exists(
-            keys.ws('w1'), keys.ws_pending_deletes('w1'))))
+        self.assertFalse(self.sync(lambda: self.redis.exists(keys.ws('w1'))))
+        self.assertEqual(self.sync(lambda: self.redis.smembers(
+            keys.ws_pending_deletes('w1'))), {'t'})
         self.assertEqual(sorted(self.status()), ['w2'])
         # It may register again.
         self.assertEqual(self.register('w1')[0], 200)
         self.assertEqual(sorted(self.status()), ['w1', 'w2'])
+
+
+    def test_drain_survives_registration_not_removal(self):
+        admin = self.add_manager('root@x.org', role='admin')
+        self.register('w1')
+        body = json.dumps({'drain': True})
+        self.assertEqual(self.fetch_json('/ws/drain/w1', 'PUT', body=body,
+                                         token=admin), (200, {}))
+        self.assertTrue(self.status()['w1']['draining'])
+        self.assertTrue(self.fetch_json('/status')[1]['workservers']['w1'][
+            'draining'])
+        # A restart of the WS (registering again) keeps it draining.
+        self.ws_call('/ws/disconnect', {'name': 'w1'})
+        self.assertEqual(self.register('w1')[0], 200)
+        self.assertTrue(self.status()['w1']['draining'])
+        self.fetch_json('/ws/drain/w1', 'PUT', token=admin,
+                        body=json.dumps({'drain': False}))
+        self.assertFalse(self.status()['w1']['draining'])
+        self.fetch_json('/ws/drain/w1', 'PUT', body=body, token=admin)
+        # Removal forgets it with the rest of the record.
+        self.ws_call('/ws/disconnect', {'name': 'w1'})
+        self.fetch_json('/ws/remove/w1', 'PUT', token=admin)
+        self.register('w1')
+        self.assertFalse(self.status()['w1']['draining'])
 
 
 class TestTargets(CCTestCase):
@@ -490,8 +522,12 @@ class TestTargets(CCTestCase):
         self.assertEqual(self.fetch_json('/targets', token=self.bob)[1],
                          {'targets': sorted([t2, t3])})
         self.assertEqual(self.fetch_json('/targets', token='junk')[0], 401)
-        # public info needs no token, private does
-        self.info(t2)
+        # public info needs no token, private does; the owner's email only
+        # to the owner and admins
+        self.assertNotIn('owner', self.info(t2))
+        self.assertNotIn('owner', self.info(t2, self.joe))
+        self.assertEqual(self.info(t2, self.bob)['owner'], 'bob@x.org')
+        self.assertEqual(self.info(t2, self.admin)['owner'], 'bob@x.org')
         c, body = self.fetch_json('/targets/info/' + t1)
         self.assertError(c, 401, body)
         self.info(t1, self.admin)
@@ -504,7 +540,7 @@ class TestTargets(CCTestCase):
             'stage': 'public', 'engine_versions': ['6.0', '6.1']},
             token=self.joe)
         self.assertEqual(c, 200, body)
-        after = self.info(tid)
+        after = self.info(tid, self.joe)
         self.assertEqual(after['stage'], 'public')
         self.assertEqual(after['engine_versions'], ['6.0', '6.1'])
         for same in ('options', 'description', 'weight', 'allowed_ws',
@@ -981,6 +1017,32 @@ class TestStreamsAndAssign(CCTestCase):
         got = {b.stream_of(self.assign()['token']) for _ in range(2)}
         self.assertEqual(got, {s for s in sids if s.endswith(':b')})
 
+    def test_draining_ws_gets_no_streams_nor_activations(self):
+        a, b = self.add_ws('a'), self.add_ws('b')
+        admin = self.add_manager('root@x.org', role='admin')
+        tid = self.post_target(self.joe, stage='public')
+        sids = {self.post_stream(tid) for _ in range(4)}
+        self.assertEqual(self.fetch_json('/ws/drain/b', 'PUT', {
+            'drain': True}, token=admin), (200, {}))
+        sids |= {self.post_stream(tid) for _ in range(3)}
+        on_a = {s for s in sids if s.endswith(':a')}
+        self.assertEqual(len(on_a), 5)
+        got = {a.stream_of(self.assign()['token']) for _ in range(5)}
+        self.assertEqual(got, on_a)
+        self.assign(503)  # b's two idle streams are not handed out
+        # A target only b may hold waits.
+        only_b = self.post_target(self.joe, allowed_ws=['b'])
+        c, body = self.fetch_json('/streams', 'POST', {
+            'target_id': only_b, 'files': {'state.xml': 'x'}},
+            token=self.joe)
+        self.assertError(c, 503, body)
+        self.assertIn('draining', body['error'])
+        # Undrained, b serves again.
+        self.fetch_json('/ws/drain/b', 'PUT', {'drain': False}, token=admin)
+        got = {b.stream_of(self.assign()['token']) for _ in range(2)}
+        self.assertEqual(got, sids - on_a)
+        self.post_stream(only_b)
+
     def test_weighted_choice(self):
         """Weight 0.001 vs 1000: the heavy target is chosen first."""
         self.add_ws('a')
@@ -1042,6 +1104,31 @@ class TestStreamsAndAssign(CCTestCase):
         self.assertEqual(self.sync(lambda: self.redis.smembers(
             keys.ws_pending_deletes('a'))), set())
 
+    def test_removed_ws_gets_its_pending_deletions_back(self):
+        # Issue 22 point 8: a target deleted while its WS was down, the WS
+        # removed by an admin and restarted: it must not keep the target.
+        admin = self.add_manager('root@x.org', role='admin')
+        a = self.add_ws('a')
+        tid = self.post_target(self.joe)
+        self.post_stream(tid)
+        a.stop()
+        c, _ = self.fetch_json('/targets/delete/' + tid, 'PUT',
+                               token=self.joe)
+        self.assertEqual(c, 200)
+        for _ in range(self.settings.max_ws_fails):
+            self.sync(lambda: workservers.record_failure(self.app, 'a'))
+        self.assertEqual(self.fetch_json('/ws/remove/a', 'PUT', token=admin),
+                         (200, {}))
+        a.start()
+        self.assertEqual(len(a.streams()), 1)
+        c, _ = self.fetch_json('/ws/register', 'PUT', a.register_body(),
+                               token=CC_PASS)
+        self.assertEqual(c, 200)
+        self.sync(lambda: self.app.flushing['a'])
+        self.assertEqual((a.streams(), a.targets()), ({}, {}))
+        self.assertEqual(self.sync(lambda: self.redis.smembers(
+            keys.ws_pending_deletes('a'))), set())
+
     def test_deleted_while_placing_is_undone(self):
         """A target deleted between reservation and record: the stream the
         WS just made is removed again and the caller gets 404."""
@@ -1068,3 +1155,184 @@ class TestStreamsAndAssign(CCTestCase):
         self.assertEqual(self.sync(lambda: self.redis.keys('*' + tid + '*')),
                          [])
         self.assertEqual(self.sync(lambda: self.redis.keys('stream:*')), [])
+
+
+class TestRogueWorkserver(TestStreamsAndAssign):
+    """A WS that holds the cc_pass and lies: the real WS of this process
+    with one of its answers replaced (issue 22)."""
+
+    def test_listing_keeps_only_streams_placed_there(self):
+        a = self.add_ws('a')
+        self.add_ws('b')
+        tid = self.post_target(self.joe)
+        sids = [self.post_stream(tid) for _ in range(4)]
+        on_a = sorted(s for s in sids if s.endswith(':a'))
+        on_b = sorted(s for s in sids if s.endswith(':b'))
+        real = ws_streams.target_streams
+
+        async def lying(app, target_id, cc):
+            listing = await real(app, target_id, cc)
+            if app is a.app:
+                entry = {'status': 'OK', 'frames': 0, 'error_count': 0,
+                         'active': False, 'tags': {}}
+                listing['../../../../../../../y'] = entry
+                listing['/etc/passwd'] = entry
+                listing[on_b[0]] = entry  # another WS's stream
+                listing['%s:a' % uuid.uuid4()] = entry  # never placed
+                listing[on_a[0]] = 'not an object'
+            return listing
+
+        with mock.patch.object(ws_streams, 'target_streams', lying):
+            c, body = self.fetch_json('/targets/streams/' + tid,
+                                      token=self.joe)
+        self.assertEqual(c, 200, body)
+        self.assertEqual(sorted(body['a']), on_a[1:])
+        self.assertEqual(sorted(body['b']), on_b)
+
+    def test_reconciliation_adopts_nothing_malformed(self):
+        a = self.add_ws('a')
+        tid = self.post_target(self.joe)
+        sid = self.post_stream(tid)
+        real = ws_streams.all_streams
+        bad = ['../../../../../../../y', '%s:b' % uuid.uuid4(), 'x:a']
+
+        async def lying(app, cc):
+            listing = await real(app, cc)
+            listing.update({s: 0 for s in bad})
+            listing['%s:a' % uuid.uuid4()] = 'yesterday'
+            return listing
+
+        with mock.patch.object(ws_streams, 'all_streams', lying):
+            self.sync(lambda: reconcile.reconcile_ws(self.app, 'a'))
+        self.assertEqual(self.sync(lambda: self.redis.smembers(
+            keys.target_streams(tid))), {sid})
+        self.assertEqual(len(a.streams()), 1)
+
+    def test_reports_are_checked(self):
+        a = self.add_ws('a')
+        tid = self.post_target(self.joe, stage='public')
+        other = self.post_target(self.joe, stage='public')  # none on a
+        sids = [self.post_stream(tid) for _ in range(2)]
+        now = time.time()
+
+        def record(sid, frames, **more):
+            r = {'id': uuid.uuid4().hex, 'donor': '', 'engine': 'openmm',
+                 'core_version': '1', 'target_id': tid, 'stream_id': sid,
+                 'start': repr(now - 60), 'end': repr(now),
+                 'reason': 'stop', 'frames': frames}
+            r.update(more)
+            return r
+        bogus = [record(sids[0], 10 ** 15),
+                 record('%s:a' % uuid.uuid4(), 5),   # never placed
+                 record(sids[1], 4, target_id=other),  # not its target
+                 record(sids[1], 3)]                 # the honest one
+
+        async def outbox():
+            for r in bogus:
+                await a.redis.xadd(a.keys.outbox(self.settings.name), r)
+        self.sync(outbox)
+
+        async def summary(app, cc=None):
+            return ['x'], {
+                tid: {'queued': 10 ** 15, 'active': 'many', 'stopped': -1},
+                other: {'queued': 7, 'active': 7, 'stopped': 7},
+                str(uuid.uuid4()): {'queued': 1, 'active': 1, 'stopped': 1},
+                '../x': 5}
+
+        async def per_minute(app, cc):
+            return {str(int(now // 60)): {'frames': 10 ** 15, 'errors': 'x'},
+                    'soon': {'frames': 1}, '99999999999': 3}
+
+        with mock.patch.object(ws_sessions, 'summary', summary), \
+                mock.patch.object(ws_sessions, 'per_minute', per_minute):
+            self.sync(lambda: collect.pull(self.app, 'a'))
+        c, status = self.fetch_json('/status')
+        self.assertEqual(c, 200, status)
+        self.assertEqual(status['streams'], {
+            'total': 2, 'active': 0, 'idle': 2, 'stopped': 0})
+        self.assertEqual(status['targets'], {
+            tid: {'queued': 2, 'active': 0},
+            other: {'queued': 0, 'active': 0}})
+        self.assertLessEqual(max(status['history']['frames']), 2 * 60)
+        self.assertEqual(status['history']['errors'], [0] * 60)
+        c, stats = self.fetch_json('/targets/stats/' + tid, token=self.joe)
+        self.assertEqual((c, stats['frames'], stats['sessions']), (200, 3, 1))
+        c, stats = self.fetch_json('/targets/stats/' + other, token=self.joe)
+        self.assertEqual((c, stats['frames']), (200, 0))
+        # reports in Redis from before these checks do not break /status
+        self.sync(lambda: self.redis.hset(keys.ws_report('a'), mapping={
+            'streams': '[1]', 'targets': '"x"', 'per_minute': '{',
+            'disk_free_mb': 'many'}))
+        self.assertEqual(self.fetch_json('/status')[0], 200)
+
+
+class TestTargetQuotas(CCTestCase):
+    conf = {'max_target_files_per_manager_in_bytes': 3 * 1024 * 1024,
+            'max_target_files_total_in_bytes': 9 * 512 * 1024}
+
+    def setUp(self):
+        super().setUp()
+        self.joe = self.add_manager('joe@x.org')
+        self.bob = self.add_manager('bob@x.org')
+
+    def big(self, token, code, mib=1):
+        text = base64.b64encode(os.urandom(mib * 768 * 1024)).decode()
+        return self.post_target(token, code, files={'a.b64': text})
+
+    def used_memory(self):
+        return self.sync(lambda: self.redis.info('memory'))['used_memory']
+
+    def test_quota_per_manager_and_in_all(self):
+        joes = [self.big(self.joe, 200) for _ in range(2)]
+        before = self.used_memory()
+        c, body = self.fetch_json('/targets', 'POST', {
+            'engine': 'openmm', 'engine_versions': ['6.0'],
+            'files': {'a.b64': base64.b64encode(
+                os.urandom(2 * 768 * 1024)).decode()}}, token=self.joe)
+        self.assertError(c, 507, body)
+        self.assertIn('manager', body['error'])
+        self.assertLess(self.used_memory() - before, 512 * 1024)
+        bobs = [self.big(self.bob, 200) for _ in range(2)]
+        c, body = self.fetch_json('/targets', 'POST', {
+            'engine': 'openmm', 'engine_versions': ['6.0'],
+            'files': {'a.b64': 'AAAA' * 230000}}, token=self.bob)
+        self.assertError(c, 507, body)
+        self.assertIn('full', body['error'])
+        # deleting gives the bytes back
+        for tid, token in [(t, self.joe) for t in joes] + [(bobs[0],
+                                                             self.bob)]:
+            self.assertEqual(self.fetch_json('/targets/delete/' + tid, 'PUT',
+                                             token=token)[0], 200)
+        self.big(self.joe, 200, mib=2)
+        self.assertEqual(self.sync(lambda: self.redis.hgetall(
+            keys.TARGET_BYTES)), {'joe@x.org': str(2 * 1024 * 1024 + 5),
+                                  'bob@x.org': str(1024 * 1024 + 5)})
+
+
+class TestStoreFull(CCTestCase):
+
+    def test_a_full_store_is_a_507(self):
+        joe = self.add_manager('joe@x.org')
+        used = self.sync(lambda: self.redis.info('memory'))['used_memory']
+        sync = store.connect_sync(self.redis_server.url)
+        try:
+            sync.config_set('maxmemory', used + 256 * 1024)
+            c, body = self.fetch_json('/targets', 'POST', {
+                'engine': 'openmm', 'engine_versions': ['6.0'],
+                'files': {'a.b64': base64.b64encode(
+                    os.urandom(1024 * 1024)).decode()}}, token=joe)
+            self.assertError(c, 507, body)
+            self.assertIn('full', body['error'])
+            # Past it: writes in Lua scripts (the quota's) are refused too.
+            sync.config_set('maxmemory', used // 2)
+            c, body = self.fetch_json('/targets', 'POST', {
+                'engine': 'openmm', 'engine_versions': ['6.0'],
+                'files': {'a.b64': 'AAAA'}}, token=joe)
+            self.assertError(c, 507, body)
+            c, body = self.fetch_json('/donors', 'POST', {
+                'username': 'jesse', 'email': 'jv@x.org', 'password': 'pw'})
+            self.assertError(c, 507, body)
+        finally:
+            sync.config_set('maxmemory', 0)
+            sync.close()
+        self.assertEqual(self.sync(lambda: self.redis.keys('target:*')), [])

@@ -126,6 +126,34 @@ class TestCommands(CLITestCase):
         self.assertIn(self.cluster.ws[0].name, out)
         self.assertIn('online', out)
 
+    def test_ws_drain(self):
+        name = self.cluster.ws[0].name
+        self.login()
+        code, _, err = self.run_cli('ws', 'drain', name)
+        self.assertEqual(code, 1)
+        self.assertIn('admin', err)
+        self.ok('--cc', self.cluster.address, '--ca', self.cluster.ca,
+                'login', '--email', 'admin@test.org', '--password',
+                'admin-pass')
+        try:
+            self.assertIn('draining', self.ok('ws', 'drain', name))
+            self.assertIn('online, draining', self.ok('ws', 'status'))
+            self.assertIn('online, draining', self.ok('status'))
+            code, _, err = self.run_cli('ws', 'drain', 'nope')
+            self.assertEqual(code, 1)
+            self.assertIn('unknown workserver nope', err)
+        finally:
+            self.ok('ws', 'drain', name, '--undo')
+        self.assertNotIn('draining', self.ok('ws', 'status'))
+
+    def test_status_names_public_targets(self):
+        target, _ = self.cluster.synthetic_target()
+        target.update(description='villin headpiece')
+        out = self.ok('--cc', self.cluster.address, '--ca', self.cluster.ca,
+                      'status')
+        line = next(x for x in out.splitlines() if target.id in x)
+        self.assertTrue(line.startswith('villin headpiece'), line)
+
     def test_accounts(self):
         self.ok('--cc', self.cluster.address, '--ca', self.cluster.ca,
                 'login', '--token=' + self.cluster.admin.token)

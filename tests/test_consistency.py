@@ -5,8 +5,7 @@ that drifted apart (repaired by the reconciliation)."""
 import asyncio
 import time
 
-from server.cc import keys, reconcile
-from server.cc.streams import forget
+from server.cc import keys, reconcile, stream_map
 from server.ws import cc_api
 from server.ws import streams as ws_streams
 from tests.test_cc import CC_PASS, CCTestCase
@@ -119,7 +118,8 @@ class TestReconciliation(Base):
         lost_by_cc, lost_by_ws, kept = sids
         record = self.sync(lambda: self.redis.hgetall(
             keys.stream(lost_by_cc)))
-        self.sync(lambda: forget(self.app, lost_by_cc, record))
+        self.sync(lambda: stream_map.forget(
+            self.app, stream_map.StreamRecord.from_hash(lost_by_cc, record)))
         c, _ = self.ws_json_put(ws, '/streams/delete/' + lost_by_ws)
         self.assertEqual(c, 200)
         # A creation the CC abandoned that the WS made anyway.

@@ -25,7 +25,9 @@ from tools.testing import ROOT, certs, free_port, wait_for
 
 class Script:
     """What the fake servers do and what they saw. `fail[path]` is a list
-    of status codes answered (and consumed) before that path succeeds."""
+    of status codes answered (and consumed) before that path succeeds; a
+    (code, fields) pair adds fields to the error body, as the WS's
+    `ended`."""
 
     def __init__(self):
         self.fail = {}
@@ -55,8 +57,9 @@ class Handler(tornado.web.RequestHandler):
             self.script.calls.append((path, token, body))
         code = self.script.next_failure(path)
         if code:
+            code, fields = code if isinstance(code, tuple) else (code, {})
             self.set_status(code)
-            self.finish({'error': 'scripted %d' % code})
+            self.finish(dict(fields, error='scripted %d' % code))
             return
         if path == 'assign':
             with self.script.lock:
@@ -214,6 +217,55 @@ class TestCoreLoop(unittest.TestCase):
         tokens = [c[1] for c in self.script.seen('frame')]
         self.assertEqual(tokens, ['token-1'] + ['token-2'] * 3)
         self.assertEqual(len(self.script.seen('assign')), 2)
+
+    def test_a_stop_by_the_manager_is_no_error(self):
+        """The WS answers a frame: the stream was stopped by its manager.
+        Counted as such, not as an error, and the next assignment is asked
+        for at once (no backoff)."""
+        self.server.start()
+        self.script.fail = {'frame': [(401, {'ended': 'manager_stop'})]}
+        sleep = RecordingSleep()
+        stats = self.core(sleep=sleep).run()
+        self.assertEqual((stats['frames'], stats['streams'],
+                          stats['stopped_by_manager'], stats['errors']),
+                         (3, 2, 1, 0))
+        self.assertEqual(sleep.delays, [])
+
+    def test_a_deletion_seen_by_a_heartbeat_is_no_error(self):
+        """The WS answers a heartbeat: the stream was deleted by its
+        manager. The core gives the stream up, no error."""
+        self.server.start()
+        stop = threading.Event()
+        self.script.fail = {'heartbeat': [(401, {'ended': 'deletion'})]}
+        sleep = RecordingSleep()
+        core = Core('127.0.0.1:%d' % self.server.port,
+                    make_engine('synthetic', rate=5), ca=certs()['ca'],
+                    backoff=Backoff(sleep=sleep), heartbeat_every=0.05,
+                    stop=stop, max_frames=None)
+        thread = threading.Thread(target=core.run)
+        thread.start()
+        try:
+            wait_for(lambda: any(c[1] == 'token-2'
+                                 for c in self.script.seen('frame')),
+                     'a frame of the second stream')
+        finally:
+            stop.set()
+            thread.join()
+        self.assertEqual((core.stats['stopped_by_manager'],
+                          core.stats['errors']), (1, 0))
+        self.assertEqual(sleep.delays, [])
+
+    def test_a_retried_stop_the_ws_had_done_is_no_error(self):
+        """/core/stop reached the WS but its reply was lost: the retry's
+        401 says the core had stopped it ('stop'); the core is done."""
+        self.server.start()
+        self.script.fail = {'stop': [503, (401, {'ended': 'stop'})]}
+        sleep = RecordingSleep()
+        stats = self.core(sleep=sleep).run()
+        self.assertEqual((stats['frames'], stats['streams'],
+                          stats['errors']), (3, 1, 0))
+        self.assertEqual(len(self.script.seen('stop')), 2)
+        self.assertEqual(sleep.delays, [])
 
     def test_engine_error_is_reported_on_stop(self):
         self.server.start()

@@ -7,13 +7,23 @@ concurrent assignment, an offline WS, and deleting a target while a WS is
 down. Each test uses its own engine version so assignments of one test
 never see another test's targets.
 """
+import base64
+import collections
 import concurrent.futures
+import gzip
+import os
+import sys
+import threading
 import unittest
 import uuid
 
 import requests
 
 from server.cc import keys
+from server.tokens import token_hash
+from siegetank.client import SiegetankError
+from siegetank.core import Core, make_engine, synthetic
+from tests.cluster import Cluster
 from tools.testing import (
     CC_PASS,
     ServerProcess,
@@ -22,6 +32,7 @@ from tools.testing import (
     command_centers,
     gzb64,
     online,
+    tmpdir,
     wait_for,
 )
 
@@ -201,6 +212,54 @@ class TestIntegration(unittest.TestCase):
                             token=joe)
         self.assertEqual(r.content, INTEGRATOR.encode())
 
+    def test_donor_tokens_a_2014_core_accepts(self):
+        """A 2014-style core (Core2014, below) with a donor token: new
+        tokens have the form it accepts, old ones keep working."""
+        joe = self.manager()
+        name, donor = self.donor()
+        self.assertEqual(str(uuid.UUID(donor)), donor)
+        # A token of the old 64-hex form, stored hashed as before.
+        old = uuid.uuid4().hex * 2
+        cc_redis = self.cc.redis()
+        try:
+            cc_redis.set(keys.donor_token(token_hash(old)), name)
+        finally:
+            cc_redis.close()
+        tid = self.target(joe, engine_versions=[Core2014.ENGINE_VERSION])
+        for i in range(2):
+            self.stream(joe, tid, seed=('<State n="%d"/>' % i).encode())
+        with self.assertRaises(ValueError):
+            Core2014(self.session, self.cc.url, donor_token=old)
+        core = Core2014(self.session, self.cc.url, donor_token=donor,
+                        target_id=tid)
+        files = core.start_stream()
+        self.assertEqual(files['system.xml'], b'<System/>')
+        self.assertEqual(core.steps_per_frame, 10)
+        ws = self.ws_of(core.stream_id)
+        active = ws.request('GET', '/active_streams', token=CC_PASS).json()
+        self.assertEqual(active[tid][core.stream_id]['donor'], name)
+        for frame in (b'frame-one;', b'frame-two;'):
+            core.send_frame(frame)
+        core.heartbeat()
+        core.send_checkpoint(b'<State n="after"/>')
+        core.stop_stream()
+        r = self.cc.request('GET', '/streams/%s/frames.xtc' % core.stream_id,
+                            token=joe)
+        self.assertEqual(r.content, b'frame-one;frame-two;')
+        # The old token still gets work; a login issues a uuid again and
+        # the previous token stops working.
+        r = self.assign(engine_version=Core2014.ENGINE_VERSION,
+                        donor_token=old, target_id=tid)
+        self.assertEqual(r.status_code, 200, r.text)
+        r = self.cc.request('POST', '/donors/auth', {'username': name,
+                                                     'password': 'pw'})
+        self.assertEqual(r.status_code, 200, r.text)
+        fresh = r.json()['token']
+        self.assertEqual(str(uuid.UUID(fresh)), fresh)
+        r = self.assign(engine_version=Core2014.ENGINE_VERSION,
+                        donor_token=donor, target_id=tid)
+        self.assertEqual(r.status_code, 401, r.text)
+
     def test_target_without_files(self):
         joe = self.manager()
         tid = self.target(joe, files={})
@@ -322,3 +381,196 @@ class TestIntegration(unittest.TestCase):
         log = self.cc.read_log()
         self.assertNotIn('Traceback', log)
         self.assertNotIn(' 500 ', log)
+
+
+class Core2014:
+    """What the 2014 C++ core (FoldingAtHome/siegetank-backend,
+    core/openmm_core/main.cpp and core/base/Core.cpp) does on the wire,
+    with its checks: `--donor_token` and `--target_id` must be 36
+    characters or it refuses to start; no core key; the assignment must
+    carry `options.steps_per_frame`; the start's `files` are decoded by
+    their .b64/.gz suffixes; frames carry `frames` and `speed`."""
+
+    ENGINE_VERSION = '6.0'
+
+    def __init__(self, session, cc_url, donor_token='', target_id=''):
+        if donor_token and len(donor_token) != 36:
+            raise ValueError('donor_token must be 36 characters')
+        if target_id and len(target_id) != 36:
+            raise ValueError('target_id must be 36 characters')
+        self.session, self.cc_url = session, cc_url
+        self.donor_token, self.target_id = donor_token, target_id
+
+    def call(self, method, url, body):
+        r = self.session.request(method, url, json=body, timeout=30,
+                                 headers={'Authorization': self.token})
+        if r.status_code != 200:
+            raise RuntimeError('%s %s: %d %s' % (method, url, r.status_code,
+                                                 r.text))
+        return r.json()
+
+    def start_stream(self):
+        body = {'engine': 'openmm', 'engine_version': self.ENGINE_VERSION}
+        if self.donor_token:
+            body['donor_token'] = self.donor_token
+        if self.target_id:
+            body['target_id'] = self.target_id
+        body['core_version'] = '2014'
+        r = self.session.post(self.cc_url + '/core/assign', json=body,
+                              timeout=30)
+        if r.status_code != 200:
+            raise RuntimeError('Could not get an assignment from CC, '
+                               'reason: %s' % r.json()['error'])
+        reply = r.json()
+        self.url, self.token = reply['url'], reply['token']
+        self.steps_per_frame = int(reply['options']['steps_per_frame'])
+        self.base = self.url.rsplit('/core/start', 1)[0]
+        start = self.session.get(self.url, timeout=30,
+                                 headers={'Authorization': self.token})
+        if start.status_code != 200:
+            raise RuntimeError('Could not start a stream from SCV')
+        start = start.json()
+        if self.target_id and start['target_id'] != self.target_id:
+            raise RuntimeError('FATAL: Specified target_id mismatch')
+        self.stream_id = start['stream_id']
+        files = {}
+        for name, data in start['files'].items():
+            if name.endswith('.b64'):
+                name, data = name[:-4], base64.b64decode(data)
+                if name.endswith('.gz'):
+                    name, data = name[:-3], gzip.decompress(data)
+            files[name] = data
+        return files
+
+    def send_frame(self, data):
+        self.call('PUT', self.base + '/core/frame', {
+            'frames': 1, 'speed': 1.5,
+            'files': {'frames.xtc.b64': base64.b64encode(data).decode()}})
+
+    def send_checkpoint(self, state):
+        self.call('PUT', self.base + '/core/checkpoint', {'files': {
+            'state.xml.gz.b64': base64.b64encode(
+                gzip.compress(state)).decode()}})
+
+    def heartbeat(self):
+        self.call('POST', self.base + '/core/heartbeat', {})
+
+    def stop_stream(self):
+        self.call('PUT', self.base + '/core/stop', {})
+
+
+class TestDrain(unittest.TestCase):
+    """An admin drains the WS a core works on: no new placements nor
+    assignments go there while the other WS takes them, the running core's
+    frames commit, its active count drops to 0; then the WS is stopped,
+    removed and started again, and every acknowledged frame downloads."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cluster = Cluster(n_ws=2, cc_values={
+            'stats_interval_in_ms': 300}).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.stop()
+
+    def ws_entry(self, name):
+        return self.cluster.admin.status()['workservers'][name]
+
+    def test_drain_stop_remove_loses_nothing(self):
+        c = self.cluster
+        target, _ = c.synthetic_target(streams=4)
+        stop = threading.Event()
+        core = Core(c.address, make_engine('synthetic', rate=20), ca=c.ca,
+                    target_id=target.id, checkpoint_every=0.2,
+                    heartbeat_every=2, stop=stop)
+        thread = threading.Thread(target=core.run)
+        thread.start()
+        try:
+            self.drain_while_running(target, core, stop, thread)
+        finally:
+            stop.set()
+            thread.join(60)
+
+    def drain_while_running(self, target, core, stop, thread):
+        c = self.cluster
+        stream_id = wait_for(lambda: core.current is not None
+                             and core.current.stream_id, 'a running core')
+        name = stream_id.split(':', 1)[1]
+        drained = next(ws for ws in c.ws if ws.name == name)
+        other = next(ws for ws in c.ws if ws.name != name)
+        wait_for(lambda: self.ws_entry(name)['active'] == 1,
+                 'its active count')
+        self.check_drain_permissions(name)
+        c.admin.drain_workserver(name)
+        self.assertEqual([c.admin.workserver_status()[w.name]['draining']
+                          for w in (drained, other)], [True, False])
+        entry = self.ws_entry(name)
+        self.assertEqual((entry['draining'], entry['online']), (True, True))
+        # New streams go to the other WS only.
+        placed = [target.add_stream(synthetic.seed_files('n%d' % i))
+                  for i in range(4)]
+        self.assertEqual({s.split(':', 1)[1] for s in placed}, {other.name})
+        # Assignments too: the other WS's 6 idle streams, then nothing,
+        # although the drained WS still has an idle stream.
+        answers = collections.Counter()
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = c.ca
+        for _ in range(7):
+            r = session.post('https://%s/core/assign' % c.address, json={
+                'engine': synthetic.NAME, 'engine_version': synthetic.VERSION,
+                'target_id': target.id}, timeout=30)
+            answers[r.status_code] += 1
+            if r.status_code == 200:
+                self.assertIn(':%d/' % other.port, r.json()['url'])
+        self.assertEqual(answers, {200: 6, 503: 1})
+        # The running core goes on; stopped, its frames commit.
+        frames = core.stats['frames']
+        wait_for(lambda: core.stats['frames'] > frames + 5,
+                 'frames after the drain')
+        stop.set()
+        thread.join(60)
+        self.assertFalse(thread.is_alive())
+        acknowledged = core.stats['frames']
+        self.assertEqual(core.stats['streams'], 1)
+        wait_for(lambda: self.ws_entry(name)['active'] == 0,
+                 'the drained WS empty')
+        # Stopped, removed, started again: nothing lost.
+        self.assertEqual(drained.stop(), 0)
+        wait_for(lambda: not c.admin.workserver_status()[name]['online'],
+                 'the drained WS offline')
+        c.admin.put('/ws/remove/' + name)
+        self.assertNotIn(name, c.admin.workserver_status())
+        drained.start()
+        wait_for(lambda: c.admin.workserver_status().get(name, {}).get(
+            'online'), 'the WS back')
+        path = os.path.join(tmpdir('drain'), 'frames.dat')
+        c.admin.stream(stream_id).download('frames.dat', path)
+        with open(path, 'rb') as f:
+            data = f.read()
+        self.assertEqual(len(data), acknowledged * 1024)
+        numbers = [int(line.split()[1]) for line in data.splitlines()
+                   if line.startswith(b'frame ')]
+        self.assertEqual(numbers, list(range(1, acknowledged + 1)))
+        print('drain: %d frames acknowledged, %d lost; assignments after '
+              'the drain: %s; core retries %d, errors %d' % (
+                  acknowledged, acknowledged - len(numbers), dict(answers),
+                  core.stats['retries'], core.stats['errors']),
+              file=sys.stderr)
+
+    def check_drain_permissions(self, name):
+        c = self.cluster
+        manager = c.client(c.admin.create_manager(
+            'drain-%s@test.org' % uuid.uuid4().hex[:6], 'pw'))
+        for client, body, path, status in (
+                (c.client(), {'drain': True}, name, 401),
+                (manager, {'drain': True}, name, 403),
+                (c.admin, {'drain': 'yes'}, name, 400),
+                (c.admin, {}, name, 400),
+                (c.admin, {'drain': True}, 'nope', 404)):
+            with self.assertRaises(SiegetankError) as e:
+                client.put('/ws/drain/' + path, body)
+            self.assertEqual(e.exception.status, status)
+        self.assertFalse(self.ws_entry(name)['draining'])
+

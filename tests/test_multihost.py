@@ -195,9 +195,9 @@ class TestMultiHost(unittest.TestCase):
         # registered under their real names, ws2 on its public port
         self.assertEqual(report['status'], {
             'ws1': {'url': 'ws1.' + DOMAIN, 'http_port': WS_PORT,
-                    'online': True},
+                    'online': True, 'draining': False},
             'ws2': {'url': 'ws2.' + DOMAIN, 'http_port': 443,
-                    'online': True}})
+                    'online': True, 'draining': False}})
         streams = report['streams']
         self.assertEqual(sorted(s.split(':')[1] for s in streams),
                          ['ws1', 'ws1', 'ws2', 'ws2'])

@@ -55,7 +55,7 @@ class TestRegistry(unittest.TestCase):
         wait_for(lambda: online(cc, ws.name), 'registration')
         self.assertEqual(self.status(cc)[ws.name],
                          {'url': '127.0.0.1', 'http_port': ws.port,
-                          'online': True})
+                          'online': True, 'draining': False})
         # killed: probes take it offline
         ws.kill()
         wait_for(lambda: online(cc, ws.name, False), 'WS offline')

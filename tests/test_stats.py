@@ -4,6 +4,10 @@ figure is checked against the frames the workservers committed, across a
 WS crash, a CC restart, an expiry and a manager's stop."""
 import base64
 import gzip
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import unittest
@@ -12,7 +16,7 @@ import requests
 
 from siegetank.core import Core, make_engine, synthetic
 from tests.cluster import Cluster
-from tools.testing import certs, wait_for
+from tools.testing import ROOT, certs, wait_for
 
 
 def b64(data):
@@ -206,6 +210,68 @@ class TestSessionStats(unittest.TestCase):
         r = requests.get('https://%s/donors/stats/nobody' % c.address,
                          verify=c.ca)
         self.assertEqual(r.status_code, 404)
+
+
+class TestManagerStops(unittest.TestCase):
+    """A researcher stopping and deleting the streams a core works on (as
+    adaptive sampling does all the time) is no core error: not in the
+    core's own summary, not in the target's stats, not in /status."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cluster = Cluster(cc_values={'stats_interval_in_ms': 200},
+                              pulse_frequency_in_ms=200).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.stop()
+
+    def test_a_managers_stop_and_deletion_are_not_core_errors(self):
+        c = self.cluster
+        target, _ = c.synthetic_target(streams=3)
+        core = subprocess.Popen(
+            [sys.executable, '-m', 'siegetank.core', '--cc', c.address,
+             '--ca', c.ca, '--engine', 'synthetic', '--rate', '20',
+             '--target-id', target.id, '--checkpoint-every', '0.1',
+             '--heartbeat-every', '0.2', '--backoff-first', '0.05',
+             '--backoff-max', '0.5', '-q'], cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        worked = []
+
+        def working():
+            """The stream the core works on now, once it committed."""
+            for sid, info in target.stream_info().items():
+                if info['active'] and info['frames'] and sid not in worked:
+                    worked.append(sid)
+                    return sid
+            return None
+        try:
+            c.admin.stream(wait_for(working, 'a first stream')).stop()
+            c.admin.stream(wait_for(working, 'a second stream')).delete()
+            wait_for(working, 'a third stream')
+            core.send_signal(signal.SIGTERM)
+            _, err = core.communicate(timeout=60)
+        finally:
+            if core.poll() is None:
+                core.kill()
+                core.communicate()
+        self.assertEqual(core.returncode, 0, err)
+        summary = err.strip().splitlines()[-1]
+        self.assertIn(' 3 streams (2 stopped by the manager), 0 errors',
+                      summary)
+        wait_for(lambda: c.admin.target_stats(target.id)['sessions'] == 3,
+                 'the three sessions recorded')
+        self.assertEqual(c.admin.target_stats(target.id)['by_end_reason'],
+                         {'manager_stop': 1, 'deletion': 1, 'stop': 1})
+        frames = c.admin.target_stats(target.id)['frames']
+
+        def reported():
+            st = c.admin.status()
+            return st if sum(st['history']['assignments']) == 3 and sum(
+                st['history']['frames']) == frames else None
+        status = wait_for(reported, '/status to count what was done')
+        self.assertEqual(sum(status['history']['errors']), 0)
 
 
 def frames_of_anonymous(plan, results):

@@ -28,6 +28,8 @@ from tornado.testing import ExpectLog
 from server import fastredis, signing, store
 from server.fastredis import Multiplexed
 from server.lua import Script
+from server.sessions_common import REASONS
+from server.tokens import token_hash
 from server.ws import core, locks, recovery, stream_record
 from server.ws.app import WorkServer
 from tools.testing import (
@@ -649,6 +651,48 @@ class TestCore(WSTestCase):
         self.checkpoint(token2, b's2')
         self.assertEqual(self.download(sid)[1], b'committednext')
 
+    def test_a_dead_token_says_why_its_activation_ended(self):
+        """The 401 of a token whose activation is over names the reason
+        (`ended`), so a core tells a manager's stop from its own failure;
+        a token never seen gets no reason."""
+        self.assertEqual(set(core.ENDED_MESSAGES), set(REASONS))
+        tid, sid = self.new_stream()
+        for _ in range(2):
+            self.new_stream(tid, with_target=False)
+
+        def ended(token, path='/core/heartbeat', method='POST'):
+            code, reply = self.fetch_json(path, method, {}, token=token)
+            self.assertEqual(code, 401, reply)
+            self.assertIn('error', reply)
+            return reply.get('ended')
+
+        halted, hsid = self.activate(tid)
+        self.cc('/streams/stop/' + hsid, 'PUT')
+        self.assertEqual(ended(halted), 'manager_stop')
+        self.assertEqual(ended(halted, '/core/frame', 'PUT'), 'manager_stop')
+        stopped, _ = self.activate(tid)
+        self.assertEqual(self.fetch_json('/core/stop', 'PUT', {},
+                                         token=stopped), (200, {}))
+        self.assertEqual(ended(stopped, '/core/stop', 'PUT'), 'stop')
+        self.assertLessEqual(self.run_sync(self.redis.ttl, self.app.keys.ended(
+            token_hash(stopped))), stream_record.STOP_KEPT_S)
+        silent, ssid = self.activate(tid)
+        self.run_sync(self.redis.zadd, self.app.keys.heartbeats,
+                      {ssid: time.time() - 1})
+        self.run_sync(core.sweep, self.app)
+        self.assertEqual(ended(silent), 'expiry')
+        deleted, dsid = self.activate(tid)
+        self.cc('/streams/delete/' + dsid, 'PUT')
+        self.assertEqual(ended(deleted, '/core/checkpoint', 'PUT'),
+                         'deletion')
+        self.assertIsNone(ended('never-issued'))
+        # It is kept until the token would have expired and a grace more.
+        ttl = self.run_sync(self.redis.ttl, self.app.keys.ended(
+            token_hash(halted)))
+        self.assertGreater(ttl, stream_record.ENDED_GRACE_S)
+        self.assertLessEqual(ttl, stream_record.ENDED_GRACE_S
+                             + self.app.config.core_start_window_in_s)
+
     def test_core_endpoints_need_a_live_token(self):
         tid, sid = self.new_stream()
         for token in (None, 'nonsense', ''):
@@ -989,8 +1033,9 @@ class TestDelete(WSTestCase):
         self.assertEqual(self.ws_keys(), [])
         self.assertEqual([p for p, v in self.disk_dump().items()
                           if v is not None], [])
-        self.assertEqual(self.fetch_json('/core/heartbeat', 'POST', {},
-                                         token=token)[0], 401)
+        code, reply = self.fetch_json('/core/heartbeat', 'POST', {},
+                                      token=token)
+        self.assertEqual((code, reply['ended']), (401, 'deletion'))
         self.assertEqual(self.cc('/targets/streams/' + tid)[0], 404)
 
 
@@ -1145,8 +1190,11 @@ class TestRecovery(WSTestCase):
             self.assertEqual(self.download(a)[1], b'abc')
             self.assertFalse(os.path.exists(storage.buffer_dir(a)))
             self.assertEqual(self.cc('/active_streams'), (200, {}))
-            self.assertEqual(self.fetch_json('/core/heartbeat', 'POST', {},
-                                             token=token)[0], 401)
+            # Its core is told why (unless Redis lost that too).
+            code, reply = self.fetch_json('/core/heartbeat', 'POST', {},
+                                          token=token)
+            self.assertEqual((code, reply.get('ended')),
+                             (401, None if wipe else 'ws_restart'))
             self.assertEqual(self.cc('/streams/activate', 'POST',
                                      {'target_id': t2})[0], 503)
             self.assertEqual(sorted(os.listdir(storage.trash)), [])

@@ -3,8 +3,10 @@ each, on the embedded default (a CC, a WS, real OpenMM cores), with alanine
 dipeptide in implicit solvent (amber14 + OBC2, no box).
 
 1. starts the servers once (tools.demo's orchestration) under
-   data/adaptive/, the CC's anonymous assignment limits lifted (the demo's
-   cores are the researcher's own) and builds the target with OpenMM;
+   data/adaptive/ with the shipped anonymous assignment limits; the demo's
+   cores are the researcher's own and present a core key made with its own
+   limits (KEY_LIMITS), so they are never throttled as strangers; builds
+   the target with OpenMM;
 2. per replicate, two public targets, `plain-<r>` and `adaptive-<r>`, each
    run by CORES OpenMM cores at once, with replicate-specific seeds. plain:
    CORES streams from the minimized structure (different velocities),
@@ -26,6 +28,7 @@ dipeptide in implicit solvent (amber14 + OBC2, no box).
 5. stops everything and checks that no process is left.
 """
 import os
+import re
 import shutil
 import signal
 import sys
@@ -56,8 +59,10 @@ BASINS = {'alphaR': ((-180, 0), ((-100, 50),)),
 MSM_STATES = 40
 MSM_LAGS = (1, 2, 5, 10, 20, 50)
 MSM_LAG = 10               # frames
-LIMITS_OFF = {'client_max_held_streams': 1000000,
-              'client_assigns_per_minute': 1000000}
+# The researcher's own cores come with a core key whose limits the admin
+# set when making it (POST /engines/keys `limits`): the anonymous limits
+# of the shipped cc.conf stay as they are and never stall them.
+KEY_LIMITS = {'held': 1000, 'per_minute': 100000}
 
 T0 = time.monotonic()
 def say(text):
@@ -80,6 +85,26 @@ def start_cores(procs, arm, address, ca, target_id, key):
 def stop_cores(procs, cores):
     for c in cores:
         procs.stop(c)
+
+
+# What core_summary reads of a core's summary line (siegetank.core
+# __main__.SUMMARY).
+CORE_SUMMARY = re.compile(r'core: .* (\d+) streams \((\d+) stopped by the '
+                          r'manager\), (\d+) errors')
+
+
+def core_summary(procs, cores):
+    """(streams, stopped by the manager, errors) of stopped cores, summed
+    from the summary line each printed in its log on exit. The sampler and
+    the budget stop streams all the time: those are no errors."""
+    total = [0, 0, 0]
+    for c in cores:
+        with open(os.path.join(procs.folder, c.demo_name + '.log')) as f:
+            found = CORE_SUMMARY.findall(f.read())
+        if found:
+            total = [t + int(n) for t, n in zip(total, found[-1],
+                                                 strict=True)]
+    return tuple(total)
 
 
 def total_frames(target):
@@ -243,6 +268,9 @@ def replicate(r, admin, key, procs, address, ca, summary, built, initial,
             r + 1, budget.committed, out['plain']['rate'], sampler.frames,
             out['adaptive']['rate'], len(rounds) - 1, overhead,
             overhead / max(1, len(rounds) - 1), len(sampler.parents)))
+    say('replicate %d cores: %s' % (r + 1, '; '.join(
+        '%s %d streams (%d stopped by the manager), %d errors'
+        % ((arm,) + core_summary(procs, cores[arm])) for arm in targets)))
     return out
 
 
@@ -261,25 +289,35 @@ def med_range(values, fmt='%d'):
     return text
 
 
+def assignments_refused():
+    """How many assignments the CC refused with 429 (its access log)."""
+    n = 0
+    for name in os.listdir(RUN):
+        if name.startswith('cc') and name.endswith('.log'):
+            with open(os.path.join(RUN, name), errors='replace') as f:
+                n += sum('429 POST /core/assign' in line for line in f)
+    return n
+
+
 def run(procs):
     import mdtraj
 
     from siegetank import adaptive, build_target
     from siegetank.client import Client
-    address, ca, confs = demo.setup_servers(procs, ws_names=('firebat',),
-                                            cc_settings=LIMITS_OFF)
+    address, ca, confs = demo.setup_servers(procs, ws_names=('firebat',))
     procs.confs = confs
     admin = Client(address, ca=ca)
     admin.token = admin.create_manager('admin@adaptive.local',
                                        os.urandom(8).hex(), 'admin')
-    key = admin.create_core_key('openmm', 'adaptive demo cores')['key']
+    key = admin.create_core_key('openmm', 'adaptive demo cores',
+                                limits=KEY_LIMITS)['key']
     built = os.path.join(RUN, 'target')
     summary = build_target.build(built, streams=0, solvent=SOLVENT,
                                  steps_per_frame=STEPS_PER_FRAME)
     ps = summary['ps_per_frame']
     say('built with OpenMM %s: alanine dipeptide, amber14 + OBC2 implicit '
-        'solvent (%d atoms), %g ps per frame; CC anonymous assignment '
-        'limits lifted for the demo cores' % (
+        'solvent (%d atoms), %g ps per frame; the cores\' core key has '
+        'its own limits' % (
             build_target.engine_version(), summary['atoms'], ps))
     initial = mdtraj.load(os.path.join(built, 'topology.pdb'))
     import openmm
@@ -341,6 +379,8 @@ def run(procs):
               n, np.median(ratios), min(ratios), max(ratios),
               np.median(rate_ratios), min(rate_ratios), max(rate_ratios)),
           flush=True)
+    say('HTTP 429 answered to the cores: %d (their core key carries its own '
+        'limits: %s)' % (assignments_refused(), KEY_LIMITS))
     png = os.path.join(RUN, 'adaptive.png')
     plot(png, np.concatenate([res['plain']['angles'][:n]
                               for res in results]),

@@ -1,8 +1,9 @@
 """Accounts: managers (role admin or manager) and donors.
 
 Passwords are kept only as salted scrypt hashes, computed in a thread so the
-loop never stalls on them. Tokens are random; Redis holds only sha256(token)
--> account, so a copy of the database does not hand out credentials.
+loop never stalls on them. Tokens are random (a donor's a uuid4, the form a
+2014 core accepts); Redis holds only sha256(token) -> account, so a copy of
+the database does not hand out credentials.
 Authenticating again issues a new token and the old one stops working in the
 same transaction.
 
@@ -32,7 +33,7 @@ from redis.exceptions import WatchError
 from server import store, threads
 from server.cc import keys
 from server.lua import Script
-from server.tokens import new_token, token_hash
+from server.tokens import new_donor_token, new_token, token_hash
 from server.web import APIError, APIHandler, Permission, allow, role, too_many
 
 log = logging.getLogger('siegetank.cc.accounts')
@@ -178,15 +179,17 @@ def backfill_admins(redis: Any) -> None:
 
 async def _authenticate(redis: Any, account_key: str,
                         token_key_of: Callable[[str], str], name: str,
-                        password: str) -> str | None:
+                        password: str,
+                        make_token: Callable[[], tuple[str, str]] = new_token
+                        ) -> str | None:
     """A new token (the old one dropped) for the right password, else
-    None; managers and donors alike. An unknown account costs the same
-    scrypt as a wrong password."""
+    None; managers and donors alike (a donor's from `new_donor_token`). An
+    unknown account costs the same scrypt as a wrong password."""
     stored = await redis.hget(account_key, 'password')
     if not await check_password(password, stored or DUMMY_HASH) \
             or stored is None:
         return None
-    token, th = new_token()
+    token, th = make_token()
     await _rotate(redis, account_key, token_key_of, name, th)
     return token
 
@@ -219,8 +222,9 @@ async def manager_of(app: Any, token: str | None) -> Manager | None:
 
 async def create_donor(app: Any, username: str, email: str,
                        password: str) -> str | None:
-    """Returns the new token, or None if the username or email is taken."""
-    token, th = new_token()
+    """Returns the new token (a uuid, for 2014 cores), or None if the
+    username or email is taken."""
+    token, th = new_donor_token()
     fields = {'username': username, 'email': email,
               'password': await hash_password(password), 'token': th}
     ok = await _create(app, keys.donor(username),
@@ -278,8 +282,9 @@ async def login(handler: APIHandler, scope: str, name: str, account_key: str,
     if wait:
         raise too_many('too many failed logins for this account or address;'
                        ' retry later', wait)
-    token = await _authenticate(redis, account_key, token_key_of, name,
-                                password)
+    token = await _authenticate(
+        redis, account_key, token_key_of, name, password,
+        new_donor_token if scope == 'donor' else new_token)
     if token is None:
         await _LOGIN_FAILED(redis, **counters,
                             window_s=config.login_fail_window_in_s)

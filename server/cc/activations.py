@@ -28,8 +28,9 @@ class Activations:
         self.sending = {}    # ws name -> the task sending its calls
 
     async def activate(self, ws, base, body):
-        """The token of an activation of `body` ({target_id, client, ...})
-        on `ws` (at `base`), or None (nothing free, or the WS failed)."""
+        """(token, session id or None) of an activation of `body`
+        ({target_id, client, ...}) on `ws` (at `base`), or None (nothing
+        free, or the WS failed)."""
         future = asyncio.get_running_loop().create_future()
         self.pending.setdefault(ws, []).append((base, body, future))
         if ws not in self.sending:
@@ -77,6 +78,7 @@ class Activations:
             log.warning('activate on %s answered %d results for %d',
                         ws, len(results or []), len(batch))
             return [None] * len(batch)
-        return [r['token'] if isinstance(r, dict)
-                and isinstance(r.get('token'), str) else None
-                for r in results]
+        return [(r['token'], r.get('session')
+                 if isinstance(r.get('session'), str) else None)
+                if isinstance(r, dict) and isinstance(r.get('token'), str)
+                else None for r in results]

@@ -16,13 +16,18 @@
    skipped.
 4. First success wins: `{token, uri, url, options}`. Nothing anywhere: 503.
 
-Abuse controls, in the same Lua call as step 1: each client (the donor of
-`donor_token`, else the source address) may hold `client_max_held_streams`
-assignments made in the last `client_hold_in_s` seconds (the WS takes an
-unstarted or silent stream back within its early windows, so that is how
-long an abandoned stream can stay held) and ask `client_assigns_per_minute`
-times a minute; over either it gets 429 with `Retry-After`. An assignment
-that found nothing (503) does not count as held.
+Abuse controls, in the same Lua call as step 1: each client (a core key
+made with its own limits, else the donor of `donor_token`, else the source
+address, an IPv6 one by its /64) may hold `client_max_held_streams` streams
+at once (a key with limits: its `held`) and ask `client_assigns_per_minute`
+times a minute (its `per_minute`); over either it gets 429 with
+`Retry-After`. A hold counts while its stream is held, however old: the
+WS names the session an activation starts, and the hold is given back when
+that session's record comes (collect.py: stop, error, missed heartbeats,
+deletion, WS restart), or after `client_hold_max_in_s` if it never does (a
+WS gone for good). An activation whose session the WS does not name (an
+older WS) counts `client_hold_in_s` seconds (its early windows). An
+assignment that found nothing (503) does not count as held.
 """
 import ipaddress
 import json
@@ -67,12 +72,14 @@ _CANDIDATES = Script("""
 -- ''; donor_hash: the hash of the donor's token or ''; address: the
 -- client's; client_held, client_rate: a client's held set and rate
 -- counter; member: fresh, for the held set.
+-- key_client: 'key:<id>' for a core key with its own limits, or ''.
 -- Returns {donor, candidates, retry_after, client}: donor is '' when not
 -- asked, nil for an unknown token, else the username; the client is
--- 'donor:<username>' or the address; retry_after > 0 means refused (429):
--- the client holds max_held assignments still in their early window, or
--- asked max_per_minute this minute. Admitted, the assignment is held
--- (until now + hold_s, or until given back). Each candidate is a target
+-- key_client, 'donor:<username>' or the address; retry_after > 0 means
+-- refused (429): the client holds max_held streams, or asked
+-- max_per_minute this minute. Admitted, the assignment is held (until
+-- now + hold_s, or until given back or confirmed by HOLD with its
+-- session). Each candidate is a target
 -- whose engine and versions match, with streams on an online WS:
 -- {target_id, weight, options, ws, count, url, port, ws, count, ...}.
 """ + targets.MATCH_LUA + workservers.ADDRESS_LUA + """
@@ -85,11 +92,15 @@ if donor_hash ~= '' then
 end
 local client = address
 if donor ~= '' then client = 'donor:' .. donor end
+if key_client ~= '' then client = key_client end
 local held = string.format(client_held, client)
 redis.call('ZREMRANGEBYSCORE', held, '-inf', now)
 if redis.call('ZCARD', held) >= max_held then
+  -- a hold ends with its session: retry within the early windows, when
+  -- at least the abandoned ones are over
   local first = redis.call('ZRANGE', held, 0, 0, 'WITHSCORES')
-  return {donor, {}, math.max(1, math.ceil(tonumber(first[2]) - now)), client}
+  return {donor, {}, math.max(1, math.min(hold_s,
+    math.ceil(tonumber(first[2]) - now))), client}
 end
 local rate = string.format(client_rate, client)
 local asked = redis.call('INCR', rate)
@@ -100,7 +111,9 @@ if ttl < 0 then
 end
 if asked > max_per_minute then return {donor, {}, ttl, client} end
 redis.call('ZADD', held, now + hold_s, member)
-redis.call('EXPIRE', held, hold_s + 1)
+if redis.call('TTL', held) < hold_s + 1 then
+  redis.call('EXPIRE', held, hold_s + 1)
+end
 local ids
 if target_id ~= '' then
   ids = {}
@@ -145,8 +158,37 @@ return {donor, result, 0, client}
     walks=('target', 'target_ws', 'ws', 'donor_token', 'client_held',
            'client_rate'),
     args=('engine', 'version', 'target_id', 'donor_hash', 'address', 'now',
-          'max_held', 'hold_s', 'max_per_minute', 'member'),
+          'max_held', 'hold_s', 'max_per_minute', 'member', 'key_client'),
     returns=Admission)
+
+_HOLD = Script("""
+-- An admitted assignment got its stream: its hold becomes the session's,
+-- counted until the session's record comes (RELEASE) or hold_max_s.
+redis.call('ZREM', held, member)
+redis.call('ZADD', held, tonumber(now) + tonumber(hold_max_s), session)
+if redis.call('TTL', held) < tonumber(hold_max_s) + 1 then
+  redis.call('EXPIRE', held, tonumber(hold_max_s) + 1)
+end
+redis.call('SET', hold, client, 'EX', hold_max_s)
+return 1
+""", keys=('held', 'hold'),
+   args=('member', 'session', 'client', 'now', 'hold_max_s'))
+
+_RELEASE = Script("""
+-- Sessions that ended (their records came): their holds are given back.
+-- Returns how many were held.
+local n = 0
+for _, session in ipairs(cjson.decode(sessions)) do
+  local key = string.format(hold, session)
+  local client = redis.call('GET', key)
+  if client then
+    redis.call('ZREM', string.format(held, client), session)
+    redis.call('DEL', key)
+    n = n + 1
+  end
+end
+return n
+""", walks=('hold', 'held'), args=('sessions',))
 
 
 def client_of(address):
@@ -175,14 +217,47 @@ class Admitted:
         """Nothing was assigned: it does not count as held."""
         await redis.zrem(keys.client_held(self.client), self.member)
 
+    async def hold(self, app, session):
+        """The stream is the client's: held until `session` ends."""
+        await _HOLD(app.redis, held=keys.client_held(self.client),
+                    hold=keys.hold(session), member=self.member,
+                    session=session, client=self.client,
+                    now=repr(time.time()),
+                    hold_max_s=app.config.client_hold_max_in_s)
+
+
+async def release(redis, sessions):
+    """Give back the holds of sessions that ended (their records came
+    from a WS; collect.py); returns how many were held."""
+    ids = [s for s in sessions if isinstance(s, str) and 0 < len(s) <= 200]
+    if not ids:
+        return 0
+    return await _RELEASE(redis, hold=keys.hold.template,
+                          held=keys.client_held.template,
+                          sessions=json.dumps(ids))
+
+
+def limits(app, key):
+    """(key_client, max_held, max_per_minute) for a core with `key` (the
+    core_key role's CoreKeyUse, or None): a key made with limits counts as
+    one client with its own; else the anonymous limits."""
+    config = app.config
+    held, per_minute = (config.client_max_held_streams,
+                        config.client_assigns_per_minute)
+    if key is None or key.limits is None:
+        return '', held, per_minute
+    return ('key:%s' % key.key_id, key.limits.get('held', held),
+            key.limits.get('per_minute', per_minute))
+
 
 async def candidates(app, engine, version, stages, target_id, donor_token,
-                     address):
+                     address, key=None):
     """(Admitted, [(target_id, weight, options, {online ws: (stream count,
     base url)})]) of the targets that could serve, read in one Lua call
     with the admission; 401 for an unknown donor token, 429 (Retry-After)
     for a client over its limits."""
     config = app.config
+    key_client, max_held, max_per_minute = limits(app, key)
     member = uuid.uuid4().hex
     got: Admission = await _CANDIDATES(
         app.fastredis, stages=[keys.stage_targets(s) for s in stages],
@@ -193,19 +268,17 @@ async def candidates(app, engine, version, stages, target_id, donor_token,
         version=version, target_id=target_id or '',
         donor_hash=token_hash(donor_token) if donor_token else '',
         address=client_of(address), now=repr(time.time()),
-        max_held=config.client_max_held_streams,
-        hold_s=config.client_hold_in_s,
-        max_per_minute=config.client_assigns_per_minute, member=member)
+        max_held=max_held, hold_s=config.client_hold_in_s,
+        max_per_minute=max_per_minute, member=member, key_client=key_client)
     donor, retry = got.donor, got.retry_after
     if donor is None:
         raise APIError(401, 'unknown donor token')
     if retry:
-        raise too_many('too many assignments for %s: at most %d held in '
-                       'their first %d s and %d per minute; retry later'
-                       % ('this donor' if donor else 'this address',
-                          config.client_max_held_streams,
-                          config.client_hold_in_s,
-                          config.client_assigns_per_minute), retry)
+        raise too_many('too many assignments for %s: at most %d streams '
+                       'held at once and %d asked per minute; retry later'
+                       % ('this core key' if key_client else 'this donor'
+                          if donor else 'this address', max_held,
+                          max_per_minute), retry)
     result = []
     for row in got.rows:
         ws = {row[i]: (int(row[i + 1]), 'https://%s:%s' % (row[i + 2],
@@ -217,14 +290,21 @@ async def candidates(app, engine, version, stages, target_id, donor_token,
 
 async def activate(app, ws, base, target_id, admitted, core=None):
     """A token from `ws` (at `base`) for a free stream of the target, or
-    None. The WS learns who the client is (error stops count once per
-    network or donor and stream, if `core` says `vouched`); `core`
+    None; the client holds it until its session ends. The WS learns who
+    the client is (error stops count once per network or donor and
+    stream, if `core` says `vouched`); `core`
     ({engine, core_version}) goes into the session record. Batched with
     other assignments' (activations.py)."""
     body = dict(core or {}, target_id=target_id, client=admitted.client)
     if admitted.donor is not None:
         body['donor_id'] = admitted.donor
-    return await app.activations.activate(ws, base, body)
+    got = await app.activations.activate(ws, base, body)
+    if got is None:
+        return None
+    token, session = got
+    if session is not None:
+        await admitted.hold(app, session)
+    return token
 
 
 async def vouched(app, admitted, keyed):
@@ -238,17 +318,18 @@ async def vouched(app, admitted, keyed):
 
 
 async def assign(app, engine, version, stages, donor_token, address,
-                 target_id=None, core_version=None, keyed=False):
+                 target_id=None, core_version=None, key=None):
     """(token, url, options) of an activated stream, or None when nothing
     is free. Options stay the JSON text the target stored (no decoding and
-    encoding again). `keyed`: the core came with a core key."""
+    encoding again). `key`: the core key the core came with (corekeys
+    CoreKeyUse), or None."""
     admitted, found = await candidates(app, engine, version, stages,
-                                       target_id, donor_token, address)
+                                       target_id, donor_token, address, key)
     found = {tid: (weight, options, ws)
              for tid, weight, options, ws in found}
     try:
         core = {'engine': engine, 'core_version': core_version or ''}
-        if found and await vouched(app, admitted, keyed):
+        if found and await vouched(app, admitted, key is not None):
             core['vouched'] = True
         for tid in weighted_order({tid: c[0] for tid, c in found.items()}):
             _, options, ws = found[tid]
@@ -285,7 +366,8 @@ class AssignHandler(APIHandler):
     def core_engine(self):
         """The engine: the core key's (a body engine that differs is a
         400), else the body's (2014 cores, keys not required)."""
-        engine = self.caller  # the core key's engine, or None
+        key = self.caller  # the core key used (CoreKeyUse), or None
+        engine = key.engine if key is not None else None
         said = self.field('engine', str, None, check=targets.ENGINE.fullmatch)
         if engine is None:
             if said is None:
@@ -318,7 +400,7 @@ class AssignHandler(APIHandler):
             stages = ('public', 'beta')
         found = await assign(self.application, engine, version, stages,
                              donor_token, self.request.remote_ip, target_id,
-                             core_version, self.caller is not None)
+                             core_version, self.caller)
         if found is None:
             raise APIError(503, 'no stream available for %s %s'
                            % (engine, version))

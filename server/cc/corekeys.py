@@ -8,7 +8,13 @@ key id, as for tokens. A core sends it as `Authorization: <key>` on
 
 With `require_core_keys` off, a core without a key is served the 2014 way
 (engine from the body); a key that is sent is checked all the same.
+
+A key may be made with its own assignment limits (`limits: {held,
+per_minute}`, e.g. for a cluster behind one address): its cores then count
+as one client with those limits (assign.py) instead of per donor or
+address with the anonymous ones.
 """
+import json
 import logging
 import re
 import secrets
@@ -27,6 +33,24 @@ log = logging.getLogger('siegetank.cc.corekeys')
 KEY_ID = re.compile(r'[0-9a-f]{16}')
 
 UPDATE = 'this core is outdated or not an official build: update it'
+LIMITS = ('held', 'per_minute')
+LIMIT_MAX = 10 ** 6
+
+
+def valid_limits(limits: dict[str, Any]) -> bool:
+    """{held?, per_minute?}: integers from 1 to LIMIT_MAX, nothing else."""
+    return set(limits) <= set(LIMITS) and all(
+        isinstance(v, int) and not isinstance(v, bool)
+        and 1 <= v <= LIMIT_MAX for v in limits.values())
+
+
+class CoreKeyUse(NamedTuple):
+    """What the `core_key` role gives a handler: the key's engine, id and
+    own limits ({held?, per_minute?}, None: the anonymous ones)."""
+
+    engine: str
+    key_id: str
+    limits: dict[str, int] | None
 
 
 @dataclass(frozen=True)
@@ -40,55 +64,66 @@ class CoreKey:
     creation_date: float
     last_used: float | None
     revoked: bool = False
+    limits: dict[str, int] | None = None  # its own assignment limits
 
     @classmethod
     def from_hash(cls, key_id: str, h: dict[str, str]) -> 'CoreKey':
         return cls(key_id, h['engine'], h['description'],
                    float(h['creation_date']),
                    float(h['last_used']) if h['last_used'] else None,
-                   h.get('revoked') == '1')
+                   h.get('revoked') == '1',
+                   json.loads(h['limits']) if h.get('limits') else None)
 
     def to_hash(self) -> dict[str, str]:
         return {'engine': self.engine, 'description': self.description,
                 'creation_date': repr(self.creation_date),
                 'last_used': '' if self.last_used is None
                 else repr(self.last_used),
-                'revoked': '1' if self.revoked else '0'}
+                'revoked': '1' if self.revoked else '0',
+                'limits': '' if self.limits is None
+                else json.dumps(self.limits)}
 
     def listed(self) -> dict[str, Any]:
         """As GET /engines/keys lists it."""
-        return {'engine': self.engine, 'description': self.description,
-                'creation_date': self.creation_date,
-                'last_used': self.last_used}
+        found = {'engine': self.engine, 'description': self.description,
+                 'creation_date': self.creation_date,
+                 'last_used': self.last_used}
+        if self.limits is not None:
+            found['limits'] = self.limits
+        return found
 
 
 class Use(NamedTuple):
-    """_USE's verdict, and the engine of a LIVE key."""
+    """_USE's verdict, and the engine, id and limits (JSON or '') of a LIVE
+    key."""
     verdict: int
     engine: str | None = None
+    key_id: str | None = None
+    limits: str = ''
 
 
 _USE = Script("""
 -- The key's engine, and its last use recorded, in one step.
--- Returns {0} unknown, {1} revoked, {2, engine} (a Use).
+-- Returns {0} unknown, {1} revoked, {2, engine, key id, limits} (a Use).
 local id = redis.call('GET', core_key_hash)
 if not id then return {0} end
 local key = string.format(core_key, id)
-local k = redis.call('HMGET', key, 'engine', 'revoked')
+local k = redis.call('HMGET', key, 'engine', 'revoked', 'limits')
 if not k[1] then return {0} end
 if k[2] == '1' then return {1} end
 redis.call('HSET', key, 'last_used', now)
-return {2, k[1]}
+return {2, k[1], id, k[3] or ''}
 """, keys=('core_key_hash',), walks=('core_key',), args=('now',),
     returns=Use)
 UNKNOWN, REVOKED, LIVE = 0, 1, 2  # _USE's verdicts
 
 
-async def create(redis: Any, engine: str, description: str) -> tuple[str, str]:
+async def create(redis: Any, engine: str, description: str,
+                 limits: dict[str, int] | None = None) -> tuple[str, str]:
     """(key_id, key)."""
     key, key_hash = tokens.new_token()
     record = CoreKey(secrets.token_hex(8), engine, description, time.time(),
-                     None)
+                     None, limits=limits)
     key_id = record.key_id
     pipe = redis.pipeline(transaction=True)
     pipe.hset(keys.core_key(key_id), mapping=record.to_hash())
@@ -121,10 +156,11 @@ async def revoke(redis: Any, key_id: str) -> bool:
 
 
 @role('core_key', 'a core key is required')
-async def _core_key(handler: APIHandler, rule: Permission) -> str | None:
-    """The engine of the core key in `Authorization`, None when there is
-    none and none is required; 401 (saying the core must be updated) for
-    a missing, unknown or revoked key."""
+async def _core_key(handler: APIHandler,
+                    rule: Permission) -> CoreKeyUse | None:
+    """The core key in `Authorization` (its engine, id and limits), None
+    when there is none and none is required; 401 (saying the core must be
+    updated) for a missing, unknown or revoked key."""
     key = handler.token()
     if key is None:
         if handler.config.require_core_keys:
@@ -139,7 +175,9 @@ async def _core_key(handler: APIHandler, rule: Permission) -> str | None:
         raise APIError(401, 'unknown core key: %s' % UPDATE)
     if found.verdict == REVOKED:
         raise APIError(401, 'this core key has been revoked: %s' % UPDATE)
-    return found.engine
+    assert found.engine is not None and found.key_id is not None  # LIVE
+    return CoreKeyUse(found.engine, found.key_id,
+                      json.loads(found.limits) if found.limits else None)
 
 
 class KeysHandler(APIHandler):
@@ -152,7 +190,9 @@ class KeysHandler(APIHandler):
         engine = self.field('engine', str, check=ENGINE.fullmatch)
         description = self.field('description', str, '',
                                  check=lambda d: len(d) <= 1024)
-        key_id, key = await create(self.redis, engine, description)
+        limits = self.field('limits', (dict, type(None)), None,
+                            check=lambda v: v is None or valid_limits(v))
+        key_id, key = await create(self.redis, engine, description, limits)
         log.info('core key %s created for engine %s', key_id, engine)
         self.write_json({'key': key, 'key_id': key_id})
 

@@ -13,7 +13,8 @@ Target files live here too, not on a CC's disk: any CC host serves them.
                                after a goodbye), source (the address it
                                registered from); workservers.Workserver
     ws:<name>:pending_deletes  set of target ids deleted while the WS did
-                               not answer
+                               not answer; kept when the WS is removed
+                               (PUT /ws/remove), replayed if it comes back
     ws:<name>:abandoned        zset: stream id whose creation on the WS the
                                CC gave up on (no answer) -> when; deleted
                                there when it answers again
@@ -38,6 +39,10 @@ Target files live here too, not on a CC's disk: any CC host serves them.
     target:<id>:files          hash: file name -> the file as the manager
                                sent it (JSON string text), so that every
                                CC host serves and forwards it
+    target_bytes               hash: manager email -> bytes of its targets'
+                               files (with those being created), the
+                               per-manager quota (targets.py)
+    target_bytes:all           string: the same summed over every manager
     lease:jobs                 string: "host:pid:random" of the CC process
                                running the periodic jobs (probes, deletion
                                replays), expiring (server/lease.py)
@@ -51,12 +56,17 @@ Target files live here too, not on a CC's disk: any CC host serves them.
     login_fails:<scope>:<name> string with a TTL: failed logins of an
                                account (scope manager or donor) or an
                                address (scope addr) in the current window
-    client:<client>:held       zset: a client's assignments still counted
-                               as held -> when they stop counting (unix);
-                               a client is 'donor:<username>' or
-                               'addr:<ip>' (an IPv6 address by its /64)
+    client:<client>:held       zset: a client's holds (a session id, or an
+                               assignment's uuid until its activation
+                               names its session) -> when they stop
+                               counting at the latest (unix); a client
+                               is 'key:<core key id>', 'donor:<username>'
+                               or 'addr:<ip>' (an IPv6 address by its /64)
     client:<client>:rate       string with a TTL: assignments the client
                                asked for in the current minute
+    hold:<session id>          string with a TTL: the client whose hold
+                               the session is (a member of its held set),
+                               until the session's record comes (assign.py)
 
 Core keys (corekeys.py), stored hashed like tokens:
 
@@ -132,6 +142,8 @@ donor_token = Key('donor_token:%s')
 TARGETS = 'targets'
 target = Key('target:%s')
 target_files = Key('target:%s:files')
+TARGET_BYTES = 'target_bytes'
+TARGET_BYTES_ALL = 'target_bytes:all'
 owner_targets = EmailKey('manager:%s:targets')
 stage_targets = Key('targets:stage:%s')
 target_ws = Key('target:%s:ws')
@@ -143,6 +155,7 @@ stream = Key('stream:%s')
 login_fails = Key('login_fails:%s:%s')
 client_held = Key('client:%s:held')
 client_rate = Key('client:%s:rate')
+hold = Key('hold:%s')
 
 # core keys
 CORE_KEYS = 'core_keys'

@@ -21,6 +21,7 @@ from typing import Any
 from server import peer
 from server.cc import keys, stream_map, workservers
 from server.cc.stream_map import StreamRecord
+from server.web import STREAM_ID
 
 log = logging.getLogger('siegetank.cc.reconcile')
 
@@ -101,6 +102,21 @@ async def _forget_lost(app: Any, ws: str, sid: str,
         await _count(app, 'forgotten')
 
 
+def listed(ws: str, streams: Any) -> dict[str, float]:
+    """{stream id: creation time} of a WS's `GET /streams`, without what
+    no stream of that WS can be (a malformed id, another WS's, a time that
+    is not a number): a rogue WS cannot get those adopted."""
+    if not isinstance(streams, dict):
+        return {}
+    kept = {sid: t for sid, t in streams.items()
+            if STREAM_ID.fullmatch(sid) and sid.endswith(':' + ws)
+            and isinstance(t, (int, float)) and not isinstance(t, bool)}
+    if len(kept) != len(streams):
+        log.warning('%s listed %d malformed or foreign stream(s): ignored',
+                    ws, len(streams) - len(kept))
+    return kept
+
+
 async def reconcile_ws(app: Any, ws: str) -> None:
     """Compare one WS's streams with the CC's map and repair."""
     try:
@@ -111,7 +127,7 @@ async def reconcile_ws(app: Any, ws: str) -> None:
     if reply.code != 200 or not isinstance(reply.body, dict):
         log.info('reconciliation of %s skipped: %d', ws, reply.code)
         return
-    on_ws = reply.body.get('streams', {})
+    on_ws = listed(ws, reply.body.get('streams'))
     # Read after the WS's list: a stream placed meanwhile is in both or
     # in ours only (then confirmed with the WS before it is forgotten).
     known = await stream_map.on_ws(app.redis, ws)

@@ -12,14 +12,16 @@ Anonymous sessions count for their target and WS, not for any donor.
 in the current hour and the 23 before it.
 """
 import json
-import math
+import logging
 import time
 
-from server.cc import accounts, keys
+from server.cc import accounts, keys, reports, stream_map
 from server.cc.targets import owns_target
 from server.lua import Script
 from server.sessions_common import REASONS, SESSION_FIELDS
 from server.web import APIError, APIHandler, allow
+
+log = logging.getLogger('siegetank.cc.stats')
 
 SEEN_TTL_S = 7 * 86400       # a repeated record arrives within minutes
 SESSION_LOG_MAX = 100000     # records kept in the log (oldest dropped)
@@ -71,9 +73,15 @@ return new
     args=('ws', 'records', 'seen_ttl_s', 'log_max'))
 
 
-def clean(record):
-    """A session record from a WS with the types the Lua step relies on,
-    or None if it is not one."""
+SESSION_SPAN_S = 30 * 86400  # how far back a reported session may end
+CLOCK_SLACK_S = 600          # how far ahead (a WS clock a bit fast)
+
+
+def clean(record, max_frames, now=None):
+    """A session record from a WS with the types the Lua step relies on
+    and sane values (frames at most `max_frames`, an end within the last
+    SESSION_SPAN_S), or None if it is not one."""
+    now = time.time() if now is None else now
     try:
         r = {f: record[f] for f in SESSION_FIELDS}
         for f in ('id', 'engine', 'core_version', 'target_id', 'stream_id'):
@@ -82,21 +90,40 @@ def clean(record):
         r['donor'] = r['donor'] or ''
         if not isinstance(r['donor'], str) or r['reason'] not in REASONS:
             return None
-        r['frames'] = int(r['frames'])
+        if isinstance(r['frames'], bool) or not isinstance(
+                r['frames'], int):
+            return None
         r['end'] = float(r['end'])
         r['start'] = float(r['start'] or r['end'])
-        if r['frames'] < 0 or not r['id'] or not (
-                math.isfinite(r['start']) and math.isfinite(r['end'])):
+        if not 0 <= r['frames'] <= max_frames or not r['id'] or not (
+                now - SESSION_SPAN_S <= r['start'] <= r['end']
+                <= now + CLOCK_SLACK_S):
             return None
         return r
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         return None
 
 
-async def store(redis, ws_name, records):
-    """Store a batch of session records from `ws_name`; returns how many
-    were new (the rest had been stored before)."""
-    good = [r for r in map(clean, records) if r is not None]
+async def placed(redis, ws_name, records, max_frames):
+    """The records of `ws_name` that are clean and of a stream the CC
+    placed there, of its target: a WS credits nobody for anything else."""
+    good = [r for r in (clean(x, max_frames) if isinstance(x, dict) else None
+                        for x in records) if r is not None]
+    where = await stream_map.targets_of(redis, ws_name,
+                                        [r['stream_id'] for r in good])
+    kept = [r for r in good if where.get(r['stream_id']) == r['target_id']]
+    if len(kept) != len(records):
+        log.warning('report of %s: %d of %d session records malformed or '
+                    'not of a stream placed there, not counted', ws_name,
+                    len(records) - len(kept), len(records))
+    return kept
+
+
+async def store(redis, ws_name, records, max_frames):
+    """Store a batch of session records from `ws_name` (only those of
+    `placed`); returns how many were new (the rest had been stored
+    before)."""
+    good = await placed(redis, ws_name, records, max_frames)
     if not good:
         return 0
     return await _STORE(
@@ -163,12 +190,10 @@ async def active_cores(redis, target_id):
     names = sorted(await redis.smembers(keys.WORKSERVERS))
     pipe = redis.pipeline(transaction=False)
     for name in names:
-        pipe.hget(keys.ws_report(name), 'targets')
-    total = 0
-    for raw in await pipe.execute():
-        if raw:
-            total += json.loads(raw).get(target_id, {}).get('active', 0)
-    return total
+        reports.read(pipe, name)
+    return sum(reports.Report.from_hash(h).targets.get(
+        target_id, {}).get('active', 0)
+        for h in (await pipe.execute() if names else []))
 
 
 class DonorStatsHandler(APIHandler):

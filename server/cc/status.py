@@ -1,14 +1,16 @@
 """GET /status: the fleet at a glance, from counters only.
 
-Per WS, its last report (collect.py): online, last seen, streams by state,
-disk free. Totals are the sums of those; cores_active = active streams.
+Per WS, its last report (collect.py): online, draining, last seen, streams
+by state (`active` also on its own: a drained WS is empty at 0), disk
+free. Totals are the sums of those; cores_active = active streams.
 Per minute: assignments and no-work 503s counted by the CC as they happen
 (a Redis hash of minute -> count per figure), frames committed
 and error stops from the WS reports. `per_minute` holds the last complete
 minute; `history` the last 60 minutes (the last one still running) for the
-dashboard's chart. `targets`: queue depth and active cores per public
-target. An admin also gets `detail` per WS. Cost: one round trip for
-everything, independent of how many streams there are.
+dashboard's chart. `targets`: queue depth, active cores and description
+per public target (and its owner, for an admin). An admin also gets
+`detail` per WS. Cost: one round trip for everything, independent of how
+many streams there are, and one more for the public targets' labels.
 """
 import collections
 import logging
@@ -17,6 +19,7 @@ from typing import Any
 
 from server import store
 from server.cc import keys, reports, workservers
+from server.cc import targets as target_records
 from server.sessions_common import MINUTES_KEPT, minute
 from server.web import APIHandler, allow
 
@@ -111,6 +114,8 @@ async def status(redis, admin=False):
             frames += c.get('frames', 0)
             errors += c.get('errors', 0)
         entry: dict[str, Any] = {'online': ws.online,
+                 'draining': ws.draining,
+                 'active': streams.get('active', 0),
                  'last_seen': rep.time,
                  'streams': {s: streams.get(s, 0) for s in totals},
                  'disk_free_mb': rep.disk_free_mb}
@@ -122,6 +127,7 @@ async def status(redis, admin=False):
                 'sessions_recorded': _int_or_zero(recorded.get('sessions')),
                 'frames_recorded': _int_or_zero(recorded.get('frames'))}
         by_name[name] = entry
+    await _label(redis, targets, admin)
     return {
         'workservers': by_name,
         'streams': {'total': sum(totals.values()), 'active': totals['active'],
@@ -130,6 +136,20 @@ async def status(redis, admin=False):
         'per_minute': {k: history[k][-2] for k in
                        ('assignments', 'no_work', 'frames', 'errors')},
         'history': history, 'targets': targets, 'time': time.time()}
+
+
+async def _label(redis, targets, admin):
+    """Add each target's description (and owner, for an admin)."""
+    if not targets:
+        return
+    pipe = redis.pipeline(transaction=False)
+    for tid in targets:
+        target_records.read_label(pipe, tid)
+    for tid, (description, owner) in zip(targets, await pipe.execute(),
+                                         strict=True):
+        targets[tid]['description'] = description or ''
+        if admin:
+            targets[tid]['owner'] = owner or ''
 
 
 class StatusHandler(APIHandler):

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 from server import store
 from server.cc import keys, workservers
 from server.lua import Script
+from server.web import STREAM_ID
 
 
 @dataclass(frozen=True)
@@ -227,3 +228,43 @@ async def on_ws(redis: Any, ws: str) -> dict[str, StreamRecord]:
             sid = key[len(prefix):]
             found[sid] = StreamRecord.from_hash(sid, h)
     return found
+
+
+async def placed_on(app: Any, target_id: str, ws: str,
+                    stream_ids: list[str]) -> set[str]:
+    """Those of `stream_ids` that are well formed and that the CC placed
+    (or adopted) on `ws` for the target: what a WS may list of it."""
+    suffix = ':' + ws
+    ids = [s for s in stream_ids if isinstance(s, str)
+           and STREAM_ID.fullmatch(s) and s.endswith(suffix)]
+    if not ids:
+        return set()
+    known = await app.redis.smismember(keys.target_streams(target_id), ids)
+    return {s for s, k in zip(ids, known, strict=True) if k}
+
+
+async def counts_on(redis: Any, ws: str,
+                    target_ids: list[str]) -> dict[str, int]:
+    """{target id: streams the CC placed on `ws`} of those targets that
+    have any there (a WS's report counts no other)."""
+    if not target_ids:
+        return {}
+    pipe = redis.pipeline(transaction=False)
+    for tid in target_ids:
+        pipe.hget(keys.target_ws(tid), ws)
+    counts = await pipe.execute()
+    return {tid: int(n) for tid, n in zip(target_ids, counts, strict=True)
+            if n and int(n) > 0}
+
+
+async def targets_of(redis: Any, ws: str,
+                     stream_ids: list[str]) -> dict[str, str]:
+    """{stream id: target id} of those streams the CC placed on `ws`."""
+    if not stream_ids:
+        return {}
+    pipe = redis.pipeline(transaction=False)
+    for sid in stream_ids:
+        pipe.hmget(keys.stream(sid), 'target_id', 'ws')
+    found = await pipe.execute()
+    return {sid: tid for sid, (tid, on) in zip(stream_ids, found, strict=True)
+            if tid is not None and on == ws}

@@ -107,8 +107,8 @@ async def place(app: Any, target: Target, files: dict[str, str],
                            % (tid, app.config.max_streams_per_target)) \
                 from None
         if slot is None:
-            raise APIError(503, 'no online workserver can take a stream of '
-                           'target %s' % tid)
+            raise APIError(503, 'no online workserver (not draining) can '
+                           'take a stream of target %s' % tid)
         try:
             sid = await _post_to(app, slot.ws, slot.base, slot.has_files,
                                  target, files, tags)

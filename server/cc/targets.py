@@ -25,7 +25,7 @@ from typing import Any
 from redis.exceptions import WatchError
 
 from server import peer, store
-from server.cc import keys, workservers
+from server.cc import keys, stream_map, workservers
 from server.cc.accounts import Manager, valid_weight
 from server.lua import Script
 from server.web import (
@@ -82,6 +82,7 @@ class Target:
     options: dict[str, Any] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)  # names, sorted
     creation_date: float = 0.0
+    file_bytes: int = 0  # counted against the owner's quota (files_size)
 
     JSON = ('engine_versions', 'allowed_ws', 'options', 'files')
 
@@ -91,12 +92,14 @@ class Target:
                    engine=h['engine'], description=h['description'],
                    stage=h['stage'], weight=float(h['weight']),
                    creation_date=float(h['creation_date']),
+                   file_bytes=int(h.get('file_bytes') or 0),
                    **{f: json.loads(h[f]) for f in cls.JSON})
 
     def to_hash(self) -> dict[str, str]:
         return {'owner': self.owner, 'creation_date': repr(self.creation_date),
                 'description': self.description, 'stage': self.stage,
                 'engine': self.engine, 'weight': repr(float(self.weight)),
+                'file_bytes': str(self.file_bytes),
                 **{f: json.dumps(getattr(self, f)) for f in self.JSON}}
 
     def info(self, striated_ws: list[str]) -> dict[str, Any]:
@@ -147,6 +150,68 @@ return 1
 """, keys=('target', 'all', 'owned', 'staged', 'files'),
     args=('target_id', '*fields'))
 UNCLAIMED_FILES_MS = 24 * 3600 * 1000
+
+_TAKE_BYTES = Script("""
+-- Count `size` more bytes of target files for `owner`, unless that passes
+-- the manager's quota or the total one. Returns 0 (counted), 1 (over the
+-- manager's quota) or 2 (over the total).
+local mine = tonumber(redis.call('HGET', per_manager, owner) or '0')
+local all = tonumber(redis.call('GET', total) or '0')
+size = tonumber(size)
+if mine + size > tonumber(max_manager) then return 1 end
+if all + size > tonumber(max_total) then return 2 end
+redis.call('HINCRBY', per_manager, owner, size)
+redis.call('INCRBY', total, size)
+return 0
+""", keys=('per_manager', 'total'),
+   args=('owner', 'size', 'max_manager', 'max_total'))
+
+_GIVE_BYTES = Script("""
+-- Count `size` fewer bytes of target files for `owner`. Returns 1.
+size = tonumber(size)
+if redis.call('HINCRBY', per_manager, owner, -size) <= 0 then
+  redis.call('HDEL', per_manager, owner)
+end
+if redis.call('DECRBY', total, size) <= 0 then redis.call('DEL', total) end
+return 1
+""", keys=('per_manager', 'total'), args=('owner', 'size'))
+
+
+def files_size(files: dict[str, str]) -> int:
+    """The bytes target files take in the store, as the quotas count
+    them (the text as sent, UTF-8, with its name)."""
+    return sum(len(name) + len(text.encode('utf-8'))
+               for name, text in files.items())
+
+
+async def take_bytes(app: Any, owner: str, size: int) -> None:
+    """Count a new target's file bytes before they reach the store:
+    507 past the manager's quota or the total one."""
+    if not size:
+        return
+    config = app.config
+    over = await _TAKE_BYTES(
+        app.redis, per_manager=keys.TARGET_BYTES, total=keys.TARGET_BYTES_ALL,
+        owner=owner, size=size,
+        max_manager=config.max_target_files_per_manager_in_bytes,
+        max_total=config.max_target_files_total_in_bytes)
+    if over == 1:
+        raise APIError(507, 'target files of %s would take more than the '
+                       '%d bytes a manager may keep (this target: %d bytes);'
+                       ' delete targets first'
+                       % (owner, config.max_target_files_per_manager_in_bytes,
+                          size))
+    if over == 2:
+        raise APIError(507, 'the store of target files is full (%d bytes '
+                       'in all); retry later or ask the operators'
+                       % config.max_target_files_total_in_bytes)
+
+
+async def give_bytes(app: Any, owner: str, size: int) -> None:
+    if size:
+        await _GIVE_BYTES(app.redis, per_manager=keys.TARGET_BYTES,
+                          total=keys.TARGET_BYTES_ALL, owner=owner,
+                          size=size)
 
 _UPDATE = Script("""
 -- Change only the given fields (field/value pairs), and the stage index
@@ -225,6 +290,12 @@ async def load(app: Any, target_id: str) -> Target | None:
     return Target.from_hash(target_id, h) if h else None
 
 
+def read_label(pipe: Any, target_id: str) -> None:
+    """Queue the read of what names a target to people on `pipe`: its
+    reply is [description, owner] (None, None for a deleted target)."""
+    pipe.hmget(keys.target(target_id), 'description', 'owner')
+
+
 async def owned(app: Any, target_id: str, manager: Manager | None) -> Target:
     """The target if its id is well formed (400) and it exists (404), and
     `manager` owns it or is an admin (403); None: any caller may see it."""
@@ -274,21 +345,31 @@ async def create(app: Any, owner: str, fields: dict[str, Any],
     """Files first, with an expiry (a CC dying before the next step leaves
     nothing behind for long), then the target in one step that makes them
     permanent, acknowledged by `redis_wait_replicas` replicas."""
+    size = files_size(files)
     target = Target(target_id=str(uuid.uuid4()), owner=owner,
-                    creation_date=time.time(), files=sorted(files), **fields)
+                    creation_date=time.time(), files=sorted(files),
+                    file_bytes=size, **fields)
     tid = target.target_id
-    if files:
-        pipe = app.redis.pipeline(transaction=True)
-        pipe.hset(keys.target_files(tid), mapping=files)
-        pipe.pexpire(keys.target_files(tid), UNCLAIMED_FILES_MS)
-        await pipe.execute()
-    await store.acknowledged(
-        app.redis, _CREATE, app.config.redis_wait_replicas,
-        app.config.redis_wait_timeout_in_ms, target=keys.target(tid),
-        all=keys.TARGETS, owned=keys.owner_targets(owner),
-        staged=keys.stage_targets(target.stage),
-        files=keys.target_files(tid), target_id=tid,
-        fields=list(chain.from_iterable(target.to_hash().items())))
+    await take_bytes(app, owner, size)
+    try:
+        if files:
+            pipe = app.redis.pipeline(transaction=True)
+            pipe.hset(keys.target_files(tid), mapping=files)
+            pipe.pexpire(keys.target_files(tid), UNCLAIMED_FILES_MS)
+            await pipe.execute()
+        await store.acknowledged(
+            app.redis, _CREATE, app.config.redis_wait_replicas,
+            app.config.redis_wait_timeout_in_ms, target=keys.target(tid),
+            all=keys.TARGETS, owned=keys.owner_targets(owner),
+            staged=keys.stage_targets(target.stage),
+            files=keys.target_files(tid), target_id=tid,
+            fields=list(chain.from_iterable(target.to_hash().items())))
+    except BaseException:
+        # Refused (e.g. the store at its maxmemory) or cancelled: nothing
+        # of it stays, and its bytes are not counted.
+        await app.redis.delete(keys.target_files(tid))
+        await give_bytes(app, owner, size)
+        raise
     return tid
 
 
@@ -305,16 +386,18 @@ async def update(app: Any, target_id: str, changes: dict[str, Any]) -> bool:
 
 
 async def _forget(redis, target_id):
-    """Remove the target's records atomically; returns (owner, ws names
-    that hold anything of it) or None if it was already gone. Each of those
-    WS gets a pending deletion, cleared once it confirms."""
+    """Remove the target's records atomically, its file bytes from the
+    quotas; returns (owner, ws names that hold anything of it) or None if
+    it was already gone. Each of those WS gets a pending deletion, cleared
+    once it confirms."""
     watched = (keys.target(target_id), keys.target_ws(target_id),
                keys.target_ws_files(target_id), keys.target_streams(target_id))
     async with redis.pipeline(transaction=True) as pipe:
         while True:
             try:
                 await pipe.watch(*watched)
-                owner = await pipe.hget(keys.target(target_id), 'owner')
+                owner, size = await pipe.hmget(keys.target(target_id),
+                                               'owner', 'file_bytes')
                 if owner is None:
                     return None
                 ws = set(await pipe.hkeys(keys.target_ws(target_id)))
@@ -331,6 +414,9 @@ async def _forget(redis, target_id):
                     pipe.srem(keys.stage_targets(s), target_id)
                 for name in ws:
                     pipe.sadd(keys.ws_pending_deletes(name), target_id)
+                if size and int(size):  # its bytes leave the quotas
+                    pipe.hincrby(keys.TARGET_BYTES, owner, -int(size))
+                    pipe.decrby(keys.TARGET_BYTES_ALL, int(size))
                 await pipe.execute()
                 return owner, sorted(ws)
             except WatchError:
@@ -406,14 +492,20 @@ class TargetsHandler(APIHandler):
 class TargetInfoHandler(APIHandler):
     @allow('manager', 'anyone')
     async def get(self, target_id: str) -> None:
-        """A private target to its owner (and admins) only."""
+        """A private target to its owner (and admins) only; `owner` only
+        to them too."""
         target = await owned(self.application, target_id, None)
         if target.stage == 'private':
             if self.caller is None:
                 raise APIError(401, 'target %s is private' % target_id)
             await owned(self.application, target_id, self.caller)
         counts = await stream_counts(self.application, target_id)
-        self.write_json(target.info(sorted(counts)))
+        info = target.info(sorted(counts))
+        caller = self.caller
+        if caller is None or not (caller.is_admin
+                                  or caller.email == target.owner):
+            del info['owner']  # a manager's email is not public
+        self.write_json(info)
 
 
 class TargetUpdateHandler(APIHandler):
@@ -488,7 +580,22 @@ class TargetStreamsHandler(APIHandler):
             log.warning('streams of %s on %s: %d %s', target_id, ws_name,
                         reply.code, reply.error)
             return None
-        return reply.body
+        return await self._placed(ws_name, target_id, reply.body)
+
+    async def _placed(self, ws_name: str, target_id: str,
+                      listing: dict[str, Any]) -> dict[str, Any]:
+        """Only the streams the CC placed on that WS: a rogue or broken WS
+        cannot slip other ids (a path, another WS's stream) to clients."""
+        placed = await stream_map.placed_on(self.application, target_id,
+                                            ws_name, list(listing))
+        kept = {sid: info for sid, info in listing.items()
+                if sid in placed and isinstance(info, dict)}
+        if len(kept) != len(listing):
+            dropped = sorted(set(listing) - set(kept))
+            log.warning('streams of %s on %s: %d unknown or malformed '
+                        'dropped, first %r', target_id, ws_name,
+                        len(dropped), dropped[0][:100])
+        return kept
 
 
 default_handlers = [

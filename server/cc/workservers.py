@@ -13,6 +13,11 @@ is offline (its probes failed, or it said goodbye), the name may move. An
 admin may forget an offline WS (`PUT /ws/remove/:name`): it is no longer
 probed nor listed; its streams stay on its disk and come back with it if it
 registers again.
+
+An admin may drain a WS (`PUT /ws/drain/:name`): it gets no new streams and
+no activations (ADDRESS_LUA hides it from placement and assignment), while
+its running cores go on until they stop or expire. Draining survives the
+WS's restarts and re-registrations; undraining or removing ends it.
 """
 import asyncio
 import enum
@@ -44,6 +49,7 @@ class Workserver:
     fails: int  # consecutive failed probes and requests
     disconnected: bool  # said goodbye: offline until it registers again
     source: str  # the address it registered from
+    draining: bool  # no new streams nor activations (an admin's drain)
 
     @classmethod
     def from_hash(cls, name: str, h: dict[str, str]) -> 'Workserver':
@@ -51,7 +57,8 @@ class Workserver:
                    http_port=_int(h.get('http_port')),
                    online=h.get('online') == '1', fails=_int(h.get('fails')),
                    disconnected=h.get('disconnected') == '1',
-                   source=h.get('source', ''))
+                   source=h.get('source', ''),
+                   draining=h.get('draining') == '1')
 
     @property
     def base(self) -> str:
@@ -73,12 +80,13 @@ class Outcome(enum.IntEnum):
 
 
 # A Lua function for the scripts of other records (spliced at their top)
-# that need a WS's address: url and http_port of the WS at `key` while it
-# is online, else nil.
+# that give a WS new work (placement, assignment): url and http_port of the
+# WS at `key` while it is online and not draining, else nil.
 ADDRESS_LUA = """
 local function ws_address(key)
-  local w = redis.call('HMGET', key, 'online', 'url', 'http_port')
-  if w[1] ~= '1' then return nil end
+  local w = redis.call('HMGET', key, 'online', 'url', 'http_port',
+                       'draining')
+  if w[1] ~= '1' or w[4] == '1' then return nil end
   return w[2], w[3]
 end
 """
@@ -123,15 +131,24 @@ return 1
     args=('url', 'http_port', 'source', 'register', 'name'))
 
 _REMOVE = Script("""
--- Forget an offline WS (pending: its pending deletions).
+-- Forget an offline WS; its pending deletions stay (keys.py), replayed
+-- when a WS of that name registers again, so a target deleted while it
+-- was down never comes back with it.
 -- Returns an Outcome: 1 done, 0 online, -1 unknown.
 local online = redis.call('HGET', ws, 'online')
 if not online then return -1 end
 if online == '1' then return 0 end
-redis.call('DEL', ws, pending)
+redis.call('DEL', ws)
 redis.call('SREM', workservers, name)
 return 1
-""", keys=('ws', 'pending', 'workservers'), args=('name',))
+""", keys=('ws', 'workservers'), args=('name',))
+
+_DRAIN = Script("""
+-- Set or clear the drain of a known WS. Returns 1, or 0 for an unknown WS.
+if redis.call('EXISTS', ws) == 0 then return 0 end
+redis.call('HSET', ws, 'draining', drain)
+return 1
+""", keys=('ws',), args=('drain',))
 
 
 async def register(app: Any, name: str, url: str, http_port: int | str,
@@ -151,8 +168,14 @@ async def disconnect(app: Any, name: str, source: str) -> Outcome:
 
 async def remove(app: Any, name: str) -> Outcome:
     return Outcome(await _REMOVE(
-        app.redis, ws=keys.ws(name), pending=keys.ws_pending_deletes(name),
-        workservers=keys.WORKSERVERS, name=name))
+        app.redis, ws=keys.ws(name), workservers=keys.WORKSERVERS,
+        name=name))
+
+
+async def drain(app: Any, name: str, on: bool) -> bool:
+    """Put the WS in drain (or take it out); False for an unknown WS."""
+    return await _DRAIN(app.redis, ws=keys.ws(name),
+                        drain='1' if on else '0') == 1
 
 
 def read(pipe: Any, name: str) -> None:
@@ -173,9 +196,9 @@ async def load_all(redis: Any) -> dict[str, Workserver]:
 
 
 async def status(app: Any) -> dict[str, dict[str, Any]]:
-    """{name: {url, http_port, online}} for every known WS."""
+    """{name: {url, http_port, online, draining}} for every known WS."""
     return {name: {'url': w.url, 'http_port': w.http_port,
-                   'online': w.online}
+                   'online': w.online, 'draining': w.draining}
             for name, w in (await load_all(app.redis)).items()}
 
 
@@ -306,6 +329,18 @@ class WSRemoveHandler(APIHandler):
         self.write_json({})
 
 
+class WSDrainHandler(APIHandler):
+    @allow('admin', purpose='drain a workserver')
+    async def put(self, name: str) -> None:
+        on = self.field('drain', bool)
+        if not await drain(self.application, name, on):
+            raise APIError(404, 'unknown workserver %s' % name)
+        log.info('workserver %s %s by %s', name,
+                 'draining' if on else 'no longer draining',
+                 self.caller.email)
+        self.write_json({})
+
+
 class WSStatusHandler(APIHandler):
     @allow('anyone')
     async def get(self) -> None:
@@ -317,4 +352,5 @@ default_handlers = [
     (r'/ws/disconnect', WSDisconnectHandler),
     (r'/ws/status', WSStatusHandler),
     (r'/ws/remove/([^/]+)', WSRemoveHandler),
+    (r'/ws/drain/([^/]+)', WSDrainHandler),
 ]

@@ -115,9 +115,10 @@ class ActivateHandler(CCHandler):
         many = self.field('activations', list, None,
                           check=lambda a: 0 < len(a) <= MAX_ACTIVATIONS)
         if many is None:
-            token, sid = await streams.activate(app,
-                                                *self.activation(self.body))
-            self.write_json({'token': token, 'stream_id': sid})
+            token, sid, session = await streams.activate(
+                app, *self.activation(self.body))
+            self.write_json({'token': token, 'stream_id': sid,
+                             'session': session})
             return
         if not all(isinstance(item, dict) for item in many):
             raise APIError(400, 'field activations must list objects')
@@ -132,7 +133,8 @@ class ActivateHandler(CCHandler):
             elif isinstance(result, BaseException):
                 raise result  # the store is down: a 503 for all
             else:
-                out.append({'token': result[0], 'stream_id': result[1]})
+                out.append({'token': result[0], 'stream_id': result[1],
+                            'session': result[2]})
         self.write_json({'activations': out})
 
 

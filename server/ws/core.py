@@ -53,6 +53,30 @@ class LockLost(APIError):
         super().__init__(503, 'stream %s was taken from this request '
                          'meanwhile; nothing was stored, retry' % sid)
 
+# What a core is told when its token's activation ended (the reply's
+# `ended` names the reason): only 'manager_stop' and 'deletion' end it
+# for no fault of the core; 'stop' and 'error' mean it had stopped it.
+ENDED_MESSAGES = {
+    'manager_stop': 'its stream was stopped by its manager',
+    'deletion': 'its stream was deleted by its manager',
+    'stop': 'it was stopped already',
+    'error': 'it was stopped already, with an error',
+    'expiry': 'it expired (no heartbeat, frame or checkpoint in time)',
+    'ws_restart': 'the workserver restarted',
+}
+
+
+async def refused(app: Any, hashed: str) -> APIError:
+    """The 401 for a token that is not live, saying why its activation
+    ended when the WS knows (stream_record.ended)."""
+    reason = await stream_record.ended(app, hashed)
+    if reason not in ENDED_MESSAGES:
+        return APIError(401, 'unknown or expired core token')
+    return APIError(401, 'this core token\'s activation is over: %s; ask '
+                    'the command center for a new assignment'
+                    % ENDED_MESSAGES[reason], fields={'ended': reason})
+
+
 async def live_stream(app: Any, token: str | None,
                       extend: float | None = None) -> str:
     """The stream id of a live core token, else 401. `extend` (seconds)
@@ -60,10 +84,11 @@ async def live_stream(app: Any, token: str | None,
     if not token:
         raise APIError(401, 'missing core token')
     now = time.time()
-    sid = await stream_record.live(app, token_hash(token), now,
+    hashed = token_hash(token)
+    sid = await stream_record.live(app, hashed, now,
                                    now + extend if extend else None)
     if not sid:
-        raise APIError(401, 'unknown or expired core token')
+        raise await refused(app, hashed)
     return sid
 
 
@@ -148,7 +173,7 @@ class CoreHandler(APIHandler):
                                     token_key=app.keys.token(hashed))
                 raise
             if got is None:
-                raise APIError(401, 'unknown or expired core token')
+                raise await refused(app, hashed)
             seen = got.sid
             return got if got.taken == 1 else None
         got = await locks.wait_turn(attempt, lambda: 'stream %s' % seen)

@@ -104,9 +104,10 @@ class Dispatch(httputil.HTTPMessageDelegate):
                                    core.frame_digest(md5, raw))
             message = ''
         except Exception as e:
-            status, message, extra = error_reply(e)
-            reply = json.dumps({'error': message}).encode()
-            if not isinstance(e, (HTTPError, store.DOWN)):
+            status, message, extra, fields = error_reply(e)
+            reply = json.dumps(dict(fields, error=message)).encode()
+            if not isinstance(e, (HTTPError, store.DOWN)) \
+                    and not store.full(e):
                 log.error('uncaught exception in PUT %s', PATH,
                           exc_info=True)
         headers = httputil.HTTPHeaders({

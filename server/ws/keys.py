@@ -69,3 +69,7 @@ class Keys:
         self.frames_per_minute = Key(kept + 'frames-per-minute:%s')
         # hash: unix minute -> error stops in it, likewise per CC
         self.errors_per_minute = Key(kept + 'errors-per-minute:%s')
+        # string: why the activation of a core token (by its sha256) ended,
+        # a sessions_common reason, kept a while after the end so that
+        # the core's next request is told (a manager's stop is no error)
+        self.ended = Key(kept + 'ended:%s')

@@ -155,19 +155,37 @@ async def exists(app: Any, sid: str) -> bool:
 
 
 # End the session of an active stream (sessions.py): its target's active
-# count goes down, an error stop is counted in its minute, and its record
-# goes to the outbox of the CC that asked for the activation (its minute
-# too). `committed`: the committed frames now, '' for the hash's.
-END_KEYS = ('target_active',)
-END_WALKS = ('outbox', 'errors_per_minute')
-END_ARGS = ('now', 'minute', 'reason', 'committed')
+# count goes down, an error stop is counted in its minute (per CC), the
+# reason is kept by its token (keys.ended) so the core's next request is
+# told why (a manager's stop is no error), and its record goes to the
+# outbox of the CC that asked for the activation. `committed`: the
+# committed frames now, '' for the hash's. Run before the stream leaves
+# `heartbeats`. The reason is kept until the token would have expired and
+# ENDED_GRACE_S more (the core's next request comes before then); a core's
+# own stop only STOP_KEPT_S (for a retry of it), so a fleet of short
+# sessions does not fill Redis.
+ENDED_GRACE_S = 600
+STOP_KEPT_S = 60
+END_KEYS = ('heartbeats', 'target_active')
+END_WALKS = ('outbox', 'errors_per_minute', 'ended')
+END_ARGS = ('now', 'minute', 'reason', 'committed', 'ended_grace_s',
+            'stop_kept_s')
 END_SESSION = """
 local function end_session(key, sid)
   local s = redis.call('HMGET', key, 'session', 'session_cc', 'donor',
                        'engine', 'core_version', 'start_time', 'frames0',
-                       'frames', 'target_id')
+                       'frames', 'target_id', 'token')
   if s[9] and redis.call('HINCRBY', target_active, s[9], -1) <= 0 then
     redis.call('HDEL', target_active, s[9])
+  end
+  if s[10] and s[10] ~= '' then
+    local kept = tonumber(stop_kept_s)
+    if reason ~= 'stop' and reason ~= 'error' then
+      local expiry = tonumber(redis.call('ZSCORE', heartbeats, sid) or now)
+      kept = math.max(0, math.ceil(expiry - tonumber(now)))
+             + tonumber(ended_grace_s)
+    end
+    redis.call('SET', string.format(ended, s[10]), reason, 'EX', kept)
   end
   if reason == 'error' then
     redis.call('HINCRBY', string.format(errors_per_minute, s[2] or ''),
@@ -190,11 +208,13 @@ def end_values(keys: Keys, mode: str, committed: int | str = '',
                now: float | None = None) -> dict[str, Any]:
     """What END_SESSION takes, for an end by `mode`."""
     now = time.time() if now is None else now
-    return {'target_active': keys.target_active,
+    return {'heartbeats': keys.heartbeats,
+            'target_active': keys.target_active,
             'errors_per_minute': keys.errors_per_minute.template,
-            'outbox': keys.outbox.template, 'now': repr(now),
-            'minute': minute(now), 'reason': REASON_OF_MODE[mode],
-            'committed': committed}
+            'outbox': keys.outbox.template, 'ended': keys.ended.template,
+            'now': repr(now), 'minute': minute(now),
+            'reason': REASON_OF_MODE[mode], 'committed': committed,
+            'ended_grace_s': ENDED_GRACE_S, 'stop_kept_s': STOP_KEPT_S}
 
 
 _END_ON_RESTART = Script(END_SESSION + """
@@ -336,8 +356,8 @@ elseif not redis.call('ZSCORE', backoff, sid) then
   redis.call('ZADD', queue, s[4], sid)
 end
 return {was_active, status, errors}
-""", keys=('stream', 'heartbeats', 'active', 'queue', 'errors_by', 'backoff')
-    + END_KEYS, walks=('token_key',) + END_WALKS,
+""", keys=('stream', 'active', 'queue', 'errors_by', 'backoff') + END_KEYS,
+    walks=('token_key',) + END_WALKS,
     args=('sid', 'mode', 'max_fails', 'base', 'max_backoff') + END_ARGS,
     returns=Deactivated)
 
@@ -348,11 +368,10 @@ async def deactivate(app: Any, sid: str, target_id: str, mode: str
     expire and not expired)."""
     keys = app.keys
     done: Deactivated | None = await _DEACTIVATE(
-        app.fastredis, stream=keys.stream(sid), heartbeats=keys.heartbeats,
-        active=keys.active, queue=keys.queue(target_id),
-        errors_by=keys.errors_by(sid), backoff=keys.backoff,
-        token_key=keys.token.template, sid=sid, mode=mode,
-        max_fails=app.config.max_stream_fails,
+        app.fastredis, stream=keys.stream(sid), active=keys.active,
+        queue=keys.queue(target_id), errors_by=keys.errors_by(sid),
+        backoff=keys.backoff, token_key=keys.token.template, sid=sid,
+        mode=mode, max_fails=app.config.max_stream_fails,
         base=app.config.error_backoff_in_s,
         max_backoff=app.config.max_error_backoff_in_s,
         **end_values(keys, mode))
@@ -432,8 +451,8 @@ if left == 0 then
   redis.call('SREM', targets, target_id)
 end
 return left
-""", keys=('stream', 'target_streams', 'queue', 'heartbeats', 'active',
-           'targets', 'errors_by', 'backoff') + END_KEYS,
+""", keys=('stream', 'target_streams', 'queue', 'active', 'targets',
+           'errors_by', 'backoff') + END_KEYS,
     walks=('token_key',) + END_WALKS, args=('sid', 'target_id') + END_ARGS)
 
 
@@ -441,11 +460,18 @@ def drop(conn: Any, keys: Keys, sid: str, target_id: str) -> Any:
     """Run _DROP over `conn` (sync: the count; async: an awaitable)."""
     return _DROP(conn, stream=keys.stream(sid),
                  target_streams=keys.target_streams(target_id),
-                 queue=keys.queue(target_id), heartbeats=keys.heartbeats,
-                 active=keys.active, targets=keys.targets,
-                 errors_by=keys.errors_by(sid), backoff=keys.backoff,
+                 queue=keys.queue(target_id), active=keys.active,
+                 targets=keys.targets, errors_by=keys.errors_by(sid),
+                 backoff=keys.backoff,
                  token_key=keys.token.template, sid=sid,
                  target_id=target_id, **end_values(keys, 'delete'))
+
+
+async def ended(app: Any, token_hash: str) -> str | None:
+    """Why the activation of a core token (by its hash) ended, if it ended
+    lately (END_SESSION keeps it): a sessions_common reason, or None."""
+    reason: str | None = await app.redis.get(app.keys.ended(token_hash))
+    return reason
 
 
 # The stream of a live token; with `extend` ('' for none) also pushes its

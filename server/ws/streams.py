@@ -155,8 +155,10 @@ def early_windows(config: Any) -> tuple[float, float]:
 async def activate(app: Any, target_id: str, donor_id: str | None,
                    client: str | None, cc: str, engine: str = '',
                    core_version: str = '', vouched: bool = False
-                   ) -> tuple[str, str]:
-    """(token, stream_id) of a freshly activated stream, or 503. The token
+                   ) -> tuple[str, str, str]:
+    """(token, stream_id, session id) of a freshly activated stream, or
+    503 (the CC counts the client's hold until that session's record
+    comes). The token
     lives for the start window only until it reaches /core/start (see
     core.py): an activation whose reply was lost (the CC timed out, the
     connection was cut), or a stream taken and never started, gives its
@@ -168,16 +170,17 @@ async def activate(app: Any, target_id: str, donor_id: str | None,
     token = secrets.token_urlsafe(32)
     now = time.time()
     client, vouched = error_stops.voice(client, vouched)
+    session = uuid.uuid4().hex
     sid = await stream_record.activate(
         app, target_id, token_hash(token),
         expiry=now + early_windows(app.config)[0], now=now,
         donor=donor_id or '', client=client, vouched=vouched, cc=cc,
-        session=uuid.uuid4().hex, engine=engine, core_version=core_version)
+        session=session, engine=engine, core_version=core_version)
     if not sid:
         raise APIError(503, 'no stream of target %s is free on this '
                        'workserver' % target_id)
     metrics.count('activations')
-    return token, sid
+    return token, sid, session
 
 
 async def deactivate(app: Any, stream_id: str, target_id: str,

@@ -9,6 +9,12 @@ import threading
 
 from siegetank.core import Backoff, Core, Fatal, Heartbeats, make_engine
 
+# The line a run prints at its end (stderr): every core's stats summed; tools
+# read it (tools/adaptive_demo.py).
+SUMMARY = ('core: %(frames)d frames, %(checkpoints)d checkpoints, '
+           '%(streams)d streams (%(stopped_by_manager)d stopped by the '
+           'manager), %(errors)d errors, %(retries)d retries')
+
 
 def parse(argv):
     p = argparse.ArgumentParser(prog='python -m siegetank.core',
@@ -103,9 +109,7 @@ def main(argv=None):
             t.join(0.5)
     heartbeats.close()
     total = {k: sum(c.stats[k] for c in cores) for k in cores[0].stats}
-    print('core: %(frames)d frames, %(checkpoints)d checkpoints, '
-          '%(streams)d streams, %(errors)d errors, %(retries)d retries'
-          % total, file=sys.stderr)
+    print(SUMMARY % total, file=sys.stderr)
     if fatal:
         print('core: %s' % fatal[0], file=sys.stderr)
         return 2

@@ -12,6 +12,11 @@ Failure policy, written for thousands of volunteer machines:
   deleted stream): the stream is given up and the core asks for a fresh
   assignment (after the same backoff, so a broken target cannot make cores
   hammer the CC).
+- ended by its manager (the WS's 401 says `ended`: 'manager_stop' or
+  'deletion'): no error; counted as `stopped_by_manager` and the core asks
+  for a fresh assignment at once. A 401 saying the core had stopped the
+  activation itself ('stop', 'error': a retried /core/stop whose first
+  reply was lost) means the stop is done.
 - fatal (the CC refuses the core's own request on assign: 400/401/403/404,
   e.g. an unknown donor token): the core exits with the server's message.
 """
@@ -38,6 +43,10 @@ from siegetank import files as wire
 log = logging.getLogger('siegetank.core')
 CORE_VERSION = '1.0'
 TRANSIENT_CODES = (429, 502, 503, 504)
+# The WS's `ended` (why a token's activation is over) when the stream's
+# manager stopped or deleted it, and when the core had stopped it itself.
+BY_MANAGER = ('manager_stop', 'deletion')
+BY_CORE = ('stop', 'error')
 T = TypeVar('T')
 Files = dict[str, bytes]
 
@@ -68,12 +77,20 @@ class Transient(Exception):
 
 
 class Permanent(Exception):
-    """The server said no; retrying the same request will not help."""
+    """The server said no; retrying the same request will not help.
+    `ended`: the WS's reason why the token's activation is over, if it
+    said (BY_MANAGER, BY_CORE)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str,
+                 ended: str | None = None) -> None:
         super().__init__('%s %s' % (status, message))
         self.status = status
         self.message = message
+        self.ended = ended
+
+    @property
+    def by_manager(self) -> bool:
+        return self.ended in BY_MANAGER
 
 
 class Fatal(Exception):
@@ -108,11 +125,14 @@ class Backoff:
         self.attempt = 0
 
 
-def _error_of(reply: requests.Response) -> str:
+def _error_of(reply: requests.Response) -> tuple[str, str | None]:
+    """The error message of a refusal and its `ended` (None if absent)."""
     try:
-        return reply.json()['error']
-    except (ValueError, KeyError, TypeError):
-        return (reply.text or reply.reason or '').strip()[:200]
+        body = reply.json()
+        ended = body.get('ended')
+        return body['error'], ended if isinstance(ended, str) else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return (reply.text or reply.reason or '').strip()[:200], None
 
 
 def call(session: requests.Session, method: str, url: str,
@@ -137,9 +157,9 @@ def call(session: requests.Session, method: str, url: str,
         raise Transient('%s %s: %s' % (method, url, e)) from e
     if reply.status_code in TRANSIENT_CODES:
         raise Transient('%s %s: %d %s' % (method, url, reply.status_code,
-                                          _error_of(reply)))
+                                          _error_of(reply)[0]))
     if not 200 <= reply.status_code < 300:
-        raise Permanent(reply.status_code, _error_of(reply))
+        raise Permanent(reply.status_code, *_error_of(reply))
     md5 = reply.headers.get('Content-MD5')
     if md5 and hashlib.md5(reply.content).hexdigest() != md5:
         raise Transient('%s %s: Content-MD5 mismatch' % (method, url))
@@ -204,8 +224,12 @@ class Heartbeats:
                 log.info('heartbeat failed, will retry: %s', e)
                 delay = min(interval, 5.0)
             except Permanent as e:
-                log.warning('heartbeat refused (%s): stream %s lost', e,
-                            activation.stream_id)
+                # BY_CORE: this heartbeat crossed the core's own stop.
+                (log.warning if e.ended not in BY_CORE + BY_MANAGER
+                 else log.info)(
+                    'heartbeat refused (%s): stream %s lost', e,
+                    activation.stream_id)
+                activation.ended = e.ended
                 activation.lost = True
                 continue
             with self.cond:
@@ -227,6 +251,7 @@ class Activation:
         self.frames = 0
         self.heartbeats = 0
         self.lost = False
+        self.ended: str | None = None  # the WS's reason, when lost
         self.unsent = False
         self.buffered = 0       # frames sent since the last checkpoint
         self.done = False
@@ -264,7 +289,7 @@ class Core:
         self.session = requests.Session()
         self.session.trust_env = False  # REQUESTS_CA_BUNDLE must not win
         self.stats = {'frames': 0, 'checkpoints': 0, 'streams': 0,
-                      'errors': 0, 'retries': 0}
+                      'stopped_by_manager': 0, 'errors': 0, 'retries': 0}
         self.current: Activation | None = None
 
     # -- plumbing ---------------------------------------------------------
@@ -331,6 +356,14 @@ class Core:
                         break
                     self.work(reply)
                 except Permanent as e:
+                    if e.by_manager:
+                        # Not the core's fault, nor the target's: the
+                        # researcher moves cores on (adaptive sampling).
+                        self.stats['stopped_by_manager'] += 1
+                        log.info('%s: stream stopped by the manager (%s); '
+                                 'asking for a new assignment', self.name,
+                                 e.message)
+                        continue
                     self.stats['errors'] += 1
                     log.warning('%s: %s; asking for a new assignment',
                                 self.name, e)
@@ -406,7 +439,7 @@ class Core:
                 last_checkpoint = time.monotonic()
         if act.lost:
             raise Permanent(401, 'stream %s lost (heartbeat refused)'
-                            % act.stream_id)
+                            % act.stream_id, act.ended)
 
     def _checkpoint(self, act: Activation, run: Run,
                     finishing: bool = False) -> None:
@@ -426,9 +459,7 @@ class Core:
         try:
             if act.buffered and not act.unsent:
                 self._checkpoint(act, run, finishing=True)
-            self._retry('stop', lambda: self._call(
-                'PUT', act.base + '/core/stop', act.token, {}),
-                finishing=True)
+            self._retry('stop', lambda: self._stop(act, {}), finishing=True)
         except Transient as e:
             log.warning('%s: could not finish stream %s: %s', self.name,
                         act.stream_id, e)
@@ -444,9 +475,17 @@ class Core:
                     act.stream_id, message)
         error = base64.b64encode(message.encode()[-4000:]).decode()
         try:
-            self._retry('stop', lambda: self._call(
-                'PUT', act.base + '/core/stop', act.token, {'error': error}),
-                finishing=True)
+            self._retry('stop', lambda: self._stop(act, {'error': error}),
+                        finishing=True)
         except (Transient, Permanent) as e:
             log.warning('%s: could not report the error: %s', self.name, e)
         self.backoff.wait(self.stop)
+
+    def _stop(self, act: Activation, body: dict[str, str]) -> None:
+        """/core/stop; done too when the WS says this activation was
+        stopped by the core already (a retry whose first reply was lost)."""
+        try:
+            self._call('PUT', act.base + '/core/stop', act.token, body)
+        except Permanent as e:
+            if e.ended not in BY_CORE:
+                raise

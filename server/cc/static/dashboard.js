@@ -61,18 +61,32 @@
     return e;
   }
 
+  // Axis values 0, step, 2 step, ... up to the first at or above `max`:
+  // whole numbers, each once (an empty hour has just 0 and 1).
+  function ticks(max) {
+    var step = 1, k = 0;  // 1, 2, 5, 10, 20, 50, ...: at most 4 intervals
+    while (Math.ceil(max / step) > 4) {
+      k += 1;
+      step = [1, 2, 5][k % 3] * Math.pow(10, Math.floor(k / 3));
+    }
+    var top = Math.max(step, Math.ceil(max / step) * step), out = [];
+    for (var v = 0; v <= top; v += step) { out.push(v); }
+    return out;
+  }
+
   function chart(history) {
     var values = history.frames, n = values.length;
     var W = 720, H = 200, left = 48, bottom = 22, top = 10;
-    var max = Math.max.apply(null, values.concat([1]));
+    var marks = ticks(Math.max.apply(null, values));
+    var max = marks[marks.length - 1];
     var svg = el('svg', {width: W, height: H, viewBox: '0 0 ' + W + ' ' + H,
                          role: 'img', 'aria-label': 'frames per minute'});
     var plotW = W - left - 8, plotH = H - bottom - top, bw = plotW / n;
-    [0, 0.5, 1].forEach(function (f) {
-      var y = top + plotH * (1 - f);
+    marks.forEach(function (v) {
+      var y = top + plotH * (1 - v / max);
       svg.appendChild(el('line', {x1: left, x2: W - 8, y1: y, y2: y}));
-      svg.appendChild(el('text', {x: left - 6, y: y + 4, 'text-anchor': 'end'},
-                         String(Math.round(max * f))));
+      svg.appendChild(el('text', {x: left - 6, y: y + 4, 'text-anchor': 'end',
+                                  'class': 'y-label'}, String(v)));
     });
     values.forEach(function (v, i) {
       var h = plotH * v / max;
@@ -80,10 +94,16 @@
                                   width: Math.max(1, bw - 2), height: h,
                                   'class': i === n - 1 ? 'now' : 'bar'}));
     });
-    [[0, '-60 min'], [n / 2, '-30 min'], [n - 1, 'now']].forEach(function (p) {
-      svg.appendChild(el('text', {x: left + p[0] * bw + bw / 2, y: H - 6,
-                                  'text-anchor': 'middle'}, p[1]));
+    [[0, '-60 min', 'start'], [n / 2, '-30 min', 'middle'], [n - 1, 'now', 'end']].forEach(function (p) {
+      var x = left + (p[2] === 'end' ? p[0] + 1 : p[0]) * bw;
+      svg.appendChild(el('text', {x: x, y: H - 6, 'text-anchor': p[2],
+                                  'class': 'x-label'}, p[1]));
     });
+    if (values.every(function (v) { return v === 0; })) {
+      svg.appendChild(el('text', {x: left + plotW / 2, y: top + plotH / 2,
+                                  'text-anchor': 'middle', 'class': 'empty'},
+                         'no frames in the last hour'));
+    }
     $('chart').textContent = '';
     $('chart').appendChild(svg);
   }
@@ -104,7 +124,8 @@
     var table = $('workservers');
     header(table, cols);
     fill(table.tBodies[0], names.map(function (n) {
-      var w = ws[n], row = [n, w.online ? ['online', 'online'] : ['offline', 'offline'],
+      var w = ws[n], state = w.online ? 'online' : 'offline';
+      var row = [n, w.draining ? [state + ', draining', 'draining'] : [state, state],
         ago(w.last_seen), w.streams.ok, w.streams.active, w.streams.stopped,
         w.disk_free_mb === null ? '-' : Math.round(w.disk_free_mb) + ' MB'];
       if (w.detail) {
@@ -113,9 +134,20 @@
       }
       return row;
     }));
-    fill($('targets').tBodies[0], Object.keys(status.targets).sort().map(function (t) {
-      return [[t, 'mono'], status.targets[t].queued, status.targets[t].active];
+    // Targets by description (the id only when there is none), each
+    // row's id on hover; an admin also sees the owner.
+    var targets = status.targets, ids = Object.keys(targets);
+    function label(t) { return targets[t].description || t; }
+    ids.sort(function (a, b) { return label(a).localeCompare(label(b)) || a.localeCompare(b); });
+    header($('targets'), admin ? ['target', 'owner', 'queued', 'active'] : ['target', 'queued', 'active']);
+    fill($('targets').tBodies[0], ids.map(function (t) {
+      var row = [targets[t].description ? [label(t), 'described'] : [t, 'mono']];
+      if (admin) { row.push(targets[t].owner || '-'); }
+      return row.concat([targets[t].queued, targets[t].active]);
     }));
+    Array.prototype.forEach.call($('targets').tBodies[0].rows, function (tr, i) {
+      tr.cells[0].title = ids[i];
+    });
     fill($('donors').tBodies[0], donors.donors.map(function (d, i) {
       return [i + 1, d.username, d.frames, d.sessions];
     }));
