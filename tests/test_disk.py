@@ -96,12 +96,12 @@ class TestGroupSync(unittest.TestCase):
 
 class TestCheckpointFlushes(unittest.TestCase):
 
-    def test_a_checkpoint_costs_two_flushes(self):
-        """A commit's flushes: one before the rename that publishes the
-        chunk, one after (it was seven fsyncs: one per file and folder)."""
+    def commit(self, flush):
+        """(group steps, fsync calls) of one commit of two frame files and
+        two state files."""
         root = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, root, True)
-        storage = Storage(root)
+        storage = Storage(root, flush)
         storage.create_stream('s', {'target_id': 't', 'creation_date': 0,
                                     'status': 'OK', 'error_count': 0}, {})
         sizes = storage.append_frames('s', {'a.xtc': b'12', 'b.dcd': b'3'},
@@ -115,14 +115,17 @@ class TestCheckpointFlushes(unittest.TestCase):
         finally:
             os.fsync = real
         self.assertEqual((seq, total), (1, 1))
-        self.assertEqual(storage.durable.steps, 2)
-        self.assertEqual(calls, [])  # one syncfs each, no fsync
         self.assertEqual(storage.chunks('s')[0][:2], (1, 1))
         self.assertEqual(storage.stream_files('s'), {'s1': 'x', 's2': 'y'})
+        return storage.durable.steps, len(calls)
 
-
-if __name__ == '__main__':
-    unittest.main()
+    def test_a_checkpoint_costs_two_group_steps(self):
+        """One before the rename that publishes the chunk, one after. With
+        fsync: each file (2 frames, 2 states, meta.json), each folder of
+        the chunk (3), then chunks/; with syncfs: no fsync at all."""
+        self.assertEqual(self.commit('fsync'), (2, 9))
+        if disk._SYNCFS is not None:
+            self.assertEqual(self.commit('syncfs'), (2, 0))
 
 
 class TestBufferLock(unittest.TestCase):

@@ -37,7 +37,8 @@ class WorkServer(App):
         self.keys = Keys(settings.name)
         # Hot-path scripts run over this (see fastredis.py).
         self.fastredis = fastredis.hot_path(redis)
-        self.storage = Storage(settings.data_folder)
+        self.storage = Storage(settings.data_folder,
+                               settings.checkpoint_flush)
         self.storage.ensure()
         self.tasks = []
         self.pulse = None

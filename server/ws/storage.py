@@ -25,10 +25,10 @@ chunks' n; the restart point = the newest chunk's state files; a download
 
 A checkpoint (`commit`) writes nothing durable until it has built its
 chunk: the buffer's files are renamed into it, the state files and
-meta.json written to the page cache. Then two flushes, each shared by
-every checkpoint of the process due at that moment (disk.GroupSync: one
-syncfs of the data folder's filesystem per step, whatever the number of
-files):
+meta.json written to the page cache. Then two flushes, each one step of
+disk.GroupSync shared by every checkpoint of the process due at that
+moment (one thread makes them, back to back, so the filesystem's journal
+commits them together):
   1. before the rename: the chunk's files (their data) and its three
      directories (their entries) are on disk, else a crash after the
      rename reached the disk could leave a published chunk with missing
@@ -38,10 +38,14 @@ files):
      crash would lose frames the core was told were kept.
 Nothing else is flushed: frame appends go to the page cache (a crash
 discards the buffer anyway, and the core's activation with it), and the
-buffer's own entries never matter after a crash. Today's cost: 2 flushes
-per checkpoint at most, fewer when checkpoints come together (the second
-flush of one batch is the first of the next); it was 7 fsyncs (one per
-frame file, per state file, meta.json, the 3 directories, chunks/).
+buffer's own entries never matter after a crash. With `checkpoint_flush`
+"fsync" (the default) step 1 is an fsync of each file then each folder
+(one frame file and one state file: 6) and step 2 one of chunks/, as
+POSIX needs; with "syncfs" each step is one syncfs of the filesystem
+(2 calls per checkpoint at most, shared by the batch), which also writes
+back every other dirty page there: only for a data folder on a
+filesystem of its own (on a shared one it slows the WS Redis's AOF
+fsync, and a Redis killed meanwhile loses the writes it had postponed).
 
 Everything here blocks. Handlers call it in a thread (`threads.disk`),
 except a small frame's append (`append_frames`), which runs on the event
@@ -101,12 +105,12 @@ def _read_json(path):
 
 
 class Storage:
-    def __init__(self, root):
+    def __init__(self, root, flush='fsync'):
         self.root = os.path.abspath(root)
         self.targets = os.path.join(self.root, 'targets')
         self.streams = os.path.join(self.root, 'streams')
         self.trash = os.path.join(self.root, 'trash')
-        self.durable = GroupSync(self.root)
+        self.durable = GroupSync(self.root, use_syncfs=flush == 'syncfs')
 
     def ensure(self):
         for folder in (self.targets, self.streams, self.trash):
