@@ -233,7 +233,11 @@ def bench_sweep(args, results, keep):
 
 def bench_status(args, results, keep):
     n = 2000 if args.quick else 100_000
-    cc = keep(servers.start_cc(stats_interval_in_ms=500))
+    # The streams are made on the WS directly (bench/workloads.py
+    # fleet_status): the CC counts a WS's streams only once it knows it
+    # placed them, so its reconciliation adopts them within seconds here.
+    cc = keep(servers.start_cc(stats_interval_in_ms=500,
+                               reconcile_interval_in_s=1, ws_timeout_in_s=2))
     ws = keep(servers.start_ws(command_centers=command_centers(cc)))
     row = dict(workloads.fleet_status(cc, ws, n,
                                       active=100 if args.quick else 1000),

@@ -558,7 +558,8 @@ def prepare_cc_target(cc, ws, streams):
 def fleet_status(cc, ws, streams, targets=20, active=1000, samples=300):
     """GET /status latency with `streams` streams on the WS, spread over
     `targets` public targets of the CC (streams made on the WS directly:
-    placing 100,000 through the CC would only take longer), `active` of
+    placing 100,000 through the CC would only take longer; the CC's
+    reconciliation adopts them, and only then counts them), `active` of
     them activated, once the CC has the WS's report of all of them.
     Anonymous and admin, `samples` each, one keep-alive connection."""
     admin = cc_admin(cc, ws, 'status@example.org')

@@ -214,3 +214,16 @@ class TestConfig(unittest.TestCase):
                                'unknown key cc_pass')
         self.assertConfigError(write_conf('cc', heartbeat_increment=9), 'cc',
                                'unknown key heartbeat_increment')
+
+
+class TestReference(unittest.TestCase):
+    def test_every_setting_is_in_the_configuration_reference(self):
+        """docs/configuration.md names every key (as its attribute or its
+        old .conf name)."""
+        with open(os.path.join(ROOT, 'docs', 'configuration.md')) as f:
+            doc = f.read()
+        missing = [f.name for f in dataclasses.fields(config.Settings)
+                   if 'kinds' in f.metadata and '`%s`' % f.name not in doc
+                   and not (f.metadata['old']
+                            and '`%s`' % f.metadata['old'] in doc)]
+        self.assertEqual(missing, [])
