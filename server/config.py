@@ -267,8 +267,9 @@ class Settings:
     max_stream_fails: int = _key(10, kinds=WS, unset=10)
     min_free_disk_in_mb: int = _key(512, kinds=WS, unset=512)
     # How a checkpoint's flushes are made (ws/storage.py, disk.GroupSync):
-    # "fsync", each file and folder of the checkpoints due together;
-    # "syncfs", the data folder's whole filesystem in one call (fewer calls,
+    # "fsync", each file and folder, by the checkpoint's disk thread;
+    # "syncfs", the data folder's whole filesystem in one call shared by
+    # the checkpoints due together (a group commit: fewer calls,
     # but it writes back every dirty page there, the WS Redis's AOF too:
     # only where the data folder has a filesystem of its own).
     checkpoint_flush: str = _key('fsync', kinds=WS, unset='fsync',

@@ -25,10 +25,7 @@ chunks' n; the restart point = the newest chunk's state files; a download
 
 A checkpoint (`commit`) writes nothing durable until it has built its
 chunk: the buffer's files are renamed into it, the state files and
-meta.json written to the page cache. Then two flushes, each one step of
-disk.GroupSync shared by every checkpoint of the process due at that
-moment (one thread makes them, back to back, so the filesystem's journal
-commits them together):
+meta.json written to the page cache. Then two flushes (disk.GroupSync):
   1. before the rename: the chunk's files (their data) and its three
      directories (their entries) are on disk, else a crash after the
      rename reached the disk could leave a published chunk with missing
@@ -39,13 +36,17 @@ commits them together):
 Nothing else is flushed: frame appends go to the page cache (a crash
 discards the buffer anyway, and the core's activation with it), and the
 buffer's own entries never matter after a crash. With `checkpoint_flush`
-"fsync" (the default) step 1 is an fsync of each file then each folder
-(one frame file and one state file: 6) and step 2 one of chunks/, as
-POSIX needs; with "syncfs" each step is one syncfs of the filesystem
-(2 calls per checkpoint at most, shared by the batch), which also writes
-back every other dirty page there: only for a data folder on a
-filesystem of its own (on a shared one it slows the WS Redis's AOF
-fsync, and a Redis killed meanwhile loses the writes it had postponed).
+"fsync" (the default) flush 1 is an fsync of each file then each folder
+(one frame file and one state file: 6) and flush 2 one of chunks/, as
+POSIX needs, made by the checkpoint's own disk thread (the journal
+commits the fsyncs of concurrent checkpoints together). With "syncfs"
+each flush is one step of a group commit: one thread makes one syncfs of
+the filesystem for every checkpoint of the process due at that moment
+(2 calls per checkpoint at most, fewer when checkpoints come together),
+which also writes back every other dirty page there: only for a data
+folder on a filesystem of its own (on a shared one it slows the WS
+Redis's AOF fsync, and a Redis killed meanwhile loses the writes it had
+postponed).
 
 Everything here blocks. Handlers call it in a thread (`threads.disk`),
 except a small frame's append (`append_frames`), which runs on the event
