@@ -126,6 +126,13 @@ def _proxies(value: Any, where: str) -> list[str]:
     return _networks(value, where, 'trusted_proxies')
 
 
+def _flush(value: Any, where: str) -> str:
+    if value not in ('fsync', 'syncfs'):
+        raise ConfigError('%s: checkpoint_flush must be "fsync" or "syncfs"'
+                          % where)
+    return str(value)
+
+
 def _key(default: Any = REQUIRED, *, kinds: Sequence[str] = KINDS,
          check: Checker | None = None, path: bool = False,
          old: str | None = None, unset: Any = None) -> Any:
@@ -259,6 +266,14 @@ class Settings:
                                      old='pulse_frequency_in_ms')
     max_stream_fails: int = _key(10, kinds=WS, unset=10)
     min_free_disk_in_mb: int = _key(512, kinds=WS, unset=512)
+    # How a checkpoint's flushes are made (ws/storage.py, disk.GroupSync):
+    # "fsync", each file and folder, by the checkpoint's disk thread;
+    # "syncfs", the data folder's whole filesystem in one call shared by
+    # the checkpoints due together (a group commit: fewer calls,
+    # but it writes back every dirty page there, the WS Redis's AOF too:
+    # only where the data folder has a filesystem of its own).
+    checkpoint_flush: str = _key('fsync', kinds=WS, unset='fsync',
+                                 check=_flush)
     # An anonymous client's error stop (ws/error_stops.py) keeps the stream
     # out of its queue this long, doubled for each one since the stream's
     # last checkpoint, at most max_error_backoff_in_s.

@@ -3,11 +3,15 @@ a directory in place: written under a temporary name, fsynced, renamed, and
 the parent directory fsynced, so after a crash the old or the new version
 is there, never a part. (The client has its own small one,
 siegetank.files.write_json: it installs without the servers.)"""
+import ctypes
 import errno
 import os
 import shutil
+import threading
 import uuid
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
 
 
 def fsync_dir(path: str) -> None:
@@ -86,3 +90,122 @@ def build_dir(parent: str, final: str,
 def read_text(path: str) -> str:
     with open(path, 'rb') as f:
         return f.read().decode('utf-8')
+
+
+def _syncfs_call() -> Any:
+    """libc's syncfs(2) (Linux), or None."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int]
+    return call
+
+
+_SYNCFS = _syncfs_call()
+
+
+class _Job:
+    """One caller's paths, woken when the step that took them is done."""
+
+    __slots__ = ('paths', 'done', 'error')
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self.done = threading.Event()
+        self.error: OSError | None = None
+
+
+class GroupSync:
+    """Group commit: makes files and directories durable for many callers
+    at once. Callers (disk pool threads) queue what they need durable and
+    wait; one thread per process takes everything queued, makes it durable
+    in one step, and wakes them all. What is queued while a step runs goes
+    into the next one, so N checkpoints due in the same moment share one
+    flush of the journal instead of costing one each.
+
+    The step is one syncfs(2) of the filesystem under `root` (its files'
+    data and its directories' entries, one journal commit and one cache
+    flush, whatever the number of paths). Without syncfs (`use_syncfs`
+    false, or no syncfs here) each caller fsyncs its own paths in its own
+    thread, files before directories: fsyncs made at once from many
+    threads are what the journal commits together, and one thread making
+    them in turn would commit it once per file (measured: checkpoints
+    twice as slow)."""
+
+    def __init__(self, root: str, use_syncfs: bool = True) -> None:
+        self.root = root
+        self.use_syncfs = use_syncfs and _SYNCFS is not None
+        self.steps = 0  # flushes made by this process (measurement)
+        self._reset()
+        ref = weakref.ref(self)
+
+        def after_fork() -> None:
+            group = ref()
+            if group is not None:
+                group._reset()
+        os.register_at_fork(after_in_child=after_fork)
+
+    def _reset(self) -> None:
+        """A fresh queue and no thread (after a fork: the child has no
+        commit thread and may have inherited a held lock)."""
+        self._cond = threading.Condition()
+        self._queue: list[_Job] = []
+        self._thread: threading.Thread | None = None
+
+    def sync(self, paths: Iterable[str]) -> None:
+        """Return once every path in `paths` (files, directories, all under
+        `root`) is durable; the step's OSError if it failed."""
+        if not self.use_syncfs:
+            self._step(list(paths))
+            return
+        job = _Job(list(paths))
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name='group-sync', daemon=True)
+                self._thread.start()
+            self._queue.append(job)
+            self._cond.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                batch, self._queue = self._queue, []
+            error = None
+            try:
+                self._step([p for job in batch for p in job.paths])
+            except OSError as e:
+                error = e
+            for job in batch:
+                job.error = error
+                job.done.set()
+
+    def _step(self, paths: list[str]) -> None:
+        self.steps += 1
+        if self.use_syncfs:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if _SYNCFS(fd) != 0:
+                    e = ctypes.get_errno()
+                    raise OSError(e, os.strerror(e), self.root)
+            finally:
+                os.close(fd)
+            return
+        dirs = []
+        for path in dict.fromkeys(paths):
+            if os.path.isdir(path):
+                dirs.append(path)
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for path in dirs:
+            fsync_dir(path)

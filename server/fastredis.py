@@ -105,15 +105,44 @@ def parse(buf: bytearray | bytes, pos: int) -> tuple[Any, int]:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    """`waiters` (futures of the commands in flight, in order) and `sent`
+    (when each was sent, loop time): one watchdog per connection, not a
+    timer per command, fails them all once the oldest has waited past
+    `timeout` (a timer per command was a twentieth of a frame's CPU)."""
+
+    def __init__(self, timeout: float | None = None) -> None:
         self.transport: Any = None  # an asyncio.Transport once connected
         self.waiters: collections.deque[asyncio.Future[Any]] = \
             collections.deque()
+        self.sent: collections.deque[float] = collections.deque()
         self.buf = bytearray()
         self.closed = False
+        self.timeout = timeout
+        self.watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        if self.timeout:
+            self._watch()
+
+    def _watch(self) -> None:
+        assert self.timeout
+        loop = asyncio.get_running_loop()
+        self.watchdog = loop.call_later(self.timeout / 4, self._check)
+
+    def _check(self) -> None:
+        assert self.timeout
+        if self.closed:
+            return
+        if self.sent and asyncio.get_running_loop().time() - self.sent[0] \
+                >= self.timeout:
+            # Redis is stuck (paused, swapping): drop the connection, so
+            # every command in flight fails now and the next connects anew.
+            self.transport.abort()
+            self._fail(TimeoutError('no reply from Redis in %gs'
+                                    % self.timeout))
+            return
+        self._watch()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -122,6 +151,7 @@ class _Protocol(asyncio.Protocol):
             while pos < len(self.buf):
                 value, pos = parse(self.buf, pos)
                 waiter = self.waiters.popleft()
+                self.sent.popleft()
                 if waiter.done():  # its request was cancelled meanwhile
                     continue
                 if isinstance(value, Exception):  # an error reply
@@ -140,6 +170,9 @@ class _Protocol(asyncio.Protocol):
 
     def _fail(self, error: Exception) -> None:
         self.closed = True
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        self.sent.clear()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -181,14 +214,17 @@ class Multiplexed:
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         protocol = None
+
+        def made() -> _Protocol:
+            return _Protocol(self.timeout)
         try:
             async with _bounded(self.connect_timeout):
                 if self.path:
                     _, protocol = await loop.create_unix_connection(
-                        _Protocol, self.path)
+                        made, self.path)
                 else:
                     _, protocol = await loop.create_connection(
-                        _Protocol, self.host, self.port, ssl=self.ssl,
+                        made, self.host, self.port, ssl=self.ssl,
                         server_hostname=self.host if self.ssl else None)
                 hello: list[tuple[Any, ...]] = []
                 if self.password:
@@ -221,27 +257,20 @@ class Multiplexed:
     @staticmethod
     def _send(protocol: _Protocol,
               args: Sequence[Any]) -> asyncio.Future[Any]:
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         protocol.waiters.append(waiter)
+        protocol.sent.append(loop.time())
         protocol.transport.write(encode(args))
         return waiter
 
     async def execute(self, *args: Any) -> Any:
+        """The reply; TimeoutError once the connection's watchdog finds a
+        command unanswered past the timeout (see _Protocol)."""
         protocol = await self._protocol()
         if protocol.closed:
             raise ConnectionError('connection to Redis lost')
-        waiter = self._send(protocol, args)
-        try:
-            async with _bounded(self.timeout):
-                return await waiter
-        except builtins.TimeoutError:
-            # Redis is stuck (paused, swapping): drop the connection, so
-            # every command in flight fails now and the next connects anew.
-            protocol.transport.abort()
-            protocol._fail(TimeoutError('no reply from Redis in %gs'
-                                        % self.timeout))
-            raise TimeoutError('no reply from Redis in %gs'
-                               % self.timeout) from None
+        return await self._send(protocol, args)
 
     async def evalsha(self, sha: str, numkeys: int, *rest: Any) -> Any:
         return await self.execute('EVALSHA', sha, numkeys, *rest)

@@ -85,6 +85,20 @@ def _header(keys: Sequence[str], walks: Sequence[str],
     return '\n'.join(lines) + '\n' if lines else ''
 
 
+_SYNC: dict[type, bool] = {}
+
+
+def _is_sync(conn: Any) -> bool:
+    """Whether `conn` is the sync client, by its type, remembered:
+    redis.Redis is a runtime Protocol, and an isinstance against it checks
+    every member (it was most of a Script call's own time)."""
+    kind = type(conn)
+    sync = _SYNC.get(kind)
+    if sync is None:
+        sync = _SYNC[kind] = isinstance(conn, redis.Redis)
+    return sync
+
+
 class Script:
     def __init__(self, text: str, keys: Sequence[str] = (),
                  args: Sequence[str] = (), walks: Sequence[str] = (),
@@ -119,7 +133,7 @@ class Script:
 
     def __call__(self, conn: Any, **named: Any) -> Any:
         keys, args = self.bind(named)
-        if isinstance(conn, redis.Redis):  # the sync client
+        if _is_sync(conn):
             return self._typed(self._run_sync(conn, keys, args))
         return self._run_async(conn, keys, args)
 

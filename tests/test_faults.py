@@ -290,14 +290,16 @@ class TestWorkerDeath(WSFixture, unittest.TestCase):
         does not answer (chaos: a worker killed while its Redis was being
         restarted left the lock for its whole TTL); it tries again until
         the store answers, then frees it, and the core's retry works."""
-        self.start_ws(num_processes=2, max_frame_body_size=64 << 20)
+        self.start_ws(num_processes=2, max_checkpoint_body_size=64 << 20)
+        self.assertEqual(self.frame(b'two').status_code, 200)
         redis = self.ws.redis()
         self.addCleanup(redis.close)
         key = 'wsd:%s:lock:stream:%s' % (self.ws.name, self.sid)
-        big = {'files': {'frames.xtc.b64': b64(os.urandom(24 << 20))}}
+        # A large state: the lock is held while its body comes in.
+        big = {'files': {'state.xml': 'x' * (24 << 20)}}
         import threading
         thread = threading.Thread(target=self.send_quietly(
-            'PUT', '/core/frame', big), daemon=True)
+            'PUT', '/core/checkpoint', big), daemon=True)
         thread.start()
         holder = wait_for(lambda: redis.get(key), 'the lock taken', 60)
         store_pid = self.ws.redis_pid()
@@ -313,15 +315,45 @@ class TestWorkerDeath(WSFixture, unittest.TestCase):
         wait_for(lambda: 'at last' in self.ws.read_log(),
                  'the master to say it freed it', 30)
         for _ in range(2):
-            r = self.ws.request('PUT', '/core/frame', big, token=self.token)
+            r = self.ws.request('PUT', '/core/checkpoint', big,
+                                token=self.token)
             self.assertEqual(r.status_code, 200, r.text)
+        self.assertEqual(self.ws.request(
+            'GET', '/streams/%s/frames.xtc' % self.sid, token=PASS).content,
+            b'onetwo')
+
+    def buffer_lock_holder(self):
+        """The pid holding the flock of the stream's buffer (/proc/locks),
+        or None."""
+        path = os.path.join(self.ws.settings['data_folder'], 'streams',
+                            self.sid, 'buffer.lock')
+        try:
+            inode = os.stat(path).st_ino
+        except FileNotFoundError:
+            return None
+        with open('/proc/locks') as f:
+            for line in f:
+                parts = line.split()
+                if 'FLOCK' in parts and \
+                        parts[-3].rsplit(':', 1)[-1] == str(inode):
+                    return int(parts[-4])
+        return None
 
     def test_mid_frame(self):
+        """A worker killed while it appends a frame (its buffer lock held,
+        freed by the kernel): the bytes it wrote are cut by the retry,
+        whether or not Redis counted them."""
         self.start_ws(num_processes=2, max_frame_body_size=64 << 20)
         big = os.urandom(24 << 20)
         body = {'files': {'frames.xtc.b64': b64(big)}}
-        self.kill_holder_during(self.send_quietly('PUT', '/core/frame',
-                                                  body))
+        import threading
+        thread = threading.Thread(target=self.send_quietly(
+            'PUT', '/core/frame', body), daemon=True)
+        thread.start()
+        pid = wait_for(self.buffer_lock_holder, 'the buffer locked', 60,
+                       interval=0.005)
+        os.kill(pid, signal.SIGKILL)
+        thread.join(60)
         for _ in range(2):  # the retry, and a retry of the retry
             r = self.ws.request('PUT', '/core/frame', body, token=self.token)
             self.assertEqual(r.status_code, 200, r.text)

@@ -3,7 +3,9 @@ credentials from Authorization, request logs without tokens."""
 import hashlib
 import json
 import logging
+import unittest
 
+from server import web
 from server.web import (
     APIError,
     APIHandler,
@@ -286,3 +288,16 @@ class TestBaseHandler(AppTestCase):
         self.assertIn('400 PUT /echo', text)
         self.assertNotIn('s3cret', text)
         self.assertTrue(any(r.startswith('WARNING') for r in logs.output))
+
+
+class TestExactRoutes(unittest.TestCase):
+    """Plain paths are found by one lookup, never ahead of an earlier
+    pattern that Tornado would match first."""
+
+    def test_first_match_kept(self):
+        class A: pass  # noqa: E701
+        class B: pass  # noqa: E701
+        class C: pass  # noqa: E701
+        handlers = [(r'/a/(.*)', A), (r'/a/b', B), (r'/c', C),
+                    (r'/d', C, {'x': 1})]
+        self.assertEqual(web.exact_routes(handlers), {'/c': C})

@@ -13,6 +13,7 @@ import os
 import time
 import uuid
 from typing import NamedTuple
+from unittest import mock
 
 from redis.exceptions import (
     BusyLoadingError,
@@ -20,17 +21,16 @@ from redis.exceptions import (
     ReadOnlyError,
     ResponseError,
 )
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from tornado.simple_httpclient import HTTPStreamClosedError
 from tornado.testing import ExpectLog
 
 from server import fastredis, signing, store
-from server.disk import publish_dir
 from server.fastredis import Multiplexed
 from server.lua import Script
 from server.sessions_common import REASONS
 from server.tokens import token_hash
-from server.ws import core, recovery, stream_record
-from server.ws import storage as storage_module
+from server.ws import core, locks, recovery, stream_record
 from server.ws.app import WorkServer
 from tools.testing import (
     CC_PASS,
@@ -702,6 +702,65 @@ class TestCore(WSTestCase):
             self.assertIn(b'error', r.body)
 
 
+class TestFramePath(WSTestCase):
+    """Frames of a token this worker saw live take the lean path (no
+    RequestHandler): the same replies, errors, log and metrics."""
+
+    def handled(self):
+        """Counts FrameHandler requests from now on."""
+        seen = []
+        real = core.FrameHandler.authenticate
+
+        async def authenticate(handler):
+            seen.append(1)
+            return await real(handler)
+        patch = mock.patch.object(core.FrameHandler, 'authenticate',
+                                  authenticate)
+        patch.start()
+        self.addCleanup(patch.stop)
+        return seen
+
+    def test_known_token_takes_the_lean_path(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        seen = self.handled()
+        self.frame(token, b'one')  # first: the handler, the token learnt
+        self.assertEqual(len(seen), 1)
+        r = self.fetch('/core/frame', method='PUT', body=json.dumps(
+            {'files': {'frames.xtc.b64': b64(b'two')}}),
+            headers={'Authorization': 'Bearer ' + token})
+        self.assertEqual((r.code, r.body), (200, b'{}'))
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(r.headers['Content-Type'],
+                         'application/json; charset=UTF-8')
+        self.assertIn('Date', r.headers)
+        self.assertNotIn('Server', r.headers)
+        # Bad bodies: the handler's JSON errors; nothing stored.
+        for body, headers, error in (
+                (b'{nope', {}, 'not valid JSON'),
+                (b'[]', {}, 'must be a JSON object'),
+                (b'{}', {}, 'missing field files'),
+                (b'{}', {'Content-MD5': 'ab' * 16}, 'Content-MD5')):
+            headers['Authorization'] = token
+            code, reply = self.fetch_json('/core/frame', 'PUT', body,
+                                          headers=headers)
+            self.assertEqual(code, 400)
+            self.assertIn(error, reply['error'])
+        self.frame(token, b'two')  # a retry of the accepted frame
+        self.assertEqual(len(seen), 1)
+        self.checkpoint(token, b's1')
+        self.assertEqual(self.download(sid)[1], b'onetwo')
+        # A token ended meanwhile: a 401 once the body is in.
+        self.assertEqual(self.cc('/streams/stop/' + sid, 'PUT'), (200, {}))
+        self.assertEqual(self.frame(token, b'x', code=401)['error'],
+                         'unknown or expired core token')
+        self.assertEqual(len(seen), 1)
+        self.assertFalse(os.path.exists(self.app.storage.buffer_dir(sid)))
+        # Now unknown again: the handler refuses it before its body.
+        self.frame(token, b'x', code=401)
+        self.assertEqual(len(seen), 2)
+
+
 class TestLostActivation(WSTestCase):
     """An activation whose reply never reached a core (the CC timed out,
     the connection was cut after the request was sent): its stream comes
@@ -1156,16 +1215,16 @@ class TestRecovery(WSTestCase):
         self.frame(token, b'two')
         storage = self.app.storage
 
-        def broken(tmp, final):
+        def broken(paths):
             raise OSError(28, 'No space left on device')
-        storage_module.publish_dir = broken
+        storage.durable.sync = broken
         try:
             code, reply = self.fetch_json('/core/checkpoint', 'PUT', {
                 'files': {'state.xml.gz.b64': gzb64(b's2')}}, token=token)
             self.assertEqual(code, 503)
             self.assertIn('disk is full', reply['error'])
         finally:
-            storage_module.publish_dir = publish_dir
+            del storage.durable.sync
         self.assertEqual(self.download(sid)[1], b'one')
         self.assertEqual(len(storage.chunks(sid)), 1)
         self.assertEqual(storage.buffer_files(sid), ['frames.xtc'])
@@ -1232,17 +1291,27 @@ class TestLockLost(WSTestCase):
         self.addCleanup(setattr, storage, name, real)
         return give_back
 
-    def test_frame_not_counted(self):
+    def test_frame_waits_for_the_fence(self):
+        """A frame that finds the stream's lock held once it is appended
+        (a checkpoint, stop, deletion or repair under way) is cut back and
+        waits; it is counted once the lock is free, or is a 503 with
+        nothing stored past the wait."""
         tid, sid = self.new_stream()
         token, _ = self.activate(tid)
         self.frame(token, b'one')
+        buffer = os.path.join(self.app.storage.buffer_dir(sid), 'frames.xtc')
         give_back = self.steal_lock_during('append_frames')
-        reply = self.frame(token, b'two', code=503)
+        with mock.patch.object(locks, 'LOCK_WAIT_S', 0.3):
+            reply = self.frame(token, b'two', code=503)
         self.assertIn('retry', reply['error'])
         give_back(sid)
         self.assertEqual(self.redis_dump()[self.app.keys.stream(sid)]
                          ['buffer_frames'], '1')
-        self.frame(token, b'two')  # the retry
+        with open(buffer, 'rb') as f:
+            self.assertEqual(f.read(), b'one')
+        give_back = self.steal_lock_during('append_frames')
+        self.io_loop.call_later(0.3, give_back, sid)
+        self.frame(token, b'two')  # waits, then is counted once
         self.checkpoint(token, b's1')
         self.assertEqual(self.download(sid)[1], b'onetwo')
         self.assertEqual(self.info(sid)['frames'], 2)
@@ -1333,6 +1402,28 @@ class TestMultiplexedRedis(RedisTestCase):
                 except ConnectionError:
                     await asyncio.sleep(0.01)
         self.assertEqual(self.io_loop.run_sync(go), ['c', 6])
+
+    def test_a_stuck_redis_fails_every_command_in_flight(self):
+        """A Redis that accepts and never answers: the connection's
+        watchdog fails every command in flight with TimeoutError (a
+        store-down 503) and drops the connection."""
+        async def go():
+            server = await asyncio.start_server(
+                lambda r, w: None, '127.0.0.1', 0)
+            port = server.sockets[0].getsockname()[1]
+            mux = Multiplexed(port=port, timeout=0.2)
+            try:
+                got = await asyncio.gather(
+                    *(mux.execute('PING') for _ in range(3)),
+                    return_exceptions=True)
+                self.assertTrue(mux.protocol.closed)
+                return got
+            finally:
+                mux.close()
+                server.close()
+        got = self.io_loop.run_sync(go)
+        self.assertEqual([type(e) for e in got], [RedisTimeoutError] * 3)
+        self.assertTrue(all(isinstance(e, store.DOWN) for e in got))
 
 
 class Pair(NamedTuple):

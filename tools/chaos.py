@@ -6,11 +6,12 @@ on loopback. Synthetic cores keep sending frames, checkpoints and
 heartbeats through the real protocol (assign on the CC, then the WS),
 retrying like real cores; a manager keeps downloading every stream through
 the CC and creating and deleting scratch streams. The killer picks a
-victim (a WS worker -- the one holding the stream's lock when there is
-one --, the whole WS, the WS's Redis, the CC, the CC's Redis) and a
-moment: while a frame, a checkpoint (a random delay into it, so before
-and after its rename), an activation, a stream creation or deletion is in
-flight, or while the WS registers after a restart, or idle.
+victim (a WS worker -- the one holding a buffer's or a stream's lock
+when there is one --, the whole WS, the WS's Redis, the CC, the CC's
+Redis) and a moment: while a frame, a checkpoint (a random delay into it,
+so before and after its rename), an activation, a stream creation or
+deletion is in flight, or while the WS registers after a restart, or
+idle.
 
 After every kill, once everything answers again:
 - every stream downloads, byte for byte, as the frames of one checkpoint
@@ -449,6 +450,19 @@ class Chaos:
             r.close()
         return None
 
+    def buffer_lock_holder(self, workers):
+        """The pid of a WS worker holding a buffer's flock now (a frame
+        being appended and recorded), or None."""
+        try:
+            with open('/proc/locks') as f:
+                for line in f:
+                    parts = line.split()
+                    if 'FLOCK' in parts and int(parts[-4]) in workers:
+                        return int(parts[-4])
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
     def ws_locks(self):
         """The WS's locks and heartbeats now (why a stream is stuck)."""
         r = self.ws.redis()
@@ -490,9 +504,12 @@ class Chaos:
             delay = 0.03 if moment == 'checkpoint' else 0.01
             time.sleep(self.rng.uniform(0, delay))
         if victim == 'ws_worker':
-            pid = self.lock_holder() if moment in ('frame', 'checkpoint') \
-                else None
             workers = self.ws_workers()
+            pid = None
+            if moment == 'frame':
+                pid = self.buffer_lock_holder(workers)
+            if moment in ('frame', 'checkpoint') and pid is None:
+                pid = self.lock_holder()
             if pid not in workers:
                 pid = self.rng.choice(workers) if workers else None
             if pid:

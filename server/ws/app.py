@@ -12,6 +12,7 @@ from server.ws import (
     cc_api,
     core,
     download,
+    frame_path,
     recovery,
     registration,
     report,
@@ -36,12 +37,22 @@ class WorkServer(App):
         self.keys = Keys(settings.name)
         # Hot-path scripts run over this (see fastredis.py).
         self.fastredis = fastredis.hot_path(redis)
-        self.storage = Storage(settings.data_folder)
+        self.storage = Storage(settings.data_folder,
+                               settings.checkpoint_flush)
         self.storage.ensure()
         self.tasks = []
         self.pulse = None
         self.unreleased = []   # locks to free once Redis answers again
         self.releasing = None
+        self.live_tokens = core.LiveTokens()
+
+    def start_request(self, server_conn, request_conn):
+        """Frames of known tokens take the lean path (frame_path.py)."""
+        return frame_path.Dispatch(self, server_conn, request_conn)
+
+    def default_start_request(self, server_conn, request_conn):
+        """The Application's own routing, for every other request."""
+        return super().start_request(server_conn, request_conn)
 
     @classmethod
     def prepare(cls, settings, redis_url):

@@ -13,25 +13,27 @@ from server import threads
 from server.web import TooLarge
 
 
-def frame_room(config: Any, held: Any) -> tuple[int, str]:
-    """(bytes, why) a frame of `held` (a stream_record.Held) may still
-    decode to; 413 if none."""
-    buffered = sum(held.sizes.values())
+def frame_room(config: Any, buffered: int) -> tuple[int, str]:
+    """(bytes, why) a frame may still decode to, with `buffered` bytes in
+    the stream's buffer; 413 if none. The stream's total is checked when
+    the frame is recorded (stream_record.record_frame), against the
+    committed bytes Redis keeps: over it, the append is cut back and
+    `stream_full` answers."""
     buffer_left = config.max_buffer_size_in_bytes - buffered
     if buffer_left <= 0:
         raise TooLarge('the frames buffered since the last checkpoint '
                        'hold %d bytes, the limit (max_buffer_size_in_bytes): '
                        'checkpoint first' % buffered)
-    stream_left = (config.max_stream_size_in_bytes - buffered
-                   - (held.committed_bytes or 0))
-    if stream_left <= 0:
-        raise TooLarge('the stream holds %d bytes, its limit '
-                       '(max_stream_size_in_bytes): it takes no more frames'
-                       % (buffered + (held.committed_bytes or 0)))
-    if stream_left < buffer_left:
-        return stream_left, "the stream's limit, max_stream_size_in_bytes"
     return buffer_left, ('the limit of the frames buffered between '
                          'checkpoints, max_buffer_size_in_bytes')
+
+
+def stream_full(config: Any, held: int) -> None:
+    """413: a stream holding `held` bytes (committed and buffered) takes
+    no frame that would pass its total."""
+    raise TooLarge('the stream holds %d bytes and a frame would pass its '
+                   'limit (max_stream_size_in_bytes, %d): it takes no more '
+                   'frames' % (held, config.max_stream_size_in_bytes))
 
 
 def checkpoint_room(config: Any) -> tuple[int, str]:

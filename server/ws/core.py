@@ -32,10 +32,16 @@ from server.web import (
     decoded_size,
     decoded_streams,
     encoded_size,
+    get_field,
     role,
 )
 from server.ws import budgets, locks, stream_record, streams
-from server.ws.storage import BufferLost, TooManyFiles, encode_sizes
+from server.ws.storage import (
+    BufferBusy,
+    BufferLost,
+    TooManyFiles,
+    decode_sizes,
+)
 
 log = logging.getLogger('siegetank.ws.core')
 
@@ -175,10 +181,10 @@ class CoreHandler(APIHandler):
 
 
 class LockedCoreHandler(CoreHandler):
-    """Frames, checkpoints, stops: the token is checked and the stream's
-    lock taken in one round trip before the body is read (the frame path
-    costs no extra trip); the lock is freed when the request ends, also
-    when its body is refused or never comes."""
+    """Checkpoints, stops: the token is checked and the stream's lock
+    taken in one round trip before the body is read; the lock is freed
+    when the request ends, also when its body is refused or never
+    comes."""
 
     held = None
 
@@ -210,6 +216,9 @@ class LockedCoreHandler(CoreHandler):
             await streams.deactivate(self.application, held.sid, tid, 'stop')
             raise APIError(409, 'the stream\'s buffer was lost; this '
                            'activation is over, ask for a new one') from e
+        except BufferBusy as e:
+            raise APIError(503, str(e) + '; nothing was stored, '
+                           'retry') from e
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise APIError(503, 'workserver disk is full; nothing '
@@ -245,49 +254,191 @@ class CoreStartHandler(CoreHandler):
         self.finish(body)
 
 
-def body_digest(handler):
+TOKEN_CACHE_S = 30.0   # a frame trusts a token seen live this long
+TOKEN_CACHE_MAX = 100_000
+
+
+class LiveTokens:
+    """Tokens this worker saw live lately, {hash: (sid, until)}: a frame's
+    token is checked from here before its body is read (a 401 for one
+    never seen live), in Redis when it is not here; the frame's one round
+    trip (stream_record.record_frame) checks it again either way, so a
+    token ended meanwhile is a 401 once the body is in."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[str, float]] = {}
+
+    def get(self, hashed: str) -> str | None:
+        got = self.seen.get(hashed)
+        if got is None:
+            return None
+        if got[1] < time.monotonic():
+            del self.seen[hashed]
+            return None
+        return got[0]
+
+    def add(self, hashed: str, sid: str) -> None:
+        now = time.monotonic()
+        if len(self.seen) >= TOKEN_CACHE_MAX:
+            self.seen = {h: v for h, v in self.seen.items() if v[1] >= now}
+            if len(self.seen) >= TOKEN_CACHE_MAX:
+                self.seen.clear()
+        self.seen[hashed] = (sid, now + TOKEN_CACHE_S)
+
+    def forget(self, hashed: str) -> None:
+        self.seen.pop(hashed, None)
+
+
+def live_tokens(app: Any) -> LiveTokens:
+    tokens: LiveTokens | None = getattr(app, 'live_tokens', None)
+    if tokens is None:
+        tokens = app.live_tokens = LiveTokens()
+    return tokens
+
+
+def frame_digest(md5: str | None, raw: bytes) -> str:
     """What tells a retry from a new frame: the Content-MD5 already checked
     (later cores send it), else the body's SHA-1 (a third cheaper than MD5
     here). A core sends a retry the way it sent the original."""
-    if handler.body_md5 is not None:
-        return handler.body_md5
-    return hashlib.sha1(handler.request.body).hexdigest()
+    return md5 if md5 is not None else hashlib.sha1(raw).hexdigest()
 
 
-class FrameHandler(LockedCoreHandler):
+def body_digest(handler):
+    return frame_digest(handler.body_md5, handler.request.body)
+
+
+async def frame_token(app: Any, token: str | None) -> tuple[str, str]:
+    """(hash, stream id) of a frame's token: from the tokens this worker
+    saw live lately, else checked in Redis (401)."""
+    if not token:
+        raise APIError(401, 'missing core token')
+    hashed = token_hash(token)
+    tokens = live_tokens(app)
+    sid = tokens.get(hashed)
+    if sid is None:
+        sid = await live_stream(app, token)
+        tokens.add(hashed, sid)
+    return hashed, sid
+
+
+class FrameHandler(CoreHandler):
+    """Frames whose token this worker has not seen live lately (the first
+    of an activation, a bad request); the others take the lean path
+    (ws/frame_path.py). Both run `store_frame`."""
     body_limit = 'max_frame_body_size_in_bytes'
+
+    async def authenticate(self):
+        self.hashed, self.sid = await frame_token(self.application,
+                                                  self.token())
 
     @allow('core')
     async def put(self):
-        app = self.application
-        config = app.config
-        most = config.max_files_per_request
-        files = check_files(self.field('files', dict), max_files=most)
-        n = self.field('frames', int, 1)
-        if not 1 <= n <= config.max_frames_per_request:
-            raise APIError(400, 'frames must be from 1 to %d'
-                           % config.max_frames_per_request)
-        md5 = body_digest(self)
-        async with self.locked_stream() as held:
-            if held.digest == md5:
-                self.write_json({})  # a retry of the accepted frame
-                return
-            # Past the sizes Redis counted, the buffer is cut first; bytes
-            # appended whose count is lost are cut by the next request.
-            try:
-                sizes = await bounded(
-                    config, encoded_size(files),
-                    lambda budget: app.storage.append_frames(
-                        held.sid, decoded_streams(files, budget), most,
-                        held.sizes),
-                    threads.disk, room=budgets.frame_room(config, held))
-            except TooManyFiles as e:
-                raise TooLarge(str(e)) from e
-            if not await held.done(held.record_frame(
-                    n, md5, encode_sizes(sizes))):
-                raise LockLost(held.sid)
-        metrics.count('frames_received', n)
+        await store_frame(self.application, self.sid, self.hashed,
+                          self.body, body_digest(self))
         self.write_json({})
+
+
+async def store_frame(app: Any, sid: str, hashed: str, body: dict[str, Any],
+                      digest: str) -> None:
+    """A frame costs one Redis round trip: appended to the buffer under the
+    buffer's lock (storage.lock_buffer, no Redis lock), then recorded by
+    one script that refuses if the token died or another writer of the
+    buffer holds the stream's lock, and the append is cut back then."""
+    config = app.config
+    most = config.max_files_per_request
+    files = check_files(get_field(body, 'files', dict), max_files=most)
+    n = get_field(body, 'frames', int, 1)
+    if not 1 <= n <= config.max_frames_per_request:
+        raise APIError(400, 'frames must be from 1 to %d'
+                       % config.max_frames_per_request)
+    storage = app.storage
+
+    async def attempt() -> str | None:
+        fd = storage.lock_buffer(sid, wait=False)
+        if fd is None:
+            return None
+        try:
+            return await _append(app, sid, hashed, files, n, digest)
+        finally:
+            storage.unlock_buffer(fd)
+    try:
+        done = await locks.wait_turn(attempt, lambda: 'stream %s' % sid,
+                                     locks.LOCK_WAIT_S)
+    except FileNotFoundError as e:  # the stream's folder: deleted
+        live_tokens(app).forget(hashed)
+        raise APIError(401, 'unknown or expired core token') from e
+    except BufferLost as e:
+        await _end_lost(app, sid, hashed, e)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise APIError(503, 'workserver disk is full; nothing '
+                           'was stored, retry') from e
+        raise
+    if done == 'ok':
+        metrics.count('frames_received', n)
+
+
+async def _append(app: Any, sid: str, hashed: str, files: dict[str, Any],
+                  n: int, digest: str) -> str | None:
+    """With the buffer's lock held: append and record (ok), or find the
+    body is the frame last accepted (retry), or the stream's lock held
+    (None: try again); the append is cut back unless recorded. A buffer
+    longer than Redis counted (a frame whose record was lost) is cut to
+    the count and the frame appended again."""
+    storage = app.storage
+    for _ in range(3):
+        sizes = storage.buffer_sizes(sid)
+        had = sizes is not None  # a cut back leaves the folder as found
+        before = sizes or {}
+
+        def work(budget: Any, before: dict[str, int] = before) -> Any:
+            return storage.append_frames(
+                sid, decoded_streams(files, budget),
+                app.config.max_files_per_request, before)
+        try:
+            after = await bounded(
+                app.config, encoded_size(files), work, threads.disk,
+                room=budgets.frame_room(app.config,
+                                        sum(before.values())))
+        except TooManyFiles as e:
+            raise TooLarge(str(e)) from e
+        # Redis down: the outcome is unknown, the bytes stay (the next
+        # frame's record tells whether Redis counted them).
+        got = await stream_record.record_frame(
+            app, hashed, sid, n, digest, before, after,
+            app.config.max_stream_size_in_bytes)
+        if got.outcome == 'ok':
+            return 'ok'
+        if got.outcome == 'full':
+            storage.trim_buffer(sid, before, keep=had)
+            budgets.stream_full(app.config, sum(before.values())
+                                + int(got.committed_bytes or 0))
+        if got.outcome in ('cut', 'retry'):
+            storage.trim_buffer(sid, decode_sizes(got.sizes))
+            if got.outcome == 'retry':
+                return 'retry'
+            continue
+        storage.trim_buffer(sid, before, keep=had)
+        if got.outcome == 'busy':
+            return None
+        live_tokens(app).forget(hashed)
+        raise APIError(401, 'unknown or expired core token')
+    raise APIError(503, 'the buffer of stream %s keeps changing; nothing '
+                   'was stored, retry' % sid)
+
+
+async def _end_lost(app: Any, sid: str, hashed: str,
+                    error: BufferLost) -> None:
+    """Bytes Redis counted are gone from the disk: this activation cannot
+    be committed whole. It ends (if still this token's); the core asks
+    again."""
+    log.error('%s: the activation is ended', error)
+    async with locks.stream_locked(app, sid):
+        if await stream_record.live(app, hashed, time.time()) == sid:
+            tid = await streams.target_of(app, sid)
+            await streams.deactivate(app, sid, tid, 'stop')
+    raise APIError(409, 'the stream\'s buffer was lost; this activation '
+                   'is over, ask for a new one') from error
 
 
 # What a checkpoint's `frames` may be: a count a JSON double holds exactly.
@@ -336,10 +487,11 @@ def commit(storage, sid, n, files, meta, sizes, reset_errors):
     request whose reply was lost before Redis heard of it) is not committed
     twice. A successful checkpoint resets the error count (errors are
     consecutive)."""
-    if storage.buffer_files(sid):
-        seq, total = storage.commit(sid, n, files, meta, sizes)
-    else:
-        seq, total = None, storage.committed_frames(sid)
+    with storage.buffer_locked(sid):
+        if storage.buffer_files(sid):
+            seq, total = storage.commit(sid, n, files, meta, sizes)
+        else:
+            seq, total = None, storage.committed_frames(sid)
     if reset_errors:
         storage.update_stream_meta(sid, error_count=0)
     return seq, total

@@ -8,24 +8,53 @@ Layout under `data_folder`:
                                                status, error_count, tags
                                                (if any); seed files
     streams/<sid>/buffer/<name>                uncommitted frames (decoded)
+    streams/<sid>/buffer.lock                  the buffer's lock (an flock:
+                                               see lock_buffer)
     streams/<sid>/chunks/<seq>-<n>/frames/<name>, state/<name>, meta.json
                                                one committed checkpoint
     streams/<sid>/errors.log, errors.log.1     messages of error stops (the
                                                newest; rotated at a size)
 
 Every directory that must appear whole (a target, a stream, a chunk) is
-built under a temporary name, its files and itself fsynced, then renamed
-into place and its parent fsynced: the rename is the commit. After a crash
-a chunk is there entirely or not at all; temporary directories, buffers and
-the trash are garbage and are removed on start. Committed frames = sum of
-the chunks' n; the restart point = the newest chunk's state files; a
-download = that file of every chunk in seq order.
+built under a temporary name, made durable, then renamed into place and
+the rename made durable: the rename is the commit. After a crash a chunk
+is there entirely or not at all; temporary directories, buffers and the
+trash are garbage and are removed on start. Committed frames = sum of the
+chunks' n; the restart point = the newest chunk's state files; a download
+= that file of every chunk in seq order.
+
+A checkpoint (`commit`) writes nothing durable until it has built its
+chunk: the buffer's files are renamed into it, the state files and
+meta.json written to the page cache. Then two flushes (disk.GroupSync):
+  1. before the rename: the chunk's files (their data) and its three
+     directories (their entries) are on disk, else a crash after the
+     rename reached the disk could leave a published chunk with missing
+     or short files;
+  2. after the rename: the chunk's entry in chunks/ is on disk before
+     Redis counts its frames and the core hears they are safe, else a
+     crash would lose frames the core was told were kept.
+Nothing else is flushed: frame appends go to the page cache (a crash
+discards the buffer anyway, and the core's activation with it), and the
+buffer's own entries never matter after a crash. With `checkpoint_flush`
+"fsync" (the default) flush 1 is an fsync of each file then each folder
+(one frame file and one state file: 6) and flush 2 one of chunks/, as
+POSIX needs, made by the checkpoint's own disk thread (the journal
+commits the fsyncs of concurrent checkpoints together). With "syncfs"
+each flush is one step of a group commit: one thread makes one syncfs of
+the filesystem for every checkpoint of the process due at that moment
+(2 calls per checkpoint at most, fewer when checkpoints come together),
+which also writes back every other dirty page there: only for a data
+folder on a filesystem of its own (on a shared one it slows the WS
+Redis's AOF fsync, and a Redis killed meanwhile loses the writes it had
+postponed).
 
 Everything here blocks. Handlers call it in a thread (`threads.disk`),
 except a small frame's append (`append_frames`), which runs on the event
 loop when its body is small enough to decode there (web.bounded: a thread
 hop costs more than the write to the page cache); a large one goes to the
 disk pool."""
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -34,10 +63,10 @@ import time
 import uuid
 
 from server.disk import (
+    GroupSync,
     atomic_write,
     build_dir,
     fsync_dir,
-    publish_dir,
     read_text,
     unlink,
     write_file,
@@ -77,11 +106,12 @@ def _read_json(path):
 
 
 class Storage:
-    def __init__(self, root):
+    def __init__(self, root, flush='fsync'):
         self.root = os.path.abspath(root)
         self.targets = os.path.join(self.root, 'targets')
         self.streams = os.path.join(self.root, 'streams')
         self.trash = os.path.join(self.root, 'trash')
+        self.durable = GroupSync(self.root, use_syncfs=flush == 'syncfs')
 
     def ensure(self):
         for folder in (self.targets, self.streams, self.trash):
@@ -174,7 +204,8 @@ class Storage:
         return True
 
     def remove_stream(self, stream_id):
-        self._remove(self.stream_dir(stream_id))
+        with self.buffer_locked(stream_id):
+            self._remove(self.stream_dir(stream_id))
 
     def _remove(self, path):
         """Move to the trash in one step (the disk no longer holds it, even
@@ -258,10 +289,14 @@ class Storage:
             raise
         return sizes
 
-    def trim_buffer(self, stream_id, recorded):
+    def trim_buffer(self, stream_id, recorded, keep=True):
         """Make the buffer exactly what Redis counted: files it does not
-        know are removed, longer ones cut; BufferLost if one is short."""
+        know are removed, longer ones cut; BufferLost if one is short. An
+        empty count with `keep` false leaves no buffer folder."""
         folder = self.buffer_dir(stream_id)
+        if not recorded and not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
         for name in self.buffer_files(stream_id):
             path = os.path.join(folder, name)
             if name not in recorded:
@@ -302,7 +337,73 @@ class Storage:
             return []
 
     def discard_buffer(self, stream_id):
-        shutil.rmtree(self.buffer_dir(stream_id), ignore_errors=True)
+        with self.buffer_locked(stream_id):
+            shutil.rmtree(self.buffer_dir(stream_id), ignore_errors=True)
+
+    # The buffer's lock: every writer of a stream's buffer holds it (frames
+    # for their append and its record in Redis, checkpoints, deactivations,
+    # deletions, the master's repair). An flock of `buffer.lock` in the
+    # stream's folder, so it is shared by the worker processes and freed
+    # by the kernel when its holder dies.
+
+    BUFFER_WAIT_S = 30.0  # a writer waits this long for the buffer's lock
+
+    def lock_buffer(self, stream_id, wait=BUFFER_WAIT_S):
+        """The fd of the held lock (give it to unlock_buffer); None if busy
+        and `wait` is 0; BufferBusy if still busy after `wait` seconds;
+        FileNotFoundError if the stream is gone. A wait polls rather than
+        blocks in the kernel: a disk thread blocked on the lock of a frame
+        that needs a disk thread to finish could, with the pool full of
+        such waits, never be woken."""
+        fd = os.open(os.path.join(self.stream_dir(stream_id), 'buffer.lock'),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + wait
+        delay = 0.001
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    if not wait:
+                        os.close(fd)
+                        return None
+                    if time.monotonic() >= deadline:
+                        raise BufferBusy(stream_id) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def unlock_buffer(fd):
+        os.close(fd)  # the flock goes with its last fd
+
+    @contextlib.contextmanager
+    def buffer_locked(self, stream_id):
+        """The buffer's lock held for the block (waits; a stream whose
+        folder is gone has no buffer to guard)."""
+        try:
+            fd = self.lock_buffer(stream_id)
+        except FileNotFoundError:
+            fd = None
+        try:
+            yield
+        finally:
+            if fd is not None:
+                self.unlock_buffer(fd)
+
+    def buffer_sizes(self, stream_id):
+        """{name: bytes} of the buffer's files as the disk has them; None
+        if there is no buffer folder."""
+        folder = self.buffer_dir(stream_id)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return None
+        return {name: os.path.getsize(os.path.join(folder, name))
+                for name in names}
 
     def _chunk_names(self, stream_id):
         """The names of the committed chunks, unordered."""
@@ -355,9 +456,11 @@ class Storage:
 
     def commit(self, stream_id, nframes, state_files, meta, recorded):
         """Make the buffer (holding `nframes` frames, `recorded` sizes) and
-        `state_files` {name: str} the stream's newest chunk, crash-safely.
-        The caller holds the stream's lock. Returns (the chunk's seq, the
-        stream's committed frames with it)."""
+        `state_files` {name: str} the stream's newest chunk, crash-safely
+        (the protocol at the top). The caller holds the stream's lock and
+        its buffer's.
+        Returns (the chunk's seq, the stream's committed frames with
+        it)."""
         self.trim_buffer(stream_id, recorded)
         seq, total = self.head(stream_id)
         seq += 1
@@ -365,21 +468,28 @@ class Storage:
         buffer = self.buffer_dir(stream_id)
         final = os.path.join(folder, '%010d-%d' % (seq, nframes))
         tmp = os.path.join(folder, '.tmp-%s' % uuid.uuid4().hex)
-        os.makedirs(os.path.join(tmp, 'frames'))
-        os.mkdir(os.path.join(tmp, 'state'))
+        frames, state = os.path.join(tmp, 'frames'), os.path.join(tmp,
+                                                                  'state')
+        os.makedirs(frames)
+        os.mkdir(state)
         moved = []
         try:
             for name in sorted(os.listdir(buffer)):
                 src = os.path.join(buffer, name)
-                dst = os.path.join(tmp, 'frames', name)
+                dst = os.path.join(frames, name)
                 os.rename(src, dst)
                 moved.append((src, dst))
-                with open(dst, 'rb') as f:
-                    os.fsync(f.fileno())
-            for name, value in state_files.items():
-                write_file(os.path.join(tmp, 'state', name), value)
-            write_file(os.path.join(tmp, 'meta.json'), json.dumps(meta))
-            publish_dir(tmp, final)
+            written = [os.path.join(state, name) for name in state_files]
+            for path, value in zip(written, state_files.values(),
+                                   strict=True):
+                write_file(path, value, sync=False)
+            written.append(os.path.join(tmp, 'meta.json'))
+            write_file(written[-1], json.dumps(meta), sync=False)
+            # Flush 1: the chunk's files and entries are on disk before
+            # the rename that publishes it can be.
+            self.durable.sync([dst for _, dst in moved] + written
+                              + [frames, state, tmp])
+            os.rename(tmp, final)
         except BaseException:
             for src, dst in moved:  # give the buffer back for a retry
                 try:
@@ -388,21 +498,25 @@ class Storage:
                     pass
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        # Flush 2: the rename is on disk before Redis counts the frames
+        # and the core hears they are safe.
+        self.durable.sync([folder])
         return seq, total + nframes
 
     def uncommit(self, stream_id, seq):
         """Undo the commit of chunk `seq` (the newest): its frames go back
         to the buffer, the chunk away, as one rename first."""
-        newest = self.newest_chunk(stream_id)
-        if newest is None or newest[0] != seq:
-            return False
-        folder = self.chunks_dir(stream_id)
-        tmp = os.path.join(folder, '.tmp-%s' % uuid.uuid4().hex)
-        os.rename(newest[1], tmp)
-        fsync_dir(folder)
-        restore_frames(tmp, self.buffer_dir(stream_id))
-        shutil.rmtree(tmp, ignore_errors=True)
-        return True
+        with self.buffer_locked(stream_id):
+            newest = self.newest_chunk(stream_id)
+            if newest is None or newest[0] != seq:
+                return False
+            folder = self.chunks_dir(stream_id)
+            tmp = os.path.join(folder, '.tmp-%s' % uuid.uuid4().hex)
+            os.rename(newest[1], tmp)
+            fsync_dir(folder)
+            restore_frames(tmp, self.buffer_dir(stream_id))
+            shutil.rmtree(tmp, ignore_errors=True)
+            return True
 
     def restore_interrupted(self, stream_id):
         """Frames a commit had moved out of the buffer when its process
@@ -410,15 +524,16 @@ class Storage:
         chunk is removed. Only while the dead holder's lock is still
         held."""
         folder = self.chunks_dir(stream_id)
-        try:
-            names = os.listdir(folder)
-        except FileNotFoundError:
-            return
-        for name in names:
-            if name.startswith('.tmp-'):
-                tmp = os.path.join(folder, name)
-                restore_frames(tmp, self.buffer_dir(stream_id))
-                shutil.rmtree(tmp, ignore_errors=True)
+        with self.buffer_locked(stream_id):
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                return
+            for name in names:
+                if name.startswith('.tmp-'):
+                    tmp = os.path.join(folder, name)
+                    restore_frames(tmp, self.buffer_dir(stream_id))
+                    shutil.rmtree(tmp, ignore_errors=True)
 
     def stream_files(self, stream_id):
         """The seed files with the newest checkpoint's files in place of
@@ -459,7 +574,7 @@ class Storage:
                     shutil.rmtree(os.path.join(parent, name),
                                   ignore_errors=True)
         for sid in self.stream_ids():
-            self.discard_buffer(sid)
+            shutil.rmtree(self.buffer_dir(sid), ignore_errors=True)
             folder = self.stream_dir(sid)
             for name in os.listdir(folder):
                 if '.tmp-' in name:  # an interrupted stream.json rewrite
@@ -476,6 +591,13 @@ class Storage:
 
     def stream_ids(self):
         return _names(self.streams)
+
+
+class BufferBusy(Exception):
+    """The buffer's lock stayed taken past the wait."""
+
+    def __init__(self, stream_id):
+        super().__init__('the buffer of stream %s stayed busy' % stream_id)
 
 
 class BufferLost(Exception):

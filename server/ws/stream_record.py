@@ -32,7 +32,7 @@ from server.lua import Script
 from server.sessions_common import REASON_OF_MODE, minute
 from server.ws import target_record
 from server.ws.keys import Keys
-from server.ws.storage import decode_sizes
+from server.ws.storage import decode_sizes, encode_sizes
 
 # The hash fields an activation adds; they go when it ends.
 ACTIVE_ONLY = ('token', 'donor', 'start_time', 'buffer_frames', 'digest',
@@ -506,7 +506,6 @@ class Hold(NamedTuple):
     and (if so) what a frame or checkpoint needs from its hash."""
     sid: str
     taken: int
-    digest: str = ''
     buffer_frames: str = '0'
     error_count: str = '0'
     frames: str = '0'
@@ -514,18 +513,18 @@ class Hold(NamedTuple):
     committed_bytes: str = ''
 
 
-# One round trip for the start of a frame or checkpoint: the stream of a
+# One round trip for the start of a checkpoint or a stop: the stream of a
 # live token, its lock taken, and what the request needs from its hash.
 # Nothing else changes: a request refused for its body leaves no trace.
-# Returns false (token not live), {sid, 0} (lock busy) or {sid, 1, digest,
+# Returns false (token not live), {sid, 0} (lock busy) or {sid, 1,
 # buffer_frames, error_count, frames, sizes, bytes}. Walks from the token
 # to the stream's hash and lock.
 _HOLD = Script("""
 local sid = redis.call('GET', token_key)
 if not sid then return false end
 local s = redis.call('HMGET', string.format(stream, sid), 'active', 'token',
-                     'digest', 'buffer_frames', 'error_count', 'frames',
-                     'sizes', 'bytes')
+                     'buffer_frames', 'error_count', 'frames', 'sizes',
+                     'bytes')
 if s[1] ~= '1' or s[2] ~= token then return false end
 local exp = redis.call('ZSCORE', heartbeats, sid)
 if not exp or tonumber(exp) < tonumber(now) then return false end
@@ -533,8 +532,8 @@ if not redis.call('SET', string.format(lock, sid), holder, 'NX', 'PX',
                   ttl_ms) then
   return {sid, 0}
 end
-return {sid, 1, s[3] or '', s[4] or '0', s[5] or '0', s[6] or '0',
-        s[7] or '', s[8] or ''}
+return {sid, 1, s[3] or '0', s[4] or '0', s[5] or '0', s[6] or '',
+        s[7] or ''}
 """, keys=('token_key', 'heartbeats'), walks=('stream', 'lock'),
     args=('token', 'now', 'holder', 'ttl_ms'), returns=Hold)
 
@@ -552,19 +551,67 @@ async def hold(app: Any, token_hash: str, holder: str, now: float,
     return got or None
 
 
-# A frame is in the buffer: if the stream's lock is still this request's,
-# count it, remember its digest and the buffer's sizes, free the stream
-# (1); else change nothing (0). A stored frame is a sign of life: the
-# expiry moves on (never back), as on a commit.
-_FRAME_DONE = Script("""
-if redis.call('GET', lock) ~= holder then return 0 end
+class Recorded(NamedTuple):
+    """What RECORD_FRAME did: `outcome` ok, gone (the token is not live),
+    busy (the stream's lock is held: a checkpoint, a stop, a deletion or
+    a dead worker's repair is under way), retry (this body is the frame
+    last accepted), cut (the buffer on disk is not what Redis counted) or
+    full (the stream's committed and buffered bytes would pass
+    `max_bytes`); `sizes`: Redis' count of the buffer for retry and cut;
+    `committed_bytes`: the stream's, for full."""
+    outcome: str
+    sizes: str = ''
+    committed_bytes: str = ''
+
+
+# The one round trip of a frame, run once it is appended to the buffer
+# (under the buffer's lock, storage.lock_buffer): if the token is live, the
+# stream's lock free (the fence: every other writer of the buffer holds
+# it), the body not the frame last accepted, the buffer before the append
+# what Redis counted (`before`) and the stream's committed bytes (none
+# known: 0, see budgets.py) plus the buffer's with it (`buffered`) within
+# `max_bytes`, the frame is counted, its digest and the buffer's sizes with
+# it (`after`) kept, and the expiry moves on (never back). Otherwise
+# nothing changes and the caller cuts its append back (see Recorded).
+_RECORD_FRAME = Script("""
+local s = redis.call('HMGET', stream, 'active', 'token', 'digest', 'sizes',
+                     'bytes')
+if s[1] ~= '1' or s[2] ~= token then return {'gone'} end
+local exp = redis.call('ZSCORE', heartbeats, sid)
+if not exp or tonumber(exp) < tonumber(now) then return {'gone'} end
+if redis.call('EXISTS', lock) == 1 then return {'busy'} end
+local sizes = s[4] or ''
+if s[3] == digest then return {'retry', sizes} end
+if sizes ~= before then return {'cut', sizes} end
+if (tonumber(s[5]) or 0) + tonumber(buffered) > tonumber(max_bytes) then
+  return {'full', sizes, s[5] or '0'}
+end
 redis.call('ZADD', heartbeats, 'XX', 'GT', expiry, sid)
 redis.call('HINCRBY', stream, 'buffer_frames', frames)
-redis.call('HSET', stream, 'digest', digest, 'sizes', sizes)
-redis.call('DEL', lock)
-return 1
+redis.call('HSET', stream, 'digest', digest, 'sizes', after)
+return {'ok'}
 """, keys=('stream', 'lock', 'heartbeats'),
-    args=('holder', 'sid', 'expiry', 'frames', 'digest', 'sizes'))
+    args=('token', 'sid', 'now', 'expiry', 'frames', 'digest', 'before',
+          'after', 'buffered', 'max_bytes'), returns=Recorded)
+
+
+async def record_frame(app: Any, token_hash: str, sid: str, frames: int,
+                       digest: str, before: dict[str, int],
+                       after: dict[str, int], max_bytes: int) -> Recorded:
+    """Record a frame appended to the buffer, `before` and `after` its
+    sizes on disk (see _RECORD_FRAME)."""
+    keys = app.keys
+    now = time.time()
+    got: Recorded = await _RECORD_FRAME(
+        app.fastredis, stream=keys.stream(sid),
+        lock=keys.stream_lock(sid), heartbeats=keys.heartbeats,
+        token=token_hash, sid=sid, now=repr(now),
+        expiry=repr(now + app.config.heartbeat_increment_in_s),
+        frames=frames, digest=digest, before=encode_sizes(before),
+        after=encode_sizes(after), buffered=sum(after.values()),
+        max_bytes=max_bytes)
+    return got
+
 
 # The buffer is a chunk now: if the lock is still this request's, record
 # the committed count and bytes and free the stream (1); else change
@@ -594,14 +641,13 @@ return 1
 
 class Held:
     """A stream whose lock this request holds (see core.py), with the hash
-    fields read when it was taken. `record_frame` and `record_commit`
-    record the request's change and free the lock in one round trip, if
-    the lock is still ours (True)."""
+    fields read when it was taken. `record_commit` records a checkpoint
+    and frees the lock in one round trip, if the lock is still ours
+    (True)."""
 
     def __init__(self, app: Any, holder: str, got: Hold) -> None:
         self.app, self.sid, self.holder = app, got.sid, holder
         self.lock = app.keys.stream_lock(got.sid)
-        self.digest = got.digest
         self.buffer_frames = int(got.buffer_frames)
         self.error_count = int(got.error_count)
         self.frames = int(got.frames)
@@ -615,12 +661,6 @@ class Held:
         return {'stream': keys.stream(self.sid), 'lock': self.lock,
                 'heartbeats': keys.heartbeats, 'holder': self.holder,
                 'sid': self.sid, 'expiry': repr(expiry)}
-
-    async def record_frame(self, frames: int, digest: str,
-                           sizes: str) -> bool:
-        return bool(await _FRAME_DONE(self.app.fastredis, frames=frames,
-                                      digest=digest, sizes=sizes,
-                                      **self._common()))
 
     async def record_commit(self, committed: int, new_frames: int,
                             committed_bytes: int) -> bool:

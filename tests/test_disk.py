@@ -1,0 +1,148 @@
+"""disk.GroupSync: the group commit of checkpoints."""
+import os
+import shutil
+import tempfile
+import threading
+import unittest
+
+from server import disk
+from server.ws.storage import BufferBusy, Storage
+
+
+class SlowStep(disk.GroupSync):
+    """Counts its steps; the first one waits until `release` is set."""
+
+    def __init__(self, root, **kw):
+        super().__init__(root, **kw)
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.synced = []
+
+    def _step(self, paths):
+        self.synced.append(sorted(paths))
+        self.entered.set()
+        self.release.wait(10)
+        super()._step(paths)
+
+
+def in_threads(n, fn):
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+class TestGroupSync(unittest.TestCase):
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root, True)
+
+    def file(self, i):
+        path = os.path.join(self.root, 'f%d' % i)
+        disk.write_file(path, b'x', sync=False)
+        return path
+
+    def test_callers_due_together_share_one_step(self):
+        """While a flush runs, whatever is queued goes into the next one:
+        eight checkpoints due together cost two steps, not eight."""
+        group = SlowStep(self.root)
+        first = in_threads(1, lambda i: group.sync([self.file(99)]))
+        self.assertTrue(group.entered.wait(10))
+        errors = []
+
+        def sync(i):
+            try:
+                group.sync([self.file(i)])
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+        rest = in_threads(7, sync)
+        while len(group._queue) < 7:
+            threading.Event().wait(0.01)
+        group.release.set()
+        for t in first + rest:
+            t.join(10)
+        self.assertEqual(errors, [])
+        self.assertEqual(group.steps, 2)
+        self.assertEqual(group.synced[1], sorted(
+            os.path.join(self.root, 'f%d' % i) for i in range(7)))
+
+    def test_a_failed_step_fails_every_caller_of_it(self):
+        group = disk.GroupSync(self.root)
+
+        def broken(paths):
+            raise OSError(5, 'Input/output error')
+        group._step = broken
+        with self.assertRaises(OSError):
+            group.sync([self.file(1)])
+        del group._step
+        group.sync([self.file(2)])  # the thread lives on
+
+    def test_without_syncfs_each_path_is_fsynced_once(self):
+        group = disk.GroupSync(self.root, use_syncfs=False)
+        synced = []
+        real = os.fsync
+
+        def fsync(fd):
+            synced.append(os.readlink('/proc/self/fd/%d' % fd))
+            real(fd)
+        os.fsync = fsync
+        try:
+            f = self.file(1)
+            group.sync([f, self.root, f, self.root])
+        finally:
+            os.fsync = real
+        self.assertEqual(synced, [f, self.root])  # files before folders
+
+
+class TestCheckpointFlushes(unittest.TestCase):
+
+    def commit(self, flush):
+        """(group steps, fsync calls) of one commit of two frame files and
+        two state files."""
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root, True)
+        storage = Storage(root, flush)
+        storage.create_stream('s', {'target_id': 't', 'creation_date': 0,
+                                    'status': 'OK', 'error_count': 0}, {})
+        sizes = storage.append_frames('s', {'a.xtc': b'12', 'b.dcd': b'3'},
+                                      10, {})
+        calls = []
+        real = os.fsync
+        os.fsync = lambda fd: calls.append(fd) or real(fd)
+        try:
+            seq, total = storage.commit('s', 1, {'s1': 'x', 's2': 'y'},
+                                        {'frames': 1}, sizes)
+        finally:
+            os.fsync = real
+        self.assertEqual((seq, total), (1, 1))
+        self.assertEqual(storage.chunks('s')[0][:2], (1, 1))
+        self.assertEqual(storage.stream_files('s'), {'s1': 'x', 's2': 'y'})
+        return storage.durable.steps, len(calls)
+
+    def test_a_checkpoint_costs_two_group_steps(self):
+        """One before the rename that publishes the chunk, one after. With
+        fsync: each file (2 frames, 2 states, meta.json), each folder of
+        the chunk (3), then chunks/; with syncfs: no fsync at all."""
+        self.assertEqual(self.commit('fsync'), (2, 9))
+        if disk._SYNCFS is not None:
+            self.assertEqual(self.commit('syncfs'), (2, 0))
+
+
+class TestBufferLock(unittest.TestCase):
+    """The buffer's flock: one holder at a time across fds (as across
+    processes); a waiter polls for a bounded time."""
+
+    def test_one_holder_and_a_bounded_wait(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root, True)
+        storage = Storage(root)
+        storage.create_stream('s', {'target_id': 't', 'creation_date': 0,
+                                    'status': 'OK', 'error_count': 0}, {})
+        held = storage.lock_buffer('s')
+        self.assertIsNone(storage.lock_buffer('s', wait=0))
+        with self.assertRaises(BufferBusy):
+            storage.lock_buffer('s', wait=0.05)
+        storage.unlock_buffer(held)
+        storage.unlock_buffer(storage.lock_buffer('s', wait=0))
+        with self.assertRaises(FileNotFoundError):
+            storage.lock_buffer('gone')
