@@ -316,12 +316,6 @@ class Settings:
         that turn one knob of a running app."""
         return dataclasses.replace(self, **changes)
 
-    def __getitem__(self, key: str) -> Any:  # MERGE-SHIM: goes at the end
-        return getattr(self, self.old_keys().get(key, key))
-
-    def get(self, key: str, default: Any = None) -> Any:  # MERGE-SHIM
-        return getattr(self, self.old_keys().get(key, key), default)
-
     @staticmethod
     def old_keys() -> dict[str, str]:
         """{.conf key without its unit: attribute} (both are accepted)."""

@@ -325,7 +325,7 @@ class TestWorkerDeath(WSFixture, unittest.TestCase):
     def buffer_lock_holder(self):
         """The pid holding the flock of the stream's buffer (/proc/locks),
         or None."""
-        path = os.path.join(self.ws.settings['data_folder'], 'streams',
+        path = os.path.join(self.ws.settings.data_folder, 'streams',
                             self.sid, 'buffer.lock')
         try:
             inode = os.stat(path).st_ino
