@@ -108,7 +108,7 @@ class TestConfig(unittest.TestCase):
         s = config.load(write_conf('cc', trusted_proxies=['10.0.0.2',
                                                           '2001:db8::/64']),
                         'cc')
-        self.assertEqual(s['trusted_proxies'], ['10.0.0.2', '2001:db8::/64'])
+        self.assertEqual(s.trusted_proxies, ['10.0.0.2', '2001:db8::/64'])
 
     def test_bad_name(self):
         for name in ('a b', 'ws*', 'x' * 65, '', 'a:b'):
