@@ -29,6 +29,21 @@ from tornado.netutil import bind_sockets
 from tornado.process import fork_processes
 
 
+def commit_file(folder, path, body):
+    """Write `body` to the new file `path` in `folder`, fsync it and the
+    folder: a checkpoint's essential disk work."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, body)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
 class Bare(tornado.web.RequestHandler):
     def _ok(self, *args):
         # the body was read by the server already (request.body)
@@ -66,18 +81,7 @@ class Disk:
             f.write(base64.b64decode(data))
 
     def commit(self, path, body):
-        """Write `body` to the new file `path`, fsync it and the folder."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        dfd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        commit_file(self.folder, path, body)
 
     async def checkpoint(self, core, body):
         # the frames so far are the checkpoint's: their file is closed

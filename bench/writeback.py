@@ -15,23 +15,14 @@ import shutil
 import tempfile
 import time
 
+from bench.ceiling import commit_file
 from bench.workloads import _disk, _meminfo_kb
 
 
 def commit(folder, n, body=b'x' * 2000):
     path = os.path.join(folder, 'ckpt.%d' % n)
     t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, body)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dfd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    commit_file(folder, path, body)
     os.unlink(path)
     return 1000 * (time.perf_counter() - t)
 
