@@ -366,7 +366,7 @@ async def store_frame(app: Any, sid: str, hashed: str, body: dict[str, Any],
                                      locks.LOCK_WAIT_S)
     except FileNotFoundError as e:  # the stream's folder: deleted
         live_tokens(app).forget(hashed)
-        raise APIError(401, 'unknown or expired core token') from e
+        raise await refused(app, hashed) from e
     except BufferLost as e:
         await _end_lost(app, sid, hashed, e)
     except OSError as e:
@@ -422,7 +422,7 @@ async def _append(app: Any, sid: str, hashed: str, files: dict[str, Any],
         if got.outcome == 'busy':
             return None
         live_tokens(app).forget(hashed)
-        raise APIError(401, 'unknown or expired core token')
+        raise await refused(app, hashed)
     raise APIError(503, 'the buffer of stream %s keeps changing; nothing '
                    'was stored, retry' % sid)
 
