@@ -750,10 +750,10 @@ class TestFramePath(WSTestCase):
         self.assertEqual(len(seen), 1)
         self.checkpoint(token, b's1')
         self.assertEqual(self.download(sid)[1], b'onetwo')
-        # A token ended meanwhile: a 401 once the body is in.
+        # A token ended meanwhile: a 401 once the body is in, saying why.
         self.assertEqual(self.cc('/streams/stop/' + sid, 'PUT'), (200, {}))
-        self.assertEqual(self.frame(token, b'x', code=401)['error'],
-                         'unknown or expired core token')
+        self.assertEqual(self.frame(token, b'x', code=401)['ended'],
+                         'manager_stop')
         self.assertEqual(len(seen), 1)
         self.assertFalse(os.path.exists(self.app.storage.buffer_dir(sid)))
         # Now unknown again: the handler refuses it before its body.
