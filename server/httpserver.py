@@ -28,7 +28,8 @@ import weakref
 from typing import Any
 
 from tornado import httputil
-from tornado.httpserver import HTTPServer
+from tornado.http1connection import HTTP1ServerConnection
+from tornado.httpserver import HTTPServer, _HTTPRequestContext
 from tornado.ioloop import PeriodicCallback
 
 from server import proxy
@@ -81,6 +82,16 @@ class Server(HTTPServer):
         peer = proxy.Peer.through(client or address, address[0],
                                   client is not False)
         super()._handle_connection(connection, peer)
+
+    def handle_stream(self, stream, address):
+        """Tornado's, with the application's `connection_class` if it has
+        one (the WS's lean frame path, ws/frame_path.py)."""
+        connection_class = getattr(self.request_callback,
+                                   'connection_class', HTTP1ServerConnection)
+        conn = connection_class(stream, self.conn_params, _HTTPRequestContext(
+            stream, address, self.protocol, self.trusted_downstream))
+        self._connections.add(conn)
+        conn.start_serving(self)
 
     def start_request(self, server_conn, request_conn):
         self.deadlines[server_conn] = _after(self.header_timeout)

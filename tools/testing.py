@@ -23,7 +23,7 @@ from tornado import httputil
 from tornado.iostream import StreamClosedError
 from tornado.tcpclient import TCPClient
 
-from server import config, store, tls
+from server import config, httpserver, store, tls, web
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TMP = tempfile.mkdtemp(prefix='siegetank-tests-')
@@ -218,6 +218,12 @@ class AppTestCase(RedisTestCase, tornado.testing.AsyncHTTPSTestCase):
 
     def get_ssl_options(self):
         return tls.server_context(self.settings)
+
+    def get_http_server(self):
+        """The servers' own HTTPServer (its deadlines, the WS's lean frame
+        path), not Tornado's."""
+        return httpserver.Server(self._app, ssl_options=self.get_ssl_options(),
+                                 **web.http_server_options(self.settings))
 
     def get_url(self, path):
         return 'https://localhost:%d%s' % (self.get_http_port(), path)

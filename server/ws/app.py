@@ -26,6 +26,9 @@ log = logging.getLogger('siegetank.ws')
 
 
 class WorkServer(App):
+    # Frames of known tokens take the lean path (frame_path.py).
+    connection_class = frame_path.Connection
+
     def __init__(self, settings, redis, task_id=0):
         handlers: list[tuple] = [(r'/', HealthHandler)]
         handlers += cc_api.default_handlers
@@ -45,14 +48,6 @@ class WorkServer(App):
         self.unreleased = []   # locks to free once Redis answers again
         self.releasing = None
         self.live_tokens = core.LiveTokens()
-
-    def start_request(self, server_conn, request_conn):
-        """Frames of known tokens take the lean path (frame_path.py)."""
-        return frame_path.Dispatch(self, server_conn, request_conn)
-
-    def default_start_request(self, server_conn, request_conn):
-        """The Application's own routing, for every other request."""
-        return super().start_request(server_conn, request_conn)
 
     @classmethod
     def prepare(cls, settings, redis_url):

@@ -1,23 +1,33 @@
-"""The lean path of PUT /core/frame: no RequestHandler (its routing,
-construction, headers, prepare and finish, its close callback's epoll
-change were most of a frame's CPU past the work itself), for the frames
-that cannot be refused before their body: a Content-Length within the
-frame limit, no other transfer coding, no query, and a token this worker
-saw live lately (core.LiveTokens). Everything else -- the first frame of
-an activation, a missing or unknown token, a body declared too large or
-chunked, every other endpoint -- goes to the Application as before, so
-its refusals (401/413 before the body, JSON errors) are the ones of
-web.APIHandler. Once the body is in, both paths run core.store_frame and
-answer alike: JSON errors (web.error_reply), the Content-MD5 check, the
-access log line and metrics of the route (web.log_line)."""
+"""The lean HTTP layer of the WS: a keep-alive connection that reads each
+request's head itself and serves PUT /core/frame of a token this worker
+saw live lately (core.LiveTokens) without Tornado's HTTP1Connection, its
+RequestHandler, header objects or per-request futures and epoll changes
+(most of a frame's CPU past the work itself, bench/profile.py).
+
+A frame takes this path when its head is plain: `PUT /core/frame
+HTTP/1.1`, every header line well formed and named once, a Content-
+Length within the frame limit, no Transfer-Encoding, Expect or Content-
+Encoding, a Connection header (if any) of keep-alive or close, and a
+live token. Every other request -- the first frame of an activation, a
+missing or unknown token, a body declared too large, every other
+endpoint, a balancer's X-Forwarded-For -- has its head put back into the
+stream and is read by Tornado's HTTP1Connection and served by the
+Application as before, so its refusals (401/413 before the body, JSON
+errors) are web.APIHandler's. Both paths store a frame with
+core.store_frame and answer alike: JSON errors (web.error_reply), the
+Content-MD5 check, the access log line and metrics of the route
+(web.log_line), the deadlines of server/httpserver.py (header timeout,
+body timeout and minimum body rate)."""
 import asyncio
 import json
 import logging
+import re
 import time
 from typing import Any
 
 from tornado import httputil
-from tornado.iostream import StreamClosedError
+from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
+from tornado.iostream import StreamClosedError, UnsatisfiableReadError
 from tornado.web import HTTPError
 
 from server import store
@@ -34,75 +44,94 @@ from server.ws import core
 log = logging.getLogger('siegetank.ws.frame_path')
 
 PATH = '/core/frame'
-_serving: set[asyncio.Future[None]] = set()  # frames being stored
+# A head the lean path may take: its request line, then header lines of
+# a token name and a value of visible characters, spaces and tabs.
+_HEAD = re.compile(rb'PUT /core/frame HTTP/1\.1\r\n'
+                   rb'((?:[!#$%&\'*+.^_`|~0-9A-Za-z-]+:'
+                   rb'[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n')
+_TORNADO = (b'transfer-encoding', b'expect', b'content-encoding')
 
 
-class Dispatch(httputil.HTTPMessageDelegate):
-    """One request of a connection: a frame the lean path may take, else
-    the Application's own delegate, decided from the headers."""
+def _after(seconds: float | None) -> float | None:
+    return None if seconds is None else time.monotonic() + seconds
 
-    __slots__ = ('app', 'server_conn', 'conn', 'inner', 'chunks', 'start',
-                 'headers', 'hashed', 'sid')
 
-    def __init__(self, app: Any, server_conn: Any, conn: Any) -> None:
-        self.app, self.server_conn, self.conn = app, server_conn, conn
-        self.inner: Any = None
-        self.chunks: list[bytes] = []
+class Connection(HTTP1ServerConnection):
+    """One client connection (httpserver.Server makes them): its frames
+    served here, its other requests one at a time by HTTP1Connection."""
 
-    def headers_received(self, start_line: Any, headers: Any) -> Any:
-        sid = None
-        if start_line.method == 'PUT' and start_line.path == PATH:
-            sid = self._known_frame(headers)
-        if sid is None:
-            self.inner = self.app.default_start_request(self.server_conn,
-                                                        self.conn)
-            return self.inner.headers_received(start_line, headers)
-        self.start = time.monotonic()
-        self.headers, self.sid = headers, sid
-        return None
-
-    def _known_frame(self, headers: Any) -> str | None:
-        """The stream of a frame the lean path takes, else None."""
-        length = headers.get('Content-Length', '')
-        if not (length.isascii() and length.isdigit()) or len(length) > 18 \
-                or int(length) > self.app.config.max_frame_body_size_in_bytes \
-                or 'Transfer-Encoding' in headers:
-            return None
-        token = credential(headers)
-        if not token:
-            return None
-        self.hashed = core.token_hash(token)
-        return core.live_tokens(self.app).get(self.hashed)
-
-    def data_received(self, chunk: bytes) -> Any:
-        if self.inner is not None:
-            return self.inner.data_received(chunk)
-        self.chunks.append(chunk)
-        return None
-
-    def finish(self) -> None:
-        if self.inner is not None:
-            self.inner.finish()
-            return
-        task = asyncio.ensure_future(self._serve())
-        _serving.add(task)
-        task.add_done_callback(_serving.discard)
-
-    def on_connection_close(self) -> None:
-        if self.inner is not None:
-            self.inner.on_connection_close()
-        self.chunks = []
-
-    async def _serve(self) -> None:
-        status, reply, extra = 200, b'{}', {}
+    async def _server_request_loop(self, delegate: Any) -> None:
+        server, stream = delegate, self.stream
+        app = server.request_callback
+        peer: Any = getattr(self.context, 'address', None)
+        # A balancer that terminated TLS names the client per request
+        # (X-Forwarded-For): Tornado's path reads it.
+        lean = not (getattr(peer, 'proxy', None) and not peer.declared)
         try:
-            raw = b''.join(self.chunks)
-            self.chunks = []
-            md5 = checked_md5(self.headers, raw)
-            await core.store_frame(self.app, self.sid, self.hashed,
-                                   parse_body(raw),
-                                   core.frame_digest(md5, raw))
-            message = ''
+            while True:
+                server.deadlines[self] = _after(server.header_timeout)
+                head = await stream.read_until_regex(
+                    b'\r?\n\r?\n', max_bytes=self.params.max_header_size)
+                frame = _frame(app, head) if lean else None
+                if frame is None:
+                    # Put the head back for HTTP1Connection to read.
+                    stream._read_buffer[:0] = head
+                    stream._read_buffer_size += len(head)
+                    conn = HTTP1Connection(stream, False, self.params,
+                                           self.context)
+                    if not await conn.read_response(
+                            delegate.start_request(self, conn)):
+                        return
+                elif not await self._serve(server, app, *frame):
+                    return
+                await asyncio.sleep(0)  # as Tornado: others' turn
+        except (StreamClosedError, UnsatisfiableReadError,
+                asyncio.CancelledError):
+            return
+        except Exception:
+            log.error('uncaught exception on a connection', exc_info=True)
+            stream.close()
+        finally:
+            server.deadlines.pop(self, None)
+            delegate.on_close(self)
+
+    async def _read_body(self, server: Any, length: int) -> bytes:
+        """The body, within the body timeout and at the minimum rate after
+        the grace (server/httpserver.py)."""
+        last = _after(server.body_timeout)
+        grace = _after(server.body_grace)
+        if grace is not None and last is not None and last < grace:
+            grace = last
+        deadlines, per_byte = server.deadlines, server.per_byte
+        deadlines[self] = grace if per_byte else last
+        chunks, left = [], length
+        while left:
+            chunk = await self.stream.read_bytes(left, partial=True)
+            left -= len(chunk)
+            chunks.append(chunk)
+            if per_byte and left:
+                deadline = deadlines.get(self)
+                if deadline is not None:
+                    deadline += len(chunk) * per_byte
+                    deadlines[self] = deadline if last is None \
+                        or deadline < last else last
+        deadlines[self] = None
+        return chunks[0] if len(chunks) == 1 else b''.join(chunks)
+
+    async def _serve(self, server: Any, app: Any, sid: str, hashed: str,
+                     length: int, md5: bytes | None, keep: bool) -> bool:
+        """Read, store and answer one frame; False if the connection is
+        closed (asked by the client, or gone)."""
+        start = time.monotonic()
+        raw = await self._read_body(server, length) if length else b''
+        status, reply, extra = 200, b'{}', {}
+        message = ''
+        try:
+            digest = checked_md5(
+                {} if md5 is None else {'Content-MD5': md5.decode('latin-1')},
+                raw)
+            await core.store_frame(app, sid, hashed, parse_body(raw),
+                                   core.frame_digest(digest, raw))
         except Exception as e:
             status, message, extra, fields = error_reply(e)
             reply = json.dumps(dict(fields, error=message)).encode()
@@ -110,17 +139,56 @@ class Dispatch(httputil.HTTPMessageDelegate):
                     and not store.full(e):
                 log.error('uncaught exception in PUT %s', PATH,
                           exc_info=True)
-        headers = httputil.HTTPHeaders({
-            'Content-Type': 'application/json; charset=UTF-8',
-            'Date': http_date(), 'Content-Length': str(len(reply))})
-        for name, value in extra.items():
-            headers[name] = value
+        lines = [b'HTTP/1.1 %d %s' % (status, httputil.responses.get(
+                     status, 'Unknown').encode()),
+                 b'Content-Type: application/json; charset=UTF-8',
+                 b'Date: ' + http_date().encode(),
+                 b'Content-Length: %d' % len(reply)]
+        lines += [('%s: %s' % kv).encode('latin-1') for kv in extra.items()]
+        lines += [b'', reply]
+        if not keep:
+            lines.insert(-2, b'Connection: close')
+        log_line(app.route_names.get(core.FrameHandler, PATH), 'PUT', PATH,
+                 status, time.monotonic() - start, message)
         try:
-            self.conn.write_headers(httputil.ResponseStartLine(
-                '', status, httputil.responses.get(status, 'Unknown')),
-                headers, reply)
-            self.conn.finish()
+            written = self.stream.write(b'\r\n'.join(lines))
+            if not keep:
+                await written
+                self.stream.close()
         except StreamClosedError:
-            pass  # the client is gone; what was stored stays
-        log_line(self.app.route_names.get(core.FrameHandler, PATH), 'PUT',
-                 PATH, status, time.monotonic() - self.start, message)
+            return False  # the client is gone; what was stored stays
+        return keep
+
+
+def _frame(app: Any, head: bytes) \
+        -> tuple[str, str, int, bytes | None, bool] | None:
+    """(stream id, token hash, Content-Length, Content-MD5, keep-alive) of
+    a frame the lean path takes, else None."""
+    m = _HEAD.fullmatch(head)
+    if m is None:
+        return None
+    fields: dict[bytes, bytes] = {}
+    for line in m.group(1).split(b'\r\n')[:-1]:
+        name, _, value = line.partition(b':')
+        name = name.lower()
+        if name in fields:
+            return None  # named twice: Tornado's rules
+        fields[name] = value.strip()
+    length = fields.get(b'content-length', b'')
+    if not length.isdigit() or len(length) > 18 \
+            or int(length) > app.config.max_frame_body_size_in_bytes:
+        return None
+    keep = fields.get(b'connection', b'keep-alive').lower()
+    if any(name in fields for name in _TORNADO) \
+            or keep not in (b'keep-alive', b'close'):
+        return None
+    token = credential({'Authorization': fields.get(
+        b'authorization', b'').decode('latin-1')})
+    if not token:
+        return None
+    hashed = core.token_hash(token)
+    sid = core.live_tokens(app).get(hashed)
+    if sid is None:
+        return None
+    return sid, hashed, int(length), fields.get(b'content-md5'), \
+        keep == b'keep-alive'
