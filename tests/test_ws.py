@@ -761,6 +761,47 @@ class TestFramePath(WSTestCase):
         self.assertEqual(len(seen), 2)
 
 
+    def test_checkpoints_and_heartbeats_of_a_known_token_too(self):
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'one')  # the token learnt
+        seen = []
+        for cls in (core.CoreHandler, core.LockedCoreHandler):
+            real = cls.authenticate
+
+            async def authenticate(handler, real=real):
+                seen.append(type(handler).__name__)
+                return await real(handler)
+            patch = mock.patch.object(cls, 'authenticate', authenticate)
+            patch.start()
+            self.addCleanup(patch.stop)
+        self.assertEqual(self.fetch_json('/core/heartbeat', 'POST', {},
+                                         token=token), (200, {}))
+        # A bad checkpoint: the handler's 400s, and its lock freed.
+        for body, error in ((b'{nope', 'not valid JSON'),
+                            (b'{}', 'missing field files'),
+                            (json.dumps({'files': {'s.b64': 'x'},
+                                         'frames': -1}), 'frames')):
+            code, reply = self.fetch_json('/core/checkpoint', 'PUT', body,
+                                          token=token)
+            self.assertEqual(code, 400, reply)
+            self.assertIn(error, reply['error'])
+        self.checkpoint(token, b's1')
+        self.frame(token, b'two')
+        self.checkpoint(token, b's2', frames=1)
+        self.assertEqual(seen, [])
+        self.assertEqual(self.download(sid)[1], b'onetwo')
+        self.assertEqual(self.info(sid)['frames'], 2)
+        # Ended meanwhile: a 401 once the body is in, saying why.
+        self.assertEqual(self.cc('/streams/stop/' + sid, 'PUT'), (200, {}))
+        code, reply = self.fetch_json('/core/heartbeat', 'POST', {},
+                                      token=token)
+        self.assertEqual((code, reply['ended']), (401, 'manager_stop'))
+        self.assertEqual(self.checkpoint(token, b's3', code=401)['ended'],
+                         'manager_stop')
+        self.assertEqual(seen, [])
+
+
 class TestLostActivation(WSTestCase):
     """An activation whose reply never reached a core (the CC timed out,
     the connection was cut after the request was sent): its stream comes

@@ -83,8 +83,13 @@ async def live_stream(app: Any, token: str | None,
     pushes its expiry to at least now + extend."""
     if not token:
         raise APIError(401, 'missing core token')
+    return await live_hashed(app, token_hash(token), extend)
+
+
+async def live_hashed(app: Any, hashed: str,
+                      extend: float | None = None) -> str:
+    """live_stream of a token's hash."""
     now = time.time()
-    hashed = token_hash(token)
     sid = await stream_record.live(app, hashed, now,
                                    now + extend if extend else None)
     if not sid:
@@ -150,34 +155,36 @@ class CoreHandler(APIHandler):
         self.sid = await live_stream(self.application, self.token())
 
     async def hold(self) -> Held:
-        """The token's stream with its lock held, checked and taken in one
-        step (a token that dies while we wait is seen on the next try)."""
-        app: Any = self.application
         token = self.token()
         if not token:
             raise APIError(401, 'missing core token')
-        hashed = token_hash(token)
-        holder = locks.new_holder(app)
-        seen = ''
+        return await hold(self.application, token_hash(token))
 
-        async def attempt() -> stream_record.Hold | None:
-            nonlocal seen
-            try:
-                got = await stream_record.hold(app, hashed, holder,
-                                               time.time(),
-                                               locks.LOCK_TTL_MS)
-            except store.DOWN:
-                # It may still run and take the lock: free it when Redis
-                # answers again (the token tells which stream).
-                locks.release_later(app, None, holder,
-                                    token_key=app.keys.token(hashed))
-                raise
-            if got is None:
-                raise await refused(app, hashed)
-            seen = got.sid
-            return got if got.taken == 1 else None
-        got = await locks.wait_turn(attempt, lambda: 'stream %s' % seen)
-        return Held(app, holder, got)
+
+async def hold(app: Any, hashed: str) -> Held:
+    """The stream of the token `hashed` with its lock held, checked and
+    taken in one step (a token that dies while we wait is seen on the
+    next try)."""
+    holder = locks.new_holder(app)
+    seen = ''
+
+    async def attempt() -> stream_record.Hold | None:
+        nonlocal seen
+        try:
+            got = await stream_record.hold(app, hashed, holder, time.time(),
+                                           locks.LOCK_TTL_MS)
+        except store.DOWN:
+            # It may still run and take the lock: free it when Redis
+            # answers again (the token tells which stream).
+            locks.release_later(app, None, holder,
+                                token_key=app.keys.token(hashed))
+            raise
+        if got is None:
+            raise await refused(app, hashed)
+        seen = got.sid
+        return got if got.taken == 1 else None
+    got = await locks.wait_turn(attempt, lambda: 'stream %s' % seen)
+    return Held(app, holder, got)
 
 
 class LockedCoreHandler(CoreHandler):
@@ -200,32 +207,37 @@ class LockedCoreHandler(CoreHandler):
         if self.held is not None:
             self.held.abandon()
 
-    @contextlib.asynccontextmanager
-    async def locked_stream(self):
+    def locked_stream(self):
         """The token's stream (a Held), its lock held for the block."""
-        held = self.held
-        assert held is not None  # authenticate() found it
-        held.in_use = True
-        try:
-            yield held
-        except BufferLost as e:
-            # Bytes Redis counted are gone from the disk: this activation
-            # cannot be committed whole. End it; the core asks again.
-            log.error('%s: the activation is ended', e)
-            tid = await streams.target_of(self.application, held.sid)
-            await streams.deactivate(self.application, held.sid, tid, 'stop')
-            raise APIError(409, 'the stream\'s buffer was lost; this '
-                           'activation is over, ask for a new one') from e
-        except BufferBusy as e:
-            raise APIError(503, str(e) + '; nothing was stored, '
-                           'retry') from e
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise APIError(503, 'workserver disk is full; nothing '
-                               'was stored, retry later') from e
-            raise
-        finally:
-            await held.release()
+        assert self.held is not None  # authenticate() found it
+        return locked(self.application, self.held)
+
+
+@contextlib.asynccontextmanager
+async def locked(app: Any, held: Held) -> Any:
+    """`held` in use for the block, its lock freed at the end; the
+    disk's failures as the core's replies."""
+    held.in_use = True
+    try:
+        yield held
+    except BufferLost as e:
+        # Bytes Redis counted are gone from the disk: this activation
+        # cannot be committed whole. End it; the core asks again.
+        log.error('%s: the activation is ended', e)
+        tid = await streams.target_of(app, held.sid)
+        await streams.deactivate(app, held.sid, tid, 'stop')
+        raise APIError(409, 'the stream\'s buffer was lost; this '
+                       'activation is over, ask for a new one') from e
+    except BufferBusy as e:
+        raise APIError(503, str(e) + '; nothing was stored, '
+                       'retry') from e
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise APIError(503, 'workserver disk is full; nothing '
+                           'was stored, retry later') from e
+        raise
+    finally:
+        await held.release()
 
 
 class CoreStartHandler(CoreHandler):
@@ -450,35 +462,44 @@ class CheckpointHandler(LockedCoreHandler):
 
     @allow('core')
     async def put(self):
-        """Commit the buffer with the sent state. `frames` (later cores:
-        their own count of frames since the last checkpoint) is recorded in
-        the chunk's meta.json; the buffer's count is what counts."""
-        app = self.application
-        files = check_files(self.field('files', dict),
-                            max_files=app.config.max_files_per_request)
-        reported = self.field('frames', (int, float), None,
-                              check=lambda v: 0 <= v <= MAX_REPORTED_FRAMES)
-        async with self.locked_stream() as held:
-            n = held.buffer_frames
-            if n == 0:
-                self.write_json({})  # nothing buffered: a retry, a no-op
-                return
-            state = await decoded_size(app.config, files,
-                                       budgets.checkpoint_room(app.config))
-            meta = {'frames': n, 'reported_frames': reported,
-                    'time': time.time()}
-            seq, total = await threads.disk(commit, app.storage, held.sid,
-                                            n, files, meta, held.sizes,
-                                            held.error_count != 0)
-            stored = await budgets.committed(app, held, seq, state)
-            new = max(total - held.frames, 0)
-            if not await held.done(held.record_commit(total, new, stored)):
-                if seq is not None:
-                    await threads.disk(app.storage.uncommit, held.sid, seq)
-                raise LockLost(held.sid)
-            metrics.count('checkpoints')
-            metrics.count('frames_committed', new)
+        assert self.held is not None  # authenticate() found it
+        await store_checkpoint(self.application, self.held, self.body)
         self.write_json({})
+
+
+async def store_checkpoint(app: Any, held: Held, body: dict[str, Any]) \
+        -> None:
+    """Commit the buffer of `held` with the sent state and free its lock.
+    `frames` (later cores: their own count of frames since the last
+    checkpoint) is recorded in the chunk's meta.json; the buffer's count
+    is what counts."""
+    try:
+        files = check_files(get_field(body, 'files', dict),
+                            max_files=app.config.max_files_per_request)
+        reported = get_field(body, 'frames', (int, float), None,
+                             check=lambda v: 0 <= v <= MAX_REPORTED_FRAMES)
+    except APIError:
+        held.abandon()
+        raise
+    async with locked(app, held):
+        n = held.buffer_frames
+        if n == 0:
+            return  # nothing buffered: a retry, a no-op
+        state = await decoded_size(app.config, files,
+                                   budgets.checkpoint_room(app.config))
+        meta = {'frames': n, 'reported_frames': reported,
+                'time': time.time()}
+        seq, total = await threads.disk(commit, app.storage, held.sid, n,
+                                        files, meta, held.sizes,
+                                        held.error_count != 0)
+        stored = await budgets.committed(app, held, seq, state)
+        new = max(total - held.frames, 0)
+        if not await held.done(held.record_commit(total, new, stored)):
+            if seq is not None:
+                await threads.disk(app.storage.uncommit, held.sid, seq)
+            raise LockLost(held.sid)
+        metrics.count('checkpoints')
+        metrics.count('frames_committed', new)
 
 
 def commit(storage, sid, n, files, meta, sizes, reset_errors):

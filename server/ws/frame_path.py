@@ -1,23 +1,27 @@
 """The lean HTTP layer of the WS: a keep-alive connection that reads each
-request's head itself and serves PUT /core/frame of a token this worker
-saw live lately (core.LiveTokens) without Tornado's HTTP1Connection, its
-RequestHandler, header objects or per-request futures and epoll changes
-(most of a frame's CPU past the work itself, bench/profile.py).
+request's head itself and serves a core's frames, checkpoints and
+heartbeats (PUT /core/frame, PUT /core/checkpoint, POST /core/heartbeat)
+with a token this worker saw live lately (core.LiveTokens) without
+Tornado's HTTP1Connection, its RequestHandler, header objects or
+per-request futures and epoll changes (most of a frame's CPU past the
+work itself, bench/profile.py).
 
-A frame takes this path when its head is plain: `PUT /core/frame
-HTTP/1.1`, every header line well formed and named once, a Content-
-Length within the frame limit, no Transfer-Encoding, Expect or Content-
-Encoding, a Connection header (if any) of keep-alive or close, and a
-live token. Every other request -- the first frame of an activation, a
-missing or unknown token, a body declared too large, every other
-endpoint, a balancer's X-Forwarded-For -- has its head put back into the
-stream and is read by Tornado's HTTP1Connection and served by the
-Application as before, so its refusals (401/413 before the body, JSON
-errors) are web.APIHandler's. Both paths store a frame with
-core.store_frame and answer alike: JSON errors (web.error_reply), the
-Content-MD5 check, the access log line and metrics of the route
-(web.log_line), the deadlines of server/httpserver.py (header timeout,
-body timeout and minimum body rate)."""
+A request takes this path when its head is plain: one of those request
+lines with HTTP/1.1, every header line well formed and named once, a
+Content-Length within the endpoint's limit, no Transfer-Encoding, Expect
+or Content-Encoding, a Connection header (if any) of keep-alive or close,
+and a live token. Every other request -- the first frame of an
+activation, a missing or unknown token, a body declared too large, every
+other endpoint, a balancer's X-Forwarded-For -- has its head put back
+into the stream and is read by Tornado's HTTP1Connection and served by
+the Application as before, so its refusals (401/413 before the body,
+JSON errors) are web.APIHandler's. Both paths run the same functions
+(core.store_frame, core.store_checkpoint, core.live_hashed) and answer
+alike: JSON errors (web.error_reply), the Content-MD5 check, the access
+log line and metrics of the route (web.log_line), the deadlines of
+server/httpserver.py (header timeout, body timeout and minimum body
+rate). A token that died since it was seen is a 401 once the body is in
+(the Redis step of each checks it)."""
 import asyncio
 import json
 import logging
@@ -43,10 +47,16 @@ from server.ws import core
 
 log = logging.getLogger('siegetank.ws.frame_path')
 
-PATH = '/core/frame'
+# request line -> (method, path, handler of the Application's path)
+ROUTES = {b'PUT /core/frame': ('PUT', '/core/frame', core.FrameHandler),
+          b'PUT /core/checkpoint': ('PUT', '/core/checkpoint',
+                                    core.CheckpointHandler),
+          b'POST /core/heartbeat': ('POST', '/core/heartbeat',
+                                    core.HeartbeatHandler)}
 # A head the lean path may take: its request line, then header lines of
 # a token name and a value of visible characters, spaces and tabs.
-_HEAD = re.compile(rb'PUT /core/frame HTTP/1\.1\r\n'
+_HEAD = re.compile(rb'(PUT /core/frame|PUT /core/checkpoint|'
+                   rb'POST /core/heartbeat) HTTP/1\.1\r\n'
                    rb'((?:[!#$%&\'*+.^_`|~0-9A-Za-z-]+:'
                    rb'[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n')
 _TORNADO = (b'transfer-encoding', b'expect', b'content-encoding')
@@ -72,7 +82,7 @@ class Connection(HTTP1ServerConnection):
                 server.deadlines[self] = _after(server.header_timeout)
                 head = await stream.read_until_regex(
                     b'\r?\n\r?\n', max_bytes=self.params.max_header_size)
-                frame = _frame(app, head) if lean else None
+                frame = _lean(app, head) if lean else None
                 if frame is None:
                     # Put the head back for HTTP1Connection to read.
                     stream._read_buffer[:0] = head
@@ -118,26 +128,24 @@ class Connection(HTTP1ServerConnection):
         deadlines[self] = None
         return chunks[0] if len(chunks) == 1 else b''.join(chunks)
 
-    async def _serve(self, server: Any, app: Any, sid: str, hashed: str,
-                     length: int, md5: bytes | None, keep: bool) -> bool:
-        """Read, store and answer one frame; False if the connection is
+    async def _serve(self, server: Any, app: Any, route: bytes, sid: str,
+                     hashed: str, length: int, md5: bytes | None,
+                     keep: bool) -> bool:
+        """Read, store and answer one request; False if the connection is
         closed (asked by the client, or gone)."""
         start = time.monotonic()
         raw = await self._read_body(server, length) if length else b''
         status, reply, extra = 200, b'{}', {}
         message = ''
+        method, path, handler = ROUTES[route]
         try:
-            digest = checked_md5(
-                {} if md5 is None else {'Content-MD5': md5.decode('latin-1')},
-                raw)
-            await core.store_frame(app, sid, hashed, parse_body(raw),
-                                   core.frame_digest(digest, raw))
+            await _store(app, handler, sid, hashed, raw, md5)
         except Exception as e:
             status, message, extra, fields = error_reply(e)
             reply = json.dumps(dict(fields, error=message)).encode()
             if not isinstance(e, (HTTPError, store.DOWN)) \
                     and not store.full(e):
-                log.error('uncaught exception in PUT %s', PATH,
+                log.error('uncaught exception in %s %s', method, path,
                           exc_info=True)
         lines = [b'HTTP/1.1 %d %s' % (status, httputil.responses.get(
                      status, 'Unknown').encode()),
@@ -145,11 +153,11 @@ class Connection(HTTP1ServerConnection):
                  b'Date: ' + http_date().encode(),
                  b'Content-Length: %d' % len(reply)]
         lines += [('%s: %s' % kv).encode('latin-1') for kv in extra.items()]
-        lines += [b'', reply]
         if not keep:
-            lines.insert(-2, b'Connection: close')
-        log_line(app.route_names.get(core.FrameHandler, PATH), 'PUT', PATH,
-                 status, time.monotonic() - start, message)
+            lines.append(b'Connection: close')
+        lines += [b'', reply]
+        log_line(app.route_names.get(handler, path), method, path, status,
+                 time.monotonic() - start, message)
         try:
             written = self.stream.write(b'\r\n'.join(lines))
             if not keep:
@@ -160,23 +168,40 @@ class Connection(HTTP1ServerConnection):
         return keep
 
 
-def _frame(app: Any, head: bytes) \
-        -> tuple[str, str, int, bytes | None, bool] | None:
-    """(stream id, token hash, Content-Length, Content-MD5, keep-alive) of
-    a frame the lean path takes, else None."""
+async def _store(app: Any, handler: type, sid: str, hashed: str,
+                 raw: bytes, md5: bytes | None) -> None:
+    """What the handler of the Application's path does with the body."""
+    digest = checked_md5(
+        {} if md5 is None else {'Content-MD5': md5.decode('latin-1')}, raw)
+    body = parse_body(raw)
+    if handler is core.FrameHandler:
+        await core.store_frame(app, sid, hashed, body,
+                               core.frame_digest(digest, raw))
+    elif handler is core.CheckpointHandler:
+        await core.store_checkpoint(app, await core.hold(app, hashed), body)
+    else:
+        await core.live_hashed(app, hashed,
+                               app.config.heartbeat_increment_in_s)
+
+
+def _lean(app: Any, head: bytes) \
+        -> tuple[bytes, str, str, int, bytes | None, bool] | None:
+    """(request line, stream id, token hash, Content-Length, Content-MD5,
+    keep-alive) of a request the lean path takes, else None."""
     m = _HEAD.fullmatch(head)
     if m is None:
         return None
     fields: dict[bytes, bytes] = {}
-    for line in m.group(1).split(b'\r\n')[:-1]:
+    for line in m.group(2).split(b'\r\n')[:-1]:
         name, _, value = line.partition(b':')
         name = name.lower()
         if name in fields:
             return None  # named twice: Tornado's rules
         fields[name] = value.strip()
+    route = m.group(1)
+    limit = getattr(app.config, ROUTES[route][2].body_limit)
     length = fields.get(b'content-length', b'')
-    if not length.isdigit() or len(length) > 18 \
-            or int(length) > app.config.max_frame_body_size_in_bytes:
+    if not length.isdigit() or len(length) > 18 or int(length) > limit:
         return None
     keep = fields.get(b'connection', b'keep-alive').lower()
     if any(name in fields for name in _TORNADO) \
@@ -190,5 +215,5 @@ def _frame(app: Any, head: bytes) \
     sid = core.live_tokens(app).get(hashed)
     if sid is None:
         return None
-    return sid, hashed, int(length), fields.get(b'content-md5'), \
+    return route, sid, hashed, int(length), fields.get(b'content-md5'), \
         keep == b'keep-alive'
