@@ -116,6 +116,7 @@ class _Protocol(asyncio.Protocol):
             collections.deque()
         self.sent: collections.deque[float] = collections.deque()
         self.buf = bytearray()
+        self.out: list[bytes] = []  # commands to send at the loop's turn
         self.closed = False
         self.timeout = timeout
         self.watchdog: asyncio.TimerHandle | None = None
@@ -143,6 +144,18 @@ class _Protocol(asyncio.Protocol):
                                     % self.timeout))
             return
         self._watch()
+
+    def send(self, command: bytes) -> None:
+        """Queue `command`; the commands of one turn of the event loop go
+        out in one write (one system call here, one read for Redis)."""
+        if not self.out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.out.append(command)
+
+    def _flush(self) -> None:
+        out, self.out = self.out, []
+        if not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b''.join(out))
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -261,7 +274,7 @@ class Multiplexed:
         waiter = loop.create_future()
         protocol.waiters.append(waiter)
         protocol.sent.append(loop.time())
-        protocol.transport.write(encode(args))
+        protocol.send(encode(args))
         return waiter
 
     async def execute(self, *args: Any) -> Any:

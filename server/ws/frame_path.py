@@ -70,6 +70,8 @@ class Connection(HTTP1ServerConnection):
     """One client connection (httpserver.Server makes them): its frames
     served here, its other requests one at a time by HTTP1Connection."""
 
+    auth, hashed = b'', ''  # the last token seen and its hash
+
     async def _server_request_loop(self, delegate: Any) -> None:
         server, stream = delegate, self.stream
         app = server.request_callback
@@ -82,7 +84,7 @@ class Connection(HTTP1ServerConnection):
                 server.deadlines[self] = _after(server.header_timeout)
                 head = await stream.read_until_regex(
                     b'\r?\n\r?\n', max_bytes=self.params.max_header_size)
-                frame = _lean(app, head) if lean else None
+                frame = self._lean(app, head) if lean else None
                 if frame is None:
                     # Put the head back for HTTP1Connection to read.
                     stream._read_buffer[:0] = head
@@ -92,9 +94,12 @@ class Connection(HTTP1ServerConnection):
                     if not await conn.read_response(
                             delegate.start_request(self, conn)):
                         return
+                    await asyncio.sleep(0)  # as Tornado: others' turn
                 elif not await self._serve(server, app, *frame):
                     return
-                await asyncio.sleep(0)  # as Tornado: others' turn
+                elif stream._read_buffer_size:
+                    # Pipelined requests are in: others' turn first.
+                    await asyncio.sleep(0)
         except (StreamClosedError, UnsatisfiableReadError,
                 asyncio.CancelledError):
             return
@@ -168,6 +173,45 @@ class Connection(HTTP1ServerConnection):
         return keep
 
 
+    def _lean(self, app: Any, head: bytes) \
+            -> tuple[bytes, str, str, int, bytes | None, bool] | None:
+        """(request line, stream id, token hash, Content-Length, Content-MD5,
+        keep-alive) of a request the lean path takes, else None."""
+        m = _HEAD.fullmatch(head)
+        if m is None:
+            return None
+        fields: dict[bytes, bytes] = {}
+        for line in m.group(2).split(b'\r\n')[:-1]:
+            name, _, value = line.partition(b':')
+            name = name.lower()
+            if name in fields:
+                return None  # named twice: Tornado's rules
+            fields[name] = value.strip()
+        route = m.group(1)
+        limit = getattr(app.config, ROUTES[route][2].body_limit)
+        length = fields.get(b'content-length', b'')
+        if not length.isdigit() or len(length) > 18 or int(length) > limit:
+            return None
+        keep = fields.get(b'connection', b'keep-alive').lower()
+        if any(name in fields for name in _TORNADO) \
+                or keep not in (b'keep-alive', b'close'):
+            return None
+        auth = fields.get(b'authorization', b'')
+        if auth == self.auth:  # a core's connection: the same token
+            hashed = self.hashed
+        else:
+            token = credential({'Authorization': auth.decode('latin-1')})
+            if not token:
+                return None
+            hashed = core.token_hash(token)
+            self.auth, self.hashed = auth, hashed
+        sid = core.live_tokens(app).get(hashed)
+        if sid is None:
+            return None
+        return route, sid, hashed, int(length), fields.get(b'content-md5'), \
+            keep == b'keep-alive'
+
+
 async def _store(app: Any, handler: type, sid: str, hashed: str,
                  raw: bytes, md5: bytes | None) -> None:
     """What the handler of the Application's path does with the body."""
@@ -182,38 +226,3 @@ async def _store(app: Any, handler: type, sid: str, hashed: str,
     else:
         await core.live_hashed(app, hashed,
                                app.config.heartbeat_increment_in_s)
-
-
-def _lean(app: Any, head: bytes) \
-        -> tuple[bytes, str, str, int, bytes | None, bool] | None:
-    """(request line, stream id, token hash, Content-Length, Content-MD5,
-    keep-alive) of a request the lean path takes, else None."""
-    m = _HEAD.fullmatch(head)
-    if m is None:
-        return None
-    fields: dict[bytes, bytes] = {}
-    for line in m.group(2).split(b'\r\n')[:-1]:
-        name, _, value = line.partition(b':')
-        name = name.lower()
-        if name in fields:
-            return None  # named twice: Tornado's rules
-        fields[name] = value.strip()
-    route = m.group(1)
-    limit = getattr(app.config, ROUTES[route][2].body_limit)
-    length = fields.get(b'content-length', b'')
-    if not length.isdigit() or len(length) > 18 or int(length) > limit:
-        return None
-    keep = fields.get(b'connection', b'keep-alive').lower()
-    if any(name in fields for name in _TORNADO) \
-            or keep not in (b'keep-alive', b'close'):
-        return None
-    token = credential({'Authorization': fields.get(
-        b'authorization', b'').decode('latin-1')})
-    if not token:
-        return None
-    hashed = core.token_hash(token)
-    sid = core.live_tokens(app).get(hashed)
-    if sid is None:
-        return None
-    return route, sid, hashed, int(length), fields.get(b'content-md5'), \
-        keep == b'keep-alive'
