@@ -24,7 +24,6 @@ read when it has none (server/proxy.py).
 import asyncio
 import logging
 import time
-import weakref
 from typing import Any
 
 from tornado import httputil
@@ -53,9 +52,9 @@ class Server(HTTPServer):
             else min(body_grace, body_timeout or body_grace)
         # Seconds of credit a received byte gives (0: no minimum rate).
         self.per_byte = 1.0 / min_body_rate if min_body_rate else 0.0
-        # connection -> time
-        self.deadlines: weakref.WeakKeyDictionary[Any, float] = \
-            weakref.WeakKeyDictionary()
+        # connection -> time; a connection's entry goes when it closes
+        # (on_close), so a plain dict (a weak one cost a weakref per set)
+        self.deadlines: dict[Any, float | None] = {}
         self.sweeper = PeriodicCallback(self.sweep, 1000 * SWEEP_S)
         self.sweeper.start()
 
@@ -98,6 +97,10 @@ class Server(HTTPServer):
         return _Phases(self, server_conn,
                        super().start_request(server_conn, request_conn),
                        request_conn)
+
+    def on_close(self, server_conn):
+        self.deadlines.pop(server_conn, None)
+        super().on_close(server_conn)
 
     def sweep(self):
         now = time.monotonic()
