@@ -89,6 +89,8 @@ def bench_frames(args, results, keep):
                                        disk_threads=args.disk_threads))
         ws = keep(servers.start_ws(num_processes=processes,
                                    heartbeat_increment=3600))
+        before = args.before and keep(servers.start_ws(
+            args.before, num_processes=processes, heartbeat_increment=3600))
         for size in sizes:
             for c in levels:
                 def ours(ws=ws, size=size, c=c):
@@ -98,16 +100,21 @@ def bench_frames(args, results, keep):
                     return workloads.frames_ceiling(server, size, c,
                                                     args.duration)
 
-                runs = interleave({
-                    'ours': ours,
-                    'bare': lambda ceiling=ceiling, bare=bare: ceiling(bare),
-                    'durable': lambda ceiling=ceiling, durable=durable:
-                        ceiling(durable)}, args.reps,
-                    settle=not args.no_settle)
+                fns = {'ours': ours,
+                       'bare': lambda ceiling=ceiling, bare=bare:
+                           ceiling(bare),
+                       'durable': lambda ceiling=ceiling, durable=durable:
+                           ceiling(durable)}
+                if before:
+                    fns['before'] = lambda before=before, size=size, c=c: \
+                        workloads.frames_ws(before, size, c, args.duration)
+                runs = interleave(fns, args.reps, settle=not args.no_settle)
                 row = summarize('frames', {'processes': processes,
                                            'size': size, 'cores': c},
                                 runs, FIGURES, REP_FIGURES)
-                row['mismatches'] = sum(r['mismatches'] for r in runs['ours'])
+                row['mismatches'] = sum(r['mismatches']
+                                        for name in ('ours', 'before')
+                                        for r in runs.get(name, []))
                 row['frames_committed'] = sum(r['frames_committed']
                                               for r in runs['ours'])
                 results['frames'].append(row)
@@ -285,6 +292,10 @@ def main(argv=None):
     p.add_argument('--disk-threads', type=int, default=32,
                    help='the durable ceiling\'s fsync threads per process '
                    '(32: as many as the WS\'s disk pool)')
+    p.add_argument('--before', metavar='CHECKOUT',
+                   help='frames: also measure the WS of another checkout '
+                   '(e.g. a worktree of an older commit), interleaved with '
+                   'ours: a before/after table from one run')
     p.add_argument('--no-settle', action='store_true',
                    help='frames: no sync before each rep (what a rep left '
                    'dirty is written back inside a later one)')

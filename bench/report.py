@@ -12,7 +12,7 @@ def print_row(row):
           flush=True)
 
 
-SERVERS = ('ours', 'bare', 'durable')
+SERVERS = ('ours', 'before', 'bare', 'durable')  # before: --before
 
 
 def _reps(row, name, key, fmt='%.0f'):
@@ -37,6 +37,8 @@ def frames_table(results):
         'req/s of each rep'))
     for r in results['frames']:
         for name in SERVERS:
+            if '%s_rate' % name not in r:
+                continue
             print('%5d %6d %5d %-7s %7s %5s %6s %7s %6s %6s %7s %7s  %s' % (
                 r['processes'], r['size'], r['cores'], name,
                 _f(r['%s_rate' % name], '%.0f'),
@@ -201,7 +203,7 @@ def verdict(results, targets):
 def error_count(results):
     n = 0
     for r in results['frames']:
-        n += sum(r['%s_errors' % name] for name in SERVERS) \
+        n += sum(r.get('%s_errors' % name, 0) for name in SERVERS) \
             + r['mismatches']
     for key in ('activations',):
         if results.get(key):
@@ -234,7 +236,10 @@ def plot(results, path):
         if not rows:
             continue
         cores = [r['cores'] for r in rows]
-        for i, (name, marker) in enumerate(zip(SERVERS, 'osd', strict=True)):
+        for i, (name, marker) in enumerate(zip(SERVERS, 'o^sd',
+                                               strict=True)):
+            if '%s_rate' % name not in rows[0]:
+                continue
             label = '%s %d KB' % (name, size // 1000)
             ax1.plot(cores, [r['%s_rate' % name] for r in rows],
                      marker + style, color='C%d' % i, label=label)

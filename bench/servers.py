@@ -110,11 +110,15 @@ def rss_bytes(pids):
     return total
 
 
-def start_ws(**conf):
-    """A WS; measured alone unless `command_centers` names a CC."""
+def start_ws(root=None, **conf):
+    """A WS; measured alone unless `command_centers` names a CC; run from
+    the checkout `root` (default: this one)."""
     conf.setdefault('command_centers', command_centers())
     conf.setdefault('log_level', 'warning')
-    return ServerProcess('ws', **conf).start()
+    ws = ServerProcess('ws', **conf)
+    if root:
+        ws.root = os.path.abspath(root)
+    return ws.start()
 
 
 def start_cc(**conf):
