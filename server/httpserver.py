@@ -17,6 +17,10 @@ connections past theirs:
 - while the handler works and answers: none.
 A deadline is checked within SWEEP_S of passing.
 
+An application with a `connection_class` has its connections served by
+it (the WS's lean layer for core requests, ws/frame_path.py), under the
+same deadlines.
+
 A connection from a `trusted_proxies` address has its PROXY header (if
 any) read before Tornado wraps it in TLS, and its requests' X-Forwarded-For
 read when it has none (server/proxy.py).
