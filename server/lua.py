@@ -108,6 +108,11 @@ class Script:
             tuple(args)
         self.sha = hashlib.sha1(self.text.encode('utf-8')).hexdigest()
         self.returns = returns
+        # What bind checks and reads, worked out once (a hot path's call)
+        self._names = frozenset(_bare(n) for n in self.keys + self.walks
+                                + self.args)
+        self._starred = any(n.startswith('*') for n in
+                            self.keys + self.walks + self.args)
 
     @staticmethod
     def _values(names: Sequence[str], named: dict[str, Any]) -> list[Any]:
@@ -121,13 +126,15 @@ class Script:
 
     def bind(self, named: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         """(KEYS, ARGV) from keyword arguments; every name, no other."""
-        expected = [_bare(n) for n in self.keys + self.walks + self.args]
-        if set(named) != set(expected):
+        if named.keys() != self._names:
             raise TypeError('script takes %s; got %s'
-                            % (sorted(expected), sorted(named)))
-        for name, value in named.items():
-            if value is None:
-                raise TypeError('script argument %s is None' % name)
+                            % (sorted(self._names), sorted(named)))
+        if None in named.values():
+            name = next(k for k, v in named.items() if v is None)
+            raise TypeError('script argument %s is None' % name)
+        if not self._starred:
+            return ([named[n] for n in self.keys],
+                    [named[n] for n in self.walks + self.args])
         return (self._values(self.keys, named),
                 self._values(self.walks + self.args, named))
 
