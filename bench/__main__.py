@@ -39,6 +39,22 @@ REP_FIGURES = ('rate', 'cpu_ms_per_frame', 'checkpoints_p50_ms',
                'redis_aof_mb')
 
 
+def file_create_us(n=200):
+    """CPU microseconds to create an empty file where the servers keep
+    their data (nothing deleted: that would raise it). On ext4 without a
+    journal each new inode skips those freed in the last 1-5 minutes
+    (the kernel's recently_deleted), so right after a mass deletion (an
+    earlier run's clean-up) this is 10-20x its usual 20 us, and a
+    checkpoint, which creates six inodes, costs that much more CPU
+    (docs/benchmarks.md, the slow rep)."""
+    folder = servers.tmpdir('inodes')
+    t = time.process_time()
+    for i in range(n):
+        os.close(os.open(os.path.join(folder, str(i)),
+                         os.O_CREAT | os.O_WRONLY, 0o600))
+    return 1e6 * (time.process_time() - t) / n
+
+
 def median_spread(runs, key):
     values = [r[key] for r in runs if r.get(key) is not None]
     if not values:
@@ -310,10 +326,12 @@ def main(argv=None):
     results = {'started': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
                'processes': args.processes, 'reps': args.reps,
                'duration_s': args.duration, 'quick': args.quick,
-               'cpus': os.cpu_count(), 'frames': []}
+               'cpus': os.cpu_count(), 'frames': [],
+               'file_create_us_start': file_create_us()}
     for name in args.only or list(WORKLOADS):
         with servers.stopping() as keep:
             WORKLOADS[name](args, results, keep)
+    results['file_create_us_end'] = file_create_us()
     results['verdict'] = report.verdict(results, TARGETS)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
