@@ -120,9 +120,12 @@ class _Protocol(asyncio.Protocol):
         self.closed = False
         self.timeout = timeout
         self.watchdog: asyncio.TimerHandle | None = None
+        self.loop: Any = None  # once connected
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        # its loop, kept: get_running_loop costs a getpid() system call
+        self.loop = asyncio.get_running_loop()
         if self.timeout:
             self._watch()
 
@@ -149,7 +152,7 @@ class _Protocol(asyncio.Protocol):
         """Queue `command`; the commands of one turn of the event loop go
         out in one write (one system call here, one read for Redis)."""
         if not self.out:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self.loop.call_soon(self._flush)
         self.out.append(command)
 
     def _flush(self) -> None:
@@ -270,10 +273,9 @@ class Multiplexed:
     @staticmethod
     def _send(protocol: _Protocol,
               args: Sequence[Any]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
+        waiter = protocol.loop.create_future()
         protocol.waiters.append(waiter)
-        protocol.sent.append(loop.time())
+        protocol.sent.append(protocol.loop.time())
         protocol.send(encode(args))
         return waiter
 

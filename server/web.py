@@ -187,16 +187,23 @@ def decode_pieces(name, value, budget):
         raise APIError(400, 'file %s must be a string' % name)
     if not name.endswith('.b64'):
         return name, _whole(name, value.encode('utf-8'), budget)
-    name = name[:-4]
-    if not name or name == '.gz':
+    if not decoded_name(name):
         raise APIError(400, 'bad file name: nothing before .b64')
     try:
         data = b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, 'file %s.b64 is not valid base64' % name) from None
-    if name.endswith('.gz'):
-        return name[:-3], _inflate(name[:-3], data, budget)
-    return name, _whole(name, data, budget)
+        raise APIError(400, 'file %s is not valid base64' % name) from None
+    if name.endswith('.gz.b64'):
+        return decoded_name(name), _inflate(decoded_name(name), data, budget)
+    return decoded_name(name), _whole(decoded_name(name), data, budget)
+
+
+def decoded_name(name):
+    """The name a sent file is stored under: without `.b64` or
+    `.gz.b64`."""
+    if name.endswith('.gz.b64'):
+        return name[:-7]
+    return name[:-4] if name.endswith('.b64') else name
 
 
 def gunzip(name, data, budget, keep=True):

@@ -1393,6 +1393,18 @@ class TestLockLost(WSTestCase):
         self.frame(token, b'two')
         self.checkpoint(token, b's2')
         self.assertEqual(self.download(sid)[1], b'onetwo')
+        # A file Redis never counted beside the frame's own (the first
+        # frame of a new name, whose worker died): left out of the frame's
+        # sizes (storage.frame_sizes), and cut by the checkpoint.
+        self.frame(token, b'three')
+        with open(os.path.join(self.app.storage.buffer_dir(sid),
+                               'other.dat'), 'wb') as f:
+            f.write(b'GARBAGE')
+        self.frame(token, b'four')
+        self.checkpoint(token, b's3')
+        self.assertEqual(self.download(sid)[1], b'onetwothreefour')
+        self.assertEqual(self.download(sid, 'other.dat')[0], 404)
+        self.assertEqual(self.info(sid)['frames'], 4)
 
 
 class TestMultiplexedRedis(RedisTestCase):

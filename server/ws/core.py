@@ -29,6 +29,7 @@ from server.web import (
     allow,
     bounded,
     check_files,
+    decoded_name,
     decoded_size,
     decoded_streams,
     encoded_size,
@@ -396,12 +397,28 @@ async def _append(app: Any, sid: str, hashed: str, files: dict[str, Any],
     body is the frame last accepted (retry), or the stream's lock held
     (None: try again); the append is cut back unless recorded. A buffer
     longer than Redis counted (a frame whose record was lost) is cut to
-    the count and the frame appended again."""
+    the count and the frame appended again. The first try takes the
+    buffer's sizes from its files this frame names (storage.frame_sizes),
+    the others from a listing."""
     storage = app.storage
-    for _ in range(3):
-        sizes = storage.buffer_sizes(sid)
-        had = sizes is not None  # a cut back leaves the folder as found
-        before = sizes or {}
+    for attempt in range(3):
+        found = None if attempt else storage.frame_sizes(
+            sid, {decoded_name(name) for name in files})
+        if found is not None:
+            had, before = True, found
+        else:
+            sizes = storage.buffer_sizes(sid)
+            had = sizes is not None  # a cut back leaves the folder as found
+            before = sizes or {}
+
+        def undo(before: dict[str, int] = before, had: bool = had,
+                 listed: bool = found is None) -> None:
+            """Cut the append back: to the listing, or (sizes of this
+            frame's files only) each of them to its size before."""
+            if listed:
+                storage.trim_buffer(sid, before, keep=had)
+            else:
+                storage.truncate_buffer(sid, before)
 
         def work(budget: Any, before: dict[str, int] = before) -> Any:
             return storage.append_frames(
@@ -422,7 +439,7 @@ async def _append(app: Any, sid: str, hashed: str, files: dict[str, Any],
         if got.outcome == 'ok':
             return 'ok'
         if got.outcome == 'full':
-            storage.trim_buffer(sid, before, keep=had)
+            undo()
             budgets.stream_full(app.config, sum(before.values())
                                 + int(got.committed_bytes or 0))
         if got.outcome in ('cut', 'retry'):
@@ -430,7 +447,7 @@ async def _append(app: Any, sid: str, hashed: str, files: dict[str, Any],
             if got.outcome == 'retry':
                 return 'retry'
             continue
-        storage.trim_buffer(sid, before, keep=had)
+        undo()
         if got.outcome == 'busy':
             return None
         live_tokens(app).forget(hashed)

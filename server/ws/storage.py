@@ -59,6 +59,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 
@@ -393,6 +394,23 @@ class Storage:
         finally:
             if fd is not None:
                 self.unlock_buffer(fd)
+
+    def frame_sizes(self, stream_id, names):
+        """{name: bytes} of these buffer files, None unless each is a file
+        there: a frame of the same files as the one before needs no listing
+        of the buffer (a stat each; Redis' record of the buffer's sizes
+        tells if other files are there)."""
+        folder = self.buffer_dir(stream_id)
+        sizes = {}
+        for name in names:
+            try:
+                st = os.stat(os.path.join(folder, name))
+            except OSError:
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            sizes[name] = st.st_size
+        return sizes
 
     def buffer_sizes(self, stream_id):
         """{name: bytes} of the buffer's files as the disk has them; None
