@@ -81,8 +81,9 @@ def _after(seconds: float | None) -> float | None:
 
 
 class Connection(HTTP1ServerConnection):
-    """One client connection (httpserver.Server makes them): its frames
-    served here, its other requests one at a time by HTTP1Connection."""
+    """One client connection (httpserver.Server makes them): its core
+    requests of a known token served here, the others one at a time by
+    HTTP1Connection."""
 
     auth, hashed = b'', ''  # the last token seen and its hash
 
@@ -98,8 +99,8 @@ class Connection(HTTP1ServerConnection):
                 server.deadlines[self] = _after(server.header_timeout)
                 head = await stream.read_until_regex(
                     b'\r?\n\r?\n', max_bytes=self.params.max_header_size)
-                frame = self._lean(app, head) if lean else None
-                if frame is None:
+                taken = self._lean(app, head) if lean else None
+                if taken is None:
                     _unread(stream, head)
                     conn = HTTP1Connection(stream, False, self.params,
                                            self.context)
@@ -107,7 +108,7 @@ class Connection(HTTP1ServerConnection):
                             delegate.start_request(self, conn)):
                         return
                     await asyncio.sleep(0)  # as Tornado: others' turn
-                elif not await self._serve(server, app, *frame):
+                elif not await self._serve(server, app, *taken):
                     return
                 elif stream._read_buffer_size:
                     # Pipelined requests are in: others' turn first.
@@ -183,7 +184,6 @@ class Connection(HTTP1ServerConnection):
         except StreamClosedError:
             return False  # the client is gone; what was stored stays
         return keep
-
 
     def _lean(self, app: Any, head: bytes) \
             -> tuple[bytes, str, str, int, bytes | None, bool] | None:
