@@ -187,15 +187,16 @@ def decode_pieces(name, value, budget):
         raise APIError(400, 'file %s must be a string' % name)
     if not name.endswith('.b64'):
         return name, _whole(name, value.encode('utf-8'), budget)
-    if not decoded_name(name):
+    plain = decoded_name(name)
+    if not plain:
         raise APIError(400, 'bad file name: nothing before .b64')
     try:
         data = b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise APIError(400, 'file %s is not valid base64' % name) from None
     if name.endswith('.gz.b64'):
-        return decoded_name(name), _inflate(decoded_name(name), data, budget)
-    return decoded_name(name), _whole(decoded_name(name), data, budget)
+        return plain, _inflate(plain, data, budget)
+    return plain, _whole(plain, data, budget)
 
 
 def decoded_name(name):
