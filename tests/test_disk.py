@@ -111,7 +111,7 @@ class TestCheckpointFlushes(unittest.TestCase):
         os.fsync = lambda fd: calls.append(fd) or real(fd)
         try:
             seq, total = storage.commit('s', 1, {'s1': 'x', 's2': 'y'},
-                                        {'frames': 1}, sizes)
+                                        sizes)
         finally:
             os.fsync = real
         self.assertEqual((seq, total), (1, 1))
@@ -121,11 +121,50 @@ class TestCheckpointFlushes(unittest.TestCase):
 
     def test_a_checkpoint_costs_two_group_steps(self):
         """One before the rename that publishes the chunk, one after. With
-        fsync: each file (2 frames, 2 states, meta.json), each folder of
-        the chunk (3), then chunks/; with syncfs: no fsync at all."""
-        self.assertEqual(self.commit('fsync'), (2, 9))
+        fsync: each file (2 frames, 2 states), the chunk's folder, then
+        chunks/; with syncfs: no fsync at all."""
+        self.assertEqual(self.commit('fsync'), (2, 6))
         if disk._SYNCFS is not None:
             self.assertEqual(self.commit('syncfs'), (2, 0))
+
+
+class TestOldChunkLayout(unittest.TestCase):
+    """Chunks made before 2026-12 (frames/, state/, meta.json) are read
+    like the flat ones: downloads, restarts, byte counts, rollbacks."""
+
+    def test_old_and_new_chunks_read_alike(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root, True)
+        storage = Storage(root)
+        storage.create_stream('s', {'target_id': 't', 'creation_date': 0,
+                                    'status': 'OK', 'error_count': 0},
+                              {'state.xml': 'seed', 'system.xml': 'sys'})
+        old = os.path.join(storage.chunks_dir('s'), '%010d-2' % 1)
+        for sub, name, data in (('frames', 'f.xtc', 'ab'),
+                                ('state', 'state.xml', 'S1')):
+            os.makedirs(os.path.join(old, sub), exist_ok=True)
+            with open(os.path.join(old, sub, name), 'w') as f:
+                f.write(data)
+        with open(os.path.join(old, 'meta.json'), 'w') as f:
+            f.write('{"frames": 2}')
+        self.assertEqual(storage.stream_files('s'),
+                         {'state.xml': 'S1', 'system.xml': 'sys'})
+        self.assertEqual(storage.committed_bytes('s'), 4)
+        sizes = storage.append_frames('s', {'f.xtc': b'cde'}, 10, {})
+        self.assertEqual(storage.commit('s', 1, {'state.xml': 'S2'}, sizes),
+                         (2, 3))
+        self.assertEqual(storage.stream_files('s'),
+                         {'state.xml': 'S2', 'system.xml': 'sys'})
+        self.assertEqual([size for _, size in
+                          storage.download_parts('s', 'f.xtc')], [2, 3])
+        self.assertEqual(storage.committed_bytes('s'), 9)
+        # Rolled back, an old chunk's frames go back to the buffer too.
+        self.assertTrue(storage.uncommit('s', 2))
+        self.assertEqual(storage.buffer_sizes('s'), {'f.xtc': 3})
+        storage.discard_buffer('s')
+        self.assertTrue(storage.uncommit('s', 1))
+        self.assertEqual(storage.buffer_sizes('s'), {'f.xtc': 2})
+        self.assertEqual(storage.chunks('s'), [])
 
 
 class TestBufferLock(unittest.TestCase):

@@ -18,6 +18,7 @@ import threading
 import unittest
 import uuid
 
+from server.ws.storage import Storage
 from siegetank import cli, files, sync
 from siegetank.client import Client, SiegetankError
 from siegetank.core import make_engine, synthetic
@@ -85,14 +86,11 @@ class SyncTestCase(unittest.TestCase):
 
     def committed(self, sid, name='frames.dat'):
         """The stream's committed bytes of `name`, read from the WS's disk."""
-        root = os.path.join(self.ws.settings.data_folder, 'streams', sid,
-                            'chunks')
         data = b''
-        for chunk in sorted(os.listdir(root)):
-            path = os.path.join(root, chunk, 'frames', name)
-            if os.path.exists(path):
-                with open(path, 'rb') as f:
-                    data += f.read()
+        for path, _ in Storage(self.ws.settings.data_folder).download_parts(
+                sid, name) or []:
+            with open(path, 'rb') as f:
+                data += f.read()
         return data
 
     def local(self, folder, sid, name='frames.dat'):

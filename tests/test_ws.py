@@ -522,18 +522,20 @@ class TestCore(WSTestCase):
         self.assertIn('integrator.xml.gz.b64', files)
         self.assertEqual(send('/core/frame', 'PUT', {
             'files': {'frames.xtc.b64': b64(b'xy')}, 'frames': 2}), (200, {}))
-        self.assertEqual(send('/core/checkpoint', 'PUT', {
-            'files': {'state.xml.gz.b64': gzb64(b'S2'),
-                      'partial_steps.gz.b64': gzb64(b'17')},
-            'frames': 2.5}), (200, {}))
+        # The core's count is only compared with the buffer's (2 frames).
+        with self.assertLogs('siegetank.ws.core', 'WARNING') as logs:
+            self.assertEqual(send('/core/checkpoint', 'PUT', {
+                'files': {'state.xml.gz.b64': gzb64(b'S2'),
+                          'partial_steps.gz.b64': gzb64(b'17')},
+                'frames': 3.5}), (200, {}))
+        self.assertIn('the core counts 3.5 frames since its last '
+                      'checkpoint, the buffer holds 2', logs.output[0])
+        self.assertEqual(self.info(sid)['frames'], 2)
         files = self.core_start(token)['files']
         self.assertEqual(gzip.decompress(base64.b64decode(
             files['partial_steps.gz.b64'])), b'17')
         self.assertEqual(gzip.decompress(base64.b64decode(
             files['state.xml.gz.b64'])), b'S2')
-        meta = os.path.join(self.app.storage.chunks(sid)[0][2], 'meta.json')
-        with open(meta) as f:
-            self.assertEqual(json.load(f)['reported_frames'], 2.5)
         # A wrong Content-MD5 is refused and changes nothing.
         before = self.snapshot()
         code, reply = self.fetch_json('/core/frame', 'PUT', json.dumps({
@@ -800,6 +802,53 @@ class TestFramePath(WSTestCase):
         self.assertEqual(self.checkpoint(token, b's3', code=401)['ended'],
                          'manager_stop')
         self.assertEqual(seen, [])
+
+
+class TestCheckpointOnTheLoop(WSTestCase):
+    """A checkpoint builds its chunk on the event loop and sends only the
+    flushes to a disk thread; with the buffer's lock taken it waits for
+    it in a thread, as before."""
+
+    def threaded(self):
+        """The names of the functions sent to disk threads from now on."""
+        names = []
+        real = core.threads.disk
+
+        async def disk(func, *args, **kw):
+            names.append(getattr(func, '__name__', repr(func)))
+            return await real(func, *args, **kw)
+        patch = mock.patch.object(core.threads, 'disk', disk)
+        patch.start()
+        self.addCleanup(patch.stop)
+        return names
+
+    def started(self):
+        """A stream past its first checkpoint (which reads the committed
+        bytes from the disk) with a frame buffered, and its token."""
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'one')
+        self.checkpoint(token, b's1')
+        self.frame(token, b'two')
+        return sid, token
+
+    def test_only_the_flushes_leave_the_loop(self):
+        sid, token = self.started()
+        names = self.threaded()
+        self.checkpoint(token, b's2')
+        self.assertEqual(names, ['publish_chunk'])
+        self.assertEqual(self.download(sid)[1], b'onetwo')
+
+    def test_a_busy_buffer_is_waited_for(self):
+        sid, token = self.started()
+        names = self.threaded()
+        storage = self.app.storage
+        fd = storage.lock_buffer(sid)
+        self.io_loop.call_later(0.3, storage.unlock_buffer, fd)
+        self.checkpoint(token, b's2')
+        self.assertEqual(names, ['commit_waiting'])
+        self.assertEqual(self.download(sid)[1], b'onetwo')
+        self.assertEqual(self.info(sid)['frames'], 2)
 
 
 class TestLostActivation(WSTestCase):

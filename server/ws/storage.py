@@ -10,8 +10,11 @@ Layout under `data_folder`:
     streams/<sid>/buffer/<name>                uncommitted frames (decoded)
     streams/<sid>/buffer.lock                  the buffer's lock (an flock:
                                                see lock_buffer)
-    streams/<sid>/chunks/<seq>-<n>/frames/<name>, state/<name>, meta.json
+    streams/<sid>/chunks/<seq>-<n>/frame+<name>, state+<name>
                                                one committed checkpoint
+                                               (before 2026-12: frames/,
+                                               state/ and meta.json; read
+                                               alike: chunk_files)
     streams/<sid>/errors.log, errors.log.1     messages of error stops (the
                                                newest; rotated at a size)
 
@@ -24,10 +27,10 @@ chunks' n; the restart point = the newest chunk's state files; a download
 = that file of every chunk in seq order.
 
 A checkpoint (`commit`) writes nothing durable until it has built its
-chunk: the buffer's files are renamed into it, the state files and
-meta.json written to the page cache. Then two flushes (disk.GroupSync):
-  1. before the rename: the chunk's files (their data) and its three
-     directories (their entries) are on disk, else a crash after the
+chunk: the buffer's files are renamed into it, the state files written
+to the page cache. Then two flushes (disk.GroupSync):
+  1. before the rename: the chunk's files (their data) and its
+     directory (their entries) are on disk, else a crash after the
      rename reached the disk could leave a published chunk with missing
      or short files;
   2. after the rename: the chunk's entry in chunks/ is on disk before
@@ -36,10 +39,10 @@ meta.json written to the page cache. Then two flushes (disk.GroupSync):
 Nothing else is flushed: frame appends go to the page cache (a crash
 discards the buffer anyway, and the core's activation with it), and the
 buffer's own entries never matter after a crash. With `checkpoint_flush`
-"fsync" (the default) flush 1 is an fsync of each file then each folder
-(one frame file and one state file: 6) and flush 2 one of chunks/, as
-POSIX needs, made by the checkpoint's own disk thread (the journal
-commits the fsyncs of concurrent checkpoints together). With "syncfs"
+"fsync" (the default) flush 1 is an fsync of each file then of the
+chunk's folder (one frame file and one state file: 3) and flush 2 one of
+chunks/, as POSIX needs, made by the checkpoint's own disk thread (the
+journal commits the fsyncs of concurrent checkpoints together). With "syncfs"
 each flush is one step of a group commit: one thread makes one syncfs of
 the filesystem for every checkpoint of the process due at that moment
 (2 calls per checkpoint at most, fewer when checkpoints come together),
@@ -74,6 +77,9 @@ from server.disk import (
 )
 
 CHUNK = re.compile(r'([0-9]{10})-([0-9]+)')
+# A chunk's files: `frame+<name>`, `state+<name>` (sent names never hold
+# a `+`).
+FRAME, STATE = 'frame+', 'state+'
 
 
 class TooManyFiles(ValueError):
@@ -462,64 +468,62 @@ class Storage:
         """The bytes of every chunk's frames and state files, as stored:
         the committed total Redis has not counted (after a rebuild, or a
         commit whose record was lost). Stats every file: only then."""
-        total = 0
-        for _, _, path in self.chunks(stream_id):
-            for sub in ('frames', 'state'):
-                try:
-                    with os.scandir(os.path.join(path, sub)) as entries:
-                        total += sum(e.stat().st_size for e in entries)
-                except FileNotFoundError:
-                    pass
-        return total
+        return sum(size for _, _, path in self.chunks(stream_id)
+                   for _, _, size in chunk_files(path))
 
-    def commit(self, stream_id, nframes, state_files, meta, recorded):
+    def commit(self, stream_id, nframes, state_files, recorded):
         """Make the buffer (holding `nframes` frames, `recorded` sizes) and
         `state_files` {name: str} the stream's newest chunk, crash-safely
         (the protocol at the top). The caller holds the stream's lock and
         its buffer's.
         Returns (the chunk's seq, the stream's committed frames with
         it)."""
+        return self.publish_chunk(self.build_chunk(stream_id, nframes,
+                                                   state_files, recorded))
+
+    def build_chunk(self, stream_id, nframes, state_files, recorded):
+        """The first half of `commit`, in the page cache only (no fsync:
+        a caller may run it on the event loop): the chunk built under a
+        temporary name. On failure nothing of it is left."""
         self.trim_buffer(stream_id, recorded)
         seq, total = self.head(stream_id)
-        seq += 1
-        folder = self.chunks_dir(stream_id)
+        chunk = _Chunk(self.chunks_dir(stream_id), seq + 1, nframes,
+                       total + nframes)
+        os.mkdir(chunk.tmp)
         buffer = self.buffer_dir(stream_id)
-        final = os.path.join(folder, '%010d-%d' % (seq, nframes))
-        tmp = os.path.join(folder, '.tmp-%s' % uuid.uuid4().hex)
-        frames, state = os.path.join(tmp, 'frames'), os.path.join(tmp,
-                                                                  'state')
-        os.makedirs(frames)
-        os.mkdir(state)
-        moved = []
         try:
             for name in sorted(os.listdir(buffer)):
                 src = os.path.join(buffer, name)
-                dst = os.path.join(frames, name)
+                dst = os.path.join(chunk.tmp, FRAME + name)
                 os.rename(src, dst)
-                moved.append((src, dst))
-            written = [os.path.join(state, name) for name in state_files]
-            for path, value in zip(written, state_files.values(),
-                                   strict=True):
+                chunk.moved.append((src, dst))
+            for name, value in state_files.items():
+                path = os.path.join(chunk.tmp, STATE + name)
                 write_file(path, value, sync=False)
-            written.append(os.path.join(tmp, 'meta.json'))
-            write_file(written[-1], json.dumps(meta), sync=False)
-            # Flush 1: the chunk's files and entries are on disk before
-            # the rename that publishes it can be.
-            self.durable.sync([dst for _, dst in moved] + written
-                              + [frames, state, tmp])
-            os.rename(tmp, final)
+                chunk.written.append(path)
         except BaseException:
-            for src, dst in moved:  # give the buffer back for a retry
-                try:
-                    os.rename(dst, src)
-                except OSError:
-                    pass
-            shutil.rmtree(tmp, ignore_errors=True)
+            chunk.undo()
+            raise
+        return chunk
+
+    def publish_chunk(self, chunk):
+        """The second half of `commit`: the built chunk made durable and
+        published (it waits on the disk: a thread's work). Returns (its
+        seq, the stream's committed frames with it); on failure before
+        the rename, the buffer is given back."""
+        try:
+            # Flush 1: the chunk's files and entry are on disk before the
+            # rename that publishes it can be.
+            self.durable.sync([dst for _, dst in chunk.moved]
+                              + chunk.written + [chunk.tmp])
+            os.rename(chunk.tmp, chunk.final)
+        except BaseException:
+            chunk.undo()
             raise
         # Flush 2: the rename is on disk before Redis counts the frames
         # and the core hears they are safe.
-        self.durable.sync([folder])
-        return seq, total + nframes
+        self.durable.sync([chunk.folder])
+        return chunk.seq, chunk.total
 
     def uncommit(self, stream_id, seq):
         """Undo the commit of chunk `seq` (the newest): its frames go back
@@ -559,7 +563,9 @@ class Storage:
         files = _read_files(os.path.join(self.stream_dir(stream_id), 'seed'))
         newest = self.newest_chunk(stream_id)
         if newest is not None:
-            files.update(_read_files(os.path.join(newest[1], 'state')))
+            files.update((name, read_text(path)) for kind, name, path
+                         in chunk_files(newest[1], sizes=False)
+                         if kind == STATE)
         return files
 
     def download_parts(self, stream_id, filename):
@@ -568,11 +574,13 @@ class Storage:
         chunks = self.chunks(stream_id)
         parts = []
         for _, _, path in chunks:
-            p = os.path.join(path, 'frames', filename)
-            try:
-                parts.append((p, os.path.getsize(p)))
-            except FileNotFoundError:
-                pass
+            for p in (os.path.join(path, FRAME + filename),
+                      os.path.join(path, 'frames', filename)):  # old layout
+                try:
+                    parts.append((p, os.path.getsize(p)))
+                    break
+                except FileNotFoundError:
+                    pass
         if chunks and not parts:
             return None
         return parts
@@ -611,6 +619,27 @@ class Storage:
         return _names(self.streams)
 
 
+class _Chunk:
+    """A chunk being built: its temporary folder, the buffer files moved
+    into it (src, dst) and the state files written there."""
+
+    def __init__(self, folder, seq, nframes, total):
+        self.folder, self.seq, self.total = folder, seq, total
+        self.final = os.path.join(folder, '%010d-%d' % (seq, nframes))
+        self.tmp = os.path.join(folder, '.tmp-%s' % uuid.uuid4().hex)
+        self.moved = []
+        self.written = []
+
+    def undo(self):
+        """Give the buffer its files back (for a retry), drop the rest."""
+        for src, dst in self.moved:
+            try:
+                os.rename(dst, src)
+            except OSError:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 class BufferBusy(Exception):
     """The buffer's lock stayed taken past the wait."""
 
@@ -627,18 +656,36 @@ class BufferLost(Exception):
                          'counted' % (name, stream_id))
 
 
+def chunk_files(chunk, sizes=True):
+    """[(FRAME or STATE, name, path or size)] of the files of a chunk
+    folder, sorted by name within a kind; the size of each if `sizes`,
+    else its path. Chunks made before 2026-12 keep frames/<name>,
+    state/<name> and a meta.json instead (read alike)."""
+    out: list[tuple[str, str, int | str]] = []
+    for kind, old in ((FRAME, 'frames'), (STATE, 'state')):
+        for folder, prefix in ((chunk, kind), (os.path.join(chunk, old), '')):
+            try:
+                with os.scandir(folder) as entries:
+                    found = sorted((e.name[len(prefix):], e) for e in entries
+                                   if e.name.startswith(prefix)
+                                   and e.is_file())
+            except FileNotFoundError:
+                continue
+            out.extend((kind, name, e.stat().st_size if sizes else e.path)
+                       for name, e in found)
+    return out
+
+
 def restore_frames(chunk, buffer):
     """Move the frames of an uncommitted `chunk` folder back to `buffer`
     (a name already back there wins)."""
-    frames = os.path.join(chunk, 'frames')
-    try:
-        names = os.listdir(frames)
-    except FileNotFoundError:
-        return
-    os.makedirs(buffer, exist_ok=True)
-    for name in names:
+    files = [(name, path) for kind, name, path
+             in chunk_files(chunk, sizes=False) if kind == FRAME]
+    if files:
+        os.makedirs(buffer, exist_ok=True)
+    for name, path in files:
         if not os.path.exists(os.path.join(buffer, name)):
-            os.rename(os.path.join(frames, name), os.path.join(buffer, name))
+            os.rename(path, os.path.join(buffer, name))
 
 
 def encode_sizes(sizes):
