@@ -1305,16 +1305,16 @@ class TestRecovery(WSTestCase):
         self.frame(token, b'two')
         storage = self.app.storage
 
-        def broken(paths):
+        def broken(*args):
             raise OSError(28, 'No space left on device')
-        storage.durable.sync = broken
+        storage.durable.sync_open = broken
         try:
             code, reply = self.fetch_json('/core/checkpoint', 'PUT', {
                 'files': {'state.xml.gz.b64': gzb64(b's2')}}, token=token)
             self.assertEqual(code, 503)
             self.assertIn('disk is full', reply['error'])
         finally:
-            del storage.durable.sync
+            del storage.durable.sync_open
         self.assertEqual(self.download(sid)[1], b'one')
         self.assertEqual(len(storage.chunks(sid)), 1)
         self.assertEqual(storage.buffer_files(sid), ['frames.xtc'])

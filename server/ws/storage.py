@@ -70,7 +70,9 @@ from server.disk import (
     GroupSync,
     atomic_write,
     build_dir,
+    create_file,
     fsync_dir,
+    open_dir,
     read_text,
     unlink,
     write_file,
@@ -478,8 +480,11 @@ class Storage:
         its buffer's.
         Returns (the chunk's seq, the stream's committed frames with
         it)."""
-        return self.publish_chunk(self.build_chunk(stream_id, nframes,
-                                                   state_files, recorded))
+        chunk = self.build_chunk(stream_id, nframes, state_files, recorded)
+        try:
+            return self.publish_chunk(chunk)
+        finally:
+            chunk.close()
 
     def build_chunk(self, stream_id, nframes, state_files, recorded):
         """The first half of `commit`, in the page cache only (no fsync:
@@ -497,10 +502,13 @@ class Storage:
                 dst = os.path.join(chunk.tmp, FRAME + name)
                 os.rename(src, dst)
                 chunk.moved.append((src, dst))
+                chunk.fds.append(os.open(dst, os.O_RDONLY | os.O_CLOEXEC))
             for name, value in state_files.items():
                 path = os.path.join(chunk.tmp, STATE + name)
-                write_file(path, value, sync=False)
+                chunk.fds.append(create_file(path, value, 0o644))
                 chunk.written.append(path)
+            chunk.fds.append(open_dir(chunk.tmp))
+            chunk.fds.append(open_dir(chunk.folder))
         except BaseException:
             chunk.undo()
             raise
@@ -508,21 +516,22 @@ class Storage:
 
     def publish_chunk(self, chunk):
         """The second half of `commit`: the built chunk made durable and
-        published (it waits on the disk: a thread's work). Returns (its
-        seq, the stream's committed frames with it); on failure before
-        the rename, the buffer is given back."""
+        published (it waits on the disk: a thread's work; its fds stay
+        open, `chunk.close()` them). Returns (its seq, the stream's
+        committed frames with it); on failure before the rename, the
+        buffer is given back."""
         try:
             # Flush 1: the chunk's files and entry are on disk before the
             # rename that publishes it can be.
-            self.durable.sync([dst for _, dst in chunk.moved]
-                              + chunk.written + [chunk.tmp])
+            self.durable.sync_open(chunk.fds[:-1], [
+                dst for _, dst in chunk.moved] + chunk.written + [chunk.tmp])
             os.rename(chunk.tmp, chunk.final)
         except BaseException:
             chunk.undo()
             raise
         # Flush 2: the rename is on disk before Redis counts the frames
         # and the core hears they are safe.
-        self.durable.sync([chunk.folder])
+        self.durable.sync_open(chunk.fds[-1:], [chunk.folder])
         return chunk.seq, chunk.total
 
     def uncommit(self, stream_id, seq):
@@ -621,7 +630,8 @@ class Storage:
 
 class _Chunk:
     """A chunk being built: its temporary folder, the buffer files moved
-    into it (src, dst) and the state files written there."""
+    into it (src, dst), the state files written there, and fds open on
+    what its flushes need (its files, its folder, chunks/)."""
 
     def __init__(self, folder, seq, nframes, total):
         self.folder, self.seq, self.total = folder, seq, total
@@ -629,9 +639,16 @@ class _Chunk:
         self.tmp = os.path.join(folder, '.tmp-%s' % uuid.uuid4().hex)
         self.moved = []
         self.written = []
+        self.fds = []
+
+    def close(self):
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
 
     def undo(self):
         """Give the buffer its files back (for a retry), drop the rest."""
+        self.close()
         for src, dst in self.moved:
             try:
                 os.rename(dst, src)
