@@ -823,8 +823,8 @@ class TestCheckpointOnTheLoop(WSTestCase):
         return names
 
     def started(self):
-        """A stream past its first checkpoint (which reads the committed
-        bytes from the disk) with a frame buffered, and its token."""
+        """A stream past its first checkpoint with a frame buffered, and
+        its token."""
         tid, sid = self.new_stream()
         token, _ = self.activate(tid)
         self.frame(token, b'one')
@@ -833,10 +833,16 @@ class TestCheckpointOnTheLoop(WSTestCase):
         return sid, token
 
     def test_only_the_flushes_leave_the_loop(self):
-        sid, token = self.started()
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'one')
         names = self.threaded()
-        self.checkpoint(token, b's2')
+        # A new stream's committed bytes are known (0): no disk scan.
+        self.checkpoint(token, b's1')
         self.assertEqual(names, ['publish_chunk'])
+        self.frame(token, b'two')
+        self.checkpoint(token, b's2')
+        self.assertEqual(names, ['publish_chunk'] * 2)
         self.assertEqual(self.download(sid)[1], b'onetwo')
 
     def test_a_busy_buffer_is_waited_for(self):

@@ -5,15 +5,16 @@ hash's fields by name.
 The hash holds: target_id, status (OK/STOPPED), frames (committed),
 error_count (consecutive error stops), creation_date, active (0/1), cc (the
 command center that made it; '' before owners were kept), tags (JSON, only
-if any), bytes (committed decoded bytes, budgets.py; absent after a rebuild
-until the next checkpoint counts them), backoffs (anonymous error stops
-since the last checkpoint, error_stops.py; only if any); while active only
-(an idle stream keeps its hash small): token (hash of the live token),
-donor, client (who the CC assigned it to, by network: error_stops.py),
-vouched (1 if its error stops count), start_time, buffer_frames, digest (of
-the last accepted frame body, see core.body_digest), sizes (the buffer's
-bytes per file counted so far, see storage.encode_sizes) and the session
-(see sessions.py): session, session_cc, engine, core_version, frames0
+if any), bytes (committed decoded bytes, budgets.py; absent after a
+rebuild of a stream with chunks until the next checkpoint counts them),
+backoffs (anonymous error stops since the last checkpoint,
+error_stops.py; only if any); while active only (an idle stream keeps its
+hash small): token (hash of the live token), donor, client (who the CC
+assigned it to, by network: error_stops.py), vouched (1 if its error
+stops count), start_time, buffer_frames, digest (of the last accepted
+frame body, see core.body_digest), sizes (the buffer's bytes per file
+counted so far, see storage.encode_sizes) and the session (see
+sessions.py): session, session_cc, engine, core_version, frames0
 (committed frames at its start).
 
 A step that moves a stream in or out of its target's queue names the
@@ -98,6 +99,8 @@ def index(pipe: Any, keys: Keys, sid: str, meta: dict[str, Any],
         'cc': meta.get('cc') or ''}
     if meta.get('tags'):  # none: no field (idle streams cost no more)
         fields['tags'] = json.dumps(meta['tags'])
+    if not frames:  # no chunk: no byte committed, no disk scan to count
+        fields['bytes'] = 0
     pipe.hset(keys.stream(sid), mapping=fields)
     target_record.add_stream(pipe, keys, tid, sid,
                              frames if meta['status'] == 'OK' else None)
