@@ -763,6 +763,25 @@ class TestFramePath(WSTestCase):
         self.assertEqual(len(seen), 2)
 
 
+    def test_a_token_that_keeps_sending_stays_on_the_lean_path(self):
+        """Each request Redis found live renews the token's trust."""
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        seen = self.handled()
+        patch = mock.patch.object(core, 'TOKEN_CACHE_S', 0.5)
+        patch.start()
+        self.addCleanup(patch.stop)
+        self.frame(token, b'a')  # the handler: the token learnt
+        for data in (b'b', b'c', b'd'):
+            time.sleep(0.3)  # 0.9 s after it was learnt, 0.3 after the last
+            self.frame(token, data)
+        self.assertEqual(len(seen), 1)
+        time.sleep(0.6)  # quiet past the trust: Redis is asked again
+        self.frame(token, b'e')
+        self.assertEqual(len(seen), 2)
+        self.checkpoint(token, b's')
+        self.assertEqual(self.download(sid)[1], b'abcde')
+
     def test_checkpoints_and_heartbeats_of_a_known_token_too(self):
         tid, sid = self.new_stream()
         token, _ = self.activate(tid)

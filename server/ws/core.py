@@ -277,7 +277,8 @@ class LiveTokens:
     token is checked from here before its body is read (a 401 for one
     never seen live), in Redis when it is not here; the frame's one round
     trip (stream_record.record_frame) checks it again either way, so a
-    token ended meanwhile is a 401 once the body is in."""
+    token ended meanwhile is a 401 once the body is in. Every request
+    Redis found live renews its token's entry."""
 
     def __init__(self) -> None:
         self.seen: dict[str, tuple[str, float]] = {}

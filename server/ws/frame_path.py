@@ -158,6 +158,9 @@ class Connection(HTTP1ServerConnection):
         method, path, handler = ROUTES[route]
         try:
             await _store(app, handler, sid, hashed, raw, md5)
+            # Redis found the token live: trusted for another while, so a
+            # core that keeps sending stays on this path.
+            core.live_tokens(app).add(hashed, sid)
         except Exception as e:
             status, message, extra, fields = error_reply(e)
             reply = json.dumps(dict(fields, error=message)).encode()
