@@ -20,11 +20,29 @@ class Pool:
     async def __call__(self, func: Callable[..., T], *args: Any,
                        **kwargs: Any) -> T:
         """Run `func(*args, **kwargs)` in this pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor(), functools.partial(func, *args, **kwargs))
+
+    async def then(self, free: Callable[[], None], func: Callable[..., T],
+                   *args: Any) -> T:
+        """`func(*args)` in this pool, then `free()`: on the event loop
+        once it returned, or, if the caller is cancelled first (a server
+        stopping), in the thread once `func` is done, never before: what
+        it frees (fds, a lock) is still `func`'s until then."""
+        running = self._executor().submit(func, *args)
+        try:
+            return await asyncio.wrap_future(running)
+        finally:
+            if running.done():
+                free()
+            else:
+                running.add_done_callback(lambda _: free())
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
         if self.executor is None:
             self.executor = concurrent.futures.ThreadPoolExecutor(
                 self.size, thread_name_prefix=self.name)
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor, functools.partial(func, *args, **kwargs))
+        return self.executor
 
 
 # Disk work mostly waits on fsync, and the filesystem's journal commits the

@@ -1,11 +1,12 @@
 """disk.GroupSync: the group commit of checkpoints."""
+import asyncio
 import os
 import shutil
 import tempfile
 import threading
 import unittest
 
-from server import disk
+from server import disk, threads
 from server.ws.storage import BufferBusy, Storage
 
 
@@ -185,3 +186,36 @@ class TestBufferLock(unittest.TestCase):
         storage.unlock_buffer(storage.lock_buffer('s', wait=0))
         with self.assertRaises(FileNotFoundError):
             storage.lock_buffer('gone')
+
+
+class TestThenFrees(unittest.TestCase):
+    """threads.Pool.then frees what the thread uses only once the thread
+    is done with it, also when its caller is cancelled first."""
+
+    def test_a_cancelled_caller_frees_after_the_thread(self):
+        pool = threads.Pool(2, 'test')
+        self.addCleanup(lambda: pool.executor and pool.executor.shutdown())
+        release, freed = threading.Event(), []
+
+        def work():
+            release.wait(10)
+            return 'done'
+
+        async def main():
+            self.assertEqual(await pool.then(lambda: freed.append('a'),
+                                             lambda: 'quick'), 'quick')
+            self.assertEqual(freed, ['a'])
+            task = asyncio.ensure_future(
+                pool.then(lambda: freed.append('b'), work))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await task
+            self.assertEqual(freed, ['a'])  # the thread still works
+            release.set()
+            for _ in range(100):
+                if len(freed) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            self.assertEqual(freed, ['a', 'b'])
+        asyncio.run(main())

@@ -833,10 +833,15 @@ class TestCheckpointOnTheLoop(WSTestCase):
         names = []
         real = core.threads.disk
 
-        async def disk(func, *args, **kw):
-            names.append(getattr(func, '__name__', repr(func)))
-            return await real(func, *args, **kw)
-        patch = mock.patch.object(core.threads, 'disk', disk)
+        class Recorded:
+            async def __call__(self, func, *args, **kw):
+                names.append(getattr(func, '__name__', repr(func)))
+                return await real(func, *args, **kw)
+
+            async def then(self, free, func, *args):
+                names.append(func.__name__)
+                return await real.then(free, func, *args)
+        patch = mock.patch.object(core.threads, 'disk', Recorded())
         patch.start()
         self.addCleanup(patch.stop)
         return names

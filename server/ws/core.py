@@ -544,17 +544,22 @@ async def commit(app: Any, held: Held, n: int,
                                         files, held.sizes)
     else:
         try:
-            if storage.buffer_files(sid):
-                chunk = storage.build_chunk(sid, n, files, held.sizes)
-                try:
-                    seq, total = await threads.disk(storage.publish_chunk,
-                                                    chunk)
-                finally:
-                    chunk.close()
-            else:
-                seq, total = None, storage.committed_frames(sid)
-        finally:
+            chunk = storage.build_chunk(sid, n, files, held.sizes) \
+                if storage.buffer_files(sid) else None
+        except BaseException:
             storage.unlock_buffer(fd)
+            raise
+        if chunk is None:
+            try:
+                seq, total = None, storage.committed_frames(sid)
+            finally:
+                storage.unlock_buffer(fd)
+        else:
+            def free() -> None:
+                chunk.close()
+                storage.unlock_buffer(fd)
+            seq, total = await threads.disk.then(free, storage.publish_chunk,
+                                                 chunk)
     if held.error_count != 0:
         await threads.disk(storage.update_stream_meta, sid, error_count=0)
     return seq, total
