@@ -869,6 +869,18 @@ class TestCheckpointOnTheLoop(WSTestCase):
         self.assertEqual(names, ['publish_chunk'] * 2)
         self.assertEqual(self.download(sid)[1], b'onetwo')
 
+    def test_many_chunks_are_listed_in_a_thread(self):
+        sid, token = self.started()
+        names = self.threaded()
+        patch = mock.patch.object(self.app.storage, 'FEW_CHUNKS', 2)
+        patch.start()
+        self.addCleanup(patch.stop)
+        self.checkpoint(token, b's2')  # one chunk so far: few
+        self.frame(token, b'three')
+        self.checkpoint(token, b's3')  # two: many
+        self.assertEqual(names, ['publish_chunk', 'commit_waiting'])
+        self.assertEqual(self.download(sid)[1], b'onetwothree')
+
     def test_a_busy_buffer_is_waited_for(self):
         sid, token = self.started()
         names = self.threaded()

@@ -528,13 +528,13 @@ async def commit(app: Any, held: Held, n: int,
     frames as the disk has them). A buffer already gone (committed by a
     request whose reply was lost before Redis heard of it) is not committed
     twice. A successful checkpoint resets the error count (errors are
-    consecutive). With the buffer's lock free and small state files the
-    chunk is built on the event loop and only its flushes (5 system calls)
-    go to a thread: each system call a disk thread makes takes the GIL
-    back from the loop, a context switch each."""
+    consecutive). With the buffer's lock free, small state files and few
+    chunks the chunk is built on the event loop and only its flushes (5
+    system calls) go to a thread: each system call a disk thread makes
+    takes the GIL back from the loop, a context switch each."""
     storage, sid = app.storage, held.sid
     fd = None
-    if encoded_size(files) <= INLINE_DECODE_MAX:
+    if encoded_size(files) <= INLINE_DECODE_MAX and storage.few_chunks(sid):
         try:
             fd = storage.lock_buffer(sid, wait=0)
         except FileNotFoundError:

@@ -463,6 +463,19 @@ class Storage:
             return 0, 0
         return int(max(names)[:10]), sum(int(name[11:]) for name in names)
 
+    FEW_CHUNKS = 1000  # a listing of fewer is quick enough for the loop
+
+    def few_chunks(self, stream_id):
+        """True if the stream has fewer than FEW_CHUNKS chunks, from its
+        chunks folder's link count (one per subfolder, on ext4 and xfs;
+        a filesystem that counts otherwise says False): a commit lists
+        them (`head`), and takes 5 ms at 10,000."""
+        try:
+            links = os.stat(self.chunks_dir(stream_id)).st_nlink
+        except FileNotFoundError:
+            return False
+        return 2 <= links < 2 + self.FEW_CHUNKS
+
     def committed_frames(self, stream_id):
         return self.head(stream_id)[1]
 
