@@ -30,7 +30,7 @@ HOST = {
     'memory_gb': 32, 'memory_target': 0.5,
     'fsyncs_per_s': 670,                # measured lower bound (see doc)
 }
-FSYNCS_PER_CHECKPOINT = 4       # the WS today: 3 files and folders, then chunks/
+FSYNCS_PER_CHECKPOINT = 4       # the WS today: a chunk, then chunks/
 HUB_OPS_PER_S = 100_000         # one Redis core, simple commands
 STORM_S = 600                   # every core re-assigned within 10 minutes
 SCALES = (10_000, 100_000, 1_000_000)
