@@ -54,8 +54,9 @@ postponed).
 Everything here blocks. Handlers call it in a thread (`threads.disk`),
 except a small frame's append (`append_frames`), which runs on the event
 loop when its body is small enough to decode there (web.bounded: a thread
-hop costs more than the write to the page cache); a large one goes to the
-disk pool."""
+hop costs more than the write to the page cache), and a small
+checkpoint's `build_chunk` (core.commit), whose `publish_chunk` alone
+goes to the disk pool."""
 import contextlib
 import fcntl
 import json
