@@ -168,6 +168,24 @@ class TestOldChunkLayout(unittest.TestCase):
         self.assertEqual(storage.chunks('s'), [])
 
 
+class TestNoChunksFolder(unittest.TestCase):
+
+    def test_a_stream_without_its_chunks_folder_commits(self):
+        """A backup of a stream with no chunk restores no chunks/ folder:
+        its first commit makes one."""
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root, True)
+        storage = Storage(root)
+        storage.create_stream('s', {'target_id': 't', 'creation_date': 0,
+                                    'status': 'OK', 'error_count': 0}, {})
+        os.rmdir(storage.chunks_dir('s'))
+        self.assertFalse(storage.few_chunks('s'))
+        sizes = storage.append_frames('s', {'f.xtc': b'ab'}, 10, {})
+        self.assertEqual(storage.commit('s', 1, {'state.xml': 'S'}, sizes),
+                         (1, 1))
+        self.assertEqual(storage.stream_files('s'), {'state.xml': 'S'})
+
+
 class TestBufferLock(unittest.TestCase):
     """The buffer's flock: one holder at a time across fds (as across
     processes); a waiter polls for a bounded time."""

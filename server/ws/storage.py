@@ -508,7 +508,7 @@ class Storage:
         seq, total = self.head(stream_id)
         chunk = _Chunk(self.chunks_dir(stream_id), seq + 1, nframes,
                        total + nframes)
-        os.mkdir(chunk.tmp)
+        os.makedirs(chunk.tmp)  # and chunks/, if a restore left none
         buffer = self.buffer_dir(stream_id)
         try:
             for name in sorted(os.listdir(buffer)):
