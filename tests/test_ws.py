@@ -1469,18 +1469,17 @@ class TestLockLost(WSTestCase):
         tid, sid = self.new_stream()
         token, _ = self.activate(tid)
         self.frame(token, b'one')
-        with open(os.path.join(self.app.storage.buffer_dir(sid),
-                               'frames.xtc'), 'ab') as f:
-            f.write(b'GARBAGE')
-        with open(os.path.join(self.app.storage.buffer_dir(sid),
-                               'other.dat'), 'wb') as f:
-            f.write(b'GARBAGE')
+
+        def garbage(name, mode):
+            with open(os.path.join(self.app.storage.buffer_dir(sid),
+                                   name), mode) as f:
+                f.write(b'GARBAGE')
+        garbage('frames.xtc', 'ab')
+        garbage('other.dat', 'wb')
         self.checkpoint(token, b's1')
         self.assertEqual(self.download(sid)[1], b'one')
         self.assertEqual(self.download(sid, 'other.dat')[0], 404)
-        with open(os.path.join(self.app.storage.buffer_dir(sid),
-                               'frames.xtc'), 'ab') as f:
-            f.write(b'GARBAGE')
+        garbage('frames.xtc', 'ab')
         self.frame(token, b'two')
         self.checkpoint(token, b's2')
         self.assertEqual(self.download(sid)[1], b'onetwo')
@@ -1488,9 +1487,7 @@ class TestLockLost(WSTestCase):
         # frame of a new name, whose worker died): left out of the frame's
         # sizes (storage.frame_sizes), and cut by the checkpoint.
         self.frame(token, b'three')
-        with open(os.path.join(self.app.storage.buffer_dir(sid),
-                               'other.dat'), 'wb') as f:
-            f.write(b'GARBAGE')
+        garbage('other.dat', 'wb')
         self.frame(token, b'four')
         self.checkpoint(token, b's3')
         self.assertEqual(self.download(sid)[1], b'onetwothreefour')

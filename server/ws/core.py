@@ -544,8 +544,7 @@ async def commit(app: Any, held: Held, n: int,
                                         files, held.sizes)
     else:
         try:
-            chunk = storage.build_chunk(sid, n, files, held.sizes) \
-                if storage.buffer_files(sid) else None
+            chunk = storage.build_chunk(sid, n, files, held.sizes)
         except BaseException:
             storage.unlock_buffer(fd)
             raise
@@ -569,9 +568,7 @@ def commit_waiting(storage: Any, sid: str, n: int, files: dict[str, str],
                    sizes: dict[str, int]) -> tuple[int | None, int]:
     """`commit` in a disk thread, waiting for the buffer's lock."""
     with storage.buffer_locked(sid):
-        if storage.buffer_files(sid):
-            return storage.commit(sid, n, files, sizes)
-        return None, storage.committed_frames(sid)
+        return storage.commit(sid, n, files, sizes)
 
 
 class HeartbeatHandler(CoreHandler):

@@ -303,11 +303,16 @@ class Storage:
         """Make the buffer exactly what Redis counted: files it does not
         know are removed, longer ones cut; BufferLost if one is short. An
         empty count with `keep` false leaves no buffer folder."""
-        folder = self.buffer_dir(stream_id)
         if not recorded and not keep:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(self.buffer_dir(stream_id), ignore_errors=True)
             return
-        for name in self.buffer_files(stream_id):
+        self._trim(stream_id, self.buffer_files(stream_id), recorded)
+
+    def _trim(self, stream_id, names, recorded):
+        """`trim_buffer` of the listed `names`; returns those kept."""
+        folder = self.buffer_dir(stream_id)
+        kept = []
+        for name in names:
             path = os.path.join(folder, name)
             if name not in recorded:
                 unlink(path)
@@ -317,6 +322,8 @@ class Storage:
                 raise BufferLost(stream_id, name)
             if size > recorded[name]:
                 os.truncate(path, recorded[name])
+            kept.append(name)
+        return kept
 
     def _new_buffer_file(self, stream_id, path, max_files):
         if not os.path.isdir(self.stream_dir(stream_id)):
@@ -492,9 +499,11 @@ class Storage:
         `state_files` {name: str} the stream's newest chunk, crash-safely
         (the protocol at the top). The caller holds the stream's lock and
         its buffer's.
-        Returns (the chunk's seq, the stream's committed frames with
-        it)."""
+        Returns (the chunk's seq, the stream's committed frames with it);
+        (None, the committed frames) if the buffer is empty."""
         chunk = self.build_chunk(stream_id, nframes, state_files, recorded)
+        if chunk is None:
+            return None, self.committed_frames(stream_id)
         try:
             return self.publish_chunk(chunk)
         finally:
@@ -503,15 +512,20 @@ class Storage:
     def build_chunk(self, stream_id, nframes, state_files, recorded):
         """The first half of `commit`, in the page cache only (no fsync:
         a caller may run it on the event loop): the chunk built under a
-        temporary name. On failure nothing of it is left."""
-        self.trim_buffer(stream_id, recorded)
+        temporary name; None if the buffer is empty (committed by a
+        request whose reply was lost). On failure nothing of it is left.
+        The buffer is listed once."""
+        names = self.buffer_files(stream_id)
+        if not names:
+            return None
+        names = self._trim(stream_id, names, recorded)
         seq, total = self.head(stream_id)
         chunk = _Chunk(self.chunks_dir(stream_id), seq + 1, nframes,
                        total + nframes)
         os.makedirs(chunk.tmp)  # and chunks/, if a restore left none
         buffer = self.buffer_dir(stream_id)
         try:
-            for name in sorted(os.listdir(buffer)):
+            for name in names:
                 src = os.path.join(buffer, name)
                 dst = os.path.join(chunk.tmp, FRAME + name)
                 os.rename(src, dst)
