@@ -151,12 +151,24 @@ def bench_frames(args, results, keep):
 
 
 def bench_volunteers(args, results, keep):
-    """1,000 cores at a volunteer's pace on a WS of two processes."""
+    """1,000 cores at a volunteer's pace on a WS of two processes, then the
+    same cores against the bare and the durable ceiling (2 processes each):
+    what this pace costs a server that does no more than take the body, or
+    than the essential disk work, on the machine of the moment."""
     cores = 100 if args.quick else 1000
+    pace = (cores, 12 if args.quick else 60, 1.0 if args.quick else 3.0,
+            10_000)
     ws = keep(servers.start_ws(num_processes=2, heartbeat_increment=3600))
-    row = dict(workloads.volunteers(
-        ws, cores, 12 if args.quick else 60, 1.0 if args.quick else 3.0,
-        10_000), workload='volunteers', processes=2)
+    row = dict(workloads.volunteers(ws, *pace), workload='volunteers',
+               processes=2)
+    for name, durable in (('bare', False), ('durable', True)):
+        ceiling = keep(servers.Ceiling(2, durable=durable))
+        got = workloads.volunteers_ceiling(ceiling, *pace)
+        row['%s_cpu_s_per_core_hour' % name] = got['cpu_s_per_core_hour']
+        row['%s_p99_ms' % name] = got['p99_ms']
+        row['%s_errors' % name] = got['errors']
+        row['ratio_%s' % name] = row['cpu_s_per_core_hour'] \
+            / got['cpu_s_per_core_hour']
     record(results, 'volunteers', row)
 
 

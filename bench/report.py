@@ -102,6 +102,13 @@ def rest(results):
                  v['frames'], v['checkpoints'], v['heartbeats'],
                  v['seconds'], _f(v['cpu_s_per_core_hour'], '%.2f'),
                  _f(v['cores_per_cpu'], '%.0f'), _f(v['p99_ms'])))
+        if 'bare_cpu_s_per_core_hour' in v:
+            print('  the same cores against the ceilings: bare %s s per '
+                  'core-hour (ours %sx), durable %s s (ours %sx)'
+                  % (_f(v['bare_cpu_s_per_core_hour'], '%.2f'),
+                     _f(v['ratio_bare'], '%.2f'),
+                     _f(v['durable_cpu_s_per_core_hour'], '%.2f'),
+                     _f(v['ratio_durable'], '%.2f')))
     st = results.get('status')
     if st:
         print('GET /status with %d streams (%d active, %d public targets): '
@@ -217,6 +224,9 @@ def error_count(results):
     for key in ('assignments', 'sweep', 'volunteers'):
         if results.get(key):
             n += results[key]['errors']
+    if results.get('volunteers'):
+        n += sum(results['volunteers'].get('%s_errors' % name, 0)
+                 for name in ('bare', 'durable'))
     if results.get('costs'):
         c = results['costs']
         n += c['hub']['assign_errors'] + sum(

@@ -284,17 +284,14 @@ def frames_ceiling(ceiling, size, cores, duration):
     return out
 
 
-def volunteers(ws, cores, duration, frame_every_s, size,
-               heartbeat_every_s=30.0, checkpoint_every=10):
-    """`cores` cores at a volunteer's pace: a frame every `frame_every_s`
-    (their phases spread), a checkpoint every `checkpoint_every` frames, a
-    heartbeat every `heartbeat_every_s`; every connection opened before the
-    measured span. Returns the server CPU per core-hour (what says how many
-    volunteers one WS host carries), latency, errors and mismatches."""
-    bodies = _frame_bodies(size)
-    target, _, _ = asyncio.run(create_streams(ws.port, cores, 32))
-    tokens = asyncio.run(activate(ws.port, target, cores))
-    pids = servers.server_pids(ws)
+def _paced(port, pids, tokens, duration, frame_every_s, bodies,
+           heartbeat_every_s, checkpoint_every):
+    """One core per token at a volunteer's pace on the server at `port`:
+    a frame every `frame_every_s` (their phases spread), a checkpoint every
+    `checkpoint_every` frames, a heartbeat every `heartbeat_every_s`; every
+    connection opened before the measured span. Returns (Recorder, seconds,
+    CPU seconds of `pids` in the span, the SimCores)."""
+    cores = len(tokens)
     sims = []
 
     async def core(sim, i, start, deadline, rec):
@@ -308,9 +305,9 @@ def volunteers(ws, cores, duration, frame_every_s, size,
             tick += frame_every_s
 
     async def run():
-        for i in range(cores):
-            sims.append(SimCore(conn(ws.port), tokens[i][0],
-                                heartbeat_every_s, checkpoint_every))
+        for token in tokens:
+            sims.append(SimCore(conn(port), token, heartbeat_every_s,
+                                checkpoint_every))
         for i in range(0, cores, 50):  # TLS handshakes, outside the span
             await asyncio.gather(*(s.c.open() for s in sims[i:i + 50]))
         rec = Recorder()
@@ -325,17 +322,48 @@ def volunteers(ws, cores, duration, frame_every_s, size,
         await asyncio.gather(*(sim.close() for sim in sims))
         return rec, elapsed, cpu
     rec, elapsed, cpu = asyncio.run(run())
+    return rec, elapsed, cpu, sims
+
+
+def _per_core_hour(rec, elapsed, cpu, sims, **params):
+    """The figures of a paced run: the server CPU per core-hour (what says
+    how many volunteers one host carries), latency, errors, counts."""
     out = rec.summary(elapsed)
-    core_hours = cores * elapsed / 3600.0
-    counts = {k: sum(sim.counts[k] for sim in sims) for k in sims[0].counts}
-    acked = [sim.acked for sim in sims]
-    out.update(counts, cores=cores, seconds=elapsed, size=size,
-               frame_every_s=frame_every_s, server_cpu_s=cpu,
+    core_hours = len(sims) * elapsed / 3600.0
+    out.update({k: sum(sim.counts[k] for sim in sims)
+                for k in sims[0].counts})
+    out.update(params, cores=len(sims), seconds=elapsed, server_cpu_s=cpu,
                cpu_s_per_core_hour=cpu / core_hours,
-               cores_per_cpu=3600.0 * core_hours / cpu if cpu else None,
-               mismatches=asyncio.run(verify_frames(ws.port, tokens, acked,
-                                                    size)))
+               cores_per_cpu=3600.0 * core_hours / cpu if cpu else None)
     return out
+
+
+def volunteers(ws, cores, duration, frame_every_s, size,
+               heartbeat_every_s=30.0, checkpoint_every=10):
+    """`cores` cores at a volunteer's pace on a WS (see _paced): the
+    server CPU per core-hour, latency, errors and mismatches."""
+    bodies = _frame_bodies(size)
+    target, _, _ = asyncio.run(create_streams(ws.port, cores, 32))
+    tokens = asyncio.run(activate(ws.port, target, cores))
+    run = _paced(ws.port, servers.server_pids(ws), [t for t, _ in tokens],
+                 duration, frame_every_s, bodies, heartbeat_every_s,
+                 checkpoint_every)
+    out = _per_core_hour(*run, size=size, frame_every_s=frame_every_s)
+    out['mismatches'] = asyncio.run(verify_frames(
+        ws.port, tokens, [sim.acked for sim in run[3]], size))
+    return out
+
+
+def volunteers_ceiling(ceiling, cores, duration, frame_every_s, size,
+                       heartbeat_every_s=30.0, checkpoint_every=10):
+    """The same paced cores against a ceiling (a file per core on the
+    durable one, by its Authorization)."""
+    run_id = uuid.uuid4().hex[:8]
+    tokens = ['%s-%d' % (run_id, i) for i in range(cores)]
+    return _per_core_hour(*_paced(
+        ceiling.port, ceiling.pids(), tokens, duration, frame_every_s,
+        _frame_bodies(size), heartbeat_every_s, checkpoint_every),
+        size=size, frame_every_s=frame_every_s)
 
 
 def _activation_client(port, target_id, path='/streams/activate'):

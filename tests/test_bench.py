@@ -58,7 +58,8 @@ class TestBenchSmoke(unittest.TestCase):
     def test_quick_volunteers(self):
         """The paced workload of many cores: every frame sent is
         acknowledged, reported and served; the CPU per core-hour is
-        reported (its value unchecked)."""
+        reported (its value unchecked), and beside it what the same cores
+        cost the bare and the durable ceiling, measured without errors."""
         p, results, _ = quick('--only', 'volunteers')
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         row = results['volunteers']
@@ -67,6 +68,13 @@ class TestBenchSmoke(unittest.TestCase):
         self.assertGreaterEqual(row['frames'], 100 * 10)
         self.assertGreaterEqual(row['checkpoints'], 100)
         self.assertGreater(row['cpu_s_per_core_hour'], 0)
+        for name in ('bare', 'durable'):
+            self.assertEqual(row['%s_errors' % name], 0, name)
+            self.assertGreater(row['%s_cpu_s_per_core_hour' % name], 0)
+            self.assertAlmostEqual(
+                row['ratio_%s' % name], row['cpu_s_per_core_hour']
+                / row['%s_cpu_s_per_core_hour' % name])
+        self.assertIn('against the ceilings: bare', p.stdout)
 
     def test_quick_status(self):
         """The /status workload: the CC's report of the WS reaches every
