@@ -35,7 +35,7 @@ REP_FIGURES = ('rate', 'cpu_ms_per_frame', 'checkpoints_p50_ms',
                'host_iowait_share', 'host_steal_share', 'settle_s',
                'disk_write_mb_per_s', 'disk_busy_share',
                'dirty_mb', 'writeback_mb', 'redis_commands_per_request',
-               'redis_aof_delayed_fsync', 'redis_aof_rewrites',
+               'redis_aof_rewrites',
                'redis_aof_mb')
 
 

@@ -250,7 +250,7 @@ def frames_ws(ws, size, cores, duration):
     out['redis_commands_per_request'] = (
         after['total_commands_processed'] - before[
             'total_commands_processed'] - 1) / max(1, out['requests'])
-    for key in ('aof_delayed_fsync', 'aof_rewrites', 'total_forks'):
+    for key in ('aof_rewrites', 'total_forks'):
         out['redis_' + key] = after.get(key, 0) - before.get(key, 0)
     out['redis_aof_mb'] = after.get('aof_current_size', 0) / 1e6
     out['mismatches'] = asyncio.run(verify_frames(ws.port, tokens, acked,
@@ -261,12 +261,10 @@ def frames_ws(ws, size, cores, duration):
 
 def _redis_figures(r):
     """The INFO fields that say what a WS's Redis did in a rep: commands,
-    and whether its append-only file was rewritten (a fork) or its
-    once-a-second fsync fell behind the disk (aof_delayed_fsync: writes
-    then wait for the disk)."""
+    and whether its append-only file was rewritten (a fork)."""
     info = r.info('all')
     return {k: info.get(k, 0) for k in (
-        'total_commands_processed', 'aof_delayed_fsync', 'aof_rewrites',
+        'total_commands_processed', 'aof_rewrites',
         'total_forks', 'aof_current_size')}
 
 

@@ -5,6 +5,12 @@ The embedded server runs with AOF on so that queues and tokens survive a
 restart; bulk bytes never go to Redis. It is started before the HTTP workers
 fork and stopped after they exit, and it dies with its owner (parent-death
 signal) so a killed server leaves no orphan holding the port.
+
+Its AOF is written before every reply and fsynced every second by its
+owner (AOFSync), not by Redis' `appendfsync everysec`: that one postpones
+its writes (up to 2 s) while its background fsync runs and answers
+meanwhile, so a Redis killed on a slow disk lost writes it had
+acknowledged (tests/test_faults.py).
 """
 import ctypes
 import logging
@@ -16,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -83,6 +90,93 @@ def ensure_password(folder):
     return ensure_password(folder)
 
 
+class AOFSync:
+    """Every `every` seconds, fdatasync each file of an embedded Redis'
+    AOF that changed since (the AOF of Redis 6, the files under
+    `appendonlydir` of Redis 7) and its folder when a file is new (an AOF
+    rewrite renames one in). Redis writes its AOF before each reply
+    (`appendfsync no`): a Redis killed loses nothing it acknowledged, a
+    host that crashes what this thread had not synced yet, a second at
+    most, as `everysec`. A thread of the master: it takes no lock a
+    forked worker could inherit held (logging's are reset on fork)."""
+
+    def __init__(self, folder, every=1.0):
+        self.folder, self.every = folder, every
+        self.seen = {}  # path -> (inode, size, mtime) at the last sync
+        self.stopped = threading.Event()
+        self.thread = None
+        self.failing = False
+        self.synced = 0  # files synced so far (tests watch it)
+
+    def start(self):
+        if self.thread is not None and self.thread.is_alive():
+            if not self.stopped.is_set():
+                return
+            self.thread.join()  # stopping: it ends within its wait
+        self.stopped.clear()
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name='aof-sync')
+        self.thread.start()
+
+    def stop(self):
+        self.stopped.set()
+
+    def _files(self):
+        folders = [self.folder, os.path.join(self.folder, 'appendonlydir')]
+        for folder in folders:
+            try:
+                with os.scandir(folder) as found:
+                    for entry in found:
+                        if '.aof' in entry.name and entry.is_file():
+                            yield folder, entry.path, entry.stat()
+            except FileNotFoundError:
+                pass
+
+    def sync(self):
+        """One pass; the number of files synced."""
+        synced, new_in = 0, set()
+        seen = {}
+        for folder, path, st in self._files():
+            seen[path] = key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            old = self.seen.get(path)
+            if old == key:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # a rewrite's temporary file, gone
+                continue
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            synced += 1
+            if old is None or old[0] != key[0]:
+                new_in.add(folder)
+        for folder in new_in:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.seen = seen
+        self.synced += synced
+        return synced
+
+    def _run(self):
+        while not self.stopped.wait(self.every):
+            try:
+                self.sync()
+            except OSError as e:  # said once, tried again every second
+                if not self.failing:
+                    log.error('fsync of the redis AOF under %s failed: %s',
+                              self.folder, e)
+                self.failing = True
+            else:
+                if self.failing:
+                    log.warning('fsync of the redis AOF works again')
+                self.failing = False
+
+
 class RedisServer:
     """An embedded redis-server on loopback, its files under `folder`
     (0700). Without `requirepass` it uses a generated password (see
@@ -100,6 +194,7 @@ class RedisServer:
         self.bind = bind
         self.unixsocket = unixsocket
         self.process = None
+        self.aof_sync = AOFSync(self.folder)
 
     @classmethod
     def from_settings(cls, settings):
@@ -147,7 +242,8 @@ class RedisServer:
             args.append(conf)
         args += ['--port', str(self.port), '--bind', self.bind,
                  '--dir', self.folder,
-                 '--appendonly', 'yes', '--appendfsync', 'everysec',
+                 # written before each reply, fsynced by aof_sync
+                 '--appendonly', 'yes', '--appendfsync', 'no',
                  '--appendfilename', self.appendfilename,
                  '--logfile', self.logfile,
                  '--pidfile', os.path.join(self.folder, 'redis.pid'),
@@ -182,6 +278,7 @@ class RedisServer:
                     if info.get('process_id') != self.process.pid:
                         raise redis.ConnectionError('another redis on port')
                     if info.get('loading', 0) == 0:
+                        self.aof_sync.start()
                         return self
                 except (redis.ConnectionError, redis.BusyLoadingError,
                         redis.TimeoutError):
@@ -202,6 +299,7 @@ class RedisServer:
 
     def stop(self, timeout=30):
         """Shut down in order: the AOF is flushed and fsynced on SIGTERM."""
+        self.aof_sync.stop()
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)

@@ -6,6 +6,8 @@ from its AOF; service resumes by itself), a Redis that comes back empty
 password, db) on the hot path too."""
 import os
 import signal
+import subprocess
+import time
 import unittest
 import uuid
 
@@ -139,6 +141,39 @@ class TestRedisKilled(WSFixture, unittest.TestCase):
                                          % self.sid, token=PASS).content,
                          b'onetwo')
         self.assertIn('restarted from its AOF', self.ws.read_log())
+        no_tracebacks(self, self.ws)
+
+    def test_frames_told_kept_while_its_fsyncs_are_slow_survive(self):
+        """A Redis killed while its disk is slow keeps every write it
+        acknowledged. Redis' own `appendfsync everysec` postpones its AOF
+        writes (up to 2 s) while a background fsync runs, and answers
+        meanwhile: a kill then lost the record of a frame the core was
+        told was kept, the next frame cut it from the buffer, and the
+        checkpoint committed a trajectory with a hole. strace holds each
+        fsync of Redis for 3 s (a slow disk)."""
+        self.start_ws()
+        pid = self.ws.redis_pid()
+        slow = subprocess.Popen(
+            ['strace', '-f', '-qq', '-o', '/dev/null', '-p', str(pid),
+             '-e', 'trace=fsync,fdatasync',
+             '-e', 'inject=fsync,fdatasync:delay_enter=3000000'],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(slow.kill)
+        time.sleep(1.5)  # attached; a second since Redis' last fsync
+        self.assertEqual(self.frame(b'two').status_code, 200)  # fsync due
+        time.sleep(0.3)
+        self.assertEqual(self.frame(b'three').status_code, 200)
+        os.kill(pid, signal.SIGKILL)
+        slow.kill()
+        wait_for(lambda: not alive(pid), 'redis gone')
+        four = wait_for(lambda: (r := self.frame(b'four')).status_code
+                        != 503 and r, 'redis back')
+        self.assertEqual(four.status_code, 200, four.text)
+        self.assertEqual(self.ws.request('PUT', '/core/checkpoint', {
+            'files': {'state.xml': 's2'}}, token=self.token).status_code, 200)
+        self.assertEqual(self.ws.request('GET', '/streams/%s/frames.xtc'
+                                         % self.sid, token=PASS).content,
+                         b'onetwothreefour')
         no_tracebacks(self, self.ws)
 
     def test_every_request_while_redis_is_dead_is_503(self):

@@ -32,9 +32,13 @@ class TestEmbeddedRedis(unittest.TestCase):
             client = redis.Redis.from_url(server.url)
             self.assertEqual(client.config_get('appendonly')['appendonly'],
                              'yes')
+            # Written before each reply; fsynced by its owner (AOFSync)
             self.assertEqual(client.config_get('appendfsync')['appendfsync'],
-                             'everysec')
+                             'no')
+            synced = server.aof_sync.synced
             client.set('k', 'v')
+            wait_for(lambda: server.aof_sync.synced > synced,
+                     'the AOF fsynced by its owner', timeout=10)
             with self.assertRaises(redis.AuthenticationError):
                 redis.Redis(port=server.port).set('a', 'b')
             client.close()
@@ -49,6 +53,34 @@ class TestEmbeddedRedis(unittest.TestCase):
             self.assertEqual(redis.Redis.from_url(again.url).get('k'), b'v')
         finally:
             again.stop()
+
+    def test_aof_sync_syncs_what_changed_and_a_rewrite(self):
+        """Each pass fsyncs the AOF files that changed since the last one,
+        and their folder when one is new (a rewrite renames it in)."""
+        folder = tmpdir('aof')
+        path = os.path.join(folder, 'appendonly.aof')
+        sync = store.AOFSync(folder)
+        with open(path, 'wb') as f:
+            f.write(b'*1\r\n$4\r\nPING\r\n')
+        with open(os.path.join(folder, 'redis.log'), 'w') as f:
+            f.write('not an AOF')
+        self.assertEqual(sync.sync(), 1)
+        self.assertEqual(sync.sync(), 0)  # nothing new
+        with open(path, 'ab') as f:
+            f.write(b'more')
+        self.assertEqual(sync.sync(), 1)
+        tmp = os.path.join(folder, 'temp-rewriteaof-bg-1.aof')
+        with open(tmp, 'wb') as f:
+            f.write(b'rewritten')
+        os.rename(tmp, path)
+        self.assertEqual(sync.sync(), 1)
+        # Redis 7 keeps its AOF files under appendonlydir
+        os.mkdir(os.path.join(folder, 'appendonlydir'))
+        with open(os.path.join(folder, 'appendonlydir',
+                               'appendonly.aof.1.incr.aof'), 'wb') as f:
+            f.write(b'x')
+        self.assertEqual(sync.sync(), 1)
+        self.assertEqual(sync.synced, 4)
 
     def test_requires_a_generated_password_kept_private(self):
         """No password configured: one is generated into a 0600 file in
