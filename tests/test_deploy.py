@@ -102,4 +102,5 @@ class TestSystemPackages(unittest.TestCase):
         self.assertEqual(p.returncode, 1)
         self.assertEqual(p.stdout, '')
         self.assertIn('\n    apt-get install -y --no-install-recommends '
-                      'make python3-venv prometheus systemd\n', p.stderr)
+                      'make python3-venv prometheus systemd strace\n',
+                      p.stderr)
