@@ -92,16 +92,18 @@ def ensure_password(folder):
 
 class AOFSync:
     """Every `every` seconds, fdatasync each file of an embedded Redis'
-    AOF that changed since (the AOF of Redis 6, the files under
+    AOF that changed since (`appendfilename` of Redis 6, the files under
     `appendonlydir` of Redis 7) and its folder when a file is new (an AOF
-    rewrite renames one in). Redis writes its AOF before each reply
+    rewrite renames one in; Redis syncs what its rewrite wrote, not what
+    it appends before the rename). Redis writes its AOF before each reply
     (`appendfsync no`): a Redis killed loses nothing it acknowledged, a
     host that crashes what this thread had not synced yet, a second at
     most, as `everysec`. A thread of the master: it takes no lock a
     forked worker could inherit held (logging's are reset on fork)."""
 
-    def __init__(self, folder, every=1.0):
+    def __init__(self, folder, appendfilename, every=1.0):
         self.folder, self.every = folder, every
+        self.appendfilename = appendfilename
         self.seen = {}  # path -> (inode, size, mtime) at the last sync
         self.stopped = threading.Event()
         self.thread = None
@@ -122,15 +124,19 @@ class AOFSync:
         self.stopped.set()
 
     def _files(self):
-        folders = [self.folder, os.path.join(self.folder, 'appendonlydir')]
-        for folder in folders:
-            try:
-                with os.scandir(folder) as found:
-                    for entry in found:
-                        if '.aof' in entry.name and entry.is_file():
-                            yield folder, entry.path, entry.stat()
-            except FileNotFoundError:
-                pass
+        path = os.path.join(self.folder, self.appendfilename)
+        try:
+            yield self.folder, path, os.stat(path)
+        except FileNotFoundError:
+            pass
+        folder = os.path.join(self.folder, 'appendonlydir')
+        try:
+            with os.scandir(folder) as found:
+                for entry in found:
+                    if entry.is_file():
+                        yield folder, entry.path, entry.stat()
+        except FileNotFoundError:
+            pass
 
     def sync(self):
         """One pass; the number of files synced."""
@@ -143,7 +149,7 @@ class AOFSync:
                 continue
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:  # a rewrite's temporary file, gone
+            except FileNotFoundError:  # renamed over since
                 continue
             try:
                 os.fdatasync(fd)
@@ -194,7 +200,7 @@ class RedisServer:
         self.bind = bind
         self.unixsocket = unixsocket
         self.process = None
-        self.aof_sync = AOFSync(self.folder)
+        self.aof_sync = AOFSync(self.folder, self.appendfilename)
 
     @classmethod
     def from_settings(cls, settings):

@@ -59,11 +59,12 @@ class TestEmbeddedRedis(unittest.TestCase):
         and their folder when one is new (a rewrite renames it in)."""
         folder = tmpdir('aof')
         path = os.path.join(folder, 'appendonly.aof')
-        sync = store.AOFSync(folder)
+        sync = store.AOFSync(folder, 'appendonly.aof')
         with open(path, 'wb') as f:
             f.write(b'*1\r\n$4\r\nPING\r\n')
-        with open(os.path.join(folder, 'redis.log'), 'w') as f:
-            f.write('not an AOF')
+        for name in ('redis.log', 'temp-rewriteaof-bg-9.aof'):
+            with open(os.path.join(folder, name), 'w') as f:
+                f.write('not the AOF (a rewrite syncs its own output)')
         self.assertEqual(sync.sync(), 1)
         self.assertEqual(sync.sync(), 0)  # nothing new
         with open(path, 'ab') as f:
