@@ -34,6 +34,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
 import redis
+from server.disk import fsync_dir
 from server.processes import alive
 
 log = logging.getLogger('siegetank.store')
@@ -148,7 +149,7 @@ class AOFSync:
             if old == key:
                 continue
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:  # renamed over since
                 continue
             try:
@@ -159,11 +160,7 @@ class AOFSync:
             if old is None or old[0] != key[0]:
                 new_in.add(folder)
         for folder in new_in:
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(folder)
         self.seen = seen
         self.synced += synced
         return synced
