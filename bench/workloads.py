@@ -268,14 +268,20 @@ def _redis_figures(r):
         'total_forks', 'aof_current_size')}
 
 
+def _ceiling_tokens(cores):
+    """An Authorization per core, new in each run (the durable ceiling
+    keeps a file per core by it)."""
+    run = uuid.uuid4().hex[:8]
+    return ['%s-%d' % (run, i) for i in range(cores)]
+
+
 def frames_ceiling(ceiling, size, cores, duration):
     """The same cores against a ceiling; each sends its own Authorization
     (the durable ceiling keeps a file per core by it)."""
     bodies = _frame_bodies(size)
     acked = [0] * cores
     sims = []
-    run = uuid.uuid4().hex[:8]
-    tokens = [('%s-%d' % (run, i), None) for i in range(cores)]
+    tokens = [(token, None) for token in _ceiling_tokens(cores)]
     out, _, _ = measure(ceiling.pids(), run_cores(
         cores, frame_core(ceiling.port, bodies, tokens, acked, sims=sims),
         duration), sims)
@@ -356,11 +362,10 @@ def volunteers_ceiling(ceiling, cores, duration, frame_every_s, size,
                        heartbeat_every_s=30.0, checkpoint_every=10):
     """The same paced cores against a ceiling (a file per core on the
     durable one, by its Authorization)."""
-    run_id = uuid.uuid4().hex[:8]
-    tokens = ['%s-%d' % (run_id, i) for i in range(cores)]
     return _per_core_hour(*_paced(
-        ceiling.port, ceiling.pids(), tokens, duration, frame_every_s,
-        _frame_bodies(size), heartbeat_every_s, checkpoint_every),
+        ceiling.port, ceiling.pids(), _ceiling_tokens(cores), duration,
+        frame_every_s, _frame_bodies(size), heartbeat_every_s,
+        checkpoint_every),
         size=size, frame_every_s=frame_every_s)
 
 
