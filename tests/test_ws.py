@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import ssl
 import time
 import uuid
 from typing import NamedTuple
@@ -23,6 +24,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tornado.simple_httpclient import HTTPStreamClosedError
+from tornado.tcpclient import TCPClient
 from tornado.testing import ExpectLog
 
 from server import fastredis, signing, store
@@ -37,6 +39,7 @@ from tools.testing import (
     AppTestCase,
     RedisTestCase,
     b64,
+    certs,
     command_centers,
     gzb64,
 )
@@ -821,6 +824,50 @@ class TestFramePath(WSTestCase):
         self.assertEqual(self.checkpoint(token, b's3', code=401)['ended'],
                          'manager_stop')
         self.assertEqual(seen, [])
+
+    def test_a_core_connection_keeps_its_read_interest(self):
+        """Between a core's requests on one connection the loop's interest
+        in its reads stays: no epoll change per request, though each
+        frame's head and the start of its body come before the rest."""
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'one')  # the token learnt
+        sent, changes = [b'one'], []
+        real = self.io_loop.update_handler
+
+        async def frames():
+            ctx = ssl.create_default_context(cafile=certs()['ca'])
+            stream = await TCPClient().connect(
+                '127.0.0.1', self.get_http_port(), ssl_options=ctx)
+            mine = stream.socket.fileno()
+
+            def update(fd, events):
+                if getattr(fd, 'fileno', lambda: fd)() != mine:
+                    changes.append(events)
+                return real(fd, events)
+            for k in range(6):
+                sent.append(os.urandom(3000))
+                body = json.dumps({'files': {'frames.xtc.b64': b64(
+                    sent[-1])}}).encode()
+                await stream.write(
+                    b'PUT /core/frame HTTP/1.1\r\nHost: x\r\n'
+                    b'Authorization: %s\r\nContent-Length: %d\r\n\r\n'
+                    % (token.encode(), len(body)) + body[:100])
+                await asyncio.sleep(0.05)
+                await stream.write(body[100:])
+                head = await stream.read_until(b'\r\n\r\n')
+                self.assertTrue(head.startswith(b'HTTP/1.1 200 '), head)
+                self.assertEqual(await stream.read_bytes(2), b'{}')
+                if k == 0:  # past the TLS handshake: count from here
+                    patch = mock.patch.object(self.io_loop,
+                                              'update_handler', update)
+                    patch.start()
+                    self.addCleanup(patch.stop)
+            stream.close()
+        self.io_loop.run_sync(frames)
+        self.assertEqual(changes, [])
+        self.checkpoint(token, b's1')
+        self.assertEqual(self.download(sid)[1], b''.join(sent))
 
 
 class TestCheckpointOnTheLoop(WSTestCase):

@@ -31,7 +31,7 @@ from typing import Any
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
-from tornado.iostream import StreamClosedError, UnsatisfiableReadError
+from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError
 
 from server import store
@@ -60,6 +60,8 @@ _HEAD = re.compile(rb'(PUT /core/frame|PUT /core/checkpoint|'
                    rb'((?:[!#$%&\'*+.^_`|~0-9A-Za-z-]+:'
                    rb'[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n')
 _TORNADO = (b'transfer-encoding', b'expect', b'content-encoding')
+_HEAD_END = re.compile(rb'\r?\n\r?\n')  # as HTTP1Connection finds it
+READ_SIZE = 65536  # the least a read asks the stream for
 
 
 def _unread(stream: Any, head: bytes) -> None:
@@ -94,27 +96,31 @@ class Connection(HTTP1ServerConnection):
         # A balancer that terminated TLS names the client per request
         # (X-Forwarded-For): Tornado's path reads it.
         lean = not (getattr(peer, 'proxy', None) and not peer.declared)
+        buf = bytearray()  # read from the stream, not used yet
         try:
             while True:
                 server.deadlines[self] = _after(server.header_timeout)
-                head = await stream.read_until_regex(
-                    b'\r?\n\r?\n', max_bytes=self.params.max_header_size)
-                taken = self._lean(app, head) if lean else None
+                end = await self._head_end(buf)
+                if end is None:
+                    stream.close()  # no head within the limit: as Tornado
+                    return
+                taken = self._lean(app, bytes(buf[:end])) if lean else None
                 if taken is None:
-                    _unread(stream, head)
+                    _unread(stream, bytes(buf))
+                    buf.clear()
                     conn = HTTP1Connection(stream, False, self.params,
                                            self.context)
                     if not await conn.read_response(
                             delegate.start_request(self, conn)):
                         return
                     await asyncio.sleep(0)  # as Tornado: others' turn
-                elif not await self._serve(server, app, *taken):
+                    continue
+                del buf[:end]
+                if not await self._serve(server, app, buf, *taken):
                     return
-                elif stream._read_buffer_size:
-                    # Pipelined requests are in: others' turn first.
+                if buf:  # pipelined requests are in: others' turn first
                     await asyncio.sleep(0)
-        except (StreamClosedError, UnsatisfiableReadError,
-                asyncio.CancelledError):
+        except (StreamClosedError, asyncio.CancelledError):
             return
         except Exception:
             log.error('uncaught exception on a connection', exc_info=True)
@@ -123,36 +129,62 @@ class Connection(HTTP1ServerConnection):
             server.deadlines.pop(self, None)
             delegate.on_close(self)
 
-    async def _read_body(self, server: Any, length: int) -> bytes:
-        """The body, within the body timeout and at the minimum rate after
-        the grace (server/httpserver.py)."""
-        last = _after(server.body_timeout)
-        grace = _after(server.body_grace)
-        if grace is not None and last is not None and last < grace:
-            grace = last
-        deadlines, per_byte = server.deadlines, server.per_byte
-        deadlines[self] = grace if per_byte else last
-        chunks, left = [], length
-        while left:
-            chunk = await self.stream.read_bytes(left, partial=True)
-            left -= len(chunk)
-            chunks.append(chunk)
-            if per_byte and left:
-                deadline = deadlines.get(self)
-                if deadline is not None:
-                    deadline += len(chunk) * per_byte
-                    deadlines[self] = deadline if last is None \
-                        or deadline < last else last
-        deadlines[self] = None
-        return chunks[0] if len(chunks) == 1 else b''.join(chunks)
+    async def _more(self, buf: bytearray, want: int = 0) -> None:
+        """Add what the stream has to `buf`, waiting for a byte at least.
+        Each read takes all the stream holds, so between requests the
+        stream is idle and keeps its interest in reads: no epoll change
+        per request (a read_until_regex then read_bytes leave bytes in
+        the stream, which drops that interest and adds it again)."""
+        buf += await self.stream.read_bytes(max(want, READ_SIZE),
+                                            partial=True)
 
-    async def _serve(self, server: Any, app: Any, route: bytes, sid: str,
-                     hashed: str, length: int, md5: bytes | None,
-                     keep: bool) -> bool:
-        """Read, store and answer one request; False if the connection is
-        closed (asked by the client, or gone)."""
+    async def _head_end(self, buf: bytearray) -> int | None:
+        """Where the request head at the front of `buf` ends (reading more
+        as needed); None if not within the header size limit."""
+        limit = self.params.max_header_size
+        start = 0
+        while True:
+            m = _HEAD_END.search(buf, start)
+            if m is not None:
+                return m.end() if m.end() <= limit else None
+            if len(buf) >= limit:
+                return None
+            start = max(len(buf) - 3, 0)
+            await self._more(buf)
+
+    async def _read_body(self, server: Any, buf: bytearray,
+                         length: int) -> bytes:
+        """The body (from the front of `buf`, reading the rest), within
+        the body timeout and at the minimum rate after the grace
+        (server/httpserver.py)."""
+        if len(buf) < length:
+            last = _after(server.body_timeout)
+            grace = _after(server.body_grace)
+            if grace is not None and last is not None and last < grace:
+                grace = last
+            deadlines, per_byte = server.deadlines, server.per_byte
+            deadlines[self] = grace if per_byte else last
+            while len(buf) < length:
+                had = len(buf)
+                await self._more(buf, length - had)
+                if per_byte and len(buf) < length:
+                    deadline = deadlines.get(self)
+                    if deadline is not None:
+                        deadline += (len(buf) - had) * per_byte
+                        deadlines[self] = deadline if last is None \
+                            or deadline < last else last
+            deadlines[self] = None
+        body = bytes(memoryview(buf)[:length])
+        del buf[:length]
+        return body
+
+    async def _serve(self, server: Any, app: Any, buf: bytearray,
+                     route: bytes, sid: str, hashed: str, length: int,
+                     md5: bytes | None, keep: bool) -> bool:
+        """Read (from `buf` first), store and answer one request; False if
+        the connection is closed (asked by the client, or gone)."""
         start = time.monotonic()
-        raw = await self._read_body(server, length) if length else b''
+        raw = await self._read_body(server, buf, length) if length else b''
         status, reply, extra = 200, b'{}', {}
         message = ''
         method, path, handler = ROUTES[route]
