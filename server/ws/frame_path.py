@@ -129,14 +129,14 @@ class Connection(HTTP1ServerConnection):
             server.deadlines.pop(self, None)
             delegate.on_close(self)
 
-    async def _more(self, buf: bytearray, want: int = 0) -> None:
-        """Add what the stream has to `buf`, waiting for a byte at least.
-        Each read takes all the stream holds, so between requests the
-        stream is idle and keeps its interest in reads: no epoll change
-        per request (a read_until_regex then read_bytes leave bytes in
+    async def _more(self, buf: bytearray, want: int = READ_SIZE) -> None:
+        """Add what the stream has, up to `want` bytes (the rest of a body:
+        no read past it), to `buf`, waiting for a byte at least. Each
+        read takes what the stream holds, so between requests the stream
+        is idle and keeps its interest in reads: no epoll change per
+        request (read_until_regex then read_bytes leave a body's start in
         the stream, which drops that interest and adds it again)."""
-        buf += await self.stream.read_bytes(max(want, READ_SIZE),
-                                            partial=True)
+        buf += await self.stream.read_bytes(want, partial=True)
 
     async def _head_end(self, buf: bytearray) -> int | None:
         """Where the request head at the front of `buf` ends (reading more
