@@ -869,6 +869,45 @@ class TestFramePath(WSTestCase):
         self.checkpoint(token, b's1')
         self.assertEqual(self.download(sid)[1], b''.join(sent))
 
+    def test_no_deadline_while_a_request_is_served(self):
+        """The wait for a request's head has a deadline, serving it none:
+        a frame whose head and body came in one read near the end of that
+        wait is answered, however long its store takes."""
+        tid, sid = self.new_stream()
+        token, _ = self.activate(tid)
+        self.frame(token, b'one')  # the token learnt
+        self.http_server.header_timeout = 1.0
+        real = core.store_frame
+
+        async def slow(*args, **kwargs):
+            await asyncio.sleep(2.5)  # past the head's deadline
+            return await real(*args, **kwargs)
+
+        async def frames():
+            ctx = ssl.create_default_context(cafile=certs()['ca'])
+            stream = await TCPClient().connect(
+                '127.0.0.1', self.get_http_port(), ssl_options=ctx)
+            for k, data in enumerate((b'two', b'three')):
+                if k:
+                    await asyncio.sleep(0.5)
+                    patch = mock.patch.object(core, 'store_frame', slow)
+                    patch.start()
+                    self.addCleanup(patch.stop)
+                body = json.dumps({'files': {'frames.xtc.b64': b64(
+                    data)}}).encode()
+                await stream.write(
+                    b'PUT /core/frame HTTP/1.1\r\nHost: x\r\n'
+                    b'Authorization: %s\r\nContent-Length: %d\r\n\r\n%s'
+                    % (token.encode(), len(body), body))
+                head = await asyncio.wait_for(
+                    stream.read_until(b'\r\n\r\n'), 10)
+                self.assertTrue(head.startswith(b'HTTP/1.1 200 '), head)
+                self.assertEqual(await stream.read_bytes(2), b'{}')
+            stream.close()
+        self.io_loop.run_sync(frames, timeout=30)
+        self.checkpoint(token, b's1')
+        self.assertEqual(self.download(sid)[1], b'onetwothree')
+
 
 class TestCheckpointOnTheLoop(WSTestCase):
     """A checkpoint builds its chunk on the event loop and sends only the

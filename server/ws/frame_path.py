@@ -155,8 +155,8 @@ class Connection(HTTP1ServerConnection):
     async def _read_body(self, server: Any, buf: bytearray,
                          length: int) -> bytes:
         """The body (from the front of `buf`, reading the rest), within
-        the body timeout and at the minimum rate after the grace
-        (server/httpserver.py)."""
+        the body timeout and at the minimum rate after the grace; then no
+        deadline while the request is served (server/httpserver.py)."""
         if len(buf) < length:
             last = _after(server.body_timeout)
             grace = _after(server.body_grace)
@@ -173,7 +173,7 @@ class Connection(HTTP1ServerConnection):
                         deadline += (len(buf) - had) * per_byte
                         deadlines[self] = deadline if last is None \
                             or deadline < last else last
-            deadlines[self] = None
+        server.deadlines[self] = None
         body = bytes(memoryview(buf)[:length])
         del buf[:length]
         return body
@@ -184,7 +184,7 @@ class Connection(HTTP1ServerConnection):
         """Read (from `buf` first), store and answer one request; False if
         the connection is closed (asked by the client, or gone)."""
         start = time.monotonic()
-        raw = await self._read_body(server, buf, length) if length else b''
+        raw = await self._read_body(server, buf, length)
         status, reply, extra = 200, b'{}', {}
         message = ''
         method, path, handler = ROUTES[route]
