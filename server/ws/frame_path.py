@@ -61,7 +61,7 @@ _HEAD = re.compile(rb'(PUT /core/frame|PUT /core/checkpoint|'
                    rb'[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n')
 _TORNADO = (b'transfer-encoding', b'expect', b'content-encoding')
 _HEAD_END = re.compile(rb'\r?\n\r?\n')  # as HTTP1Connection finds it
-READ_SIZE = 65536  # the least a read asks the stream for
+READ_SIZE = 65536  # what a read for a head asks the stream for, at most
 
 
 def _unread(stream: Any, head: bytes) -> None:
