@@ -36,7 +36,7 @@ REP_FIGURES = ('rate', 'cpu_ms_per_frame', 'checkpoints_p50_ms',
                'disk_write_mb_per_s', 'disk_busy_share',
                'dirty_mb', 'writeback_mb', 'redis_commands_per_request',
                'redis_aof_rewrites',
-               'redis_aof_mb')
+               'redis_aof_mb', 'file_create_us')
 
 
 def file_create_us(n=200):
@@ -92,7 +92,8 @@ def interleave(fns, reps, settle=True):
     as `settle_s`): else the frames a rep wrote are written back 30 s
     later (vm.dirty_expire_centisecs), inside whichever rep runs then,
     whose fsyncs can wait behind them (docs/benchmarks.md, the slow
-    rep)."""
+    rep). Each rep also keeps what creating a file cost just before it
+    (`file_create_us`): a deletion inside the run would show there."""
     runs = {name: [] for name in fns}
     order = list(fns)
     for _ in range(reps):
@@ -101,7 +102,9 @@ def interleave(fns, reps, settle=True):
             if settle:
                 os.sync()
             settled = time.perf_counter() - t
-            runs[name].append(dict(fns[name](), settle_s=settled))
+            created = file_create_us(50)
+            runs[name].append(dict(fns[name](), settle_s=settled,
+                                   file_create_us=created))
         order = order[1:] + order[:1]
     return runs
 
