@@ -98,15 +98,21 @@ def interleave(fns, reps, settle=True):
     order = list(fns)
     for _ in range(reps):
         for name in order:
-            t = time.perf_counter()
-            if settle:
-                os.sync()
-            settled = time.perf_counter() - t
-            created = file_create_us(50)
-            runs[name].append(dict(fns[name](), settle_s=settled,
-                                   file_create_us=created))
+            before = settled(settle)
+            runs[name].append(dict(fns[name](), **before))
         order = order[1:] + order[:1]
     return runs
+
+
+def settled(sync=True):
+    """Before a measured span: nothing dirty in the page cache (with
+    `sync`), and what that took and what creating a file costs now
+    ({settle_s, file_create_us}; see interleave)."""
+    t = time.perf_counter()
+    if sync:
+        os.sync()
+    return {'settle_s': time.perf_counter() - t,
+            'file_create_us': file_create_us(50)}
 
 
 def bench_frames(args, results, keep):
@@ -162,14 +168,17 @@ def bench_volunteers(args, results, keep):
     pace = (cores, 12 if args.quick else 60, 1.0 if args.quick else 3.0,
             10_000)
     ws = keep(servers.start_ws(num_processes=2, heartbeat_increment=3600))
+    before = settled()
     row = dict(workloads.volunteers(ws, *pace), workload='volunteers',
-               processes=2)
+               processes=2, **before)
     for name, durable in (('bare', False), ('durable', True)):
         ceiling = servers.Ceiling(2, durable=durable)
+        before = settled()
         try:  # stopped at once: the workloads after it run without it
             got = workloads.volunteers_ceiling(ceiling, *pace)
         finally:
             ceiling.stop()
+        row.update(('%s_%s' % (name, k), v) for k, v in before.items())
         row['%s_cpu_s_per_core_hour' % name] = got['cpu_s_per_core_hour']
         row['%s_p99_ms' % name] = got['p99_ms']
         row['%s_errors' % name] = got['errors']

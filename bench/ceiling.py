@@ -6,8 +6,10 @@ server measured, answering 200 `{}`.
   more. A frame PUT parses the JSON body, base64-decodes its file(s) and
   appends them to the core's file (one per Authorization value, kept
   open); a checkpoint PUT parses the body, writes it to a new file and
-  fsyncs that file and its directory once, in a thread pool, then drops
-  the core's previous checkpoint file; a heartbeat parses the body.
+  fsyncs that file and its directory once, in a thread pool, and keeps
+  it (as our WS keeps each chunk's state files: nothing is deleted while
+  a run measures, see docs/benchmarks.md, the slow rep); a heartbeat
+  parses the body.
   The frames appended are not fsynced (the page cache holds them until
   writeback), so this ceiling is an upper bound on what a server that
   commits frames at each checkpoint can do.
@@ -55,14 +57,13 @@ class Bare(tornado.web.RequestHandler):
 
 class Disk:
     """One process's files under `folder`: an append-only frames file per
-    core (open from its first frame to its next checkpoint) and that
-    core's newest checkpoint file."""
+    core (open from its first frame to its next checkpoint) and a file
+    per checkpoint."""
 
     def __init__(self, folder, threads):
         self.folder = folder
         os.makedirs(folder, exist_ok=True)
         self.frames = {}
-        self.checkpoints = {}
         self.count = 0
         self.pool = concurrent.futures.ThreadPoolExecutor(threads)
 
@@ -94,9 +95,6 @@ class Disk:
         path = os.path.join(self.folder, '%s.%d.ckpt' % (core, self.count))
         await asyncio.get_running_loop().run_in_executor(
             self.pool, self.commit, path, body)
-        old, self.checkpoints[core] = self.checkpoints.get(core), path
-        if old:
-            os.unlink(old)
 
 
 class Durable(tornado.web.RequestHandler):

@@ -3,7 +3,6 @@
 CPU and memory as the OS sees them."""
 import contextlib
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -29,8 +28,10 @@ def client_ssl():
 
 class Ceiling:
     """A ceiling server (bench/ceiling.py) in its own process group: bare,
-    or `durable` with its files in a folder of its own, removed when it
-    stops."""
+    or `durable` with its files in a folder of its own, removed with the
+    run's temporary folder when the run ends: a deletion inside the run
+    makes the file creations after it cost more (docs/benchmarks.md, the
+    slow rep)."""
 
     def __init__(self, processes=1, durable=False, disk_threads=None):
         self.port = free_port()
@@ -65,8 +66,6 @@ class Ceiling:
     def stop(self):
         os.killpg(self.process.pid, signal.SIGTERM)
         self.process.wait(30)
-        if self.data:
-            shutil.rmtree(self.data, ignore_errors=True)
 
 
 @contextlib.contextmanager
