@@ -45,8 +45,8 @@ def file_create_us(n=200):
     journal each new inode skips those freed in the last 1-5 minutes
     (the kernel's recently_deleted), so right after a mass deletion (an
     earlier run's clean-up) this is 10-20x its usual 20 us, and a
-    checkpoint, which creates six inodes, costs that much more CPU
-    (docs/benchmarks.md, the slow rep)."""
+    checkpoint, which creates three inodes (the durable ceiling's: one),
+    costs that much more CPU (docs/benchmarks.md, the slow rep)."""
     folder = servers.tmpdir('inodes')
     t = time.process_time()
     for i in range(n):
