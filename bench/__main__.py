@@ -36,7 +36,7 @@ REP_FIGURES = ('rate', 'cpu_ms_per_frame', 'checkpoints_p50_ms',
                'disk_write_mb_per_s', 'disk_busy_share',
                'dirty_mb', 'writeback_mb', 'redis_commands_per_request',
                'redis_aof_rewrites',
-               'redis_aof_mb', 'file_create_us')
+               'redis_aof_mb', 'caches_dropped', 'file_create_us')
 
 
 def file_create_us(n=200):
@@ -88,8 +88,9 @@ def interleave(fns, reps, settle=True):
     """{name: [result of each rep]}: one rep of every server in turn, the
     order rotated each rep, so that a slow moment of the machine falls on
     all of them alike. With `settle`, every rep starts with nothing dirty
-    in the page cache (a sync, outside the measure, timed in the result
-    as `settle_s`): else the frames a rep wrote are written back 30 s
+    in the page cache and the clean cache dropped (a sync and
+    drop_caches, outside the measure, timed in the result as
+    `settle_s`): else the frames a rep wrote are written back 30 s
     later (vm.dirty_expire_centisecs), inside whichever rep runs then,
     whose fsyncs can wait behind them (docs/benchmarks.md, the slow
     rep). Each rep also keeps what creating a file cost just before it
@@ -105,14 +106,35 @@ def interleave(fns, reps, settle=True):
 
 
 def settled(sync=True):
-    """Before a measured span: nothing dirty in the page cache (with
-    `sync`), and what that took and what creating a file costs now
-    ({settle_s, file_create_us}; see interleave)."""
+    """Before a measured span, with `sync`: nothing dirty in the page
+    cache and the clean page cache dropped (drop_caches); what that took
+    and what creating a file costs now ({settle_s, caches_dropped,
+    file_create_us}; see interleave)."""
     t = time.perf_counter()
+    dropped = False
     if sync:
         os.sync()
-    return {'settle_s': time.perf_counter() - t,
+        dropped = drop_caches()
+    return {'settle_s': time.perf_counter() - t, 'caches_dropped': dropped,
             'file_create_us': file_create_us(50)}
+
+
+def drop_caches():
+    """Free the clean page cache (root only; False if not allowed). On
+    a VM whose host takes free memory back (virtio-balloon free page
+    reporting, as on the development machine), a page cache that has grown
+    by about 1 GB writes into pages the host must fault in first: each
+    10 KB write then costs about 9x the CPU. Without this a run's later
+    reps, which find the earlier reps' files cached, paid that and the
+    first did not (docs/benchmarks.md, the slow rep). Nothing a measured
+    span reads comes from the page cache; the next write to a dropped
+    file's last partial page reads it back once."""
+    try:
+        with open('/proc/sys/vm/drop_caches', 'w') as f:
+            f.write('1')
+        return True
+    except OSError:
+        return False
 
 
 def bench_frames(args, results, keep):
@@ -357,8 +379,9 @@ def main(argv=None):
                    'creation to be cheap again where the data goes (0: '
                    'not at all; --quick: not at all)')
     p.add_argument('--no-settle', action='store_true',
-                   help='frames: no sync before each rep (what a rep left '
-                   'dirty is written back inside a later one)')
+                   help='frames: no sync and no dropped page cache before '
+                   'each rep (what a rep left dirty is written back inside '
+                   'a later one; see drop_caches)')
     p.add_argument('--reps', type=int)
     p.add_argument('--duration', type=float)
     p.add_argument('--only', choices=sorted(WORKLOADS), action='append')

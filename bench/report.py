@@ -52,6 +52,13 @@ def frames_table(results):
 
 
 def rest(results):
+    reps = [rep for row in results.get('frames', []) for key, value in
+            row.items() if key.endswith('_reps') for rep in value]
+    if any(not rep.get('caches_dropped') for rep in reps):
+        print('\nThe page cache was not dropped before every rep (not root, '
+              'or --no-settle): on a VM whose host takes free memory back, '
+              'later reps pay for the cache of earlier ones '
+              '(docs/benchmarks.md, the slow rep)')
     if results.get('file_create_us_start') is not None:
         print('\nCPU to create a file where the servers keep their data: '
               '%.0f us at the start, %.0f us at the end (about 20 us on '

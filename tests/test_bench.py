@@ -50,6 +50,11 @@ class TestBenchSmoke(unittest.TestCase):
                 self.assertEqual(row['%s_errors' % name], 0, name)
                 self.assertEqual(len(row['%s_reps' % name]), 1, name)
                 self.assertGreater(row['%s_cpu_ms_per_frame' % name], 0)
+                # each rep started settled: synced, the clean page cache
+                # dropped (as root), the cost of a file creation known
+                [rep] = row['%s_reps' % name]
+                self.assertEqual(rep['caches_dropped'], os.geteuid() == 0)
+                self.assertGreater(rep['file_create_us'], 0)
             self.assertIsNotNone(row['ratio_durable'])
             self.assertIsNotNone(row['ratio_bare'])
         self.assertEqual(results['activations']['ours_errors'], 0)
