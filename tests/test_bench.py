@@ -51,9 +51,10 @@ class TestBenchSmoke(unittest.TestCase):
                 self.assertEqual(len(row['%s_reps' % name]), 1, name)
                 self.assertGreater(row['%s_cpu_ms_per_frame' % name], 0)
                 # each rep started settled: synced, the clean page cache
-                # dropped (as root), the cost of a file creation known
+                # dropped (where allowed), the cost of a file creation known
                 [rep] = row['%s_reps' % name]
-                self.assertEqual(rep['caches_dropped'], os.geteuid() == 0)
+                self.assertEqual(rep['caches_dropped'], os.access(
+                    '/proc/sys/vm/drop_caches', os.W_OK))
                 self.assertGreater(rep['file_create_us'], 0)
             self.assertIsNotNone(row['ratio_durable'])
             self.assertIsNotNone(row['ratio_bare'])
