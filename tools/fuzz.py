@@ -28,7 +28,7 @@ import uuid
 import requests
 import schemathesis
 import yaml
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
@@ -260,6 +260,10 @@ class Run:
             self.strategies[key] = operation.as_strategy(
                 generation_mode=mode)
 
+        # Hypothesis draws from the run's seed too; and an operation with
+        # nothing left to generate (Unsatisfiable) is dropped without
+        # hypothesis printing a seed of its own as for a failure.
+        @seed(random.getrandbits(64))
         @settings(max_examples=left, deadline=None, database=None,
                   derandomize=False, phases=[Phase.generate],
                   suppress_health_check=list(HealthCheck))
