@@ -494,13 +494,55 @@ async def acknowledged(redis_client, script, replicas, timeout_ms, /,
     return result
 
 
-def free_port():
-    """A free TCP port on loopback (for tests and the demo)."""
+_ports = {'next': 0}
+_ports_lock = threading.Lock()
+FIRST_PORT = 20000  # free_port's ports: from here to the ephemeral range
+
+
+def _ephemeral_low():
+    """The first port the kernel gives outgoing connections."""
+    try:
+        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port):
     s = socket.socket()
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    try:
+        s.bind(('127.0.0.1', port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def free_port():
+    """A free TCP port on loopback (for tests and the demo): the next one
+    that binds, in turn from a random start, below the kernel's ephemeral
+    range. A port from that range (what binding port 0 gives) can be taken
+    by any outgoing connection between this check and the server's own
+    bind: a restored WS's Redis once lost its port so in a test. None is
+    given twice by a process before the whole range was gone through."""
+    low = _ephemeral_low()
+    if low - FIRST_PORT < 1000:  # no room below it: the kernel's choice
+        s = socket.socket()
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+        s.close()
+        return port
+    span = low - FIRST_PORT
+    with _ports_lock:
+        if not _ports['next']:
+            _ports['next'] = FIRST_PORT + secrets.randbelow(span)
+        for _ in range(span):
+            port = _ports['next']
+            _ports['next'] = FIRST_PORT + (port + 1 - FIRST_PORT) % span
+            if _bindable(port):
+                return port
+    raise RuntimeError('no free port from %d to %d' % (FIRST_PORT, low))
 
 
 if __name__ == '__main__':  # python -m server.store: print the binary in use

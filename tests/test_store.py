@@ -2,6 +2,7 @@
 with AOF on, stopped on shutdown, nothing left behind."""
 import os
 import signal
+import socket
 import unittest
 import uuid
 import warnings
@@ -277,3 +278,28 @@ class TestSentinelURL(unittest.TestCase):
             self.assertEqual(f.read(), base)
         with open(os.path.join(server.folder, 'redis.conf')) as f:
             self.assertIn('CONFIG REWRITE', f.read())
+
+
+class TestFreePort(unittest.TestCase):
+    """The ports the tests and the demo give their servers come from below
+    the kernel's ephemeral range, so no outgoing connection can take one
+    between its choice and the server's bind (a restored WS's Redis once
+    lost its port so), and a process never gets one twice."""
+
+    def test_below_the_ephemeral_range_and_never_twice(self):
+        low = store._ephemeral_low()
+        ports = [store.free_port() for _ in range(200)]
+        self.assertEqual(len(set(ports)), len(ports))
+        for port in ports:
+            self.assertGreaterEqual(port, store.FIRST_PORT)
+            self.assertLess(port, low)
+
+    def test_a_port_in_use_is_skipped(self):
+        taken = store.free_port() + 1  # the next one in turn
+        s = socket.socket()
+        try:
+            s.bind(('127.0.0.1', taken))
+            s.listen()
+            self.assertNotEqual(store.free_port(), taken)
+        finally:
+            s.close()
